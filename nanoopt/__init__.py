@@ -1,0 +1,1 @@
+"""nanoopt: transparent quantization, pruning and distillation for CPUs."""
