@@ -1,1 +1,19 @@
-"""nanoopt: transparent quantization, pruning and distillation for CPUs."""
+"""nanoopt: transparent quantization, pruning and distillation for CPUs, on a minimal NumPy autograd.
+
+>>> import numpy as np, nanoopt as no
+>>> x = no.Tensor(np.array([1.0, 2.0]), requires_grad=True)
+>>> (x * x).sum().backward(); x.grad.tolist()
+[2.0, 4.0]
+"""
+
+from nanoopt import nn, ops, random
+from nanoopt.ops import concatenate, maximum, stack, where
+from nanoopt.random import manual_seed
+from nanoopt.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Tensor", "concatenate", "enable_grad", "is_grad_enabled", "manual_seed", "maximum", "nn", "no_grad", "ops",
+    "random", "stack", "tensor", "where",
+]

@@ -1,0 +1,31 @@
+"""Layers and the Module tree, with PyTorch's names and semantics (see DESIGN.md)."""
+
+from nanoopt.nn import functional, init
+from nanoopt.nn.layers import (
+    GELU,
+    AdaptiveAvgPool2d,
+    Add,
+    AvgPool2d,
+    BasicBlock,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Identity,
+    LayerNorm,
+    Linear,
+    MaxPool2d,
+    ModuleList,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Tanh,
+)
+from nanoopt.nn.module import Module, Parameter, RemovableHandle
+
+__all__ = [
+    "Add", "AdaptiveAvgPool2d", "AvgPool2d", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dropout",
+    "Flatten", "GELU", "Identity", "LayerNorm", "Linear", "MaxPool2d", "Module", "ModuleList", "Parameter",
+    "ReLU", "RemovableHandle", "Sequential", "Sigmoid", "Tanh", "functional", "init",
+]

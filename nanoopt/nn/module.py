@@ -1,0 +1,340 @@
+"""Module and Parameter: the tree that every nanoopt technique transforms.
+
+A :class:`Module` owns parameters (:class:`Parameter`, trainable tensors), buffers (plain ndarrays such as
+BatchNorm's running statistics, or a pruning mask) and child modules, all registered by attribute assignment as
+in PyTorch. ``state_dict()`` names them with PyTorch's dotted keys (``"0.weight"``, ``"bn.running_mean"``), so
+checkpoints move between the two. Forward pre-hooks and forward hooks (with removable handles) let observers,
+pruning reparametrisations and distillation read or rewrite what flows through a module without changing it.
+
+>>> import nanoopt as no
+>>> from nanoopt import nn
+>>> model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+>>> sorted(model.state_dict())
+['0.bias', '0.weight', '2.bias', '2.weight']
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from nanoopt.tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module registers as trainable (``requires_grad=True`` by default)."""
+
+    def __init__(self, data: Any, requires_grad: bool = True) -> None:
+        super().__init__(data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter containing:\n" + super().__repr__()
+
+
+class RemovableHandle:
+    """Returned by ``register_*_hook``; ``remove()`` unregisters the hook (idempotent)."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: dict[int, Callable]) -> None:
+        self._hooks = hooks
+        self.id = RemovableHandle._next_id
+        RemovableHandle._next_id += 1
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
+
+    def __enter__(self) -> RemovableHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class Module:
+    """Base class of every layer and model. Subclasses set attributes in ``__init__`` and define ``forward``."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent", set())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_forward_pre_hooks", OrderedDict())
+        object.__setattr__(self, "_forward_hooks", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    # ----------------------------------------------------------------- registration
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning "
+                               f"attribute {name!r}")
+        for table, kind in _TABLE_KINDS:  # a name lives in at most one table: leave any other it was in
+            if name in self.__dict__[table] and not isinstance(value, kind) and value is not None:
+                del self.__dict__[table][name]
+        if isinstance(value, Parameter):
+            self.__dict__.pop(name, None)
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self.__dict__.pop(name, None)
+            self._modules[name] = value
+        elif name in self._buffers:
+            if value is not None and not isinstance(value, np.ndarray):
+                raise TypeError(f"buffer {name!r} must be a numpy array, got {type(value).__name__}")
+            self._buffers[name] = value
+        else:
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        for table in ("_parameters", "_buffers", "_modules"):
+            entries = self.__dict__.get(table)
+            if entries is not None and name in entries:
+                return entries[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for table in ("_parameters", "_buffers", "_modules"):
+            if name in self.__dict__[table]:
+                del self.__dict__[table][name]
+                self._non_persistent.discard(name)
+                return
+        object.__delattr__(self, name)
+
+    def register_parameter(self, name: str, parameter: Parameter | None) -> None:
+        """Register ``parameter`` under ``name`` (``None`` registers an absent optional parameter)."""
+        if parameter is not None and not isinstance(parameter, Parameter):
+            raise TypeError(f"register_parameter({name!r}): expected a Parameter, got {type(parameter).__name__}")
+        self.__dict__.pop(name, None)
+        self._parameters[name] = parameter
+
+    def register_buffer(self, name: str, array: np.ndarray | None, persistent: bool = True) -> None:
+        """Register a non-trainable array saved in ``state_dict`` (unless ``persistent=False``)."""
+        if array is not None and not isinstance(array, np.ndarray):
+            raise TypeError(f"register_buffer({name!r}): expected a numpy array, got {type(array).__name__}")
+        self.__dict__.pop(name, None)
+        self._buffers[name] = array
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
+            self._non_persistent.add(name)
+
+    def add_module(self, name: str, module: Module | None) -> None:
+        if module is not None and not isinstance(module, Module):
+            raise TypeError(f"add_module({name!r}): expected a Module, got {type(module).__name__}")
+        self._modules[name] = module
+
+    # ----------------------------------------------------------------- calling
+    def forward(self, *inputs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def __call__(self, *inputs: Any, **kwargs: Any) -> Any:
+        for hook in list(self._forward_pre_hooks.values()):
+            result = hook(self, inputs)
+            if result is not None:
+                inputs = result if isinstance(result, tuple) else (result,)
+        output = self.forward(*inputs, **kwargs)
+        for hook in list(self._forward_hooks.values()):
+            result = hook(self, inputs, output)
+            if result is not None:
+                output = result
+        return output
+
+    def register_forward_pre_hook(self, hook: Callable[[Module, tuple], Any]) -> RemovableHandle:
+        """``hook(module, inputs)`` runs before ``forward``; a non-None return value replaces the inputs."""
+        handle = RemovableHandle(self._forward_pre_hooks)
+        self._forward_pre_hooks[handle.id] = hook
+        return handle
+
+    def register_forward_hook(self, hook: Callable[[Module, tuple, Any], Any]) -> RemovableHandle:
+        """``hook(module, inputs, output)`` runs after ``forward``; a non-None return value replaces the output.
+
+        >>> from nanoopt import nn
+        >>> layer, seen = nn.ReLU(), []
+        >>> handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        >>> _ = layer(no.Tensor([[1.0, -1.0]])); handle.remove(); _ = layer(no.Tensor([[1.0]]))
+        >>> seen
+        [(1, 2)]
+        """
+        handle = RemovableHandle(self._forward_hooks)
+        self._forward_hooks[handle.id] = hook
+        return handle
+
+    # ----------------------------------------------------------------- traversal
+    def named_children(self) -> Iterator[tuple[str, Module]]:
+        for name, module in self._modules.items():
+            if module is not None:
+                yield name, module
+
+    def children(self) -> Iterator[Module]:
+        for _, module in self.named_children():
+            yield module
+
+    def named_modules(self, prefix: str = "", memo: set[int] | None = None) -> Iterator[tuple[str, Module]]:
+        """This module and every descendant, depth first, each once, with its dotted name ('' for the root)."""
+        memo = set() if memo is None else memo
+        if id(self) in memo:
+            return
+        memo.add(id(self))
+        yield prefix, self
+        for name, child in self.named_children():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+
+    def modules(self) -> Iterator[Module]:
+        for _, module in self.named_modules():
+            yield module
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        seen: set[int] = set()
+        modules = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        for module_name, module in modules:
+            for name, parameter in module._parameters.items():
+                if parameter is None or id(parameter) in seen:
+                    continue
+                seen.add(id(parameter))
+                yield (f"{module_name}.{name}" if module_name else name), parameter
+
+    def parameters(self, recurse: bool = True) -> Iterator[Parameter]:
+        for _, parameter in self.named_parameters(recurse=recurse):
+            yield parameter
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        modules = self.named_modules(prefix) if recurse else iter([(prefix, self)])
+        for module_name, module in modules:
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    yield (f"{module_name}.{name}" if module_name else name), buffer
+
+    def buffers(self, recurse: bool = True) -> Iterator[np.ndarray]:
+        for _, buffer in self.named_buffers(recurse=recurse):
+            yield buffer
+
+    def get_submodule(self, target: str) -> Module:
+        """The descendant at dotted path ``target`` ('' is this module)."""
+        module: Module = self
+        if target == "":
+            return module
+        for part in target.split("."):
+            if part not in module._modules or module._modules[part] is None:
+                raise AttributeError(f"{type(module).__name__} has no submodule {part!r} (looking for {target!r}; "
+                                     f"children: {list(module._modules)})")
+            module = module._modules[part]
+        return module
+
+    def set_submodule(self, target: str, module: Module) -> None:
+        """Replace the descendant at dotted path ``target`` by ``module`` (the parent must already have it)."""
+        if not target:
+            raise ValueError("set_submodule needs a non-empty dotted name")
+        parent_name, _, child = target.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if child not in parent._modules:
+            raise AttributeError(f"{type(parent).__name__} has no submodule {child!r} to replace ({target!r})")
+        if not isinstance(module, Module):
+            raise TypeError(f"set_submodule({target!r}): expected a Module, got {type(module).__name__}")
+        parent._modules[child] = module
+
+    def apply(self, fn: Callable[[Module], None]) -> Module:
+        """Call ``fn`` on every descendant (children first) and on this module; returns self."""
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
+
+    # ----------------------------------------------------------------- modes and gradients
+    def train(self, mode: bool = True) -> Module:
+        for module in self.modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for parameter in self.parameters():
+            parameter.grad = None
+
+    def requires_grad_(self, requires_grad: bool = True) -> Module:
+        for parameter in self.parameters():
+            parameter.requires_grad = requires_grad
+        return self
+
+    def num_parameters(self) -> int:
+        """Number of parameter elements (trainable or not)."""
+        return int(sum(p.size for p in self.parameters()))
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self, prefix: str = "") -> OrderedDict[str, np.ndarray]:
+        """Copies of every parameter and persistent buffer, keyed with PyTorch's dotted names, in PyTorch's order
+        (a module's parameters, then its buffers, then its children's)."""
+        state: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._save_to(state, prefix)
+        return state
+
+    def _save_to(self, state: OrderedDict[str, np.ndarray], prefix: str) -> None:
+        for name, parameter in self._parameters.items():
+            if parameter is not None:
+                state[prefix + name] = parameter.data.copy()
+        for name, buffer in self._buffers.items():
+            if buffer is not None and name not in self._non_persistent:
+                state[prefix + name] = buffer.copy()
+        for name, child in self.named_children():
+            child._save_to(state, prefix + name + ".")
+
+    def _state_slots(self) -> OrderedDict[str, tuple[Module, str, str]]:
+        """Every key of state_dict(), mapped to (owning module, attribute name, 'parameter'|'buffer')."""
+        slots: OrderedDict[str, tuple[Module, str, str]] = OrderedDict()
+        for module_name, module in self.named_modules():
+            prefix = module_name + "." if module_name else ""
+            for name, parameter in module._parameters.items():
+                if parameter is not None:
+                    slots[prefix + name] = (module, name, "parameter")
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in module._non_persistent:
+                    slots[prefix + name] = (module, name, "buffer")
+        return slots
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
+        """Copy arrays into the existing parameters and buffers, in place; returns (missing, unexpected) keys.
+
+        With ``strict=True`` (the default) missing or unexpected keys raise ``KeyError``; a shape mismatch
+        always raises ``ValueError`` naming the key, and nothing is changed unless every entry fits.
+        """
+        slots = self._state_slots()
+        missing = [k for k in slots if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in slots]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        converted: dict[str, np.ndarray] = {}
+        for key, (module, name, kind) in slots.items():
+            if key not in state_dict:
+                continue
+            target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
+            value = np.asarray(state_dict[key].data if isinstance(state_dict[key], Tensor) else state_dict[key])
+            if value.shape != target.shape:
+                raise ValueError(f"load_state_dict: {key!r} has shape {value.shape} in the checkpoint but "
+                                 f"{target.shape} in the model")
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"load_state_dict: {key!r} has non-numeric dtype {value.dtype}")
+            if not np.all(np.isfinite(value)) and value.dtype.kind == "f":
+                raise ValueError(f"load_state_dict: {key!r} contains NaN or Inf")
+            converted[key] = value
+        for key, value in converted.items():
+            module, name, kind = slots[key]
+            target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
+            target[...] = value.astype(target.dtype, copy=False)
+        return missing, unexpected
+
+    # ----------------------------------------------------------------- printing
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"({name}): " + repr(child).replace("\n", "\n  ") for name, child in self.named_children()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        if not lines:
+            return head + ")"
+        return head + "\n  " + "\n  ".join(lines) + "\n)"
+
+
+_TABLE_KINDS = (("_parameters", Parameter), ("_modules", Module), ("_buffers", np.ndarray))

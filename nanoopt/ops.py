@@ -1,0 +1,1024 @@
+"""Every differentiable primitive of nanoopt, each with its forward and its backward side by side.
+
+A primitive is a :class:`Function` subclass with two static methods:
+
+* ``forward(ctx, *arrays, **options) -> ndarray`` computes the output from plain ndarrays and saves on ``ctx``
+  whatever the backward needs;
+* ``backward(ctx, grad) -> tuple`` receives d(loss)/d(output) and returns d(loss)/d(input) for every tensor
+  input (``None`` where no gradient is needed), i.e. the vector-Jacobian product.
+
+Everything else (variance, MSE, KL divergence, dropout, ...) is composed from these, and gets its gradient for
+free. Broadcasting is undone in exactly one place, :func:`unbroadcast`. The design follows early tinygrad's
+``Function`` / ``ctx.save_for_backward`` and HIPS/autograd's one-VJP-per-primitive layout.
+
+Convolution and pooling use im2col: :func:`_windows` gives a strided view of the (padded) input,
+``(N, C, OH, OW, KH, KW)``; the convolution is then one BLAS matrix product, and the backward pass scatters the
+column gradient back with ``KH * KW`` strided additions (:func:`_col2im`).
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import special
+
+from nanoopt.random import get_rng
+from nanoopt.tensor import Tensor, is_grad_enabled
+
+
+# ===================================================================== machinery
+class Context:
+    """What one application of a primitive remembers for its backward pass."""
+
+    __slots__ = ("function", "inputs", "saved", "needs_input_grad", "options", "freed")
+
+    def __init__(self, function: type[Function]) -> None:
+        self.function = function
+        self.inputs: tuple[Tensor, ...] = ()
+        self.saved: tuple[Any, ...] = ()
+        self.needs_input_grad: tuple[bool, ...] = ()
+        self.options: dict[str, Any] = {}
+        self.freed = False
+
+    def save_for_backward(self, *values: Any) -> None:
+        self.saved = values
+
+    def free(self) -> None:
+        self.saved = ()
+        self.options = {}
+        self.freed = True
+
+
+class Function:
+    """Base class of a primitive: subclasses define ``forward`` and ``backward`` as static methods."""
+
+    @staticmethod
+    def forward(ctx: Context, *arrays: np.ndarray, **options: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad: np.ndarray) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *inputs: Any, **options: Any) -> Tensor:
+        tensors = _to_tensors(inputs)
+        ctx = Context(cls)
+        record = is_grad_enabled() and builtins.any(t.requires_grad for t in tensors)
+        if record:
+            ctx.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        out_data = cls.forward(ctx, *(t.data for t in tensors), **options)
+        out = Tensor.__new__(Tensor)
+        out.data = out_data
+        out.grad = None
+        out.requires_grad = record
+        out._ctx = None
+        if record:
+            ctx.inputs = tensors
+            out._ctx = ctx
+        return out
+
+
+def _to_tensors(inputs: Sequence[Any]) -> tuple[Tensor, ...]:
+    """Wrap constants as tensors; Python scalars take the dtype of the first Tensor input (float32 stays float32)."""
+    reference = next((x for x in inputs if isinstance(x, Tensor)), None)
+    dtype = reference.dtype if reference is not None else np.float32
+    out = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            out.append(x)
+        elif isinstance(x, (int, float, np.number)) and not isinstance(x, bool):
+            out.append(Tensor(np.asarray(x, dtype=dtype)))
+        else:
+            out.append(Tensor(x))
+    return tuple(out)
+
+
+def unbroadcast(grad: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum ``grad`` over the axes that broadcasting added or stretched, so that it has ``shape`` again.
+
+    The one place where broadcasting is undone: every binary primitive calls it.
+
+    >>> unbroadcast(np.ones((4, 2, 3)), (2, 1)).tolist()
+    [[12.0], [12.0]]
+    """
+    if grad.shape == shape:
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+def _normalise_axis(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    result = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise ValueError(f"axis {a} is out of range for a tensor with {ndim} dimensions")
+        result.append(int(a) % builtins.max(ndim, 1))
+    return tuple(sorted(set(result)))
+
+
+def _expand_reduced(grad: np.ndarray, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    """Give a reduced gradient back its reduced axes (size 1) so that it broadcasts against the input."""
+    if keepdims:
+        return grad
+    return np.expand_dims(grad, axes) if axes else grad
+
+
+# ===================================================================== elementwise arithmetic
+class Add(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a.shape, b.shape)
+        return a + b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_shape, b_shape = ctx.saved
+        return unbroadcast(grad, a_shape), unbroadcast(grad, b_shape)
+
+
+class Sub(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a.shape, b.shape)
+        return a - b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_shape, b_shape = ctx.saved
+        return unbroadcast(grad, a_shape), unbroadcast(-grad, b_shape)
+
+
+class Mul(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        grad_a = unbroadcast(grad * b, a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = unbroadcast(grad * a, b.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Div(Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a / b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        grad_a = unbroadcast(grad / b, a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = unbroadcast(-grad * a / (b * b), b.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Neg(Function):
+    @staticmethod
+    def forward(ctx, a):
+        return -a
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (-grad,)
+
+
+class Pow(Function):
+    """a ** b; d/da = b a^(b-1), d/db = a^b ln a (defined where a > 0)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        out = np.power(a, b)
+        ctx.save_for_backward(a, b, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, out = ctx.saved
+        grad_a = unbroadcast(grad * b * np.power(a, b - 1), a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = None
+        if ctx.needs_input_grad[1]:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_a = np.where(a > 0, np.log(np.where(a > 0, a, 1)), 0)
+            grad_b = unbroadcast(grad * out * log_a, b.shape)
+        return grad_a, grad_b
+
+
+class Maximum(Function):
+    """Elementwise max; on ties the gradient is split equally between both inputs (as PyTorch does)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return np.maximum(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        share_a = (a > b) + 0.5 * (a == b)
+        grad_a = unbroadcast(grad * share_a, a.shape) if ctx.needs_input_grad[0] else None
+        grad_b = unbroadcast(grad * (1 - share_a), b.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+class Where(Function):
+    """``where(condition, a, b)``; the condition is a constant boolean array."""
+
+    @staticmethod
+    def forward(ctx, a, b, condition):
+        ctx.save_for_backward(a.shape, b.shape, condition)
+        return np.where(condition, a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a_shape, b_shape, condition = ctx.saved
+        zero = np.zeros((), dtype=grad.dtype)
+        return (unbroadcast(np.where(condition, grad, zero), a_shape),
+                unbroadcast(np.where(condition, zero, grad), b_shape))
+
+
+# ===================================================================== elementwise functions
+class Exp(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.exp(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return (grad * out,)
+
+
+class Log(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.log(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved
+        return (grad / a,)
+
+
+class Sqrt(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.sqrt(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return (grad / (2 * out),)
+
+
+class Abs(Function):
+    """|a|; the subgradient at 0 is 0 (as PyTorch)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return np.abs(a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved
+        return (grad * np.sign(a),)
+
+
+class Tanh(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = np.tanh(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return (grad * (1 - out * out),)
+
+
+class Sigmoid(Function):
+    @staticmethod
+    def forward(ctx, a):
+        out = special.expit(a)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved
+        return (grad * out * (1 - out),)
+
+
+class ReLU(Function):
+    @staticmethod
+    def forward(ctx, a):
+        mask = a > 0
+        ctx.save_for_backward(mask)
+        return a * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved
+        return (grad * mask,)
+
+
+class Clip(Function):
+    """Clamp to [low, high]; gradient 1 strictly inside and at the bounds, 0 where the input was clipped."""
+
+    @staticmethod
+    def forward(ctx, a, low=None, high=None):
+        inside = np.ones(a.shape, dtype=bool)
+        if low is not None:
+            inside &= a >= low
+        if high is not None:
+            inside &= a <= high
+        ctx.save_for_backward(inside)
+        return np.clip(a, low, high).astype(a.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved
+        return (grad * inside,)
+
+
+class GELU(Function):
+    """GELU(x) = x * Phi(x) with Phi the standard normal CDF (Hendrycks & Gimpel 2016), exact (erf) form;
+    ``approximate="tanh"`` uses 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as PyTorch."""
+
+    @staticmethod
+    def forward(ctx, a, approximate="none"):
+        if approximate == "tanh":
+            inner = np.sqrt(2 / np.pi) * (a + 0.044715 * a**3)
+            t = np.tanh(inner)
+            ctx.save_for_backward(a, t)
+            ctx.options["approximate"] = approximate
+            return (0.5 * a * (1 + t)).astype(a.dtype, copy=False)
+        cdf = 0.5 * (1 + special.erf(a / np.sqrt(2)))
+        ctx.save_for_backward(a, cdf)
+        ctx.options["approximate"] = approximate
+        return (a * cdf).astype(a.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, saved = ctx.saved
+        if ctx.options["approximate"] == "tanh":
+            t = saved
+            d_inner = np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * a * a)
+            return ((grad * (0.5 * (1 + t) + 0.5 * a * (1 - t * t) * d_inner)).astype(a.dtype, copy=False),)
+        pdf = np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi)
+        return ((grad * (saved + a * pdf)).astype(a.dtype, copy=False),)
+
+
+# ===================================================================== reductions
+class Sum(Function):
+    @staticmethod
+    def forward(ctx, a, axis=None, keepdims=False):
+        axes = _normalise_axis(axis, a.ndim)
+        ctx.save_for_backward(a.shape, axes, keepdims)
+        return np.asarray(a.sum(axis=axes, keepdims=keepdims))
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, axes, keepdims = ctx.saved
+        return (np.broadcast_to(_expand_reduced(grad, axes, keepdims), shape).copy(),)
+
+
+class Mean(Function):
+    @staticmethod
+    def forward(ctx, a, axis=None, keepdims=False):
+        axes = _normalise_axis(axis, a.ndim)
+        ctx.save_for_backward(a.shape, axes, keepdims)
+        return np.asarray(a.mean(axis=axes, keepdims=keepdims), dtype=a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, axes, keepdims = ctx.saved
+        count = int(np.prod([shape[a] for a in axes])) if axes else 1
+        return (np.broadcast_to(_expand_reduced(grad, axes, keepdims) / count, shape).astype(grad.dtype),)
+
+
+class Max(Function):
+    """Maximum over axes; the gradient is shared equally among tied maxima (PyTorch's ``amax`` convention)."""
+
+    @staticmethod
+    def forward(ctx, a, axis=None, keepdims=False):
+        axes = _normalise_axis(axis, a.ndim)
+        out = np.max(a, axis=axes, keepdims=True)
+        ctx.save_for_backward(a, out, axes, keepdims)
+        return out if keepdims else np.squeeze(out, axis=axes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, out, axes, keepdims = ctx.saved
+        winners = a == out
+        share = winners / winners.sum(axis=axes, keepdims=True)
+        return ((_expand_reduced(grad, axes, keepdims) * share).astype(grad.dtype),)
+
+
+# ===================================================================== shape and indexing
+class Reshape(Function):
+    @staticmethod
+    def forward(ctx, a, shape=()):
+        ctx.save_for_backward(a.shape)
+        return a.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (shape,) = ctx.saved
+        return (grad.reshape(shape),)
+
+
+class Transpose(Function):
+    @staticmethod
+    def forward(ctx, a, axes=None):
+        axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(int(x) % a.ndim for x in axes)
+        if sorted(axes) != list(range(a.ndim)):
+            raise ValueError(f"transpose axes {axes} are not a permutation of {a.ndim} dimensions")
+        ctx.save_for_backward(axes)
+        return a.transpose(axes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (axes,) = ctx.saved
+        return (grad.transpose(np.argsort(axes)),)
+
+
+def _is_basic_index(index: Any) -> bool:
+    """True when an index selects each element at most once (slices, ints, None, Ellipsis): no scatter-add needed."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return builtins.all(isinstance(p, (slice, int, np.integer, type(None), type(Ellipsis))) for p in parts)
+
+
+class GetItem(Function):
+    @staticmethod
+    def forward(ctx, a, index=None):
+        ctx.save_for_backward(a.shape, a.dtype, index)
+        return np.asarray(a[index])
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, index = ctx.saved
+        full = np.zeros(shape, dtype=dtype)
+        if _is_basic_index(index):
+            full[index] = grad
+        else:
+            np.add.at(full, index, grad)  # advanced indices may repeat: accumulate, don't overwrite
+        return (full,)
+
+
+class Concatenate(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        axis = axis % arrays[0].ndim
+        ctx.save_for_backward(axis, np.cumsum([x.shape[axis] for x in arrays])[:-1])
+        return np.concatenate(arrays, axis=axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        axis, splits = ctx.saved
+        return tuple(np.split(grad, splits, axis=axis))
+
+
+class Stack(Function):
+    @staticmethod
+    def forward(ctx, *arrays, axis=0):
+        out = np.stack(arrays, axis=axis)
+        ctx.save_for_backward(axis % out.ndim, len(arrays))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        axis, count = ctx.saved
+        return tuple(np.take(grad, i, axis=axis) for i in range(count))
+
+
+class Pad2d(Function):
+    """Constant padding of the last two axes by (top, bottom, left, right)."""
+
+    @staticmethod
+    def forward(ctx, a, padding=(0, 0, 0, 0), value=0.0):
+        top, bottom, left, right = padding
+        ctx.save_for_backward(a.shape, padding)
+        widths = [(0, 0)] * (a.ndim - 2) + [(top, bottom), (left, right)]
+        return np.pad(a, widths, constant_values=value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, (top, _, left, _) = ctx.saved
+        return (grad[..., top:top + shape[-2], left:left + shape[-1]],)
+
+
+# ===================================================================== linear algebra
+class MatMul(Function):
+    """Batched matrix product with NumPy's ``matmul`` semantics (1-D operands are promoted and squeezed)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        if a.ndim == 0 or b.ndim == 0:
+            raise ValueError(f"matmul needs at least 1-D operands, got shapes {a.shape} and {b.shape}")
+        if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            raise ValueError(f"matmul: inner dimensions differ, {a.shape} @ {b.shape}")
+        ctx.save_for_backward(a, b)
+        return np.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved
+        a2 = a[None, :] if a.ndim == 1 else a
+        b2 = b[:, None] if b.ndim == 1 else b
+        g = grad
+        if a.ndim == 1:
+            g = np.expand_dims(g, -2)
+        if b.ndim == 1:
+            g = np.expand_dims(g, -1)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = unbroadcast(np.matmul(g, np.swapaxes(b2, -1, -2)), a2.shape).reshape(a.shape)
+        if ctx.needs_input_grad[1]:
+            grad_b = unbroadcast(np.matmul(np.swapaxes(a2, -1, -2), g), b2.shape).reshape(b.shape)
+        return grad_a, grad_b
+
+
+# ===================================================================== softmax family
+class Softmax(Function):
+    """softmax(x)_i = exp(x_i - max x) / sum_j exp(x_j - max x) (the max shift makes it overflow-free)."""
+
+    @staticmethod
+    def forward(ctx, a, axis=-1):
+        shifted = np.exp(a - a.max(axis=axis, keepdims=True))
+        out = shifted / shifted.sum(axis=axis, keepdims=True)
+        ctx.save_for_backward(out, axis)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, axis = ctx.saved
+        return (out * (grad - (grad * out).sum(axis=axis, keepdims=True)),)
+
+
+class LogSoftmax(Function):
+    """log_softmax(x) = x - max x - log sum exp(x - max x)."""
+
+    @staticmethod
+    def forward(ctx, a, axis=-1):
+        shifted = a - a.max(axis=axis, keepdims=True)
+        out = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+        ctx.save_for_backward(out, axis)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out, axis = ctx.saved
+        return (grad - np.exp(out) * grad.sum(axis=axis, keepdims=True),)
+
+
+class CrossEntropy(Function):
+    """Mean cross-entropy of logits (N, C) against class indices (N,) or class probabilities (N, C).
+
+    With label smoothing eps the target distribution is (1 - eps) * onehot + eps / C (Szegedy et al. 2016),
+    as in ``torch.nn.functional.cross_entropy(..., label_smoothing=eps)``.
+    loss = -(1/N) sum_n sum_c target_nc * log_softmax(logits)_nc; d loss / d logits = (softmax - target) / N.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, label_smoothing=0.0, reduction="mean"):
+        n, classes = logits.shape
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        if target.ndim == 1:
+            dist = np.zeros_like(logits)
+            dist[np.arange(n), target.astype(np.int64)] = 1
+        else:
+            dist = target.astype(logits.dtype, copy=False)
+        if label_smoothing:
+            dist = dist * (1 - label_smoothing) + label_smoothing / classes
+        per_sample = -(dist * log_probs).sum(axis=1)
+        ctx.save_for_backward(log_probs, dist, reduction)
+        if reduction == "none":
+            return per_sample
+        total = per_sample.sum()
+        return np.asarray(total / n if reduction == "mean" else total, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_probs, dist, reduction = ctx.saved
+        n = log_probs.shape[0]
+        diff = np.exp(log_probs) - dist
+        if reduction == "none":
+            return diff * grad[:, None], None
+        scale = grad / n if reduction == "mean" else grad
+        return (diff * scale).astype(log_probs.dtype, copy=False), None
+
+
+# ===================================================================== normalisation
+class BatchNorm(Function):
+    """Batch normalisation over every axis but 1 (Ioffe & Szegedy 2015, Algorithm 1).
+
+    training: y = gamma * (x - mean_B) / sqrt(var_B + eps) + beta with biased batch variance; the running
+    statistics are updated in place, running = (1 - momentum) * running + momentum * batch, with the *unbiased*
+    batch variance (PyTorch's convention). eval: the running statistics are used instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean=None, running_var=None, training=True, momentum=0.1, eps=1e-5):
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = [1] * x.ndim
+        shape[1] = x.shape[1]
+        if training:
+            mean = x.mean(axis=axes)
+            var = x.var(axis=axes)
+            count = x.size // x.shape[1]
+            if running_mean is not None:
+                running_mean *= 1 - momentum
+                running_mean += momentum * mean
+            if running_var is not None:
+                running_var *= 1 - momentum
+                running_var += momentum * var * (count / builtins.max(count - 1, 1))
+        else:
+            mean, var = running_mean, running_var
+        inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype)
+        x_hat = (x - mean.reshape(shape).astype(x.dtype)) * inv_std.reshape(shape)
+        ctx.save_for_backward(x_hat, inv_std, weight, axes, shape, training)
+        return x_hat * weight.reshape(shape) + bias.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, inv_std, weight, axes, shape, training = ctx.saved
+        grad_weight = (grad * x_hat).sum(axis=axes)
+        grad_bias = grad.sum(axis=axes)
+        grad_x_hat = grad * weight.reshape(shape)
+        if training:
+            count = grad.size // grad.shape[1]
+            grad_x = (inv_std.reshape(shape) / count) * (
+                count * grad_x_hat
+                - grad_x_hat.sum(axis=axes, keepdims=True)
+                - x_hat * (grad_x_hat * x_hat).sum(axis=axes, keepdims=True)
+            )
+        else:
+            grad_x = grad_x_hat * inv_std.reshape(shape)
+        return grad_x, grad_weight, grad_bias
+
+
+class LayerNorm(Function):
+    """Layer normalisation over the last ``ndim_normalised`` axes (Ba et al. 2016), biased variance."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ndim_normalised=1, eps=1e-5):
+        axes = tuple(range(x.ndim - ndim_normalised, x.ndim))
+        mean = x.mean(axis=axes, keepdims=True)
+        inv_std = 1.0 / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+        x_hat = ((x - mean) * inv_std).astype(x.dtype)
+        ctx.save_for_backward(x_hat, inv_std.astype(x.dtype), weight, axes)
+        return x_hat * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, inv_std, weight, axes = ctx.saved
+        batch_axes = tuple(range(grad.ndim - len(axes)))
+        grad_weight = (grad * x_hat).sum(axis=batch_axes)
+        grad_bias = grad.sum(axis=batch_axes)
+        grad_x_hat = grad * weight
+        count = int(np.prod([grad.shape[a] for a in axes]))
+        grad_x = (inv_std / count) * (
+            count * grad_x_hat
+            - grad_x_hat.sum(axis=axes, keepdims=True)
+            - x_hat * (grad_x_hat * x_hat).sum(axis=axes, keepdims=True)
+        )
+        return grad_x, grad_weight, grad_bias
+
+
+# ===================================================================== convolution and pooling
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not builtins.all(isinstance(v, (int, np.integer)) for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """floor((size + 2 padding - dilation (kernel - 1) - 1) / stride) + 1, as in PyTorch's Conv2d docs."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _windows(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
+             dilation: tuple[int, int]) -> np.ndarray:
+    """Strided view (N, C, OH, OW, KH, KW) of the already padded input ``x`` (N, C, H, W); no copy."""
+    kh, kw = kernel
+    span_h, span_w = dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1
+    view = sliding_window_view(x, (span_h, span_w), axis=(2, 3))  # (N, C, H', W', span_h, span_w)
+    return view[:, :, ::stride[0], ::stride[1], ::dilation[0], ::dilation[1]]
+
+
+def _col2im(cols: np.ndarray, padded_shape: tuple[int, ...], stride: tuple[int, int],
+            dilation: tuple[int, int]) -> np.ndarray:
+    """Adjoint of :func:`_windows`: add every window's values back onto the padded input grid.
+
+    ``cols`` is (N, C, OH, OW, KH, KW); one strided addition per kernel position (KH * KW of them).
+    """
+    _, _, oh, ow, kh, kw = cols.shape
+    out = np.zeros(padded_shape, dtype=cols.dtype)
+    for i in range(kh):
+        top = i * dilation[0]
+        for j in range(kw):
+            left = j * dilation[1]
+            out[:, :, top:top + stride[0] * (oh - 1) + 1:stride[0],
+                left:left + stride[1] * (ow - 1) + 1:stride[1]] += cols[:, :, :, :, i, j]
+    return out
+
+
+def _unpad(x: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
+    ph, pw = padding
+    return x[:, :, ph:x.shape[2] - ph, pw:x.shape[3] - pw]
+
+
+class Conv2d(Function):
+    """2-D cross-correlation, NCHW, weight (OC, C/groups, KH, KW), by im2col and one (batched) matrix product.
+
+    out[n, o, y, x] = bias[o] + sum_{c, i, j} w[o, c, i, j] * in_pad[n, g*Cg + c, y*s + i*d, x*s + j*d]
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+        n, c, _, _ = x.shape
+        oc, cg, kh, kw = weight.shape
+        ph, pw = padding
+        padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+        win = _windows(padded, (kh, kw), stride, dilation)  # (N, C, OH, OW, KH, KW) view
+        oh, ow = win.shape[2], win.shape[3]
+        # im2col: (G, N*OH*OW, Cg*KH*KW), one copy
+        cols = win.reshape(n, groups, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
+        cols = np.ascontiguousarray(cols).reshape(groups, n * oh * ow, cg * kh * kw)
+        w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)  # (G, OCg, Cg*KH*KW)
+        out = np.matmul(cols, w_mat.transpose(0, 2, 1))  # (G, N*OH*OW, OCg)
+        out = out.reshape(groups, n, oh, ow, oc // groups).transpose(1, 0, 4, 2, 3).reshape(n, oc, oh, ow)
+        if bias is not None:
+            out = out + bias.reshape(1, oc, 1, 1)
+        ctx.save_for_backward(cols, weight, padded.shape, stride, padding, dilation, groups, bias is not None)
+        return np.ascontiguousarray(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cols, weight, padded_shape, stride, padding, dilation, groups, has_bias = ctx.saved
+        n, oc, oh, ow = grad.shape
+        _, cg, kh, kw = weight.shape
+        # (G, N*OH*OW, OCg)
+        grad_mat = grad.reshape(n, groups, oc // groups, oh, ow).transpose(1, 0, 3, 4, 2).reshape(
+            groups, n * oh * ow, oc // groups)
+        grad_weight = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = np.matmul(grad_mat.transpose(0, 2, 1), cols).reshape(weight.shape)
+        if ctx.needs_input_grad[0]:
+            w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)
+            grad_cols = np.matmul(grad_mat, w_mat)  # (G, N*OH*OW, Cg*KH*KW)
+            grad_cols = grad_cols.reshape(groups, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 2, 3, 5, 6)
+            grad_cols = grad_cols.reshape(n, groups * cg, oh, ow, kh, kw)
+            grad_x = _unpad(_col2im(grad_cols, padded_shape, stride, dilation), padding)
+        grads = (grad_x, grad_weight)
+        if has_bias:
+            grads += (grad.sum(axis=(0, 2, 3)),)
+        return grads
+
+
+class MaxPool2d(Function):
+    """Max over each window (padding counts as -inf); the gradient goes to the first maximum of each window."""
+
+    @staticmethod
+    def forward(ctx, x, kernel=(2, 2), stride=(2, 2), padding=(0, 0)):
+        ph, pw = padding
+        padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf) if ph or pw else x
+        win = _windows(padded, kernel, stride, (1, 1))
+        n, c, oh, ow, kh, kw = win.shape
+        flat = win.reshape(n, c, oh, ow, kh * kw)
+        argmax = flat.argmax(axis=-1)
+        out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
+        ctx.save_for_backward(argmax, padded.shape, kernel, stride, padding)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        argmax, padded_shape, kernel, stride, padding = ctx.saved
+        kh, kw = kernel
+        positions = np.arange(kh * kw).reshape(kh, kw)
+        cols = (argmax[..., None, None] == positions) * grad[..., None, None]
+        return (_unpad(_col2im(cols.astype(grad.dtype), padded_shape, stride, (1, 1)), padding),)
+
+
+class AvgPool2d(Function):
+    """Mean over each window; zero padding counts in the divisor (PyTorch's ``count_include_pad=True``)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel=(2, 2), stride=(2, 2), padding=(0, 0)):
+        ph, pw = padding
+        padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
+        win = _windows(padded, kernel, stride, (1, 1))
+        ctx.save_for_backward(padded.shape, kernel, stride, padding)
+        return win.mean(axis=(4, 5), dtype=x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        padded_shape, (kh, kw), stride, padding = ctx.saved
+        cols = np.broadcast_to((grad / (kh * kw))[..., None, None], grad.shape + (kh, kw))
+        return (_unpad(_col2im(cols, padded_shape, stride, (1, 1)), padding),)
+
+
+def adaptive_pool_bins(size: int, output_size: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling bins: bin i covers [floor(i*size/out), ceil((i+1)*size/out))."""
+    return [(i * size // output_size, -(-(i + 1) * size // output_size)) for i in range(output_size)]
+
+
+class AdaptiveAvgPool2d(Function):
+    @staticmethod
+    def forward(ctx, x, output_size=(1, 1)):
+        rows = adaptive_pool_bins(x.shape[2], output_size[0])
+        columns = adaptive_pool_bins(x.shape[3], output_size[1])
+        out = np.empty(x.shape[:2] + tuple(output_size), dtype=x.dtype)
+        for i, (r0, r1) in enumerate(rows):
+            for j, (c0, c1) in enumerate(columns):
+                out[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+        ctx.save_for_backward(x.shape, rows, columns)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, rows, columns = ctx.saved
+        out = np.zeros(shape, dtype=grad.dtype)
+        for i, (r0, r1) in enumerate(rows):
+            for j, (c0, c1) in enumerate(columns):
+                out[:, :, r0:r1, c0:c1] += (grad[:, :, i, j] / ((r1 - r0) * (c1 - c0)))[:, :, None, None]
+        return (out,)
+
+
+# ===================================================================== public functional forms
+def add(a: Any, b: Any) -> Tensor:
+    """a + b with broadcasting."""
+    return Add.apply(a, b)
+
+
+def sub(a: Any, b: Any) -> Tensor:
+    """a - b with broadcasting."""
+    return Sub.apply(a, b)
+
+
+def mul(a: Any, b: Any) -> Tensor:
+    """a * b with broadcasting."""
+    return Mul.apply(a, b)
+
+
+def div(a: Any, b: Any) -> Tensor:
+    """a / b with broadcasting."""
+    return Div.apply(a, b)
+
+
+def neg(a: Any) -> Tensor:
+    """-a."""
+    return Neg.apply(a)
+
+
+def pow(a: Any, b: Any) -> Tensor:  # noqa: A001 - mirrors the operator's name
+    """a ** b with broadcasting."""
+    return Pow.apply(a, b)
+
+
+def maximum(a: Any, b: Any) -> Tensor:
+    """Elementwise maximum (ties share the gradient)."""
+    return Maximum.apply(a, b)
+
+
+def where(condition: Any, a: Any, b: Any) -> Tensor:
+    """Elementwise ``condition ? a : b``; ``condition`` is a constant boolean array."""
+    condition = np.asarray(condition.data if isinstance(condition, Tensor) else condition).astype(bool)
+    return Where.apply(a, b, condition=condition)
+
+
+def exp(a: Any) -> Tensor:
+    return Exp.apply(a)
+
+
+def log(a: Any) -> Tensor:
+    return Log.apply(a)
+
+
+def sqrt(a: Any) -> Tensor:
+    return Sqrt.apply(a)
+
+
+def abs(a: Any) -> Tensor:  # noqa: A001
+    return Abs.apply(a)
+
+
+def tanh(a: Any) -> Tensor:
+    return Tanh.apply(a)
+
+
+def sigmoid(a: Any) -> Tensor:
+    return Sigmoid.apply(a)
+
+
+def relu(a: Any) -> Tensor:
+    return ReLU.apply(a)
+
+
+def clip(a: Any, low: float | None = None, high: float | None = None) -> Tensor:
+    return Clip.apply(a, low=low, high=high)
+
+
+def gelu(a: Any, approximate: str = "none") -> Tensor:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELU.apply(a, approximate=approximate)
+
+
+def sum(a: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Sum.apply(a, axis=axis, keepdims=keepdims)
+
+
+def mean(a: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:
+    return Mean.apply(a, axis=axis, keepdims=keepdims)
+
+
+def max(a: Any, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    return Max.apply(a, axis=axis, keepdims=keepdims)
+
+
+def reshape(a: Any, shape: Sequence[int]) -> Tensor:
+    return Reshape.apply(a, shape=tuple(shape))
+
+
+def transpose(a: Any, axes: Sequence[int] | None = None) -> Tensor:
+    return Transpose.apply(a, axes=axes)
+
+
+def getitem(a: Any, index: Any) -> Tensor:
+    if isinstance(index, Tensor):
+        index = index.data.astype(np.int64)
+    elif isinstance(index, tuple):
+        index = tuple(i.data.astype(np.int64) if isinstance(i, Tensor) else i for i in index)
+    return GetItem.apply(a, index=index)
+
+
+def concatenate(tensors: Sequence[Any], axis: int = 0) -> Tensor:
+    if len(tensors) == 0:
+        raise ValueError("concatenate needs at least one tensor")
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def stack(tensors: Sequence[Any], axis: int = 0) -> Tensor:
+    if len(tensors) == 0:
+        raise ValueError("stack needs at least one tensor")
+    return Stack.apply(*tensors, axis=axis)
+
+
+def pad2d(a: Any, padding: Sequence[int], value: float = 0.0) -> Tensor:
+    """Pad the last two axes by (top, bottom, left, right) with a constant."""
+    return Pad2d.apply(a, padding=tuple(int(p) for p in padding), value=value)
+
+
+def matmul(a: Any, b: Any) -> Tensor:
+    return MatMul.apply(a, b)
+
+
+def softmax(a: Any, axis: int = -1) -> Tensor:
+    return Softmax.apply(a, axis=axis)
+
+
+def log_softmax(a: Any, axis: int = -1) -> Tensor:
+    return LogSoftmax.apply(a, axis=axis)
+
+
+def dropout(a: Any, p: float = 0.5, training: bool = True) -> Tensor:
+    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by 1/(1-p).
+
+    Built from :func:`mul`; the mask comes from the global generator (``nanoopt.manual_seed``).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    a = a if isinstance(a, Tensor) else Tensor(a)
+    if not training or p == 0.0:
+        return a
+    if p == 1.0:
+        return a * np.zeros(a.shape, dtype=a.dtype)
+    keep = (get_rng().random(a.shape) >= p).astype(a.dtype) / np.asarray(1.0 - p, dtype=a.dtype)
+    return a * keep
