@@ -6,14 +6,15 @@
 [2.0, 4.0]
 """
 
-from nanoopt import nn, ops, random
+from nanoopt import data, models, nn, ops, optim, random, train
 from nanoopt.ops import concatenate, maximum, stack, where
 from nanoopt.random import manual_seed
 from nanoopt.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
+from nanoopt.train import evaluate, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "concatenate", "enable_grad", "is_grad_enabled", "manual_seed", "maximum", "nn", "no_grad", "ops",
+    "Tensor", "concatenate", "data", "evaluate", "fit", "models", "optim", "train", "enable_grad", "is_grad_enabled", "manual_seed", "maximum", "nn", "no_grad", "ops",
     "random", "stack", "tensor", "where",
 ]
