@@ -6,7 +6,7 @@
 [2.0, 4.0]
 """
 
-from nanoopt import data, models, nn, ops, optim, random, train
+from nanoopt import data, io, models, nn, ops, optim, random, report, train
 from nanoopt.ops import concatenate, maximum, stack, where
 from nanoopt.random import manual_seed
 from nanoopt.tensor import Tensor, enable_grad, is_grad_enabled, no_grad, tensor
@@ -15,6 +15,6 @@ from nanoopt.train import evaluate, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "Tensor", "concatenate", "data", "evaluate", "fit", "models", "optim", "train", "enable_grad", "is_grad_enabled", "manual_seed", "maximum", "nn", "no_grad", "ops",
-    "random", "stack", "tensor", "where",
+    "Tensor", "concatenate", "data", "enable_grad", "evaluate", "fit", "io", "is_grad_enabled", "manual_seed",
+    "maximum", "models", "nn", "no_grad", "ops", "optim", "random", "report", "stack", "tensor", "train", "where",
 ]
