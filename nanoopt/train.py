@@ -107,6 +107,8 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
         total_loss, correct, seen, batches = 0.0, 0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y in bar:
+            if not np.isfinite(x).all():
+                raise ValueError(f"fit: training batch {batches} of epoch {epoch} contains NaN or Inf inputs")
             optimizer.zero_grad()
             loss, logits = compute_loss(model, x, y)
             if not np.isfinite(loss.data).all():
