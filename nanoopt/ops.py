@@ -26,6 +26,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
+from nanoopt.kernels import im2col, pooling
 from nanoopt.random import get_rng
 from nanoopt.tensor import Tensor, is_grad_enabled
 
@@ -758,19 +759,19 @@ class Conv2d(Function):
     """2-D cross-correlation, NCHW, weight (OC, C/groups, KH, KW), by im2col and one (batched) matrix product.
 
     out[n, o, y, x] = bias[o] + sum_{c, i, j} w[o, c, i, j] * in_pad[n, g*Cg + c, y*s + i*d, x*s + j*d]
+
+    The column layout and its adjoint are the Numba kernels of :mod:`nanoopt.kernels.im2col`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
-        n, c, _, _ = x.shape
+        n = x.shape[0]
         oc, cg, kh, kw = weight.shape
         ph, pw = padding
         padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-        win = _windows(padded, (kh, kw), stride, dilation)  # (N, C, OH, OW, KH, KW) view
-        oh, ow = win.shape[2], win.shape[3]
-        # im2col: (G, N*OH*OW, Cg*KH*KW), one copy
-        cols = win.reshape(n, groups, cg, oh, ow, kh, kw).transpose(1, 0, 3, 4, 2, 5, 6)
-        cols = np.ascontiguousarray(cols).reshape(groups, n * oh * ow, cg * kh * kw)
+        cols = im2col.im2col(padded, groups, kh, kw, *stride, *dilation)  # (G, N*OH*OW, Cg*KH*KW)
+        oh = im2col.output_size(padded.shape[2], kh, stride[0], dilation[0])
+        ow = im2col.output_size(padded.shape[3], kw, stride[1], dilation[1])
         w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)  # (G, OCg, Cg*KH*KW)
         out = np.matmul(cols, w_mat.transpose(0, 2, 1))  # (G, N*OH*OW, OCg)
         out = out.reshape(groups, n, oh, ow, oc // groups).transpose(1, 0, 4, 2, 3).reshape(n, oc, oh, ow)
@@ -793,9 +794,7 @@ class Conv2d(Function):
         if ctx.needs_input_grad[0]:
             w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)
             grad_cols = np.matmul(grad_mat, w_mat)  # (G, N*OH*OW, Cg*KH*KW)
-            grad_cols = grad_cols.reshape(groups, n, oh, ow, cg, kh, kw).transpose(1, 0, 4, 2, 3, 5, 6)
-            grad_cols = grad_cols.reshape(n, groups * cg, oh, ow, kh, kw)
-            grad_x = _unpad(_col2im(grad_cols, padded_shape, stride, dilation), padding)
+            grad_x = _unpad(im2col.col2im(grad_cols, padded_shape, kh, kw, *stride, *dilation), padding)
         grads = (grad_x, grad_weight)
         if has_bias:
             grads += (grad.sum(axis=(0, 2, 3)),)
@@ -803,27 +802,23 @@ class Conv2d(Function):
 
 
 class MaxPool2d(Function):
-    """Max over each window (padding counts as -inf); the gradient goes to the first maximum of each window."""
+    """Max over each window (padding counts as -inf); the gradient goes to the first maximum of each window.
+
+    Runs the Numba kernels of :mod:`nanoopt.kernels.pooling` (bit-identical to their NumPy references there).
+    """
 
     @staticmethod
     def forward(ctx, x, kernel=(2, 2), stride=(2, 2), padding=(0, 0)):
         ph, pw = padding
         padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=-np.inf) if ph or pw else x
-        win = _windows(padded, kernel, stride, (1, 1))
-        n, c, oh, ow, kh, kw = win.shape
-        flat = win.reshape(n, c, oh, ow, kh * kw)
-        argmax = flat.argmax(axis=-1)
-        out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
+        out, argmax = pooling.max_pool2d_forward(padded, *kernel, *stride)
         ctx.save_for_backward(argmax, padded.shape, kernel, stride, padding)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         argmax, padded_shape, kernel, stride, padding = ctx.saved
-        kh, kw = kernel
-        positions = np.arange(kh * kw).reshape(kh, kw)
-        cols = (argmax[..., None, None] == positions) * grad[..., None, None]
-        return (_unpad(_col2im(cols.astype(grad.dtype), padded_shape, stride, (1, 1)), padding),)
+        return (_unpad(pooling.max_pool2d_backward(grad, argmax, padded_shape, *kernel, *stride), padding),)
 
 
 class AvgPool2d(Function):

@@ -1,0 +1,93 @@
+"""What every benchmark shares: a clean, pinned environment, the machine description and timing.
+
+``pin_environment(threads)`` must run before NumPy is imported: it re-executes the process with
+OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed (they are set on some machines to work around old OpenBLAS
+builds, and slow a current NumPy down; tests and CI keep them, benchmarks measure without them) and with every
+thread-count variable (OpenBLAS, OpenMP, MKL, Numba) set to ``threads``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+_REMOVED_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def pin_environment(threads: int = 1) -> None:
+    """Re-exec this process (once) with a benchmark environment; call before importing numpy."""
+    wanted = {name: str(threads) for name in _THREAD_VARIABLES}
+    clean = all(name not in os.environ for name in _REMOVED_VARIABLES)
+    pinned = all(os.environ.get(name) == value for name, value in wanted.items())
+    if clean and pinned:
+        return
+    if "numpy" in sys.modules:
+        raise RuntimeError("pin_environment() must run before numpy is imported")
+    env = {k: v for k, v in os.environ.items() if k not in _REMOVED_VARIABLES}
+    env.update(wanted)
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def machine_description() -> str:
+    """CPU model, core count, Python/NumPy/Numba versions and the BLAS NumPy uses."""
+    import numpy as np
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} cores", f"Python {platform.python_version()}", f"NumPy {np.__version__}"]
+    try:
+        import llvmlite.binding as llvm
+        import numba
+
+        features = llvm.get_host_cpu_features()
+        flags = [name for name in ("avx2", "fma", "avx512f", "avx512vnni", "avxvnni") if features.get(name)]
+        parts.append(f"Numba {numba.__version__} (LLVM CPU {llvm.get_host_cpu_name()}: {', '.join(flags)})")
+    except Exception:  # pragma: no cover - information only
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = [f"{i['internal_api']} {i.get('version')} {i.get('architecture')} x{i['num_threads']}"
+                for i in threadpool_info() if i.get("user_api") == "blas"]
+        parts.append("BLAS " + "; ".join(blas))
+    except ImportError:
+        pass
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    parts.append(f"threads pinned to {threads}")
+    return "; ".join(parts)
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
+    """Best wall-clock time of ``fn()`` over ``repeats`` rounds, each looping until ``min_time`` has passed."""
+    fn()  # warm-up (and JIT compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while True:
+            fn()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        best = min(best, elapsed / count)
+    return best
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

@@ -1,0 +1,118 @@
+"""im2col and its adjoint col2im for float convolution: NumPy references and Numba versions, bit-identical.
+
+A convolution becomes one matrix product once every receptive field is laid out as a row (Chellapilla et al.
+2006): for a padded input x (N, C, H, W), groups G (Cg = C / G channels each), kernel (KH, KW), stride s and
+dilation d,
+
+    cols[g, (n, y, x), (c, i, j)] = x[n, g*Cg + c, y*s_h + i*d_h, x*s_w + j*d_w]        (G, N*OH*OW, Cg*KH*KW)
+
+col2im is the adjoint (transpose) of that linear map: every column value is added back onto the input cell it
+came from. Both versions add kernel position by kernel position (i, j), so a cell hit by several windows
+accumulates in the same order and the results agree bit for bit.
+
+>>> import numpy as np
+>>> x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
+>>> im2col(x, 1, 2, 2, 1, 1, 1, 1).shape
+(1, 4, 4)
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output length of a valid (already padded) convolution."""
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col_reference(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+                     dilation_h: int, dilation_w: int) -> np.ndarray:
+    """Columns (G, N*OH*OW, Cg*KH*KW) of the padded NCHW input, with NumPy strided views and one copy."""
+    n, c, _, _ = x.shape
+    span_h, span_w = dilation_h * (kernel_h - 1) + 1, dilation_w * (kernel_w - 1) + 1
+    windows = sliding_window_view(x, (span_h, span_w), axis=(2, 3))
+    windows = windows[:, :, ::stride_h, ::stride_w, ::dilation_h, ::dilation_w]  # (N, C, OH, OW, KH, KW)
+    oh, ow = windows.shape[2], windows.shape[3]
+    cg = c // groups
+    cols = windows.reshape(n, groups, cg, oh, ow, kernel_h, kernel_w).transpose(1, 0, 3, 4, 2, 5, 6)
+    return np.ascontiguousarray(cols).reshape(groups, n * oh * ow, cg * kernel_h * kernel_w)
+
+
+def col2im_reference(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel_h: int, kernel_w: int,
+                     stride_h: int, stride_w: int, dilation_h: int, dilation_w: int) -> np.ndarray:
+    """Adjoint of :func:`im2col_reference`: (G, N*OH*OW, Cg*KH*KW) columns summed back onto (N, C, H, W)."""
+    n, c, h, w = padded_shape
+    groups = cols.shape[0]
+    cg = c // groups
+    oh, ow = output_size(h, kernel_h, stride_h, dilation_h), output_size(w, kernel_w, stride_w, dilation_w)
+    windows = cols.reshape(groups, n, oh, ow, cg, kernel_h, kernel_w).transpose(1, 0, 4, 2, 3, 5, 6)
+    windows = windows.reshape(n, c, oh, ow, kernel_h, kernel_w)
+    out = np.zeros(padded_shape, dtype=cols.dtype)
+    for i in range(kernel_h):
+        top = i * dilation_h
+        for j in range(kernel_w):
+            left = j * dilation_w
+            out[:, :, top:top + stride_h * (oh - 1) + 1:stride_h,
+                left:left + stride_w * (ow - 1) + 1:stride_w] += windows[:, :, :, :, i, j]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _im2col_numba(x, groups, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols):
+    n, c, _, _ = x.shape
+    cg = c // groups
+    oh = (x.shape[2] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    ow = (x.shape[3] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    for g in range(groups):
+        for b in range(n):
+            for y in range(oh):
+                for xo in range(ow):
+                    row = (b * oh + y) * ow + xo
+                    column = 0
+                    for ch in range(cg):
+                        for i in range(kernel_h):
+                            for j in range(kernel_w):
+                                cols[g, row, column] = x[b, g * cg + ch, y * stride_h + i * dilation_h,
+                                                         xo * stride_w + j * dilation_w]
+                                column += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _col2im_numba(cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out):
+    n, c, h, w = out.shape
+    groups = cols.shape[0]
+    cg = c // groups
+    oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    for i in range(kernel_h):  # kernel position outermost: the reference's accumulation order
+        for j in range(kernel_w):
+            for g in range(groups):
+                for b in range(n):
+                    for ch in range(cg):
+                        column = (ch * kernel_h + i) * kernel_w + j
+                        for y in range(oh):
+                            for xo in range(ow):
+                                out[b, g * cg + ch, y * stride_h + i * dilation_h, xo * stride_w + j * dilation_w] \
+                                    += cols[g, (b * oh + y) * ow + xo, column]
+
+
+def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+           dilation_h: int, dilation_w: int) -> np.ndarray:
+    """Numba version of :func:`im2col_reference` (identical output)."""
+    x = np.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kernel_h, stride_h, dilation_h), output_size(w, kernel_w, stride_w, dilation_w)
+    cols = np.empty((groups, n * oh * ow, (c // groups) * kernel_h * kernel_w), dtype=x.dtype)
+    _im2col_numba(x, groups, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols)
+    return cols
+
+
+def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel_h: int, kernel_w: int,
+           stride_h: int, stride_w: int, dilation_h: int, dilation_w: int) -> np.ndarray:
+    """Numba version of :func:`col2im_reference` (bit-identical output)."""
+    out = np.zeros(padded_shape, dtype=cols.dtype)
+    _col2im_numba(np.ascontiguousarray(cols), kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out)
+    return out

@@ -1,0 +1,104 @@
+"""Float max pooling kernels for the autograd: a NumPy reference and a Numba version, bit-identical.
+
+Forward: for every window, the maximum and the flat position ``i * KW + j`` of its *first* maximum (row-major
+scan, PyTorch's tie rule). Backward: each window's gradient is added at its argmax; additions are made in the
+order of the kernel position (i, j), so overlapping windows accumulate in the same order in both versions and
+the results agree bit for bit. The input must already be padded (with -inf) by the caller.
+
+>>> import numpy as np
+>>> x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+>>> out, argmax = max_pool2d_forward(x, 2, 2, 2, 2)
+>>> out[0, 0].tolist(), argmax[0, 0].tolist()
+([[5.0, 7.0], [13.0, 15.0]], [[3, 3], [3, 3]])
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+def _output_size(size: int, kernel: int, stride: int) -> int:
+    return (size - kernel) // stride + 1
+
+
+def max_pool2d_forward_reference(x: np.ndarray, kernel_h: int, kernel_w: int, stride_h: int,
+                                 stride_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(out, argmax) of max pooling over the padded NCHW ``x``; argmax is int64, flat in the window."""
+    windows = sliding_window_view(x, (kernel_h, kernel_w), axis=(2, 3))[:, :, ::stride_h, ::stride_w]
+    n, c, oh, ow = windows.shape[:4]
+    flat = windows.reshape(n, c, oh, ow, kernel_h * kernel_w)
+    argmax = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, argmax[..., None], axis=-1)[..., 0]
+    return np.ascontiguousarray(out), argmax.astype(np.int64)
+
+
+def max_pool2d_backward_reference(grad: np.ndarray, argmax: np.ndarray, padded_shape: tuple[int, ...],
+                                  kernel_h: int, kernel_w: int, stride_h: int, stride_w: int) -> np.ndarray:
+    """Gradient with respect to the padded input: ``grad`` added at every window's argmax, kernel position by
+    kernel position."""
+    out = np.zeros(padded_shape, dtype=grad.dtype)
+    oh, ow = grad.shape[2], grad.shape[3]
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            selected = np.where(argmax == i * kernel_w + j, grad, np.zeros((), dtype=grad.dtype))
+            out[:, :, i:i + stride_h * (oh - 1) + 1:stride_h, j:j + stride_w * (ow - 1) + 1:stride_w] += selected
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _max_pool2d_forward_numba(x, kernel_h, kernel_w, stride_h, stride_w, out, argmax):
+    n, c, oh, ow = out.shape
+    for b in range(n):
+        for ch in range(c):
+            for y in range(oh):
+                for xo in range(ow):
+                    top, left = y * stride_h, xo * stride_w
+                    best = x[b, ch, top, left]
+                    best_index = 0
+                    for i in range(kernel_h):
+                        for j in range(kernel_w):
+                            value = x[b, ch, top + i, left + j]
+                            if value > best:  # strict: the first maximum wins ties
+                                best = value
+                                best_index = i * kernel_w + j
+                    out[b, ch, y, xo] = best
+                    argmax[b, ch, y, xo] = best_index
+
+
+@numba.njit(cache=True, nogil=True)
+def _max_pool2d_backward_numba(grad, argmax, kernel_h, kernel_w, stride_h, stride_w, out):
+    n, c, oh, ow = grad.shape
+    for position in range(kernel_h * kernel_w):  # same accumulation order as the reference
+        i, j = position // kernel_w, position % kernel_w
+        for b in range(n):
+            for ch in range(c):
+                for y in range(oh):
+                    for xo in range(ow):
+                        if argmax[b, ch, y, xo] == position:
+                            out[b, ch, y * stride_h + i, xo * stride_w + j] += grad[b, ch, y, xo]
+
+
+def max_pool2d_forward(x: np.ndarray, kernel_h: int, kernel_w: int, stride_h: int,
+                       stride_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Numba version of :func:`max_pool2d_forward_reference` (same results, bit for bit).
+
+    Note: NaN inputs follow the scan rule (a NaN never wins a comparison) and so may differ from NumPy's argmax,
+    which returns the first NaN; callers reject non-finite data before this point where it matters.
+    """
+    x = np.ascontiguousarray(x)
+    n, c, h, w = x.shape
+    shape = (n, c, _output_size(h, kernel_h, stride_h), _output_size(w, kernel_w, stride_w))
+    out = np.empty(shape, dtype=x.dtype)
+    argmax = np.empty(shape, dtype=np.int64)
+    _max_pool2d_forward_numba(x, kernel_h, kernel_w, stride_h, stride_w, out, argmax)
+    return out, argmax
+
+
+def max_pool2d_backward(grad: np.ndarray, argmax: np.ndarray, padded_shape: tuple[int, ...], kernel_h: int,
+                        kernel_w: int, stride_h: int, stride_w: int) -> np.ndarray:
+    """Numba version of :func:`max_pool2d_backward_reference` (same results, bit for bit)."""
+    out = np.zeros(padded_shape, dtype=grad.dtype)
+    _max_pool2d_backward_numba(np.ascontiguousarray(grad), argmax, kernel_h, kernel_w, stride_h, stride_w, out)
+    return out
