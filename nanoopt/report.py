@@ -8,7 +8,7 @@
 >>> import numpy as np, nanoopt as no
 >>> model = no.models.tiny_mlp()
 >>> stored_bytes(model)   # (64*32 + 32 + 32*10 + 10) float32 values
-9928
+9640
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ optimiser's ``zero_grad()``) between steps. Intermediate tensors do not keep a `
 backward pass that walks it; walking it again raises, unless the first call passed ``retain_graph=True``.
 
 >>> import numpy as np, nanoopt as no
->>> x = no.Tensor(np.array([1.0, -2.0, 3.0]), requires_grad=True)
+>>> x = no.Tensor([1.0, -2.0, 3.0], requires_grad=True)
 >>> y = (x * x).sum()
 >>> y.backward()
 >>> x.grad
@@ -69,18 +69,21 @@ def enable_grad() -> _GradMode:
 
 
 def as_float_array(data: Any, dtype: Any = None) -> np.ndarray:
-    """Convert ``data`` to a float ndarray: float32 unless it already is float64 (or ``dtype`` says otherwise).
+    """Convert ``data`` to a float ndarray: float32 unless it already is a float64 array (or ``dtype`` says so).
 
     Integer and boolean arrays are converted explicitly to float32; complex and object arrays are refused.
     """
     if isinstance(data, Tensor):
         data = data.data
+    from_python = not isinstance(data, (np.ndarray, np.generic))
     array = np.asarray(data)
     if dtype is not None:
         dtype = np.dtype(dtype)
         if dtype.kind != "f":
             raise TypeError(f"Tensor dtype must be a float type, got {dtype}")
         return array.astype(dtype, copy=False)
+    if from_python and array.dtype.kind in "biuf":  # lists and Python numbers: float32, like torch.tensor
+        return array.astype(np.float32)
     if array.dtype == np.float32 or array.dtype == np.float64:
         return array
     if array.dtype.kind in "biuf":

@@ -13,7 +13,7 @@ global generator.
 >>> no.manual_seed(0)
 >>> x, y = data.load_digits("train"); xt, yt = data.load_digits("test")
 >>> model = models.lenet_300_100(in_features=64)
->>> history = fit(model, (x, y), epochs=1, lr=0.1, progress=False)
+>>> history = fit(model, (x, y), epochs=5, lr=0.05, progress=False)
 >>> evaluate(model, (xt, yt))["accuracy"] > 0.8
 True
 """

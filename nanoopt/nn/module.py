@@ -150,6 +150,7 @@ class Module:
     def register_forward_hook(self, hook: Callable[[Module, tuple, Any], Any]) -> RemovableHandle:
         """``hook(module, inputs, output)`` runs after ``forward``; a non-None return value replaces the output.
 
+        >>> import nanoopt as no
         >>> from nanoopt import nn
         >>> layer, seen = nn.ReLU(), []
         >>> handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
