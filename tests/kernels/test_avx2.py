@@ -1,0 +1,217 @@
+"""AVX2 int8/int16 GEMM: exact against int64 NumPy on random and extreme inputs; packing; availability."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoopt.kernels import avx2
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The module, or a skip when this machine (or Numba's target) cannot run the AVX2 kernels.
+
+    A failed self-test on an AVX2 target is a failure, not a skip: a wrong kernel must not hide.
+    """
+    if not avx2.available():
+        if avx2.target_has_avx2() and os.environ.get(avx2.DISABLE_ENV, "").strip() in ("", "0"):
+            pytest.fail("the target has AVX2 but the AVX2 kernel failed its self-test (wrong result or no compile)")
+        pytest.skip("AVX2 kernels not available here (CPU or NUMBA_CPU_NAME/FEATURES without avx2, "
+                    f"or {avx2.DISABLE_ENV} set)")
+    return avx2
+
+
+def random_operands(seed, m, k, n, extremes, a_range, w_range, a_dtype):
+    """Random A (M, K) and int8 W (N, K); with ``extremes``, row 0 of A and columns 0, 1 of W at the limits."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(a_range[0], a_range[1] + 1, size=(m, k)).astype(a_dtype)
+    w = rng.integers(w_range[0], w_range[1] + 1, size=(n, k)).astype(np.int8)
+    if extremes:
+        a[0] = a_range[0]
+        w[0] = w_range[1]
+        w[-1] = w_range[0]
+        if m > 1:
+            a[-1] = a_range[1]
+    return a, w
+
+
+def exact_product(a, w):
+    return a.astype(np.int64) @ w.T.astype(np.int64)  # (M, N)
+
+
+shapes = st.tuples(st.integers(1, 13), st.integers(1, 70), st.integers(1, 40))  # (M, K, N)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**32 - 1), extremes=st.booleans())
+def test_s8_matches_int64_reference(kernels, shape, seed, extremes):
+    m, k, n = shape
+    a, w = random_operands(seed, m, k, n, extremes, (-128, 127), (-127, 127), np.int8)
+    packed = kernels.pack_weights_s8(w)
+    result = kernels.gemm_s8s8s32_packed(a, packed)
+    assert result.dtype == np.int32 and result.shape == (m, n)
+    np.testing.assert_array_equal(result, exact_product(a, w))
+    reference = np.empty((m, n), np.int32)
+    kernels.gemm_s8s8s32_into_reference(a, packed.panels, n, k, reference)
+    np.testing.assert_array_equal(result, reference)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    m=st.integers(1, 9),
+    k=st.sampled_from([1023, 1024, 1025, 2049, 3001]),  # one and several K blocks, ragged tails
+    n=st.integers(1, 35),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_s8_long_k(kernels, m, k, n, seed):
+    a, w = random_operands(seed, m, k, n, True, (-128, 127), (-127, 127), np.int8)
+    np.testing.assert_array_equal(kernels.gemm_s8s8s32_packed(a, kernels.pack_weights_s8(w)), exact_product(a, w))
+
+
+def test_s8_extremes_at_the_int32_limit(kernels):
+    k = kernels.MAX_K_S8
+    a = np.full((5, k), -128, np.int8)
+    w = np.stack([np.full(k, -127, np.int8), np.full(k, 127, np.int8)])
+    result = kernels.gemm_s8s8s32_packed(a, kernels.pack_weights_s8(w))
+    assert result[0].tolist() == [128 * 127 * k, -128 * 127 * k]
+    np.testing.assert_array_equal(result, exact_product(a, w))
+
+
+def test_s8_refuses_k_beyond_int32(kernels):
+    k = kernels.MAX_K_S8 + 1
+    packed = kernels.pack_weights_s8(np.zeros((1, k), np.int8))
+    with pytest.raises(ValueError, match="K <= 132104"):
+        kernels.gemm_s8s8s32_packed(np.zeros((1, k), np.int8), packed)
+    with pytest.raises(ValueError, match="MAX_K_S8"):
+        kernels.gemm_s8s8s32_into(np.zeros((1, k), np.int8), packed.panels, 1, k, np.empty((1, 1), np.int32))
+
+
+def test_s8_empty_batch(kernels):
+    packed = kernels.pack_weights_s8(np.ones((3, 5), np.int8))
+    assert kernels.gemm_s8s8s32_packed(np.zeros((0, 5), np.int8), packed).shape == (0, 3)
+
+
+def test_into_overwrites_and_checks_shapes(kernels):
+    a, w = random_operands(0, 6, 9, 20, True, (-128, 127), (-127, 127), np.int8)
+    packed = kernels.pack_weights_s8(w)
+    out = np.full((6, 20), 12345, np.int32)
+    kernels.gemm_s8s8s32_into(a, packed.panels, 20, 9, out)
+    np.testing.assert_array_equal(out, exact_product(a, w))
+    with pytest.raises(ValueError, match="out must have shape"):
+        kernels.gemm_s8s8s32_into(a, packed.panels, 20, 9, np.empty((6, 19), np.int32))
+    with pytest.raises(ValueError, match="a must have k columns"):
+        kernels.gemm_s8s8s32_into(a[:, :8].copy(), packed.panels, 20, 9, out)
+    with pytest.raises(ValueError, match="panels must have shape"):
+        kernels.gemm_s8s8s32_into(a, packed.panels, 33, 9, np.empty((6, 33), np.int32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 11), st.sampled_from([1, 2, 3, 7, 64, 509, 510, 511, 1021, 1600]),
+                    st.integers(1, 40)),
+    seed=st.integers(0, 2**32 - 1),
+    extremes=st.booleans(),
+)
+def test_s16_matches_int64_reference(kernels, shape, seed, extremes):
+    m, k, n = shape
+    a, w = random_operands(seed, m, k, n, extremes, (-32768, 32767), (-128, 127), np.int16)
+    packed = kernels.pack_weights_s16(w)
+    result = kernels.gemm_s16s8s64_packed(a, packed)
+    assert result.dtype == np.int64 and result.shape == (m, n)
+    np.testing.assert_array_equal(result, exact_product(a, w))
+    reference = np.empty((m, n), np.int64)
+    kernels.gemm_s16s8s64_into_reference(a, packed.panels, n, k, reference)
+    np.testing.assert_array_equal(result, reference)
+
+
+def test_s16_worst_case_needs_more_than_int32(kernels):
+    k = 4099  # 4099 * 32768 * 128 > 2**31: only exact if the int32 partial sums are widened per block
+    a = np.full((6, k), -32768, np.int16)
+    w = np.stack([np.full(k, -128, np.int8), np.full(k, 127, np.int8)])
+    result = kernels.gemm_s16s8s64_packed(a, kernels.pack_weights_s16(w))
+    assert result[0].tolist() == [32768 * 128 * k, -32768 * 127 * k]
+    np.testing.assert_array_equal(result, exact_product(a, w))
+
+
+# --- packing (pure NumPy, runs everywhere) ----------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), k=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
+def test_pack_layout_and_round_trip(n, k, seed):
+    w = np.random.default_rng(seed).integers(-127, 128, size=(n, k)).astype(np.int8)
+    for pack, group in ((avx2.pack_weights_s8, 4), (avx2.pack_weights_s16, 2)):
+        packed = pack(w)
+        assert (packed.n, packed.k) == (n, k)
+        assert packed.panels.shape == (-(-n // 16), -(-k // group), 2, 8, group)
+        assert packed.panels.flags.c_contiguous and not packed.panels.flags.writeable
+        np.testing.assert_array_equal(avx2.unpack_weights(packed), w)
+        if n and k:
+            row, col = n - 1, k - 1
+            assert packed.panels[row // 16, col // group, (row % 16) // 8, row % 8, col % group] == w[row, col]
+        padding = packed.panels.sum(dtype=np.int64) - w.sum(dtype=np.int64)
+        assert padding == 0  # every padded entry is zero
+
+
+def test_pack_rejects_bad_weights():
+    with pytest.raises(ValueError, match=r"\[-127, 127\].*w\[1, 2\] = -128"):
+        avx2.pack_weights_s8(np.array([[0, 0, 0], [5, 0, -128]], np.int8))
+    assert avx2.pack_weights_s16(np.array([[-128]], np.int8)).panels[0, 0, 0, 0, 0] == -128
+    for pack in (avx2.pack_weights_s8, avx2.pack_weights_s16):
+        with pytest.raises(TypeError, match="int8 weights, got dtype float32"):
+            pack(np.zeros((2, 2), np.float32))
+        with pytest.raises(TypeError, match="numpy array"):
+            pack([[1, 2]])
+        with pytest.raises(ValueError, match="shape"):
+            pack(np.zeros(4, np.int8))
+
+
+def test_gemm_rejects_bad_activations():
+    packed = avx2.pack_weights_s8(np.ones((3, 4), np.int8))
+    with pytest.raises(TypeError, match="dtype int8, got int16"):
+        avx2.gemm_s8s8s32_packed(np.zeros((2, 4), np.int16), packed)
+    with pytest.raises(ValueError, match=r"shape \(M, 4\)"):
+        avx2.gemm_s8s8s32_packed(np.zeros((2, 5), np.int8), packed)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        avx2.gemm_s8s8s32_packed(np.zeros((4, 2), np.int8).T, packed)
+    with pytest.raises(TypeError, match="PackedWeightsS8"):
+        avx2.gemm_s8s8s32_packed(np.zeros((2, 4), np.int8), avx2.pack_weights_s16(np.ones((3, 4), np.int8)))
+    with pytest.raises(TypeError, match="dtype int16, got int8"):
+        avx2.gemm_s16s8s64_packed(np.zeros((2, 4), np.int8), avx2.pack_weights_s16(np.ones((3, 4), np.int8)))
+
+
+# --- availability ----------------------------------------------------------------------------------------
+
+
+def test_disable_switch_makes_it_unavailable(monkeypatch):
+    avx2.available.cache_clear()
+    try:
+        monkeypatch.setenv(avx2.DISABLE_ENV, "1")
+        assert avx2.available() is False
+        packed = avx2.pack_weights_s8(np.ones((3, 4), np.int8))
+        with pytest.raises(RuntimeError, match="not available"):
+            avx2.gemm_s8s8s32_packed(np.zeros((2, 4), np.int8), packed)
+    finally:
+        monkeypatch.delenv(avx2.DISABLE_ENV)
+        avx2.available.cache_clear()
+
+
+def test_generic_numba_target_reports_unavailable_without_crashing():
+    """Under NUMBA_CPU_NAME=generic LLVM would abort on the x86 intrinsics: available() must say False first."""
+    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PYTHONPATH=str(REPO_ROOT))
+    environment.pop(avx2.DISABLE_ENV, None)
+    code = "from nanoopt.kernels import avx2; print(avx2.available())"
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
