@@ -617,7 +617,7 @@ class CrossEntropy(Function):
         if label_smoothing:
             dist = dist * (1 - label_smoothing) + label_smoothing / classes
         per_sample = -(dist * log_probs).sum(axis=1)
-        ctx.save_for_backward(log_probs, dist, reduction)
+        ctx.save_for_backward(log_probs, dist, reduction, label_smoothing)
         if reduction == "none":
             return per_sample
         total = per_sample.sum()
@@ -625,13 +625,15 @@ class CrossEntropy(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        log_probs, dist, reduction = ctx.saved
+        log_probs, dist, reduction, label_smoothing = ctx.saved
         n = log_probs.shape[0]
         diff = np.exp(log_probs) - dist
-        if reduction == "none":
-            return diff * grad[:, None], None
-        scale = grad / n if reduction == "mean" else grad
-        return (diff * scale).astype(log_probs.dtype, copy=False), None
+        scale = grad[:, None] if reduction == "none" else (grad / n if reduction == "mean" else grad)
+        grad_logits = (diff * scale).astype(log_probs.dtype, copy=False)
+        grad_target = None
+        if ctx.needs_input_grad[1]:  # probability targets: d loss / d target = -(1 - eps) * log_softmax / N
+            grad_target = -(1 - label_smoothing) * log_probs * scale
+        return grad_logits, grad_target
 
 
 # ===================================================================== normalisation
