@@ -216,8 +216,8 @@ def kl_div(input: Any, target: Any, reduction: str = "batchmean", log_target: bo
         pointwise = target.exp() * (target - input)
     else:
         positive = target.data > 0
-        safe_log = np.log(np.where(positive, target.data, 1)).astype(input.dtype)
-        pointwise = ops.where(positive, target * (Tensor(safe_log) - input), 0.0)
+        safe_log = ops.where(positive, target, 1.0).log()  # a graph, so a target that requires grad gets one
+        pointwise = ops.where(positive, target * (safe_log - input), 0.0)
     if reduction == "batchmean":
         return pointwise.sum() / input.shape[0]
     if reduction == "sum":
