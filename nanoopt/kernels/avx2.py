@@ -1,4 +1,4 @@
-"""Exact int8 GEMM on AVX2 from Numba: packed weight panels, register tiles and the x86 multiply-add.
+"""Exact int8 GEMM on AVX2 (and AVX-VNNI) from Numba: packed weight panels, register tiles, x86 multiply-adds.
 
 Computes ``C = A @ W.T`` with int8 activations ``A`` (M, K), int8 weights ``W`` (N, K) in PyTorch's
 ``(out_features, in_features)`` layout and int32 results, bit-exact against int64 arithmetic. This is the
@@ -8,26 +8,32 @@ entry point does the TFLite "16x8" product: int16 activations x int8 weights -> 
 
 How it is fast (all in this file, top to bottom):
 
-* **Instructions.** ``numba.extending.intrinsic`` lets jitted code emit LLVM IR. We call the AVX2
-  instructions ``vpmaddubsw`` (``llvm.x86.avx2.pmadd.ub.sw``: u8 x s8, adjacent pairs summed to s16 with
-  saturation), ``vpmaddwd`` (``llvm.x86.avx2.pmadd.wd``: s16 x s16, adjacent pairs summed to s32),
-  ``vpsignb`` (``llvm.x86.avx2.psign.b``) and ``vpabsb`` (``llvm.abs.v32i8``). A 256-bit register is a
-  small Numba type, :data:`int32x8`, whose data model is the LLVM vector ``<8 x i32>``, so values of that
-  type stay in registers across calls and loop iterations.
-* **The sign trick.** ``vpmaddubsw`` wants an unsigned operand. For int8 ``a`` and ``w``,
+* **Instructions.** ``numba.extending.intrinsic`` lets jitted code emit LLVM IR. We call ``vpmaddubsw``
+  (``llvm.x86.avx2.pmadd.ub.sw``: u8 x s8, adjacent pairs summed to s16 with saturation), ``vpmaddwd``
+  (``llvm.x86.avx2.pmadd.wd``: s16 x s16, adjacent pairs summed to s32), ``vpsignb``
+  (``llvm.x86.avx2.psign.b``) and, where the CPU has AVX-VNNI, ``vpdpbusd``
+  (``llvm.x86.avx512.vpdpbusd.256``: u8 x s8, groups of 4 summed into an s32 accumulator, wrapping,
+  no saturation). A 256-bit register is a small Numba type, :data:`int32x8`, whose data model is the LLVM
+  vector ``<8 x i32>``, so values of that type stay in registers across calls and loop iterations.
+* **AVX2: the sign trick.** ``vpmaddubsw`` wants an unsigned operand. For int8 ``a`` and ``w``,
   ``a * w = |a| * (sign(a) * w)`` where ``|a|`` in [0, 128] is read as u8 (``|-128|`` wraps to the byte
   0x80 = 128 unsigned) and ``sign(a) * w`` stays in int8 because weights are narrow range [-127, 127].
   A pair sum is then at most ``2 * 128 * 127 = 32512 < 32767``: the saturation never happens and every
   s16 is exact. ``vpmaddwd`` with a vector of ones adds the pairs into s32 (4 products per lane).
+  ``|a|`` is computed once per call, not in the inner loop.
+* **AVX-VNNI: the offset trick.** ``vpdpbusd`` does not saturate, so no sign juggling is needed: with
+  ``a + 128`` in [0, 255] as the unsigned operand, ``sum_k (a_k + 128) w_k = sum_k a_k w_k + 128 sum_k w_k``.
+  The row sums ``sum_k W[n, k]`` are stored with the packed weights; the kernel starts its accumulators at
+  ``-128 * sum_k W[n, k]``. All int32 additions wrap modulo 2**32 and the true result fits int32, so the
+  wrapped result is the exact one. One instruction per 32 products instead of three: about twice as fast.
 * **Packing** (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication"). Weights
   are constant, so they are reordered once into column panels of ``PANEL_COLUMNS = 8 * VECTORS_PER_TILE``
-  output channels: ``panels[p, g, r, j, t] = W[p * PANEL_COLUMNS + 8 * r + j, 4 * g + t]``, zero-padded
-  to whole panels and to K a multiple of 4. One 32-byte load then holds 4 consecutive K values for 8
-  output channels, the exact operand layout of ``vpmaddubsw``; one broadcast of 4 bytes of a row of A
-  feeds every lane.
-* **Register tile.** ``ROWS_PER_TILE = 4`` rows of A times ``VECTORS_PER_TILE = 2`` weight vectors: 8
-  int32x8 accumulators (4 x 16 outputs) that never leave registers during a K block. Rows left over at
-  the bottom of A use a one-row tile.
+  output channels (layout in :class:`PackedWeightsS8`). One 32-byte load then holds 4 consecutive K values
+  for 8 output channels, the exact operand layout of ``vpmaddubsw`` and ``vpdpbusd``; one broadcast of 4
+  bytes of a row of A feeds every lane.
+* **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
+  that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
+  A use a one-row tile.
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values (one panel block fits L1) and rows into
   blocks of ``ROW_BLOCK`` (one A block fits L2); the int32 tile is added to ``out`` after each K block.
 
@@ -42,12 +48,14 @@ validates the shapes of its arguments before the first load, inputs are zero-pad
 output columns past N are written lane by lane, and the intrinsics accept only C-contiguous arrays of
 the expected dtype (anything else is a typing error at compile time).
 
-Availability. The x86 intrinsics compile only when LLVM targets a CPU with AVX2; for any other target
-LLVM aborts the whole process, which no ``try`` can catch. :func:`available` therefore checks the CPU
-features Numba compiles for *before* compiling anything, then compiles and checks one small product.
-Set the environment variable ``NANOOPT_DISABLE_AVX2=1`` to make :func:`available` return False (to
-exercise the portable fallback). Callers of the jitted ``*_into`` functions must check
-:func:`available` first.
+Availability. The x86 intrinsics compile only when LLVM targets a CPU that has them; for any other
+target LLVM aborts the whole process, which no ``try`` can catch. So the CPU features Numba compiles for
+are checked *before* anything is compiled. :func:`available` then compiles and checks one small product.
+``gemm_s8s8s32_into`` is bound at import to :func:`gemm_s8s8s32_vnni_into` when the target has AVX-VNNI,
+else to :func:`gemm_s8s8s32_avx2_into` (:data:`KERNEL_S8` says which). Environment switches, read at
+import: ``NANOOPT_DISABLE_AVX2=1`` makes :func:`available` False (to exercise the portable fallback);
+``NANOOPT_DISABLE_AVX_VNNI=1`` keeps the plain AVX2 kernel. Callers of the jitted ``*_into`` functions
+must check :func:`available` first.
 
 Every kernel is module-level code with ``cache=True``: the first call compiles (a few seconds), later
 processes load the machine code from Numba's cache.
@@ -68,19 +76,23 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = [
+    "KERNEL_S8",
     "MAX_K_S8",
     "PackedWeightsS8",
     "PackedWeightsS16",
     "available",
+    "gemm_s8s8s32_avx2_into",
     "gemm_s8s8s32_into",
     "gemm_s8s8s32_into_reference",
     "gemm_s8s8s32_packed",
+    "gemm_s8s8s32_vnni_into",
     "gemm_s16s8s64_into",
     "gemm_s16s8s64_into_reference",
     "gemm_s16s8s64_packed",
     "pack_weights_s8",
     "pack_weights_s16",
     "target_has_avx2",
+    "target_has_avx_vnni",
     "unpack_weights",
 ]
 
@@ -90,15 +102,19 @@ __all__ = [
 LANES = 8  # int32 lanes in one 256-bit register
 VECTORS_PER_TILE = 2  # weight vectors per register tile (NR)
 PANEL_COLUMNS = LANES * VECTORS_PER_TILE  # output channels per packed panel (NC = 16)
-ROWS_PER_TILE = 4  # rows of A per register tile
 S8_GROUP = 4  # K values per int8 vector step (4 bytes per int32 lane)
 S16_GROUP = 2  # K values per int16 vector step (2 int16 per int32 lane)
-S8_BLOCK_K = 1024  # K values per cache block of the int8 kernel (16 KiB of one panel)
+S8_STEP = 32 * VECTORS_PER_TILE  # int8 elements of one panel step (two 32-byte vectors)
+S16_STEP = 16 * VECTORS_PER_TILE  # int16 elements of one panel step
+AVX2_ROWS = 4  # rows of A per register tile, AVX2 kernels (8 accumulators)
+VNNI_ROWS = 6  # rows of A per register tile, AVX-VNNI kernel (12 accumulators)
+S8_BLOCK_K = 1024  # K values per cache block of the int8 kernels (16 KiB of one panel)
 S16_BLOCK_K = 510  # K values per int32 partial sum of the int16 kernel: 510 * 32768 * 128 < 2**31
 ROW_BLOCK = 256  # rows of A per cache block
 MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-int8 sum fits int32
 
-DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1 to make available() return False
+DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1: available() returns False
+DISABLE_VNNI_ENV = "NANOOPT_DISABLE_AVX_VNNI"  # set to 1: gemm_s8s8s32_into is the plain AVX2 kernel
 
 # ---------------------------------------------------------------------------------------------------------
 # A 256-bit register as a Numba type.
@@ -188,20 +204,6 @@ def _broadcast4(typingctx, array, offset):
 
 
 @intrinsic
-def _abs_bytes(typingctx, vector):
-    """Byte-wise |x| (vpabsb); |-128| is the byte 0x80, i.e. 128 when read as unsigned."""
-    if vector != int32x8:
-        return None
-
-    def codegen(context, builder, signature, args):
-        absolute = _declare(builder, "llvm.abs.v32i8", _I8X32, [_I8X32, ir.IntType(1)])
-        bytes_ = builder.bitcast(args[0], _I8X32)
-        return builder.bitcast(builder.call(absolute, [bytes_, ir.Constant(ir.IntType(1), 0)]), _I32X8)
-
-    return int32x8(vector), codegen
-
-
-@intrinsic
 def _madd_s8(typingctx, accumulator, a_bytes, a_abs, w_bytes):
     """``accumulator + sum_t a[t] * w[j, t]`` per int32 lane j, over its 4 bytes t, via the sign trick.
 
@@ -225,6 +227,23 @@ def _madd_s8(typingctx, accumulator, a_bytes, a_abs, w_bytes):
 
 
 @intrinsic
+def _dot_u8s8(typingctx, accumulator, a_unsigned, w_bytes):
+    """``accumulator + sum_t a[t] * w[j, t]`` per lane j, ``a`` bytes read as u8, ``w`` as s8 (vpdpbusd).
+
+    No saturation: the 4 products and the accumulator are summed modulo 2**32. Needs AVX-VNNI.
+    """
+    if not (accumulator == int32x8 and a_unsigned == int32x8 and w_bytes == int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        accumulator, a_unsigned, w_bytes = args
+        dot = _declare(builder, "llvm.x86.avx512.vpdpbusd.256", _I32X8, [_I32X8, _I8X32, _I8X32])
+        return builder.call(dot, [accumulator, builder.bitcast(a_unsigned, _I8X32), builder.bitcast(w_bytes, _I8X32)])
+
+    return int32x8(accumulator, a_unsigned, w_bytes), codegen
+
+
+@intrinsic
 def _madd_s16(typingctx, accumulator, a_words, w_words):
     """``accumulator + a[2j] * w[2j] + a[2j+1] * w[2j+1]`` per int32 lane j (vpmaddwd, s16 x s16)."""
     if not (accumulator == int32x8 and a_words == int32x8 and w_words == int32x8):
@@ -241,7 +260,7 @@ def _madd_s16(typingctx, accumulator, a_words, w_words):
 
 @intrinsic
 def _add(typingctx, x, y):
-    """Lane-wise int32 sum (wrapping; callers keep sums in range)."""
+    """Lane-wise int32 sum, modulo 2**32."""
     if not (x == int32x8 and y == int32x8):
         return None
 
@@ -249,6 +268,18 @@ def _add(typingctx, x, y):
         return builder.add(args[0], args[1])
 
     return int32x8(x, y), codegen
+
+
+@intrinsic
+def _times_minus_128(typingctx, x):
+    """Lane-wise ``-128 * x``, modulo 2**32."""
+    if x != int32x8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.mul(args[0], ir.Constant(_I32X8, [-128] * LANES))
+
+    return int32x8(x), codegen
 
 
 @intrinsic
@@ -279,8 +310,8 @@ def _add_widened_i64(typingctx, array, offset, vector, accumulate):
         wide = builder.sext(args[2], _I64X8)
         old = builder.load(pointer, align=1)
         flag = context.cast(builder, args[3], signature.args[3], types.boolean)
-        builder.store(builder.add(wide, builder.select(flag, old, ir.Constant(_I64X8, [0] * LANES))), pointer,
-                      align=1)
+        kept = builder.select(flag, old, ir.Constant(_I64X8, [0] * LANES))
+        builder.store(builder.add(wide, kept), pointer, align=1)
         return context.get_dummy_value()
 
     return types.none(array, offset, vector, accumulate), codegen
@@ -300,15 +331,16 @@ def _lane(typingctx, vector, index):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Register tiles: the innermost loops. Each returns its int32x8 accumulators, row-major, for one K block.
+# Register tiles: the innermost loops. Each returns its int32x8 accumulators for one K block, row-major:
+# (row 0 channels 0-7, row 0 channels 8-15, row 1 channels 0-7, ...). Row r of A starts at flat element
+# ``a_offset + r * a_stride``; the panel block at ``w_offset``.
 
 
 @numba.njit(cache=True)
-def _tile_s8_4x2(a, a_offset, a_stride, panels, w_offset, groups):
-    """Rows ``r = 0..3`` of A (row r starts at flat ``a_offset + r * a_stride``) times one panel block.
+def _tile_avx2_4x2(a, a_abs, a_offset, a_stride, panels, w_offset, groups):
+    """4 rows x 16 channels with the sign trick; ``a_abs`` is ``|a|`` laid out like ``a``.
 
-    Each step consumes 4 K values: two 32-byte weight vectors (16 output channels) and a 4-byte broadcast
-    per row. Returns ``(c00, c01, c10, ..., c31)``: ``crv`` holds row r, channels ``8v .. 8v + 7``.
+    Each step consumes 4 K values: two 32-byte weight vectors and two 4-byte broadcasts per row.
     """
     c00 = _zero()
     c01 = _zero()
@@ -318,48 +350,163 @@ def _tile_s8_4x2(a, a_offset, a_stride, panels, w_offset, groups):
     c21 = _zero()
     c30 = _zero()
     c31 = _zero()
-    for _ in range(groups):
-        w0 = _load(panels, w_offset)
-        w1 = _load(panels, w_offset + 32)
-        x = _broadcast4(a, a_offset)
-        x_abs = _abs_bytes(x)
+    row1 = a_offset + a_stride
+    row2 = a_offset + 2 * a_stride
+    row3 = a_offset + 3 * a_stride
+    for step in range(groups):
+        w0 = _load(panels, w_offset + step * S8_STEP)
+        w1 = _load(panels, w_offset + step * S8_STEP + 32)
+        k = step * S8_GROUP
+        x = _broadcast4(a, a_offset + k)
+        x_abs = _broadcast4(a_abs, a_offset + k)
         c00 = _madd_s8(c00, x, x_abs, w0)
         c01 = _madd_s8(c01, x, x_abs, w1)
-        x = _broadcast4(a, a_offset + a_stride)
-        x_abs = _abs_bytes(x)
+        x = _broadcast4(a, row1 + k)
+        x_abs = _broadcast4(a_abs, row1 + k)
         c10 = _madd_s8(c10, x, x_abs, w0)
         c11 = _madd_s8(c11, x, x_abs, w1)
-        x = _broadcast4(a, a_offset + 2 * a_stride)
-        x_abs = _abs_bytes(x)
+        x = _broadcast4(a, row2 + k)
+        x_abs = _broadcast4(a_abs, row2 + k)
         c20 = _madd_s8(c20, x, x_abs, w0)
         c21 = _madd_s8(c21, x, x_abs, w1)
-        x = _broadcast4(a, a_offset + 3 * a_stride)
-        x_abs = _abs_bytes(x)
+        x = _broadcast4(a, row3 + k)
+        x_abs = _broadcast4(a_abs, row3 + k)
         c30 = _madd_s8(c30, x, x_abs, w0)
         c31 = _madd_s8(c31, x, x_abs, w1)
-        a_offset += S8_GROUP
-        w_offset += 32 * VECTORS_PER_TILE
     return c00, c01, c10, c11, c20, c21, c30, c31
 
 
 @numba.njit(cache=True)
-def _tile_s8_1x2(a, a_offset, panels, w_offset, groups):
-    """One row of A times one panel block; returns ``(c0, c1)`` (channels 0..7 and 8..15)."""
+def _tile_avx2_1x2(a, a_abs, a_offset, panels, w_offset, groups):
+    """One row x 16 channels with the sign trick."""
     c0 = _zero()
     c1 = _zero()
-    for _ in range(groups):
-        x = _broadcast4(a, a_offset)
-        x_abs = _abs_bytes(x)
-        c0 = _madd_s8(c0, x, x_abs, _load(panels, w_offset))
-        c1 = _madd_s8(c1, x, x_abs, _load(panels, w_offset + 32))
-        a_offset += S8_GROUP
-        w_offset += 32 * VECTORS_PER_TILE
+    for step in range(groups):
+        k = step * S8_GROUP
+        x = _broadcast4(a, a_offset + k)
+        x_abs = _broadcast4(a_abs, a_offset + k)
+        c0 = _madd_s8(c0, x, x_abs, _load(panels, w_offset + step * S8_STEP))
+        c1 = _madd_s8(c1, x, x_abs, _load(panels, w_offset + step * S8_STEP + 32))
+    return c0, c1
+
+
+@numba.njit(cache=True)
+def _tile_vnni_6x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
+    """6 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd, accumulators starting at ``start0/1``."""
+    a = a_offset_binary
+    c00 = start0
+    c01 = start1
+    c10 = start0
+    c11 = start1
+    c20 = start0
+    c21 = start1
+    c30 = start0
+    c31 = start1
+    c40 = start0
+    c41 = start1
+    c50 = start0
+    c51 = start1
+    row1 = a_offset + a_stride
+    row2 = a_offset + 2 * a_stride
+    row3 = a_offset + 3 * a_stride
+    row4 = a_offset + 4 * a_stride
+    row5 = a_offset + 5 * a_stride
+    for step in range(groups):
+        w0 = _load(panels, w_offset + step * S8_STEP)
+        w1 = _load(panels, w_offset + step * S8_STEP + 32)
+        k = step * S8_GROUP
+        x = _broadcast4(a, a_offset + k)
+        c00 = _dot_u8s8(c00, x, w0)
+        c01 = _dot_u8s8(c01, x, w1)
+        x = _broadcast4(a, row1 + k)
+        c10 = _dot_u8s8(c10, x, w0)
+        c11 = _dot_u8s8(c11, x, w1)
+        x = _broadcast4(a, row2 + k)
+        c20 = _dot_u8s8(c20, x, w0)
+        c21 = _dot_u8s8(c21, x, w1)
+        x = _broadcast4(a, row3 + k)
+        c30 = _dot_u8s8(c30, x, w0)
+        c31 = _dot_u8s8(c31, x, w1)
+        x = _broadcast4(a, row4 + k)
+        c40 = _dot_u8s8(c40, x, w0)
+        c41 = _dot_u8s8(c41, x, w1)
+        x = _broadcast4(a, row5 + k)
+        c50 = _dot_u8s8(c50, x, w0)
+        c51 = _dot_u8s8(c51, x, w1)
+    return c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51
+
+
+@numba.njit(cache=True)
+def _tile_vnni_4x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
+    """4 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd (rows left over by the 6-row tiles)."""
+    a = a_offset_binary
+    c00 = start0
+    c01 = start1
+    c10 = start0
+    c11 = start1
+    c20 = start0
+    c21 = start1
+    c30 = start0
+    c31 = start1
+    row1 = a_offset + a_stride
+    row2 = a_offset + 2 * a_stride
+    row3 = a_offset + 3 * a_stride
+    for step in range(groups):
+        w0 = _load(panels, w_offset + step * S8_STEP)
+        w1 = _load(panels, w_offset + step * S8_STEP + 32)
+        k = step * S8_GROUP
+        x = _broadcast4(a, a_offset + k)
+        c00 = _dot_u8s8(c00, x, w0)
+        c01 = _dot_u8s8(c01, x, w1)
+        x = _broadcast4(a, row1 + k)
+        c10 = _dot_u8s8(c10, x, w0)
+        c11 = _dot_u8s8(c11, x, w1)
+        x = _broadcast4(a, row2 + k)
+        c20 = _dot_u8s8(c20, x, w0)
+        c21 = _dot_u8s8(c21, x, w1)
+        x = _broadcast4(a, row3 + k)
+        c30 = _dot_u8s8(c30, x, w0)
+        c31 = _dot_u8s8(c31, x, w1)
+    return c00, c01, c10, c11, c20, c21, c30, c31
+
+
+@numba.njit(cache=True)
+def _tile_vnni_2x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
+    """2 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd."""
+    a = a_offset_binary
+    c00 = start0
+    c01 = start1
+    c10 = start0
+    c11 = start1
+    row1 = a_offset + a_stride
+    for step in range(groups):
+        w0 = _load(panels, w_offset + step * S8_STEP)
+        w1 = _load(panels, w_offset + step * S8_STEP + 32)
+        k = step * S8_GROUP
+        x = _broadcast4(a, a_offset + k)
+        c00 = _dot_u8s8(c00, x, w0)
+        c01 = _dot_u8s8(c01, x, w1)
+        x = _broadcast4(a, row1 + k)
+        c10 = _dot_u8s8(c10, x, w0)
+        c11 = _dot_u8s8(c11, x, w1)
+    return c00, c01, c10, c11
+
+
+@numba.njit(cache=True)
+def _tile_vnni_1x2(a_offset_binary, a_offset, panels, w_offset, groups, start0, start1):
+    """One row x 16 channels of ``sum (a + 128) w`` with vpdpbusd."""
+    c0 = start0
+    c1 = start1
+    for step in range(groups):
+        x = _broadcast4(a_offset_binary, a_offset + step * S8_GROUP)
+        c0 = _dot_u8s8(c0, x, _load(panels, w_offset + step * S8_STEP))
+        c1 = _dot_u8s8(c1, x, _load(panels, w_offset + step * S8_STEP + 32))
     return c0, c1
 
 
 @numba.njit(cache=True)
 def _tile_s16_4x2(a, a_offset, a_stride, panels, w_offset, pairs):
-    """Like :func:`_tile_s8_4x2` for int16 A and int16 panels: 2 K values per step, one vpmaddwd each."""
+    """4 int16 rows x 16 channels from int16 panels: 2 K values per step, one vpmaddwd each."""
     c00 = _zero()
     c01 = _zero()
     c10 = _zero()
@@ -368,42 +515,42 @@ def _tile_s16_4x2(a, a_offset, a_stride, panels, w_offset, pairs):
     c21 = _zero()
     c30 = _zero()
     c31 = _zero()
-    for _ in range(pairs):
-        w0 = _load(panels, w_offset)
-        w1 = _load(panels, w_offset + 16)
-        x = _broadcast4(a, a_offset)
+    row1 = a_offset + a_stride
+    row2 = a_offset + 2 * a_stride
+    row3 = a_offset + 3 * a_stride
+    for step in range(pairs):
+        w0 = _load(panels, w_offset + step * S16_STEP)
+        w1 = _load(panels, w_offset + step * S16_STEP + 16)
+        k = step * S16_GROUP
+        x = _broadcast4(a, a_offset + k)
         c00 = _madd_s16(c00, x, w0)
         c01 = _madd_s16(c01, x, w1)
-        x = _broadcast4(a, a_offset + a_stride)
+        x = _broadcast4(a, row1 + k)
         c10 = _madd_s16(c10, x, w0)
         c11 = _madd_s16(c11, x, w1)
-        x = _broadcast4(a, a_offset + 2 * a_stride)
+        x = _broadcast4(a, row2 + k)
         c20 = _madd_s16(c20, x, w0)
         c21 = _madd_s16(c21, x, w1)
-        x = _broadcast4(a, a_offset + 3 * a_stride)
+        x = _broadcast4(a, row3 + k)
         c30 = _madd_s16(c30, x, w0)
         c31 = _madd_s16(c31, x, w1)
-        a_offset += S16_GROUP
-        w_offset += 16 * VECTORS_PER_TILE
     return c00, c01, c10, c11, c20, c21, c30, c31
 
 
 @numba.njit(cache=True)
 def _tile_s16_1x2(a, a_offset, panels, w_offset, pairs):
-    """One int16 row of A times one int16 panel block; returns ``(c0, c1)``."""
+    """One int16 row x 16 channels from int16 panels."""
     c0 = _zero()
     c1 = _zero()
-    for _ in range(pairs):
-        x = _broadcast4(a, a_offset)
-        c0 = _madd_s16(c0, x, _load(panels, w_offset))
-        c1 = _madd_s16(c1, x, _load(panels, w_offset + 16))
-        a_offset += S16_GROUP
-        w_offset += 16 * VECTORS_PER_TILE
+    for step in range(pairs):
+        x = _broadcast4(a, a_offset + step * S16_GROUP)
+        c0 = _madd_s16(c0, x, _load(panels, w_offset + step * S16_STEP))
+        c1 = _madd_s16(c1, x, _load(panels, w_offset + step * S16_STEP + 16))
     return c0, c1
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing a tile row to the output: whole vectors where 8 columns remain, lane by lane at the right edge.
+# Writing tiles to the output: whole vectors where 8 columns remain, lane by lane at the right edge.
 
 
 @numba.njit(cache=True)
@@ -418,7 +565,7 @@ def _write_s32(out, row, col, n, vector, accumulate):
         for lane in range(max(n - col, 0)):
             value = _lane(vector, lane)
             if accumulate:
-                out[row, col + lane] += value
+                out[row, col + lane] += value  # int32 wrap-around, as the vector path
             else:
                 out[row, col + lane] = value
 
@@ -439,34 +586,40 @@ def _write_s64(out, row, col, n, vector, accumulate):
 
 @numba.njit(cache=True)
 def _write_tile_s32(out, row, col, n, tile, accumulate):
-    """Write a 4x2 tile ``(c00, c01, ..., c31)`` at rows ``row .. row + 3``, columns ``col .. col + 15``."""
-    c00, c01, c10, c11, c20, c21, c30, c31 = tile
-    _write_s32(out, row, col, n, c00, accumulate)
-    _write_s32(out, row, col + LANES, n, c01, accumulate)
-    _write_s32(out, row + 1, col, n, c10, accumulate)
-    _write_s32(out, row + 1, col + LANES, n, c11, accumulate)
-    _write_s32(out, row + 2, col, n, c20, accumulate)
-    _write_s32(out, row + 2, col + LANES, n, c21, accumulate)
-    _write_s32(out, row + 3, col, n, c30, accumulate)
-    _write_s32(out, row + 3, col + LANES, n, c31, accumulate)
+    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int32)."""
+    for r in range(len(tile) // VECTORS_PER_TILE):
+        _write_s32(out, row + r, col, n, tile[2 * r], accumulate)
+        _write_s32(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
 
 
 @numba.njit(cache=True)
 def _write_tile_s64(out, row, col, n, tile, accumulate):
-    """int64 version of :func:`_write_tile_s32`."""
-    c00, c01, c10, c11, c20, c21, c30, c31 = tile
-    _write_s64(out, row, col, n, c00, accumulate)
-    _write_s64(out, row, col + LANES, n, c01, accumulate)
-    _write_s64(out, row + 1, col, n, c10, accumulate)
-    _write_s64(out, row + 1, col + LANES, n, c11, accumulate)
-    _write_s64(out, row + 2, col, n, c20, accumulate)
-    _write_s64(out, row + 2, col + LANES, n, c21, accumulate)
-    _write_s64(out, row + 3, col, n, c30, accumulate)
-    _write_s64(out, row + 3, col + LANES, n, c31, accumulate)
+    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int64)."""
+    for r in range(len(tile) // VECTORS_PER_TILE):
+        _write_s64(out, row + r, col, n, tile[2 * r], accumulate)
+        _write_s64(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Jitted GEMM drivers: validate shapes, pad A, loop over K blocks, row blocks, panels and register tiles.
+# Jitted GEMM drivers: validate shapes, prepare A, loop over K blocks, row blocks, panels and tiles.
+
+
+@numba.njit(cache=True)
+def _check_s8_arguments(a, panels, n, k, out):
+    """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``."""
+    if n < 0 or k < 0:
+        raise ValueError("gemm_s8s8s32_into: n and k must be >= 0")
+    if k > MAX_K_S8:
+        raise ValueError("gemm_s8s8s32_into: k > MAX_K_S8 = 132104, the int32 result could overflow")
+    if a.shape[1] != k:
+        raise ValueError("gemm_s8s8s32_into: a must have k columns")
+    if out.shape[0] != a.shape[0] or out.shape[1] != n:
+        raise ValueError("gemm_s8s8s32_into: out must have shape (a.shape[0], n)")
+    n_panels = (n + PANEL_COLUMNS - 1) // PANEL_COLUMNS
+    groups = (k + S8_GROUP - 1) // S8_GROUP
+    if (panels.shape[0] != n_panels or panels.shape[1] != groups + 1 or panels.shape[2] != VECTORS_PER_TILE
+            or panels.shape[3] != LANES or panels.shape[4] != S8_GROUP):
+        raise ValueError("gemm_s8s8s32_into: panels must have shape (ceil(n/16), ceil(k/4) + 1, 2, 8, 4)")
 
 
 @numba.njit(cache=True)
@@ -480,52 +633,103 @@ def _pad_columns(a, padded_k):
 
 
 @numba.njit(cache=True)
-def gemm_s8s8s32_into(a, panels, n, k, out):
-    """``out[:, :] = a @ W.T`` exactly, for int8 ``a`` (M, K) and the int8 panels of ``W`` (N, K).
-
-    ``panels`` is ``PackedWeightsS8.panels`` (shape ``(ceil(N/16), ceil(K/4), 2, 8, 4)``), ``out`` an
-    int32 (M, N) C-contiguous array that is overwritten. Requires :func:`available` (AVX2). Meant for
-    Numba code that fuses more work after the product; Python callers use :func:`gemm_s8s8s32_packed`.
-    """
+def gemm_s8s8s32_avx2_into(a, panels, n, k, out):
+    """``out[:, :] = a @ W.T`` exactly, AVX2 sign-trick kernel (see :func:`gemm_s8s8s32_into`)."""
+    _check_s8_arguments(a, panels, n, k, out)
     m = a.shape[0]
     groups = (k + S8_GROUP - 1) // S8_GROUP
-    n_panels = (n + PANEL_COLUMNS - 1) // PANEL_COLUMNS
-    if n < 0 or k < 0:
-        raise ValueError("gemm_s8s8s32_into: n and k must be >= 0")
-    if k > MAX_K_S8:
-        raise ValueError("gemm_s8s8s32_into: k > MAX_K_S8 = 132104, the int32 result could overflow")
-    if a.shape[1] != k:
-        raise ValueError("gemm_s8s8s32_into: a must have k columns")
-    if out.shape[0] != m or out.shape[1] != n:
-        raise ValueError("gemm_s8s8s32_into: out must have shape (a.shape[0], n)")
-    if (panels.shape[0] != n_panels or panels.shape[1] != groups or panels.shape[2] != VECTORS_PER_TILE
-            or panels.shape[3] != LANES or panels.shape[4] != S8_GROUP):
-        raise ValueError("gemm_s8s8s32_into: panels must have shape (ceil(n/16), ceil(k/4), 2, 8, 4)")
     if groups == 0:
         out[:, :] = 0
         return
     padded_k = groups * S8_GROUP
     a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 4)
+    a_abs = np.abs(a_padded)  # (M, K padded); |-128| wraps to -128, the byte 0x80 = 128 read unsigned
+    panel_size = (groups + 1) * S8_STEP  # int8 elements per panel, the row-sum footer included
     block_groups = S8_BLOCK_K // S8_GROUP
-    vector_step = 32 * VECTORS_PER_TILE  # int8 elements of one panel step
     for g0 in range(0, groups, block_groups):
         steps = min(block_groups, groups - g0)
         accumulate = g0 > 0
         for i0 in range(0, m, ROW_BLOCK):
             i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(n_panels):
+            for p in range(panels.shape[0]):
                 col = p * PANEL_COLUMNS
-                w_offset = (p * groups + g0) * vector_step
+                w_offset = p * panel_size + g0 * S8_STEP
                 i = i0
-                while i + ROWS_PER_TILE <= i1:
-                    tile = _tile_s8_4x2(a_padded, i * padded_k + g0 * S8_GROUP, padded_k, panels, w_offset, steps)
+                while i + AVX2_ROWS <= i1:
+                    a_offset = i * padded_k + g0 * S8_GROUP
+                    tile = _tile_avx2_4x2(a_padded, a_abs, a_offset, padded_k, panels, w_offset, steps)
                     _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += ROWS_PER_TILE
+                    i += AVX2_ROWS
                 while i < i1:
-                    c0, c1 = _tile_s8_1x2(a_padded, i * padded_k + g0 * S8_GROUP, panels, w_offset, steps)
-                    _write_s32(out, i, col, n, c0, accumulate)
-                    _write_s32(out, i, col + LANES, n, c1, accumulate)
+                    tile = _tile_avx2_1x2(a_padded, a_abs, i * padded_k + g0 * S8_GROUP, panels, w_offset, steps)
+                    _write_tile_s32(out, i, col, n, tile, accumulate)
                     i += 1
+
+
+@numba.njit(cache=True)
+def _offset_binary(a, padded_k):
+    """``a + 128`` as bytes (``a XOR 0x80``, read unsigned by vpdpbusd), zero-padded to ``padded_k`` columns."""
+    m, k = a.shape
+    shifted = np.empty((m, padded_k), np.int8)  # (M, K padded)
+    for i in range(m):
+        for j in range(k):
+            shifted[i, j] = a[i, j] ^ np.int8(-128)
+        for j in range(k, padded_k):
+            shifted[i, j] = 0  # meets zero weights: any value would do
+    return shifted
+
+
+@numba.njit(cache=True)
+def gemm_s8s8s32_vnni_into(a, panels, n, k, out):
+    """``out[:, :] = a @ W.T`` exactly, AVX-VNNI offset kernel (see :func:`gemm_s8s8s32_into`).
+
+    Needs a target with AVX-VNNI (:func:`target_has_avx_vnni`); LLVM aborts the process otherwise.
+    """
+    _check_s8_arguments(a, panels, n, k, out)
+    m = a.shape[0]
+    groups = (k + S8_GROUP - 1) // S8_GROUP
+    if groups == 0:
+        out[:, :] = 0
+        return
+    padded_k = groups * S8_GROUP
+    a_unsigned = _offset_binary(a, padded_k)  # (M, K padded), a + 128
+    panel_size = (groups + 1) * S8_STEP
+    block_groups = S8_BLOCK_K // S8_GROUP
+    for g0 in range(0, groups, block_groups):
+        steps = min(block_groups, groups - g0)
+        accumulate = g0 > 0
+        for i0 in range(0, m, ROW_BLOCK):
+            i1 = min(m, i0 + ROW_BLOCK)
+            for p in range(panels.shape[0]):
+                col = p * PANEL_COLUMNS
+                w_offset = p * panel_size + g0 * S8_STEP
+                if accumulate:
+                    start0 = _zero()
+                    start1 = _zero()
+                else:  # the first K block starts at -128 * sum_k W[n, k], read from the panel's footer
+                    footer = p * panel_size + groups * S8_STEP
+                    start0 = _times_minus_128(_load(panels, footer))
+                    start1 = _times_minus_128(_load(panels, footer + 32))
+                i = i0
+                while i + VNNI_ROWS <= i1:
+                    a_offset = i * padded_k + g0 * S8_GROUP
+                    tile = _tile_vnni_6x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
+                    _write_tile_s32(out, i, col, n, tile, accumulate)
+                    i += VNNI_ROWS
+                a_offset = i * padded_k + g0 * S8_GROUP
+                if i + 4 <= i1:  # the 0-5 rows left: 4 + 1, 4, 2 + 1, 2, 1
+                    tile4 = _tile_vnni_4x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
+                    _write_tile_s32(out, i, col, n, tile4, accumulate)
+                    i += 4
+                    a_offset += 4 * padded_k
+                if i + 2 <= i1:
+                    tile2 = _tile_vnni_2x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
+                    _write_tile_s32(out, i, col, n, tile2, accumulate)
+                    i += 2
+                    a_offset += 2 * padded_k
+                if i < i1:
+                    tile1 = _tile_vnni_1x2(a_unsigned, a_offset, panels, w_offset, steps, start0, start1)
+                    _write_tile_s32(out, i, col, n, tile1, accumulate)
 
 
 @numba.njit(cache=True)
@@ -555,7 +759,6 @@ def gemm_s16s8s64_into(a, panels, n, k, out):
     padded_k = pairs * S16_GROUP
     a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 2)
     block_pairs = S16_BLOCK_K // S16_GROUP
-    vector_step = 16 * VECTORS_PER_TILE  # int16 elements of one panel step
     for g0 in range(0, pairs, block_pairs):
         steps = min(block_pairs, pairs - g0)
         accumulate = g0 > 0
@@ -563,17 +766,15 @@ def gemm_s16s8s64_into(a, panels, n, k, out):
             i1 = min(m, i0 + ROW_BLOCK)
             for p in range(n_panels):
                 col = p * PANEL_COLUMNS
-                w_offset = (p * pairs + g0) * vector_step
+                w_offset = (p * pairs + g0) * S16_STEP
                 i = i0
-                while i + ROWS_PER_TILE <= i1:
-                    tile = _tile_s16_4x2(a_padded, i * padded_k + g0 * S16_GROUP, padded_k, panels, w_offset,
-                                         steps)
+                while i + AVX2_ROWS <= i1:
+                    tile = _tile_s16_4x2(a_padded, i * padded_k + g0 * S16_GROUP, padded_k, panels, w_offset, steps)
                     _write_tile_s64(out, i, col, n, tile, accumulate)
-                    i += ROWS_PER_TILE
+                    i += AVX2_ROWS
                 while i < i1:
-                    c0, c1 = _tile_s16_1x2(a_padded, i * padded_k + g0 * S16_GROUP, panels, w_offset, steps)
-                    _write_s64(out, i, col, n, c0, accumulate)
-                    _write_s64(out, i, col + LANES, n, c1, accumulate)
+                    tile = _tile_s16_1x2(a_padded, i * padded_k + g0 * S16_GROUP, panels, w_offset, steps)
+                    _write_tile_s64(out, i, col, n, tile, accumulate)
                     i += 1
 
 
@@ -585,14 +786,20 @@ def gemm_s16s8s64_into(a, panels, n, k, out):
 class PackedWeightsS8:
     """Int8 weights ``W`` (N, K) reordered for :func:`gemm_s8s8s32_into`.
 
-    ``panels[p, g, r, j, t] = W[16 p + 8 r + j, 4 g + t]``: shape ``(ceil(N/16), ceil(K/4), 2, 8, 4)``,
-    int8, C-contiguous, read-only, zeros where the row or column index falls past ``W``. ``panels[p, g]``
-    is 64 contiguous bytes: two 256-bit vectors, each holding 4 consecutive K values of 8 output channels.
+    ``panels`` is int8, C-contiguous, read-only, of shape ``(P, G + 1, 2, 8, 4)`` with ``P = ceil(N/16)``
+    panels and ``G = ceil(K/4)`` groups of K values:
+
+    * ``panels[p, g, r, j, t] = W[16 p + 8 r + j, 4 g + t]`` for ``g < G``, zero where the index falls
+      past ``W``. ``panels[p, g]`` is 64 contiguous bytes: two 256-bit vectors, each holding 4 consecutive
+      K values of 8 output channels.
+    * the footer ``panels[p, G, r, j, :]`` holds the 4 little-endian bytes of the int32 row sum
+      ``sum_k W[16 p + 8 r + j, k]`` (read them with ``panels[:, -1].view("<i4")[..., 0]``, shape (P, 2, 8));
+      the AVX-VNNI kernel starts its accumulators at ``-128`` times these sums.
     """
 
     n: int  # output channels (rows of W)
     k: int  # input features (columns of W)
-    panels: np.ndarray  # (ceil(n/16), ceil(k/4), 2, 8, 4) int8
+    panels: np.ndarray  # (ceil(n/16), ceil(k/4) + 1, 2, 8, 4) int8, the last group is the row-sum footer
 
 
 @dataclass(frozen=True, eq=False)
@@ -618,14 +825,21 @@ def _check_int8_weights(w: object, name: str) -> np.ndarray:
     return w
 
 
-def _pack(w: np.ndarray, group: int, dtype: type) -> np.ndarray:
-    """Zero-pad ``w`` to whole panels and groups, reorder to ``(N/16, K/group, 2, 8, group)``, freeze."""
+def _pack(w: np.ndarray, group: int, dtype: type, row_sum_footer: bool) -> np.ndarray:
+    """Zero-pad ``w`` to whole panels and groups, reorder to ``(N/16, K/group, 2, 8, group)``, freeze.
+
+    With ``row_sum_footer`` (int8 panels, group 4) one more group holds the int32 row sums of ``w``.
+    """
     n, k = w.shape
     n_panels = -(-n // PANEL_COLUMNS)
     groups = -(-k // group)
-    padded = np.zeros((n_panels * PANEL_COLUMNS, groups * group), dtype)  # (N padded, K padded)
+    stored_groups = groups + int(row_sum_footer)
+    padded = np.zeros((n_panels * PANEL_COLUMNS, stored_groups * group), dtype)  # (N padded, K padded [+ 4])
     padded[:n, :k] = w
-    panels = padded.reshape(n_panels, VECTORS_PER_TILE, LANES, groups, group)  # (P, r, j, g, t)
+    if row_sum_footer:  # |row sum| <= 127 K < 2**31 for K <= MAX_K_S8
+        row_sums = w.sum(axis=1, dtype=np.int64).astype("<i4")  # (N,)
+        padded[:n, groups * group :] = row_sums.view(np.int8).reshape(n, group)
+    panels = padded.reshape(n_panels, VECTORS_PER_TILE, LANES, stored_groups, group)  # (P, r, j, g, t)
     panels = np.ascontiguousarray(panels.transpose(0, 3, 1, 2, 4))  # (P, g, r, j, t)
     panels.setflags(write=False)
     return panels
@@ -639,9 +853,11 @@ def pack_weights_s8(w: np.ndarray) -> PackedWeightsS8:
 
     >>> packed = pack_weights_s8(np.array([[1, -2, 3], [127, -127, 0]], dtype=np.int8))
     >>> packed.n, packed.k, packed.panels.shape
-    (2, 3, (1, 1, 2, 8, 4))
+    (2, 3, (1, 2, 2, 8, 4))
     >>> packed.panels[0, 0, 0, 1].tolist()  # channel 1, K values 0..3 (the last one is padding)
     [127, -127, 0, 0]
+    >>> packed.panels[:, -1].view("<i4")[0, 0, :3, 0].tolist()  # footer: row sums of channels 0, 1, 2
+    [2, 0, 0]
     """
     w = _check_int8_weights(w, "pack_weights_s8")
     if w.size and w.min() < -127:
@@ -650,7 +866,9 @@ def pack_weights_s8(w: np.ndarray) -> PackedWeightsS8:
             "pack_weights_s8 expects narrow-range int8 weights in [-127, 127] (the AVX2 sign trick negates "
             f"them), got w[{row}, {col}] = {int(w[row, col])}"
         )
-    return PackedWeightsS8(n=w.shape[0], k=w.shape[1], panels=_pack(w, S8_GROUP, np.int8))
+    if w.shape[1] > MAX_K_S8:
+        raise ValueError(f"pack_weights_s8 supports K <= {MAX_K_S8} (int32 results), got K = {w.shape[1]}")
+    return PackedWeightsS8(n=w.shape[0], k=w.shape[1], panels=_pack(w, S8_GROUP, np.int8, row_sum_footer=True))
 
 
 def pack_weights_s16(w: np.ndarray) -> PackedWeightsS16:
@@ -663,7 +881,7 @@ def pack_weights_s16(w: np.ndarray) -> PackedWeightsS16:
     [[[-128, 127], [5, 0]]]
     """
     w = _check_int8_weights(w, "pack_weights_s16")
-    return PackedWeightsS16(n=w.shape[0], k=w.shape[1], panels=_pack(w, S16_GROUP, np.int16))
+    return PackedWeightsS16(n=w.shape[0], k=w.shape[1], panels=_pack(w, S16_GROUP, np.int16, row_sum_footer=False))
 
 
 def unpack_weights(packed: PackedWeightsS8 | PackedWeightsS16) -> np.ndarray:
@@ -679,8 +897,9 @@ def unpack_weights(packed: PackedWeightsS8 | PackedWeightsS16) -> np.ndarray:
 
 
 def _unpack(panels: np.ndarray, n: int, k: int) -> np.ndarray:
-    n_panels, groups, vectors, lanes, group = panels.shape
-    padded = panels.transpose(0, 2, 3, 1, 4).reshape(n_panels * vectors * lanes, groups * group)
+    n_panels, _, vectors, lanes, group = panels.shape
+    groups = -(-k // group)  # the int8 panels' row-sum footer comes after these groups
+    padded = panels[:, :groups].transpose(0, 2, 3, 1, 4).reshape(n_panels * vectors * lanes, groups * group)
     return padded[:n, :k].astype(np.int8)
 
 
@@ -717,9 +936,30 @@ def gemm_s16s8s64_into_reference(a: np.ndarray, panels: np.ndarray, n: int, k: i
 # Availability and the Python entry points.
 
 
-def _enabled_features(feature_string: str) -> set[str]:
-    """``"+avx2,-avx512f,..."`` -> ``{"avx2", ...}`` (the features switched on)."""
-    return {item[1:] for item in feature_string.split(",") if item.startswith("+")}
+def _switched_on(variable: str) -> bool:
+    """True if the environment variable is set to anything but ``""`` or ``"0"``."""
+    return os.environ.get(variable, "").strip() not in ("", "0")
+
+
+def _target_has(*features: str) -> bool:
+    """True if this CPU has every feature and Numba compiles for a target with them (no compilation).
+
+    Numba's JIT target is the host CPU unless ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` say otherwise
+    (``generic`` means no features); ``NUMBA_ENABLE_AVX=0`` removes the AVX features from the host's list.
+    """
+    import llvmlite.binding
+    from numba.core import codegen, config
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    host = llvmlite.binding.get_host_cpu_features()
+    if not all(host.get(feature, False) for feature in features):
+        return False
+    if str(config.CPU_NAME).lower() == "generic":
+        return False
+    target = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+    enabled = {item[1:] for item in target.split(",") if item.startswith("+")}  # "+avx2,-avx512f,..."
+    return all(feature in enabled for feature in features)
 
 
 def target_has_avx2() -> bool:
@@ -730,23 +970,35 @@ def target_has_avx2() -> bool:
     >>> isinstance(target_has_avx2(), bool)
     True
     """
-    import llvmlite.binding
-    from numba.core import codegen, config
+    try:
+        return _target_has("avx2")
+    except Exception:  # an unusual llvmlite/Numba: no AVX2 kernels rather than a crash
+        return False
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+
+def target_has_avx_vnni() -> bool:
+    """True if AVX2 and 256-bit ``vpdpbusd`` are there: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
+
+    >>> isinstance(target_has_avx_vnni(), bool)
+    True
+    """
+    try:
+        return _target_has("avx2") and (_target_has("avxvnni") or _target_has("avx512vnni", "avx512vl"))
+    except Exception:
         return False
-    if not llvmlite.binding.get_host_cpu_features().get("avx2", False):
-        return False
-    if str(config.CPU_NAME).lower() == "generic":
-        return False
-    target_features = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    return "avx2" in _enabled_features(target_features)
+
+
+# The int8 kernel other Numba code calls, fixed at import: ``gemm_s8s8s32_into(a, panels, n, k, out)``
+# overwrites the int32 (M, N) C-contiguous ``out`` with ``a @ W.T`` for int8 ``a`` (M, K) C-contiguous and
+# ``panels = pack_weights_s8(W).panels``. Both kernels give the same, exact result; check available() first.
+KERNEL_S8 = "avx-vnni" if target_has_avx_vnni() and not _switched_on(DISABLE_VNNI_ENV) else "avx2"
+gemm_s8s8s32_into = gemm_s8s8s32_vnni_into if KERNEL_S8 == "avx-vnni" else gemm_s8s8s32_avx2_into
 
 
 def _self_test() -> bool:
     """Compile the int8 kernel and compare it with int64 NumPy on a small product with edge cases."""
     rng = np.random.default_rng(12345)
-    m, k, n = 7, 1031, 21  # a 4-row tile plus 3 single rows, 2 K blocks with K % 4 = 3, a partial panel
+    m, k, n = 7, 1031, 21  # a 4- or 6-row tile plus single rows, 2 K blocks with K % 4 = 3, a partial panel
     a = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
     w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
     a[0] = -128
@@ -769,7 +1021,7 @@ def available() -> bool:
     >>> isinstance(available(), bool)
     True
     """
-    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+    if _switched_on(DISABLE_ENV):
         return False
     try:
         return target_has_avx2() and _self_test()

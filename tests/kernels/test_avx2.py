@@ -31,6 +31,16 @@ def kernels():
     return avx2
 
 
+def s8_kernel(name):
+    """The jitted int8 kernel called ``name``, or a skip if this target cannot compile it."""
+    if name == "avx-vnni" and not avx2.target_has_avx_vnni():
+        pytest.skip("the target has no AVX-VNNI (vpdpbusd)")
+    return {"avx2": avx2.gemm_s8s8s32_avx2_into, "avx-vnni": avx2.gemm_s8s8s32_vnni_into}[name]
+
+
+S8_KERNELS = ["avx2", "avx-vnni"]
+
+
 def random_operands(seed, m, k, n, extremes, a_range, w_range, a_dtype):
     """Random A (M, K) and int8 W (N, K); with ``extremes``, row 0 of A and columns 0, 1 of W at the limits."""
     rng = np.random.default_rng(seed)
@@ -52,67 +62,80 @@ def exact_product(a, w):
 shapes = st.tuples(st.integers(1, 13), st.integers(1, 70), st.integers(1, 40))  # (M, K, N)
 
 
-@settings(max_examples=50, deadline=None)
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
+@settings(max_examples=40, deadline=None)
 @given(shape=shapes, seed=st.integers(0, 2**32 - 1), extremes=st.booleans())
-def test_s8_matches_int64_reference(kernels, shape, seed, extremes):
+def test_s8_matches_int64_reference(kernels, kernel_name, shape, seed, extremes):
+    kernel = s8_kernel(kernel_name)
     m, k, n = shape
     a, w = random_operands(seed, m, k, n, extremes, (-128, 127), (-127, 127), np.int8)
     packed = kernels.pack_weights_s8(w)
-    result = kernels.gemm_s8s8s32_packed(a, packed)
-    assert result.dtype == np.int32 and result.shape == (m, n)
+    result = np.full((m, n), 7, np.int32)
+    kernel(a, packed.panels, n, k, result)
     np.testing.assert_array_equal(result, exact_product(a, w))
     reference = np.empty((m, n), np.int32)
     kernels.gemm_s8s8s32_into_reference(a, packed.panels, n, k, reference)
     np.testing.assert_array_equal(result, reference)
 
 
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
 @settings(max_examples=12, deadline=None)
 @given(
-    m=st.integers(1, 9),
-    k=st.sampled_from([1023, 1024, 1025, 2049, 3001]),  # one and several K blocks, ragged tails
+    m=st.integers(1, 14),
+    k=st.sampled_from([1023, 1024, 1025, 2049, 4097]),  # one and several K blocks, ragged tails
     n=st.integers(1, 35),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_s8_long_k(kernels, m, k, n, seed):
+def test_s8_long_k(kernels, kernel_name, m, k, n, seed):
+    kernel = s8_kernel(kernel_name)
     a, w = random_operands(seed, m, k, n, True, (-128, 127), (-127, 127), np.int8)
-    np.testing.assert_array_equal(kernels.gemm_s8s8s32_packed(a, kernels.pack_weights_s8(w)), exact_product(a, w))
+    result = np.empty((m, n), np.int32)
+    kernel(a, kernels.pack_weights_s8(w).panels, n, k, result)
+    np.testing.assert_array_equal(result, exact_product(a, w))
 
 
-def test_s8_extremes_at_the_int32_limit(kernels):
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
+def test_s8_extremes_at_the_int32_limit(kernels, kernel_name):
+    kernel = s8_kernel(kernel_name)
     k = kernels.MAX_K_S8
-    a = np.full((5, k), -128, np.int8)
+    a = np.full((7, k), -128, np.int8)
+    a[-1] = 127
     w = np.stack([np.full(k, -127, np.int8), np.full(k, 127, np.int8)])
-    result = kernels.gemm_s8s8s32_packed(a, kernels.pack_weights_s8(w))
+    result = np.empty((7, 2), np.int32)
+    kernel(a, kernels.pack_weights_s8(w).panels, 2, k, result)
     assert result[0].tolist() == [128 * 127 * k, -128 * 127 * k]
     np.testing.assert_array_equal(result, exact_product(a, w))
 
 
-def test_s8_refuses_k_beyond_int32(kernels):
-    k = kernels.MAX_K_S8 + 1
-    packed = kernels.pack_weights_s8(np.zeros((1, k), np.int8))
-    with pytest.raises(ValueError, match="K <= 132104"):
-        kernels.gemm_s8s8s32_packed(np.zeros((1, k), np.int8), packed)
-    with pytest.raises(ValueError, match="MAX_K_S8"):
-        kernels.gemm_s8s8s32_into(np.zeros((1, k), np.int8), packed.panels, 1, k, np.empty((1, 1), np.int32))
-
-
-def test_s8_empty_batch(kernels):
+def test_packed_entry_point_uses_the_selected_kernel(kernels):
+    assert kernels.KERNEL_S8 in S8_KERNELS
+    assert kernels.gemm_s8s8s32_into is s8_kernel(kernels.KERNEL_S8)
+    a, w = random_operands(1, 9, 77, 35, True, (-128, 127), (-127, 127), np.int8)
+    result = kernels.gemm_s8s8s32_packed(a, kernels.pack_weights_s8(w))
+    assert result.dtype == np.int32 and result.flags.c_contiguous
+    np.testing.assert_array_equal(result, exact_product(a, w))
     packed = kernels.pack_weights_s8(np.ones((3, 5), np.int8))
     assert kernels.gemm_s8s8s32_packed(np.zeros((0, 5), np.int8), packed).shape == (0, 3)
 
 
-def test_into_overwrites_and_checks_shapes(kernels):
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
+def test_s8_into_overwrites_and_checks_shapes(kernels, kernel_name):
+    kernel = s8_kernel(kernel_name)
     a, w = random_operands(0, 6, 9, 20, True, (-128, 127), (-127, 127), np.int8)
     packed = kernels.pack_weights_s8(w)
     out = np.full((6, 20), 12345, np.int32)
-    kernels.gemm_s8s8s32_into(a, packed.panels, 20, 9, out)
+    kernel(a, packed.panels, 20, 9, out)
     np.testing.assert_array_equal(out, exact_product(a, w))
     with pytest.raises(ValueError, match="out must have shape"):
-        kernels.gemm_s8s8s32_into(a, packed.panels, 20, 9, np.empty((6, 19), np.int32))
+        kernel(a, packed.panels, 20, 9, np.empty((6, 19), np.int32))
     with pytest.raises(ValueError, match="a must have k columns"):
-        kernels.gemm_s8s8s32_into(a[:, :8].copy(), packed.panels, 20, 9, out)
+        kernel(a[:, :8].copy(), packed.panels, 20, 9, out)
     with pytest.raises(ValueError, match="panels must have shape"):
-        kernels.gemm_s8s8s32_into(a, packed.panels, 33, 9, np.empty((6, 33), np.int32))
+        kernel(a, packed.panels, 33, 9, np.empty((6, 33), np.int32))
+    k = kernels.MAX_K_S8 + 1  # refused before any memory is touched: the int32 result could overflow
+    panels = np.zeros((1, -(-k // 4) + 1, 2, 8, 4), np.int8)
+    with pytest.raises(ValueError, match="MAX_K_S8"):
+        kernel(np.zeros((1, k), np.int8), panels, 1, k, np.empty((1, 1), np.int32))
 
 
 @settings(max_examples=40, deadline=None)
@@ -150,23 +173,30 @@ def test_s16_worst_case_needs_more_than_int32(kernels):
 @given(n=st.integers(0, 40), k=st.integers(0, 40), seed=st.integers(0, 2**32 - 1))
 def test_pack_layout_and_round_trip(n, k, seed):
     w = np.random.default_rng(seed).integers(-127, 128, size=(n, k)).astype(np.int8)
-    for pack, group in ((avx2.pack_weights_s8, 4), (avx2.pack_weights_s16, 2)):
+    for pack, group, footer in ((avx2.pack_weights_s8, 4, 1), (avx2.pack_weights_s16, 2, 0)):
         packed = pack(w)
+        groups = -(-k // group)
         assert (packed.n, packed.k) == (n, k)
-        assert packed.panels.shape == (-(-n // 16), -(-k // group), 2, 8, group)
+        assert packed.panels.shape == (-(-n // 16), groups + footer, 2, 8, group)
         assert packed.panels.flags.c_contiguous and not packed.panels.flags.writeable
         np.testing.assert_array_equal(avx2.unpack_weights(packed), w)
         if n and k:
             row, col = n - 1, k - 1
             assert packed.panels[row // 16, col // group, (row % 16) // 8, row % 8, col % group] == w[row, col]
-        padding = packed.panels.sum(dtype=np.int64) - w.sum(dtype=np.int64)
+        padding = packed.panels[:, :groups].sum(dtype=np.int64) - w.sum(dtype=np.int64)
         assert padding == 0  # every padded entry is zero
+        if footer:  # int32 row sums of W, channel c at [c // 16, (c % 16) // 8, c % 8]
+            row_sums = packed.panels[:, -1].view("<i4")[..., 0].reshape(-1)  # (N padded,)
+            np.testing.assert_array_equal(row_sums[:n], w.sum(axis=1, dtype=np.int64))
+            assert not row_sums[n:].any()
 
 
 def test_pack_rejects_bad_weights():
     with pytest.raises(ValueError, match=r"\[-127, 127\].*w\[1, 2\] = -128"):
         avx2.pack_weights_s8(np.array([[0, 0, 0], [5, 0, -128]], np.int8))
     assert avx2.pack_weights_s16(np.array([[-128]], np.int8)).panels[0, 0, 0, 0, 0] == -128
+    with pytest.raises(ValueError, match="K <= 132104"):
+        avx2.pack_weights_s8(np.zeros((1, avx2.MAX_K_S8 + 1), np.int8))
     for pack in (avx2.pack_weights_s8, avx2.pack_weights_s16):
         with pytest.raises(TypeError, match="int8 weights, got dtype float32"):
             pack(np.zeros((2, 2), np.float32))
