@@ -285,15 +285,19 @@ class Module:
     def _state_slots(self) -> OrderedDict[str, tuple[Module, str, str]]:
         """Every key of state_dict(), mapped to (owning module, attribute name, 'parameter'|'buffer')."""
         slots: OrderedDict[str, tuple[Module, str, str]] = OrderedDict()
-        for module_name, module in self.named_modules():
-            prefix = module_name + "." if module_name else ""
-            for name, parameter in module._parameters.items():
-                if parameter is not None:
-                    slots[prefix + name] = (module, name, "parameter")
-            for name, buffer in module._buffers.items():
-                if buffer is not None and name not in module._non_persistent:
-                    slots[prefix + name] = (module, name, "buffer")
+        self._collect_slots(slots, "")
         return slots
+
+    def _collect_slots(self, slots: OrderedDict[str, tuple[Module, str, str]], prefix: str) -> None:
+        # the same walk as _save_to (a module shared under two names has keys under both, as in PyTorch)
+        for name, parameter in self._parameters.items():
+            if parameter is not None:
+                slots[prefix + name] = (self, name, "parameter")
+        for name, buffer in self._buffers.items():
+            if buffer is not None and name not in self._non_persistent:
+                slots[prefix + name] = (self, name, "buffer")
+        for name, child in self.named_children():
+            child._collect_slots(slots, prefix + name + ".")
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Copy arrays into the existing parameters and buffers, in place; returns (missing, unexpected) keys.
