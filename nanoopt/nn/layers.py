@@ -34,6 +34,14 @@ def _as_input(layer: Module, x: Any) -> Tensor:
     raise TypeError(f"{layer!r}: expected a Tensor or ndarray input, got {type(x).__name__}")
 
 
+def _naming(layer: Module, function: Any, *args: Any) -> Tensor:
+    """Call a functional form; a ValueError about the input's shape is re-raised naming ``layer``."""
+    try:
+        return function(*args)
+    except ValueError as error:
+        raise ValueError(f"{layer!r}: {error}") from None
+
+
 class Identity(Module):
     """Returns its input unchanged."""
 
@@ -97,7 +105,8 @@ class Conv2d(Module):
         x = _as_input(self, x)
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self!r}: expected input (N, {self.in_channels}, H, W), got shape {x.shape}")
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return _naming(self, F.conv2d, x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                       self.groups)
 
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -194,7 +203,7 @@ class LayerNorm(Module):
         x = _as_input(self, x)
         weight = self.weight if self.elementwise_affine else np.ones(self.normalized_shape, dtype=x.dtype)
         bias = self.bias if self.elementwise_affine else np.zeros(self.normalized_shape, dtype=x.dtype)
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return _naming(self, F.layer_norm, x, self.normalized_shape, weight, bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -232,7 +241,7 @@ class MaxPool2d(Module):
         self.padding = _pair(padding, "padding")
 
     def forward(self, x: Any) -> Tensor:
-        return F.max_pool2d(_as_input(self, x), self.kernel_size, self.stride, self.padding)
+        return _naming(self, F.max_pool2d, _as_input(self, x), self.kernel_size, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -240,7 +249,7 @@ class MaxPool2d(Module):
 
 class AvgPool2d(MaxPool2d):
     def forward(self, x: Any) -> Tensor:
-        return F.avg_pool2d(_as_input(self, x), self.kernel_size, self.stride, self.padding)
+        return _naming(self, F.avg_pool2d, _as_input(self, x), self.kernel_size, self.stride, self.padding)
 
 
 class AdaptiveAvgPool2d(Module):
@@ -249,7 +258,7 @@ class AdaptiveAvgPool2d(Module):
         self.output_size = _pair(output_size, "output_size")
 
     def forward(self, x: Any) -> Tensor:
-        return F.adaptive_avg_pool2d(_as_input(self, x), self.output_size)
+        return _naming(self, F.adaptive_avg_pool2d, _as_input(self, x), self.output_size)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
