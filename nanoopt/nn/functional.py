@@ -168,7 +168,7 @@ def cross_entropy(logits: Any, target: Any, label_smoothing: float = 0.0, reduct
     if labels.shape != (n,):
         raise ValueError(f"cross_entropy: expected {n} class indices for logits {logits.shape}, got shape "
                          f"{labels.shape}")
-    if labels.dtype.kind not in "iu" and not np.array_equal(labels, np.round(labels)):
+    if labels.dtype.kind == "b" or (labels.dtype.kind not in "iu" and not np.array_equal(labels, np.round(labels))):
         raise TypeError(f"cross_entropy: class indices must be integers, got dtype {labels.dtype}")
     if n and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"cross_entropy: class indices must be in [0, {classes - 1}], got range "
