@@ -80,6 +80,10 @@ class Module:
         elif isinstance(value, Module):
             self.__dict__.pop(name, None)
             self._modules[name] = value
+        elif value is None and name in self._parameters:  # an optional parameter made absent (PyTorch)
+            self._parameters[name] = None
+        elif value is None and name in self._modules:
+            self._modules[name] = None
         elif name in self._buffers:
             if value is not None and not isinstance(value, np.ndarray):
                 raise TypeError(f"buffer {name!r} must be a numpy array, got {type(value).__name__}")
