@@ -2,9 +2,11 @@
 
 For each shape (M, K, N), GOP/s = 2 M K N / seconds (best of several rounds) of:
 
-* ``int8``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_packed`, int8 (M, K) x packed int8 (N, K) -> int32;
-* ``int16x8``: :func:`nanoopt.kernels.avx2.gemm_s16s8s64_packed`, int16 activations -> int64;
-* ``f32``: ``a @ w.T`` in float32 through NumPy's BLAS.
+* ``int8 AVX2``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_into` (sign trick, vpmaddubsw + vpmaddwd),
+  int8 (M, K) x packed int8 (N, K) -> int32 into a preallocated output;
+* ``int8 VNNI``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_vnni_into` (vpdpbusd), when the CPU has AVX-VNNI;
+* ``int16x8``: :func:`nanoopt.kernels.avx2.gemm_s16s8s64_packed`, int16 activations -> int64 (allocates);
+* ``f32``: ``a @ w.T`` in float32 through NumPy's BLAS (allocates).
 
 The ratio is the kernel's throughput over float32's on the same shape (above 1: faster than float32). The
 weights are packed once, outside the timing, as a model would. Also reported: the first-call compile time
@@ -34,8 +36,8 @@ from nanoopt.kernels import avx2  # noqa: E402
 SHAPES = [(1, 1024, 1024), (32, 1024, 1024), (256, 1024, 1024), (1024, 1024, 1024), (64, 4096, 4096)]
 ROOT = Path(__file__).resolve().parent.parent
 
-# Run in a fresh process: seconds to import the module, to make the int8 kernel ready (available() compiles
-# it and runs its self-test) and to make the int16 kernel ready (first call).
+# Run in a fresh process: seconds to import the module, to make the selected int8 kernel ready (available()
+# compiles it and runs its self-test) and to make the int16 kernel ready (first call).
 _STARTUP_PROBE = """
 import time
 start = time.perf_counter()
@@ -59,21 +61,32 @@ def startup_seconds(cache_dir: str) -> list[float]:
 
 
 def throughput(m: int, k: int, n: int, rng: np.random.Generator) -> dict[str, float]:
-    """GOP/s of the int8, int16x8 and float32 products for one shape."""
+    """GOP/s of the int8 kernels, the int16x8 kernel and float32 matmul for one shape."""
     a = rng.integers(-128, 128, size=(m, k)).astype(np.int8)  # (M, K)
     w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)  # (N, K)
     a16 = (a.astype(np.int16) * 256).astype(np.int16)  # (M, K) int16 activations
     a_float, w_float = a.astype(np.float32), w.astype(np.float32)
     packed8, packed16 = avx2.pack_weights_s8(w), avx2.pack_weights_s16(w)
     exact = a.astype(np.int64) @ w.T.astype(np.int64)
-    assert np.array_equal(avx2.gemm_s8s8s32_packed(a, packed8), exact), "int8 kernel is not exact"
-    assert np.array_equal(avx2.gemm_s16s8s64_packed(a16, packed16), exact * 256), "int16 kernel is not exact"
+    out = np.empty((m, n), np.int32)  # (M, N)
     operations = 2.0 * m * k * n / 1e9
-    return {
-        "int8": operations / best_seconds(lambda: avx2.gemm_s8s8s32_packed(a, packed8)),
-        "int16x8": operations / best_seconds(lambda: avx2.gemm_s16s8s64_packed(a16, packed16)),
-        "f32": operations / best_seconds(lambda: a_float @ w_float.T),
-    }
+    rates = {}
+    for name, kernel in int8_kernels().items():
+        kernel(a, packed8.panels, n, k, out)
+        assert np.array_equal(out, exact), f"{name} kernel is not exact"
+        rates[name] = operations / best_seconds(lambda kernel=kernel: kernel(a, packed8.panels, n, k, out))
+    assert np.array_equal(avx2.gemm_s16s8s64_packed(a16, packed16), exact * 256), "int16 kernel is not exact"
+    rates["int16x8"] = operations / best_seconds(lambda: avx2.gemm_s16s8s64_packed(a16, packed16))
+    rates["f32"] = operations / best_seconds(lambda: a_float @ w_float.T)
+    return rates
+
+
+def int8_kernels() -> dict:
+    """The int8 kernels this machine can run, by column name."""
+    kernels = {"int8 AVX2": avx2.gemm_s8s8s32_avx2_into}
+    if avx2.target_has_avx_vnni():
+        kernels["int8 VNNI"] = avx2.gemm_s8s8s32_vnni_into
+    return kernels
 
 
 def main() -> None:
@@ -82,12 +95,14 @@ def main() -> None:
         print("AVX2 kernels not available on this machine (or disabled): nothing to measure.")
         return
     rng = np.random.default_rng(0)
-    print("| M x K x N | int8 GOP/s | int16x8 GOP/s | NumPy f32 GOP/s | int8 / f32 | int16x8 / f32 |")
-    print("|---|---|---|---|---|---|")
+    print(f"`gemm_s8s8s32_into` here is the {avx2.KERNEL_S8} kernel. GOP/s (ratio to NumPy float32):\n")
+    names = [*int8_kernels(), "int16x8"]
+    print("| M x K x N | " + " | ".join(names) + " | NumPy f32 |")
+    print("|---" * (len(names) + 2) + "|")
     for m, k, n in SHAPES:
         rates = throughput(m, k, n, rng)
-        print(f"| {m}x{k}x{n} | {rates['int8']:.1f} | {rates['int16x8']:.1f} | {rates['f32']:.1f} | "
-              f"{rates['int8'] / rates['f32']:.2f} | {rates['int16x8'] / rates['f32']:.2f} |")
+        cells = [f"{rates[name]:.0f} ({rates[name] / rates['f32']:.2f}x)" for name in names]
+        print(f"| {m}x{k}x{n} | " + " | ".join(cells) + f" | {rates['f32']:.0f} |")
     with tempfile.TemporaryDirectory() as cache_dir:
         compiling = startup_seconds(cache_dir)
         cached = startup_seconds(cache_dir)

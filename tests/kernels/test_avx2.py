@@ -82,7 +82,7 @@ def test_s8_matches_int64_reference(kernels, kernel_name, shape, seed, extremes)
 @settings(max_examples=12, deadline=None)
 @given(
     m=st.integers(1, 14),
-    k=st.sampled_from([1023, 1024, 1025, 2049, 4097]),  # one and several K blocks, ragged tails
+    k=st.sampled_from([1023, 1025, 4096, 4097, 8195]),  # one and several K blocks (S8_BLOCK_K = 4096)
     n=st.integers(1, 35),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -116,6 +116,22 @@ def test_packed_entry_point_uses_the_selected_kernel(kernels):
     np.testing.assert_array_equal(result, exact_product(a, w))
     packed = kernels.pack_weights_s8(np.ones((3, 5), np.int8))
     assert kernels.gemm_s8s8s32_packed(np.zeros((0, 5), np.int8), packed).shape == (0, 3)
+
+
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
+@pytest.mark.parametrize(("m", "k", "n"), [(0, 5, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0)])
+def test_s8_empty_dimensions(kernels, kernel_name, m, k, n):
+    kernel = s8_kernel(kernel_name)
+    out = np.full((m, n), 99, np.int32)
+    kernel(np.zeros((m, k), np.int8), kernels.pack_weights_s8(np.ones((n, k), np.int8)).panels, n, k, out)
+    assert not out.any()  # the empty sum is 0
+
+
+def test_s16_empty_dimensions(kernels):
+    out = np.full((4, 3), 99, np.int64)
+    kernels.gemm_s16s8s64_into(np.zeros((4, 0), np.int16), kernels.pack_weights_s16(np.ones((3, 0), np.int8)).panels,
+                               3, 0, out)
+    assert not out.any()
 
 
 @pytest.mark.parametrize("kernel_name", S8_KERNELS)
