@@ -73,7 +73,8 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
     "KERNEL_S8",
@@ -604,9 +605,28 @@ def _write_tile_s64(out, row, col, n, tile, accumulate):
 # Jitted GEMM drivers: validate shapes, prepare A, loop over K blocks, row blocks, panels and tiles.
 
 
+def _require_types(a, a_dtype, panels, panel_dtype, out, out_dtype):
+    """Jitted code only (see the overload below): a compile-time check of the arrays' dtypes and layouts."""
+    raise NotImplementedError("_require_types is only callable from Numba-compiled code")
+
+
+@overload(_require_types)
+def _require_types_typing(a, a_dtype, panels, panel_dtype, out, out_dtype):
+    """A TypingError naming the expected and the given types, so a wrong dtype can never reach a raw load."""
+    expected = [(a, a_dtype, 2, "a"), (panels, panel_dtype, 5, "panels"), (out, out_dtype, 2, "out")]
+    for given, dtype, ndim, label in expected:
+        wanted = dtype.dtype  # a NumberClass such as types.NumberClass(int8)
+        if not (_is_c_array(given, wanted) and given.ndim == ndim):
+            raise TypingError(
+                f"AVX2 GEMM kernel: {label} must be a C-contiguous {ndim}-d {wanted} array, got {given}"
+            )
+    return lambda a, a_dtype, panels, panel_dtype, out, out_dtype: None
+
+
 @numba.njit(cache=True)
 def _check_s8_arguments(a, panels, n, k, out):
     """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``."""
+    _require_types(a, np.int8, panels, np.int8, out, np.int32)
     if n < 0 or k < 0:
         raise ValueError("gemm_s8s8s32_into: n and k must be >= 0")
     if k > MAX_K_S8:
@@ -752,6 +772,7 @@ def gemm_s16s8s64_into(a, panels, n, k, out):
     ``S16_BLOCK_K`` K values (``|partial| <= 510 * 32768 * 128 < 2**31``) are widened to int64 and added.
     Requires :func:`available` (AVX2).
     """
+    _require_types(a, np.int16, panels, np.int16, out, np.int64)
     m = a.shape[0]
     pairs = (k + S16_GROUP - 1) // S16_GROUP
     n_panels = (n + PANEL_COLUMNS - 1) // PANEL_COLUMNS

@@ -127,6 +127,23 @@ def test_s8_empty_dimensions(kernels, kernel_name, m, k, n):
     assert not out.any()  # the empty sum is 0
 
 
+def test_jitted_kernels_refuse_wrong_dtypes_at_compile_time(kernels):
+    """A wrong dtype or layout is a typing error naming the argument, never a raw load of the wrong width."""
+    from numba.core.errors import TypingError
+
+    panels = kernels.pack_weights_s8(np.ones((3, 5), np.int8)).panels
+    a, out = np.ones((2, 5), np.int8), np.empty((2, 3), np.int32)
+    kernel = kernels.gemm_s8s8s32_into
+    with pytest.raises(TypingError, match="a must be a C-contiguous 2-d int8 array, got array\\(int16"):
+        kernel(a.astype(np.int16), panels, 3, 5, out)
+    with pytest.raises(TypingError, match="out must be a C-contiguous 2-d int32 array"):
+        kernel(a, panels, 3, 5, out.astype(np.int64))
+    with pytest.raises(TypingError, match="a must be a C-contiguous"):
+        kernel(np.ones((2, 10), np.int8)[:, ::2], panels, 3, 5, out)
+    with pytest.raises(TypingError, match="panels must be a C-contiguous 5-d int16 array"):
+        kernels.gemm_s16s8s64_into(a.astype(np.int16), panels, 3, 5, out.astype(np.int64))
+
+
 def test_s16_empty_dimensions(kernels):
     out = np.full((4, 3), 99, np.int64)
     kernels.gemm_s16s8s64_into(np.zeros((4, 0), np.int16), kernels.pack_weights_s16(np.ones((3, 0), np.int8)).panels,
