@@ -1,0 +1,38 @@
+"""Pruning: masks, methods, criteria, schedules, physical surgery and analysis (see each module's docstring).
+
+PyTorch's ``torch.nn.utils.prune`` semantics: pruning ``module.weight`` moves the parameter to ``weight_orig``,
+registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * weight_mask`` before each forward;
+``remove`` makes it permanent. Physical removal of channels is a separate, explicit step (``shrink``).
+
+>>> from nanoopt import nn, prune
+>>> layer = prune.l1_unstructured(nn.Linear(10, 10), "weight", amount=0.9)
+>>> int((layer.weight.data == 0).sum())
+90
+"""
+
+from nanoopt.prune import masks, methods
+from nanoopt.prune.masks import (
+    apply_mask,
+    get_mask,
+    is_pruned,
+    load_pruned_state_dict,
+    pruned_parameters,
+    remove,
+    remove_all,
+)
+from nanoopt.prune.methods import (
+    custom_from_mask,
+    global_unstructured,
+    identity,
+    l1_unstructured,
+    ln_structured,
+    nm_sparsity,
+    random_structured,
+    random_unstructured,
+)
+
+__all__ = [
+    "apply_mask", "custom_from_mask", "get_mask", "global_unstructured", "identity", "is_pruned",
+    "l1_unstructured", "ln_structured", "load_pruned_state_dict", "masks", "methods", "nm_sparsity",
+    "pruned_parameters", "random_structured", "random_unstructured", "remove", "remove_all",
+]
