@@ -664,8 +664,23 @@ def _pad_columns(a, padded_k):
 
 
 @numba.njit(cache=True)
-def gemm_s8s8s32_avx2_into(a, panels, n, k, out):
-    """``out[:, :] = a @ W.T`` exactly, AVX2 sign-trick kernel (see :func:`gemm_s8s8s32_into`)."""
+def gemm_s8s8s32_avx2_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
+    """``out[:, :] = a @ W.T`` exactly with the AVX2 sign trick, for Numba code that fuses work after it.
+
+    ``a``: int8 (M, K), C-contiguous. ``panels``: ``pack_weights_s8(W).panels`` for int8 ``W`` (N, K) in
+    [-127, 127]. ``n``, ``k``: N and K. ``out``: int32 (M, N), C-contiguous, overwritten. Shapes are checked
+    (ValueError), dtypes and layouts at compile time (TypingError). Call only where :func:`available` is
+    True: compiling for a target without AVX2 aborts the process. ``gemm_s8s8s32_into`` is this kernel or
+    :func:`gemm_s8s8s32_vnni_into` (same arguments, same result).
+
+    >>> w = np.array([[1, -2, 3]], dtype=np.int8)
+    >>> a = np.array([[4, 5, -128]], dtype=np.int8)
+    >>> out = np.empty((1, 1), np.int32)
+    >>> if available(): gemm_s8s8s32_avx2_into(a, pack_weights_s8(w).panels, 1, 3, out)
+    ... else: out[:] = 4 - 10 - 384
+    >>> out.tolist()
+    [[-390]]
+    """
     _check_s8_arguments(a, panels, n, k, out)
     m = a.shape[0]
     groups = (k + S8_GROUP - 1) // S8_GROUP
@@ -711,10 +726,19 @@ def _offset_binary(a, padded_k):
 
 
 @numba.njit(cache=True)
-def gemm_s8s8s32_vnni_into(a, panels, n, k, out):
-    """``out[:, :] = a @ W.T`` exactly, AVX-VNNI offset kernel (see :func:`gemm_s8s8s32_into`).
+def gemm_s8s8s32_vnni_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
+    """``out[:, :] = a @ W.T`` exactly with AVX-VNNI ``vpdpbusd``; arguments as :func:`gemm_s8s8s32_avx2_into`.
 
-    Needs a target with AVX-VNNI (:func:`target_has_avx_vnni`); LLVM aborts the process otherwise.
+    Call only where :func:`available` and :func:`target_has_avx_vnni` are True: compiling for a target
+    without AVX-VNNI aborts the process.
+
+    >>> w = np.array([[1, -2, 3]], dtype=np.int8)
+    >>> a = np.array([[4, 5, -128]], dtype=np.int8)
+    >>> out = np.empty((1, 1), np.int32)
+    >>> if available() and target_has_avx_vnni(): gemm_s8s8s32_vnni_into(a, pack_weights_s8(w).panels, 1, 3, out)
+    ... else: out[:] = 4 - 10 - 384
+    >>> out.tolist()
+    [[-390]]
     """
     _check_s8_arguments(a, panels, n, k, out)
     m = a.shape[0]
@@ -764,13 +788,21 @@ def gemm_s8s8s32_vnni_into(a, panels, n, k, out):
 
 
 @numba.njit(cache=True)
-def gemm_s16s8s64_into(a, panels, n, k, out):
+def gemm_s16s8s64_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
     """``out[:, :] = a @ W.T`` exactly, for int16 ``a`` (M, K) and the int16 panels of int8 ``W`` (N, K).
 
     ``panels`` is ``PackedWeightsS16.panels`` (shape ``(ceil(N/16), ceil(K/2), 2, 8, 2)``, int16),
     ``out`` an int64 (M, N) C-contiguous array that is overwritten. int32 partial sums over at most
     ``S16_BLOCK_K`` K values (``|partial| <= 510 * 32768 * 128 < 2**31``) are widened to int64 and added.
-    Requires :func:`available` (AVX2).
+    Call only where :func:`available` is True (AVX2).
+
+    >>> w = np.array([[-128, 127]], dtype=np.int8)
+    >>> a = np.array([[-32768, 32767]], dtype=np.int16)
+    >>> out = np.empty((1, 1), np.int64)
+    >>> if available(): gemm_s16s8s64_into(a, pack_weights_s16(w).panels, 1, 2, out)
+    ... else: out[:] = 32768 * 128 + 32767 * 127
+    >>> out.tolist()
+    [[8355713]]
     """
     _require_types(a, np.int16, panels, np.int16, out, np.int64)
     m = a.shape[0]
@@ -1086,6 +1118,7 @@ def gemm_s8s8s32_packed(a: np.ndarray, packed: PackedWeightsS8) -> np.ndarray:
     """``a @ W.T`` exactly as int32 (M, N), for int8 ``a`` (M, K) and ``packed = pack_weights_s8(W)``.
 
     Needs :func:`available` and ``K <= MAX_K_S8`` (132104): beyond it ``|a @ W.T|`` may exceed int32.
+    Runs ``gemm_s8s8s32_into``: the AVX-VNNI kernel where the CPU has it, else the AVX2 one (:data:`KERNEL_S8`).
 
     >>> w = np.array([[1, 2, 3], [-127, 0, 127]], dtype=np.int8)
     >>> a = np.array([[-128, 1, 1]], dtype=np.int8)
