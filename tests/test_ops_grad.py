@@ -124,6 +124,18 @@ def test_where(s, seed):
     check_grads(lambda a, b: ops.where(condition, a, b), normal(seed, a_shape, b_shape))
 
 
+def test_ties_share_the_gradient_equally_and_kinks_take_subgradient_zero():
+    a, b = no.Tensor([1.0, 2.0], requires_grad=True), no.Tensor([1.0, 3.0], requires_grad=True)
+    ops.maximum(a, b).sum().backward()
+    assert a.grad.tolist() == [0.5, 0.0] and b.grad.tolist() == [0.5, 1.0]
+    z = no.Tensor([[2.0, 2.0, 1.0], [0.0, 4.0, 4.0]], requires_grad=True)
+    z.max(axis=1).sum().backward()
+    assert z.grad.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]]
+    x = no.Tensor([0.0, 0.0], requires_grad=True)
+    (ops.relu(x) + ops.abs(x)).sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0]
+
+
 # ===================================================================== elementwise functions
 @FEW
 @given(shapes, seeds)
