@@ -968,11 +968,21 @@ def transpose(a: Any, axes: Sequence[int] | None = None) -> Tensor:
     return Transpose.apply(a, axes=axes)
 
 
+def _tensor_index(index: Tensor) -> np.ndarray:
+    """A Tensor used as an index must hold whole numbers (Tensors are float; a boolean mask is an ndarray)."""
+    values = index.data
+    if not np.array_equal(values, np.round(values)):
+        raise TypeError("a Tensor index must hold whole numbers (integer positions); pass a boolean mask as a "
+                        f"numpy bool array, got values such as {values.ravel()[:3].tolist()}")
+    return values.astype(np.int64)
+
+
 def getitem(a: Any, index: Any) -> Tensor:
+    """``a[index]`` with NumPy semantics; repeated advanced indices accumulate their gradients."""
     if isinstance(index, Tensor):
-        index = index.data.astype(np.int64)
+        index = _tensor_index(index)
     elif isinstance(index, tuple):
-        index = tuple(i.data.astype(np.int64) if isinstance(i, Tensor) else i for i in index)
+        index = tuple(_tensor_index(i) if isinstance(i, Tensor) else i for i in index)
     return GetItem.apply(a, index=index)
 
 

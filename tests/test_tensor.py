@@ -284,3 +284,10 @@ def test_iterating_and_item():
     assert no.Tensor([[4.0]]).item() == 4.0
     with pytest.raises(ValueError, match=r"one element, got shape \(3, 2\)"):
         t.item()
+
+
+def test_tensor_indices_must_be_whole_numbers():
+    x = no.Tensor(np.arange(6.0).reshape(3, 2))
+    assert x[no.Tensor([2, 0])].data.tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    with pytest.raises(TypeError, match="whole numbers"):
+        x[no.Tensor([0.7])]
