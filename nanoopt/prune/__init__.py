@@ -10,7 +10,7 @@ registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * wei
 90
 """
 
-from nanoopt.prune import masks, methods
+from nanoopt.prune import masks, methods, surgery
 from nanoopt.prune.masks import (
     apply_mask,
     get_mask,
@@ -30,9 +30,20 @@ from nanoopt.prune.methods import (
     random_structured,
     random_unstructured,
 )
+from nanoopt.prune.surgery import (
+    ShrinkReport,
+    block_angular_distances,
+    dependency_groups,
+    prune_blocks,
+    prune_channels,
+    remove_blocks,
+    shrink,
+)
 
 __all__ = [
     "apply_mask", "custom_from_mask", "get_mask", "global_unstructured", "identity", "is_pruned",
     "l1_unstructured", "ln_structured", "load_pruned_state_dict", "masks", "methods", "nm_sparsity",
     "pruned_parameters", "random_structured", "random_unstructured", "remove", "remove_all",
+    "ShrinkReport", "block_angular_distances", "dependency_groups", "prune_blocks", "prune_channels",
+    "remove_blocks", "shrink", "surgery",
 ]
