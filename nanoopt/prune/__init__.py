@@ -10,7 +10,18 @@ registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * wei
 90
 """
 
-from nanoopt.prune import masks, methods, surgery
+from nanoopt.prune import analysis, criteria, masks, methods, schedules, sparse, surgery
+from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
+from nanoopt.prune.criteria import (
+    MovementScores,
+    bn_l1_penalty,
+    bn_scale,
+    fpgm,
+    magnitude,
+    prunable_parameters,
+    snip,
+    taylor,
+)
 from nanoopt.prune.masks import (
     apply_mask,
     get_mask,
@@ -30,6 +41,16 @@ from nanoopt.prune.methods import (
     random_structured,
     random_unstructured,
 )
+from nanoopt.prune.schedules import (
+    GradualPruning,
+    cubic_sparsity,
+    iterative,
+    lottery_ticket,
+    mask_sparsity,
+    one_shot,
+    prune_to_sparsity,
+)
+from nanoopt.prune.sparse import SparseLinear, to_sparse
 from nanoopt.prune.surgery import (
     ShrinkReport,
     block_angular_distances,
@@ -46,4 +67,8 @@ __all__ = [
     "pruned_parameters", "random_structured", "random_unstructured", "remove", "remove_all",
     "ShrinkReport", "block_angular_distances", "dependency_groups", "prune_blocks", "prune_channels",
     "remove_blocks", "shrink", "surgery",
+    "analysis", "format_sensitivity", "format_sparsity", "layer_sensitivity", "sparsity_report",
+    "criteria", "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip",
+    "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
+    "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
 ]
