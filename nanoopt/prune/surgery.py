@@ -395,7 +395,7 @@ def dependency_groups(model: Module, example_input: Any, found: Trace | None = N
         reasons = [found.pinned_reasons[name] for name in group.producers if name in found.pinned_reasons]
         if any(r == FIXED for r in group.roots):
             group.pinned = reasons[0] if reasons else "its channels are tied to the model's input"
-        members = set(group.roots.tolist())
+        members = set(group.roots.tolist()) - {FIXED}
         group.readers = [use.name for use in found.consumers + found.followers
                          if members & {found.root(n) for n in use.ids}]
     return groups

@@ -1,0 +1,175 @@
+"""Pruning LeNet-300-100 on Fashion-MNIST: accuracy against a float model trained for the same total epochs,
+and the measured inference speed of the physically shrunk model.
+
+Protocol (every number measured in this run, mean over ``--seeds`` seeds):
+
+* float: SGD (lr 0.05, momentum 0.9, batch 128) for 10 epochs; "+3" rows continue 3 more epochs at lr 0.01.
+* every pruned row starts from that 10-epoch model and trains 3 more epochs at lr 0.01, so it is compared with
+  the float model at 13 epochs (same total). Pruning covers the three weight matrices (classifier included).
+  - one-shot global L1 to 90 / 92 / 95 %, then 3 epochs of finetuning;
+  - iterative 50 -> 75 -> 90 %: prune, 1 epoch, prune, 1 epoch, prune, 1 epoch;
+  - gradual (Zhu & Gupta cubic) 50 -> 95 % and 50 -> 98 % over the first 2 epochs (pruning every 47 steps), then
+    1 epoch at the final sparsity;
+  - structured: ln_structured (L1, dim 0) removes 50 % of the neurons of both hidden layers, 3 epochs, then
+    ``prune.shrink`` builds the physically smaller network (784-150-50-10) and ``remove_all`` bakes the masks in.
+* speed: median latency of the unpruned and shrunk models (eval, no_grad, 1 thread) at batch 1 and 256, and of
+  the 90 % one-shot model run with CSR kernels (``prune.to_sparse``).
+
+    python -m benchmarks.pruning [--seeds 3]
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    from benchmarks.common import pin_environment
+
+    pin_environment(threads=1)
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import nanoopt as no  # noqa: E402
+from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
+from nanoopt import data, models, prune  # noqa: E402
+from nanoopt.tensor import Tensor, no_grad  # noqa: E402
+
+BASE_EPOCHS, EXTRA_EPOCHS = 10, 3
+LR, FINETUNE_LR, MOMENTUM, BATCH = 0.05, 0.01, 0.9, 128
+
+
+def finetune(model, train, epochs=EXTRA_EPOCHS, callbacks=()):
+    no.fit(model, train, epochs=epochs, lr=FINETUNE_LR, momentum=MOMENTUM, batch_size=BATCH, callbacks=callbacks,
+           progress=False)
+    return model
+
+
+def weights(model):
+    return prune.prunable_parameters(model)
+
+
+def one_shot(base, train, sparsity):
+    model = copy.deepcopy(base)
+    prune.prune_to_sparsity(weights(model), sparsity)
+    return finetune(model, train)
+
+
+def iterative(base, train):
+    model = copy.deepcopy(base)
+    prune.iterative(model, train, [0.5, 0.75, 0.9], epochs_per_step=1, lr=FINETUNE_LR, momentum=MOMENTUM,
+                    batch_size=BATCH, progress=False)
+    return model
+
+
+def gradual(base, train, final):
+    model = copy.deepcopy(base)
+    steps_per_epoch = -(-len(train[1]) // BATCH)
+    frequency = 47
+    pruning_steps = (2 * steps_per_epoch - 1) // frequency
+    schedule = prune.GradualPruning(weights(model), 0.5, final, begin_step=0, frequency=frequency,
+                                    pruning_steps=pruning_steps)
+    return finetune(model, train, callbacks=[schedule])
+
+
+def structured(base, train, example, test_images):
+    model = copy.deepcopy(base)
+    for index in (1, 3):
+        prune.ln_structured(model[index], "weight", amount=0.5, n=1, dim=0)
+    finetune(model, train)
+    masked_outputs = no.train.predict(model, test_images)
+    report = prune.shrink(model, example)
+    prune.remove_all(model)
+    difference = float(np.abs(no.train.predict(model, test_images) - masked_outputs).max())
+    return model, report, difference
+
+
+def sparsity_of(model):
+    return prune.mask_sparsity(weights(model)) if any(prune.is_pruned(m) for m in model.modules()) \
+        else no.report.weight_sparsity(model)
+
+
+def latency_ms(model, batch):
+    model.eval()
+    x = Tensor(batch)
+
+    def run():
+        with no_grad():
+            model(x)
+    return best_seconds(run, repeats=5, min_time=0.1) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    if not data.fashion_mnist_available():
+        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
+                         "(or see nanoopt.data.load_fashion_mnist)")
+    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    example = test[0][:64]
+    rows: dict[str, list[tuple[float, float]]] = {}
+    timing: dict[str, tuple[float, float, int]] = {}
+    start = time.perf_counter()
+    reports, differences = [], []
+    for seed in range(args.seeds):
+        no.manual_seed(seed)
+        base = models.lenet_300_100()
+        no.fit(base, train, epochs=BASE_EPOCHS, lr=LR, momentum=MOMENTUM, batch_size=BATCH, progress=False)
+
+        def record(name, model, _seed=seed):
+            rows.setdefault(name, []).append((no.evaluate(model, test)["accuracy"], sparsity_of(model)))
+
+        record("float, 10 epochs", base)
+        float13 = finetune(copy.deepcopy(base), train)
+        record("float, 13 epochs", float13)
+        for sparsity in (0.9, 0.92, 0.95):
+            record(f"one-shot global L1 {sparsity:.0%} + 3 epochs", one_shot(base, train, sparsity))
+            if sparsity == 0.9 and seed == 0:
+                sparse90 = copy.deepcopy(one_shot(base, train, 0.9))
+        record("iterative 50 -> 75 -> 90% (1 epoch each)", iterative(base, train))
+        record("gradual cubic 50 -> 95% (2 epochs) + 1 epoch", gradual(base, train, 0.95))
+        record("gradual cubic 50 -> 98% (2 epochs) + 1 epoch", gradual(base, train, 0.98))
+        shrunk, report, difference = structured(base, train, example, test[0])
+        differences.append(difference)
+        rows.setdefault("structured: 50% of hidden neurons removed + 3 epochs, shrunk", []).append(
+            (no.evaluate(shrunk, test)["accuracy"], 1 - shrunk.num_parameters() / base.num_parameters()))
+        reports.append(report)
+        if seed == 0:
+            for batch in (1, 256):
+                images = test[0][:batch]
+                timing[f"dense float32 (266,610 params), batch {batch}"] = (latency_ms(float13, images), 1.0, batch)
+                dense = timing[f"dense float32 (266,610 params), batch {batch}"][0]
+                timing[f"shrunk 784-150-50-10 ({shrunk.num_parameters():,} params), batch {batch}"] = (
+                    latency_ms(shrunk, images), dense, batch)
+                csr = copy.deepcopy(sparse90)
+                prune.to_sparse(csr, min_sparsity=0.5)
+                timing[f"90% unstructured, CSR kernels, batch {batch}"] = (latency_ms(csr, images), dense, batch)
+
+    print(f"## Pruning LeNet-300-100 on Fashion-MNIST ({args.seeds} seeds, mean; SGD lr {LR} momentum {MOMENTUM}, "
+          f"batch {BATCH}; finetune lr {FINETUNE_LR})\n")
+    print(f"Machine: {machine_description()}; commit {git_revision()}\n")
+    float13 = np.mean([a for a, _ in rows["float, 13 epochs"]])
+    print("| method | weight sparsity | test accuracy | float, same epochs | difference | per seed |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, values in rows.items():
+        accuracy = float(np.mean([a for a, _ in values]))
+        sparsity = float(np.mean([s for _, s in values]))
+        same = float(np.mean([a for a, _ in rows["float, 10 epochs"]])) if name == "float, 10 epochs" else float13
+        per_seed = " / ".join(f"{100 * a:.2f}" for a, _ in values)
+        print(f"| {name} | {100 * sparsity:.1f}% | {100 * accuracy:.2f}% | {100 * same:.2f}% | "
+              f"{100 * (accuracy - same):+.2f} | {per_seed} |")
+    print("\n(structured row: sparsity = fraction of parameters physically removed; largest |logit difference| "
+          f"between the masked and the shrunk model over the 10,000 test images: {max(differences):.2e})\n")
+    print("| model | latency | speed-up vs dense, same batch |")
+    print("|---|---:|---:|")
+    for name, (milliseconds, dense, _) in timing.items():
+        ratio = "1.00x (baseline)" if dense == 1.0 else f"{dense / milliseconds:.2f}x"
+        print(f"| {name} | {milliseconds:.3f} ms | {ratio} |")
+    print(f"\nShrink report (seed 0):\n\n```\n{reports[0]}\n```")
+    print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
