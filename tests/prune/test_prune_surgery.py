@@ -27,7 +27,7 @@ def assert_same_outputs(model, x, expected):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**31), st.floats(0, 0.95), st.floats(0, 0.95))
+@given(st.integers(0, 2**31), st.floats(0, 0.9), st.floats(0, 0.9))   # at least one neuron per layer survives
 def test_shrinking_an_mlp_with_biases_folds_dead_neurons_and_keeps_outputs(seed, first, second):
     no.manual_seed(seed % 1000)
     model = models.mlp(12, hidden=(10, 8))
