@@ -213,43 +213,51 @@ def csr_matmul_reference(x: np.ndarray, data: np.ndarray, indices: np.ndarray, i
     return (partial[0] + partial[1]) + (partial[2] + partial[3])
 
 
+# The kernels index with unsigned integers (indices viewed as uint32, row pointers as uint64; both are validated
+# non-negative): Numba adds a negative-index wraparound check to every signed index, which here costs more than
+# the arithmetic. Integer constants are uint64 too, since uint64 mixed with int64 would be promoted to float64.
 @numba.njit(cache=True)
 def _csr_matvec(x, data, indices, indptr, rows, out):  # pragma: no cover - compiled
+    one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
     for i in range(rows):
         s0 = np.float32(0.0)
         s1 = np.float32(0.0)
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
         start, end = indptr[i], indptr[i + 1]
+        full = start + (end - start) // four * four
         k = start
-        while k + 4 <= end:
+        while k < full:
             s0 += data[k] * x[indices[k]]
-            s1 += data[k + 1] * x[indices[k + 1]]
-            s2 += data[k + 2] * x[indices[k + 2]]
-            s3 += data[k + 3] * x[indices[k + 3]]
-            k += 4
-        if k < end:
-            s0 += data[k] * x[indices[k]]
-        if k + 1 < end:
-            s1 += data[k + 1] * x[indices[k + 1]]
-        if k + 2 < end:
-            s2 += data[k + 2] * x[indices[k + 2]]
+            s1 += data[k + one] * x[indices[k + one]]
+            s2 += data[k + two] * x[indices[k + two]]
+            s3 += data[k + three] * x[indices[k + three]]
+            k += four
+        if full < end:
+            s0 += data[full] * x[indices[full]]
+        if full + one < end:
+            s1 += data[full + one] * x[indices[full + one]]
+        if full + two < end:
+            s2 += data[full + two] * x[indices[full + two]]
         out[i] = (s0 + s1) + (s2 + s3)
 
 
 @numba.njit(cache=True)
 def _csr_matmat(x_t, data, indices, indptr, rows, out_t):  # pragma: no cover - compiled
     batch = x_t.shape[1]
+    three = np.uint64(3)
     partial = np.zeros((4, batch), dtype=np.float32)
     for i in range(rows):
         partial[:] = 0.0
-        start = indptr[i]
-        for k in range(start, indptr[i + 1]):
+        start, end = indptr[i], indptr[i + 1]
+        k = start
+        while k < end:
             value = data[k]
             row = x_t[indices[k]]
-            acc = partial[(k - start) & 3]
+            acc = partial[(k - start) & three]
             for b in range(batch):
                 acc[b] += value * row[b]
+            k += np.uint64(1)
         for b in range(batch):
             out_t[i, b] = (partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b])
 
@@ -261,6 +269,7 @@ def csr_matmul_numba(x: np.ndarray, data: np.ndarray, indices: np.ndarray, indpt
     Batch 1 runs a matrix-vector loop with four scalar partial sums; larger batches transpose x to (cols, B) so
     that the innermost loop runs over contiguous batch entries (vectorised by LLVM).
     """
+    indices, indptr = indices.view(np.uint32), indptr.view(np.uint64)     # validated non-negative
     if x.shape[0] == 1:
         out = np.empty(rows, dtype=np.float32)
         _csr_matvec(np.ascontiguousarray(x[0]), data, indices, indptr, rows, out)
@@ -299,55 +308,64 @@ def nm_matmul_reference(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, 
 
 
 @numba.njit(cache=True)
-def _nm_matmat(x_t, values, offsets, n, m, out_t):  # pragma: no cover - compiled
+def _nm_matmat(x_t, values, offsets, group_start, out_t):  # pragma: no cover - compiled
     rows, entries = values.shape
     batch = x_t.shape[1]
+    three = np.uint64(3)
     partial = np.zeros((4, batch), dtype=np.float32)
     for i in range(rows):
         partial[:] = 0.0
-        for e in range(entries):
-            value = values[i, e]
-            row = x_t[(e // n) * m + offsets[i, e]]
-            acc = partial[e & 3]
+        row_values, row_offsets = values[i], offsets[i]
+        e = np.uint64(0)
+        while e < entries:
+            value = row_values[e]
+            row = x_t[group_start[e] + row_offsets[e]]
+            acc = partial[e & three]
             for b in range(batch):
                 acc[b] += value * row[b]
+            e += np.uint64(1)
         for b in range(batch):
             out_t[i, b] = (partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b])
 
 
 @numba.njit(cache=True)
-def _nm_matvec(x, values, offsets, n, m, out):  # pragma: no cover - compiled
+def _nm_matvec(x, values, offsets, group_start, out):  # pragma: no cover - compiled
     rows, entries = values.shape
+    one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
+    full = np.uint64(entries) // four * four
+    size = np.uint64(entries)
     for i in range(rows):
+        row_values, row_offsets = values[i], offsets[i]
         s0 = np.float32(0.0)
         s1 = np.float32(0.0)
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
-        e = 0
-        while e + 4 <= entries:
-            s0 += values[i, e] * x[(e // n) * m + offsets[i, e]]
-            s1 += values[i, e + 1] * x[((e + 1) // n) * m + offsets[i, e + 1]]
-            s2 += values[i, e + 2] * x[((e + 2) // n) * m + offsets[i, e + 2]]
-            s3 += values[i, e + 3] * x[((e + 3) // n) * m + offsets[i, e + 3]]
-            e += 4
-        if e < entries:
-            s0 += values[i, e] * x[(e // n) * m + offsets[i, e]]
-        if e + 1 < entries:
-            s1 += values[i, e + 1] * x[((e + 1) // n) * m + offsets[i, e + 1]]
-        if e + 2 < entries:
-            s2 += values[i, e + 2] * x[((e + 2) // n) * m + offsets[i, e + 2]]
+        e = np.uint64(0)
+        while e < full:
+            s0 += row_values[e] * x[group_start[e] + row_offsets[e]]
+            s1 += row_values[e + one] * x[group_start[e + one] + row_offsets[e + one]]
+            s2 += row_values[e + two] * x[group_start[e + two] + row_offsets[e + two]]
+            s3 += row_values[e + three] * x[group_start[e + three] + row_offsets[e + three]]
+            e += four
+        if full < size:
+            s0 += row_values[full] * x[group_start[full] + row_offsets[full]]
+        if full + one < size:
+            s1 += row_values[full + one] * x[group_start[full + one] + row_offsets[full + one]]
+        if full + two < size:
+            s2 += row_values[full + two] * x[group_start[full + two] + row_offsets[full + two]]
         out[i] = (s0 + s1) + (s2 + s3)
 
 
 def nm_matmul_numba(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, n: int, m: int) -> np.ndarray:
     """The Numba kernel with :func:`nm_matmul_reference`'s signature and bit-identical results."""
     rows = values.shape[0]
+    group_start = (np.arange(values.shape[1], dtype=np.uint32) // n) * np.uint32(m)   # first column of e's group
     if x.shape[0] == 1:
         out = np.empty(rows, dtype=np.float32)
-        _nm_matvec(np.ascontiguousarray(x[0]), values, offsets, n, m, out)
+        _nm_matvec(np.ascontiguousarray(x[0]), values, offsets, group_start, out)
         return out.reshape(1, rows)
     out_t = np.empty((rows, x.shape[0]), dtype=np.float32)
-    _nm_matmat(np.ascontiguousarray(x.T), values, offsets, n, m, out_t)
+    _nm_matmat(np.ascontiguousarray(x.T), values, offsets, group_start, out_t)
     return np.ascontiguousarray(out_t.T)
 
 
