@@ -24,8 +24,22 @@ from nanoopt.distill.losses import (
     similarity_preserving_loss,
     soft_targets,
 )
+from nanoopt.distill.strategies import (
+    DeepSupervision,
+    DistillConfig,
+    Distiller,
+    FeaturePair,
+    MutualLearning,
+    auxiliary_heads,
+    born_again,
+    confidence_weights,
+    cross_model_distiller,
+    recover,
+)
 
 __all__ = [
-    "FeatureAdapter", "attention_map", "attention_transfer_loss", "dkd_loss", "hint_loss", "kd_loss",
-    "rkd_angle_loss", "rkd_distance_loss", "similarity_preserving_loss", "soft_targets",
+    "DeepSupervision", "DistillConfig", "Distiller", "FeatureAdapter", "FeaturePair", "MutualLearning",
+    "attention_map", "attention_transfer_loss", "auxiliary_heads", "born_again", "confidence_weights",
+    "cross_model_distiller", "dkd_loss", "hint_loss", "kd_loss", "recover", "rkd_angle_loss",
+    "rkd_distance_loss", "similarity_preserving_loss", "soft_targets",
 ]
