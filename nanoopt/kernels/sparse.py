@@ -201,7 +201,12 @@ def _check_input(x: Any, cols: int, what: str) -> np.ndarray:
 # ===================================================================== CSR: reference and Numba
 def csr_matmul_reference(x: np.ndarray, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                          rows: int) -> np.ndarray:
-    """``x @ W^T`` (B, rows) for W in CSR, in NumPy, with the summation order of the module docstring."""
+    """``x @ W^T`` (B, rows) for W in CSR, in NumPy, with the summation order of the module docstring.
+
+    >>> m = CSRMatrix.from_dense(np.array([[1.0, 2.0]], np.float32))
+    >>> csr_matmul_reference(np.ones((1, 2), np.float32), m.data, m.indices, m.indptr, 1).tolist()
+    [[3.0]]
+    """
     batch = x.shape[0]
     lengths = np.diff(indptr)
     partial = np.zeros((PARTIAL_SUMS, batch, rows), dtype=np.float32)
@@ -268,6 +273,10 @@ def csr_matmul_numba(x: np.ndarray, data: np.ndarray, indices: np.ndarray, indpt
 
     Batch 1 runs a matrix-vector loop with four scalar partial sums; larger batches transpose x to (cols, B) so
     that the innermost loop runs over contiguous batch entries (vectorised by LLVM).
+
+    >>> m = CSRMatrix.from_dense(np.array([[1.0, 2.0]], np.float32))
+    >>> csr_matmul_numba(np.ones((2, 2), np.float32), m.data, m.indices, m.indptr, 1).tolist()
+    [[3.0], [3.0]]
     """
     indices, indptr = indices.view(np.uint32), indptr.view(np.uint64)     # validated non-negative
     if x.shape[0] == 1:
@@ -297,7 +306,12 @@ def csr_matmul(x: np.ndarray, matrix: CSRMatrix | Any, backend: str = "numba") -
 
 # ===================================================================== N:M: reference and Numba
 def nm_matmul_reference(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, n: int, m: int) -> np.ndarray:
-    """``x @ W^T`` (B, rows) for W packed as N:M, in NumPy, with the summation order of the module docstring."""
+    """``x @ W^T`` (B, rows) for W packed as N:M, in NumPy, with the summation order of the module docstring.
+
+    >>> p = NMMatrix.from_dense(np.array([[0, 2, 0, 1]], np.float32), 2, 4)
+    >>> nm_matmul_reference(np.ones((1, 4), np.float32), p.values, p.offsets, 2, 4).tolist()
+    [[3.0]]
+    """
     batch, rows = x.shape[0], values.shape[0]
     entries = values.shape[1]
     columns = (np.arange(entries) // n) * m + offsets.astype(np.int64)    # (rows, entries) absolute columns
@@ -357,7 +371,12 @@ def _nm_matvec(x, values, offsets, group_start, out):  # pragma: no cover - comp
 
 
 def nm_matmul_numba(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, n: int, m: int) -> np.ndarray:
-    """The Numba kernel with :func:`nm_matmul_reference`'s signature and bit-identical results."""
+    """The Numba kernel with :func:`nm_matmul_reference`'s signature and bit-identical results.
+
+    >>> p = NMMatrix.from_dense(np.array([[0, 2, 0, 1]], np.float32), 2, 4)
+    >>> nm_matmul_numba(np.ones((1, 4), np.float32), p.values, p.offsets, 2, 4).tolist()
+    [[3.0]]
+    """
     rows = values.shape[0]
     group_start = (np.arange(values.shape[1], dtype=np.uint32) // n) * np.uint32(m)   # first column of e's group
     if x.shape[0] == 1:

@@ -62,7 +62,14 @@ def prunable_parameters(model: Module, include_classifier: bool = True) -> list[
 
 
 def effective_weight(module: Module, name: str = "weight") -> np.ndarray:
-    """``<name>_orig * <name>_mask`` (or the plain parameter) as an ndarray."""
+    """``<name>_orig * <name>_mask`` (or the plain parameter) as an ndarray.
+
+    >>> import numpy as np
+    >>> from nanoopt import nn, prune
+    >>> layer = prune.custom_from_mask(nn.Linear(2, 1), "weight", np.array([[0, 1]]))
+    >>> float(effective_weight(layer)[0, 0])
+    0.0
+    """
     return get_parameter(module, name).data * get_mask(module, name)
 
 

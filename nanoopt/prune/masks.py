@@ -62,14 +62,26 @@ class MaskHook:
 
 
 def set_effective(module: Module, name: str) -> None:
-    """Recompute ``module.<name> = <name>_orig * <name>_mask`` (a graph node when gradients are enabled)."""
+    """Recompute ``module.<name> = <name>_orig * <name>_mask`` (a graph node when gradients are enabled).
+
+    >>> import numpy as np
+    >>> from nanoopt import nn
+    >>> layer = apply_mask(nn.Linear(2, 1), "weight", np.array([[1.0, 0.0]]))
+    >>> layer.weight_orig.data[...] = 3.0; set_effective(layer, "weight"); layer.weight.data.tolist()
+    [[3.0, 0.0]]
+    """
     orig = module._parameters[name + ORIG_SUFFIX]
     mask = module._buffers[name + MASK_SUFFIX]
     object.__setattr__(module, name, orig * mask)
 
 
 def module_label(module: Module) -> str:
-    """A short description of a module for error messages, e.g. ``Linear(in_features=4, ...)``."""
+    """A short description of a module for error messages, e.g. ``Linear(in_features=4, ...)``.
+
+    >>> from nanoopt import nn
+    >>> module_label(nn.Linear(2, 3))
+    'Linear(in_features=2, out_features=3, bias=True)'
+    """
     return f"{type(module).__name__}({module.extra_repr()})"
 
 
@@ -85,12 +97,23 @@ def is_pruned(module: Module, name: str | None = None) -> bool:
 
 
 def pruned_names(module: Module) -> list[str]:
-    """Names of the parameters of ``module`` that are currently pruned (have a :class:`MaskHook`)."""
+    """Names of the parameters of ``module`` that are currently pruned (have a :class:`MaskHook`).
+
+    >>> import numpy as np
+    >>> from nanoopt import nn
+    >>> pruned_names(apply_mask(nn.Linear(2, 1), "bias", np.array([0.0])))
+    ['bias']
+    """
     return [hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, MaskHook)]
 
 
 def get_mask(module: Module, name: str) -> np.ndarray:
-    """The current mask of ``module.<name>``: its ``<name>_mask`` buffer, or all ones if it is not pruned."""
+    """The current mask of ``module.<name>``: its ``<name>_mask`` buffer, or all ones if it is not pruned.
+
+    >>> from nanoopt import nn
+    >>> get_mask(nn.Linear(2, 1), "weight").tolist()
+    [[1.0, 1.0]]
+    """
     if is_pruned(module, name):
         return module._buffers[name + MASK_SUFFIX]
     return np.ones(get_parameter(module, name).shape, dtype=np.float32)
@@ -100,6 +123,12 @@ def get_parameter(module: Module, name: str) -> Parameter:
     """The trainable tensor behind ``module.<name>``: ``<name>_orig`` when pruned, else the parameter itself.
 
     Raises ``ValueError`` naming the module when it has no such parameter.
+
+    >>> import numpy as np
+    >>> from nanoopt import nn
+    >>> layer = nn.Linear(2, 1); original = layer.weight
+    >>> get_parameter(apply_mask(layer, "weight", np.ones((1, 2))), "weight") is original
+    True
     """
     if not isinstance(module, Module):
         raise TypeError(f"expected a nanoopt Module, got {type(module).__name__}")
@@ -177,7 +206,14 @@ def remove(module: Module, name: str) -> Module:
 
 
 def remove_all(model: Module) -> Module:
-    """:func:`remove` every pruned parameter of every module of ``model``; returns ``model``."""
+    """:func:`remove` every pruned parameter of every module of ``model``; returns ``model``.
+
+    >>> import numpy as np
+    >>> from nanoopt import nn
+    >>> model = nn.Sequential(apply_mask(nn.Linear(2, 1), "weight", np.array([[0.0, 1.0]])))
+    >>> sorted(remove_all(model).state_dict())
+    ['0.bias', '0.weight']
+    """
     for module in model.modules():
         for name in pruned_names(module):
             remove(module, name)
@@ -185,7 +221,14 @@ def remove_all(model: Module) -> Module:
 
 
 def pruned_parameters(model: Module) -> Iterator[tuple[str, Module, str]]:
-    """``(module_name, module, parameter_name)`` for every pruned parameter in ``model``."""
+    """``(module_name, module, parameter_name)`` for every pruned parameter in ``model``.
+
+    >>> import numpy as np
+    >>> from nanoopt import nn
+    >>> model = nn.Sequential(nn.ReLU(), apply_mask(nn.Linear(2, 1), "weight", np.ones((1, 2))))
+    >>> [(name, parameter) for name, _, parameter in pruned_parameters(model)]
+    [('1', 'weight')]
+    """
     for module_name, module in model.named_modules():
         for name in pruned_names(module):
             yield module_name, module, name

@@ -144,7 +144,11 @@ def nm_mask(scores: np.ndarray, default_mask: np.ndarray, n: int, m: int, dim: i
 
 
 def random_scores(shape: tuple[int, ...], seed: int | None) -> np.ndarray:
-    """Uniform [0, 1) scores from ``default_rng(seed)``, or from nanoopt's global generator when seed is None."""
+    """Uniform [0, 1) scores from ``default_rng(seed)``, or from nanoopt's global generator when seed is None.
+
+    >>> random_scores((2, 3), seed=0).shape
+    (2, 3)
+    """
     rng = get_rng() if seed is None else np.random.default_rng(seed)
     return rng.random(shape)
 

@@ -49,7 +49,13 @@ def _check_sparsity(sparsity: float, what: str) -> float:
 
 
 def mask_sparsity(parameters: Sequence[Key]) -> float:
-    """Fraction of masked-out entries over all ``parameters`` (0 for unpruned ones)."""
+    """Fraction of masked-out entries over all ``parameters`` (0 for unpruned ones).
+
+    >>> from nanoopt import nn, prune
+    >>> layer = prune.l1_unstructured(nn.Linear(4, 5), "weight", amount=5)
+    >>> mask_sparsity([(layer, "weight")])
+    0.25
+    """
     zeros = sum(int((get_mask(*key) == 0).sum()) for key in parameters)
     total = sum(get_parameter(*key).size for key in parameters)
     return zeros / total if total else 0.0
@@ -59,7 +65,14 @@ def prune_to_sparsity(parameters: Sequence[Key], sparsity: float, scope: str = "
                       importance_scores: Mapping[Key, Any] | None = None) -> None:
     """Prune by magnitude (or ``importance_scores``) among the survivors until exactly round(sparsity * N) of the
     N entries are masked, over all ``parameters`` together (``scope="global"``) or in each (``"layer"``).
-    A target below the current sparsity prunes nothing (masks are never relaxed)."""
+    A target below the current sparsity prunes nothing (masks are never relaxed).
+
+    >>> from nanoopt import models
+    >>> model = models.tiny_mlp(); params = prunable_parameters(model)
+    >>> prune_to_sparsity(params, 0.5, scope="layer")
+    >>> [round(float((m.weight_mask == 0).mean()), 2) for m, _ in params]
+    [0.5, 0.5]
+    """
     sparsity = _check_sparsity(sparsity, "prune_to_sparsity")
     parameters = list(parameters)
     if scope == "global":

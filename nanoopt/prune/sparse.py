@@ -30,7 +30,14 @@ from nanoopt.tensor import Tensor, is_grad_enabled
 
 
 class SparseLinear(Module):
-    """An inference-only Linear layer with a sparse weight (``CSRMatrix`` or ``NMMatrix``) and a dense bias."""
+    """An inference-only Linear layer with a sparse weight (``CSRMatrix`` or ``NMMatrix``) and a dense bias.
+
+    >>> import numpy as np, nanoopt as no
+    >>> from nanoopt.kernels.sparse import CSRMatrix
+    >>> layer = SparseLinear(CSRMatrix.from_dense(np.eye(2, dtype=np.float32)), bias=np.ones(2))
+    >>> layer(no.Tensor(np.array([[1.0, 2.0]], np.float32))).data.tolist()
+    [[2.0, 3.0]]
+    """
 
     def __init__(self, weight: CSRMatrix | NMMatrix, bias: np.ndarray | None = None) -> None:
         super().__init__()
@@ -89,7 +96,13 @@ class SparseLinear(Module):
 def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: int = 2, m: int = 4
               ) -> list[str]:
     """Replace, in place, every Linear of ``model`` whose effective weight has at least ``min_sparsity`` zeros
-    by a :class:`SparseLinear`; returns the names of the replaced layers."""
+    by a :class:`SparseLinear`; returns the names of the replaced layers.
+
+    >>> from nanoopt import models, prune
+    >>> model = models.tiny_mlp(); _ = prune.l1_unstructured(model[1], "weight", amount=0.8)
+    >>> to_sparse(model, min_sparsity=0.5), type(model[1]).__name__
+    (['1'], 'SparseLinear')
+    """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
     replaced = []

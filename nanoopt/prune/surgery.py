@@ -534,6 +534,13 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     with :func:`~nanoopt.prune.ln_structured` or :func:`prune_channels` first). Layers are replaced by smaller
     ones whose outputs equal the masked model's (eval mode) within float rounding. Raises ``ValueError`` if the
     trace cannot follow the model or if every channel of a group is dead. Returns a :class:`ShrinkReport`.
+
+    >>> import numpy as np
+    >>> from nanoopt import models, prune
+    >>> model = models.mlp(8, hidden=(6,), num_classes=2)
+    >>> _ = prune.ln_structured(model[1], "weight", amount=2, n=1, dim=0)
+    >>> print(shrink(model, np.ones((1, 8), np.float32)).groups[0].channels_after)
+    4
     """
     before = model.num_parameters()
     found = trace(model, example_input)
@@ -627,7 +634,15 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
 # ===================================================================== group-aware channel pruning
 def channel_importance(model: Module, group: Group, found: Trace, criterion: str = "l2") -> np.ndarray:
     """Importance of each channel of ``group``: the sum over its producers of the channel's weight norm
-    (``"l1"``/``"l2"``), or the |gamma| of the BatchNorms reading it (``"bn_scale"``, Liu et al. 2017)."""
+    (``"l1"``/``"l2"``), or the |gamma| of the BatchNorms reading it (``"bn_scale"``, Liu et al. 2017).
+
+    >>> import numpy as np
+    >>> from nanoopt import models
+    >>> model = models.mlp(3, hidden=(2,), num_classes=2); model[1].weight.data[...] = [[1, 1, 1], [0, 0, 2]]
+    >>> found = trace(model, np.ones((1, 3), np.float32)); group = dependency_groups(model, None, found)[0]
+    >>> channel_importance(model, group, found, "l1").tolist()
+    [3.0, 2.0]
+    """
     scores = np.zeros(group.channels)
     position = {int(r): j for j, r in enumerate(group.roots)}
     if criterion == "bn_scale":
@@ -748,7 +763,14 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
 
 def remove_blocks(model: Module, names: Sequence[str], example_input: Any) -> Module:
     """Replace each named block by :class:`~nanoopt.nn.Identity`, after checking on ``example_input`` that its
-    output has its input's shape (``ValueError`` naming the block otherwise)."""
+    output has its input's shape (``ValueError`` naming the block otherwise).
+
+    >>> import numpy as np
+    >>> from nanoopt import models
+    >>> model = models.small_resnet(widths=(4,), blocks_per_stage=2)
+    >>> type(remove_blocks(model, ["stages.0.1"], np.ones((1, 1, 8, 8), np.float32)).stages[0][1]).__name__
+    'Identity'
+    """
     distances = block_angular_distances(model, example_input, names)
     for name in names:
         if name not in distances:
