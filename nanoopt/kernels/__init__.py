@@ -1,0 +1,463 @@
+"""Integer kernels and the one place that chooses which implementation runs.
+
+Backends, all bit-identical (tested against each other):
+
+* ``"reference"`` -- :mod:`nanoopt.kernels.reference`, pure NumPy in int64: the executable specification;
+* ``"numba"`` -- :mod:`nanoopt.kernels.numba_cpu`, portable compiled kernels (any CPU LLVM targets);
+* ``"avx2"`` -- the int8 GEMM of :mod:`nanoopt.kernels.avx2` (``vpmaddubsw`` / AVX-VNNI ``vpdpbusd``
+  intrinsics), with the Numba epilogue (zero-point fold, bias, requantization, ReLU) around it.
+
+``"auto"`` (the default) runs a layer on ``"avx2"`` when the CPU has it and the layer fits it (int8
+activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
+kernel), else on ``"numba"``. Choose with :func:`set_backend` or, for a block of code, :func:`use_backend`.
+
+Layers prepare their constant operands once: :func:`prepare_linear` / :func:`prepare_conv2d` validate the
+parameters, pack the weights (for every backend that may run them) and return a callable; calling it with
+the integer input checks only that input. The functions with the reference's signatures
+(:func:`quantized_linear`, :func:`quantized_conv2d`, ...) dispatch the same way and accept either plain
+weights or a :class:`PreparedWeights`.
+
+>>> import numpy as np
+>>> from nanoopt.quant.spec import QuantSpec
+>>> layer = prepare_linear(np.array([[2, 1], [-1, 4]], np.int8), None, 0, 2**30, 0, 0, QuantSpec())
+>>> with use_backend("reference"):
+...     layer(np.array([[10, -3]], np.int8))
+array([[  9, -11]], dtype=int8)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+
+import numba
+import numpy as np
+
+from nanoopt.kernels import numba_cpu, reference
+from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
+from nanoopt.quant.spec import QuantSpec
+
+BACKENDS = ("auto", "avx2", "numba", "reference")
+AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
+
+_state = threading.local()
+
+__all__ = [
+    "BACKENDS",
+    "AccumulatorOverflowError",
+    "PreparedConv2d",
+    "PreparedLinear",
+    "PreparedWeights",
+    "accumulator_bound",
+    "avx2_available",
+    "gemm_s8s8s32",
+    "gemm_s16s8s64",
+    "gemm_s16s16s64",
+    "get_backend",
+    "int32_accumulation_is_safe",
+    "prepare_conv2d",
+    "prepare_linear",
+    "prepare_weights",
+    "quantized_add",
+    "quantized_avg_pool2d",
+    "quantized_conv2d",
+    "quantized_linear",
+    "quantized_max_pool2d",
+    "quantized_relu",
+    "set_backend",
+    "use_backend",
+]
+
+
+# ------------------------------------------------------------------------------------------ backend choice
+def set_backend(name: str) -> None:
+    """Choose the backend for this thread: ``"auto"``, ``"avx2"``, ``"numba"`` or ``"reference"``.
+
+    Forcing ``"avx2"`` where it cannot run raises when a layer is called, naming the reason.
+
+    >>> set_backend("numba"); get_backend()
+    'numba'
+    >>> set_backend("auto")
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _state.backend = name
+
+
+def get_backend() -> str:
+    """The backend chosen for this thread (``"auto"`` unless set).
+
+    >>> get_backend()
+    'auto'
+    """
+    return getattr(_state, "backend", "auto")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run a block of code with another backend, then restore the previous one.
+
+    >>> with use_backend("reference"):
+    ...     get_backend()
+    'reference'
+    """
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+@functools.cache
+def _avx2_module():
+    """:mod:`nanoopt.kernels.avx2` if its kernels run here, else ``None`` (imported on first need)."""
+    try:
+        from nanoopt.kernels import avx2
+    except ImportError:  # pragma: no cover - the module ships with nanoopt
+        return None
+    return avx2 if avx2.available() else None
+
+
+def avx2_available() -> bool:
+    """True when the AVX2 GEMM compiles and is exact on this machine (checked once per process).
+
+    >>> isinstance(avx2_available(), bool)
+    True
+    """
+    return _avx2_module() is not None
+
+
+# ------------------------------------------------------------------------------------------ weights
+class PreparedWeights:
+    """Integer weights ``(N, K)`` packed once for every backend that may multiply them.
+
+    ``numba``: :class:`nanoopt.kernels.numba_cpu.PackedWeights` (always); the AVX2 packings are made on
+    first use.
+
+    >>> weights = prepare_weights(np.array([[1, -128]], np.int8))
+    >>> weights.avx2_reason(np.int8)
+    'weights use -128 (the AVX2 int8 kernel needs narrow-range [-127, 127])'
+    """
+
+    def __init__(self, w_q: np.ndarray):
+        self.numba = numba_cpu.pack_weights(w_q)
+        self.weight = w_q
+        self.narrow_range = w_q.dtype == np.int8 and not (w_q.size and int(w_q.min()) < -127)
+        self._avx2_s8 = None
+        self._avx2_s16 = None
+
+    def avx2_reason(self, x_dtype=np.int8) -> str | None:
+        """``None`` when the AVX2 kernels can multiply ``x_dtype`` activations by these weights, else why not."""
+        if self.weight.dtype != np.int8:
+            return "int16 weights (the AVX2 kernels multiply int8 weights)"
+        if np.dtype(x_dtype) == np.int8 and not self.narrow_range:
+            return "weights use -128 (the AVX2 int8 kernel needs narrow-range [-127, 127])"
+        return None
+
+    def avx2_s8(self):
+        """The int8 AVX2 packing (``avx2.PackedWeightsS8``), made on first use."""
+        if self._avx2_s8 is None:
+            self._avx2_s8 = _avx2_module().pack_weights_s8(self.weight)
+        return self._avx2_s8
+
+    def avx2_s16(self):
+        """The 16x8 AVX2 packing (``avx2.PackedWeightsS16``), made on first use."""
+        if self._avx2_s16 is None:
+            self._avx2_s16 = _avx2_module().pack_weights_s16(self.weight)
+        return self._avx2_s16
+
+
+def prepare_weights(w_q: np.ndarray) -> PreparedWeights:
+    """Pack ``w_q (N, K)`` (int8 or int16, C-contiguous) once; pass the result to the GEMMs/layers.
+
+    >>> prepare_weights(np.ones((3, 4), np.int8)).numba.parts.shape
+    (1, 8, 4)
+    """
+    return w_q if isinstance(w_q, PreparedWeights) else PreparedWeights(w_q)
+
+
+def _avx2_obstacle(weights: PreparedWeights, x_dtype) -> str | None:
+    """Why the AVX2 path cannot run this product (``None`` if it can)."""
+    if _avx2_module() is None:
+        return "the AVX2 kernels are not available on this CPU/target (or NANOOPT_DISABLE_AVX2 is set)"
+    reason = weights.avx2_reason(x_dtype)
+    if reason is not None:
+        return reason
+    if np.dtype(x_dtype) == np.int8 and weights.numba.k > _avx2_module().MAX_K_S8:
+        return f"K = {weights.numba.k} exceeds the AVX2 int32 limit {_avx2_module().MAX_K_S8}"
+    return None
+
+
+def _resolve(weights: PreparedWeights, x_dtype) -> str:
+    """The backend that runs a product of ``x_dtype`` activations with ``weights`` now."""
+    backend = get_backend()
+    if backend == "auto":
+        return "numba" if _avx2_obstacle(weights, x_dtype) else "avx2"
+    if backend == "avx2":
+        obstacle = _avx2_obstacle(weights, x_dtype)
+        if obstacle:
+            raise RuntimeError(f"backend 'avx2' was forced but cannot run this layer: {obstacle}")
+    return backend
+
+
+@numba.njit(cache=True, parallel=True)
+def _avx2_rows_parallel(gemm_into, a, panels, n, k, out, rows_per_item):
+    """Run an AVX2 ``*_into`` GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+    items = (a.shape[0] + rows_per_item - 1) // rows_per_item
+    for item in numba.prange(items):
+        lo = item * rows_per_item
+        hi = min(lo + rows_per_item, a.shape[0])
+        gemm_into(a[lo:hi], panels, n, k, out[lo:hi])
+
+
+def _avx2_products(weights: PreparedWeights, a: np.ndarray) -> np.ndarray:
+    """Exact ``a @ w.T`` with the AVX2 kernels: int32 for int8 ``a``, int64 for int16 ``a``."""
+    avx2 = _avx2_module()
+    if a.dtype == np.int8:
+        packed, gemm_into, out_dtype = weights.avx2_s8(), avx2.gemm_s8s8s32_into, np.int32
+    else:
+        packed, gemm_into, out_dtype = weights.avx2_s16(), avx2.gemm_s16s8s64_into, np.int64
+    threads = numba.get_num_threads()
+    if threads > 1 and a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
+        out = np.empty((a.shape[0], packed.n), out_dtype)
+        rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
+        _avx2_rows_parallel(gemm_into, a, packed.panels, packed.n, packed.k, out, rows)
+        return out
+    if a.dtype == np.int8:
+        return avx2.gemm_s8s8s32_packed(a, packed)
+    return avx2.gemm_s16s8s64_packed(a, packed)
+
+
+# ------------------------------------------------------------------------------------------------ GEMMs
+def gemm_s8s8s32(a: np.ndarray, w, a_zero_point: int) -> np.ndarray:
+    """``sum_k (a - a_zp) w`` as int32 on the current backend (see :func:`reference.gemm_s8s8s32`).
+
+    >>> gemm_s8s8s32(np.array([[1, 2]], np.int8), np.array([[3, 4], [-1, 0]], np.int8), 1)
+    array([[4, 0]], dtype=int32)
+    """
+    weights = prepare_weights(w)
+    backend = _resolve(weights, np.int8)
+    if backend == "reference":
+        return reference.gemm_s8s8s32(a, weights.weight, a_zero_point)
+    if backend == "numba":
+        return numba_cpu.gemm_s8s8s32(a, weights.numba, a_zero_point)
+    reference.check_gemm_args(a, weights.weight, (np.int8,), (np.int8,))
+    zero_point = reference.check_int(a_zero_point, "a_zero_point", *reference.INT8_RANGE)
+    sums = weights.numba.positive_sums, weights.numba.negative_sums
+    if not reference.int32_safe_from_sign_sums(*sums, *reference.INT8_RANGE, zero_point):
+        raise AccumulatorOverflowError(f"int8 GEMM with K={weights.numba.k} could overflow int32")
+    products = _avx2_products(weights, a)
+    return products - np.int32(zero_point) * weights.numba.row_sums.astype(np.int32)  # fits: checked above
+
+
+def gemm_s16s8s64(a: np.ndarray, w) -> np.ndarray:
+    """int16 x int8 -> int64 ``a @ w.T`` on the current backend (see :func:`reference.gemm_s16s8s64`).
+
+    >>> gemm_s16s8s64(np.array([[32767, -32768]], np.int16), np.array([[127, 127]], np.int8))
+    array([[-127]])
+    """
+    weights = prepare_weights(w)
+    backend = _resolve(weights, np.int16)
+    if backend == "reference":
+        return reference.gemm_s16s8s64(a, weights.weight)
+    if backend == "numba":
+        return numba_cpu.gemm_s16s8s64(a, weights.numba)
+    reference.check_gemm_args(a, weights.weight, (np.int16,), (np.int8,))
+    return _avx2_products(weights, a)
+
+
+def gemm_s16s16s64(a: np.ndarray, w) -> np.ndarray:
+    """int16 x int16 -> int64 ``a @ w.T`` (reference or Numba; see :func:`reference.gemm_s16s16s64`).
+
+    >>> gemm_s16s16s64(np.array([[-32768]], np.int16), np.array([[-32768]], np.int16))
+    array([[1073741824]])
+    """
+    weights = prepare_weights(w)
+    if _resolve(weights, np.int16) == "reference":
+        return reference.gemm_s16s16s64(a, weights.weight)
+    return numba_cpu.gemm_s16s16s64(a, weights.numba)
+
+
+# ------------------------------------------------------------------------------------------- layers
+class PreparedLinear:
+    """A quantized linear layer (:func:`reference.quantized_linear`) with everything but its input fixed.
+
+    Made by :func:`prepare_linear`; ``layer(x_q)`` runs on the current backend. ``backend_for(x_q)`` says
+    which one that is.
+    """
+
+    def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
+                 relu: bool = False, x_dtype=np.int8):  # fmt: skip
+        self.weights = prepare_weights(w_q)
+        self.plan = numba_cpu.LinearPlan(
+            self.weights.numba, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_dtype
+        )  # validates every argument
+        self.arguments = (bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu)
+
+    def backend_for(self, x_q: np.ndarray | None = None) -> str:
+        """The backend a call would use now (``x_q`` is not needed: the input dtype is fixed)."""
+        return _resolve(self.weights, self.plan.x_dtype)
+
+    def __call__(self, x_q: np.ndarray) -> np.ndarray:
+        backend = self.backend_for()
+        if backend == "reference":
+            self.plan.check_input(x_q)
+            return reference.quantized_linear(x_q, self.weights.weight, *self.arguments)
+        if backend == "numba":
+            return self.plan(x_q)
+        self.plan.check_input(x_q)
+        return self.plan.finish(_avx2_products(self.weights, x_q))
+
+
+def prepare_linear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
+                   relu: bool = False, x_dtype=np.int8) -> PreparedLinear:  # fmt: skip
+    """Validate and pack a quantized linear layer once; the result is called with the input codes.
+
+    Arguments as :func:`reference.quantized_linear` (``w_q`` may be a :class:`PreparedWeights`), plus the
+    activation dtype ``x_dtype`` (int8, or int16 for the 16x8 / 16x16 modes).
+
+    >>> layer = prepare_linear(np.array([[2, 1], [-1, 4]], np.int8), None, 0, 2**30, 0, 0, QuantSpec())
+    >>> layer(np.array([[10, -3]], np.int8))
+    array([[  9, -11]], dtype=int8)
+    """
+    return PreparedLinear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_dtype)
+
+
+class PreparedConv2d:
+    """A quantized conv2d layer (:func:`reference.quantized_conv2d`) with everything but its input fixed.
+
+    On ``"avx2"`` the input is laid out by the Numba im2col, each group is multiplied by the AVX2 GEMM and
+    the Numba epilogue writes NCHW; grouped convolutions with fewer than 4 output channels per group
+    (depthwise) and int16 inputs run on ``"numba"``.
+    """
+
+    def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
+                 padding=0, dilation=1, groups: int = 1, relu: bool = False, x_dtype=np.int8):  # fmt: skip
+        self.plan = numba_cpu.Conv2dPlan(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride,
+                                         padding, dilation, groups, relu, x_dtype)  # fmt: skip
+        self.weight = self.plan.packed.weight
+        self.arguments = (bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride, padding, dilation,
+                          groups, relu)  # fmt: skip
+        out_channels = self.weight.shape[0]
+        self.per_group = out_channels // self.plan.groups
+        self._group_weights: list[PreparedWeights] | None = None
+
+    def group_weights(self) -> list[PreparedWeights]:
+        """Per group, the ``(OC_g, KH*KW*IC_g)`` weight matrix in the im2col's ``(kh, kw, c)`` order."""
+        if self._group_weights is None:
+            parts = self.plan.packed.parts  # (groups, 1, OC_g padded, depth) for int8 weights
+            self._group_weights = [
+                PreparedWeights(np.ascontiguousarray(parts[g, 0, : self.per_group])) for g in range(self.plan.groups)
+            ]
+        return self._group_weights
+
+    def backend_for(self, x_q: np.ndarray | None = None) -> str:
+        """The backend a call would use now."""
+        backend = get_backend()
+        if backend in ("reference", "numba"):
+            return backend
+        obstacle = self._avx2_obstacle()
+        if obstacle is None:
+            return "avx2"
+        if backend == "avx2":
+            raise RuntimeError(f"backend 'avx2' was forced but cannot run this layer: {obstacle}")
+        return "numba"
+
+    def _avx2_obstacle(self) -> str | None:
+        if self.plan.x_dtype != np.int8:
+            return "int16 activations (the AVX2 conv path is int8)"
+        if self.per_group < numba_cpu.TILE_COLUMNS:
+            return "fewer than 4 output channels per group (depthwise runs the direct Numba loop)"
+        if self.plan.depth > numba_cpu.MAX_FUSED_K:
+            return f"reduction depth {self.plan.depth} exceeds {numba_cpu.MAX_FUSED_K}"
+        return next(filter(None, (_avx2_obstacle(weights, np.int8) for weights in self.group_weights())), None)
+
+    def __call__(self, x_q: np.ndarray) -> np.ndarray:
+        backend = self.backend_for()
+        if backend == "reference":
+            self.plan.output_shape(x_q)
+            return reference.quantized_conv2d(x_q, self.weight, *self.arguments)
+        if backend == "numba":
+            return self.plan(x_q)
+        batch, out_channels, out_h, out_w = self.plan.output_shape(x_q)
+        padded = self.plan.pad(x_q)
+        out = np.empty((batch, out_channels, out_h, out_w), dtype=numba_cpu.kernel_dtype(self.plan.out_dtype))
+        for group, weights in enumerate(self.group_weights()):
+            cols = self.plan.columns(padded, group, out_w, out_h * out_w)  # (N * OH * OW, depth)
+            self.plan.finish_group(_avx2_products(weights, cols), group, out)
+        return out.astype(self.plan.out_dtype, copy=False)
+
+
+def prepare_conv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
+                   padding=0, dilation=1, groups: int = 1, relu: bool = False,
+                   x_dtype=np.int8) -> PreparedConv2d:  # fmt: skip
+    """Validate and pack a quantized conv2d layer once (arguments as :func:`reference.quantized_conv2d`).
+
+    >>> layer = prepare_conv2d(np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0, QuantSpec(), padding=1)
+    >>> layer(np.ones((1, 1, 3, 3), np.int8))[0, 0]
+    array([[2, 3, 2],
+           [3, 5, 3],
+           [2, 3, 2]], dtype=int8)
+    """
+    return PreparedConv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride, padding,
+                          dilation, groups, relu, x_dtype)  # fmt: skip
+
+
+# ------------------------------------------------------------------------- the reference's signatures
+def quantized_linear(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
+                     relu: bool = False) -> np.ndarray:  # fmt: skip
+    """:func:`reference.quantized_linear` on the current backend (``w_q`` may be :class:`PreparedWeights`).
+
+    >>> quantized_linear(np.array([[10, -3]], np.int8), np.array([[2, 1], [-1, 4]], np.int8),
+    ...                  np.array([1, 0], np.int32), 0, 2**30, 0, 0, QuantSpec())
+    array([[  9, -11]], dtype=int8)
+    """
+    if get_backend() == "reference":
+        weight = w_q.weight if isinstance(w_q, PreparedWeights) else w_q
+        return reference.quantized_linear(x_q, weight, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
+                                          relu)  # fmt: skip
+    reference.check_array(x_q, "x_q", (np.int8, np.int16), 2)
+    layer = PreparedLinear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_q.dtype)
+    if x_q.shape[1] != layer.weights.numba.k:
+        raise ValueError(f"x_q (M, K) and w_q (N, K) must share K, got {x_q.shape} and {layer.weights.weight.shape}")
+    return layer(x_q)
+
+
+def quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
+                     padding=0, dilation=1, groups: int = 1, relu: bool = False) -> np.ndarray:  # fmt: skip
+    """:func:`reference.quantized_conv2d` on the current backend.
+
+    >>> quantized_conv2d(np.ones((1, 1, 3, 3), np.int8), np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0,
+    ...                  QuantSpec(), padding=1)[0, 0, 0]
+    array([2, 3, 2], dtype=int8)
+    """
+    if get_backend() == "reference":
+        return reference.quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
+                                          stride, padding, dilation, groups, relu)  # fmt: skip
+    reference.check_array(x_q, "x_q", (np.int8, np.int16), 4)
+    reference.check_array(w_q, "w_q", (np.int8, np.int16), 4)
+    reference.check_conv_geometry(x_q, w_q, stride, padding, dilation, groups)
+    layer = PreparedConv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride, padding,
+                           dilation, groups, relu, x_q.dtype)  # fmt: skip
+    return layer(x_q)
+
+
+def _elementwise(name: str):
+    """Dispatch an elementwise/pool kernel: the reference when forced, else the Numba one."""
+
+    def run(*args, **kwargs):
+        module = reference if get_backend() == "reference" else numba_cpu
+        return getattr(module, name)(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f":func:`reference.{name}` on the current backend (Numba unless ``'reference'`` is forced)."
+    return run
+
+
+quantized_max_pool2d = _elementwise("quantized_max_pool2d")
+quantized_avg_pool2d = _elementwise("quantized_avg_pool2d")
+quantized_add = _elementwise("quantized_add")
+quantized_relu = _elementwise("quantized_relu")

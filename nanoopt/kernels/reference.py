@@ -133,6 +133,36 @@ def activation_range(x_dtype: np.dtype) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------ the bound
+def weight_sign_sums(w_q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per output channel (axis 0): ``P_n = sum_k max(w, 0)`` and ``Q_n = sum_k max(-w, 0)`` as int64.
+
+    >>> weight_sign_sums(np.array([[3, -2, 1]], np.int8))
+    (array([4]), array([2]))
+    """
+    if not isinstance(w_q, np.ndarray) or w_q.dtype.kind != "i" or w_q.ndim < 2:
+        raise TypeError(f"w_q must be a signed integer array with >= 2 dimensions, got {w_q!r:.60}")
+    weights = w_q.reshape(w_q.shape[0], -1).astype(np.int64)  # (N, K)
+    return np.maximum(weights, 0).sum(axis=1), np.maximum(-weights, 0).sum(axis=1)
+
+
+def bound_from_sign_sums(positive, negative, x_qmin: int, x_qmax: int, x_zero_point: int, bias_q=None) -> np.ndarray:
+    """:func:`accumulator_bound` from the sign sums of :func:`weight_sign_sums` (O(N), for cached weights).
+
+    With ``lo = x_qmin - zp <= 0 <= hi = x_qmax - zp``: ``largest = P hi - Q lo + b``,
+    ``smallest = P lo - Q hi + b``, bound ``= max(|largest|, |smallest|)``.
+    """
+    low = int(x_qmin) - int(x_zero_point)
+    high = int(x_qmax) - int(x_zero_point)
+    if low > 0 or high < 0:
+        raise ValueError(f"x_zero_point must lie in [x_qmin, x_qmax] = [{x_qmin}, {x_qmax}], got {x_zero_point}")
+    largest = positive * high - negative * low
+    smallest = positive * low - negative * high
+    if bias_q is not None:
+        largest = largest + np.asarray(bias_q, dtype=np.int64)
+        smallest = smallest + np.asarray(bias_q, dtype=np.int64)
+    return np.maximum(np.abs(largest), np.abs(smallest))
+
+
 def accumulator_bound(w_q: np.ndarray, x_qmin: int, x_qmax: int, x_zero_point: int, bias_q=None) -> np.ndarray:
     """Exact worst case of ``|sum_k (x_k - x_zero_point) w[n, k] + bias[n]|`` for ``x`` in ``[x_qmin, x_qmax]``.
 
@@ -145,19 +175,15 @@ def accumulator_bound(w_q: np.ndarray, x_qmin: int, x_qmax: int, x_zero_point: i
     >>> accumulator_bound(w, -128, 127, 0)
     array([32513,     0])
     """
-    if not isinstance(w_q, np.ndarray) or w_q.dtype.kind != "i" or w_q.ndim < 2:
-        raise TypeError(f"w_q must be a signed integer array with >= 2 dimensions, got {w_q!r:.60}")
-    weights = w_q.reshape(w_q.shape[0], -1).astype(np.int64)  # (N, K)
-    low = int(x_qmin) - int(x_zero_point)
-    high = int(x_qmax) - int(x_zero_point)
-    if low > 0 or high < 0:
-        raise ValueError(f"x_zero_point must lie in [x_qmin, x_qmax] = [{x_qmin}, {x_qmax}], got {x_zero_point}")
-    largest = np.maximum(weights * high, weights * low).sum(axis=1)
-    smallest = np.minimum(weights * high, weights * low).sum(axis=1)
-    if bias_q is not None:
-        largest = largest + np.asarray(bias_q, dtype=np.int64)
-        smallest = smallest + np.asarray(bias_q, dtype=np.int64)
-    return np.maximum(np.abs(largest), np.abs(smallest))
+    positive, negative = weight_sign_sums(w_q)
+    return bound_from_sign_sums(positive, negative, x_qmin, x_qmax, x_zero_point, bias_q)
+
+
+def int32_safe_from_sign_sums(positive, negative, x_qmin: int, x_qmax: int, x_zero_point: int) -> bool:
+    """:func:`int32_accumulation_is_safe` from cached sign sums."""
+    raw = max(abs(int(x_qmin)), abs(int(x_qmax))) * int((positive + negative).max(initial=0))
+    exact = int(bound_from_sign_sums(positive, negative, x_qmin, x_qmax, x_zero_point).max(initial=0))
+    return max(raw, exact) <= INT32_MAX
 
 
 def int32_accumulation_is_safe(w_q: np.ndarray, x_qmin: int, x_qmax: int, x_zero_point: int) -> bool:
@@ -170,20 +196,19 @@ def int32_accumulation_is_safe(w_q: np.ndarray, x_qmin: int, x_qmax: int, x_zero
     >>> int32_accumulation_is_safe(np.full((1, 1024), -128, np.int8), -128, 127, 127)
     True
     """
-    abs_row_sums = np.abs(w_q.astype(np.int64)).reshape(w_q.shape[0], -1).sum(axis=1)
-    raw = max(abs(int(x_qmin)), abs(int(x_qmax))) * int(abs_row_sums.max())
-    exact = int(accumulator_bound(w_q, x_qmin, x_qmax, x_zero_point).max())
-    return max(raw, exact) <= INT32_MAX
+    return int32_safe_from_sign_sums(*weight_sign_sums(w_q), x_qmin, x_qmax, x_zero_point)
 
 
-def _check_wide_bound(w_q, x_qmin, x_qmax, x_zero_point, bias) -> None:
-    bound = int(accumulator_bound(w_q, x_qmin, x_qmax, x_zero_point, bias).max())
+def check_wide_bound(positive, negative, x_qmin, x_qmax, x_zero_point, bias) -> None:
+    """Raise :class:`AccumulatorOverflowError` if the worst case exceeds ``2^62`` (the wide requant range)."""
+    bound = int(bound_from_sign_sums(positive, negative, x_qmin, x_qmax, x_zero_point, bias).max(initial=0))
     if bound > WIDE_LIMIT:
         raise AccumulatorOverflowError(f"worst-case |accumulator| {bound} exceeds 2^62; split the reduction")
 
 
 # ------------------------------------------------------------------------------------------------ GEMMs
-def _check_gemm(a, w, a_dtypes, w_dtypes) -> None:
+def check_gemm_args(a, w, a_dtypes, w_dtypes) -> None:
+    """Shared checks of the raw GEMMs: 2-D C-contiguous operands of the given dtypes sharing K."""
     check_array(a, "a", a_dtypes, 2)
     check_array(w, "w", w_dtypes, 2)
     if a.shape[1] != w.shape[1]:
@@ -200,7 +225,7 @@ def gemm_s8s8s32(a: np.ndarray, w: np.ndarray, a_zero_point: int) -> np.ndarray:
     >>> gemm_s8s8s32(a, w, 1)
     array([[4, 0]], dtype=int32)
     """
-    _check_gemm(a, w, (np.int8,), (np.int8,))
+    check_gemm_args(a, w, (np.int8,), (np.int8,))
     zero_point = check_int(a_zero_point, "a_zero_point", *INT8_RANGE)
     if not int32_accumulation_is_safe(w, *INT8_RANGE, zero_point):
         raise AccumulatorOverflowError(
@@ -218,8 +243,8 @@ def gemm_s16s8s64(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     >>> gemm_s16s8s64(np.array([[32767, -32768]], np.int16), np.array([[127, 127]], np.int8))
     array([[-127]])
     """
-    _check_gemm(a, w, (np.int16,), (np.int8,))
-    _check_wide_bound(w, *INT16_RANGE, 0, None)
+    check_gemm_args(a, w, (np.int16,), (np.int8,))
+    check_wide_bound(*weight_sign_sums(w), *INT16_RANGE, 0, None)
     return a.astype(np.int64) @ w.astype(np.int64).T
 
 
@@ -229,24 +254,26 @@ def gemm_s16s16s64(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     >>> gemm_s16s16s64(np.array([[-32768]], np.int16), np.array([[-32768]], np.int16))
     array([[1073741824]])
     """
-    _check_gemm(a, w, (np.int16,), (np.int16,))
-    _check_wide_bound(w, *INT16_RANGE, 0, None)
+    check_gemm_args(a, w, (np.int16,), (np.int16,))
+    check_wide_bound(*weight_sign_sums(w), *INT16_RANGE, 0, None)
     return a.astype(np.int64) @ w.astype(np.int64).T
 
 
 # ------------------------------------------------------------------------------------- fused epilogue
-def check_layer_args(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, x_ndim: int):
-    """Shared checks of the fused linear/conv layers. Returns ``(x_zp, bias64, m0, shift, out_zp, relu_min)``.
+def check_layer_params(
+    x_dtype, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, w_ndim: int, sign_sums=None
+):
+    """Checks of everything a fused linear/conv layer fixes before seeing its input.
 
-    Modes: int8 ``x`` with int8 ``w`` and int32 bias; int16 ``x`` (zero point must be 0) with int8 or int16
-    ``w`` and int64 bias.
+    Modes: int8 activations with int8 ``w`` and int32 bias; int16 activations (zero point must be 0) with
+    int8 or int16 ``w`` and int64 bias. ``sign_sums`` (from :func:`weight_sign_sums`) may be passed when
+    cached. Returns ``(x_zp, bias64, m0, shift, out_zp)`` with per-channel int64 ``m0``/``shift``.
     """
-    check_array(x_q, "x_q", (np.int8, np.int16), x_ndim)
-    check_array(w_q, "w_q", (np.int8, np.int16), x_ndim)
-    wide = x_q.dtype == np.int16
+    check_array(w_q, "w_q", (np.int8, np.int16), w_ndim)
+    wide = np.dtype(x_dtype) == np.int16
     if not wide and w_q.dtype != np.int8:
         raise TypeError(f"int8 x_q needs int8 w_q, got {w_q.dtype}")
-    x_zp = check_int(x_zero_point, "x_zero_point", *activation_range(x_q.dtype))
+    x_zp = check_int(x_zero_point, "x_zero_point", *activation_range(x_dtype))
     if wide and x_zp != 0:
         raise ValueError(f"int16 activations are symmetric: x_zero_point must be 0, got {x_zp}")
     channels = w_q.shape[0]
@@ -254,8 +281,15 @@ def check_layer_args(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
     m0_array, shift_array = check_requant_params(m0, shift, channels)
     check_out_spec(out_spec)
     out_zp = check_int(out_zero_point, "out_zero_point", out_spec.qmin, out_spec.qmax)
-    _check_wide_bound(w_q, *activation_range(x_q.dtype), x_zp, bias)
+    positive, negative = weight_sign_sums(w_q) if sign_sums is None else sign_sums
+    check_wide_bound(positive, negative, *activation_range(x_dtype), x_zp, bias)
     return x_zp, bias, m0_array, shift_array, out_zp
+
+
+def check_layer_args(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, x_ndim: int):
+    """Shared checks of the fused linear/conv layers: the input, then :func:`check_layer_params`."""
+    check_array(x_q, "x_q", (np.int8, np.int16), x_ndim)
+    return check_layer_params(x_q.dtype, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, x_ndim)
 
 
 def _epilogue(acc, bias, m0, shift, out_zp, out_spec, relu, channel_axis):
