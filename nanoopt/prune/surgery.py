@@ -27,7 +27,8 @@ real, as DepGraph does (Fang et al. 2023, "DepGraph: Towards any structural prun
 
 Shrinking works on the evaluation-mode model (BatchNorm with running statistics). Masks of the surviving
 channels are kept (sliced), so a shrunk model can go on training with its unstructured masks; other hooks on
-replaced layers are not carried over.
+replaced layers are not carried over, and replaced layers have new Parameter objects, so build a new optimiser
+after shrinking (``nanoopt.fit`` does, unless one is passed in).
 
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models, prune
