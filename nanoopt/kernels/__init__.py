@@ -31,13 +31,27 @@ import contextlib
 import functools
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
 
-from nanoopt.kernels import numba_cpu, reference
-from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
-from nanoopt.quant.spec import QuantSpec
+if TYPE_CHECKING:
+    from nanoopt.quant.spec import QuantSpec
+
+# The kernel modules are imported on first use, inside the functions below: they import nanoopt.quant,
+# whose package imports nanoopt.nn, which imports this package (for im2col/pooling) -- importing them here
+# would close that cycle.
+_REFERENCE_NAMES = ("AccumulatorOverflowError", "accumulator_bound", "int32_accumulation_is_safe")
+
+
+def __getattr__(name: str):
+    if name in _REFERENCE_NAMES:
+        from nanoopt.kernels import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 BACKENDS = ("auto", "avx2", "numba", "reference")
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
@@ -113,11 +127,10 @@ def use_backend(name: str) -> Iterator[None]:
 
 @functools.cache
 def _avx2_module():
-    """:mod:`nanoopt.kernels.avx2` if its kernels run here, else ``None`` (imported on first need)."""
-    try:
-        from nanoopt.kernels import avx2
-    except ImportError:  # pragma: no cover - the module ships with nanoopt
-        return None
+    """:mod:`nanoopt.kernels.avx2` if its kernels run here (checked once: compiles its int8 kernel), else
+    ``None``. Nothing of it is compiled before this says yes."""
+    from nanoopt.kernels import avx2
+
     return avx2 if avx2.available() else None
 
 
@@ -143,6 +156,8 @@ class PreparedWeights:
     """
 
     def __init__(self, w_q: np.ndarray):
+        from nanoopt.kernels import numba_cpu
+
         self.numba = numba_cpu.pack_weights(w_q)
         self.weight = w_q
         self.narrow_range = w_q.dtype == np.int8 and not (w_q.size and int(w_q.min()) < -127)
@@ -203,28 +218,21 @@ def _resolve(weights: PreparedWeights, x_dtype) -> str:
     return backend
 
 
-@numba.njit(cache=True, parallel=True)
-def _avx2_rows_parallel(gemm_into, a, panels, n, k, out, rows_per_item):
-    """Run an AVX2 ``*_into`` GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
-    items = (a.shape[0] + rows_per_item - 1) // rows_per_item
-    for item in numba.prange(items):
-        lo = item * rows_per_item
-        hi = min(lo + rows_per_item, a.shape[0])
-        gemm_into(a[lo:hi], panels, n, k, out[lo:hi])
-
-
 def _avx2_products(weights: PreparedWeights, a: np.ndarray) -> np.ndarray:
     """Exact ``a @ w.T`` with the AVX2 kernels: int32 for int8 ``a``, int64 for int16 ``a``."""
+    from nanoopt.kernels import numba_cpu
+
     avx2 = _avx2_module()
     if a.dtype == np.int8:
-        packed, gemm_into, out_dtype = weights.avx2_s8(), avx2.gemm_s8s8s32_into, np.int32
+        packed, out_dtype = weights.avx2_s8(), np.int32
     else:
-        packed, gemm_into, out_dtype = weights.avx2_s16(), avx2.gemm_s16s8s64_into, np.int64
+        packed, out_dtype = weights.avx2_s16(), np.int64
     threads = numba.get_num_threads()
     if threads > 1 and a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
         out = np.empty((a.shape[0], packed.n), out_dtype)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        _avx2_rows_parallel(gemm_into, a, packed.panels, packed.n, packed.k, out, rows)
+        parallel = numba_cpu.avx2_s8_rows_parallel if a.dtype == np.int8 else numba_cpu.avx2_s16_rows_parallel
+        parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
     if a.dtype == np.int8:
         return avx2.gemm_s8s8s32_packed(a, packed)
@@ -238,6 +246,8 @@ def gemm_s8s8s32(a: np.ndarray, w, a_zero_point: int) -> np.ndarray:
     >>> gemm_s8s8s32(np.array([[1, 2]], np.int8), np.array([[3, 4], [-1, 0]], np.int8), 1)
     array([[4, 0]], dtype=int32)
     """
+    from nanoopt.kernels import numba_cpu, reference
+
     weights = prepare_weights(w)
     backend = _resolve(weights, np.int8)
     if backend == "reference":
@@ -248,7 +258,7 @@ def gemm_s8s8s32(a: np.ndarray, w, a_zero_point: int) -> np.ndarray:
     zero_point = reference.check_int(a_zero_point, "a_zero_point", *reference.INT8_RANGE)
     sums = weights.numba.positive_sums, weights.numba.negative_sums
     if not reference.int32_safe_from_sign_sums(*sums, *reference.INT8_RANGE, zero_point):
-        raise AccumulatorOverflowError(f"int8 GEMM with K={weights.numba.k} could overflow int32")
+        raise reference.AccumulatorOverflowError(f"int8 GEMM with K={weights.numba.k} could overflow int32")
     products = _avx2_products(weights, a)
     return products - np.int32(zero_point) * weights.numba.row_sums.astype(np.int32)  # fits: checked above
 
@@ -259,6 +269,8 @@ def gemm_s16s8s64(a: np.ndarray, w) -> np.ndarray:
     >>> gemm_s16s8s64(np.array([[32767, -32768]], np.int16), np.array([[127, 127]], np.int8))
     array([[-127]])
     """
+    from nanoopt.kernels import numba_cpu, reference
+
     weights = prepare_weights(w)
     backend = _resolve(weights, np.int16)
     if backend == "reference":
@@ -275,6 +287,8 @@ def gemm_s16s16s64(a: np.ndarray, w) -> np.ndarray:
     >>> gemm_s16s16s64(np.array([[-32768]], np.int16), np.array([[-32768]], np.int16))
     array([[1073741824]])
     """
+    from nanoopt.kernels import numba_cpu, reference
+
     weights = prepare_weights(w)
     if _resolve(weights, np.int16) == "reference":
         return reference.gemm_s16s16s64(a, weights.weight)
@@ -291,6 +305,8 @@ class PreparedLinear:
 
     def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
                  relu: bool = False, x_dtype=np.int8):  # fmt: skip
+        from nanoopt.kernels import numba_cpu
+
         self.weights = prepare_weights(w_q)
         self.plan = numba_cpu.LinearPlan(
             self.weights.numba, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_dtype
@@ -302,6 +318,8 @@ class PreparedLinear:
         return _resolve(self.weights, self.plan.x_dtype)
 
     def __call__(self, x_q: np.ndarray) -> np.ndarray:
+        from nanoopt.kernels import reference
+
         backend = self.backend_for()
         if backend == "reference":
             self.plan.check_input(x_q)
@@ -319,6 +337,7 @@ def prepare_linear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spe
     Arguments as :func:`reference.quantized_linear` (``w_q`` may be a :class:`PreparedWeights`), plus the
     activation dtype ``x_dtype`` (int8, or int16 for the 16x8 / 16x16 modes).
 
+    >>> from nanoopt.quant.spec import QuantSpec
     >>> layer = prepare_linear(np.array([[2, 1], [-1, 4]], np.int8), None, 0, 2**30, 0, 0, QuantSpec())
     >>> layer(np.array([[10, -3]], np.int8))
     array([[  9, -11]], dtype=int8)
@@ -329,13 +348,16 @@ def prepare_linear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spe
 class PreparedConv2d:
     """A quantized conv2d layer (:func:`reference.quantized_conv2d`) with everything but its input fixed.
 
-    On ``"avx2"`` the input is laid out by the Numba im2col, each group is multiplied by the AVX2 GEMM and
-    the Numba epilogue writes NCHW; grouped convolutions with fewer than 4 output channels per group
+    On ``"avx2"`` blocks of 256 output pixels are laid out by the Numba im2col, multiplied by the AVX2 GEMM
+    and finished by the Numba epilogue into NCHW (:meth:`numba_cpu.Conv2dPlan.external_arguments`), in parallel
+    over blocks; grouped convolutions with fewer than 4 output channels per group
     (depthwise) and int16 inputs run on ``"numba"``.
     """
 
     def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
                  padding=0, dilation=1, groups: int = 1, relu: bool = False, x_dtype=np.int8):  # fmt: skip
+        from nanoopt.kernels import numba_cpu
+
         self.plan = numba_cpu.Conv2dPlan(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride,
                                          padding, dilation, groups, relu, x_dtype)  # fmt: skip
         self.weight = self.plan.packed.weight
@@ -344,6 +366,7 @@ class PreparedConv2d:
         out_channels = self.weight.shape[0]
         self.per_group = out_channels // self.plan.groups
         self._group_weights: list[PreparedWeights] | None = None
+        self._avx2_panels: np.ndarray | None = None
 
     def group_weights(self) -> list[PreparedWeights]:
         """Per group, the ``(OC_g, KH*KW*IC_g)`` weight matrix in the im2col's ``(kh, kw, c)`` order."""
@@ -353,6 +376,12 @@ class PreparedConv2d:
                 PreparedWeights(np.ascontiguousarray(parts[g, 0, : self.per_group])) for g in range(self.plan.groups)
             ]
         return self._group_weights
+
+    def avx2_panels(self) -> np.ndarray:
+        """The AVX2 int8 packings of every group, stacked: ``(groups, ...)``, made on first use."""
+        if self._avx2_panels is None:
+            self._avx2_panels = np.stack([weights.avx2_s8().panels for weights in self.group_weights()])
+        return self._avx2_panels
 
     def backend_for(self, x_q: np.ndarray | None = None) -> str:
         """The backend a call would use now."""
@@ -367,6 +396,8 @@ class PreparedConv2d:
         return "numba"
 
     def _avx2_obstacle(self) -> str | None:
+        from nanoopt.kernels import numba_cpu
+
         if self.plan.x_dtype != np.int8:
             return "int16 activations (the AVX2 conv path is int8)"
         if self.per_group < numba_cpu.TILE_COLUMNS:
@@ -376,19 +407,21 @@ class PreparedConv2d:
         return next(filter(None, (_avx2_obstacle(weights, np.int8) for weights in self.group_weights())), None)
 
     def __call__(self, x_q: np.ndarray) -> np.ndarray:
+        from nanoopt.kernels import numba_cpu, reference
+
         backend = self.backend_for()
         if backend == "reference":
             self.plan.output_shape(x_q)
             return reference.quantized_conv2d(x_q, self.weight, *self.arguments)
         if backend == "numba":
             return self.plan(x_q)
-        batch, out_channels, out_h, out_w = self.plan.output_shape(x_q)
-        padded = self.plan.pad(x_q)
-        out = np.empty((batch, out_channels, out_h, out_w), dtype=numba_cpu.kernel_dtype(self.plan.out_dtype))
-        for group, weights in enumerate(self.group_weights()):
-            cols = self.plan.columns(padded, group, out_w, out_h * out_w)  # (N * OH * OW, depth)
-            self.plan.finish_group(_avx2_products(weights, cols), group, out)
-        return out.astype(self.plan.out_dtype, copy=False)
+        padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
+        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out.reshape(out.shape[0], out.shape[1], -1))
+        if numba_cpu._use_threads(2 * out.size * self.plan.depth):
+            numba_cpu.avx2_conv_parallel(*arguments)
+        else:
+            numba_cpu.avx2_conv_serial(*arguments)
+        return self.plan.cast_output(out)
 
 
 def prepare_conv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
@@ -396,6 +429,7 @@ def prepare_conv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spe
                    x_dtype=np.int8) -> PreparedConv2d:  # fmt: skip
     """Validate and pack a quantized conv2d layer once (arguments as :func:`reference.quantized_conv2d`).
 
+    >>> from nanoopt.quant.spec import QuantSpec
     >>> layer = prepare_conv2d(np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0, QuantSpec(), padding=1)
     >>> layer(np.ones((1, 1, 3, 3), np.int8))[0, 0]
     array([[2, 3, 2],
@@ -411,10 +445,13 @@ def quantized_linear(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
                      relu: bool = False) -> np.ndarray:  # fmt: skip
     """:func:`reference.quantized_linear` on the current backend (``w_q`` may be :class:`PreparedWeights`).
 
+    >>> from nanoopt.quant.spec import QuantSpec
     >>> quantized_linear(np.array([[10, -3]], np.int8), np.array([[2, 1], [-1, 4]], np.int8),
     ...                  np.array([1, 0], np.int32), 0, 2**30, 0, 0, QuantSpec())
     array([[  9, -11]], dtype=int8)
     """
+    from nanoopt.kernels import reference
+
     if get_backend() == "reference":
         weight = w_q.weight if isinstance(w_q, PreparedWeights) else w_q
         return reference.quantized_linear(x_q, weight, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
@@ -430,10 +467,13 @@ def quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
                      padding=0, dilation=1, groups: int = 1, relu: bool = False) -> np.ndarray:  # fmt: skip
     """:func:`reference.quantized_conv2d` on the current backend.
 
+    >>> from nanoopt.quant.spec import QuantSpec
     >>> quantized_conv2d(np.ones((1, 1, 3, 3), np.int8), np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0,
     ...                  QuantSpec(), padding=1)[0, 0, 0]
     array([2, 3, 2], dtype=int8)
     """
+    from nanoopt.kernels import reference
+
     if get_backend() == "reference":
         return reference.quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
                                           stride, padding, dilation, groups, relu)  # fmt: skip
@@ -449,6 +489,8 @@ def _elementwise(name: str):
     """Dispatch an elementwise/pool kernel: the reference when forced, else the Numba one."""
 
     def run(*args, **kwargs):
+        from nanoopt.kernels import numba_cpu, reference
+
         module = reference if get_backend() == "reference" else numba_cpu
         return getattr(module, name)(*args, **kwargs)
 

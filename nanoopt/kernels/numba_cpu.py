@@ -44,6 +44,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from nanoopt.kernels import avx2
 from nanoopt.kernels import reference as ref
 from nanoopt.quant.spec import INT32_MAX, INT32_MIN, WIDE_LIMIT, QuantSpec
 
@@ -53,6 +54,7 @@ PANEL = 8  # weights are padded to a multiple of this many rows (two 4x4 tiles o
 BLOCK_ROWS = 64  # rows of A per cache block / parallel work item
 BLOCK_COLUMNS = 64  # output channels per cache block / parallel work item
 CONV_PIXELS = 64  # output pixels per im2col block in conv2d
+EXTERNAL_PIXELS = 256  # output pixels per block when the product comes from another GEMM (the AVX2 one)
 MAX_FUSED_K = 131071  # longest reduction of the compiled tiles: 131071 * 128 * 128 < 2^31
 PARALLEL_MIN_OPS = 2**23  # 2*M*N*K below this runs single-threaded (a parallel launch costs ~20-50 us)
 BYTE_OFFSET = 128  # low bytes are stored minus 128 so that they fit int8
@@ -257,53 +259,86 @@ def _put_1x8(buffer, row_stride, column_stride, row, column, s, scale, first):
         buffer[index] = value if first else buffer[index] + value
 
 
+@njit(cache=True, inline="always")
+def _finish_run(values, offsets, row_offset, m0, shift, epilogue, target):
+    """``target[t] = finish(values[t] + offsets[t] + row_offset)`` with per-element ``m0``/``shift``; the mode
+    tests sit outside the loops so that these vectorise (all operands are slices: no index arithmetic)."""
+    out_zero_point, low, high, raw, fast = epilogue[4:]
+    if raw:
+        for t in range(values.shape[0]):
+            target[t] = values[t] + offsets[t] + row_offset
+    elif fast:
+        for t in range(values.shape[0]):
+            value = values[t] + offsets[t] + row_offset
+            target[t] = _requantize(value, m0[t], shift[t], out_zero_point, low, high, True)
+    else:
+        for t in range(values.shape[0]):
+            value = values[t] + offsets[t] + row_offset
+            target[t] = _requantize(value, m0[t], shift[t], out_zero_point, low, high, False)
+
+
+@njit(cache=True, inline="always")
+def _finish_pixels(values, offset, row_offsets, m0, shift, epilogue, target):
+    """``target[t] = finish(values[t] + offset + row_offsets[t])`` for one channel (scalar ``m0``/``shift``)."""
+    out_zero_point, low, high, raw, fast = epilogue[4:]
+    if raw:
+        for t in range(values.shape[0]):
+            target[t] = values[t] + offset + row_offsets[t]
+    elif fast:
+        for t in range(values.shape[0]):
+            value = values[t] + offset + row_offsets[t]
+            target[t] = _requantize(value, m0, shift, out_zero_point, low, high, True)
+    else:
+        for t in range(values.shape[0]):
+            value = values[t] + offset + row_offsets[t]
+            target[t] = _requantize(value, m0, shift, out_zero_point, low, high, False)
+
+
+LINEAR, CONV_CHANNEL_MAJOR, CONV_PIXEL_MAJOR = 0, 1, 2  # layouts of a block buffer (geometry[4])
+
+
 @njit(cache=True)
 def _epilogue_block(buffer, rows, columns, i_lo, j_lo, epilogue, geometry, out3):
     """Add the offsets to the block sums, requantize (or not, when raw) and store.
 
-    Linear (``geometry[4]`` False): ``buffer`` is ``(rows, columns)`` row-major, ``out3 (M, N, 1)``, one
-    output row at a time (channels contiguous). Conv: ``buffer`` is ``(columns, rows)`` row-major,
-    ``out3 (batch, channels, pixels)``, rows are pixels ``row_offset + i`` of image ``batch_offset``, one
-    channel at a time (pixels contiguous in NCHW). The mode tests sit outside the inner loops so that
-    those vectorise.
+    ``geometry = (batch_offset, channel_offset, valid_columns, row_offset, layout)``:
+
+    * ``LINEAR``: ``buffer`` is ``(rows, columns)`` row-major, ``out3 (M, N, 1)``; one output row at a time
+      (channels contiguous);
+    * ``CONV_CHANNEL_MAJOR``: ``buffer`` is ``(columns, rows)``, ``out3 (batch, channels, pixels)``, rows are
+      pixels ``row_offset + i`` of image ``batch_offset``; one channel at a time (pixels contiguous in NCHW);
+    * ``CONV_PIXEL_MAJOR``: ``buffer`` is ``(rows, columns)`` (a product from another GEMM), same ``out3``:
+      a pixel's channels are finished together, then scattered to their planes.
     """
-    offsets, row_offsets, m0, shift, out_zero_point, low, high, raw, fast = epilogue
-    batch_offset, channel_offset, valid_columns, row_offset, conv = geometry
+    offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
+    batch_offset, channel_offset, valid_columns, row_offset, layout = geometry
     used = min(columns, valid_columns - j_lo)
     first = channel_offset + j_lo
-    if conv:
+    channel_offsets, channel_m0, channel_shift = (
+        offsets[first : first + used],
+        m0[first : first + used],
+        shift[first : first + used],
+    )
+    block_row_offsets = row_offsets[i_lo : i_lo + rows]
+    if layout == CONV_CHANNEL_MAJOR:
         for c in range(used):
-            channel = first + c
-            offset, multiplier, exponent = offsets[channel], m0[channel], shift[channel]
+            target = out3[batch_offset, first + c, row_offset + i_lo : row_offset + i_lo + rows]
             values = buffer[c * rows : (c + 1) * rows]
-            target = out3[batch_offset, channel, row_offset + i_lo : row_offset + i_lo + rows]
-            if raw:
-                for r in range(rows):
-                    target[r] = values[r] + offset + row_offsets[i_lo + r]
-            elif fast:
-                for r in range(rows):
-                    value = values[r] + offset + row_offsets[i_lo + r]
-                    target[r] = _requantize(value, multiplier, exponent, out_zero_point, low, high, True)
-            else:
-                for r in range(rows):
-                    value = values[r] + offset + row_offsets[i_lo + r]
-                    target[r] = _requantize(value, multiplier, exponent, out_zero_point, low, high, False)
+            _finish_pixels(values, channel_offsets[c], block_row_offsets, channel_m0[c], channel_shift[c], epilogue,
+                           target)  # fmt: skip
+    elif layout == CONV_PIXEL_MAJOR:
+        finished = np.empty(used, dtype=out3.dtype)
+        for r in range(rows):
+            values = buffer[r * columns : r * columns + used]
+            _finish_run(values, channel_offsets, block_row_offsets[r], channel_m0, channel_shift, epilogue, finished)
+            planes = out3[batch_offset, first : first + used, row_offset + i_lo + r]
+            for c in range(used):
+                planes[c] = finished[c]
     else:
         for r in range(rows):
-            row_offset_value = row_offsets[i_lo + r]
-            values = buffer[r * columns : (r + 1) * columns]
+            values = buffer[r * columns : r * columns + used]
             target = out3[row_offset + i_lo + r, first : first + used, 0]
-            if raw:
-                for c in range(used):
-                    target[c] = values[c] + offsets[first + c] + row_offset_value
-            elif fast:
-                for c in range(used):
-                    value = values[c] + offsets[first + c] + row_offset_value
-                    target[c] = _requantize(value, m0[first + c], shift[first + c], out_zero_point, low, high, True)
-            else:
-                for c in range(used):
-                    value = values[c] + offsets[first + c] + row_offset_value
-                    target[c] = _requantize(value, m0[first + c], shift[first + c], out_zero_point, low, high, False)
+            _finish_run(values, channel_offsets, block_row_offsets[r], channel_m0, channel_shift, epilogue, target)
 
 
 @njit(cache=True)
@@ -313,7 +348,7 @@ def _gemm_block(operands, epilogue, geometry, out3, i_lo, i_hi, j_lo, j_hi):
     a_parts, w_parts, passes = operands
     rows, columns = i_hi - i_lo, j_hi - j_lo
     buffer = np.empty(rows * columns, dtype=np.int64)
-    row_stride, column_stride = (1, rows) if geometry[4] else (columns, 1)
+    row_stride, column_stride = (1, rows) if geometry[4] == CONV_CHANNEL_MAJOR else (columns, 1)
     for p in range(passes.shape[0]):
         a, w, scale, first = a_parts[passes[p, 0]], w_parts[passes[p, 1]], passes[p, 2], p == 0
         for j in range(j_lo, j_hi, PANEL):
@@ -360,23 +395,8 @@ def finish_products(products: np.ndarray, epilogue, out: np.ndarray) -> None:
     """``out[m, n] = finish(products[m, n] + offsets[n] + row_offsets[m])`` for exact int32/int64 sums
     ``products (M, N)`` computed by another GEMM (the AVX2 one); ``epilogue`` as in :func:`_gemm_block`."""
     rows, columns = products.shape
-    geometry = (0, 0, columns, 0, False)
+    geometry = (0, 0, columns, 0, LINEAR)
     _epilogue_block(products.reshape(-1), rows, columns, 0, 0, epilogue, geometry, out.reshape(out.shape + (1,)))
-
-
-@njit(cache=True, parallel=True)
-def _finish_conv(products, epilogue, channel_offset, out3):
-    """Epilogue of ``products (batch * pixels, channels of one group)`` (pixel-major, from another GEMM)
-    into NCHW ``out3 (batch, channels, pixels)``, channels ``channel_offset...``."""
-    offsets, row_offsets, m0, shift, out_zero_point, low, high, raw, fast = epilogue
-    pixels, channels = out3.shape[2], products.shape[1]
-    for n in prange(out3.shape[0]):
-        for c in range(channels):
-            channel = channel_offset + c
-            target = out3[n, channel]
-            for p in range(pixels):
-                value = np.int64(products[n * pixels + p, c]) + offsets[channel]
-                target[p] = _requantize(value, m0[channel], shift[channel], out_zero_point, low, high, fast)
 
 
 # ------------------------------------------------------------------------------ argument preparation
@@ -442,7 +462,7 @@ def _run_linear(x_q: np.ndarray, packed: PackedWeights, offsets: np.ndarray, tai
         row_offsets = np.zeros(x_q.shape[0], np.int64)
     operands = (a_parts, packed.parts, passes)
     epilogue = (offsets, row_offsets) + tail
-    geometry = (0, 0, packed.n, 0, False)
+    geometry = (0, 0, packed.n, 0, LINEAR)
     out3 = out.reshape(out.shape + (1,))
     if _use_threads(2 * x_q.shape[0] * packed.parts.shape[1] * x_q.shape[1] * passes.shape[0]):
         _gemm_parallel(operands, epilogue, geometry, out3)
@@ -631,6 +651,37 @@ def pack_conv2d_weights(w_q: np.ndarray, groups: int = 1) -> PackedConv2d:
     return PackedConv2d(w_q, groups, parts, row_sums, positive, negative)
 
 
+@njit(cache=True, inline="always")
+def _im2col_rows(padded, part, n, c_lo, channels, conv, p_lo, rows, cols):
+    """``cols[r, (i kw + j) channels + c] = padded[part, n, y(p) + i dh, x(p) + j dw, c_lo + c]`` for pixels
+    ``p = p_lo + r``, from the NHWC ``padded (parts, N, Hp, Wp, C)``; flat indices (no array views in the
+    loops). When a patch row is one contiguous run (all channels, ``dw == 1``) it is copied as one run."""
+    kh, kw, sh, sw, dh, dw, out_w = conv[3], conv[4], conv[5], conv[6], conv[7], conv[8], conv[9]
+    total_channels, width = padded.shape[4], padded.shape[3]
+    source = padded.reshape(-1)
+    target = cols.reshape(-1)
+    image = (part * padded.shape[1] + n) * padded.shape[2] * width * total_channels
+    depth = kh * kw * channels
+    run = kw * channels
+    contiguous = channels == total_channels and dw == 1
+    # Unsigned offsets: Numba then skips its negative-index fix-up and LLVM vectorises the copies (~25x).
+    for r in range(rows):
+        y0 = (p_lo + r) // out_w * sh
+        x0 = (p_lo + r) % out_w * sw
+        for i in range(kh):
+            start = np.uint64(image + ((y0 + i * dh) * width + x0) * total_channels + c_lo)
+            out = np.uint64(r * depth + i * run)
+            if contiguous:
+                for t in range(np.uint64(run)):
+                    target[out + t] = source[start + t]
+            else:
+                for j in range(kw):
+                    offset_in = start + np.uint64(j * dw * total_channels)
+                    offset_out = out + np.uint64(j * channels)
+                    for c in range(np.uint64(channels)):
+                        target[offset_out + c] = source[offset_in + c]
+
+
 @njit(cache=True)
 def _pad_nhwc(x, zero_point, pad_h, pad_w, padded):
     """Fill ``padded (parts, N, H + 2 pad_h, W + 2 pad_w, C)`` int8 with NCHW ``x`` and a ``zero_point``
@@ -666,17 +717,7 @@ def _conv_item(padded, w_parts, passes, item, conv, epilogue, out3):
     parts, depth, c_lo = padded.shape[0], kh * kw * channels, group * channels
     cols = np.empty((parts, rows, depth), dtype=np.int8)
     for part in range(parts):
-        for r in range(rows):
-            y0 = ((p_lo + r) // out_w) * sh
-            x0 = ((p_lo + r) % out_w) * sw
-            column = 0
-            for i in range(kh):
-                y = y0 + i * dh
-                for j in range(kw):
-                    x = x0 + j * dw
-                    for c in range(channels):
-                        cols[part, r, column + c] = padded[part, n, y, x, c_lo + c]
-                    column += channels
+        _im2col_rows(padded, part, n, c_lo, channels, conv, p_lo, rows, cols[part])
     row_offsets = np.zeros(rows, dtype=np.int64)
     if w_parts.shape[1] == 2:  # byte-split term of int16 weights: 128 * rowsum(a), a = 256 hi + lo + 128
         for r in range(rows):
@@ -685,24 +726,8 @@ def _conv_item(padded, w_parts, passes, item, conv, epilogue, out3):
                 total += 256 * np.int64(cols[0, r, k]) + np.int64(cols[1, r, k]) + BYTE_OFFSET
             row_offsets[r] = BYTE_OFFSET * total
     block_epilogue = (epilogue[0], row_offsets) + epilogue[2:]
-    geometry = (n, group * per_group, per_group, p_lo, True)
+    geometry = (n, group * per_group, per_group, p_lo, CONV_CHANNEL_MAJOR)
     _gemm_block((cols, w_parts[group], passes), block_epilogue, geometry, out3, 0, rows, 0, w_parts.shape[2])
-
-
-@njit(cache=True, parallel=True)
-def _im2col_group(padded, group, channels, kh, kw, sh, sw, dh, dw, out_w, pixels, cols):
-    """``cols[n * pixels + p, (i kw + j) channels + c] = padded[0, n, y(p) + i dh, x(p) + j dw, c_g + c]``."""
-    c_lo = group * channels
-    for n in prange(padded.shape[1]):
-        for p in range(pixels):
-            y0, x0 = (p // out_w) * sh, (p % out_w) * sw
-            row = n * pixels + p
-            column = 0
-            for i in range(kh):
-                for j in range(kw):
-                    for c in range(channels):
-                        cols[row, column + c] = padded[0, n, y0 + i * dh, x0 + j * dw, c_lo + c]
-                    column += channels
 
 
 @njit(cache=True)
@@ -795,21 +820,31 @@ class Conv2dPlan:
         _pad_nhwc(x_q, self.x_zero_point, ph, pw, padded)
         return padded
 
-    def columns(self, padded: np.ndarray, group: int, out_w: int, pixels: int) -> np.ndarray:
-        """im2col of group ``group`` of int8 input (one part): ``(N * pixels, KH*KW*IC_g)`` in ``(kh, kw, c)``
-        order, the rows the packed weights ``parts[group, 0]`` multiply."""
+    def conv_tuple(self, out_h: int, out_w: int) -> tuple:
+        """The geometry tuple of the compiled conv kernels."""
         out_channels, group_channels, kh, kw = self.packed.weight.shape
         (sh, sw), (dh, dw) = self.stride, self.dilation
-        cols = np.empty((padded.shape[1] * pixels, self.depth), dtype=np.int8)
-        _im2col_group(padded, group, group_channels, kh, kw, sh, sw, dh, dw, out_w, pixels, cols)
-        return cols
+        return (self.groups, group_channels, out_channels // self.groups, kh, kw, sh, sw, dh, dw, out_w,
+                out_h * out_w)  # fmt: skip
 
-    def finish_group(self, products: np.ndarray, group: int, out: np.ndarray) -> None:
-        """Epilogue of exact products ``columns(...) @ w_group.T`` (pixel-major) into ``out (N, OC, OH, OW)``."""
-        per_group = self.packed.weight.shape[0] // self.groups
-        epilogue = (self.direct_offsets, np.zeros(0, np.int64)) + self.tail
-        out3 = out.reshape(out.shape[0], out.shape[1], -1)
-        _finish_conv(products, epilogue, group * per_group, out3)
+    def external_arguments(self, x_q: np.ndarray) -> tuple:
+        """For a conv whose products come from another GEMM (the AVX2 one, int8 activations): ``(padded,
+        items, conv, epilogue, out)`` -- the NHWC input, the number of 256-pixel work items, the geometry
+        tuple, the epilogue of exact products and the output to fill (``kernel_dtype``; cast it with
+        :meth:`cast_output`). Each item: :func:`_im2col_rows`, the product, :func:`_epilogue_block` with
+        the ``CONV_PIXEL_MAJOR`` layout."""
+        batch, out_channels, out_h, out_w = self.output_shape(x_q)
+        if self.x_dtype != np.int8:
+            raise TypeError("external products need int8 activations")
+        pixels = out_h * out_w
+        items = batch * self.groups * ((pixels + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS)
+        epilogue = (self.direct_offsets, np.zeros(EXTERNAL_PIXELS, np.int64)) + self.tail
+        out = np.empty((batch, out_channels, out_h, out_w), dtype=kernel_dtype(self.out_dtype))
+        return self.pad(x_q), items, self.conv_tuple(out_h, out_w), epilogue, out
+
+    def cast_output(self, out: np.ndarray) -> np.ndarray:
+        """``out`` (written as :func:`kernel_dtype`) in the layer's output dtype."""
+        return out.astype(self.out_dtype, copy=False)
 
     def __call__(self, x_q: np.ndarray) -> np.ndarray:
         weight = self.packed.weight
@@ -827,7 +862,7 @@ class Conv2dPlan:
             return out.astype(self.out_dtype, copy=False)
         pixels = out_h * out_w
         items = batch * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)
-        conv = (self.groups, group_channels, per_group, kh, kw, sh, sw, dh, dw, out_w, pixels)
+        conv = self.conv_tuple(out_h, out_w)
         epilogue = (self.offsets, np.zeros(0, np.int64)) + self.tail
         out3 = out.reshape(batch, out_channels, pixels)
         arguments = (padded, self.packed.parts, self.passes, items, conv, epilogue, out3)
@@ -870,6 +905,55 @@ def quantized_conv2d(
     plan = Conv2dPlan(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride, padding,
                       dilation, groups, relu, x_q.dtype)  # fmt: skip
     return plan(x_q)
+
+
+# ------------------------------------------------------------------------------------ AVX2 glue
+# The dispatch point (nanoopt.kernels) runs the AVX2 GEMM of nanoopt.kernels.avx2 inside these Numba
+# drivers. They call it by name (a dispatcher passed as an argument would defeat Numba's cache) and compile
+# only when first called, which happens only where avx2.available() -- on other CPUs they never compile.
+@njit(cache=True, parallel=True)
+def avx2_s8_rows_parallel(a, panels, n, k, out, rows_per_item):
+    """The AVX2 int8 GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+        avx2.gemm_s8s8s32_into(a[lo:hi], panels, n, k, out[lo:hi])
+
+
+@njit(cache=True, parallel=True)
+def avx2_s16_rows_parallel(a, panels, n, k, out, rows_per_item):
+    """The AVX2 int16 x int8 GEMM on row blocks of ``a`` in parallel."""
+    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+        avx2.gemm_s16s8s64_into(a[lo:hi], panels, n, k, out[lo:hi])
+
+
+@njit(cache=True)
+def _avx2_conv_item(padded, panels, item, conv, epilogue, out3):
+    """One 256-pixel block of an int8 conv: Numba im2col -> AVX2 product -> Numba epilogue into NCHW."""
+    groups, channels, per_group, pixels = conv[0], conv[1], conv[2], conv[10]
+    blocks = (pixels + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS
+    n, group = item // (groups * blocks), (item // blocks) % groups
+    p_lo = (item % blocks) * EXTERNAL_PIXELS
+    rows = min(p_lo + EXTERNAL_PIXELS, pixels) - p_lo
+    depth = conv[3] * conv[4] * channels
+    cols = np.empty((rows, depth), dtype=np.int8)
+    _im2col_rows(padded, 0, n, group * channels, channels, conv, p_lo, rows, cols)
+    products = np.empty((rows, per_group), dtype=np.int32)
+    avx2.gemm_s8s8s32_into(cols, panels[group], per_group, depth, products)
+    geometry = (n, group * per_group, per_group, p_lo, CONV_PIXEL_MAJOR)
+    _epilogue_block(products.reshape(-1), rows, per_group, 0, 0, epilogue, geometry, out3)
+
+
+@njit(cache=True)
+def avx2_conv_serial(padded, panels, items, conv, epilogue, out3):
+    for item in range(items):
+        _avx2_conv_item(padded, panels, item, conv, epilogue, out3)
+
+
+@njit(cache=True, parallel=True)
+def avx2_conv_parallel(padded, panels, items, conv, epilogue, out3):
+    for item in prange(items):
+        _avx2_conv_item(padded, panels, item, conv, epilogue, out3)
 
 
 # ------------------------------------------------------------------------------------------- pools

@@ -311,17 +311,24 @@ def test_finish_products_matches_reference_epilogue(data):
 
 @SETTINGS
 @given(data=st.data())
-def test_conv_columns_match_reference_im2col(data):
+def test_conv_im2col_rows_match_reference(data):
+    """The NHWC im2col rows (contiguous-run and general paths) equal the reference im2col."""
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
     groups, channels = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3))
     x = rng.integers(-128, 128, size=(2, groups * channels, 6, 5)).astype(np.int8)
-    w = np.ones((4 * groups, channels, 2, 3), np.int8)
-    stride, padding, dilation = (2, 1), (1, 0), (1, 2)
-    plan = numba_cpu.Conv2dPlan(w, None, 3, 2**30, 0, 0, INT8, stride, padding, dilation, groups)
+    w = rng.integers(-128, 128, size=(4 * groups, channels, 2, 3)).astype(np.int8)
+    stride, padding = data.draw(st.sampled_from([(1, 1), (2, 1)])), data.draw(st.sampled_from([(1, 0), (0, 1)]))
+    dilation = data.draw(st.sampled_from([(1, 1), (1, 2)]))
+    m0, shift = quantize_multiplier(rng.uniform(1e-3, 1e-1, size=4 * groups))
+    args = (None, 3, m0, shift, -2, INT8, stride, padding, dilation, groups, True)
+    plan = numba_cpu.Conv2dPlan(w, *args)
     batch, _, out_h, out_w = plan.output_shape(x)
     padded = plan.pad(x)
     expected = ref.im2col(x, (2, 3), stride, padding, dilation, 3)  # (N, C, KH, KW, OH, OW)
+    conv = plan.conv_tuple(out_h, out_w)
     for group in range(groups):
-        cols = plan.columns(padded, group, out_w, out_h * out_w)  # (N * OH * OW, (kh, kw, c))
         block = expected[:, group * channels : (group + 1) * channels]  # (N, c, kh, kw, OH, OW)
-        np.testing.assert_array_equal(cols, block.transpose(0, 4, 5, 2, 3, 1).reshape(cols.shape))
+        for n in range(batch):
+            cols = np.empty((out_h * out_w, plan.depth), np.int8)
+            numba_cpu._im2col_rows(padded, 0, n, group * channels, channels, conv, 0, out_h * out_w, cols)
+            np.testing.assert_array_equal(cols, block[n].transpose(3, 4, 1, 2, 0).reshape(cols.shape))

@@ -1,0 +1,191 @@
+"""Quantized int8 layers (requantization included) against NumPy float32 on the same shapes, same run.
+
+For each thread count (1, then 2; each in its own pinned process, see ``benchmarks/common.py``):
+
+* **linear** ``(M, K, N)``: a prepared :func:`nanoopt.kernels.prepare_linear` layer -- int8 codes in, int8
+  codes out: GEMM, zero-point fold, int32 bias, per-channel requantization -- on the ``auto`` backend (the
+  AVX2/AVX-VNNI GEMM where the CPU has it) and on the portable ``numba`` backend, against NumPy's
+  ``x @ w.T`` in float32 (the weights pre-transposed, as a float layer would hold them);
+* **conv2d** N=1 and N=32, C=32, 28x28, 3x3, OC=64, padding 1: a prepared
+  :func:`nanoopt.kernels.prepare_conv2d` layer against NumPy float32 im2col (``sliding_window_view`` + one
+  copy) + matmul, output NCHW.
+
+GOP/s = 2 M K N / best time (:func:`benchmarks.common.best_seconds`); "x f32" is the float32 time over the
+int8 time (above 1: int8 is faster). Threads are pinned through the environment before NumPy loads
+(OPENBLAS/OMP/MKL/NUMBA_NUM_THREADS), OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed. Also: the first
+call's compile time with an empty Numba cache and the time with a warm cache, each in a fresh process.
+PyTorch/ONNX Runtime columns are not printed: neither is a dependency, and this benchmark does not yet have
+a tested path for them.
+
+    python -m benchmarks.int_kernels               # both thread counts and the startup times
+    python -m benchmarks.int_kernels --threads 2   # one thread count
+"""
+
+from __future__ import annotations
+
+import sys
+
+_THREADS = None  # set when run as `python -m benchmarks.int_kernels --threads T`: measure with T threads
+if __name__ == "__main__" and "--threads" in sys.argv:
+    from benchmarks.common import pin_environment
+
+    _THREADS = int(sys.argv[sys.argv.index("--threads") + 1])
+    pin_environment(threads=_THREADS)
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
+
+LINEAR_SHAPES = [(1, 1024, 1024), (32, 1024, 1024), (256, 1024, 1024), (1024, 1024, 1024), (64, 4096, 4096)]
+CONV_BATCHES = [1, 32]
+CONV = {"channels": 32, "size": 28, "kernel": 3, "out_channels": 64, "padding": 1}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def linear_layer(m: int, k: int, n: int, rng: np.random.Generator):
+    """A random int8 layer and input: narrow-range weights, int32 bias, per-channel multipliers."""
+    import nanoopt.kernels as kernels
+    from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+
+    x = rng.integers(-128, 128, size=(m, k)).astype(np.int8)  # (M, K)
+    w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)  # (N, K)
+    bias = rng.integers(-(2**16), 2**16, size=n).astype(np.int32)
+    m0, shift = quantize_multiplier(rng.uniform(1e-4, 1e-3, size=n))
+    return x, w, kernels.prepare_linear(w, bias, -3, m0, shift, 5, QuantSpec(), relu=True)
+
+
+def conv_layer(batch: int, rng: np.random.Generator):
+    import nanoopt.kernels as kernels
+    from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+
+    c, size, kernel, oc = CONV["channels"], CONV["size"], CONV["kernel"], CONV["out_channels"]
+    x = rng.integers(-128, 128, size=(batch, c, size, size)).astype(np.int8)  # (N, C, H, W)
+    w = rng.integers(-127, 128, size=(oc, c, kernel, kernel)).astype(np.int8)  # (OC, C, KH, KW)
+    m0, shift = quantize_multiplier(rng.uniform(1e-4, 1e-3, size=oc))
+    layer = kernels.prepare_conv2d(w, None, -3, m0, shift, 5, QuantSpec(), padding=CONV["padding"], relu=True)
+    return x, w, layer
+
+
+def float_conv(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray:
+    """NumPy float32 convolution: im2col (strided view + one copy) then one matmul; NCHW output."""
+    batch, channels = x.shape[:2]
+    out_channels, _, kh, kw = w.shape
+    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(2, 3))  # (N, C, OH, OW, KH, KW)
+    out_h, out_w = windows.shape[2], windows.shape[3]
+    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(batch * out_h * out_w, channels * kh * kw)  # copies
+    return (cols @ w.reshape(out_channels, -1).T).reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
+
+
+def time_layers(cases: list) -> list[tuple[float, float, float]]:
+    """(auto, numba, float32) best seconds per case ``(int8 layer, int8 input, float32 function)``.
+
+    All int8 timings run first, then (after a pause) all float32 ones: with 2 threads on 2 cores, worker
+    threads that keep spinning after a Numba or OpenBLAS parallel region would otherwise slow the other
+    library down.
+    """
+    import time
+
+    import nanoopt.kernels as kernels
+
+    int8 = []
+    for layer, x, _ in cases:
+        with kernels.use_backend("numba"):
+            expected = layer(x)
+            portable = best_seconds(lambda layer=layer, x=x: layer(x))
+        assert np.array_equal(layer(x), expected), "auto and numba backends disagree"
+        int8.append((best_seconds(lambda layer=layer, x=x: layer(x)), portable))
+    time.sleep(1.0)
+    references = [best_seconds(reference) for _, _, reference in cases]
+    return [(auto, portable, reference) for (auto, portable), reference in zip(int8, references, strict=True)]
+
+
+def measure(threads: int) -> None:
+    import nanoopt.kernels as kernels
+
+    rng = np.random.default_rng(0)
+    fast = "avx2" if kernels.avx2_available() else "numba"
+    print(f"### {threads} thread{'s' if threads > 1 else ''}\n")
+    print(f"`auto` runs the `{fast}` backend here. GOP/s, and float32 time / int8 time:\n")
+    print("| linear M x K x N | int8 auto | x f32 | int8 numba | x f32 | NumPy f32 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    cases = []
+    for m, k, n in LINEAR_SHAPES:
+        x, w, layer = linear_layer(m, k, n, rng)
+        x_float, w_t = x.astype(np.float32), np.ascontiguousarray(w.T.astype(np.float32))  # (M, K), (K, N)
+        cases.append((layer, x, lambda x_float=x_float, w_t=w_t: x_float @ w_t))
+    for (m, k, n), (auto, portable, reference) in zip(LINEAR_SHAPES, time_layers(cases), strict=True):
+        giga = 2.0 * m * k * n / 1e9
+        print(f"| {m}x{k}x{n} | {giga / auto:.0f} | {reference / auto:.2f}x | {giga / portable:.0f} | "
+              f"{reference / portable:.2f}x | {giga / reference:.0f} |")  # fmt: skip
+    print("\n| conv2d N x 32 x 28 x 28, 3x3, 64 out, pad 1 | int8 auto ms | x f32 | int8 numba ms | x f32 | "
+          "NumPy f32 im2col+matmul ms |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    cases = []
+    for batch in CONV_BATCHES:
+        x, w, layer = conv_layer(batch, rng)
+        x_float, w_float = x.astype(np.float32), w.astype(np.float32)
+        cases.append((layer, x, lambda x_float=x_float, w_float=w_float: float_conv(x_float, w_float, CONV["padding"])))
+    for batch, (auto, portable, reference) in zip(CONV_BATCHES, time_layers(cases), strict=True):
+        print(f"| N={batch} | {auto * 1e3:.3f} | {reference / auto:.2f}x | {portable * 1e3:.3f} | "
+              f"{reference / portable:.2f}x | {reference * 1e3:.3f} |")  # fmt: skip
+    print()
+
+
+# Run in a fresh process with a given Numba cache directory: seconds to import nanoopt.kernels, then to the
+# first result of each layer kind (compile or cache load included).
+_STARTUP_PROBE = """
+import time
+start = time.perf_counter()
+import numpy as np
+import nanoopt.kernels as kernels
+from nanoopt.quant.spec import QuantSpec
+imported = time.perf_counter()
+spec, x, w = QuantSpec(), np.ones((4, 64), np.int8), np.ones((16, 64), np.int8)
+with kernels.use_backend("numba"):
+    kernels.prepare_linear(w, None, 0, 2**30, 0, 0, spec)(x)
+numba_linear = time.perf_counter()
+kernels.prepare_linear(w, None, 0, 2**30, 0, 0, spec)(x)
+auto_linear = time.perf_counter()
+xc, wc = np.ones((1, 8, 6, 6), np.int8), np.ones((16, 8, 3, 3), np.int8)
+kernels.prepare_conv2d(wc, None, 0, 2**30, 0, 0, spec, padding=1)(xc)
+with kernels.use_backend("numba"):
+    kernels.prepare_conv2d(wc, None, 0, 2**30, 0, 0, spec, padding=1)(xc)
+convs = time.perf_counter()
+print(imported - start, numba_linear - imported, auto_linear - numba_linear, convs - auto_linear)
+"""
+
+
+def startup_seconds(cache_dir: str) -> list[float]:
+    """Seconds (import, numba linear, auto linear, both convs) in a fresh process with Numba cache ``cache_dir``."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", _STARTUP_PROBE], env=env, capture_output=True, text=True,
+                            check=True, cwd=ROOT)  # fmt: skip
+    return [float(value) for value in result.stdout.split()]
+
+
+def main() -> None:
+    if _THREADS is not None:
+        measure(_THREADS)
+        return
+    print(f"Machine: {machine_description()}; git {git_revision()}\n")
+    for threads in (1, 2):
+        result = subprocess.run([sys.executable, "-m", "benchmarks.int_kernels", "--threads", str(threads)],
+                                cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+        print(result.stdout, end="")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        compiling = startup_seconds(cache_dir)
+        cached = startup_seconds(cache_dir)
+    print("| startup, fresh process | import | first numba linear | first auto linear | first convs |")
+    print("|---|---:|---:|---:|---:|")
+    for name, values in (("empty Numba cache (compile)", compiling), ("warm cache (load)", cached)):
+        print(f"| {name} | " + " | ".join(f"{value:.2f} s" for value in values) + " |")
+
+
+if __name__ == "__main__":
+    main()
