@@ -14,6 +14,8 @@ Protocol (every number measured in this run, mean over ``--seeds`` seeds):
     the same initialisation, with the cubic schedule 0 -> 92 / 95 / 98 % from epoch 1 to epoch 8 (every 47 steps);
   - structured: ln_structured (L1, dim 0) removes 50 % of the neurons of both hidden layers, 3 epochs, then
     ``prune.shrink`` builds the physically smaller network (784-150-50-10) and ``remove_all`` bakes the masks in.
+* PyTorch (when ``torch`` is installed): the same protocol with ``torch.nn.utils.prune`` in the same run, for
+  the rows it can express (its own initialisation and data order, so per-seed numbers differ).
 * speed: median latency of the unpruned and shrunk models (eval, no_grad, 1 thread) at batch 1 and 256, and of
   the 90 % one-shot model run with CSR kernels (``prune.to_sparse``).
 
@@ -114,6 +116,84 @@ def latency_ms(model, batch):
     return best_seconds(run, repeats=5, min_time=0.1) * 1e3
 
 
+def torch_accuracies(seeds: int, train, test) -> dict[str, list[float]] | None:
+    """The same protocol in PyTorch with torch.nn.utils.prune (None when torch is not installed)."""
+    try:
+        import torch
+        from torch.nn.utils import prune as torch_prune
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    nn = torch.nn
+    images, labels = torch.from_numpy(train[0].copy()), torch.from_numpy(train[1].astype(np.int64))
+    test_images, test_labels = torch.from_numpy(test[0].copy()), torch.from_numpy(test[1].astype(np.int64))
+
+    def build():
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                             nn.Linear(100, 10))
+
+    def train_epochs(model, epochs, lr, rng, on_step=None):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
+        step = 0
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(len(labels)))
+            for begin in range(0, len(labels), BATCH):
+                index = order[begin:begin + BATCH]
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+                optimizer.step()
+                if on_step is not None:
+                    on_step(step)
+                step += 1
+        return model
+
+    def accuracy(model):
+        with torch.no_grad():
+            return float((model(test_images).argmax(1) == test_labels).float().mean())
+
+    def pairs(model):
+        return [(model[1], "weight"), (model[3], "weight"), (model[5], "weight")]
+
+    def prune_to(model, target):
+        total = sum(module.weight.numel() for module, _ in pairs(model))
+        zeros = sum(int((module.weight == 0).sum()) for module, _ in pairs(model))
+        torch_prune.global_unstructured(pairs(model), pruning_method=torch_prune.L1Unstructured,
+                                        amount=max(0, round(target * total) - zeros))
+
+    rows: dict[str, list[float]] = {}
+    steps_per_epoch = -(-len(labels) // BATCH)
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        base = train_epochs(build(), BASE_EPOCHS, LR, rng)
+        rows.setdefault("float, 10 epochs", []).append(accuracy(base))
+        rows.setdefault("float, 13 epochs", []).append(accuracy(train_epochs(copy.deepcopy(base), 3, FINETUNE_LR,
+                                                                            rng)))
+        for sparsity in (0.9, 0.92, 0.95):
+            model = copy.deepcopy(base)
+            prune_to(model, sparsity)
+            rows.setdefault(f"one-shot global L1 {sparsity:.0%} + 3 epochs", []).append(
+                accuracy(train_epochs(model, 3, FINETUNE_LR, rng)))
+        for final in (0.92, 0.95, 0.98):
+            torch.manual_seed(seed)
+            model = build()
+            frequency, span = 47, 7 * steps_per_epoch // 47
+
+            def on_step(step, model=model, final=final, frequency=frequency, span=span):
+                offset = step - steps_per_epoch
+                if 0 <= offset and offset % frequency == 0 and offset // frequency <= span:
+                    prune_to(model, prune.cubic_sparsity(step, 0.0, final, steps_per_epoch, frequency, span))
+            train_epochs(model, BASE_EPOCHS, LR, rng, on_step)
+            rows.setdefault(f"gradual cubic 0 -> {final:.0%} during training (epochs 1-8), 13 epochs", []).append(
+                accuracy(train_epochs(model, 3, FINETUNE_LR, rng)))
+        model = copy.deepcopy(base)
+        for index in (1, 3):
+            torch_prune.ln_structured(model[index], "weight", amount=0.5, n=1, dim=0)
+        rows.setdefault("structured: 50% of hidden neurons removed + 3 epochs, shrunk", []).append(
+            accuracy(train_epochs(model, 3, FINETUNE_LR, rng)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -163,19 +243,28 @@ def main() -> None:
                 prune.to_sparse(csr, min_sparsity=0.5)
                 timing[f"90% unstructured, CSR kernels, batch {batch}"] = (latency_ms(csr, images), dense, batch)
 
+    reference = torch_accuracies(args.seeds, train, test)
     print(f"## Pruning LeNet-300-100 on Fashion-MNIST ({args.seeds} seeds, mean; SGD lr {LR} momentum {MOMENTUM}, "
           f"batch {BATCH}; finetune lr {FINETUNE_LR})\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     float13 = np.mean([a for a, _ in rows["float, 13 epochs"]])
-    print("| method | weight sparsity | test accuracy | float, same epochs | difference | per seed |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| method | weight sparsity | test accuracy | float, same epochs | difference | per seed | PyTorch, same "
+          "protocol (pruned / float) |")
+    print("|---|---:|---:|---:|---:|---|---:|")
     for name, values in rows.items():
         accuracy = float(np.mean([a for a, _ in values]))
         sparsity = float(np.mean([s for _, s in values]))
         same = float(np.mean([a for a, _ in rows["float, 10 epochs"]])) if name == "float, 10 epochs" else float13
         per_seed = " / ".join(f"{100 * a:.2f}" for a, _ in values)
+        if reference is None:
+            torch_text = "torch not installed"
+        elif name in reference:
+            float_key = "float, 10 epochs" if name == "float, 10 epochs" else "float, 13 epochs"
+            torch_text = f"{100 * np.mean(reference[name]):.2f} / {100 * np.mean(reference[float_key]):.2f}"
+        else:
+            torch_text = "-"
         print(f"| {name} | {100 * sparsity:.1f}% | {100 * accuracy:.2f}% | {100 * same:.2f}% | "
-              f"{100 * (accuracy - same):+.2f} | {per_seed} |")
+              f"{100 * (accuracy - same):+.2f} | {per_seed} | {torch_text} |")
     print("\n(structured row: sparsity = fraction of parameters physically removed; largest |logit difference| "
           f"between the masked and the shrunk model over the 10,000 test images: {max(differences):.2e})\n")
     print("| model | latency | speed-up vs dense, same batch |")
