@@ -179,8 +179,8 @@ def _multiply_int32(value, m0, shift):
 
 @njit(cache=True, inline="always")
 def _multiply_fast(value, m0, shift):
-    """:func:`_multiply_wide` for an int32-range ``value`` and a right shift, branch-free (vectorisable):
-    ``value * m0`` fits int64 and the rounded high half fits int32."""
+    """:func:`_multiply_wide` for an int32-range ``value`` and a right shift ``0 <= shift <= 30``, branch-free
+    (vectorisable): ``value * m0`` fits int64 and the rounded high half fits int32."""
     product = np.int64(np.int32(value)) * np.int64(np.int32(m0))
     total = product + (np.int64(1 << 30) if product >= 0 else np.int64(1 - (1 << 30)))
     top = np.int32((total >> 31) + ((total < 0) & ((total & np.int64(0x7FFFFFFF)) != 0)))
@@ -436,7 +436,8 @@ def _layer_epilogue(packed, x_dtype, x_zero_point, bias_q, m0, shift, out_zero_p
     bound = ref.bound_from_sign_sums(
         packed.positive_sums, packed.negative_sums, *ref.activation_range(x_dtype), x_zp, bias
     )
-    fast = int(bound.max(initial=0)) <= INT32_MAX and int(shift_array.min(initial=0)) >= 0
+    # The branch-free int32 path needs int32 accumulators and a right shift an int32 can take (<= 30).
+    fast = int(bound.max(initial=0)) <= INT32_MAX and 0 <= int(shift_array.min()) and int(shift_array.max()) <= 30
     low = max(out_spec.qmin, out_zp) if relu else out_spec.qmin
     tail = (m0_array, shift_array, np.int64(out_zp), np.int64(low), np.int64(out_spec.qmax), False, fast)
     return x_zp, bias - x_zp * packed.row_sums, tail

@@ -18,11 +18,13 @@ Precision modes: int8 activations x int8 weights with int32 bias ("int8"); int16
 0) x int8 weights with int64 bias ("16x8", TFLite); int16 x int16 with int64 accumulation.
 
 Overflow policy (never a silent wrap): :func:`accumulator_bound` gives the exact worst case ``|acc|`` per
-output channel. The raw GEMMs whose name promises an int32 result (:func:`gemm_s8s8s32`) raise
-:class:`AccumulatorOverflowError` when it could exceed int32. The fused layers (:func:`quantized_linear`,
-:func:`quantized_conv2d`) always produce the exact result: when int32 accumulation is not safe
-(:func:`int32_accumulation_is_safe`) the fast kernels widen to int64 accumulation; here everything is
-int64 anyway. A bound beyond ``2^62`` (the wide requantization range) raises.
+output channel. The raw GEMM whose name promises an int32 result (:func:`gemm_s8s8s32`) raises
+:class:`AccumulatorOverflowError` unless :func:`int32_accumulation_is_safe`. The fused layers
+(:func:`quantized_linear`, :func:`quantized_conv2d`) always return the exact result, whatever the bound:
+here everything is int64; the compiled kernels keep only provably bounded partial sums in int32 (int8 x int8
+tiles over at most 131071 values, ``|a w| <= 2^14``) and add zero-point terms, bias and partial sums in int64
+(widening), running this reference for longer reductions. A bound beyond ``2^62`` (the range of the wide
+requantization) raises everywhere.
 
 Input checks (shared with the Numba backend, so both fail the same way): dtypes (``TypeError``, e.g. a
 float array passed as int8), C-contiguity (``ValueError``: the fast kernels index raw memory; call

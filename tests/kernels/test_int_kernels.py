@@ -71,7 +71,8 @@ class TestBackendMatchesReference:
         bias = rng.integers(-(2**20), 2**20, size=n).astype(np.int32) if data.draw(st.booleans()) else None
         x_zp = data.draw(st.sampled_from([-128, 127, 0, int(rng.integers(-128, 128))]))
         out_zp = data.draw(st.sampled_from([-128, 127, 0]))
-        m0, shift = draw_requant(data, rng, n, data.draw(st.booleans()), 1e-5, 0.05)
+        low, high = data.draw(st.sampled_from([(1e-5, 0.05), (1e-13, 1e-9), (0.5, 3.0)]))  # right, long, left shifts
+        m0, shift = draw_requant(data, rng, n, data.draw(st.booleans()), low, high)
         relu = data.draw(st.booleans())
         expected = ref.quantized_linear(x, w, bias, x_zp, m0, shift, out_zp, INT8, relu)
         layer = kernels.prepare_linear(w, bias, x_zp, m0, shift, out_zp, INT8, relu)
