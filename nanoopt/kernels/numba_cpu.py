@@ -20,20 +20,25 @@ makes them fast, in the order the code runs:
   per weight, and ``bias - x_zp * rowsum(w)`` (plus the byte-split terms) is one per-channel offset
   (Jacob et al. 2018, eq. 8).
 * **Epilogue per 64x64 block.** After the tiles of a block, one loop over the block adds the offsets and
-  requantizes: a branch-free int32 form of gemmlowp's rounding (vectorisable) when the accumulator bound
-  fits int32 and the shifts are right shifts, else the exact wide (int64) formulas of
+  requantizes: a branch-free form of gemmlowp's rounding (vectorisable) when the accumulator bound fits
+  int32 and every shift is a right shift of at most 30, else the exact wide (int64) formulas of
   :func:`nanoopt.quant.spec.multiply_by_quantized_multiplier`; then zero point, clamp (ReLU = clamp at
-  the output zero point), store as int8/int16 (or the raw int32/int64 sums for the GEMM entry points).
+  the output zero point), store. int8 outputs are stored directly; int16 outputs and the raw int32/int64
+  sums of the GEMM entry points are stored as int64 and cast (:func:`kernel_dtype`).
 * **Blocking and threads.** Output blocks of 64 rows x 64 channels (an A block and a weight block stay in
   L2, one 8-row weight panel in L1) are the work items of a ``prange`` when the product is large enough
   (``PARALLEL_MIN_OPS``) and ``numba.get_num_threads() > 1``.
 * **Convolution** = zero-point-padded NHWC copy of the input, im2col of 64-pixel blocks in K order
-  ``(kh, kw, c)`` (contiguous channel runs), and the same tiles writing NCHW output directly.
-  Convolutions with fewer than 4 output channels per group (depthwise) run a direct int64 loop instead.
+  ``(kh, kw, c)`` (contiguous channel runs, copied with unsigned offsets so that LLVM vectorises them), and
+  the same tiles writing NCHW output directly. Convolutions with fewer than 4 output channels per group
+  (depthwise) run a direct int64 loop instead.
+* **AVX2 glue.** The dispatch point (:mod:`nanoopt.kernels`) can take the products from the AVX2 GEMM of
+  :mod:`nanoopt.kernels.avx2` instead: :class:`LinearPlan.finish` and the ``avx2_*`` drivers at the end of
+  this file wrap the same im2col and epilogue around it. They compile only where that GEMM runs.
 
 Every kernel compiles for one set of argument types whatever the precision mode (all operands are int8
-parts), once per output dtype, with ``cache=True``. Argument checks are the reference's (shared code), so
-both backends raise the same errors; reductions longer than ``MAX_FUSED_K`` run the reference (exact).
+parts), for int8 and for int64 outputs, with ``cache=True``. Argument checks are the reference's (shared
+code), so both backends raise the same errors; reductions longer than ``MAX_FUSED_K`` run the reference.
 """
 
 from __future__ import annotations
