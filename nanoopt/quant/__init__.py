@@ -53,6 +53,8 @@ _LAZY = {
     "QuantizedModel": "nanoopt.quant.qmodules",
     "QuantizedLinear": "nanoopt.quant.qmodules",
     "QuantizedConv2d": "nanoopt.quant.qmodules",
+    "quantize_dynamic": "nanoopt.quant.dynamic",
+    "quantize_weights": "nanoopt.quant.dynamic",
     "pack_int4": "nanoopt.quant.packing",
     "unpack_int4": "nanoopt.quant.packing",
 }

@@ -1,0 +1,193 @@
+"""Quantization without calibration: dynamic (activations quantized per batch) and weight-only.
+
+* :func:`quantize_dynamic` -- each ``nn.Linear`` becomes a :class:`DynamicQuantizedLinear`: int8 weights
+  (symmetric, per output channel, narrow range), and at run time the input batch is quantized with the range of
+  that batch (asymmetric int8, ``qparams(min x, max x)``), multiplied in integers by the kernel GEMM
+  (:func:`nanoopt.kernels.gemm_s8s8s32`, exact int32 ``sum_k (x_q - x_zp) w_q``), and rescaled in float:
+  ``y = float32(acc) * (s_x * s_w) + bias`` (PyTorch's ``quantize_dynamic`` scheme). Nothing to calibrate; float in,
+  float out.
+* :func:`quantize_weights` -- each ``nn.Linear`` / ``nn.Conv2d`` keeps float activations but stores its weight in
+  ``bits`` (2..8) with one symmetric scale per output channel, or per group of ``group_size`` consecutive input
+  weights (as in GPTQ / AWQ's group-wise formats); 4-bit and narrower codes are packed two per byte. The
+  weight is dequantized at each call, so the stored size really shrinks (``state_dict`` holds only the codes,
+  the scales and the bias).
+
+>>> import numpy as np, nanoopt as no
+>>> from nanoopt import models
+>>> no.manual_seed(0)
+>>> model = models.lenet_300_100()
+>>> small = quantize_weights(model, bits=4, group_size=32)
+>>> no.report.stored_bytes(model) / no.report.stored_bytes(small) > 6
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from nanoopt import kernels, nn
+from nanoopt.nn import functional as F
+from nanoopt.quant.config import INT8_ACTIVATION, weight_spec
+from nanoopt.quant.packing import pack_int4, unpack_int4
+from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
+from nanoopt.tensor import Tensor
+
+__all__ = ["DynamicQuantizedLinear", "WeightOnlyConv2d", "WeightOnlyLinear", "quantize_dynamic", "quantize_weights"]
+
+
+def _per_channel_codes(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric narrow-range codes of ``weight (C, ...)`` with one scale per row (axis 0)."""
+    spec = weight_spec(bits)
+    rows = weight.reshape(weight.shape[0], -1)
+    scale, zero_point = qparams(rows.min(axis=1), rows.max(axis=1), spec)
+    return quantize(weight, scale, zero_point, spec), scale
+
+
+class DynamicQuantizedLinear(nn.Module):
+    """``nn.Linear`` with int8 weights and activations quantized per batch at run time (see module docstring)."""
+
+    def __init__(self, layer: nn.Linear, bits: int = 8) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        codes, scale = _per_channel_codes(layer.weight.data.astype(np.float32), bits)
+        self.register_buffer("weight", np.ascontiguousarray(codes))  # (N, K) int8
+        self.register_buffer("weight_scale", scale.astype(np.float32))  # (N,)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.data.astype(np.float32).copy())
+        self.activation_spec = INT8_ACTIVATION
+        self._packed: Any = None
+
+    def forward(self, x: Any) -> Tensor:
+        data = np.asarray(getattr(x, "data", x), dtype=np.float32)
+        if data.ndim < 1 or data.shape[-1] != self.in_features:
+            raise ValueError(f"DynamicQuantizedLinear: expected input (N, {self.in_features}), got shape {data.shape}")
+        if not np.all(np.isfinite(data)):
+            raise ValueError("DynamicQuantizedLinear: the input contains NaN or Inf")
+        rows = np.ascontiguousarray(data.reshape(-1, self.in_features))  # (M, K)
+        scale, zero_point = qparams(rows.min(), rows.max(), self.activation_spec)
+        codes = quantize(rows, scale, zero_point, self.activation_spec)
+        if self._packed is None:
+            self._packed = kernels.prepare_weights(self.weight)
+        acc = kernels.gemm_s8s8s32(codes, self._packed, int(zero_point))  # (M, N) exact int32
+        out = acc.astype(np.float32) * (scale * self.weight_scale)
+        if self.bias is not None:
+            out += self.bias
+        return Tensor(out.reshape(data.shape[:-1] + (self.out_features,)))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
+
+
+def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
+    """A copy of ``model`` whose ``nn.Linear`` layers run int8 products with per-batch activation ranges.
+
+    ``bits`` (2..8) is the weight width (codes in int8 containers); activations are always int8.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"quantize_dynamic: bits must be an int in [2, 8], got {bits!r}")
+    converted = copy.deepcopy(model)
+    for name, module in list(converted.named_modules()):
+        if isinstance(module, nn.Linear):
+            replacement = DynamicQuantizedLinear(module, bits)
+            if name == "":
+                return replacement
+            converted.set_submodule(name, replacement)
+    return converted
+
+
+# ------------------------------------------------------------------------------------------- weight-only
+class _WeightOnly(nn.Module):
+    """Stores ``bits``-bit codes of the weight with a scale per (output channel, group of inputs)."""
+
+    def __init__(self, layer: nn.Module, bits: int, group_size: int | None) -> None:
+        super().__init__()
+        weight = layer.weight.data.astype(np.float32)
+        self.weight_shape = weight.shape
+        self.bits = bits
+        depth = int(np.prod(weight.shape[1:]))
+        self.group_size = depth if group_size is None else group_size
+        groups = -(-depth // self.group_size)
+        rows = np.zeros((weight.shape[0], groups * self.group_size), np.float32)
+        rows[:, :depth] = weight.reshape(weight.shape[0], depth)  # zero padding: no effect on the ranges
+        grouped = rows.reshape(-1, self.group_size)  # (C * groups, group_size)
+        spec = weight_spec(bits)
+        scale, zero_point = qparams(grouped.min(axis=1), grouped.max(axis=1), spec)
+        codes = quantize(grouped, scale, zero_point, spec).reshape(weight.shape[0], -1)[:, :depth]
+        codes = np.ascontiguousarray(codes)
+        if bits <= 4:
+            self.register_buffer("weight_packed", pack_int4(codes))
+        else:
+            self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale.reshape(weight.shape[0], groups).astype(np.float32))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.data.astype(np.float32).copy())
+
+    def codes(self) -> np.ndarray:
+        """The integer weight codes ``(C_out, depth)`` (unpacked)."""
+        depth = int(np.prod(self.weight_shape[1:]))
+        if self.bits <= 4:
+            return unpack_int4(self.weight_packed, self.weight_shape[0] * depth).reshape(self.weight_shape[0], depth)
+        return self.weight_codes
+
+    def dequantized_weight(self) -> np.ndarray:
+        """``codes * scale`` of each group, in the layer's weight shape (float32)."""
+        codes = self.codes()
+        channels, depth = codes.shape
+        scales = np.repeat(self.weight_scale, self.group_size, axis=1)[:, :depth]  # (C, depth)
+        spec = QuantSpec(bits=self.bits, symmetric=True, per_channel=True, narrow_range=True)
+        flat = dequantize(codes.reshape(-1), scales.reshape(-1), np.zeros(codes.size, np.int32), spec)
+        return flat.reshape(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        return f"weight {self.weight_shape}, {self.bits}-bit, group_size={self.group_size}"
+
+
+class WeightOnlyLinear(_WeightOnly):
+    """``nn.Linear`` with a low-bit stored weight, dequantized at each call (float activations)."""
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        if x.ndim < 1 or x.shape[-1] != self.weight_shape[1]:
+            raise ValueError(f"WeightOnlyLinear: expected input (N, {self.weight_shape[1]}), got shape {x.shape}")
+        bias = None if self.bias is None else Tensor(self.bias)
+        return F.linear(x, Tensor(self.dequantized_weight()), bias)
+
+
+class WeightOnlyConv2d(_WeightOnly):
+    """``nn.Conv2d`` with a low-bit stored weight, dequantized at each call (float activations)."""
+
+    def __init__(self, layer: nn.Conv2d, bits: int, group_size: int | None) -> None:
+        super().__init__(layer, bits, group_size)
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        bias = None if self.bias is None else Tensor(self.bias)
+        return F.conv2d(x, Tensor(self.dequantized_weight()), bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+def quantize_weights(model: nn.Module, bits: int = 8, group_size: int | None = None) -> nn.Module:
+    """A copy of ``model`` whose Linear/Conv2d weights are stored in ``bits`` bits (see module docstring).
+
+    ``group_size`` None: one scale per output channel; else one per ``group_size`` consecutive weights of a
+    row (the last group of a row may be shorter).
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"quantize_weights: bits must be an int in [2, 8], got {bits!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"quantize_weights: group_size must be a positive int or None, got {group_size!r}")
+    converted = copy.deepcopy(model)
+    for name, module in list(converted.named_modules()):
+        if isinstance(module, nn.Linear):
+            replacement: nn.Module = WeightOnlyLinear(module, bits, group_size)
+        elif isinstance(module, nn.Conv2d):
+            replacement = WeightOnlyConv2d(module, bits, group_size)
+        else:
+            continue
+        if name == "":
+            return replacement
+        converted.set_submodule(name, replacement)
+    return converted
