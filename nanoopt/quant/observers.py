@@ -26,14 +26,16 @@ Range choices
   - :class:`HistogramObserver` -- the range ``[a, b]`` (bin edges) minimising the expected squared error
     ``E(a, b) = step^2 / 12 * N_inside + sum_{c < a} n_c (c - a)^2 + sum_{c > b} n_c (c - b)^2`` with ``c`` the
     bin centres, ``n_c`` their counts and ``step`` the quantization step of ``[a, b]`` (uniform rounding noise
-    inside the range plus clipping error outside; e.g. Banner et al. 2019 eq. 2-3). Every pair of edges is
-    tried (prefix sums make each O(1)).
+    inside the range plus clipping error outside; e.g. Banner et al. 2019 eq. 2-3); exact zeros are not counted
+    in ``N_inside`` (zero is on every grid). Every pair of edges is tried (prefix sums make each O(1)).
   - :class:`PercentileObserver` -- ``[q_(1-p), q_p]`` (two-sided) or ``[-q, q]`` with ``q`` the ``p``-quantile
     of ``|x|`` for symmetric specs; quantiles interpolated linearly inside a bin.
   - :class:`EntropyObserver` -- TensorRT's calibration (Migacz 2017, "8-bit Inference with TensorRT"): on the
     histogram of ``|x|`` (of ``x`` when ``x >= 0``), the threshold ``T`` minimising ``KL(P || Q)`` where ``P`` is
     the histogram up to ``T`` with the tail folded into its last bin and ``Q`` is ``P`` merged into as many
     levels as the quantizer has (spread back over the non-empty bins); both smoothed with ``eps = 1e-4``.
+    Exact zeros (half of a ReLU output) are left out: zero lies on every grid, and their spike in the first bin
+    would otherwise pull the search towards small thresholds.
 
 >>> import numpy as np
 >>> from nanoopt.quant.spec import QuantSpec
@@ -342,9 +344,11 @@ class _AlignedHistogram(Observer):
         self._counts = np.zeros(0, dtype=np.int64)
         self._min = math.inf
         self._max = -math.inf
+        self._zeros = 0  # exact zeros seen (e.g. after a ReLU): represented exactly by every range
 
     def _update(self, array: np.ndarray) -> None:
         values = array.astype(np.float64).ravel()
+        self._zeros += int(np.count_nonzero(values == 0.0))
         low, high = float(values.min()), float(values.max())
         self._min, self._max = min(self._min, low), max(self._max, high)
         if self._width == 0.0:
@@ -448,7 +452,7 @@ class HistogramObserver(_AlignedHistogram):
             step = 2 * np.maximum(-a, b) / self._levels()
         else:
             step = (b - a) / self._levels()
-        inside = totals[0] - n_low - n_high
+        inside = totals[0] - n_low - n_high - self._zeros  # exact zeros are on every grid: no rounding noise
         return step**2 / 12.0 * inside + clipped_low + clipped_high
 
 
@@ -505,6 +509,7 @@ class EntropyObserver(_AlignedHistogram):
     def _range(self) -> tuple[float, float]:
         signed_data = self._min < 0.0 < self._max
         folded = self._folded()
+        folded[0] -= self._zeros  # exact zeros cost nothing at any threshold: leave them out of P and Q
         levels = self._levels() + 1
         if signed_data or self.spec.symmetric:
             levels //= 2

@@ -207,7 +207,8 @@ class _SimulatedWeighted(_Simulated):
         return integer_layer(self.weight.data, bias, self.weight_quantizer.qparams(), self.source_qparams(),
                              self.output_quantizer.qparams(), self.relu)
 
-    def float_op(self, x: Tensor, weight: Tensor) -> Tensor:
+    def float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The float layer with the given weight and bias (``x W^T + b`` or the convolution)."""
         raise NotImplementedError
 
     def integer_op(self, x_q: np.ndarray, layer: IntegerLayer) -> np.ndarray:
@@ -219,7 +220,7 @@ class _SimulatedWeighted(_Simulated):
             layer = self.integer_layer()
             codes = self.integer_op(layer.input.quantize(x.data), layer)
             return Tensor(layer.output.dequantize(codes))
-        y = self.float_op(x, self.weight_quantizer(self.weight))
+        y = self.float_op(x, self.weight_quantizer(self.weight), self.bias)
         if self.relu:
             y = y.relu()
         return self.output_quantizer(y)
@@ -233,10 +234,10 @@ class SimulatedLinear(_SimulatedWeighted):
         super().__init__(layer, weight_quantizer, output_quantizer, relu, name, sources)
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
-    def float_op(self, x: Tensor, weight: Tensor) -> Tensor:
+    def float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.layer_name!r}: expected input (N, {self.in_features}), got shape {x.shape}")
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, weight, bias)
 
     def integer_op(self, x_q: np.ndarray, layer: IntegerLayer) -> np.ndarray:
         if x_q.ndim < 1 or x_q.shape[-1] != self.in_features:
@@ -261,9 +262,9 @@ class SimulatedConv2d(_SimulatedWeighted):
         if len(shape) != 4 or shape[1] != self.in_channels:
             raise ValueError(f"{self.layer_name!r}: expected input (N, {self.in_channels}, H, W), got shape {shape}")
 
-    def float_op(self, x: Tensor, weight: Tensor) -> Tensor:
+    def float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         self._check(x.shape)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def integer_op(self, x_q: np.ndarray, layer: IntegerLayer) -> np.ndarray:
         self._check(x_q.shape)

@@ -158,7 +158,7 @@ def brute_force_mse_error(observer, a, b):
     levels = observer.spec.qmax - observer.spec.qmin
     step = (2 * max(-a, b) if observer.spec.symmetric else b - a) / levels
     below, above = centres < a, centres > b
-    inside = counts[~below & ~above].sum()
+    inside = counts[~below & ~above].sum() - observer._zeros
     return (step**2 / 12 * inside + np.sum(counts[below] * (centres[below] - a) ** 2)
             + np.sum(counts[above] * (centres[above] - b) ** 2))
 
