@@ -3,6 +3,7 @@
     python benchmarks/run.py                 # every benchmark, printed
     python benchmarks/run.py train_speed     # just these
     python benchmarks/run.py --write         # ... and record the output in benchmarks/RESULTS.md and README.md
+    python benchmarks/run.py --sync-readme   # copy the recorded sections of RESULTS.md into README.md's markers
 
 Each benchmark is a module ``benchmarks/NAME.py`` run as ``python -m benchmarks.NAME`` in its own process (so
 that each pins its own threads and environment, see ``benchmarks/common.py``). With ``--write`` the printed
@@ -55,11 +56,34 @@ def record(name: str, output: str) -> list[str]:
     return changed
 
 
+def sync_readme() -> list[str]:
+    """Copy every recorded section of RESULTS.md into the README section with the same markers."""
+    results = RECORDS[0].read_text()
+    readme_path = RECORDS[1]
+    readme = readme_path.read_text()
+    copied = []
+    for match in re.finditer(r"<!-- begin (\S+) -->.*?<!-- end \1 -->", results, re.DOTALL):
+        name = match.group(1)
+        pattern = re.compile(re.escape(f"<!-- begin {name} -->") + r".*?" + re.escape(f"<!-- end {name} -->"),
+                             re.DOTALL)
+        block = match.group(0)
+        if pattern.search(readme):
+            readme = pattern.sub(lambda _, block=block: block, readme)
+            copied.append(name)
+    readme_path.write_text(readme)
+    return copied
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {available()})")
     parser.add_argument("--write", action="store_true", help="record outputs in RESULTS.md / README.md")
+    parser.add_argument("--sync-readme", action="store_true",
+                        help="only copy recorded sections from RESULTS.md into README.md, running nothing")
     args = parser.parse_args()
+    if args.sync_readme:
+        print(f"copied into README.md: {sync_readme() or 'nothing'}")
+        return 0
     names = args.names or available()
     unknown = sorted(set(names) - set(available()))
     if unknown:
