@@ -55,6 +55,13 @@ _LAZY = {
     "QuantizedConv2d": "nanoopt.quant.qmodules",
     "quantize_dynamic": "nanoopt.quant.dynamic",
     "quantize_weights": "nanoopt.quant.dynamic",
+    "cross_layer_equalization": "nanoopt.quant.algorithms",
+    "bias_correction": "nanoopt.quant.algorithms",
+    "adaround": "nanoopt.quant.algorithms",
+    "sqnr_per_layer": "nanoopt.quant.analysis",
+    "layer_sensitivity": "nanoopt.quant.analysis",
+    "saturation_counts": "nanoopt.quant.analysis",
+    "mixed_precision_search": "nanoopt.quant.analysis",
     "pack_int4": "nanoopt.quant.packing",
     "unpack_int4": "nanoopt.quant.packing",
 }
