@@ -14,8 +14,9 @@ GOP/s = 2 M K N / best time (:func:`benchmarks.common.best_seconds`); "x f32" is
 int8 time (above 1: int8 is faster). Threads are pinned through the environment before NumPy loads
 (OPENBLAS/OMP/MKL/NUMBA_NUM_THREADS), OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed. Also: the first
 call's compile time with an empty Numba cache and the time with a warm cache, each in a fresh process.
-PyTorch/ONNX Runtime columns are not printed: neither is a dependency, and this benchmark does not yet have
-a tested path for them.
+When ``torch`` is installed, its int8 layers (``torch.ao.nn.quantized.Linear`` / ``Conv2d``: quint8 activations,
+per-channel qint8 weights, requantized quint8 output, the default x86/fbgemm engine) are timed on the same
+shapes and thread count as an extra column; ONNX Runtime is not measured here.
 
     python -m benchmarks.int_kernels               # both thread counts and the startup times
     python -m benchmarks.int_kernels --threads 2   # one thread count
@@ -35,6 +36,7 @@ if __name__ == "__main__" and "--threads" in sys.argv:
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -82,6 +84,55 @@ def float_conv(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray:
     return (cols @ w.reshape(out_channels, -1).T).reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
 
 
+def torch_int8_linear(x: np.ndarray, w: np.ndarray):
+    """A callable running PyTorch's static int8 Linear on the same shapes, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+    n, k = w.shape
+    layer = torch.ao.nn.quantized.Linear(k, n, dtype=torch.qint8)
+    scales = torch.full((n,), 0.01, dtype=torch.float64)
+    weight = torch.quantize_per_channel(torch.from_numpy(w.astype(np.float32) * 0.01), scales,
+                                        torch.zeros(n, dtype=torch.long), 0, torch.qint8)
+    layer.set_weight_bias(weight, torch.zeros(n))
+    layer.scale, layer.zero_point = 0.5, 3
+    qx = torch.quantize_per_tensor(torch.from_numpy(x.astype(np.float32) * 0.05), 0.05, 0, torch.quint8)
+    return lambda: layer(qx)
+
+
+def torch_int8_conv(x: np.ndarray, w: np.ndarray, padding: int):
+    """A callable running PyTorch's static int8 Conv2d on the same shapes, or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    out_channels, channels, kh, kw = w.shape
+    layer = torch.ao.nn.quantized.Conv2d(channels, out_channels, (kh, kw), padding=padding)
+    weight = torch.quantize_per_channel(torch.from_numpy(w.astype(np.float32) * 0.01),
+                                        torch.full((out_channels,), 0.01, dtype=torch.float64),
+                                        torch.zeros(out_channels, dtype=torch.long), 0, torch.qint8)
+    layer.set_weight_bias(weight, torch.zeros(out_channels))
+    layer.scale, layer.zero_point = 0.5, 3
+    qx = torch.quantize_per_tensor(torch.from_numpy(x.astype(np.float32) * 0.05), 0.05, 0, torch.quint8)
+    return lambda: layer(qx)
+
+
+def torch_seconds(functions: list, threads: int) -> list[float | None]:
+    """Best seconds of each PyTorch callable (None where torch is absent), with ``threads`` intra-op threads."""
+    if all(function is None for function in functions):
+        return [None] * len(functions)
+    import torch
+
+    torch.set_num_threads(threads)
+    return [best_seconds(function) if function is not None else None for function in functions]
+
+
+def _ratio(reference: float, seconds: float | None) -> str:
+    return f"{reference / seconds:.2f}x" if seconds else "-"
+
+
 def time_layers(cases: list) -> list[tuple[float, float, float]]:
     """(auto, numba, float32) best seconds per case ``(int8 layer, int8 input, float32 function)``.
 
@@ -112,28 +163,38 @@ def measure(threads: int) -> None:
     fast = "avx2" if kernels.avx2_available() else "numba"
     print(f"### {threads} thread{'s' if threads > 1 else ''}\n")
     print(f"`auto` runs the `{fast}` backend here. GOP/s, and float32 time / int8 time:\n")
-    print("| linear M x K x N | int8 auto | x f32 | int8 numba | x f32 | NumPy f32 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    cases = []
+    print("| linear M x K x N | int8 auto | x f32 | int8 numba | x f32 | NumPy f32 | PyTorch int8 | x f32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    cases, torch_cases = [], []
     for m, k, n in LINEAR_SHAPES:
         x, w, layer = linear_layer(m, k, n, rng)
         x_float, w_t = x.astype(np.float32), np.ascontiguousarray(w.T.astype(np.float32))  # (M, K), (K, N)
         cases.append((layer, x, lambda x_float=x_float, w_t=w_t: x_float @ w_t))
-    for (m, k, n), (auto, portable, reference) in zip(LINEAR_SHAPES, time_layers(cases), strict=True):
+        torch_cases.append(torch_int8_linear(x, w))
+    timings = time_layers(cases)
+    torch_times = torch_seconds(torch_cases, threads)
+    for (m, k, n), (auto, portable, reference), torch_time in zip(LINEAR_SHAPES, timings, torch_times, strict=True):
         giga = 2.0 * m * k * n / 1e9
+        torch_text = f"{giga / torch_time:.0f}" if torch_time else "not installed"
         print(f"| {m}x{k}x{n} | {giga / auto:.0f} | {reference / auto:.2f}x | {giga / portable:.0f} | "
-              f"{reference / portable:.2f}x | {giga / reference:.0f} |")  # fmt: skip
+              f"{reference / portable:.2f}x | {giga / reference:.0f} | {torch_text} | "
+              f"{_ratio(reference, torch_time)} |")  # fmt: skip
     print("\n| conv2d N x 32 x 28 x 28, 3x3, 64 out, pad 1 | int8 auto ms | x f32 | int8 numba ms | x f32 | "
-          "NumPy f32 im2col+matmul ms |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|")
-    cases = []
+          "NumPy f32 im2col+matmul ms | PyTorch int8 ms | x f32 |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    cases, torch_cases = [], []
     for batch in CONV_BATCHES:
         x, w, layer = conv_layer(batch, rng)
         x_float, w_float = x.astype(np.float32), w.astype(np.float32)
         cases.append((layer, x, lambda x_float=x_float, w_float=w_float: float_conv(x_float, w_float, CONV["padding"])))
-    for batch, (auto, portable, reference) in zip(CONV_BATCHES, time_layers(cases), strict=True):
+        torch_cases.append(torch_int8_conv(x, w, CONV["padding"]))
+    timings = time_layers(cases)
+    torch_times = torch_seconds(torch_cases, threads)
+    for batch, (auto, portable, reference), torch_time in zip(CONV_BATCHES, timings, torch_times, strict=True):
+        torch_text = f"{torch_time * 1e3:.3f}" if torch_time else "not installed"
         print(f"| N={batch} | {auto * 1e3:.3f} | {reference / auto:.2f}x | {portable * 1e3:.3f} | "
-              f"{reference / portable:.2f}x | {reference * 1e3:.3f} |")  # fmt: skip
+              f"{reference / portable:.2f}x | {reference * 1e3:.3f} | {torch_text} | "
+              f"{_ratio(reference, torch_time)} |")  # fmt: skip
     print()
 
 
