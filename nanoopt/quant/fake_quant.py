@@ -35,10 +35,9 @@ the gradient see.
 
   The paper regularises ``alpha`` with L2 (give it weight decay in the optimiser).
 
-:class:`LSQQuantizer` and :class:`PACTQuantizer` wrap the last two as modules with the interface of the
-quantizers of a prepared model (``qparams()``, ``fake_quantize(x)``, ``frozen``, ``fake_quant_enabled``, ...),
-so that quantization-aware training can put them where an observer-driven fake quantizer would be and
-``convert`` reads their learned grid like any other.
+This module is only the arithmetic and its gradients (autograd :class:`~nanoopt.ops.Function` subclasses); the
+modules that carry these quantizers inside a prepared model (with observers, switches and learned parameters)
+are in :mod:`nanoopt.quant.simulate` and :mod:`nanoopt.quant.qat`.
 
 >>> import numpy as np
 >>> from nanoopt.tensor import Tensor
@@ -58,18 +57,14 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.nn import Module, Parameter
 from nanoopt.ops import Function
-from nanoopt.quant.lowering import QParams
 from nanoopt.quant.spec import FLOAT32_EPS, QuantSpec, check_scale, dequantize, qparams, quantize
-from nanoopt.tensor import Tensor, no_grad
+from nanoopt.tensor import Tensor
 
 __all__ = [
     "FakeQuantizeFunction",
     "LSQFunction",
-    "LSQQuantizer",
     "PACTFunction",
-    "PACTQuantizer",
     "fake_quantize",
     "lsq_grad_scale",
     "lsq_initial_scale",
@@ -311,162 +306,3 @@ def pact_quantize(x: Any, alpha: Tensor, spec: QuantSpec) -> Tensor:
     if not isinstance(alpha, Tensor) or alpha.size != 1:
         raise TypeError(f"pact_quantize: alpha must be a one-element Tensor, got {alpha!r}")
     return PACTFunction.apply(_as_tensor(x), alpha, spec=spec)
-
-
-# ------------------------------------------------------------------------------------------------ modules
-class _LearnedQuantizer(Module):
-    """Shared switches of LSQ and PACT, named as in the observer-driven fake quantizer of a prepared model.
-
-    A learned quantizer has no observer: its grid is initialised from the first batch it sees and learned after
-    that, so it counts as ``frozen`` (its grid does not follow statistics) once initialised.
-    """
-
-    def __init__(self, spec: QuantSpec, owner: str = "") -> None:
-        super().__init__()
-        _check_spec(spec)
-        self.spec = spec
-        self.owner = owner
-        self.fake_quant_enabled = True
-        self.observer_enabled = False  # nothing to observe: the grid is a parameter
-        self.register_buffer("calibrated", np.zeros((), np.bool_))
-
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(self.calibrated)
-
-    @property
-    def frozen(self) -> bool:
-        return bool(self.calibrated)
-
-    def freeze(self) -> None:
-        """Nothing to freeze (no observer); present so that QAT switches treat every quantizer alike."""
-
-    def _initialise(self, x: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _require_initialised(self) -> None:
-        if not self.calibrated:
-            from nanoopt.quant.simulate import NotCalibratedError
-
-            raise NotCalibratedError(f"the learned quantizer of {self.owner or 'this tensor'} has seen no data yet; "
-                                     "run a batch through the model (it initialises from the first one)")
-
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def forward(self, x: Any) -> Tensor:
-        x = _as_tensor(x)
-        if not self.calibrated:
-            self._initialise(x.data)
-        if not self.fake_quant_enabled:
-            return x
-        return self.fake_quantize(x)
-
-
-class LSQQuantizer(_LearnedQuantizer):
-    """Learned step size quantizer (Esser et al. 2020): a ``scale`` Parameter, a fixed ``zero_point`` buffer.
-
-    ``channels`` sizes a per-channel spec (weights: one step per output channel). ``per_example`` says what the
-    ``N`` of the gradient scale counts: features of one example (activations, ``True``) or every element per
-    step (weights, ``False``). The zero point is the spec's (0 for symmetric signed) or, for an asymmetric spec,
-    ``qparams`` of the first batch's range (so non-negative data get ``qmin``); it does not change afterwards.
-    The first batch also sets ``s_0 = 2 mean(|x|) / sqrt(Q_P)``.
-
-    >>> quantizer = LSQQuantizer(QuantSpec(bits=4, symmetric=True))
-    >>> y = quantizer(Tensor(np.array([0.5, -1.0, 2.0], np.float32)))
-    >>> float(quantizer.scale.data), y.data                 # s_0 = 2 * (3.5 / 3) / sqrt(7)
-    (0.8819171190261841, array([ 0.8819171, -0.8819171,  1.7638342], dtype=float32))
-    """
-
-    def __init__(self, spec: QuantSpec, channels: int | None = None, per_example: bool = False,
-                 owner: str = "") -> None:
-        super().__init__(spec, owner)
-        if spec.per_channel and (channels is None or channels < 1):
-            raise ValueError(f"a per-channel LSQQuantizer needs the number of channels, got {channels!r}")
-        shape = (channels,) if spec.per_channel else ()
-        self.per_example = per_example
-        self.scale = Parameter(np.ones(shape, np.float32))
-        self.register_buffer("zero_point", np.zeros(shape, np.int32))
-
-    def _initialise(self, x: np.ndarray) -> None:
-        data = np.asarray(x, np.float64)
-        if data.size == 0 or not np.all(np.isfinite(data)):
-            raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: the first batch must be finite and "
-                             f"non-empty, got shape {data.shape}")
-        if self.spec.symmetric:
-            zero = qparams(np.zeros(self.zero_point.shape), np.zeros(self.zero_point.shape), self.spec)[1]
-        elif self.spec.per_channel:
-            axes = _other_axes(self.spec, data.ndim)
-            zero = qparams(data.min(axis=axes), data.max(axis=axes), self.spec)[1]
-        else:
-            zero = qparams(data.min(), data.max(), self.spec)[1]
-        scale = lsq_initial_scale(data, self.spec, zero)
-        if scale.shape != self.scale.shape:
-            raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: expected {self.scale.shape[0]} "
-                             f"channels along axis {self.spec.axis}, got data of shape {data.shape}")
-        self.zero_point[...] = zero
-        self.scale.data[...] = scale
-        self.calibrated[...] = True
-
-    def grad_scale(self, shape: tuple[int, ...]) -> float:
-        """``1 / sqrt(N Q_P)`` for data of ``shape`` (see the class docstring for ``N``)."""
-        count = math.prod(shape)
-        if self.spec.per_channel:
-            count //= shape[self.spec.axis % len(shape)]
-        if self.per_example and len(shape) > 1:
-            count //= shape[0]
-        return lsq_grad_scale(max(count, 1), self.spec, self.zero_point)
-
-    def qparams(self) -> QParams:
-        """The learned grid as :class:`~nanoopt.quant.lowering.QParams` (what ``convert`` uses)."""
-        self._require_initialised()
-        return QParams(check_scale(self.scale.data, "LSQ step size (scale)").copy(), self.zero_point.copy(),
-                       self.spec)
-
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        self._require_initialised()
-        return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
-
-    def extra_repr(self) -> str:
-        return f"{self.spec}, per_example={self.per_example}, fake_quant={self.fake_quant_enabled}"
-
-
-class PACTQuantizer(_LearnedQuantizer):
-    """PACT activation quantizer (Choi et al. 2018): a learned clipping level ``alpha`` (Parameter).
-
-    ``alpha=None`` initialises it to the maximum of the first batch (fine-tuning a trained model); the paper
-    starts from 10. Its grid is :func:`pact_qparams`; clipping at 0 makes it a quantized ReLU.
-
-    >>> quantizer = PACTQuantizer(QuantSpec(bits=8), alpha=2.55)
-    >>> quantizer(Tensor(np.array([-1.0, 0.123, 7.0], np.float32))).data
-    array([0.  , 0.12, 2.55], dtype=float32)
-    """
-
-    def __init__(self, spec: QuantSpec, alpha: float | None = None, owner: str = "") -> None:
-        super().__init__(spec, owner)
-        _check_pact_spec(spec)
-        self.alpha = Parameter(np.float32(1.0 if alpha is None else alpha))
-        if alpha is not None:
-            pact_qparams(alpha, spec)  # refuses alpha <= 0
-            self.calibrated[...] = True
-
-    def _initialise(self, x: np.ndarray) -> None:
-        top = float(np.max(x)) if np.size(x) else float("nan")
-        if not top > 0 or not math.isfinite(top):
-            raise ValueError(f"PACTQuantizer of {self.owner or 'this tensor'}: cannot initialise alpha from a first "
-                             f"batch whose maximum is {top} (needs a finite positive value; pass alpha=)")
-        with no_grad():
-            self.alpha.data[...] = np.float32(top)
-        self.calibrated[...] = True
-
-    def qparams(self) -> QParams:
-        self._require_initialised()
-        scale, zero_point = pact_qparams(self.alpha.data, self.spec)
-        return QParams(scale, zero_point, self.spec)
-
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        self._require_initialised()
-        return pact_quantize(x, self.alpha, self.spec)
-
-    def extra_repr(self) -> str:
-        return f"{self.spec}, fake_quant={self.fake_quant_enabled}"

@@ -1,0 +1,577 @@
+"""Quantization-aware training: ``prepare_qat`` -> train with :func:`nanoopt.fit` -> ``quant.convert``.
+
+The model is trained through the rounding it will meet in integers (Jacob et al. 2018, "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", section 3; Krishnamoorthi 2018,
+"Quantizing deep convolutional networks for efficient inference: A whitepaper", section 3), then converted to
+the *same* integer model post-training quantization produces: :func:`prepare_qat` builds on
+:func:`~nanoopt.quant.ptq.prepare`, and :func:`~nanoopt.quant.ptq.convert` is used unchanged.
+
+What :func:`prepare_qat` adds to a prepared model
+--------------------------------------------------
+* **Weight fake quantization that follows the weights.** :class:`WeightFakeQuantize` re-fits its observer to the
+  current weights at every training step (the last-value range of Jacob et al. section 3.1) until frozen; or
+  :class:`LSQQuantizer` learns the step instead (``weight_quantizer="lsq"``).
+* **Activation fake quantization.** The config's observers (default here: moving-average min/max, section 3.1),
+  or learned quantizers: LSQ steps (Esser et al. 2020) or PACT clipping levels (Choi et al. 2018) on outputs
+  followed by a ReLU. Gradients pass the rounding straight through (:mod:`nanoopt.quant.fake_quant`).
+* **BatchNorm folding simulated in training** (Jacob et al. section 3.2 and figure C.8; Krishnamoorthi section
+  3.2): a Conv2d/Linear followed by BatchNorm becomes one :class:`QATConvBn2d` / :class:`QATLinearBn1d`. With
+  ``gamma``, ``mu``, ``sigma = sqrt(var + eps)`` and ``f = gamma / sigma_running`` per output channel:
+
+  - training, BN not frozen: ``y = BN_batch( conv(x, Q(W f)) / f + b )`` -- the weights are quantized exactly
+    as they will be folded (with the running sigma), while the output is normalised with the *batch* statistics
+    (which also keep updating the running ones). Algebraically ``conv(x, Q(W f)) * sigma_running / sigma_batch +
+    (b - mu_batch) gamma / sigma_batch + beta``: Krishnamoorthi's correction of the folded weights.
+  - BN frozen (:func:`freeze_batchnorm`) or eval mode: ``y = conv(x, Q(W f)) + (b - mu_running) f + beta``, the
+    folded layer of inference (running statistics, no longer updated).
+
+  With fake quantization off, both equal the float Conv2d -> BatchNorm (train / eval mode) up to float rounding.
+* **Switches and schedules.** :func:`~nanoopt.quant.ptq.set_observers` / :func:`~nanoopt.quant.ptq.set_fake_quant`
+  work on QAT models (every quantizer here is a :class:`~nanoopt.quant.simulate.FakeQuantize`);
+  :func:`freeze_batchnorm` switches BN to running statistics; :class:`QATSchedule` (a training callback) freezes
+  observers and BatchNorm after chosen steps.
+* **Pruned models stay pruned.** A layer pruned with :mod:`nanoopt.prune` keeps its ``weight_orig * weight_mask``
+  reparametrisation in the QAT model, so masked weights get zero gradients and stay exactly zero; they quantize to
+  the integer 0 (weights have zero point 0) in the converted model.
+
+Once every quantizer is frozen (observers off), the QAT model in eval mode runs the integer path of
+:mod:`nanoopt.quant.simulate`: the same :func:`~nanoopt.quant.lowering.integer_layer` as ``convert``, so its
+output equals the converted integer model's bit for bit (tested with hypothesis).
+
+>>> import numpy as np, nanoopt as no
+>>> from nanoopt import data, models, quant
+>>> no.manual_seed(0)
+>>> x, y = data.load_digits("train")
+>>> model = models.tiny_mlp()
+>>> _ = no.fit(model, (x, y), epochs=2, progress=False)
+>>> qat_model = prepare_qat(model, example_input=x[:1])
+>>> _ = no.fit(qat_model, (x, y), epochs=1, lr=0.01, progress=False, callbacks=[QATSchedule(freeze_observers_after=5)])
+>>> integer_model = quant.convert(qat_model)
+>>> bool(np.array_equal(qat_model.eval()(x).data, integer_model(x).data))
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+
+from nanoopt import nn
+from nanoopt.nn import Parameter
+from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
+from nanoopt.quant.algorithms.bn_fold import _foldable
+from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.fake_quant import lsq_grad_scale, lsq_initial_scale, lsq_quantize, pact_qparams, pact_quantize
+from nanoopt.quant.graph import trace
+from nanoopt.quant.lowering import IntegerLayer, QParams, integer_layer
+from nanoopt.quant.observers import MovingAverageMinMaxObserver
+from nanoopt.quant.ptq import PreparedModel, prepare, set_fake_quant, set_observers
+from nanoopt.quant.simulate import FakeQuantize, NotCalibratedError, SimulatedConv2d, SimulatedLinear
+from nanoopt.quant.spec import QuantSpec, check_scale, qparams
+from nanoopt.tensor import Tensor, no_grad
+from nanoopt.train import Callback
+
+__all__ = [
+    "LSQQuantizer",
+    "PACTQuantizer",
+    "QATConv2d",
+    "QATConvBn2d",
+    "QATLinear",
+    "QATLinearBn1d",
+    "QATSchedule",
+    "WeightFakeQuantize",
+    "freeze_batchnorm",
+    "prepare_qat",
+    "qat_config",
+]
+
+WEIGHT_QUANTIZERS = ("observer", "lsq")
+ACTIVATION_QUANTIZERS = ("observer", "lsq", "pact")
+
+
+def qat_config(**changes: Any) -> QuantConfig:
+    """The default QAT configuration: :class:`~nanoopt.quant.config.QuantConfig` with moving-average min/max
+    activation observers (Jacob et al. 2018, section 3.1) instead of the histogram search PTQ uses (which would
+    rerun at every step). ``changes`` are QuantConfig fields.
+
+    >>> qat_config(weight=QuantSpec(bits=4, symmetric=True, per_channel=True)).activation_observer.__name__
+    'MovingAverageMinMaxObserver'
+    """
+    return QuantConfig(**{"activation_observer": MovingAverageMinMaxObserver, **changes})
+
+
+# ================================================================================================ quantizers
+class WeightFakeQuantize(FakeQuantize):
+    """A weight quantizer for QAT: while observing, its observer is *re-fitted* to the current weights at every
+    call (``fit``, not ``partial_fit``), so the grid follows the weights as they train; frozen, it keeps the last.
+
+    >>> from nanoopt.quant.observers import MinMaxObserver
+    >>> quantizer = WeightFakeQuantize(MinMaxObserver(QuantSpec(bits=8, symmetric=True)))
+    >>> _ = quantizer(Tensor(np.array([1.0, -2.0]))); _ = quantizer(Tensor(np.array([0.5, -1.0])))
+    >>> bool(quantizer.qparams().scale == np.float32(1.0 / 127.5))     # the range of the last weights only
+    True
+    """
+
+    def observe(self, x: Any) -> None:
+        self.observer.fit(x)
+        self._stale = True
+
+
+class _LearnedQuantizer(FakeQuantize):
+    """A quantizer whose grid is a trained parameter (LSQ, PACT) instead of an observer's range.
+
+    It has the interface of :class:`~nanoopt.quant.simulate.FakeQuantize` (so the switches, the simulated layers
+    and ``convert`` treat it like any quantizer) but no observer: the grid is initialised from the first batch
+    it sees, then learned. It counts as ``frozen`` (its grid no longer follows statistics) once initialised;
+    ``observer_enabled`` has no effect on it.
+    """
+
+    def __init__(self, spec: QuantSpec, owner: str = "") -> None:
+        nn.Module.__init__(self)  # no observer: FakeQuantize.__init__ would require one
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"{type(self).__name__}: spec must be a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.owner = owner
+        self.observer = None
+        self.observer_enabled = False
+        self.fake_quant_enabled = True
+        self.register_buffer("calibrated", np.zeros((), np.bool_))
+        self._stale = False
+
+    # the parts of FakeQuantize that refer to an observer
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated)
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.calibrated)
+
+    def observe(self, x: Any) -> None:
+        """Initialise the grid from ``x`` if it is not yet (later data change nothing: the grid is learned)."""
+        if not self.calibrated:
+            self.initialise(np.asarray(getattr(x, "data", x)))
+
+    def freeze(self) -> None:
+        self.observer_enabled = False
+
+    def initialise(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _require_initialised(self) -> None:
+        if not self.calibrated:
+            raise NotCalibratedError(f"the learned quantizer of {self.owner or 'this tensor'} has seen no data yet; "
+                                     "run a training batch through the model (it initialises from the first one)")
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        self.observe(x.data)
+        if not self.fake_quant_enabled:
+            return x
+        return self.fake_quantize(x)
+
+    def extra_repr(self) -> str:
+        state = "initialised" if self.calibrated else "uninitialised"
+        return f"{self.spec}, {state}, fake_quant={self.fake_quant_enabled}"
+
+
+class LSQQuantizer(_LearnedQuantizer):
+    """Learned step size quantization (Esser et al. 2020): a ``scale`` Parameter, a fixed ``zero_point`` buffer.
+
+    ``channels`` sizes a per-channel spec (weights: one step per output channel). ``per_example`` chooses the
+    ``N`` of the gradient scale ``g = 1 / sqrt(N Q_P)``: the features of one example (activations, ``True``) or
+    every element one step serves (weights, ``False``). The zero point is the spec's for a symmetric spec (0 when
+    signed) and, for an asymmetric one, ``qparams`` of the first batch's range (non-negative data: ``qmin``, the
+    unsigned grid LSQ uses after a ReLU); it stays fixed. The first batch also sets the step to LSQ's
+    ``s_0 = 2 mean(|x|) / sqrt(Q_P)``. Forward and gradients: :func:`~nanoopt.quant.fake_quant.lsq_quantize`.
+
+    >>> quantizer = LSQQuantizer(QuantSpec(bits=4, symmetric=True))
+    >>> y = quantizer(Tensor(np.array([0.5, -1.0, 2.0], np.float32)))
+    >>> float(quantizer.scale.data), y.data                 # s_0 = 2 * (3.5 / 3) / sqrt(7)
+    (0.8819171190261841, array([ 0.8819171, -0.8819171,  1.7638342], dtype=float32))
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int | None = None, per_example: bool = False,
+                 owner: str = "") -> None:
+        super().__init__(spec, owner)
+        if spec.per_channel and (channels is None or channels < 1):
+            raise ValueError(f"a per-channel LSQQuantizer needs the number of channels, got {channels!r}")
+        shape = (channels,) if spec.per_channel else ()
+        self.per_example = bool(per_example)
+        self.scale = Parameter(np.ones(shape, np.float32))
+        self.register_buffer("zero_point", np.zeros(shape, np.int32))
+
+    def initialise(self, x: np.ndarray) -> None:
+        """Zero point and ``s_0`` from the batch ``x`` (see the class docstring)."""
+        data = np.asarray(x, np.float64)
+        if data.size == 0 or not np.all(np.isfinite(data)):
+            raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: the first batch must be finite and "
+                             f"non-empty, got shape {data.shape}")
+        if self.spec.per_channel:
+            axis = self.spec.axis % data.ndim
+            if data.shape[axis] != self.scale.shape[0]:
+                raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: expected {self.scale.shape[0]} "
+                                 f"channels along axis {self.spec.axis}, got data of shape {data.shape}")
+            rows = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
+            low, high = rows.min(axis=1), rows.max(axis=1)
+        else:
+            low, high = data.min(), data.max()
+        zero_point = qparams(np.zeros_like(low), np.zeros_like(high), self.spec)[1] if self.spec.symmetric else \
+            qparams(low, high, self.spec)[1]
+        self.zero_point[...] = zero_point
+        self.scale.data[...] = lsq_initial_scale(data, self.spec, zero_point)
+        self.calibrated[...] = True
+
+    def grad_scale(self, shape: tuple[int, ...]) -> float:
+        """``1 / sqrt(N Q_P)`` for data of ``shape``."""
+        count = math.prod(shape)
+        if self.spec.per_channel:
+            count //= shape[self.spec.axis % len(shape)]
+        if self.per_example and len(shape) > 1:
+            count //= shape[0]
+        return lsq_grad_scale(max(count, 1), self.spec, self.zero_point)
+
+    def qparams(self) -> QParams:
+        """The learned grid (what ``convert`` uses)."""
+        self._require_initialised()
+        return QParams(check_scale(self.scale.data, "LSQ step size (scale)").copy(), self.zero_point.copy(),
+                       self.spec)
+
+    def set_qparams(self, scale: Any, zero_point: Any) -> None:
+        """Set the step and the zero point by hand (marks the quantizer initialised)."""
+        self.scale.data[...] = check_scale(scale, "LSQ step size (scale)")
+        self.zero_point[...] = zero_point
+        self.calibrated[...] = True
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        self._require_initialised()
+        return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, per_example={self.per_example}"
+
+
+class PACTQuantizer(_LearnedQuantizer):
+    """PACT (Choi et al. 2018): a learned clipping level ``alpha`` (Parameter); the grid is
+    ``qparams(0, alpha)`` (:func:`~nanoopt.quant.fake_quant.pact_qparams`), so it is also a ReLU.
+
+    ``alpha=None`` initialises ``alpha`` to the maximum of the first batch (suited to fine-tuning a trained model;
+    the paper starts from 10). Give ``alpha`` weight decay in the optimiser: the paper's L2 regulariser.
+
+    >>> quantizer = PACTQuantizer(QuantSpec(bits=8), alpha=2.55)
+    >>> quantizer(Tensor(np.array([-1.0, 0.123, 7.0], np.float32))).data
+    array([0.  , 0.12, 2.55], dtype=float32)
+    """
+
+    def __init__(self, spec: QuantSpec, alpha: float | None = None, owner: str = "") -> None:
+        super().__init__(spec, owner)
+        pact_qparams(1.0, spec)  # refuses specs PACT cannot use (symmetric, per channel)
+        self.alpha = Parameter(np.float32(1.0 if alpha is None else alpha))
+        if alpha is not None:
+            pact_qparams(alpha, spec)  # refuses alpha <= 0
+            self.calibrated[...] = True
+
+    def initialise(self, x: np.ndarray) -> None:
+        """``alpha`` = the maximum of the batch ``x``."""
+        top = float(np.max(x)) if np.size(x) else float("nan")
+        if not top > 0 or not math.isfinite(top):
+            raise ValueError(f"PACTQuantizer of {self.owner or 'this tensor'}: cannot initialise alpha from a first "
+                             f"batch whose maximum is {top} (needs a finite positive value; pass alpha=)")
+        self.alpha.data[...] = np.float32(top)
+        self.calibrated[...] = True
+
+    def qparams(self) -> QParams:
+        self._require_initialised()
+        scale, zero_point = pact_qparams(self.alpha.data, self.spec)
+        return QParams(scale, zero_point, self.spec)
+
+    def set_qparams(self, scale: Any, zero_point: Any) -> None:
+        raise TypeError("a PACTQuantizer's grid is qparams(0, alpha): set quantizer.alpha instead")
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        self._require_initialised()
+        return pact_quantize(x, self.alpha, self.spec)
+
+
+# ================================================================================================ layers
+def _refresh_pruned(module: nn.Module) -> None:
+    """Recompute ``<name> = <name>_orig * <name>_mask`` (the optimiser may have changed ``_orig`` since the last
+    forward pass, when the pruning hook last ran)."""
+    with no_grad():
+        for name in pruned_names(module):
+            set_effective(module, name)
+
+
+def _adopt_layer(simulated: Any, layer: nn.Module) -> None:
+    """Give a QAT layer the trainable parameters of the float ``layer`` it simulates, pruning included."""
+    for name in ("weight", "bias"):
+        if name in pruned_names(layer):
+            setattr(simulated, name, layer._parameters[name + ORIG_SUFFIX])
+            apply_mask(simulated, name, layer._buffers[name + MASK_SUFFIX].copy())
+
+
+class QATLinear(SimulatedLinear):
+    """The simulated Linear of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
+
+    def integer_layer(self) -> IntegerLayer:
+        _refresh_pruned(self)
+        return super().integer_layer()
+
+
+class QATConv2d(SimulatedConv2d):
+    """The simulated Conv2d of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
+
+    def integer_layer(self) -> IntegerLayer:
+        _refresh_pruned(self)
+        return super().integer_layer()
+
+
+class _FoldedBatchNorm:
+    """Mixin: a weighted layer followed by its BatchNorm ``self.bn``, trained with the fold simulated (see the
+    module docstring for the two regimes). ``bn_frozen`` switches to running statistics."""
+
+    bn: nn.Module
+    bn_frozen: bool
+
+    def _init_batchnorm(self, bn: nn.Module) -> None:
+        self.bn = bn
+        self.bn_frozen = False
+
+    def fold_factor(self) -> Tensor:
+        """``f = gamma / sqrt(running_var + eps)`` per output channel (a graph node through ``gamma``)."""
+        inv_std = (1.0 / np.sqrt(self.bn.running_var + np.float32(self.bn.eps))).astype(np.float32)
+        gamma = self.bn.weight if self.bn.weight is not None else Tensor(np.ones_like(inv_std))
+        return gamma * Tensor(inv_std)
+
+    def folded(self) -> tuple[Tensor, Tensor]:
+        """The inference fold with running statistics: ``(W f, (b - mu) f + beta)``, as Tensors (float32)."""
+        factor = self.fold_factor()
+        weight = self.weight * factor.reshape((-1,) + (1,) * (self.weight.ndim - 1))
+        mean = Tensor(self.bn.running_mean.astype(np.float32))
+        bias = (self.bias - mean if self.bias is not None else -mean) * factor
+        if self.bn.bias is not None:
+            bias = bias + self.bn.bias
+        return weight, bias
+
+    def integer_layer(self) -> IntegerLayer:
+        """Lower the folded layer (running statistics) to integers: the weights ``Q(W f)`` of training."""
+        _refresh_pruned(self)
+        with no_grad():
+            weight, bias = self.folded()
+        return integer_layer(weight.data, bias.data, self.weight_quantizer.qparams(), self.source_qparams(),
+                             self.output_quantizer.qparams(), self.relu)
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        if self.integer_mode():
+            return super().forward(x)  # the integer path, through integer_layer() above
+        if self.training and not self.bn_frozen:
+            factor = self.fold_factor()
+            weight = self.weight * factor.reshape((-1,) + (1,) * (self.weight.ndim - 1))
+            y = self.float_op(x, self.weight_quantizer(weight), None)
+            channel_shape = (1, -1) + (1,) * (y.ndim - 2)
+            y = y / factor.reshape(channel_shape)  # conv(x, Q(W f)) / f
+            if self.bias is not None:
+                y = y + self.bias.reshape(channel_shape)
+            y = self.bn(y)  # batch statistics; the running ones are updated
+        else:
+            weight, bias = self.folded()
+            y = self.float_op(x, self.weight_quantizer(weight), bias)
+        if self.relu:
+            y = y.relu()
+        return self.output_quantizer(y)
+
+
+class QATConvBn2d(_FoldedBatchNorm, QATConv2d):
+    """Conv2d + BatchNorm2d trained with the fold simulated (Jacob et al. 2018 section 3.2)."""
+
+    def __init__(self, simulated: SimulatedConv2d, layer: nn.Conv2d, bn: nn.Module) -> None:
+        QATConv2d.__init__(self, layer, simulated.weight_quantizer, simulated.output_quantizer, simulated.relu,
+                           simulated.layer_name, simulated.sources)
+        self._init_batchnorm(bn)
+
+
+class QATLinearBn1d(_FoldedBatchNorm, QATLinear):
+    """Linear + BatchNorm1d trained with the fold simulated."""
+
+    def __init__(self, simulated: SimulatedLinear, layer: nn.Linear, bn: nn.Module) -> None:
+        QATLinear.__init__(self, layer, simulated.weight_quantizer, simulated.output_quantizer, simulated.relu,
+                           simulated.layer_name, simulated.sources)
+        self._init_batchnorm(bn)
+
+
+# ================================================================================================ prepare
+def _batchnorm_pairs(model: nn.Module, example_input: Any) -> dict[str, str]:
+    """``{layer name: batchnorm name}`` for every BatchNorm that folds into the Conv2d/Linear before it (the
+    conditions of :func:`~nanoopt.quant.algorithms.fold_batchnorm`)."""
+    graph = trace(model, example_input)
+    pairs = {}
+    for node in graph.nodes.values():
+        if not isinstance(node.module, nn.BatchNorm1d | nn.BatchNorm2d):
+            continue
+        producer = graph.nodes.get(node.inputs[0])
+        if producer is None or graph.sole_consumer(producer.name) != node.name:
+            continue
+        if _foldable(producer.module, node.module, producer.output_shape):
+            pairs[producer.name] = node.name
+    return pairs
+
+
+def _replace_quantizer(prepared: PreparedModel, old: FakeQuantize, new: FakeQuantize) -> None:
+    """Put ``new`` everywhere ``old`` is referenced: owning attributes and the ``sources`` of its consumers."""
+    if prepared.input_quantizer is old:
+        prepared.input_quantizer = new
+    if prepared.output_quantizer_ref[0] is old:
+        prepared.output_quantizer_ref[0] = new
+    for module in prepared.modules():
+        for attribute in ("weight_quantizer", "output_quantizer"):
+            if module.__dict__.get("_modules", {}).get(attribute) is old:
+                setattr(module, attribute, new)
+        sources = module.__dict__.get("sources")
+        if sources is not None:
+            module.sources = [new if source is old else source for source in sources]
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"prepare_qat: {name} must be one of {list(allowed)}, got {value!r}")
+
+
+def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_input: Any = None, *,
+                weight_quantizer: str = "observer", activation_quantizer: str = "observer",
+                fold_bn: bool = True) -> PreparedModel:
+    """A copy of ``model`` ready for quantization-aware training (see the module docstring), in train mode.
+
+    Parameters
+    ----------
+    model : a float model (the original is not modified). Pruned layers keep their masks.
+    config : a :class:`~nanoopt.quant.config.QuantConfig`; default :func:`qat_config` (int8, moving-average
+        activation ranges). Its weight observers are re-fitted to the weights at every step while observing.
+    example_input : one batch (or one example with its batch axis); needed for models that are not plain
+        Sequentials.
+    weight_quantizer : ``"observer"`` (the config's observer, re-fitted every step) or ``"lsq"`` (learned steps,
+        one per output channel for per-channel specs, initialised from the weights).
+    activation_quantizer : ``"observer"``, ``"lsq"`` (learned steps on every layer output) or ``"pact"``
+        (learned clipping on outputs that go through a fused ReLU; other outputs keep observers).
+    fold_bn : simulate the folding of each BatchNorm into the Conv2d/Linear before it (else BatchNorm stays a
+        float layer).
+
+    Train the result with :func:`nanoopt.fit` (its parameters include learned steps and clipping levels), freeze
+    it (:class:`QATSchedule`, or ``quant.set_observers(model, False)`` and :func:`freeze_batchnorm`), then
+    ``quant.convert`` it.
+    """
+    _check_choice(weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
+    _check_choice(activation_quantizer, ACTIVATION_QUANTIZERS, "activation_quantizer")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
+    config = qat_config() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if example_input is not None and not isinstance(example_input, Tensor):
+        example_input = np.asarray(example_input, dtype=np.float32)
+
+    # 1. BatchNorms that fold come out of the model (Identity in their place) and into the QAT layer later
+    work = copy.deepcopy(model)
+    batchnorms: dict[str, nn.Module] = {}
+    if fold_bn:
+        for layer_name, bn_name in _batchnorm_pairs(work, example_input).items():
+            batchnorms[layer_name] = work.get_submodule(bn_name)
+            work.set_submodule(bn_name, nn.Identity())
+    prepared = prepare(work, config, example_input, fold_bn=False)
+
+    # 2. weighted layers become QAT layers with weight quantizers that follow (or learn) the weights
+    for name, node in prepared.graph.nodes.items():
+        simulated = prepared.model.get_submodule(name) if name else prepared.model
+        if not isinstance(simulated, SimulatedLinear | SimulatedConv2d):
+            continue
+        layer = node.module
+        kind_linear = isinstance(simulated, SimulatedLinear)
+        if name in batchnorms:
+            qat_layer = (QATLinearBn1d if kind_linear else QATConvBn2d)(simulated, layer, batchnorms[name])
+        else:
+            qat_layer = (QATLinear if kind_linear else QATConv2d)(
+                layer, simulated.weight_quantizer, simulated.output_quantizer, simulated.relu, name, simulated.sources)
+        _adopt_layer(qat_layer, layer)
+        layer_config = config.for_layer(name, layer)
+        channels = layer.weight.shape[0]
+        owner = f"layer {name!r} weight"
+        if weight_quantizer == "lsq":
+            quantizer: FakeQuantize = LSQQuantizer(layer_config.weight, channels, per_example=False, owner=owner)
+        else:
+            quantizer = WeightFakeQuantize(layer_config.make_weight_observer(), channels, owner)
+        with no_grad():
+            weight = qat_layer.folded()[0] if name in batchnorms else qat_layer.weight
+        quantizer.observe(weight.data)
+        quantizer.qparams()
+        qat_layer.weight_quantizer = quantizer
+        if name:
+            prepared.model.set_submodule(name, qat_layer)
+        else:
+            prepared.model = qat_layer
+
+    # 3. learned activation quantizers on layer outputs
+    if activation_quantizer != "observer":
+        for name in prepared.graph.nodes:
+            module = prepared.model.get_submodule(name) if name else prepared.model
+            old = module.__dict__.get("_modules", {}).get("output_quantizer")
+            if old is None or (activation_quantizer == "pact" and not getattr(module, "relu", False)):
+                continue
+            owner = f"layer {name!r} output"
+            if activation_quantizer == "lsq":
+                new: FakeQuantize = LSQQuantizer(old.spec, per_example=True, owner=owner)
+            else:
+                new = PACTQuantizer(old.spec, owner=owner)
+            _replace_quantizer(prepared, old, new)
+
+    set_observers(prepared, True)
+    set_fake_quant(prepared, True)
+    return prepared.train()
+
+
+# ================================================================================================ switches
+def freeze_batchnorm(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Switch every folded BatchNorm of a QAT model to running statistics (``frozen=True``) or back to batch
+    statistics in training; returns ``model``. Frozen, the running statistics no longer change.
+
+    >>> freeze_batchnorm(nn.Sequential(nn.Linear(2, 2))) is not None
+    True
+    """
+    for module in model.modules():
+        if isinstance(module, _FoldedBatchNorm):
+            module.bn_frozen = bool(frozen)
+    return model
+
+
+class QATSchedule(Callback):
+    """Freeze the observers (``quant.set_observers(model, False)``) and/or the folded BatchNorms
+    (:func:`freeze_batchnorm`) after a number of optimiser steps (Jacob et al. 2018 section 3.2; Krishnamoorthi
+    2018 section 3.2 recommends freezing BN statistics, then observers, late in training). ``None``: never;
+    ``0``: before the first step.
+
+    >>> schedule = QATSchedule(freeze_observers_after=100, freeze_bn_after=50)
+    >>> schedule.freeze_observers_after, schedule.freeze_bn_after
+    (100, 50)
+    """
+
+    def __init__(self, freeze_observers_after: int | None = None, freeze_bn_after: int | None = None) -> None:
+        for name, value in (("freeze_observers_after", freeze_observers_after), ("freeze_bn_after", freeze_bn_after)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"QATSchedule: {name} must be None or a step count >= 0, got {value!r}")
+        self.freeze_observers_after = freeze_observers_after
+        self.freeze_bn_after = freeze_bn_after
+
+    def _apply(self, steps_done: int, model: nn.Module) -> None:
+        if steps_done == self.freeze_bn_after:
+            freeze_batchnorm(model)
+        if steps_done == self.freeze_observers_after:
+            set_observers(model, False)
+
+    def on_train_begin(self, model: nn.Module, optimizer: Any) -> None:
+        self._apply(0, model)
+
+    def on_step_end(self, step: int, model: nn.Module, loss: float) -> None:
+        self._apply(step + 1, model)
+
