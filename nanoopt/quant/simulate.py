@@ -26,8 +26,8 @@ grid. Layers without an integer kernel run in float between a dequantization and
 >>> from nanoopt.quant.observers import MinMaxObserver
 >>> from nanoopt.tensor import Tensor
 >>> quantizer = FakeQuantize(MinMaxObserver())
->>> _ = quantizer(Tensor(np.array([-1.0, 3.0])))            # observes (and rounds: fake_quant_enabled)
->>> quantizer.freeze(); quantizer(Tensor(np.array([0.1, 5.0]))).data   # 5.0 saturates at the top of the range
+>>> _ = quantizer(Tensor(np.array([-1.0, 3.0], np.float32)))       # observes (and rounds: fake_quant_enabled)
+>>> quantizer.freeze(); quantizer(Tensor(np.array([0.1, 5.0], np.float32))).data   # 5.0 saturates at the top
 array([0.09411766, 2.9960785 ], dtype=float32)
 """
 
@@ -41,9 +41,10 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.kernels import reference
 from nanoopt.nn import functional as F
+from nanoopt.quant.fake_quant import fake_quantize
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_conv2d, emulate_linear, integer_layer
 from nanoopt.quant.observers import Observer
-from nanoopt.tensor import Tensor, is_grad_enabled
+from nanoopt.tensor import Tensor
 
 __all__ = [
     "FakeQuantize",
@@ -64,12 +65,6 @@ class NotCalibratedError(ValueError):
 
 def _as_tensor(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else Tensor(np.asarray(x))
-
-
-def _channel_shape(spec, ndim: int) -> list[int]:
-    shape = [1] * ndim
-    shape[spec.axis if spec.axis >= 0 else spec.axis + ndim] = -1
-    return shape
 
 
 class FakeQuantize(nn.Module):
@@ -137,19 +132,10 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
     def fake_quantize(self, x: Tensor) -> Tensor:
-        """``dequantize(quantize(x))`` on the current grid; straight-through gradient inside the range."""
+        """``dequantize(quantize(x))`` on the current grid, straight-through gradient inside the range
+        (:func:`nanoopt.quant.fake_quant.fake_quantize`, the one differentiable fake-quant op)."""
         params = self.qparams()
-        values = params.dequantize(params.quantize(x.data))
-        if not (x.requires_grad and is_grad_enabled()):
-            return Tensor(values)
-        scale = params.scale.astype(np.float32)
-        zero_point = params.zero_point.astype(np.float32)
-        if self.spec.per_channel:
-            shape = _channel_shape(self.spec, x.ndim)
-            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
-        steps = np.rint(x.data.astype(np.float32) / scale) + zero_point
-        inside = ((steps >= self.spec.qmin) & (steps <= self.spec.qmax)).astype(x.dtype)
-        return Tensor(values.astype(x.dtype)) + (x - x.detach()) * inside  # forward: exactly `values`
+        return fake_quantize(x, params.scale, params.zero_point, self.spec)
 
     def forward(self, x: Any) -> Tensor:
         x = _as_tensor(x)
