@@ -53,6 +53,7 @@ _LAZY = {
     "QuantizedModel": "nanoopt.quant.qmodules",
     "QuantizedLinear": "nanoopt.quant.qmodules",
     "QuantizedConv2d": "nanoopt.quant.qmodules",
+    "tune_backends": "nanoopt.quant.qmodules",
     "quantize_dynamic": "nanoopt.quant.dynamic",
     "quantize_weights": "nanoopt.quant.dynamic",
     "cross_layer_equalization": "nanoopt.quant.algorithms",

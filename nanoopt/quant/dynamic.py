@@ -30,6 +30,7 @@ import numpy as np
 
 from nanoopt import kernels, nn
 from nanoopt.nn import functional as F
+from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.config import INT8_ACTIVATION, weight_spec
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
@@ -60,14 +61,14 @@ class DynamicQuantizedLinear(nn.Module):
         self._packed: Any = None
 
     def forward(self, x: Any) -> Tensor:
-        data = np.asarray(getattr(x, "data", x), dtype=np.float32)
+        data = np.asarray(x.data if isinstance(x, Tensor) else x, dtype=np.float32)
         if data.ndim < 1 or data.shape[-1] != self.in_features:
             raise ValueError(f"DynamicQuantizedLinear: expected input (N, {self.in_features}), got shape {data.shape}")
         if not np.all(np.isfinite(data)):
             raise ValueError("DynamicQuantizedLinear: the input contains NaN or Inf")
         rows = np.ascontiguousarray(data.reshape(-1, self.in_features))  # (M, K)
         scale, zero_point = qparams(rows.min(), rows.max(), self.activation_spec)
-        codes = quantize(rows, scale, zero_point, self.activation_spec)
+        codes = quantize_per_tensor(rows, scale, zero_point, self.activation_spec)
         if self._packed is None:
             self._packed = kernels.prepare_weights(self.weight)
         acc = kernels.gemm_s8s8s32(codes, self._packed, int(zero_point))  # (M, N) exact int32

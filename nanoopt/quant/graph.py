@@ -125,7 +125,8 @@ def trace(model: Module, example_input: Any = None) -> Graph:
 
     def after(module: Module, inputs: tuple, output: Any) -> None:
         producer_of[id(output)] = names[id(module)]
-        graph.nodes[names[id(module)]].output_shape = tuple(np.shape(getattr(output, "data", output)))
+        values = output.data if isinstance(output, Tensor) else output
+        graph.nodes[names[id(module)]].output_shape = tuple(np.shape(values))
         keep_alive.append(output)
 
     names = {}

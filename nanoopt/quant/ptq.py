@@ -291,7 +291,7 @@ def iterate_batches(batches: Any, batch_size: int = 256) -> Iterator[np.ndarray]
     for batch in batches:
         if isinstance(batch, tuple | list) and len(batch) == 2:
             batch = batch[0]
-        yield np.asarray(getattr(batch, "data", batch))
+        yield batch.data if isinstance(batch, Tensor) else np.asarray(batch)
 
 
 def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_batches: int | None = None,

@@ -21,19 +21,22 @@ array([-5, -5,  3], dtype=int8)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from nanoopt import kernels, nn
+from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.lowering import IntegerLayer, QParams
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.quant.spec import QuantSpec, dequantize, quantize
+from nanoopt.quant.spec import QuantSpec, dequantize
 from nanoopt.tensor import Tensor
 
 __all__ = [
     "FloatFallback",
+    "tune_backends",
     "QuantizedAdd",
     "QuantizedAvgPool2d",
     "QuantizedConv2d",
@@ -64,6 +67,14 @@ class QuantizedModule(nn.Module):
         super().__init__()
         self.layer_name = name
         self._kernel: Any = None
+        self.backend: str | None = None  # set by tune_backends: the fastest kernel backend for this layer
+
+    def _run(self, kernel: Any, x_q: np.ndarray) -> np.ndarray:
+        """``kernel(x_q)`` on this layer's tuned backend when the global choice is ``"auto"``."""
+        if self.backend is None or kernels.get_backend() != "auto":
+            return kernel(x_q)
+        with kernels.use_backend(self.backend):
+            return kernel(x_q)
 
     def reset_kernel(self) -> None:
         """Forget the packed kernel (after the buffers were changed in place, e.g. by ``load_state_dict``)."""
@@ -133,7 +144,7 @@ class QuantizedLinear(_QuantizedWeighted):
         if self._kernel is None:
             self._kernel = kernels.prepare_linear(*self._arguments(), relu=self.relu, x_dtype=self.input_spec.dtype)
         rows = x_q.reshape(-1, self.in_features)  # (M, K), C-contiguous
-        return self._kernel(rows).reshape(x_q.shape[:-1] + (self.out_features,))
+        return self._run(self._kernel, rows).reshape(x_q.shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}, "
@@ -159,7 +170,7 @@ class QuantizedConv2d(_QuantizedWeighted):
             self._kernel = kernels.prepare_conv2d(*self._arguments(), stride=self.stride, padding=self.padding,
                                                   dilation=self.dilation, groups=self.groups, relu=self.relu,
                                                   x_dtype=self.input_spec.dtype)
-        return self._kernel(x_q)
+        return self._run(self._kernel, x_q)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.weight.shape[2:]}, stride={self.stride}, "
@@ -270,7 +281,9 @@ class FloatFallback(QuantizedModule):
             params = _qparams(self, f"input{index}")
             values.append(Tensor(params.dequantize(self.check_codes(q, params.spec))))
         out = self.float_module(*values)
-        return _qparams(self, "output").quantize(getattr(out, "data", out))
+        out = out.data if isinstance(out, Tensor) else np.asarray(out)
+        return quantize_per_tensor(np.ascontiguousarray(out), self.output_scale, self.output_zero_point,
+                                   self.output_spec)
 
     def extra_repr(self) -> str:
         return f"float: {type(self.float_module).__name__}"
@@ -295,11 +308,11 @@ class QuantizedModel(nn.Module):
 
     def quantize_input(self, x: Any) -> np.ndarray:
         """Float input (Tensor or ndarray) to input codes."""
-        data = np.asarray(getattr(x, "data", x))
+        data = x.data if isinstance(x, Tensor) else np.asarray(x)
         if self.input_shape is not None and data.shape[1:] != tuple(self.input_shape[1:]):
             expected = ", ".join(map(str, self.input_shape[1:]))
             raise ValueError(f"QuantizedModel: expected inputs of shape (N, {expected}), got {data.shape}")
-        return quantize(data, self.input_scale, self.input_zero_point, self.input_spec)
+        return quantize_per_tensor(data, self.input_scale, self.input_zero_point, self.input_spec)
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         """Output codes to float32."""
@@ -322,3 +335,50 @@ class QuantizedModel(nn.Module):
             if isinstance(module, QuantizedModule):
                 module.reset_kernel()
         return result
+
+
+def tune_backends(model: QuantizedModel, example_input: Any, repeats: int = 3) -> dict[str, str]:
+    """Time every integer Linear/Conv2d of ``model`` on ``example_input`` under each kernel backend that can run it
+    (``"numba"``, and ``"avx2"`` where available) and keep the fastest for that layer; returns ``{name: backend}``.
+
+    All backends give identical integers (tested), so this changes speed only. The choice applies while the
+    global backend is ``"auto"`` (forcing one with :func:`nanoopt.kernels.use_backend` still wins).
+
+    >>> import numpy as np
+    >>> from nanoopt import models, quant
+    >>> x = np.random.default_rng(0).uniform(size=(16, 1, 8, 8)).astype(np.float32)
+    >>> qmodel = quant.quantize_static(models.tiny_mlp(), x, progress=False)
+    >>> sorted(tune_backends(qmodel, x)) == ["1", "3"]
+    True
+    """
+    layers = [(name, module) for name, module in model.model.named_modules()
+              if isinstance(module, QuantizedLinear | QuantizedConv2d)]
+    inputs: dict[str, np.ndarray] = {}
+    handles = [module.register_forward_pre_hook(lambda m, i, name=name: inputs.__setitem__(name, i[0]))
+               for name, module in layers]
+    try:
+        model.forward_int(model.quantize_input(example_input))
+    finally:
+        for handle in handles:
+            handle.remove()
+    candidates = ["numba"] + (["avx2"] if kernels.avx2_available() else [])
+    chosen = {}
+    for name, module in layers:
+        module.backend = None
+        timings = {}
+        for backend in candidates:
+            try:
+                with kernels.use_backend(backend):
+                    module(inputs[name])  # warm-up (and packing)
+                    best = min(_seconds(module, inputs[name]) for _ in range(repeats))
+            except RuntimeError:  # this backend cannot run this layer
+                continue
+            timings[backend] = best
+        module.backend = chosen[name] = min(timings, key=timings.get)
+    return chosen
+
+
+def _seconds(module: nn.Module, x_q: np.ndarray) -> float:
+    start = time.perf_counter()
+    module(x_q)
+    return time.perf_counter() - start

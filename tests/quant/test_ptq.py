@@ -18,7 +18,7 @@ from nanoopt import kernels, models, nn
 from nanoopt.quant.config import QuantConfig, weight_spec
 from nanoopt.quant.observers import MinMaxObserver
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantize_static, quantizers, set_fake_quant
-from nanoopt.quant.qmodules import FloatFallback, QuantizedLinear, QuantizedModel
+from nanoopt.quant.qmodules import FloatFallback, QuantizedLinear, QuantizedModel, tune_backends
 from nanoopt.quant.simulate import NotCalibratedError, SimulatedFloat
 from nanoopt.report import stored_bytes
 from nanoopt.tensor import Tensor
@@ -236,3 +236,12 @@ def test_prepare_leaves_the_float_model_untouched():
     for key, value in model.state_dict().items():
         np.testing.assert_array_equal(value, before[key])
     assert len(quantizers(prepare(model, example_input=x), "weight")) == 4
+
+
+def test_tuned_backends_change_speed_only():
+    _, _, qmodel, shape = prepared_and_converted("residual", "int8", 7)
+    x = np.random.default_rng(3).normal(size=(5,) + shape).astype(np.float32)
+    before = qmodel(x).data
+    chosen = tune_backends(qmodel, x, repeats=1)
+    assert set(chosen) == {"conv", "project", "head"} and set(chosen.values()) <= {"numba", "avx2"}
+    np.testing.assert_array_equal(qmodel(x).data, before)
