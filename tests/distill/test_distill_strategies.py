@@ -107,7 +107,7 @@ def test_multi_teacher_weightings():
         t = [teacher(no.Tensor(x)).data for teacher in teachers]
 
     def objective(**options):
-        config = distill.DistillConfig(hard_weight=0.0, **options)
+        config = distill.DistillConfig(temperature=4.0, hard_weight=0.0, soft_weight=1.0, **options)
         distiller = distill.Distiller(student, teachers, config)
         return distiller.compute_loss(distiller, x, y)[0].item()
 
