@@ -362,7 +362,11 @@ class Distiller(nn.Module):
         return self.student(x)
 
     def fit(self, train_data: Any, epochs: int = 1, **fit_options: Any) -> History:
-        """:func:`nanoopt.fit` on this objective (student and adapters trained; ``fit_options`` passed on)."""
+        """:func:`nanoopt.fit` on this objective; ``fit_options`` are passed on.
+
+        Without an ``optimizer`` fit builds SGD over ``self.parameters()`` (student and adapters); an optimiser
+        of your own must also be given ``self.parameters()``, or the adapters will not learn.
+        """
         return fit(self, train_data, epochs, compute_loss=self.compute_loss, **fit_options)
 
 
