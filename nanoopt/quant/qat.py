@@ -370,6 +370,10 @@ class _FoldedBatchNorm:
             return super().forward(x)  # the integer path, through integer_layer() above
         if self.training and not self.bn_frozen:
             factor = self.fold_factor()
+            if not np.all(factor.data != 0):
+                raise ValueError(f"layer {self.layer_name!r}: BatchNorm weight (gamma) is 0 for channels "
+                                 f"{np.flatnonzero(factor.data == 0).tolist()}; the simulated fold divides by "
+                                 "gamma / sigma in training (freeze_batchnorm, or fold_bn=False)")
             weight = self.weight * factor.reshape((-1,) + (1,) * (self.weight.ndim - 1))
             y = self.float_op(x, self.weight_quantizer(weight), None)
             channel_shape = (1, -1) + (1,) * (y.ndim - 2)

@@ -179,6 +179,21 @@ def test_converted_qat_model_has_the_structure_ptq_gives(trained, digits):
     assert fold_batchnorm(float_model) is not None  # PTQ folds the same pairs QAT simulated
 
 
+def test_untrained_qat_model_calibrated_like_ptq_converts_to_the_ptq_integer_model(digits):
+    """Same observers and calibration batches, no training: every stored integer of the two models is equal."""
+    no.manual_seed(0)
+    model = no.models.lenet5(input_size=8).eval()
+    batches = [digits[0][:96], digits[0][96:192]]
+    config = QuantConfig.weights4()
+    qat = prepare_qat(model, config, example_input=digits[0][:1])
+    from_qat = convert(calibrate(qat, batches, progress=False))
+    from_ptq = convert(calibrate(prepare(model, config, digits[0][:1]), batches, progress=False))
+    qat_state, ptq_state = from_qat.state_dict(), from_ptq.state_dict()
+    assert list(qat_state) == list(ptq_state) and len(qat_state) > 10
+    for key, value in ptq_state.items():
+        assert qat_state[key].dtype == value.dtype and np.array_equal(qat_state[key], value), key
+
+
 def test_converted_qat_model_keeps_the_float_accuracy_on_real_data():
     """Digits: a trained conv-BN model, one QAT epoch, converted: within 3 points of float (359 test images)."""
     x, y = data.load_digits("train")
@@ -332,3 +347,9 @@ def test_prepare_qat_refuses_bad_input(digits):
         prepare_qat(model, config={"bits": 4})
     with pytest.raises(TypeError, match="nn.Module"):
         prepare_qat(lambda x: x)
+    qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1])
+    qat.model.get_submodule("4").bn.weight.data[2] = 0.0
+    with pytest.raises(ValueError, match=r"layer '4': BatchNorm weight \(gamma\) is 0 for channels \[2\]"):
+        qat.train()(Tensor(digits[0][:8]))
+    freeze_batchnorm(qat)
+    assert np.isfinite(qat(Tensor(digits[0][:8])).data).all()
