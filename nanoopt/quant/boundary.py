@@ -27,18 +27,16 @@ __all__ = ["quantize_per_tensor", "quantize_per_tensor_reference"]
 
 @numba.njit(cache=True)
 def _quantize_kernel(flat, scale, zero_point, low, high, out):  # pragma: no cover - compiled
-    """``out = clip(rint(flat / scale), low, high) + zero_point``; returns False if a NaN was met."""
+    """``out = min(max(rint(flat / scale), low), high) + zero_point``; returns False if a NaN was met.
+
+    Branch-free (the NaN test is accumulated, not returned early) so that LLVM vectorises the loop."""
+    finite = True
     for i in range(flat.size):
         value = flat[i]
-        if value != value:
-            return False
+        finite &= value == value
         steps = np.float32(np.rint(value / scale))  # float32 / float32: the IEEE float32 quotient
-        if steps < low:
-            steps = low
-        elif steps > high:
-            steps = high
-        out[i] = np.int32(steps) + zero_point
-    return True
+        out[i] = np.int32(min(max(steps, low), high)) + zero_point
+    return finite
 
 
 def quantize_per_tensor_reference(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:

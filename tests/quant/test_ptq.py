@@ -59,6 +59,11 @@ def build(architecture, seed):
         return models.lenet5(input_size=8), (1, 8, 8)
     if architecture == "resnet":
         return models.small_resnet(widths=(4, 8), blocks_per_stage=1, num_classes=5), (1, 8, 8)
+    if architecture == "depthwise":  # grouped, strided, dilated and padded convolutions, a max pool with padding
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.ReLU(),
+                             nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
+                             nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 7, 7)
     return Residual(), (2, 4, 4)
 
 
@@ -98,7 +103,7 @@ def bits(array):
 
 
 @SETTINGS
-@given(st.sampled_from(["mlp", "lenet5", "resnet", "residual"]), st.sampled_from(sorted(CONFIGS)),
+@given(st.sampled_from(["mlp", "lenet5", "resnet", "residual", "depthwise"]), st.sampled_from(sorted(CONFIGS)),
        st.integers(0, 2**16), st.integers(1, 9), st.sampled_from([0.1, 1.0, 30.0]))
 def test_simulation_equals_integer_model_bit_for_bit(architecture, config_name, seed, batch, spread):
     _, prepared, qmodel, shape = prepared_and_converted(architecture, config_name, seed)
