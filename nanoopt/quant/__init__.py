@@ -1,14 +1,26 @@
-"""Quantization: the integer specification, observers, configuration and post-training quantization.
+"""Quantization: the integer specification, observers, configuration, post-training quantization and analysis.
 
-The integer kernels import :mod:`nanoopt.quant.spec`, and the layers import the kernels; so the names below
-that need layers (configs, transforms, quantized modules) are loaded on first use (PEP 562), which keeps
-``import nanoopt.quant.spec`` free of a circular import.
+* the scheme (:mod:`~nanoopt.quant.spec`): ``QuantSpec``, ``qparams``, ``quantize``, ``dequantize``,
+  ``quantize_multiplier``, ``requantize``;
+* statistics (:mod:`~nanoopt.quant.observers`): ``MinMaxObserver`` and friends, ``HistogramObserver`` (L2 range
+  search), ``PercentileObserver``, ``EntropyObserver`` (KL);
+* the flow (:mod:`~nanoopt.quant.ptq`): ``prepare`` -> ``calibrate`` -> ``convert``, or ``quantize_static``;
+  configured by ``QuantConfig``; the prepared model in eval mode equals the converted integer model
+  (:mod:`~nanoopt.quant.qmodules`) bit for bit; ``quantize_dynamic`` and ``quantize_weights`` need no
+  calibration;
+* algorithms (:mod:`~nanoopt.quant.algorithms`): ``fold_batchnorm``, ``cross_layer_equalization``,
+  ``bias_correction``, ``adaround``; analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
+  ``layer_sensitivity``, ``saturation_counts``, ``mixed_precision_search``.
+
+The integer kernels import :mod:`nanoopt.quant.spec`, and the layers import the kernels; so the names that need
+layers are loaded on first use (PEP 562), which keeps ``import nanoopt.quant.spec`` free of a circular import.
 
 >>> import numpy as np
->>> from nanoopt import quant
->>> observer = quant.MinMaxObserver().fit(np.array([-1.0, 3.0]))
->>> float(observer.scale_)
-0.01568627543747425
+>>> from nanoopt import models, quant
+>>> x = np.random.default_rng(0).uniform(size=(32, 1, 8, 8)).astype(np.float32)
+>>> qmodel = quant.quantize_static(models.tiny_mlp(), x, progress=False)
+>>> qmodel.state_dict()["model.1.weight"].dtype, qmodel(x).shape
+(dtype('int8'), (32, 10))
 """
 
 import importlib
@@ -63,6 +75,8 @@ _LAZY = {
     "layer_sensitivity": "nanoopt.quant.analysis",
     "saturation_counts": "nanoopt.quant.analysis",
     "mixed_precision_search": "nanoopt.quant.analysis",
+    "fake_quantize": "nanoopt.quant.fake_quant",
+    "prepare_qat": "nanoopt.quant.qat",
     "pack_int4": "nanoopt.quant.packing",
     "unpack_int4": "nanoopt.quant.packing",
 }

@@ -102,7 +102,7 @@ def bits(array):
     return np.ascontiguousarray(array).view(np.uint32)
 
 
-@SETTINGS
+@settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["mlp", "lenet5", "resnet", "residual", "depthwise"]), st.sampled_from(sorted(CONFIGS)),
        st.integers(0, 2**16), st.integers(1, 9), st.sampled_from([0.1, 1.0, 30.0]))
 def test_simulation_equals_integer_model_bit_for_bit(architecture, config_name, seed, batch, spread):
