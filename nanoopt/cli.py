@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 import nanoopt as no
-from nanoopt import data, models, nn, prune, report
+from nanoopt import data, models, nn, prune, quant, report
+from nanoopt.distill.demo import demo_rows as distill_demo_rows
 
 
 def _train(model: nn.Module, train_set: tuple, epochs: int, lr: float, progress: bool) -> float:
@@ -41,6 +42,28 @@ def demo(seed: int = 0, epochs: int = 20, progress: bool = False) -> list[report
         rows.append(report.measure(name, model, test_set, note=f"trained {epochs} epochs in {seconds:.1f} s"))
         baselines[name] = model
     rows += _pruning_rows(baselines["LeNet-300-100 float32"], train_set, test_set, seed, progress)
+    rows += _quantization_rows(baselines, train_set, test_set)
+    rows += distill_demo_rows(baselines["LeNet-5 (8x8) float32"], train_set, test_set, seed=seed, epochs=epochs,
+                              progress=progress)
+    return rows
+
+
+def _quantization_rows(baselines: dict[str, nn.Module], train_set: tuple, test_set: tuple) -> list[report.Row]:
+    """int8 post-training quantization of both baselines (256 calibration images), and 4-bit weight-only."""
+    rows = []
+    calibration = train_set[0][:256]
+    for name, model in baselines.items():
+        start = time.perf_counter()
+        integer_model = quant.quantize_static(model, calibration, progress=False)
+        quant.tune_backends(integer_model, test_set[0][:256])
+        seconds = time.perf_counter() - start
+        short = name.replace(" float32", "")
+        rows.append(report.measure(f"{short} int8 PTQ (static, per-channel)", integer_model, test_set,
+                                   note=f"calibrated + converted in {seconds:.1f} s; integer kernels"))
+    model = baselines["LeNet-300-100 float32"]
+    rows.append(report.measure("LeNet-300-100 4-bit weights (groups of 16)",
+                               quant.quantize_weights(model, bits=4, group_size=16), test_set,
+                               note="weight-only; int4 packed two per byte"))
     return rows
 
 

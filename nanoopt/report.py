@@ -3,7 +3,7 @@
 * size: the bytes of every array in ``state_dict()`` (what a checkpoint really stores: int8 weights count one
   byte each, a pruning mask counts too);
 * sparsity: the fraction of exactly-zero weights over the weight tensors of Linear/Conv2d-like layers;
-* latency: the median wall-clock time of a forward pass over a batch, after a warm-up run.
+* latency: the best wall-clock time of a forward pass over a batch out of 10, after a warm-up run.
 
 >>> import numpy as np, nanoopt as no
 >>> model = no.models.tiny_mlp()
@@ -30,8 +30,20 @@ def stored_bytes(model: Module) -> int:
 
 
 def count_parameters(model: Module) -> int:
-    """Number of elements over all parameters and, for converted models, integer weight buffers."""
-    return model.num_parameters()
+    """Number of elements over all parameters and, for converted models, their integer weight and bias buffers
+    (a quantized layer stores ``weight`` and ``bias`` as int8/int32 buffers, not as Parameters)."""
+    total = model.num_parameters()
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is None:
+                continue
+            if name in ("weight", "bias") and buffer.dtype.kind in "iu":
+                total += buffer.size          # integer weights and biases of converted layers
+            elif name == "bias" and "weight_packed" in module._buffers:
+                total += buffer.size          # the float bias of a weight-only layer
+            elif name == "weight_packed" and hasattr(module, "weight_shape"):
+                total += int(np.prod(module.weight_shape))  # packed low-bit weights, counted unpacked
+    return int(total)
 
 
 def weight_sparsity(model: Module) -> float:
@@ -46,8 +58,11 @@ def weight_sparsity(model: Module) -> float:
     return zeros / total if total else 0.0
 
 
-def latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int = 5) -> float:
-    """Median milliseconds of ``model(batch)`` over ``repeats`` runs, after one warm-up run, in eval mode."""
+def latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int = 10) -> float:
+    """Best (minimum) milliseconds of ``model(batch)`` over ``repeats`` runs, after one warm-up run, in eval mode.
+
+    The minimum is the least disturbed by other processes on a shared machine (the usual micro-benchmark rule);
+    compare latencies measured in the same run."""
     if isinstance(model, Module):
         model.eval()
     times = []
@@ -57,7 +72,7 @@ def latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int =
             start = time.perf_counter()
             model(Tensor(batch))
             times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return float(np.min(times) * 1e3)
 
 
 @dataclass
