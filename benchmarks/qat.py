@@ -10,7 +10,7 @@ model* on the 10,000 test images):
   observers (moving-average activation ranges, per-channel weight ranges re-fitted every step) freeze after the
   first QAT epoch; then ``quant.convert``. Every layer is quantized (first and last included).
   - int8: int8 per-channel weights, int8 activations;
-  - W4A8: 4-bit per-channel weights ([-7, 7]);
+  - W4A8: 4-bit per-channel weights ([-7, 7]), ranges from the observers or learned steps (LSQ);
   - W2 LSQ: 2-bit per-channel weights ([-2, 1]) with learned steps (Esser et al. 2020), int8 activations.
 * PTQ rows quantize the 12-epoch float model (same total epochs) with ``quant.quantize_static`` (2,048
   calibration images; the PTQ defaults: histogram-MSE activation ranges; per-channel MSE weight ranges for 4 and 2
@@ -51,6 +51,7 @@ W2 = QuantSpec(bits=2, signed=True, symmetric=True, per_channel=True, axis=0)  #
 QAT_ROWS = {
     "int8 QAT": dict(config=qat_config()),
     "W4A8 QAT": dict(config=qat_config(weight=weight_spec(4))),
+    "W4A8 QAT, LSQ weights": dict(config=qat_config(weight=weight_spec(4)), weight_quantizer="lsq"),
     "W2A8 QAT, LSQ weights": dict(config=qat_config(weight=W2), weight_quantizer="lsq"),
 }
 PTQ_ROWS = {
@@ -62,6 +63,7 @@ PTQ_ROWS = {
 TARGETS = {
     "int8 QAT": (None, 0.2),
     "W4A8 QAT": ("W4A8 PTQ", 0.5),
+    "W4A8 QAT, LSQ weights": ("W4A8 PTQ", 0.5),
     "W2A8 QAT, LSQ weights": ("W2A8 PTQ", None),
 }
 BUILDERS = {"lenet5": models.lenet5, "lenet_300_100": models.lenet_300_100}
