@@ -466,6 +466,13 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     Train the result with :func:`nanoopt.fit` (its parameters include learned steps and clipping levels), freeze
     it (:class:`QATSchedule`, or ``quant.set_observers(model, False)`` and :func:`freeze_batchnorm`), then
     ``quant.convert`` it.
+
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+    >>> qat_model = prepare_qat(model, example_input=np.zeros((1, 1, 4, 4), np.float32), weight_quantizer="lsq")
+    >>> [type(m).__name__ for m in qat_model.model]
+    ['QATConvBn2d', 'Identity', 'Identity', 'Flatten', 'QATLinear']
+    >>> type(qat_model.model[0].weight_quantizer).__name__, qat_model.training
+    ('LSQQuantizer', True)
     """
     _check_choice(weight_quantizer, WEIGHT_QUANTIZERS, "weight_quantizer")
     _check_choice(activation_quantizer, ACTIVATION_QUANTIZERS, "activation_quantizer")
