@@ -159,7 +159,7 @@ inputs = hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.just(1), st.just
                     elements=st.floats(-2.0, 3.0, width=32))
 
 
-@SETTINGS
+@settings(max_examples=60, deadline=None)
 @given(st.sampled_from(sorted(CASES)), inputs, st.sampled_from([1.0, 0.1, 10.0]))
 def test_qat_eval_simulation_equals_the_converted_integer_model(trained, case, x, gain):
     qat, integer_model = trained[case]
