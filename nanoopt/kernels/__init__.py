@@ -9,7 +9,9 @@ Backends, all bit-identical (tested against each other):
 
 ``"auto"`` (the default) runs a layer on ``"avx2"`` when the CPU has it and the layer fits it (int8
 activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
-kernel), else on ``"numba"``. Choose with :func:`set_backend` or, for a block of code, :func:`use_backend`.
+kernel), else on ``"numba"``; int8 convolutions with few taps or few channels per group run Numba's direct
+"thin" loop, faster there than im2col + any GEMM (:class:`numba_cpu.Conv2dPlan`). Choose with
+:func:`set_backend` or, for a block of code, :func:`use_backend`.
 
 Layers prepare their constant operands once: :func:`prepare_linear` / :func:`prepare_conv2d` validate the
 parameters, pack the weights (for every backend that may run them) and return a callable; calling it with
@@ -388,6 +390,8 @@ class PreparedConv2d:
         backend = get_backend()
         if backend in ("reference", "numba"):
             return backend
+        if backend == "auto" and self.plan.thin:
+            return "numba"  # the direct thin loop beats im2col + GEMM on these layers (numba_cpu.Conv2dPlan)
         obstacle = self._avx2_obstacle()
         if obstacle is None:
             return "avx2"

@@ -133,6 +133,11 @@ class TestBackendMatchesReference:
             return
         np.testing.assert_array_equal(kernels.prepare_conv2d(w, *args)(x), expected)
         np.testing.assert_array_equal(kernels.quantized_conv2d(x, w, *args), expected)
+        if backend == "numba":  # both Numba conv paths on every drawn layer: the thin direct loop and the tiles
+            layer = kernels.prepare_conv2d(w, *args)
+            for thin in (True, False):
+                layer.plan.thin = thin
+                np.testing.assert_array_equal(layer(x), expected, err_msg=f"thin={thin}")
 
     @BACKEND_SETTINGS
     @given(data=st.data())
