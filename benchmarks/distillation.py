@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
 from benchmarks.common import git_revision, machine_description  # noqa: E402
-from nanoopt import data, distill, models, nn, optim, prune  # noqa: E402
+from nanoopt import data, distill, models, nn, optim, prune, quant  # noqa: E402
 from nanoopt.nn import functional as F  # noqa: E402
 from nanoopt.tensor import Tensor, no_grad  # noqa: E402
 
@@ -121,13 +121,13 @@ class Schedule:
 
 
 def train_run(model: nn.Module, trained: nn.Module, train, schedule: Schedule, seed: int,
-              compute_loss: Callable | None = None) -> None:
+              compute_loss: Callable | None = None, callbacks=()) -> None:
     """Train ``trained`` (the model itself, or a strategy wrapping it) with the shared optimiser and schedule."""
     optimizer = optim.SGD(list(trained.parameters()), lr=schedule.lr, momentum=MOMENTUM)
     scheduler = optim.CosineAnnealingLR(optimizer, schedule.epochs) if schedule.cosine else None
     loader = data.DataLoader(*train, batch_size=schedule.batch_size, shuffle=True, seed=seed)
     no.fit(trained, loader, schedule.epochs, optimizer=optimizer, scheduler=scheduler, compute_loss=compute_loss,
-           progress=False)
+           callbacks=callbacks, progress=False)
 
 
 def student() -> nn.Sequential:
@@ -305,6 +305,27 @@ def main_table(teachers: dict[str, Teacher], train, test, runs: Runs, schedule: 
     recovered = runs.get("pruned KD", lambda s: pruned(s, True))
     rows.append(("90%-pruned student recovered from its dense original (baseline: CE finetuning)",
                  "MLP-64 90% sparse", f"dense MLP-64 {np.mean(base):.2%}", finetuned, recovered))
+
+    def quantized(seed, teach):
+        """W4A8 QAT of the trained from-scratch student (observers frozen at half time), converted to integers;
+        with ``teach``, the loss is the defaults' 0.5 CE + 0.5 KD from the float student it started from."""
+        _, dense = scratch(student, train, test, schedule, seed)
+        prepared = quant.prepare_qat(copy.deepcopy(dense), example_input=train[0][:1],
+                                     config=quant.qat_config(weight=quant.weight_spec(4)))
+        steps = schedule.epochs * -(-len(train[1]) // schedule.batch_size)
+        callbacks = [quant.QATSchedule(freeze_observers_after=steps // 2)]
+        no.manual_seed(seed)
+        if teach:
+            distiller = distill.Distiller(prepared, dense, default, cache_teacher=True)
+            train_run(prepared, distiller, train, schedule, seed, distiller.compute_loss, callbacks)
+            distiller.remove_hooks()
+        else:
+            train_run(prepared, prepared, train, schedule, seed, callbacks=callbacks)
+        return accuracy(quant.convert(prepared), test)
+    qat_ce = runs.get("W4A8 QAT CE", lambda s: quantized(s, False))
+    qat_kd = runs.get("W4A8 QAT KD", lambda s: quantized(s, True))
+    rows.append(("W4A8 QAT student (integer model) distilled from its float original (baseline: QAT with CE)",
+                 "MLP-64 W4A8", f"float MLP-64 {np.mean(base):.2%}", qat_ce, qat_kd))
 
     print(f"\n### Every strategy (student accuracy, {len(runs.seeds)} seeds; {schedule.describe()})\n")
     print("| strategy | student | teacher(s) | from scratch | distilled | Δ points |")

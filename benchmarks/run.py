@@ -3,13 +3,14 @@
     python benchmarks/run.py                 # every benchmark, printed
     python benchmarks/run.py train_speed     # just these
     python benchmarks/run.py --write         # ... and record the output in benchmarks/RESULTS.md and README.md
-    python benchmarks/run.py --sync-readme   # copy the recorded sections of RESULTS.md into README.md's markers
+    python benchmarks/run.py --sync-readme   # copy the recorded sections of RESULTS.md into README.md's (and
+                                             # docs/distillation.md's) markers
 
 Each benchmark is a module ``benchmarks/NAME.py`` run as ``python -m benchmarks.NAME`` in its own process (so
 that each pins its own threads and environment, see ``benchmarks/common.py``). With ``--write`` the printed
-Markdown replaces the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in RESULTS.md and in
-README.md (where such markers exist): every figure in those files comes from a run of this script, never from an
-edit by hand.
+Markdown replaces the text between ``<!-- begin NAME -->`` and ``<!-- end NAME -->`` in RESULTS.md, README.md
+and docs/distillation.md (where such markers exist): every figure in those files comes from a run of this
+script, never from an edit by hand.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP = {"__init__", "common", "run"}
-RECORDS = (ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md")
+RECORDS = (ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "distillation.md")
 
 
 def available() -> list[str]:
@@ -57,20 +58,23 @@ def record(name: str, output: str) -> list[str]:
 
 
 def sync_readme() -> list[str]:
-    """Copy every recorded section of RESULTS.md into the README section with the same markers."""
+    """Copy every recorded section of RESULTS.md into the sections with the same markers in the other records
+    (README.md, docs/distillation.md); returns ``"file: name"`` for each section copied."""
     results = RECORDS[0].read_text()
-    readme_path = RECORDS[1]
-    readme = readme_path.read_text()
     copied = []
-    for match in re.finditer(r"<!-- begin (\S+) -->.*?<!-- end \1 -->", results, re.DOTALL):
-        name = match.group(1)
-        pattern = re.compile(re.escape(f"<!-- begin {name} -->") + r".*?" + re.escape(f"<!-- end {name} -->"),
-                             re.DOTALL)
-        block = match.group(0)
-        if pattern.search(readme):
-            readme = pattern.sub(lambda _, block=block: block, readme)
-            copied.append(name)
-    readme_path.write_text(readme)
+    for path in RECORDS[1:]:
+        if not path.exists():
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"<!-- begin (\S+) -->.*?<!-- end \1 -->", results, re.DOTALL):
+            name = match.group(1)
+            pattern = re.compile(re.escape(f"<!-- begin {name} -->") + r".*?" + re.escape(f"<!-- end {name} -->"),
+                                 re.DOTALL)
+            block = match.group(0)
+            if pattern.search(text):
+                text = pattern.sub(lambda _, block=block: block, text)
+                copied.append(f"{path.name}: {name}")
+        path.write_text(text)
     return copied
 
 
@@ -82,7 +86,7 @@ def main() -> int:
                         help="only copy recorded sections from RESULTS.md into README.md, running nothing")
     args = parser.parse_args()
     if args.sync_readme:
-        print(f"copied into README.md: {sync_readme() or 'nothing'}")
+        print(f"copied: {sync_readme() or 'nothing'}")
         return 0
     names = args.names or available()
     unknown = sorted(set(names) - set(available()))
