@@ -179,7 +179,10 @@ class _SimulatedWeighted(_Simulated):
                  relu: bool, name: str, sources: Sequence[FakeQuantize]) -> None:
         super().__init__(name, sources)
         self.weight = layer.weight
-        self.register_parameter("bias", layer.bias)
+        if layer.bias is None or isinstance(layer.bias, nn.Parameter):
+            self.register_parameter("bias", layer.bias)
+        else:  # a pruned bias: its effective value bias_orig * bias_mask (QAT adopts the reparametrisation)
+            self.bias = layer.bias
         self.weight_quantizer = weight_quantizer
         self.output_quantizer = output_quantizer
         self.relu = relu

@@ -277,6 +277,21 @@ def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     assert np.array_equal(model.get_submodule("1").weight_mask, masks["1"])  # the original is untouched
 
 
+def test_pruned_bias_stays_zero_through_qat_ptq_and_convert(digits):
+    model = _pruned_mlp()
+    prune.l1_unstructured(model[1], "bias", amount=0.5)
+    mask = model[1].bias_mask.copy()
+    qat = _train(prepare_qat(model, example_input=digits[0][:1]), digits, steps_before_freeze=4, epochs=1)
+    layer = qat.model.get_submodule("1")
+    assert np.array_equal(layer.bias_mask, mask) and np.all(layer.bias.data[mask == 0] == 0)
+    assert np.any(layer.bias_orig.data[mask == 0] != 0)  # the reparametrisation is kept, not baked in
+    integer_model = convert(qat)
+    assert np.all(integer_model.model.get_submodule("1").integer_layer().bias[mask == 0] == 0)
+    assert np.array_equal(qat(Tensor(digits[0][:32])).data, integer_model(digits[0][:32]).data)
+    ptq = no.quant.quantize_static(model, digits[0][:128], progress=False)
+    assert np.all(ptq.model.get_submodule("1").integer_layer().bias[mask == 0] == 0)
+
+
 def test_qat_student_distilled_from_its_float_teacher(digits):
     x, y = digits
     no.manual_seed(0)
