@@ -313,7 +313,10 @@ class Module:
         missing = [k for k in slots if k not in state_dict]
         unexpected = [k for k in state_dict if k not in slots]
         if strict and (missing or unexpected):
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+            pruned = any(k.endswith(("_orig", "_mask")) for k in unexpected + missing)
+            hint = ("; the checkpoint or the model is pruned (<name>_orig / <name>_mask): use "
+                    "nanoopt.prune.load_pruned_state_dict, or prune.remove_all before saving") if pruned else ""
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}{hint}")
         converted: dict[str, np.ndarray] = {}
         for key, (module, name, kind) in slots.items():
             if key not in state_dict:

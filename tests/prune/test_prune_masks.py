@@ -96,3 +96,10 @@ def test_a_pruned_module_deep_copies_with_its_hook():
     clone.weight_orig.data[...] = 1.0
     clone(no.Tensor(np.ones((1, 4))))
     np.testing.assert_array_equal(clone.weight.data, clone.weight_mask)
+
+
+def test_plain_load_of_a_pruned_checkpoint_points_at_load_pruned_state_dict():
+    source = nn.Linear(4, 3)
+    prune.l1_unstructured(source, "weight", amount=0.5)
+    with pytest.raises(KeyError, match="load_pruned_state_dict"):
+        nn.Linear(4, 3).load_state_dict(source.state_dict())
