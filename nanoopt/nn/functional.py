@@ -41,8 +41,7 @@ def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     x, weight = _tensor(x), _tensor(weight)
     if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: expected input (..., {weight.shape[1]}), got shape {x.shape}")
-    out = x @ weight.T
-    return out + bias if bias is not None else out
+    return ops.Linear.apply(x, weight) if bias is None else ops.Linear.apply(x, weight, bias)
 
 
 def conv2d(x: Any, weight: Any, bias: Any = None, stride: int | Sequence[int] = 1,
