@@ -13,15 +13,29 @@ GPUs; on a CPU at batch 1 the dense product is memory bound, so reading less is 
   offsets (uint8, 0..m-1, distinct) inside their group, with no row pointers (a group with fewer than n
   non-zeros stores explicit zeros at some of its zero columns).
 
-**The summation order is part of the specification**, so that the NumPy reference and the Numba kernel agree
-bit for bit. For output (b, i), let e = 0, 1, 2, ... number the stored entries of row i in order; then
+**The summation order is part of the specification**, so that the NumPy reference and every compiled kernel
+agree bit for bit. For output (b, i), let e = 0, 1, 2, ... number the stored entries of row i in order; then
 
-    s_j = sum over e with e mod 4 == j, in increasing e, of fl(value_e * x[b, column_e])   (float32, from +0.0)
-    y[b, i] = fl(fl(s_0 + s_1) + fl(s_2 + s_3))
+    s_j = sum over e with e mod 8 == j, in increasing e, of fl(value_e * x[b, column_e])   (float32, from +0.0)
+    y[b, i] = fl(fl(fl(s_0 + s_1) + fl(s_2 + s_3)) + fl(fl(s_4 + s_5) + fl(s_6 + s_7)))
 
-Four partial sums hide the latency of the additions (a single running sum is one long dependency chain). The
-Numba kernels are bit-identical to the references (tested with hypothesis); against a dense float32 ``x @ W.T``
-(BLAS, another order) the results agree to float tolerance, |y - y_dense| <= 2 * cols * eps * (|x| @ |W|^T).
+Each product is rounded before it is added (no fused multiply-add). Eight partial sums hide the latency of the
+additions (a single running sum is one long dependency chain) and are exactly the eight float32 lanes of one
+AVX register, so :mod:`nanoopt.kernels.sparse_avx2` keeps them in one vector (entry e in lane e mod 8).
+
+Backends (``backend=`` of :func:`csr_matmul`), all bit-identical to the reference (tested with hypothesis):
+
+* ``"reference"``: :func:`csr_matmul_reference`, NumPy, the executable specification;
+* ``"numba"``: :func:`csr_matmul_numba`, portable Numba (any CPU): eight scalar partial sums at batch 1, and
+  for larger batches a loop over the batch innermost (vectorised by LLVM);
+* ``"avx2"``: :func:`nanoopt.kernels.sparse_avx2.csr_matmul_avx2`, eight partial sums in one register;
+* ``"auto"`` (default): ``"avx2"`` for batches up to :data:`AVX2_MAX_BATCH` where the CPU has it (checked once
+  per process; ``NANOOPT_DISABLE_AVX2=1`` turns it off), else ``"numba"``.
+
+:func:`nm_matmul` has ``"reference"`` and ``"numba"`` (``"auto"``): the same order, eight scalar partial sums.
+
+Against a dense float32 ``x @ W.T`` (BLAS, another order) the results agree to float tolerance,
+|y - y_dense| <= 2 * cols * eps * (|x| @ |W|^T).
 
 >>> import numpy as np
 >>> w = np.array([[0.0, 2.0, 0.0], [1.0, 0.0, -1.0]], dtype=np.float32)
@@ -38,7 +52,13 @@ from typing import Any
 import numba
 import numpy as np
 
-PARTIAL_SUMS = 4   # number of interleaved partial sums per output (see the module docstring)
+from nanoopt.kernels import sparse_avx2
+
+PARTIAL_SUMS = 8   # number of interleaved partial sums per output (see the module docstring)
+AVX2_MAX_BATCH = 8  # "auto" runs the AVX2 kernel (one pass per row of x) up to this batch size; beyond it
+                    # the portable batch-inner loop is faster (measured: module docstring of sparse_avx2)
+CSR_BACKENDS = ("auto", "avx2", "numba", "reference")
+NM_BACKENDS = ("auto", "numba", "reference")
 
 
 # ===================================================================== formats
@@ -64,6 +84,9 @@ class CSRMatrix:
         if self.data.ndim != 1 or self.indices.shape != self.data.shape or self.indptr.shape != (rows + 1,):
             raise ValueError(f"CSRMatrix: data {self.data.shape} and indices {self.indices.shape} must be equal 1-D "
                              f"arrays and indptr {self.indptr.shape} must have rows + 1 = {rows + 1} entries")
+        if not (self.data.flags.c_contiguous and self.indices.flags.c_contiguous and self.indptr.flags.c_contiguous):
+            raise ValueError("CSRMatrix: data, indices and indptr must be contiguous arrays (the kernels read them "
+                             "as raw memory); pass np.ascontiguousarray(...) of each")
         if self.indptr[0] != 0 or self.indptr[-1] != self.data.size or np.any(np.diff(self.indptr) < 0):
             raise ValueError("CSRMatrix: indptr must start at 0, never decrease and end at nnz "
                              f"({self.data.size}), got {self.indptr[:3]}...{self.indptr[-3:]}")
@@ -215,7 +238,13 @@ def csr_matmul_reference(x: np.ndarray, data: np.ndarray, indices: np.ndarray, i
         entries = indptr[active] + position
         products = data[entries] * x[:, indices[entries]]           # (B, active) float32 products
         partial[position % PARTIAL_SUMS][:, active] += products
-    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+    return _sum_partials(partial)
+
+
+def _sum_partials(partial: np.ndarray) -> np.ndarray:
+    """The fixed tree ``((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))`` over axis 0, in float32."""
+    return ((partial[0] + partial[1]) + (partial[2] + partial[3])) + ((partial[4] + partial[5])
+                                                                      + (partial[6] + partial[7]))
 
 
 # The kernels index with unsigned integers (indices viewed as uint32, row pointers as uint64; both are validated
@@ -224,34 +253,44 @@ def csr_matmul_reference(x: np.ndarray, data: np.ndarray, indices: np.ndarray, i
 @numba.njit(cache=True)
 def _csr_matvec(x, data, indices, indptr, rows, out):  # pragma: no cover - compiled
     one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
+    five, six, seven, eight = np.uint64(5), np.uint64(6), np.uint64(7), np.uint64(8)
     for i in range(rows):
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
         start, end = indptr[i], indptr[i + 1]
-        full = start + (end - start) // four * four
+        full = start + (end - start) // eight * eight
         k = start
         while k < full:
             s0 += data[k] * x[indices[k]]
             s1 += data[k + one] * x[indices[k + one]]
             s2 += data[k + two] * x[indices[k + two]]
             s3 += data[k + three] * x[indices[k + three]]
-            k += four
-        if full < end:
+            s4 += data[k + four] * x[indices[k + four]]
+            s5 += data[k + five] * x[indices[k + five]]
+            s6 += data[k + six] * x[indices[k + six]]
+            s7 += data[k + seven] * x[indices[k + seven]]
+            k += eight
+        if full < end:  # the last (end - full) < 8 entries go to s0, s1, ... in order
             s0 += data[full] * x[indices[full]]
         if full + one < end:
             s1 += data[full + one] * x[indices[full + one]]
         if full + two < end:
             s2 += data[full + two] * x[indices[full + two]]
-        out[i] = (s0 + s1) + (s2 + s3)
+        if full + three < end:
+            s3 += data[full + three] * x[indices[full + three]]
+        if full + four < end:
+            s4 += data[full + four] * x[indices[full + four]]
+        if full + five < end:
+            s5 += data[full + five] * x[indices[full + five]]
+        if full + six < end:
+            s6 += data[full + six] * x[indices[full + six]]
+        out[i] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @numba.njit(cache=True)
 def _csr_matmat(x_t, data, indices, indptr, rows, out_t):  # pragma: no cover - compiled
     batch = x_t.shape[1]
-    three = np.uint64(3)
-    partial = np.zeros((4, batch), dtype=np.float32)
+    seven = np.uint64(7)
+    partial = np.zeros((8, batch), dtype=np.float32)
     for i in range(rows):
         partial[:] = 0.0
         start, end = indptr[i], indptr[i + 1]
@@ -259,20 +298,21 @@ def _csr_matmat(x_t, data, indices, indptr, rows, out_t):  # pragma: no cover - 
         while k < end:
             value = data[k]
             row = x_t[indices[k]]
-            acc = partial[(k - start) & three]
+            acc = partial[(k - start) & seven]
             for b in range(batch):
                 acc[b] += value * row[b]
             k += np.uint64(1)
         for b in range(batch):
-            out_t[i, b] = (partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b])
+            out_t[i, b] = (((partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b]))
+                           + ((partial[4, b] + partial[5, b]) + (partial[6, b] + partial[7, b])))
 
 
 def csr_matmul_numba(x: np.ndarray, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray,
                      rows: int) -> np.ndarray:
     """The Numba kernel with :func:`csr_matmul_reference`'s signature and bit-identical results.
 
-    Batch 1 runs a matrix-vector loop with four scalar partial sums; larger batches transpose x to (cols, B) so
-    that the innermost loop runs over contiguous batch entries (vectorised by LLVM).
+    Portable (any CPU). Batch 1 runs a matrix-vector loop with eight scalar partial sums; larger batches transpose
+    x to (cols, B) so that the innermost loop runs over contiguous batch entries (vectorised by LLVM).
 
     >>> m = CSRMatrix.from_dense(np.array([[1.0, 2.0]], np.float32))
     >>> csr_matmul_numba(np.ones((2, 2), np.float32), m.data, m.indices, m.indptr, 1).tolist()
@@ -288,19 +328,34 @@ def csr_matmul_numba(x: np.ndarray, data: np.ndarray, indices: np.ndarray, indpt
     return np.ascontiguousarray(out_t.T)
 
 
-def csr_matmul(x: np.ndarray, matrix: CSRMatrix | Any, backend: str = "numba") -> np.ndarray:
+def csr_matmul(x: np.ndarray, matrix: CSRMatrix | Any, backend: str = "auto") -> np.ndarray:
     """``x @ W^T`` for a float32 input (B, cols) and W a :class:`CSRMatrix` or a float32 ``scipy.sparse`` matrix.
+
+    ``backend``: ``"auto"``, ``"avx2"``, ``"numba"`` or ``"reference"`` (module docstring); all give the same bits.
+    Forcing ``"avx2"`` where it cannot run raises ``RuntimeError``.
 
     >>> import scipy.sparse
     >>> w = scipy.sparse.random(4, 6, density=0.5, format="csr", dtype=np.float32, random_state=0)
     >>> x = np.ones((2, 6), dtype=np.float32)
     >>> bool(np.allclose(csr_matmul(x, w), x @ w.toarray().T))
     True
+    >>> bool(np.array_equal(csr_matmul(x, w, backend="numba"), csr_matmul(x, w, backend="reference")))
+    True
     """
     if not isinstance(matrix, CSRMatrix):
         matrix = CSRMatrix.from_scipy(matrix)
     x = _check_input(x, matrix.shape[1], "csr_matmul")
-    kernel = _backend(backend, csr_matmul_reference, csr_matmul_numba)
+    if backend == "auto":
+        backend = "avx2" if x.shape[0] <= AVX2_MAX_BATCH and sparse_avx2.available() else "numba"
+    elif backend == "avx2":
+        sparse_avx2.require_available("csr_matmul(backend='avx2')")
+    if backend == "avx2":  # x and the matrix (a CSRMatrix) are validated: the jitted kernel, one row of x at a time
+        x = np.ascontiguousarray(x)
+        out = np.empty((x.shape[0], matrix.shape[0]), np.float32)  # (B, rows)
+        for b in range(x.shape[0]):
+            sparse_avx2.csr_matvec_into(x[b], matrix.data, matrix.indices, matrix.indptr, out[b])
+        return out
+    kernel = _backend(backend, CSR_BACKENDS, csr_matmul_reference, csr_matmul_numba)
     return kernel(x, matrix.data, matrix.indices, matrix.indptr, matrix.shape[0])
 
 
@@ -318,15 +373,15 @@ def nm_matmul_reference(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, 
     partial = np.zeros((PARTIAL_SUMS, batch, rows), dtype=np.float32)
     for e in range(entries):
         partial[e % PARTIAL_SUMS] += values[:, e] * x[:, columns[:, e]]  # (B, rows)
-    return (partial[0] + partial[1]) + (partial[2] + partial[3])
+    return _sum_partials(partial)
 
 
 @numba.njit(cache=True)
 def _nm_matmat(x_t, values, offsets, group_start, out_t):  # pragma: no cover - compiled
     rows, entries = values.shape
     batch = x_t.shape[1]
-    three = np.uint64(3)
-    partial = np.zeros((4, batch), dtype=np.float32)
+    seven = np.uint64(7)
+    partial = np.zeros((8, batch), dtype=np.float32)
     for i in range(rows):
         partial[:] = 0.0
         row_values, row_offsets = values[i], offsets[i]
@@ -334,40 +389,51 @@ def _nm_matmat(x_t, values, offsets, group_start, out_t):  # pragma: no cover - 
         while e < entries:
             value = row_values[e]
             row = x_t[group_start[e] + row_offsets[e]]
-            acc = partial[e & three]
+            acc = partial[e & seven]
             for b in range(batch):
                 acc[b] += value * row[b]
             e += np.uint64(1)
         for b in range(batch):
-            out_t[i, b] = (partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b])
+            out_t[i, b] = (((partial[0, b] + partial[1, b]) + (partial[2, b] + partial[3, b]))
+                           + ((partial[4, b] + partial[5, b]) + (partial[6, b] + partial[7, b])))
 
 
 @numba.njit(cache=True)
 def _nm_matvec(x, values, offsets, group_start, out):  # pragma: no cover - compiled
     rows, entries = values.shape
     one, two, three, four = np.uint64(1), np.uint64(2), np.uint64(3), np.uint64(4)
-    full = np.uint64(entries) // four * four
+    five, six, seven, eight = np.uint64(5), np.uint64(6), np.uint64(7), np.uint64(8)
+    full = np.uint64(entries) // eight * eight
     size = np.uint64(entries)
     for i in range(rows):
         row_values, row_offsets = values[i], offsets[i]
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
         e = np.uint64(0)
         while e < full:
             s0 += row_values[e] * x[group_start[e] + row_offsets[e]]
             s1 += row_values[e + one] * x[group_start[e + one] + row_offsets[e + one]]
             s2 += row_values[e + two] * x[group_start[e + two] + row_offsets[e + two]]
             s3 += row_values[e + three] * x[group_start[e + three] + row_offsets[e + three]]
-            e += four
-        if full < size:
+            s4 += row_values[e + four] * x[group_start[e + four] + row_offsets[e + four]]
+            s5 += row_values[e + five] * x[group_start[e + five] + row_offsets[e + five]]
+            s6 += row_values[e + six] * x[group_start[e + six] + row_offsets[e + six]]
+            s7 += row_values[e + seven] * x[group_start[e + seven] + row_offsets[e + seven]]
+            e += eight
+        if full < size:  # the last (size - full) < 8 entries go to s0, s1, ... in order
             s0 += row_values[full] * x[group_start[full] + row_offsets[full]]
         if full + one < size:
             s1 += row_values[full + one] * x[group_start[full + one] + row_offsets[full + one]]
         if full + two < size:
             s2 += row_values[full + two] * x[group_start[full + two] + row_offsets[full + two]]
-        out[i] = (s0 + s1) + (s2 + s3)
+        if full + three < size:
+            s3 += row_values[full + three] * x[group_start[full + three] + row_offsets[full + three]]
+        if full + four < size:
+            s4 += row_values[full + four] * x[group_start[full + four] + row_offsets[full + four]]
+        if full + five < size:
+            s5 += row_values[full + five] * x[group_start[full + five] + row_offsets[full + five]]
+        if full + six < size:
+            s6 += row_values[full + six] * x[group_start[full + six] + row_offsets[full + six]]
+        out[i] = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 def nm_matmul_numba(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -388,8 +454,10 @@ def nm_matmul_numba(x: np.ndarray, values: np.ndarray, offsets: np.ndarray, n: i
     return np.ascontiguousarray(out_t.T)
 
 
-def nm_matmul(x: np.ndarray, matrix: NMMatrix, backend: str = "numba") -> np.ndarray:
+def nm_matmul(x: np.ndarray, matrix: NMMatrix, backend: str = "auto") -> np.ndarray:
     """``x @ W^T`` for a float32 input (B, cols) and W packed as an :class:`NMMatrix`.
+
+    ``backend``: ``"auto"`` (= ``"numba"``: there is no AVX2 N:M kernel), ``"numba"`` or ``"reference"``.
 
     >>> w = np.array([[1, 0, 0, 2], [0, 3, 4, 0]], dtype=np.float32)
     >>> nm_matmul(np.ones((1, 4), dtype=np.float32), NMMatrix.from_dense(w, 2, 4)).tolist()
@@ -398,13 +466,12 @@ def nm_matmul(x: np.ndarray, matrix: NMMatrix, backend: str = "numba") -> np.nda
     if not isinstance(matrix, NMMatrix):
         raise TypeError(f"nm_matmul expects an NMMatrix, got {type(matrix).__name__}")
     x = _check_input(x, matrix.shape[1], "nm_matmul")
-    kernel = _backend(backend, nm_matmul_reference, nm_matmul_numba)
+    kernel = _backend("numba" if backend == "auto" else backend, NM_BACKENDS, nm_matmul_reference,
+                      nm_matmul_numba)
     return kernel(x, matrix.values, matrix.offsets, matrix.n, matrix.m)
 
 
-def _backend(backend: str, reference: Any, compiled: Any) -> Any:
-    if backend == "numba":
-        return compiled
-    if backend == "reference":
-        return reference
-    raise ValueError(f"backend must be 'numba' or 'reference', got {backend!r}")
+def _backend(backend: str, choices: tuple[str, ...], reference: Any, numba_kernel: Any) -> Any:
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {choices}, got {backend!r}")
+    return reference if backend == "reference" else numba_kernel
