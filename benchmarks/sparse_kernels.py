@@ -1,9 +1,12 @@
 """Sparse kernels against a dense float32 matrix product: y = x @ W^T for W 1024 x 1024, one thread.
 
 W has uniformly random unstructured sparsity (90 %, plus 95 % and 99 % for context) and runs with nanoopt's CSR
-kernel (Numba) and with scipy.sparse's CSR product; a 2:4 (50 %) and a 1:4 (75 %) N:M weight runs with the N:M
-kernel. The baseline is NumPy's dense ``x @ W.T`` (BLAS) on the same dense float32 weight, measured in the same
-run; ratios above 1 mean the sparse kernel is faster. Times are the best of 5 rounds (weights stay in cache).
+product (``backend="auto"``: the AVX2 kernel of :mod:`nanoopt.kernels.sparse_avx2` up to batch
+``sparse.AVX2_MAX_BATCH`` where the CPU has AVX2, else the portable Numba kernel), with the portable Numba kernel
+alone (``backend="numba"``, what a CPU without AVX2 runs) and with scipy.sparse's CSR product; a 2:4 (50 %) and a
+1:4 (75 %) N:M weight runs with the N:M kernel. The baseline is NumPy's dense ``x @ W.T`` (BLAS) on the same
+dense float32 weight, measured in the same run; ratios above 1 mean the sparse kernel is faster. Times are the best
+of 5 rounds (weights stay in cache).
 
     python -m benchmarks.sparse_kernels
 """
@@ -18,7 +21,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
-from nanoopt.kernels import sparse  # noqa: E402
+from nanoopt.kernels import sparse, sparse_avx2  # noqa: E402
 
 SIZE = 1024
 BATCHES = (1, 32, 256)
@@ -70,12 +73,16 @@ def main() -> None:
             np.testing.assert_allclose(sparse.csr_matmul(inputs[b], matrix), inputs[b] @ weight.T, rtol=1e-3,
                                        atol=1e-3)
         cells(lambda x, m=matrix: sparse.csr_matmul(x, m), f"{sparsity:.0%} unstructured, CSR", "nanoopt CSR")
+        cells(lambda x, m=matrix: sparse.csr_matmul(x, m, backend="numba"), f"{sparsity:.0%} unstructured, CSR",
+              "nanoopt CSR, portable Numba")
         cells(lambda x, m=scipy_matrix: (m @ x.T).T, f"{sparsity:.0%} unstructured, CSR", "scipy.sparse CSR")
     for n, m in ((2, 4), (1, 4)):
         weight = n_of_m(rng, n, m)
         packed = sparse.NMMatrix.from_dense(weight, n, m)
         cells(lambda x, p=packed: sparse.nm_matmul(x, p), f"{n}:{m} ({1 - n / m:.0%} sparse)", "nanoopt N:M")
-    print("\nRatios in brackets: dense time / kernel time at the same batch (above 1: faster than dense).")
+    avx2 = "runs" if sparse_avx2.available() else "is not available here; it falls back to the portable kernel"
+    print("\nRatios in brackets: dense time / kernel time at the same batch (above 1: faster than dense). "
+          f"nanoopt CSR uses the AVX2 kernel up to batch {sparse.AVX2_MAX_BATCH} (it {avx2}).")
 
 
 if __name__ == "__main__":
