@@ -1,9 +1,10 @@
 """Run pruned Linear layers with sparse kernels, so unstructured sparsity saves time at inference.
 
 :class:`SparseLinear` holds a pruned weight in CSR (any sparsity pattern) or N:M form (see
-:mod:`nanoopt.kernels.sparse`) and computes y = x W^T + b with the Numba kernel; :func:`to_sparse` swaps every
-sufficiently sparse Linear of a model for one. The result is for inference only (no gradient); its outputs equal
-the masked model's to float tolerance (another summation order than BLAS, bound in the kernel docstring).
+:mod:`nanoopt.kernels.sparse`) and computes y = x W^T + b with the sparse kernels (AVX2 at small batches where
+the CPU has it, else Numba); :func:`to_sparse` swaps every sufficiently sparse Linear of a model for one. The
+result is for inference only (no gradient); its outputs equal the masked model's to float tolerance (another
+summation order than BLAS, bound in the kernel docstring).
 
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models, prune
