@@ -60,24 +60,29 @@ def col2im_reference(cols: np.ndarray, padded_shape: tuple[int, int, int, int], 
     return out
 
 
+# The kernels walk flat views with unsigned offsets: a 4-D index with signed integers costs a negative-index
+# wraparound check per subscript, which made the copy loops about twice as slow (measured).
 @numba.njit(cache=True, nogil=True)
 def _im2col_numba(x, groups, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols):
-    n, c, _, _ = x.shape
+    n, c, h, w = x.shape
     cg = c // groups
-    oh = (x.shape[2] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
-    ow = (x.shape[3] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    source, target = x.reshape(-1), cols.reshape(-1)
+    rows, depth = n * oh * ow, cg * kernel_h * kernel_w
+    one, step = np.uint64(1), np.uint64(dilation_w)
     for g in range(groups):
         for b in range(n):
             for y in range(oh):
                 for xo in range(ow):
-                    row = (b * oh + y) * ow + xo
-                    column = 0
+                    at = np.uint64((g * rows + (b * oh + y) * ow + xo) * depth)   # cols[g, row, 0]
                     for ch in range(cg):
+                        plane = (b * c + g * cg + ch) * h * w
                         for i in range(kernel_h):
+                            start = np.uint64(plane + (y * stride_h + i * dilation_h) * w + xo * stride_w)
                             for j in range(kernel_w):
-                                cols[g, row, column] = x[b, g * cg + ch, y * stride_h + i * dilation_h,
-                                                         xo * stride_w + j * dilation_w]
-                                column += 1
+                                target[at] = source[start + np.uint64(j) * step]
+                                at += one
 
 
 @numba.njit(cache=True, nogil=True)
@@ -87,16 +92,20 @@ def _col2im_numba(cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dila
     cg = c // groups
     oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    source, target = cols.reshape(-1), out.reshape(-1)
+    rows, depth = n * oh * ow, cg * kernel_h * kernel_w
     for i in range(kernel_h):  # kernel position outermost: the reference's accumulation order
         for j in range(kernel_w):
             for g in range(groups):
                 for b in range(n):
                     for ch in range(cg):
                         column = (ch * kernel_h + i) * kernel_w + j
+                        plane = (b * c + g * cg + ch) * h * w
                         for y in range(oh):
+                            at = np.uint64((g * rows + (b * oh + y) * ow) * depth + column)
+                            cell = np.uint64(plane + (y * stride_h + i * dilation_h) * w + j * dilation_w)
                             for xo in range(ow):
-                                out[b, g * cg + ch, y * stride_h + i * dilation_h, xo * stride_w + j * dilation_w] \
-                                    += cols[g, (b * oh + y) * ow + xo, column]
+                                target[cell + np.uint64(xo * stride_w)] += source[at + np.uint64(xo * depth)]
 
 
 def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
