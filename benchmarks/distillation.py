@@ -21,6 +21,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -188,7 +189,8 @@ class Runs:
         if key not in self.results:
             start = time.perf_counter()
             self.results[key] = [run(seed) for seed in self.seeds]
-            print(f"  ({key}: {summary(self.results[key])} in {time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"  ({key}: {summary(self.results[key])} in {time.perf_counter() - start:.0f} s)", file=sys.stderr,
+                  flush=True)   # progress, not part of the recorded tables
         return self.results[key]
 
 
