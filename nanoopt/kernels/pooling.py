@@ -70,6 +70,15 @@ def _max_pool2d_forward_numba(x, kernel_h, kernel_w, stride_h, stride_w, out, ar
 @numba.njit(cache=True, nogil=True)
 def _max_pool2d_backward_numba(grad, argmax, kernel_h, kernel_w, stride_h, stride_w, out):
     n, c, oh, ow = grad.shape
+    if stride_h >= kernel_h and stride_w >= kernel_w:  # windows do not overlap: one write per cell, any order
+        for b in range(n):
+            for ch in range(c):
+                for y in range(oh):
+                    for xo in range(ow):
+                        position = argmax[b, ch, y, xo]
+                        i, j = position // kernel_w, position % kernel_w
+                        out[b, ch, y * stride_h + i, xo * stride_w + j] += grad[b, ch, y, xo]
+        return
     for position in range(kernel_h * kernel_w):  # same accumulation order as the reference
         i, j = position // kernel_w, position % kernel_w
         for b in range(n):
