@@ -574,8 +574,8 @@ class Linear(Function):
     @staticmethod
     def forward(ctx, x, weight, bias=None):
         if x.ndim == 0 or weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
-            raise ValueError(f"linear: expected input (..., {weight.shape[-1]}) for weight {weight.shape}, got "
-                             f"shape {x.shape}")
+            raise ValueError(f"linear: expected input (..., {weight.shape[-1]}), got shape {x.shape} (weight "
+                             f"{weight.shape})")
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"linear: expected bias ({weight.shape[0]},), got shape {bias.shape}")
         out = np.matmul(x, weight.T)

@@ -38,9 +38,7 @@ def _check_finite_shape(x: Tensor, ndim: int, name: str, what: str) -> None:
 # ----------------------------------------------------------------- layers
 def linear(x: Any, weight: Any, bias: Any = None) -> Tensor:
     """y = x W^T + b, with W of shape (out_features, in_features) (PyTorch layout)."""
-    x, weight = _tensor(x), _tensor(weight)
-    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: expected input (..., {weight.shape[1]}), got shape {x.shape}")
+    x, weight = _tensor(x), _tensor(weight)  # shapes are checked by the primitive (ops.Linear)
     return ops.Linear.apply(x, weight) if bias is None else ops.Linear.apply(x, weight, bias)
 
 
