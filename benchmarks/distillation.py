@@ -277,6 +277,14 @@ def main_table(teachers: dict[str, Teacher], train, test, runs: Runs, schedule: 
     rows.append(("deep supervision: head on hidden layer 1 taught by the deepest", "MLP-128-64", "itself (deepest)",
                  deep_base, values))
 
+    def second_alone(seed):
+        """Peer 2's initial weights (the second student built after manual_seed(seed)) trained alone."""
+        no.manual_seed(seed)
+        student()
+        model = student()
+        train_run(model, model, train, schedule, seed)
+        return accuracy(model, test)
+    alone = {0: base, 1: runs.get("from scratch, peer 2's initialisation", second_alone)}
     peers: dict[int, list[float]] = {0: [], 1: []}
 
     def mutual(seed):
@@ -288,8 +296,8 @@ def main_table(teachers: dict[str, Teacher], train, test, runs: Runs, schedule: 
         return peers[0][-1]
     runs.get("mutual", mutual)
     for k in (0, 1):
-        rows.append((f"deep mutual learning, peer {k + 1} of 2 (T=1, CE + KL)", "MLP-64", "the other peer", base,
-                     peers[k]))
+        rows.append((f"deep mutual learning, peer {k + 1} of 2 (T=1, CE + KL; baseline: its initial weights "
+                     "trained alone)", "MLP-64", "the other peer", alone[k], peers[k]))
 
     def pruned(seed, teach):
         _, dense = scratch(student, train, test, schedule, seed)

@@ -121,6 +121,7 @@ def main() -> None:
     ]
     print(f"## Deep mutual learning (Fashion-MNIST, two MLP peers, {len(seeds)} seeds; {schedule.describe()})\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
+    print("Δ vs alone: mean over the seeds, then (in brackets) each seed's paired difference, seed 0 first.\n")
     print("| peers | training | peer 1 | Δ vs alone | peer 2 | Δ vs alone | ensemble of the two | "
           "test images the peers agree on |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -138,7 +139,9 @@ def main() -> None:
         cells = []
         for k in (0, 1):
             cells.append(summary(list(results[:, k])))
-            cells.append("-" if config is None else f"{(results[:, k].mean() - base[:, k].mean()) * 100:+.2f}")
+            paired = " ".join(f"{value:+.2f}" for value in (results[:, k] - base[:, k]) * 100)
+            cells.append("-" if config is None else
+                         f"{(results[:, k].mean() - base[:, k].mean()) * 100:+.2f} ({paired})")
         names = " + ".join(f"MLP-{w}" for w in widths)
         print(f"| {names} | {label} | {' | '.join(cells)} | {summary(list(results[:, 2]))} | "
               f"{results[:, 3].mean():.2%} |")
