@@ -31,19 +31,9 @@ import nanoopt as no  # noqa: E402
 from benchmarks.common import git_revision, machine_description  # noqa: E402
 from benchmarks.distillation import Schedule, summary, train_run  # noqa: E402
 from nanoopt import data, distill, models, nn  # noqa: E402
-from nanoopt.train import Callback, predict  # noqa: E402
+from nanoopt.train import predict  # noqa: E402
 
 PAPER = distill.DistillConfig(temperature=1.0, hard_weight=1.0, soft_weight=1.0)   # Zhang et al. 2018, eq. 1-2
-
-
-class MutualFrom(Callback):
-    """Peers train apart (soft weight 0) for the first ``start`` epochs, then mutually with ``weight``."""
-
-    def __init__(self, start: int, weight: float) -> None:
-        self.start, self.weight = start, weight
-
-    def on_epoch_begin(self, epoch: int, model: nn.Module) -> None:
-        model.config = dataclasses.replace(model.config, soft_weight=0.0 if epoch < self.start else self.weight)
 
 
 def build(widths: tuple[int, ...]) -> list[nn.Module]:
@@ -87,7 +77,7 @@ def mutual(widths: tuple[int, ...], seed: int, train, schedule: Schedule, config
     no.manual_seed(seed)
     peers = build(widths)
     model = distill.MutualLearning(peers, config)
-    callbacks = [MutualFrom(start, config.soft_weight)] if start else []
+    callbacks = [distill.SoftWeightSchedule(start_epoch=start)] if start else []
     train_run(model, model, train, schedule, seed, model.compute_loss, callbacks)
     return peers
 
@@ -111,13 +101,13 @@ def main() -> None:
         ((64, 64), "DML, 1 CE + 1 KD at T=3 (T^2-scaled)", dataclasses.replace(PAPER, temperature=3.0), 0),
         ((64, 64), f"DML, the KD defaults {defaults.hard_weight:g} CE + {defaults.soft_weight:g} KD, "
                    f"T={defaults.temperature:g}", defaults, 0),
-        ((64, 64), f"DML (paper), KL switched on at epoch {late}", PAPER, late),
+        ((64, 64), f"DML (paper), KL switched on at epoch {late} (SoftWeightSchedule)", PAPER, late),
         ((256, 256), "alone (independent peers)", None, 0),
         ((256, 256), "DML, the paper's 1 CE + 1 KL, T=1", PAPER, 0),
-        ((256, 256), f"DML (paper), KL switched on at epoch {late}", PAPER, late),
+        ((256, 256), f"DML (paper), KL switched on at epoch {late} (SoftWeightSchedule)", PAPER, late),
         ((64, 256), "alone (independent peers)", None, 0),
         ((64, 256), "DML, the paper's 1 CE + 1 KL, T=1", PAPER, 0),
-        ((64, 256), f"DML (paper), KL switched on at epoch {late}", PAPER, late),
+        ((64, 256), f"DML (paper), KL switched on at epoch {late} (SoftWeightSchedule)", PAPER, late),
     ]
     print(f"## Deep mutual learning (Fashion-MNIST, two MLP peers, {len(seeds)} seeds; {schedule.describe()})\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")

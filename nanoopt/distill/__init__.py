@@ -30,6 +30,7 @@ from nanoopt.distill.strategies import (
     Distiller,
     FeaturePair,
     MutualLearning,
+    SoftWeightSchedule,
     auxiliary_heads,
     born_again,
     confidence_weights,
@@ -39,6 +40,7 @@ from nanoopt.distill.strategies import (
 
 __all__ = [
     "DeepSupervision", "DistillConfig", "Distiller", "FeatureAdapter", "FeaturePair", "MutualLearning",
+    "SoftWeightSchedule",
     "attention_map", "attention_transfer_loss", "auxiliary_heads", "born_again", "confidence_weights",
     "cross_model_distiller", "dkd_loss", "hint_loss", "kd_loss", "recover", "rkd_angle_loss",
     "rkd_distance_loss", "similarity_preserving_loss", "soft_targets",

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from nanoopt.distill.losses import _check_temperature, dkd_loss, hint_loss, kd_l
 from nanoopt.nn import functional as F
 from nanoopt.nn.module import Module, RemovableHandle
 from nanoopt.tensor import Tensor, no_grad
-from nanoopt.train import History, fit
+from nanoopt.train import Callback, History, fit
 
 
 # ===================================================================== configuration
@@ -606,3 +606,57 @@ class MutualLearning(nn.Module):
         """:func:`nanoopt.fit` on the summed objective (every peer trained)."""
         return fit(self, train_data, epochs, compute_loss=self.compute_loss, **fit_options)
 
+
+
+class SoftWeightSchedule(Callback):
+    r"""Switch a strategy's soft term on late: ``soft_weight`` is 0 for the first ``start_epoch`` epochs, then rises
+    linearly over ``ramp_epochs`` epochs to the strategy's configured value (at once when ``ramp_epochs`` is 0).
+
+    .. math::
+        w(e) = w_{soft} \cdot \mathrm{clip}\Big(\frac{e - e_0 + 1}{\max(r, 1)}, 0, 1\Big) \text{ for } e \ge e_0,
+        \qquad w(e) = 0 \text{ for } e < e_0
+
+    It works with any strategy that has a ``config`` (:class:`Distiller`, :class:`DeepSupervision`,
+    :class:`MutualLearning`): at the start of every epoch it sets ``model.config`` to a copy of the configuration
+    seen at the start of training with ``soft_weight = w(e)``; the last epoch's value stays in place afterwards.
+    For deep mutual learning it is the variant that gained on every seed in
+    ``python -m benchmarks.mutual_learning`` (two MLP-64 peers on Fashion-MNIST, KL switched on at half time): the
+    peers first learn apart, so that each knows something the other does not (they disagree on more test images
+    than peers coupled from the start), and then learn from each other. The paper's coupling from the first step
+    makes the peers agree early, which leaves less to pass on.
+
+    >>> import numpy as np, nanoopt as no
+    >>> from nanoopt import distill, models
+    >>> mutual = distill.MutualLearning([models.mlp(8, (4,), 3), models.mlp(8, (4,), 3)])
+    >>> images, labels = np.zeros((4, 8), np.float32), np.array([0, 1, 2, 0])
+    >>> schedule = distill.SoftWeightSchedule(start_epoch=1)
+    >>> history = mutual.fit((images, labels), epochs=1, callbacks=[schedule], progress=False)
+    >>> mutual.config.soft_weight
+    0.0
+    """
+
+    def __init__(self, start_epoch: int, ramp_epochs: int = 0) -> None:
+        for name, value in (("start_epoch", start_epoch), ("ramp_epochs", ramp_epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"SoftWeightSchedule: {name} must be an integer >= 0, got {value!r}")
+        self.start_epoch, self.ramp_epochs = int(start_epoch), int(ramp_epochs)
+        self.config: DistillConfig | None = None
+
+    def weight_at(self, epoch: int) -> float:
+        """The soft weight used during ``epoch`` (0-based), given the configuration seen at the start."""
+        if self.config is None:
+            raise RuntimeError("SoftWeightSchedule.weight_at: training has not started (no configuration seen yet)")
+        if epoch < self.start_epoch:
+            return 0.0
+        return self.config.soft_weight * min(1.0, (epoch - self.start_epoch + 1) / max(self.ramp_epochs, 1))
+
+    def on_train_begin(self, model: Module, optimizer: Any) -> None:
+        config = getattr(model, "config", None)
+        if not isinstance(config, DistillConfig):
+            raise TypeError("SoftWeightSchedule: the trained model must be a distillation strategy with a "
+                            f"DistillConfig in .config (Distiller, DeepSupervision, MutualLearning), got "
+                            f"{type(model).__name__} with config {type(config).__name__}")
+        self.config = config
+
+    def on_epoch_begin(self, epoch: int, model: Module) -> None:
+        model.config = replace(self.config, soft_weight=self.weight_at(epoch))

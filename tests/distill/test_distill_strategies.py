@@ -246,3 +246,52 @@ def test_bad_configurations_and_names_raise_clear_errors():
         wrong_classes.compute_loss(wrong_classes, x, y)
     with pytest.raises(ValueError, match="shape"):
         distill.FeatureAdapter((64,), (0, 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(start=st.integers(0, 10), ramp=st.integers(0, 10), soft=st.one_of(st.just(0.0), st.floats(1e-3, 4.0)),
+       epoch=st.integers(0, 30))
+def test_soft_weight_schedule_is_zero_then_linear_ramp_then_configured(start, ramp, soft, epoch):
+    schedule = distill.SoftWeightSchedule(start, ramp)
+    mutual = distill.MutualLearning([models.mlp(8, (4,), 3), models.mlp(8, (4,), 3)],
+                                    distill.DistillConfig(temperature=1.0, hard_weight=1.0, soft_weight=soft))
+    schedule.on_train_begin(mutual, None)
+    schedule.on_epoch_begin(epoch, mutual)
+    weight = mutual.config.soft_weight
+    if epoch < start:
+        assert weight == 0.0
+    elif epoch >= start + max(ramp, 1) - 1:
+        assert weight == soft
+    else:
+        assert weight == pytest.approx(soft * (epoch - start + 1) / ramp)
+        assert 0.0 < weight < soft or soft == 0.0
+    assert mutual.config.temperature == 1.0 and mutual.config.hard_weight == 1.0   # only the soft weight moves
+
+
+def test_mutual_learning_with_the_soft_term_off_trains_each_peer_exactly_as_alone():
+    x, y = batch(count=64)
+    no.manual_seed(3)
+    mutual = distill.MutualLearning([models.mlp(64, (16,)), models.mlp(64, (12,))])
+    no.manual_seed(3)
+    alone = models.mlp(64, (16,))
+    first = [p.data.copy() for p in alone.parameters()]
+    np.testing.assert_array_equal(first[0], next(iter(mutual.peers[0].parameters())).data)
+    loader = no.data.DataLoader(x, y, batch_size=16, shuffle=True, seed=5)
+    mutual.fit(loader, epochs=2, callbacks=[distill.SoftWeightSchedule(start_epoch=2)], progress=False)
+    no.fit(alone, no.data.DataLoader(x, y, batch_size=16, shuffle=True, seed=5), epochs=2, progress=False)
+    for coupled, single in zip(mutual.peers[0].parameters(), alone.parameters(), strict=True):
+        np.testing.assert_array_equal(coupled.data, single.data)
+    assert mutual.config.soft_weight == 0.0 and mutual.last_terms["peer 0 soft"] > 0.0   # computed, weighted 0
+
+
+def test_soft_weight_schedule_rejects_bad_arguments_and_non_strategies():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="integer >= 0"):
+            distill.SoftWeightSchedule(bad)
+        with pytest.raises(ValueError, match="ramp_epochs"):
+            distill.SoftWeightSchedule(0, bad)
+    with pytest.raises(TypeError, match="DistillConfig in .config"):
+        no.fit(models.mlp(8, (4,), 3), (np.zeros((4, 8), np.float32), np.zeros(4, np.int64)), epochs=1,
+               callbacks=[distill.SoftWeightSchedule(1)], progress=False)
+    with pytest.raises(RuntimeError, match="not started"):
+        distill.SoftWeightSchedule(1).weight_at(0)
