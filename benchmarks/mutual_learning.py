@@ -31,6 +31,7 @@ import nanoopt as no  # noqa: E402
 from benchmarks.common import git_revision, machine_description  # noqa: E402
 from benchmarks.distillation import Schedule, summary, train_run  # noqa: E402
 from nanoopt import data, distill, models, nn  # noqa: E402
+from nanoopt.nn import functional as F  # noqa: E402
 from nanoopt.train import predict  # noqa: E402
 
 PAPER = distill.DistillConfig(temperature=1.0, hard_weight=1.0, soft_weight=1.0)   # Zhang et al. 2018, eq. 1-2
@@ -42,9 +43,7 @@ def build(widths: tuple[int, ...]) -> list[nn.Module]:
 
 
 def probabilities(model: nn.Module, images: np.ndarray) -> np.ndarray:
-    logits = predict(model, images).astype(np.float64)
-    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return F.softmax(predict(model, images).astype(np.float64), axis=1).data
 
 
 def measure(peers: list[nn.Module], test) -> tuple[float, float, float, float]:

@@ -610,7 +610,6 @@ class MutualLearning(nn.Module):
         return fit(self, train_data, epochs, compute_loss=self.compute_loss, **fit_options)
 
 
-
 class SoftWeightSchedule(Callback):
     r"""Switch a strategy's soft term on late: ``soft_weight`` is 0 for the first ``start_epoch`` epochs, then rises
     linearly over ``ramp_epochs`` epochs to the strategy's configured value (at once when ``ramp_epochs`` is 0).
