@@ -185,8 +185,10 @@ def test_mse_search_finds_the_brute_force_minimum(parts, spec):
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["laplace", "normal", "relu"]))
 def test_mse_range_quantizes_data_no_worse_than_min_max(seed, kind):
+    # 200k samples: with 20k, the measured 8-bit MSE of half-normal data (10k non-zeros) fluctuates by ~1.3 %
+    # between two nearby ranges, and about 1 seed in 400 put the searched range 3 % behind min-max by chance
     rng = np.random.default_rng(seed)
-    data = rng.laplace(size=20000) if kind == "laplace" else rng.normal(size=20000)
+    data = rng.laplace(size=200_000) if kind == "laplace" else rng.normal(size=200_000)
     if kind == "relu":
         data = np.maximum(data, 0)
     data = data.astype(np.float32)
