@@ -233,21 +233,26 @@ class Tanh(Module):
         return F.tanh(_as_input(self, x))
 
 
-class MaxPool2d(Module):
+class _Pool2d(Module):
+    """What a windowed 2-D pool stores (PyTorch's ``_MaxPoolNd`` / ``_AvgPoolNd``): kernel, stride (default: the
+    kernel) and padding. Max and average pooling are siblings, so ``isinstance`` tells one from the other."""
+
     def __init__(self, kernel_size: Any, stride: Any = None, padding: Any = 0) -> None:
         super().__init__()
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
 
-    def forward(self, x: Any) -> Tensor:
-        return _naming(self, F.max_pool2d, _as_input(self, x), self.kernel_size, self.stride, self.padding)
-
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-class AvgPool2d(MaxPool2d):
+class MaxPool2d(_Pool2d):
+    def forward(self, x: Any) -> Tensor:
+        return _naming(self, F.max_pool2d, _as_input(self, x), self.kernel_size, self.stride, self.padding)
+
+
+class AvgPool2d(_Pool2d):
     def forward(self, x: Any) -> Tensor:
         return _naming(self, F.avg_pool2d, _as_input(self, x), self.kernel_size, self.stride, self.padding)
 

@@ -361,8 +361,10 @@ class SimulatedAvgPool2d(_SimulatedSameGrid):
         return tuple(kernel), tuple(kernel), (0, 0)
 
     def float_op(self, x: Tensor) -> Tensor:
-        kernel, stride, padding = self.window(x.shape)
-        y = F.avg_pool2d(x, kernel, stride, padding)
+        if self.adaptive_size is not None:  # the float model's own op (fake quant off gives it back bit for bit)
+            y = F.adaptive_avg_pool2d(x, self.adaptive_size)
+        else:
+            y = F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
         source = self.sources[0] if self.sources else None
         if source is not None and source.fake_quant_enabled and source.is_calibrated:
             y = source.fake_quantize(y)

@@ -201,6 +201,16 @@ def test_pooling_layers_default_stride_is_the_kernel_and_flatten_keeps_the_batch
     assert nn.GELU("tanh")(x).shape == x.shape and nn.Identity()(x) is x
 
 
+def test_max_and_average_pooling_are_siblings_not_parent_and_child():
+    """As in PyTorch: ``isinstance`` dispatch on one pool must not catch the other (issue 12: an AvgPool2d that
+    subclassed MaxPool2d was quantized as a max pool)."""
+    pools = [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1)]
+    for pool in pools:
+        assert [isinstance(pool, kind) for kind in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)] == [
+            other is pool for other in pools]
+    assert repr(nn.AvgPool2d(3, stride=1, padding=1)) == "AvgPool2d(kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))"
+
+
 # ===================================================================== wrong shapes: name the layer, expected, given
 @pytest.mark.parametrize("layer, shape, message", [
     (nn.Linear(3, 2), (4, 5), r"Linear\(in_features=3.*expected input \(N, 3\), got shape \(4, 5\)"),
