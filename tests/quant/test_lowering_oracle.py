@@ -8,7 +8,8 @@ without calling ``nanoopt.quant.spec``, ``lowering``, ``simulate``, ``qmodules``
 computes is taken from nanoopt's *float* functional ops (``nn.functional``), run in float64.
 
 For every layer with an integer kernel -- Linear, Conv2d (groups, depthwise, stride, padding, dilation), Add,
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, ReLU, Flatten; fused ReLUs; int8 and 16x8 (int16 activations) --:
+MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, ReLU, Flatten; fused ReLUs; int8, 16x8 (int16 activations) and, for
+the layers with weights, 16x16 --:
 
 1. with fake quantization switched off, the prepared model equals the float model bit for bit;
 2. the integer parameters (input/output scales and zero points, weight codes and per-channel scales, the
@@ -46,7 +47,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import data, nn
 from nanoopt.nn import functional as F
-from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.config import QuantConfig, weight_spec
 from nanoopt.quant.observers import MinMaxObserver
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantize_static, set_fake_quant
 from nanoopt.tensor import Tensor
@@ -55,9 +56,10 @@ SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[Health
 CONFIGS = {  # min/max observers: the observed range of a tensor is its min and max over the calibration batches
     "int8": QuantConfig(activation_observer=MinMaxObserver),
     "16x8": QuantConfig.int16_activations(),
+    "16x16": QuantConfig.int16_activations(weight=weight_spec(16)),  # int16 x int16, int64 accumulators
 }
-ACTIVATION_BITS = {"int8": 8, "16x8": 16}
-WEIGHT_BITS = 8
+ACTIVATION_BITS = {"int8": 8, "16x8": 16, "16x16": 16}
+WEIGHT_BITS = {"int8": 8, "16x8": 8, "16x16": 16}
 FLOAT_SLACK = 2.0**-40  # relative float64 rounding allowance of the reference computations (far below any step)
 
 
@@ -177,10 +179,10 @@ class Lowered:
     shift: np.ndarray  # int64 (C_out,)
 
 
-def lower(weight: np.ndarray, bias: np.ndarray | None, source: Grid, output: Grid) -> Lowered:
+def lower(weight: np.ndarray, bias: np.ndarray | None, source: Grid, output: Grid, weight_bits: int = 8) -> Lowered:
     """Symmetric narrow-range per-channel weights from each output channel's min/max, the bias on the grid
     ``s_in s_w`` (``rne(f64(b / (s_in s_w)))``) and ``(M0, shift)`` of ``M = f64(s_in s_w / s_out)``."""
-    qmin, qmax = weight_range(WEIGHT_BITS)
+    qmin, qmax = weight_range(weight_bits)
     channels = weight.reshape(weight.shape[0], -1)
     codes, scales, m0s, shifts, biases = [], [], [], [], []
     for c, row in enumerate(channels):
@@ -321,6 +323,9 @@ class Case:
 
 
 KINDS = ["linear", "conv2d", "add", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "relu", "flatten"]
+# every kind in int8 and 16x8; the layers with weights (the add has a linear branch) in 16x16 too
+KIND_CONFIGS = [(kind, config) for kind in KINDS for config in ("int8", "16x8")] + [
+    (kind, "16x16") for kind in ("linear", "conv2d", "add")]
 
 
 @st.composite
@@ -481,8 +486,7 @@ def assert_lowered(qlayer, lowered: Lowered, bits: int) -> None:
 
 
 # ================================================================== 1. fake quantization off = the float model
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
 @SETTINGS
 @given(data=st.data())
 def test_fake_quant_off_gives_the_float_model_bit_for_bit(kind, config, data):
@@ -494,8 +498,7 @@ def test_fake_quant_off_gives_the_float_model_bit_for_bit(kind, config, data):
 
 
 # ================================================================== 2. integer parameters, derived independently
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
 @SETTINGS
 @given(data=st.data())
 def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
@@ -508,7 +511,8 @@ def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
     if kind in ("linear", "conv2d"):
         layer, qlayer = case.model[0], qmodel.model[0]
         bias = None if layer.bias is None else layer.bias.data
-        assert_lowered(qlayer, lower(layer.weight.data, bias, grids["input"], grids["layer"]), bits)
+        lowered = lower(layer.weight.data, bias, grids["input"], grids["layer"], WEIGHT_BITS[config])
+        assert_lowered(qlayer, lowered, bits)
         assert_grid(qlayer, "input", grids["input"])
         assert_grid(qlayer, "output", grids["layer"])
         assert_grid(qmodel, "output", grids["layer"])
@@ -516,7 +520,7 @@ def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
     elif kind == "add":
         linear = case.model.linear
         assert_lowered(qmodel.model.linear, lower(linear.weight.data, linear.bias.data, grids["input"],
-                                                  grids["linear"]), bits)
+                                                  grids["linear"], WEIGHT_BITS[config]), bits)
         qadd = qmodel.model.add
         assert_grid(qadd, "first", grids["input"])
         assert_grid(qadd, "second", grids["linear"])
@@ -530,8 +534,7 @@ def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
 
 
 # ================================================================== 3. the integer output against float, bounded
-@pytest.mark.parametrize("config", sorted(CONFIGS))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
 @SETTINGS
 @given(data=st.data())
 def test_integer_output_is_within_the_scale_bound_of_float(kind, config, data):
@@ -542,7 +545,7 @@ def test_integer_output_is_within_the_scale_bound_of_float(kind, config, data):
         if kind in ("linear", "conv2d"):
             layer = case.model[0]
             bias = None if layer.bias is None else layer.bias.data
-            lowered = lower(layer.weight.data, bias, grids["input"], grids["layer"])
+            lowered = lower(layer.weight.data, bias, grids["input"], grids["layer"], WEIGHT_BITS[config])
             (x_codes,), y_codes = captured(qmodel, qmodel.model[0], x)
             check_weighted(layer_op(layer), bias, lowered, grids["input"], grids["layer"],
                            case.relu, x_codes, y_codes, channel_axis=-1 if kind == "linear" else 1)
