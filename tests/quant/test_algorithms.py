@@ -109,6 +109,7 @@ def test_bias_correction_zeroes_the_mean_output_error_of_every_layer(architectur
         assert not np.allclose(layer.bias.data, original_bias[name])  # something was corrected
 
 
+@pytest.mark.slow
 def test_adaround_rounds_up_or_down_and_keeps_the_promise():
     _, prepared, x = calibrated(seed=3)
     before = {name: layer.weight.data.copy() for name, layer in weighted_layers(prepared)}

@@ -159,6 +159,7 @@ inputs = hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.just(1), st.just
                     elements=st.floats(-2.0, 3.0, width=32))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(sorted(CASES)), inputs, st.sampled_from([1.0, 0.1, 10.0]))
 def test_qat_eval_simulation_equals_the_converted_integer_model(trained, case, x, gain):
@@ -167,6 +168,7 @@ def test_qat_eval_simulation_equals_the_converted_integer_model(trained, case, x
     assert np.array_equal(qat(Tensor(x)).data, integer_model(x).data)
 
 
+@pytest.mark.slow
 def test_converted_qat_model_has_the_structure_ptq_gives(trained, digits):
     qat, integer_model = trained["int8 observers, folded BN"]
     no.manual_seed(0)
@@ -194,6 +196,7 @@ def test_untrained_qat_model_calibrated_like_ptq_converts_to_the_ptq_integer_mod
         assert qat_state[key].dtype == value.dtype and np.array_equal(qat_state[key], value), key
 
 
+@pytest.mark.slow
 def test_converted_qat_model_keeps_the_float_accuracy_on_real_data():
     """Digits: a trained conv-BN model, one QAT epoch, converted: within 3 points of float (359 test images)."""
     x, y = data.load_digits("train")
@@ -210,6 +213,7 @@ def test_converted_qat_model_keeps_the_float_accuracy_on_real_data():
 
 
 # ------------------------------------------------------------------------------------------- switches, schedule
+@pytest.mark.slow
 def test_weight_quantizer_follows_the_weights_until_frozen(digits):
     no.manual_seed(0)
     qat = prepare_qat(no.models.mlp(64, (16,)), example_input=digits[0][:1])
@@ -227,6 +231,7 @@ def test_weight_quantizer_follows_the_weights_until_frozen(digits):
     assert np.array_equal(layer.weight_quantizer.qparams().scale, frozen)
 
 
+@pytest.mark.slow
 def test_schedule_freezes_observers_and_batchnorm_after_the_given_steps(digits):
     no.manual_seed(0)
     qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1])
@@ -245,6 +250,7 @@ def test_schedule_freezes_observers_and_batchnorm_after_the_given_steps(digits):
         QATSchedule(freeze_observers_after=-1)
 
 
+@pytest.mark.slow
 def test_learned_quantizers_are_trained_parameters(digits):
     no.manual_seed(0)
     qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1], weight_quantizer="lsq",
@@ -261,6 +267,7 @@ def test_learned_quantizers_are_trained_parameters(digits):
 
 
 # ------------------------------------------------------------------------------------------- pruning, distillation
+@pytest.mark.slow
 def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     model = _pruned_mlp()
     masks = {name: model.get_submodule(name).weight_mask.copy() for name in ("1", "3")}
@@ -277,6 +284,7 @@ def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     assert np.array_equal(model.get_submodule("1").weight_mask, masks["1"])  # the original is untouched
 
 
+@pytest.mark.slow
 def test_pruned_bias_stays_zero_through_qat_ptq_and_convert(digits):
     model = _pruned_mlp()
     prune.l1_unstructured(model[1], "bias", amount=0.5)
@@ -292,6 +300,7 @@ def test_pruned_bias_stays_zero_through_qat_ptq_and_convert(digits):
     assert np.all(ptq.model.get_submodule("1").integer_layer().bias[mask == 0] == 0)
 
 
+@pytest.mark.slow
 def test_qat_student_distilled_from_its_float_teacher(digits):
     x, y = digits
     no.manual_seed(0)
