@@ -267,6 +267,43 @@ def test_learned_quantizers_are_trained_parameters(digits):
 
 
 # ------------------------------------------------------------------------------------------- pruning, distillation
+def test_pact_alpha_gradient_in_a_model_is_the_papers_and_sgd_steps_it(digits):
+    """Choi et al. 2018, eq. 3: dL/d(alpha) = sum of dL/dy over the entries with x >= alpha (STE elsewhere).
+
+    dL/dy of every PACT output is read from a zero probe added to it by a forward hook; one SGD step (no
+    momentum) then moves alpha by exactly -lr * grad.
+    """
+    no.manual_seed(0)
+    qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1], activation_quantizer="pact").train()
+    x, y = digits
+    qat(Tensor(x[64:128]))                                   # the first batch initialises alpha (its maximum)
+    pacts = [m for m in qat.modules() if isinstance(m, PACTQuantizer)]
+    seen = {}
+
+    def probe(module, inputs, output):
+        zero = Tensor(np.zeros(output.shape, np.float32), requires_grad=True)
+        seen[id(module)] = (np.asarray(inputs[0].data).copy(), zero)
+        return output + zero
+
+    handles = [m.register_forward_hook(probe) for m in pacts]
+    qat.zero_grad()
+    no.nn.functional.cross_entropy(qat(Tensor(x[:64])), y[:64]).backward()
+    for handle in handles:
+        handle.remove()
+    clipped_somewhere = False
+    for module in pacts:
+        inputs, zero = seen[id(module)]
+        clipped = inputs >= module.alpha.data
+        clipped_somewhere |= bool(clipped.any())
+        expected = zero.grad.astype(np.float64)[clipped].sum()
+        assert float(module.alpha.grad) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert clipped_somewhere                                 # the formula was exercised, not only 0 == 0
+    before = [float(m.alpha.data) for m in pacts]
+    no.optim.SGD([m.alpha for m in pacts], lr=0.1, momentum=0.0).step()
+    for module, value in zip(pacts, before, strict=True):
+        assert float(module.alpha.data) == pytest.approx(value - 0.1 * float(module.alpha.grad), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     model = _pruned_mlp()
