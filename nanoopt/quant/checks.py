@@ -50,7 +50,7 @@ def check_finite_array(array: np.ndarray, what: str) -> None:
 
 
 def check_float_input(data: np.ndarray, what: str) -> None:
-    """``data`` must be a non-empty-typed floating-point array of finite numbers (float16/32/64).
+    """``data`` must be a floating-point array (float16/32/64) of finite numbers; it may have no rows.
 
     Integers would be taken as real values on the wrong scale (an image of 0..255 for a model of [0, 1] inputs),
     booleans and complex numbers have no place on a quantization grid.
