@@ -10,12 +10,20 @@ plus a thin public function that reads the parameter, computes the mask and appl
   (``random_unstructured``). Ties are broken deterministically: among equal scores the entry with the lower
   flat (C-order) index is pruned first. ``global_unstructured`` ranks the entries of several parameters together.
 * Structured (Li et al. 2017, "Pruning Filters for Efficient ConvNets"): whole slices along ``dim`` (dim 0:
-  output neurons / filters) are pruned by the L_n norm of the surviving scores in the slice,
-  ||s_c||_n = (sum_i |s_ci|^n)^(1/n) (n = inf: max |s_ci|). A slice is alive while any of its entries is;
-  k = round(amount * alive slices); ties: lower index first.
+  output neurons / filters) are pruned by the L_n norm of their scores, ||s_c||_n = (sum_i |s_ci|^n)^(1/n)
+  (n = inf: max |s_ci|). As in PyTorch, the scores are the *masked* weight ``orig * mask`` by default, and the
+  ``importance_scores`` exactly as given otherwise (entries pruned earlier count in a slice's norm). A slice is
+  alive while any of its mask entries is; k = round(amount * alive slices); ties: lower index first.
+  ``random_structured`` ranks the alive slices by one uniform number each (every alive slice is equally likely
+  to go, whatever its number of survivors, as ``torch.rand`` in PyTorch).
 * N:M semi-structured (Mishra et al. 2021, NVIDIA's 2:4 sparsity; Zhou et al. 2021): in every group of ``m``
   consecutive weights along the input dimension (dim 1), the ``n`` with the largest |w| are kept (ties: the
   lower index is kept), and entries already pruned stay pruned.
+
+Ties differ from PyTorch: ``torch.topk`` does not specify which of equal values it returns (pruning 3 entries of
+``[1, 2, 1, 2, 1, 2, 1, 2, 0.5, 1]`` it zeroes indices 8, 4 and 6 on x86), so with ties in the scores both prune
+the same number of entries (or slices) with the same multiset of scores, but not always the same ones; without
+ties the masks are identical (``tests/prune/test_prune_vs_torch.py`` checks both against ``torch.nn.utils.prune``).
 
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import nn
@@ -99,23 +107,35 @@ def _slice_norms(values: np.ndarray, n: int | float | str, dim: int) -> np.ndarr
     return np.linalg.norm(rows, ord=order, axis=1)
 
 
-def structured_mask(scores: np.ndarray, default_mask: np.ndarray, amount: Amount, n: int | float | str, dim: int,
-                    what: str = "structured") -> np.ndarray:
-    """Prune the ``k`` alive slices along ``dim`` with the smallest L_n norm of their surviving scores.
+def slices_mask(slice_scores: np.ndarray, default_mask: np.ndarray, amount: Amount, dim: int,
+                what: str = "structured") -> np.ndarray:
+    """Prune the ``k`` alive slices along ``dim`` with the smallest ``slice_scores`` (one number per slice).
 
-    >>> structured_mask(np.array([[1.0, 1.0], [3.0, 0.0], [0.5, 0.5]]), np.ones((3, 2)), 1, n=1, dim=0).tolist()
-    [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    A slice is alive while any entry of ``default_mask`` in it is 1; k counts alive slices. Ties: lower index first.
+
+    >>> slices_mask(np.array([2.0, 1.0, 3.0]), np.ones((3, 2)), 1, dim=0).tolist()
+    [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
     """
     default_mask = np.asarray(default_mask, dtype=np.float32)
     alive = np.flatnonzero(_slice_norms(default_mask, 1, dim) > 0)
     k = count_to_prune(amount, alive.size, what)
-    norms = _slice_norms(np.asarray(scores) * default_mask, n, dim)
-    order = np.argsort(norms[alive], kind="stable")
+    order = np.argsort(np.asarray(slice_scores)[alive], kind="stable")
     mask = default_mask.copy()
     index = [slice(None)] * mask.ndim
     index[dim] = alive[order[:k]]
     mask[tuple(index)] = 0.0
     return mask
+
+
+def structured_mask(scores: np.ndarray, default_mask: np.ndarray, amount: Amount, n: int | float | str, dim: int,
+                    what: str = "structured") -> np.ndarray:
+    """Prune the ``k`` alive slices along ``dim`` with the smallest L_n norm of ``scores`` (PyTorch's
+    ``LnStructured.compute_mask``: the norm is of ``scores`` as given; mask them first to rank survivors only).
+
+    >>> structured_mask(np.array([[1.0, 1.0], [3.0, 0.0], [0.5, 0.5]]), np.ones((3, 2)), 1, n=1, dim=0).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    return slices_mask(_slice_norms(np.asarray(scores), n, dim), default_mask, amount, dim, what)
 
 
 def nm_mask(scores: np.ndarray, default_mask: np.ndarray, n: int, m: int, dim: int = 1, what: str = "nm_sparsity"
@@ -208,6 +228,9 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     """Prune whole slices along ``dim`` of ``module.<name>`` with the smallest L_n norm (``n``: int, float,
     ``float('inf')``, ``-inf`` or ``'fro'``). dim 0 removes output neurons / filters.
 
+    The norm is of the masked weight, or of ``importance_scores`` as given (PyTorch's rule: after an unstructured
+    pruning, entries already pruned still count in a slice's importance-score norm).
+
     >>> from nanoopt import nn
     >>> layer = ln_structured(nn.Linear(4, 6), "weight", amount=0.5, n=1, dim=0)
     >>> layer.weight_mask.sum(axis=1).tolist().count(0.0)
@@ -219,9 +242,12 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     valid_norm = n == "fro" or (isinstance(n, numbers.Real) and not isinstance(n, bool) and not np.isnan(n))
     if not valid_norm:
         raise ValueError(f"{what}: n must be a number (the L_n norm; inf allowed) or 'fro', got {n!r}")
-    scores = parameter.data if importance_scores is None else importance_scores
-    scores = _check_scores(scores, parameter.shape, what)
-    return apply_mask(module, name, structured_mask(scores, get_mask(module, name), amount, n, dim, what))
+    mask = get_mask(module, name)
+    if importance_scores is None:                          # PyTorch ranks the masked weight ...
+        scores = _check_scores(parameter.data, parameter.shape, what) * mask
+    else:                                                  # ... or the importance scores exactly as given
+        scores = _check_scores(importance_scores, parameter.shape, what)
+    return apply_mask(module, name, structured_mask(scores, mask, amount, n, dim, what))
 
 
 def random_structured(module: Module, name: str, amount: Amount, dim: int = 0, seed: int | None = None) -> Module:
@@ -235,12 +261,8 @@ def random_structured(module: Module, name: str, amount: Amount, dim: int = 0, s
     what = _what("random_structured", module, name)
     parameter = get_parameter(module, name)
     dim = _check_dim(dim, parameter.ndim, what)
-    size = parameter.shape[dim]
-    per_slice = random_scores((size,), seed)
-    shape = [1] * parameter.ndim
-    shape[dim] = size
-    scores = np.broadcast_to(per_slice.reshape(shape), parameter.shape)
-    return apply_mask(module, name, structured_mask(scores, get_mask(module, name), amount, 1, dim, what))
+    per_slice = random_scores((parameter.shape[dim],), seed)   # one uniform number per slice: all equally likely
+    return apply_mask(module, name, slices_mask(per_slice, get_mask(module, name), amount, dim, what))
 
 
 def nm_sparsity(module: Module, name: str = "weight", n: int = 2, m: int = 4, dim: int = 1,

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from nanoopt import nn
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
+from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.graph import INPUT, Graph, trace
 from nanoopt.quant.qmodules import (
@@ -191,6 +192,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
+    _check_float_model(model, example_input, "quant.prepare")
     work = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model)
     work.eval()
     graph = trace(work, example_input)
@@ -250,6 +252,14 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     set_observers(prepared, True, "activation")
     set_fake_quant(prepared, False)
     return prepared.eval()
+
+
+def _check_float_model(model: nn.Module, example_input: Any, where: str) -> None:
+    """Finite weights and buffers, and a finite ``example_input`` (quant/checks.py words the errors)."""
+    check_finite_parameters(model, where)
+    if example_input is not None:
+        check_finite_array(np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input),
+                           f"{where}: example_input")
 
 
 def _unequal_adaptive_bins(node, graph: Graph) -> bool:
@@ -313,13 +323,15 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
                                            leave=False)):
             if max_batches is not None and index >= max_batches:
                 break
+            batch = check_calibration_batch(batch, index, "calibrate")
             if expected is not None and batch.shape[1:] != tuple(expected[1:]):
                 raise ValueError(f"calibration batch {index} has shape {batch.shape}, but the model was prepared for "
                                  f"inputs (N, {', '.join(map(str, expected[1:]))})")
             prepared(Tensor(batch))
             seen += 1
     if seen == 0:
-        raise ValueError("calibrate: no calibration batches were given")
+        raise ValueError("calibrate: no calibration batches were given (batches is empty); expected at least one "
+                         "batch of float inputs")
     if freeze:
         set_observers(prepared, False)
         set_fake_quant(prepared, True)
@@ -358,6 +370,7 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects a model returned by quant.prepare (and calibrated), got "
                         f"{type(prepared).__name__}")
+    check_finite_parameters(prepared, "quant.convert")
     graph = prepared.graph
     tree = copy.deepcopy(prepared.model)  # the copy shares nothing with `prepared`
     copied = dict(tree.named_modules())
@@ -398,7 +411,9 @@ def quantize_static(model: nn.Module, batches: Any, config: QuantConfig | None =
     """``convert(calibrate(prepare(model, config), batches))``; the first batch serves as example input."""
     batch_list = list(iterate_batches(batches))
     if not batch_list:
-        raise ValueError("quantize_static: no calibration batches were given")
+        raise ValueError(f"quantize_static: no calibration batches were given (batches is an empty "
+                         f"{type(batches).__name__}); expected at least one batch of float inputs")
+    batch_list = [check_calibration_batch(batch, index, "quantize_static") for index, batch in enumerate(batch_list)]
     example = batch_list[0][:1] if example_input is None else example_input
     prepared = prepare(model, config, example)
     return convert(calibrate(prepared, batch_list, progress=progress))

@@ -63,6 +63,7 @@ from nanoopt import nn
 from nanoopt.nn import Parameter
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
+from nanoopt.quant.checks import check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import lsq_grad_scale, lsq_initial_scale, lsq_quantize, pact_qparams, pact_quantize
 from nanoopt.quant.graph import trace
@@ -483,6 +484,10 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
+    check_finite_parameters(model, "quant.prepare_qat")
+    if example_input is not None:
+        check_finite_array(np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input),
+                           "quant.prepare_qat: example_input")
 
     # 1. BatchNorms that fold come out of the model (Identity in their place) and into the QAT layer later
     work = copy.deepcopy(model)

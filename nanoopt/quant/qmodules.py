@@ -29,6 +29,7 @@ import numpy as np
 
 from nanoopt import kernels, nn
 from nanoopt.quant.boundary import quantize_per_tensor
+from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize
@@ -312,6 +313,7 @@ class QuantizedModel(nn.Module):
         if self.input_shape is not None and data.shape[1:] != tuple(self.input_shape[1:]):
             expected = ", ".join(map(str, self.input_shape[1:]))
             raise ValueError(f"QuantizedModel: expected inputs of shape (N, {expected}), got {data.shape}")
+        check_float_input(data, "QuantizedModel: the input x")
         return quantize_per_tensor(data, self.input_scale, self.input_zero_point, self.input_spec)
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
