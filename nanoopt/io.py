@@ -1,19 +1,20 @@
 """Saving and loading model state as ``.npz`` files, safely.
 
 A checkpoint is a NumPy ``.npz`` archive: one array per ``state_dict`` key (PyTorch's dotted names) plus a small
-JSON header under ``__nanoopt__``: format version, the key list, and for every quantized tensor the
-quantization it holds (bit width, grid, packing, group size: the model's ``state_dict().metadata``). Arrays keep
+JSON header under ``__nanoopt__``: format version, the key list, and a description of every entry that needs
+more than a dtype and a shape -- the quantization it holds (bit width, grid, packing, group size) or its sparse
+layout (the model's ``state_dict().metadata``, see :meth:`nanoopt.nn.Module.describe_state`). Arrays keep
 their exact dtype, so integer codes, sparse structures and switches round-trip bit for bit.
 
 Files are always read with ``allow_pickle=False``, so a checkpoint can never run code. What cannot be loaded is
 refused with a message that names it: object arrays, truncated or corrupted archives (zip CRC mismatch), a
 missing header, files that are not ``.npz`` archives at all (a ``.npy`` array, a text file: the message says
-which), and a checkpoint that does not fit the model -- the first key whose name, shape, dtype or quantization
+which), and a checkpoint that does not fit the model -- the first key whose name, shape, dtype or description
 differs, with both sides (see :meth:`nanoopt.nn.Module.load_state_dict`; values are cast only losslessly).
 :func:`save` refuses what :func:`load` would refuse (NaN or Inf values, non-numeric arrays). Loading into a
 model checks everything before changing anything.
 
-Format version 2 added the quantization descriptions; version 1 files (without them) still load, checked by
+Format version 2 added the descriptions; version 1 files (without them) still load, checked by
 name, shape, dtype and value only.
 
 >>> import os, tempfile, nanoopt as no
@@ -47,7 +48,7 @@ _HEADER_KEY = "__nanoopt__"
 def save(model_or_state_dict: Module | Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a model's ``state_dict()`` (or a dict of arrays) to ``path`` as an uncompressed ``.npz``.
 
-    The quantization descriptions of the tensors (``state_dict().metadata``) go into the header. Values that
+    The descriptions of the entries (``state_dict().metadata``) go into the header. Values that
     :func:`load` would refuse are refused here, naming the key: NaN or Inf, non-numeric dtypes. The file is
     written to a temporary name and renamed, so an interrupted save never leaves a half-written checkpoint.
 
@@ -79,7 +80,7 @@ def save(model_or_state_dict: Module | Mapping[str, np.ndarray], path: str | os.
         arrays[key] = array
     metadata = {key: dict(value) for key, value in (getattr(state, "metadata", None) or {}).items() if key in arrays}
     header = json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "keys": list(arrays),
-                         "quantization": metadata})
+                         "descriptions": metadata})
     arrays[_HEADER_KEY] = np.frombuffer(header.encode("utf-8"), dtype=np.uint8)
     path = os.fspath(path)
     temporary = path + ".partial"
@@ -114,7 +115,7 @@ def _not_an_archive(path: str) -> str | None:
 def load(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
     """Read a checkpoint written by :func:`save` and return its state dict (keys in saved order).
 
-    The result carries ``metadata`` (the quantization descriptions of the header; ``None`` for a version 1
+    The result carries ``metadata`` (the descriptions of the header; ``None`` for a version 1
     file), which :meth:`~nanoopt.nn.Module.load_state_dict` checks against the model.
     """
     path = os.fspath(path)
@@ -135,10 +136,10 @@ def load(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
             if set(header["keys"]) != stored:
                 raise ValueError(f"{path}: header lists keys {sorted(header['keys'])} but the archive holds "
                                  f"{sorted(stored)}")
-            metadata = header.get("quantization") if header["version"] >= 2 else None
+            metadata = header.get("descriptions") if header["version"] >= 2 else None
             if metadata is not None and not (isinstance(metadata, dict) and all(
                     key in stored and isinstance(value, dict) for key, value in metadata.items())):
-                raise ValueError(f"{path}: malformed quantization descriptions in the header")
+                raise ValueError(f"{path}: malformed descriptions in the header")
             state = OrderedDict((key, archive[key]) for key in header["keys"])
             state.metadata = metadata  # type: ignore[attr-defined]
             return state
@@ -156,9 +157,9 @@ def load(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
 
 def load_into(model: Module, path: str | os.PathLike, strict: bool = True) -> tuple[list[str], list[str]]:
     """Load a checkpoint into ``model`` in place (see :meth:`Module.load_state_dict`); returns
-    (missing, unexpected) keys. A checkpoint that does not fit (keys with ``strict``, shapes, dtypes, quantization
-    descriptions, values the model's layers refuse) raises, naming the first mismatched key, without changing
-    the model."""
+    (missing, unexpected) keys. A checkpoint that does not fit (keys with ``strict``, shapes, dtypes,
+    descriptions (quantization, sparse layout), values the model's layers refuse) raises, naming the first
+    mismatched key, without changing the model."""
     if not isinstance(model, Module):
         raise TypeError(f"load_into: expected a nanoopt Module to load into, got {type(model).__name__}")
     state = load(path)
@@ -174,14 +175,14 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     return {key: (value.shape, str(value.dtype)) for key, value in load(path).items()}
 
 
-def quantization(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The quantization description of every quantized tensor of a checkpoint (``{}`` for a float model or a
-    version 1 file).
+def descriptions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The description of every entry of a checkpoint that has one: quantization (bits, grid, packing) or sparse
+    layout (``{}`` for a float model or a version 1 file).
 
     >>> import os, tempfile, nanoopt as no
     >>> path = os.path.join(tempfile.mkdtemp(), "w4.npz")
     >>> save(no.quant.quantize_weights(no.models.tiny_mlp(), bits=4), path)
-    >>> quantization(path)["1.weight_packed"]["bits"]
+    >>> descriptions(path)["1.weight_packed"]["bits"]
     4
     """
     return dict(load(path).metadata or {})

@@ -273,9 +273,10 @@ class Module:
         """Copies of every parameter, persistent buffer and extra state array, keyed with PyTorch's dotted names, in
         PyTorch's order (a module's parameters, then its buffers, then its extra state, then its children's).
 
-        The returned dict carries ``metadata``: ``{key: description}`` of the quantization each quantized tensor
-        holds (bit width, grid, packing; see :meth:`quantization_metadata`). :meth:`load_state_dict` compares it
-        with the model's own and refuses a mismatch; ``nanoopt.io.save`` writes it into the checkpoint.
+        The returned dict carries ``metadata``: ``{key: description}`` for the entries that need more than a dtype
+        and a shape (the quantization a tensor holds, a sparse layout; see :meth:`describe_state`).
+        :meth:`load_state_dict` compares it with the model's own and refuses a mismatch; ``nanoopt.io.save`` writes
+        it into the checkpoint.
         """
         state: OrderedDict[str, np.ndarray] = OrderedDict()
         self._save_to(state, prefix)
@@ -320,17 +321,24 @@ class Module:
         replaces them instead of copying into them, after :meth:`check_state` validated the whole set."""
         return frozenset()
 
-    def quantization_metadata(self) -> dict[str, dict[str, Any]]:
-        """``{own state name: description}`` for the tensors that hold quantized values or their grids (bits,
-        signedness, symmetry, per-channel axis, packing, group size, ...), as JSON-serialisable dicts. A
-        checkpoint records them, and a tensor only loads into one with the same description. Default: none."""
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """``{own state name: description}`` for the entries a dtype and a shape do not describe: quantized values
+        or their grids (bits, signedness, symmetry, per-channel axis, packing, group size, ...), a sparse layout;
+        JSON-serialisable dicts. A checkpoint records them, and an entry only loads into one with the same
+        description. Default: none."""
         return {}
 
     def state_metadata(self, prefix: str = "") -> OrderedDict[str, dict[str, Any]]:
-        """:meth:`quantization_metadata` of every module, keyed like ``state_dict`` (only keys that have one)."""
+        """:meth:`describe_state` of every module, keyed like ``state_dict`` (only keys that have one).
+
+        >>> from nanoopt import nn, quant
+        >>> model = quant.quantize_weights(nn.Sequential(nn.Linear(4, 2)), bits=8)
+        >>> model.state_metadata()["0.weight_codes"]["bits"]
+        8
+        """
         metadata: OrderedDict[str, dict[str, Any]] = OrderedDict()
         for key, (module, name, _) in self._state_slots().items():
-            description = module.quantization_metadata().get(name)
+            description = module.describe_state().get(name)
             if description:
                 metadata[prefix + key] = description
         return metadata
@@ -368,7 +376,8 @@ class Module:
           float -> int, int -> float, bool <-> number or a narrower integer, even when the values would fit: an
           integer's width is the bit width of the codes it stores;
         * NaN or Inf in a float entry (``ValueError``);
-        * a quantization description (bits, grid, packing) that differs from the model's, when ``state_dict``
+        * a description (quantization bits, grid, packing; sparse layout) that differs from the model's, when
+          ``state_dict``
           carries ``metadata`` (as ``state_dict()`` and ``nanoopt.io.load`` return it) (``ValueError``, both);
         * values a module refuses in its :meth:`check_state` (codes outside their bit width, an invalid sparse
           structure; ``ValueError``).
@@ -405,11 +414,11 @@ class Module:
                                     "float widening, float64 values that are exact float32s)")
                 value = cast
             if stored_metadata is not None:
-                expected = module.quantization_metadata().get(name) or {}
+                expected = module.describe_state().get(name) or {}
                 stored = stored_metadata.get(key) or {}
                 if stored != expected:
-                    raise ValueError(f"load_state_dict: {key!r} holds {_describe(stored)} in the checkpoint but "
-                                     f"{_describe(expected)} in the model")
+                    raise ValueError(f"load_state_dict: {key!r} is described differently: "
+                                     f"{_difference(stored, expected)}")
             converted[key] = value
             prefix = key[: len(key) - len(name)]
             per_module.setdefault(id(module), (module, prefix, {}))[2][name] = value
@@ -479,8 +488,19 @@ def lossless_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     return None
 
 
-def _describe(description: dict[str, Any]) -> str:
-    """A quantization description for messages: ``bits=4, signed=True, ...`` or ``no quantization``."""
-    if not description:
-        return "no quantization description"
-    return "{" + ", ".join(f"{key}={value}" for key, value in description.items()) + "}"
+def _difference(stored: dict[str, Any], expected: dict[str, Any]) -> str:
+    """The fields where two descriptions differ, checkpoint first, for messages.
+
+    >>> _difference({"bits": 4, "packed": True}, {"bits": 3, "packed": True})
+    'bits=4 in the checkpoint but bits=3 in the model'
+    >>> _difference({}, {"bits": 8})
+    'nothing in the checkpoint but {bits=8} in the model'
+    """
+    def whole(description: dict[str, Any]) -> str:
+        return "{" + ", ".join(f"{k}={v}" for k, v in description.items()) + "}" if description else "nothing"
+
+    if not stored or not expected:
+        return f"{whole(stored)} in the checkpoint but {whole(expected)} in the model"
+    fields = [k for k in dict.fromkeys([*stored, *expected]) if stored.get(k) != expected.get(k)]
+    return (", ".join(f"{k}={stored.get(k)}" for k in fields) + " in the checkpoint but "
+            + ", ".join(f"{k}={expected.get(k)}" for k in fields) + " in the model")

@@ -30,6 +30,7 @@ import numpy as np
 from nanoopt import kernels, nn
 from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.lowering import IntegerLayer, QParams
+from nanoopt.quant.metadata import check_codes_fit, qparams_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize
 from nanoopt.tensor import Tensor
@@ -60,6 +61,20 @@ def _qparams(module: nn.Module, prefix: str) -> QParams:
                    getattr(module, f"{prefix}_spec"))
 
 
+def _grid_prefixes(module: nn.Module) -> list[str]:
+    """The prefixes ``p`` of the ``<p>_spec`` grids a converted layer registered (``input``, ``output``, ...)."""
+    return [name[: -len("_spec")] for name, value in vars(module).items()
+            if name.endswith("_spec") and isinstance(value, QuantSpec)]
+
+
+def _check_zero_points(module: nn.Module, state: dict[str, np.ndarray]) -> None:
+    for prefix in _grid_prefixes(module):
+        value = state.get(f"{prefix}_zero_point")
+        if value is not None:
+            spec = getattr(module, f"{prefix}_spec")
+            check_codes_fit(value, spec.qmin, spec.qmax, f"{prefix}_zero_point ({spec.bits}-bit grid)")
+
+
 class QuantizedModule(nn.Module):
     """Base of the converted layers: a name for messages, input checks, and a kernel cache."""
 
@@ -79,6 +94,14 @@ class QuantizedModule(nn.Module):
     def reset_kernel(self) -> None:
         """Forget the packed kernel (after the buffers were changed in place, e.g. by ``load_state_dict``)."""
         self._kernel = None
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The spec of every grid the layer holds (``<grid>_scale``, ``<grid>_zero_point``)."""
+        return qparams_metadata(self, _grid_prefixes(self))
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded zero points must be codes of their grid."""
+        _check_zero_points(self, state)
 
     def check_codes(self, x_q: Any, spec: QuantSpec, what: str = "input") -> np.ndarray:
         if not isinstance(x_q, np.ndarray) or x_q.dtype != spec.dtype:
@@ -108,6 +131,24 @@ class _QuantizedWeighted(QuantizedModule):
         _register_qparams(self, "input", layer.input)
         _register_qparams(self, "output", layer.output)
         self.relu = layer.relu
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The grids, and the weight codes: their bit width and whether they are packed two per byte."""
+        weight = {"bits": int(self.weight_bits), "signed": True, "symmetric": True, "per_channel": True,
+                  "packed": bool(self.packed)}
+        return {**super().describe_state(), "weight_packed" if self.packed else "weight": weight}
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded weight codes must fit the layer's bit width (``|w| <= 2^(bits-1) - 1``), shifts their range."""
+        super().check_state(state)
+        top = 2 ** (self.weight_bits - 1) - 1
+        if "weight" in state:
+            check_codes_fit(state["weight"], -top, top, f"weight ({self.weight_bits}-bit)")
+        if "weight_packed" in state:
+            check_codes_fit(unpack_int4(state["weight_packed"], self.weight.size), -top, top,
+                            f"weight_packed ({self.weight_bits}-bit)")
+        if "shift" in state:
+            check_codes_fit(state["shift"], -62, 62, "shift")
 
     def reset_kernel(self) -> None:
         if self.packed:  # the packed bytes are what state_dict loads: unpack them again
@@ -327,6 +368,13 @@ class QuantizedModel(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         return Tensor(self.dequantize_output(self.forward_int(self.quantize_input(x))))
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The specs of the input and output grids."""
+        return qparams_metadata(self, ["input", "output"])
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        _check_zero_points(self, state)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Load, then re-pack every layer's kernel from the new buffers."""
