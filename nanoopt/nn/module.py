@@ -426,7 +426,8 @@ class Module:
             try:
                 module.check_state(local)
             except ValueError as error:
-                raise ValueError(f"load_state_dict: {prefix or '(root)'} ({type(module).__name__}): {error}") from None
+                where = f"layer {prefix[:-1]!r}" if prefix else "the model"
+                raise ValueError(f"load_state_dict: {where} ({type(module).__name__}): {error}") from None
         extra: dict[int, tuple[Module, dict[str, np.ndarray]]] = {}
         for key, value in converted.items():
             module, name, kind = slots[key]
@@ -481,8 +482,8 @@ def lossless_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if kinds in ("ii", "uu", "ui") and np.can_cast(value.dtype, dtype, "safe"):
         return value.astype(dtype)
     if kinds == "ff":
-        cast = value.astype(dtype)
         with np.errstate(over="ignore", invalid="ignore"):
+            cast = value.astype(dtype)
             if np.can_cast(value.dtype, dtype, "safe") or np.array_equal(cast.astype(value.dtype), value):
                 return cast
     return None

@@ -30,7 +30,7 @@ import numpy as np
 from nanoopt import kernels, nn
 from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.lowering import IntegerLayer, QParams
-from nanoopt.quant.metadata import check_codes_fit, qparams_metadata
+from nanoopt.quant.metadata import check_codes_fit, qparams_metadata, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize
 from nanoopt.tensor import Tensor
@@ -115,8 +115,9 @@ class QuantizedModule(nn.Module):
 class _QuantizedWeighted(QuantizedModule):
     """Integer weights, bias and multipliers as buffers; 4-bit (and narrower) weights stored packed."""
 
-    def __init__(self, layer: IntegerLayer, name: str) -> None:
+    def __init__(self, layer: IntegerLayer, name: str, weight_spec: QuantSpec | None = None) -> None:
         super().__init__(name)
+        self.weight_spec = weight_spec  # the grid of the weight codes, when known (convert passes it)
         self.weight_bits = int(np.max(np.abs(layer.weight), initial=0)).bit_length() + 1
         self.packed = layer.weight.dtype == np.int8 and self.weight_bits <= 4
         if self.packed:
@@ -133,20 +134,25 @@ class _QuantizedWeighted(QuantizedModule):
         self.relu = layer.relu
 
     def describe_state(self) -> dict[str, dict[str, Any]]:
-        """The grids, and the weight codes: their bit width and whether they are packed two per byte."""
-        weight = {"bits": int(self.weight_bits), "signed": True, "symmetric": True, "per_channel": True,
-                  "packed": bool(self.packed)}
-        return {**super().describe_state(), "weight_packed" if self.packed else "weight": weight}
+        """The grids, and the weight codes: their spec (or, when not known, the bits they use) and whether they
+        are packed two per byte."""
+        spec = spec_metadata(self.weight_spec) if self.weight_spec is not None else {"bits": int(self.weight_bits)}
+        weight = {**spec, "packed": bool(self.packed)}
+        return {**super().describe_state(), "weight_packed" if self.packed else "weight": weight,
+                "weight_scale": dict(weight)}
 
     def check_state(self, state: dict[str, np.ndarray]) -> None:
-        """Loaded weight codes must fit the layer's bit width (``|w| <= 2^(bits-1) - 1``), shifts their range."""
+        """Loaded weight codes must fit the layer's grid (its spec, else ``|w| <= 2^(bits-1) - 1``), shifts their
+        range."""
         super().check_state(state)
-        top = 2 ** (self.weight_bits - 1) - 1
+        spec = self.weight_spec
+        bits = self.weight_bits if spec is None else spec.bits
+        low, high = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if spec is None else (spec.qmin, spec.qmax)
         if "weight" in state:
-            check_codes_fit(state["weight"], -top, top, f"weight ({self.weight_bits}-bit)")
+            check_codes_fit(state["weight"], low, high, f"weight ({bits}-bit)")
         if "weight_packed" in state:
-            check_codes_fit(unpack_int4(state["weight_packed"], self.weight.size), -top, top,
-                            f"weight_packed ({self.weight_bits}-bit)")
+            check_codes_fit(unpack_int4(state["weight_packed"], self.weight.size), low, high,
+                            f"weight_packed ({bits}-bit)")
         if "shift" in state:
             check_codes_fit(state["shift"], -62, 62, "shift")
 
@@ -173,8 +179,8 @@ class _QuantizedWeighted(QuantizedModule):
 class QuantizedLinear(_QuantizedWeighted):
     """Integer ``nn.Linear``: codes ``(..., K)`` in, codes ``(..., N)`` out (fused ReLU optional)."""
 
-    def __init__(self, layer: IntegerLayer, name: str = "") -> None:
-        super().__init__(layer, name)
+    def __init__(self, layer: IntegerLayer, name: str = "", weight_spec: QuantSpec | None = None) -> None:
+        super().__init__(layer, name, weight_spec)
         self.out_features, self.in_features = layer.weight.shape
 
     def forward(self, x_q: np.ndarray) -> np.ndarray:
@@ -196,8 +202,8 @@ class QuantizedConv2d(_QuantizedWeighted):
     """Integer ``nn.Conv2d`` on NCHW codes (padding holds the input zero point; fused ReLU optional)."""
 
     def __init__(self, layer: IntegerLayer, stride: tuple[int, int], padding: tuple[int, int],
-                 dilation: tuple[int, int], groups: int, name: str = "") -> None:
-        super().__init__(layer, name)
+                 dilation: tuple[int, int], groups: int, name: str = "", weight_spec: QuantSpec | None = None) -> None:
+        super().__init__(layer, name, weight_spec)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.out_channels = layer.weight.shape[0]
         self.in_channels = layer.weight.shape[1] * groups
