@@ -93,6 +93,10 @@ class DynamicQuantizedLinear(nn.Module):
     def after_load(self) -> None:
         self._packed = None
 
+    def stored_parameters(self) -> int:
+        """Weights and bias (for ``nanoopt.report``)."""
+        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic, "
                 f"{self.bits}-bit weights")
@@ -157,6 +161,10 @@ class _WeightOnly(nn.Module):
                             f"weight_packed ({self.bits}-bit)")
         if "weight_codes" in state:
             check_codes_fit(state["weight_codes"], spec.qmin, spec.qmax, f"weight_codes ({self.bits}-bit)")
+
+    def stored_parameters(self) -> int:
+        """Weights (packed or not, counted one per weight) and bias (for ``nanoopt.report``)."""
+        return int(np.prod(self.weight_shape)) + (0 if self.bias is None else int(self.bias.size))
 
     def codes(self) -> np.ndarray:
         """The integer weight codes ``(C_out, depth)`` (unpacked)."""

@@ -95,6 +95,9 @@ class QuantizedModule(nn.Module):
         """Forget the packed kernel (after the buffers were changed in place, e.g. by ``load_state_dict``)."""
         self._kernel = None
 
+    def after_load(self) -> None:
+        self.reset_kernel()
+
     def describe_state(self) -> dict[str, dict[str, Any]]:
         """The spec of every grid the layer holds (``<grid>_scale``, ``<grid>_zero_point``)."""
         return qparams_metadata(self, _grid_prefixes(self))
