@@ -389,7 +389,10 @@ class Module:
             pruned = any(k.endswith(("_orig", "_mask")) for k in unexpected + missing)
             hint = ("; the checkpoint or the model is pruned (<name>_orig / <name>_mask): use "
                     "nanoopt.prune.load_pruned_state_dict, or prune.remove_all before saving") if pruned else ""
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}{hint}")
+            first = (f"first: {missing[0]!r} is in the model but not in the checkpoint" if missing else
+                     f"first: {unexpected[0]!r} is in the checkpoint but not in the model")
+            raise KeyError(f"load_state_dict: missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)} "
+                           f"({first}){hint}")
         stored_metadata = getattr(state_dict, "metadata", None)
         converted: dict[str, np.ndarray] = {}
         per_module: dict[int, tuple[Module, str, dict[str, np.ndarray]]] = {}
@@ -487,6 +490,15 @@ def lossless_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
             if np.can_cast(value.dtype, dtype, "safe") or np.array_equal(cast.astype(value.dtype), value):
                 return cast
     return None
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    """``keys`` for a message: all of them, or the first ``limit`` and how many more.
+
+    >>> _listed(["a", "b", "c"], limit=2)
+    "['a', 'b'] and 1 more"
+    """
+    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
 
 
 def _difference(stored: dict[str, Any], expected: dict[str, Any]) -> str:
