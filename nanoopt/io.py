@@ -151,8 +151,10 @@ def load(path: str | os.PathLike) -> OrderedDict[str, np.ndarray]:
         if str(error).startswith(path):
             raise
         # numpy raises ValueError for object arrays (allow_pickle=False) and malformed .npy headers in the archive
-        raise ValueError(f"{path}: unreadable checkpoint: an entry is not a plain numeric array ("
-                         f"{str(error).split('.')[0]})") from None
+        what = "holds Python objects (an object array)" if "pickle" in str(error) else \
+            f"is malformed ({str(error).split('.')[0]})"
+        raise ValueError(f"{path}: unreadable checkpoint: an entry {what}; a nanoopt checkpoint holds numeric "
+                         "arrays only") from None
 
 
 def load_into(model: Module, path: str | os.PathLike, strict: bool = True) -> tuple[list[str], list[str]]:

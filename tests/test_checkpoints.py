@@ -353,6 +353,43 @@ def test_a_qat_checkpoint_restores_switches_and_observer_statistics(tmp_path, fr
     np.testing.assert_array_equal(outputs(quant.convert(target), x), outputs(quant.convert(source), x))
 
 
+OBSERVERS = {
+    "minmax": lambda: MinMaxObserver(),
+    "moving-average": lambda: quant.MovingAverageMinMaxObserver(averaging_constant=0.3),
+    "per-channel": lambda: quant.PerChannelMinMaxObserver(),
+    "moving-average-per-channel": lambda: quant.MovingAveragePerChannelMinMaxObserver(averaging_constant=0.3),
+    "mse": lambda: quant.PerChannelMSEObserver(weight_spec(4), num_candidates=10),
+    "histogram": lambda: quant.HistogramObserver(bins=64),
+    "percentile": lambda: quant.PercentileObserver(percentile=99.0, bins=64),
+    "entropy": lambda: quant.EntropyObserver(bins=64),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(OBSERVERS)), st.integers(0, 3), st.integers(0, 2**16))
+def test_observer_statistics_round_trip_exactly(name, batches, seed):
+    rng = np.random.default_rng(seed)
+    data_batches = [rng.normal(size=(4, 6)) * rng.uniform(0.1, 10.0) for _ in range(batches + 1)]
+    source = OBSERVERS[name]()
+    for batch in data_batches[:batches]:
+        source.partial_fit(batch)
+    state = source.state_arrays()
+    restored = OBSERVERS[name]().fit(rng.normal(size=(4, 6)) * 50).load_state_arrays(state)  # overwrites
+    for observer in (source, restored):
+        observer.partial_fit(data_batches[-1])
+    np.testing.assert_array_equal(restored.scale_, source.scale_)
+    np.testing.assert_array_equal(restored.zero_point_, source.zero_point_)
+    assert restored.n_batches_seen_ == source.n_batches_seen_ == batches + 1
+
+
+def test_observer_state_of_another_dtype_or_shape_is_refused():
+    state = quant.PerChannelMinMaxObserver().fit(np.ones((3, 2))).state_arrays()
+    with pytest.raises(ValueError, match=r"'min': expected float64 with 1 axes, got float32"):
+        quant.PerChannelMinMaxObserver().load_state_arrays({**state, "min": state["min"].astype(np.float32)})
+    with pytest.raises(ValueError, match="needs entries"):
+        quant.HistogramObserver().load_state_arrays(state)
+
+
 # ===================================================================== defect 8: io refuses what it cannot read back
 def test_save_refuses_nan_and_inf_naming_the_key(tmp_path):
     model = base(0)

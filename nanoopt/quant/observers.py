@@ -89,15 +89,15 @@ def _as_array(x: Any, owner: str) -> np.ndarray:
     return array
 
 
-def _state_entry(state: dict[str, np.ndarray], name: str, kinds: str, shape: tuple[int, ...] | None,
+def _state_entry(state: dict[str, np.ndarray], name: str, dtype: type, shape: tuple[int, ...] | None,
                  ndim: int | None = None) -> np.ndarray:
-    """``state[name]`` after checking its kind of number (``"f"``, ``"i"``) and shape (or number of axes)."""
+    """``state[name]`` after checking its dtype (exactly: nothing is cast on load) and shape (or number of axes)."""
     value = np.asarray(state[name])
-    if value.dtype.kind not in kinds or (shape is not None and value.shape != shape) or \
+    if value.dtype != dtype or (shape is not None and value.shape != shape) or \
             (ndim is not None and value.ndim != ndim):
         want = f"shape {shape}" if shape is not None else f"{ndim} axes"
-        raise ValueError(f"observer state {name!r}: expected a {'float' if kinds == 'f' else 'integer'} array with "
-                         f"{want}, got {value.dtype} {value.shape}")
+        raise ValueError(f"observer state {name!r}: expected {np.dtype(dtype)} with {want}, got {value.dtype} "
+                         f"{value.shape}")
     if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
         raise ValueError(f"observer state {name!r} contains NaN or Inf")
     return value
@@ -192,7 +192,7 @@ class Observer:
         expected = set(self.state_arrays())
         if set(state) != expected:
             raise ValueError(f"{type(self).__name__} state needs entries {sorted(expected)}, got {sorted(state)}")
-        seen = int(_state_entry(state, "n_batches_seen", "i", ()))
+        seen = int(_state_entry(state, "n_batches_seen", np.int64, ()))
         if seen < 0:
             raise ValueError(f"{type(self).__name__}: n_batches_seen must be >= 0, got {seen}")
         return seen, self._check_state(state, seen > 0)
@@ -284,17 +284,17 @@ class MinMaxObserver(Observer):
 
     def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
         if not fitted:
-            low = _state_entry(state, "min", "f", (0,))
-            high = _state_entry(state, "max", "f", (0,))
+            _state_entry(state, "min", np.float64, (0,))
+            _state_entry(state, "max", np.float64, (0,))
             return lambda: self._reset()
-        low = _state_entry(state, "min", "f", None, ndim=1 if self.spec.per_channel else 0)
-        high = _state_entry(state, "max", "f", low.shape)
+        low = _state_entry(state, "min", np.float64, None, ndim=1 if self.spec.per_channel else 0)
+        high = _state_entry(state, "max", np.float64, low.shape)
         if np.any(low > high):
             raise ValueError(f"observer state: min {low} exceeds max {high}")
 
         def install() -> None:
             if self.spec.per_channel:
-                self._min, self._max = low.astype(np.float64), high.astype(np.float64)
+                self._min, self._max = low.copy(), high.copy()
             else:
                 self._min, self._max = float(low), float(high)
         return install
@@ -394,10 +394,10 @@ class PerChannelMSEObserver(_PerChannel, Observer):
         return {"rows": np.zeros((0, 0), np.float32) if self._rows is None else self._rows}
 
     def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
-        rows = _state_entry(state, "rows", "f", None, ndim=2)
+        rows = _state_entry(state, "rows", np.float32, None, ndim=2)
         if fitted == (rows.size == 0):
             raise ValueError(f"observer state 'rows' has shape {rows.shape}, which does not fit n_batches_seen")
-        return lambda: setattr(self, "_rows", rows.astype(np.float32) if fitted else None)
+        return lambda: setattr(self, "_rows", rows.copy() if fitted else None)
 
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._rows
@@ -476,11 +476,12 @@ class _AlignedHistogram(Observer):
                 "max": np.array(self._max if fitted else 0.0, np.float64)}
 
     def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
-        width = float(_state_entry(state, "width", "f", ()))
-        first = int(_state_entry(state, "first", "i", ()))
-        counts = _state_entry(state, "counts", "i", None, ndim=1).astype(np.int64)
-        zeros = int(_state_entry(state, "zeros", "i", ()))
-        low, high = float(_state_entry(state, "min", "f", ())), float(_state_entry(state, "max", "f", ()))
+        width = float(_state_entry(state, "width", np.float64, ()))
+        first = int(_state_entry(state, "first", np.int64, ()))
+        counts = _state_entry(state, "counts", np.int64, None, ndim=1).copy()
+        zeros = int(_state_entry(state, "zeros", np.int64, ()))
+        low = float(_state_entry(state, "min", np.float64, ()))
+        high = float(_state_entry(state, "max", np.float64, ()))
         if fitted and (width <= 0 or counts.size == 0 or counts.size > 2 * self.bins or counts.min() < 0
                        or zeros < 0 or low > high):
             raise ValueError(f"observer state: an inconsistent histogram (width {width}, {counts.size} bins for "

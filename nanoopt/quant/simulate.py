@@ -43,7 +43,7 @@ from nanoopt.kernels import reference
 from nanoopt.nn import functional as F
 from nanoopt.quant.fake_quant import fake_quantize
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_conv2d, emulate_linear, integer_layer
-from nanoopt.quant.metadata import spec_metadata
+from nanoopt.quant.metadata import check_codes_fit, spec_metadata
 from nanoopt.quant.observers import Observer
 from nanoopt.tensor import Tensor
 
@@ -146,6 +146,14 @@ class FakeQuantize(nn.Module):
         return state
 
     def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Switches are bool scalars, scales (and PACT's alpha) positive, zero points codes of the spec, and the
+        observer accepts its statistics."""
+        for name in ("scale", "alpha"):
+            if name in state and not np.all(state[name] > 0):
+                raise ValueError(f"{name!r} must be positive, got {state[name]}")
+        if "zero_point" in state:
+            check_codes_fit(state["zero_point"], self.spec.qmin, self.spec.qmax,
+                            f"zero_point ({self.spec.bits}-bit grid)")
         for name in self._FLAGS:
             if name in state and (state[name].dtype != np.bool_ or state[name].shape != ()):
                 raise ValueError(f"{name!r} must be a bool scalar, got {state[name].dtype} {state[name].shape}")
