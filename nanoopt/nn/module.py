@@ -377,8 +377,8 @@ class Module:
           integer's width is the bit width of the codes it stores;
         * NaN or Inf in a float entry (``ValueError``);
         * a description (quantization bits, grid, packing; sparse layout) that differs from the model's, when
-          ``state_dict``
-          carries ``metadata`` (as ``state_dict()`` and ``nanoopt.io.load`` return it) (``ValueError``, both);
+          ``state_dict`` carries ``metadata`` (as ``state_dict()`` and ``nanoopt.io.load`` return it; a plain dict
+          of arrays has none) (``ValueError``, both);
         * values a module refuses in its :meth:`check_state` (codes outside their bit width, an invalid sparse
           structure; ``ValueError``).
         """
