@@ -342,10 +342,10 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
 def _converted(module: nn.Module, name: str) -> nn.Module | None:
     """The integer counterpart of one module of a prepared model (None: keep it as it is)."""
     if isinstance(module, SimulatedLinear):
-        return QuantizedLinear(module.integer_layer(), name)
+        return QuantizedLinear(module.integer_layer(), name, weight_spec=module.weight_quantizer.spec)
     if isinstance(module, SimulatedConv2d):
         return QuantizedConv2d(module.integer_layer(), module.stride, module.padding, module.dilation, module.groups,
-                               name)
+                               name, weight_spec=module.weight_quantizer.spec)
     if isinstance(module, SimulatedAdd):
         return QuantizedAdd(module.source_qparams(0), module.source_qparams(1), module.output_quantizer.qparams(),
                             module.relu, name)

@@ -68,6 +68,7 @@ from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import lsq_grad_scale, lsq_initial_scale, lsq_quantize, pact_qparams, pact_quantize
 from nanoopt.quant.graph import trace
 from nanoopt.quant.lowering import IntegerLayer, QParams, integer_layer
+from nanoopt.quant.metadata import spec_metadata
 from nanoopt.quant.observers import MovingAverageMinMaxObserver
 from nanoopt.quant.ptq import PreparedModel, prepare, set_fake_quant, set_observers
 from nanoopt.quant.simulate import FakeQuantize, NotCalibratedError, SimulatedConv2d, SimulatedLinear
@@ -174,6 +175,14 @@ class _LearnedQuantizer(FakeQuantize):
             return x
         return self.fake_quantize(x)
 
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__}
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The spec and the kind of learned quantizer, for its parameter and its zero point."""
+        description = {**spec_metadata(self.spec), **self._quantizer_config()}
+        return {name: dict(description) for name in ("scale", "zero_point", "alpha")}
+
     def extra_repr(self) -> str:
         state = "initialised" if self.calibrated else "uninitialised"
         return f"{self.spec}, {state}, fake_quant={self.fake_quant_enabled}"
@@ -250,6 +259,9 @@ class LSQQuantizer(_LearnedQuantizer):
     def fake_quantize(self, x: Tensor) -> Tensor:
         self._require_initialised()
         return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__, "per_example": self.per_example}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, per_example={self.per_example}"
@@ -340,6 +352,22 @@ class _FoldedBatchNorm:
     def _init_batchnorm(self, bn: nn.Module) -> None:
         self.bn = bn
         self.bn_frozen = False
+
+    def get_extra_state(self) -> dict[str, np.ndarray]:
+        """``bn_frozen`` (running or batch statistics in training) besides the layer's own extra state."""
+        return {**super().get_extra_state(), "bn_frozen": np.array(bool(self.bn_frozen))}  # type: ignore[misc]
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        flag = state.get("bn_frozen")
+        if flag is not None and (flag.dtype != np.bool_ or flag.shape != ()):
+            raise ValueError(f"'bn_frozen' must be a bool scalar, got {flag.dtype} {flag.shape}")
+        super().check_state(state)  # type: ignore[misc]
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        if "bn_frozen" in state:
+            self.bn_frozen = bool(state.pop("bn_frozen"))
+        super().set_extra_state(state)  # type: ignore[misc]
 
     def fold_factor(self) -> Tensor:
         """``f = gamma / sqrt(running_var + eps)`` per output channel (a graph node through ``gamma``)."""
