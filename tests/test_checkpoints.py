@@ -153,7 +153,11 @@ def snapshot(model):
 
 
 # ===================================================================== round trips, every kind
-@pytest.mark.parametrize("kind", sorted(KINDS))
+# QAT kinds train two steps through ``fit`` per example: marked slow as every training test is (kept in the default run)
+KIND_PARAMS = [pytest.param(kind, marks=pytest.mark.slow) if kind.startswith("qat") else kind for kind in sorted(KINDS)]
+
+
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 @settings(max_examples=4, deadline=None)
 @given(st.integers(0, 2**16), st.integers(1, 2**16), st.integers(1, 9))
 def test_every_kind_round_trips_bit_for_bit(tmp_path_factory, kind, seed, offset, batch):
@@ -182,6 +186,7 @@ def catalogue(tmp_path_factory):
     return built
 
 
+@pytest.mark.slow  # builds QAT kinds, which train two steps through fit
 def test_no_kind_loads_into_another_kind(catalogue):
     accepted, targets = [], {kind: make(23) for kind, make in KINDS.items()}
     for source_kind, (_, path) in catalogue.items():
@@ -207,6 +212,7 @@ def test_no_kind_loads_into_another_kind(catalogue):
     assert accepted == [], f"silently accepted: {accepted}"
 
 
+@pytest.mark.slow  # builds QAT kinds, which train two steps through fit
 def test_same_format_kinds_do_load_into_each_other(catalogue):
     for pair in SAME_FORMAT:
         first, second = sorted(pair)
@@ -336,6 +342,7 @@ def test_only_lossless_casts_happen():
 
 
 # ===================================================================== defect 4: QAT checkpoints
+@pytest.mark.slow  # trains two QAT steps through fit
 @pytest.mark.parametrize("frozen", [False, True])
 def test_a_qat_checkpoint_restores_switches_and_observer_statistics(tmp_path, frozen):
     source = KINDS["qat-observer-frozen" if frozen else "qat-observer"](1)
