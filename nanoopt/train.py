@@ -48,6 +48,8 @@ class Callback:
 
     def on_epoch_end(self, epoch: int, model: Module, logs: dict[str, float]) -> None: ...
 
+    def on_train_end(self, model: Module) -> None: ...
+
 
 @dataclass
 class History:
@@ -138,6 +140,8 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
             scheduler.step()
         for callback in callbacks:
             callback.on_epoch_end(epoch, model, logs)
+    for callback in callbacks:
+        callback.on_train_end(model)
     model.eval()
     return history
 

@@ -354,10 +354,17 @@ def _converted(module: nn.Module, name: str) -> nn.Module | None:
 
 
 def convert(prepared: PreparedModel) -> QuantizedModel:
-    """The integer model of a calibrated prepared model (the prepared model is not modified)."""
+    """The integer model of a calibrated prepared model (the prepared model is not modified).
+
+    It equals ``prepared.eval()`` bit for bit once every quantizer is frozen and rounding (what
+    :func:`calibrate` leaves, and :class:`~nanoopt.quant.qat.QATSchedule` or ``set_observers(prepared, False)``
+    do for QAT). Quantizers still observing (they observe whenever enabled, eval mode too, as in PyTorch) or with
+    rounding off are converted with their current grid, with a ``UserWarning`` naming them.
+    """
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects a model returned by quant.prepare (and calibrated), got "
                         f"{type(prepared).__name__}")
+    _warn_live_quantizers(prepared)
     graph = prepared.graph
     tree = copy.deepcopy(prepared.model)  # the copy shares nothing with `prepared`
     copied = dict(tree.named_modules())
@@ -377,6 +384,25 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
             tree.set_submodule(name, replacement)
     return QuantizedModel(tree, prepared.input_quantizer.qparams(), prepared.output_quantizer.qparams(),
                           graph.input_shape)
+
+
+def _warn_live_quantizers(prepared: PreparedModel) -> None:
+    """Warn when ``convert`` cannot equal ``prepared.eval()``: some quantizers observe or do not round."""
+    live = [q.owner or type(q).__name__ for q in quantizers(prepared) if not q.frozen]
+    off = [q.owner or type(q).__name__ for q in quantizers(prepared) if not q.fake_quant_enabled]
+    problems = []
+    if live:
+        problems.append(f"{len(live)} quantizers are still observing ({', '.join(live[:4])}"
+                        f"{', ...' if len(live) > 4 else ''}): they change their ranges whenever the prepared model "
+                        "runs, eval mode included")
+    if off:
+        problems.append(f"{len(off)} quantizers have fake quantization off ({', '.join(off[:4])}"
+                        f"{', ...' if len(off) > 4 else ''}): the prepared model runs them in float")
+    if problems:
+        warnings.warn(f"quant.convert: {'; '.join(problems)}. The integer model takes their current grids, so it "
+                      "will not equal prepared.eval(); freeze first: quant.set_observers(prepared, False) and "
+                      "quant.set_fake_quant(prepared, True) (QAT: QATSchedule(freeze_observers_after=...))",
+                      UserWarning, stacklevel=3)
 
 
 def _grid_of(prepared: PreparedModel, graph: Graph, name: str) -> FakeQuantize:
