@@ -8,9 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import nanoopt as no
-from nanoopt import data, models, quant
+from nanoopt import data, models, nn, quant
+from nanoopt.quant.range_check import DOMINANCE
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +76,66 @@ def test_convert_warns_when_fake_quantization_is_off(digits, trained):
     quant.set_fake_quant(prepared, False, "activation")
     with pytest.warns(UserWarning, match="fake quantization off"):
         quant.convert(prepared)
+
+
+# ------------------------------------------------------------------------------------------ 13.5 degenerate ranges
+def _calibration_warnings(model, batches, example) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quant.calibrate(quant.prepare(model, example_input=example), batches, progress=False)
+    return [str(w.message) for w in caught if "degenerate calibration ranges" in str(w.message)]
+
+
+def test_all_zero_calibration_warns_naming_the_input_and_each_constant_layer(digits, trained):
+    images = np.zeros_like(digits[0][0][:64])
+    with pytest.warns(UserWarning, match=r"the model input: zero range, every calibration value was 0 \(range "
+                                         r"\[0, 0\]\)\n  layer '1' output: the same output for every calibration "
+                                         r"example \(64 examples, range"):
+        integer_model = quant.quantize_static(trained, images, progress=False)
+    assert no.evaluate(integer_model, digits[1])["accuracy"] < 0.25  # what the warning is about: chance level
+
+
+def test_a_relu_that_sees_only_negative_values_is_named_with_its_zero_range():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    model[0].weight.data[...] = np.eye(4, dtype=np.float32)
+    model[0].bias.data[...] = 0.0
+    negative = -np.random.default_rng(0).uniform(0.5, 2.0, size=(32, 4)).astype(np.float32)
+    (message,) = _calibration_warnings(model, negative, negative[:1])
+    assert "layer '0' output: zero range, every calibration value was 0 (range [0, 0])" in message
+
+
+def test_one_huge_value_among_normal_data_is_named_with_the_range(digits, trained):
+    images = digits[0][0][:64].copy()
+    images[3, 0, 4, 4] = 1e30
+    with pytest.warns(UserWarning, match=r"the model input: one value dominates the range \[0, 1e\+30\]: half of "
+                                         r"the nonzero values have \|x\| <= 0\.\d+, \d\.\de\+30 times smaller"):
+        quant.quantize_static(trained, images, progress=False)
+
+
+def test_an_output_on_one_code_is_named():
+    model = nn.Sequential(nn.Linear(4, 2))
+    tiny = np.random.default_rng(0).uniform(1e-9, 2e-9, size=(16, 4)).astype(np.float32)  # below the eps step
+    messages = _calibration_warnings(model, tiny, tiny[:1])
+    assert len(messages) == 1 and "the model input: the output collapses to one code (-128)" in messages[0]
+
+
+def test_normal_calibration_gives_no_degenerate_range_warning(digits, trained):
+    assert _calibration_warnings(trained, digits[0][0][:256], digits[0][0][:1]) == []
+    no.manual_seed(0)
+    lenet = models.lenet5(input_size=8)
+    assert _calibration_warnings(lenet, digits[0][0][:64], digits[0][0][:1]) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(8, 3000), log_scale=st.floats(-3, 3), outlier=st.booleans(), seed=st.integers(0, 2**16))
+def test_range_warning_iff_one_value_dominates(size, log_scale, outlier, seed):
+    """Normal data at any scale never warn (max / median of |x| of a normal sample is far below DOMINANCE); one
+    value DOMINANCE times the largest of the others always does."""
+    data_ = (np.random.default_rng(seed).normal(size=(size, 1)) * 10.0**log_scale).astype(np.float32)
+    if outlier:
+        data_[size // 2, 0] = np.float32(DOMINANCE * np.abs(data_).max() * 1.01)
+    messages = [m for m in _calibration_warnings(nn.Sequential(nn.Linear(1, 1)), data_, data_[:1])
+                if "the model input" in m]
+    assert bool(messages) == outlier
+    if outlier:
+        assert "the model input: one value dominates the range" in messages[0]

@@ -55,6 +55,7 @@ from nanoopt.quant.qmodules import (
     QuantizedModel,
     QuantizedReLU,
 )
+from nanoopt.quant.range_check import RangeMonitor
 from nanoopt.quant.simulate import (
     FakeQuantize,
     SimulatedAdd,
@@ -299,7 +300,9 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     """Run float ``batches`` through ``prepared`` (eval mode, no graph) to record activation ranges; then (with
     ``freeze``) fix every quantizer and switch rounding on. Returns ``prepared``.
 
-    A batch of the wrong shape raises ``ValueError`` naming it; calibrating with no batch raises too.
+    A batch of the wrong shape raises ``ValueError`` naming it; calibrating with no batch raises too. Degenerate
+    ranges (a zero range, one value dominating by orders of magnitude, an output on one code) give a
+    ``UserWarning`` naming each layer and its observed range (:mod:`nanoopt.quant.range_check`).
     """
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"calibrate expects the result of quant.prepare, got {type(prepared).__name__}")
@@ -308,7 +311,7 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     prepared.eval()
     seen = 0
     expected = prepared.graph.input_shape
-    with no_grad():
+    with no_grad(), RangeMonitor([prepared.input_quantizer, *quantizers(prepared, "activation")]) as monitor:
         for index, batch in enumerate(tqdm(iterate_batches(batches), desc="calibrate", disable=not progress,
                                            leave=False)):
             if max_batches is not None and index >= max_batches:
@@ -323,6 +326,7 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     if freeze:
         set_observers(prepared, False)
         set_fake_quant(prepared, True)
+    monitor.warn("quant.calibrate")
     return prepared
 
 
