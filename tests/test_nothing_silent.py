@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoopt as no
-from nanoopt import data, models, nn, quant
+from nanoopt import data, models, nn, prune, quant
 from nanoopt.quant.range_check import DOMINANCE
 
 
@@ -139,3 +139,66 @@ def test_range_warning_iff_one_value_dominates(size, log_scale, outlier, seed):
     assert bool(messages) == outlier
     if outlier:
         assert "the model input: one value dominates the range" in messages[0]
+
+
+# ------------------------------------------------------------------------------------------ 13.6 global pruning
+def test_global_pruning_that_empties_a_layer_warns_naming_it(digits):
+    no.manual_seed(0)
+    model = models.lenet_300_100(in_features=64)
+    no.fit(model, digits[0], epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"every entry of 'weight' in parameters\[1\], Linear\(in_features=300, "
+                                         r"out_features=100, bias=True\) is now pruned \(30,000 of 30,000\)"):
+        prune.global_unstructured(prune.prunable_parameters(model), amount=0.9)
+    assert not model[3].weight_mask.any()  # what the warning is about: layer '3' is gone
+    assert no.evaluate(model, digits[1])["accuracy"] < 0.2
+    no.manual_seed(0)
+    model = models.lenet_300_100(in_features=64)
+    no.fit(model, digits[0], epochs=1, progress=False)
+    with pytest.warns(UserWarning, match=r"every entry of 'weight' in layer '3' is now pruned"):
+        prune.global_unstructured(prune.prunable_parameters(model), amount=0.9, model=model)
+
+
+def test_global_pruning_with_a_floor_keeps_every_layer_alive(digits):
+    no.manual_seed(0)
+    model = models.lenet_300_100(in_features=64)
+    no.fit(model, digits[0], epochs=1, progress=False)
+    parameters = prune.prunable_parameters(model)
+    with _no_warning("global_unstructured"):
+        prune.global_unstructured(parameters, amount=0.9, min_remaining=0.02)
+    sizes = [module.weight.size for module, _ in parameters]
+    assert [int(module.weight_mask.sum()) >= np.ceil(0.02 * size) for (module, _), size in
+            zip(parameters, sizes, strict=True)] == [True] * 3
+    assert sum(int((module.weight_mask == 0).sum()) for module, _ in parameters) == round(0.9 * sum(sizes))
+    with pytest.raises(ValueError, match=r"min_remaining=0.5 keeps"):
+        prune.global_unstructured(parameters, amount=1.0, min_remaining=0.5)
+    with pytest.raises(ValueError, match=r"min_remaining is a fraction in \[0, 1\], got 1.5"):
+        prune.global_unstructured(parameters, amount=0.1, min_remaining=1.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+       scales=st.lists(st.floats(1e-4, 1e4), min_size=4, max_size=4), amount=st.floats(0, 1),
+       floor=st.one_of(st.floats(0, 0.5), st.integers(0, 4)), seed=st.integers(0, 2**16))
+def test_floor_property(shapes, scales, amount, floor, seed):
+    """With a floor, every parameter keeps min(size, floor) entries and exactly round(amount * N) are pruned,
+    or the call refuses (when the floors leave too few candidates) and changes nothing."""
+    rng = np.random.default_rng(seed)
+    layers = [nn.Linear(i, o) for i, o in shapes]
+    for layer, scale in zip(layers, scales, strict=False):
+        layer.weight.data[...] = (rng.normal(size=layer.weight.shape) * scale).astype(np.float32)
+    parameters = [(layer, "weight") for layer in layers]
+    total = sum(layer.weight.size for layer in layers)
+    floors = [min(layer.weight.size, floor if isinstance(floor, int) else int(np.ceil(floor * layer.weight.size
+                                                                                       - 1e-9)))
+              for layer in layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if round(amount * total) > total - sum(floors):
+            with pytest.raises(ValueError, match="min_remaining"):
+                prune.global_unstructured(parameters, amount=amount, min_remaining=floor)
+            assert not any(prune.is_pruned(layer) for layer in layers)
+            return
+        prune.global_unstructured(parameters, amount=amount, min_remaining=floor)
+    kept = [int(layer.weight_mask.sum()) for layer in layers]
+    assert all(k >= f for k, f in zip(kept, floors, strict=True))
+    assert total - sum(kept) == round(amount * total)

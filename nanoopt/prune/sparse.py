@@ -9,7 +9,7 @@ summation order than BLAS, bound in the kernel docstring).
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models, prune
 >>> model = models.lenet_300_100(in_features=64)
->>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9)
+>>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9, min_remaining=0.02)
 >>> x = np.random.default_rng(0).random((2, 64)).astype(np.float32)
 >>> expected = no.train.predict(model, x)
 >>> converted = to_sparse(model)
