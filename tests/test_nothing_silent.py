@@ -202,3 +202,41 @@ def test_floor_property(shapes, scales, amount, floor, seed):
     kept = [int(layer.weight_mask.sum()) for layer in layers]
     assert all(k >= f for k, f in zip(kept, floors, strict=True))
     assert total - sum(kept) == round(amount * total)
+
+
+# ------------------------------------------------------------------------------------------ 13.7 layer names
+@pytest.mark.parametrize("config, argument, name", [
+    (quant.QuantConfig(overrides={"fc1": {"weight": quant.weight_spec(4)}}), "QuantConfig.overrides", "fc1"),
+    (quant.QuantConfig(keep_float=["3", "head"]), "QuantConfig.keep_float", "head"),
+    (quant.QuantConfig(keep_float=["input"]), "QuantConfig.keep_float", "input"),
+])
+def test_misspelt_layer_names_in_a_quant_config_are_errors_listing_the_layers(digits, trained, config, argument,
+                                                                              name):
+    images = digits[0][0][:32]
+    message = rf"{argument}: no such layers in the model: '{name}'.*The model's layers are: '0', '1', '2', '3'"
+    for call in (lambda: quant.quantize_static(trained, images, config, progress=False),
+                 lambda: quant.prepare_qat(trained, config, example_input=images[:1])):
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_layer_names_that_exist_are_accepted(digits, trained):
+    config = quant.QuantConfig(overrides={"input": {"activation": quant.QuantSpec(bits=7)},
+                                          "3": {"weight": quant.weight_spec(4)}}, keep_float=["3"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no warning either
+        quant.quantize_static(trained, digits[0][0][:32], config, progress=False)
+
+
+def test_misspelt_names_in_pruning_apis_are_errors_listing_the_layers(digits):
+    model = models.small_resnet(widths=(4,), blocks_per_stage=2)
+    example = np.ones((1, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"candidates: no such modules in the model: 'stages.0.2' "
+                                         r"\(did you mean 'stages.0.1'\?\).*'stages.0.0'"):
+        prune.block_angular_distances(model, example, ["stages.0.2"])
+    with pytest.raises(ValueError, match=r"no such modules in the model: 'stage.0.1' \(did you mean "
+                                         r"'stages.0.1'"):
+        prune.remove_blocks(model, ["stage.0.1"], example)
+    with pytest.raises(ValueError, match=r"layer_sensitivity: '2' is not a layer with a weight in this "
+                                         r"model; its layers with a weight are \['1', '3'\]$"):
+        prune.analysis.layer_sensitivity(models.tiny_mlp(), digits[1], amounts=(0.5,), layers=["2"])

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nanoopt import nn
+from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.graph import INPUT, Graph, trace
@@ -195,6 +196,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     work = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model)
     work.eval()
     graph = trace(work, example_input)
+    _check_config_names(config, graph)
     float_layers = {name for name, node in graph.nodes.items()
                     if config.keeps_float(name, node.module)
                     or not _has_integer_kernel(node.module)
@@ -251,6 +253,14 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     set_observers(prepared, True, "activation")
     set_fake_quant(prepared, False)
     return prepared.eval()
+
+
+def _check_config_names(config: QuantConfig, graph: Graph) -> None:
+    """Every layer name in ``config.overrides`` / ``config.keep_float`` is a layer of the traced model."""
+    check_layer_names([key for key in config.overrides if isinstance(key, str)], [*graph.nodes, INPUT],
+                      "QuantConfig.overrides")
+    check_layer_names([item for item in config.keep_float if isinstance(item, str)], list(graph.nodes),
+                      "QuantConfig.keep_float")
 
 
 def _unequal_adaptive_bins(node, graph: Graph) -> bool:
