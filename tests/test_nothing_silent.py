@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoopt as no
-from nanoopt import data, models, nn, prune, quant
+from nanoopt import data, distill, models, nn, prune, quant
+from nanoopt.kernels.choices import kernel_choices
 from nanoopt.quant.range_check import DOMINANCE
 
 
@@ -240,3 +241,135 @@ def test_misspelt_names_in_pruning_apis_are_errors_listing_the_layers(digits):
     with pytest.raises(ValueError, match=r"layer_sensitivity: '2' is not a layer with a weight in this "
                                          r"model; its layers with a weight are \['1', '3'\]$"):
         prune.analysis.layer_sensitivity(models.tiny_mlp(), digits[1], amounts=(0.5,), layers=["2"])
+
+
+# ------------------------------------------------------------------------------------------ 13.10 the smaller ones
+def test_fit_refuses_what_it_cannot_train_on(digits):
+    (x, y), model = digits[0], models.tiny_mlp()
+    with pytest.raises(ValueError, match=r"fit: the data hold no samples"):
+        no.fit(model, (x[:0], y[:0]), progress=False)
+    with pytest.raises(ValueError, match=r"fit: the training data gave no batches in epoch 0"):
+        no.fit(model, [], progress=False)
+    for lr in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(ValueError, match=r"SGD: learning rate must be a finite number >= 0, got"):
+            no.fit(model, (x, y), lr=lr, progress=False)
+    with pytest.raises(ValueError, match=r"labels must be class indices of shape \(1438,\), got shape \(1438, 10\); "
+                                         r"one-hot labels\? pass labels.argmax\(axis=1\)"):
+        no.fit(model, (x, np.eye(10)[y]), progress=False)
+    with pytest.raises(ValueError, match=r"training batch 0 of epoch 0: labels must be class indices"):
+        no.fit(model, [(x[:8], np.eye(10)[y[:8]])], progress=False)
+    with pytest.raises(TypeError, match=r"fit: the images of an \(images, labels\) pair must be an ndarray, got list"):
+        no.fit(model, (list(x), y), progress=False)
+    with pytest.raises(ValueError, match=r"evaluate: labels must be class indices"):
+        no.evaluate(model, (x, np.eye(10)[y]))
+
+
+def test_distillation_settings_that_cannot_work_are_refused(digits):
+    with pytest.raises(ValueError, match=r"DistillConfig: temperature 1e\+09 is above 100, where T\^2 KL on float32 "
+                                         r"logits loses its precision"):
+        distill.DistillConfig(temperature=1e9)
+    rng = np.random.default_rng(0)
+    student, teacher = (rng.normal(scale=0.1, size=(8, 10)).astype(np.float32) for _ in range(2))
+    with pytest.raises(ValueError, match=r"kd_loss: temperature 1000 is above 100"):
+        distill.kd_loss(student, teacher, temperature=1000.0)  # it gave a negative loss before
+    with pytest.raises(ValueError, match=r"dkd_loss: temperature 1e\+06 is above 100000, where T\^2 KL on float64"):
+        distill.dkd_loss(student.astype(np.float64), teacher.astype(np.float64), np.zeros(8, np.int64), temperature=1e6)
+    with pytest.raises(ValueError, match=r"hard_weight and soft_weight are both 0"):
+        distill.DistillConfig(hard_weight=0, soft_weight=0.0)
+    with pytest.raises(TypeError, match=r"Distiller: teachers must be a nanoopt.nn.Module or a list of them, got "
+                                        r"function"):
+        distill.Distiller(models.tiny_mlp(), lambda x: x, distill.DistillConfig())
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), spread=st.floats(0.01, 10.0), temperature=st.floats(1.0, 100.0))
+def test_kd_loss_keeps_its_precision_up_to_the_temperature_limit(seed, spread, temperature):
+    """Within the accepted range, float32 T^2 KL agrees with a float64 computation to within its rounding bound
+    T^2 * eps32 * 8 log C (what the limit is set from: at most 0.02 at T = 100, C = 10; at T = 1e9 the loss was 0
+    or negative where the exact value is 21.6)."""
+    rng = np.random.default_rng(seed)
+    student, teacher = (rng.normal(scale=spread, size=(16, 10)).astype(np.float32) for _ in range(2))
+    value = distill.kd_loss(student, teacher, temperature=temperature).item()
+    exact = distill.kd_loss(student.astype(np.float64), teacher.astype(np.float64), temperature=temperature).item()
+    assert abs(value - exact) <= temperature**2 * np.finfo(np.float32).eps * 8 * np.log(10) + 1e-6 * exact
+
+
+def test_quantize_static_names_the_layer_whose_weights_are_nan(digits, trained):
+    import copy
+    broken = copy.deepcopy(trained)
+    broken[3].weight.data[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"layer '3' \(Linear\) has 1 NaN or Inf values in its weight \(of 320\); "
+                                         r"the model itself is broken \(not the calibration data\)"):
+        quant.quantize_static(broken, digits[0][0][:32], progress=False)
+
+
+def test_float_transforms_refuse_converted_models(digits, trained):
+    images = digits[0][0][:32]
+    converted = {"quant.convert": quant.quantize_static(trained, images, progress=False),
+                 "quant.quantize_dynamic / quantize_weights": quant.quantize_dynamic(trained),
+                 "prune.to_sparse": _sparse(trained)}
+    calls = {"prepare_qat": lambda m: quant.prepare_qat(m, example_input=images[:1]),
+             "cross_layer_equalization": lambda m: quant.cross_layer_equalization(m, images[:1]),
+             "prune.shrink": lambda m: prune.shrink(m, images[:1]),
+             "prune.to_sparse": lambda m: prune.to_sparse(m),
+             "quantize_weights": lambda m: quant.quantize_weights(m, bits=4),
+             "quantize_dynamic": lambda m: quant.quantize_dynamic(m),
+             "quant.prepare": lambda m: quant.quantize_static(m, images, progress=False)}
+    for made_by, model in converted.items():
+        for function, call in calls.items():
+            if function == "prune.to_sparse" and made_by == "prune.to_sparse":
+                assert prune.to_sparse(model) == []  # sparse layers are left as they are
+                continue
+            message = rf"{function}: the model is already converted \(layer '[\w.]+' is a \w+ made by {made_by}"
+            if function == "quant.prepare" and made_by == "quant.convert":
+                message = "prepare expects a float model, got a QuantizedModel"  # the check of the root, as before
+            with pytest.raises(TypeError, match=message):
+                call(model)
+
+
+def _sparse(model):
+    import copy
+    model = copy.deepcopy(model)
+    prune.l1_unstructured(model[1], "weight", amount=0.8)
+    assert prune.to_sparse(model) == ["1"]
+    return model
+
+
+def test_tune_backends_refuses_what_it_cannot_time(digits, trained):
+    images = digits[0][0][:16]
+    with pytest.raises(TypeError, match=r"tune_backends: model must be an integer model .* got Sequential"):
+        quant.tune_backends(trained, images)
+    integer_model = quant.quantize_static(trained, images, progress=False)
+    with pytest.raises(ValueError, match=r"tune_backends: repeats must be an int >= 1 .* got 0"):
+        quant.tune_backends(integer_model, images, repeats=0)
+
+
+def test_cli_seed_version_and_info(capsys):
+    from nanoopt import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seed: must be a non-negative integer, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"nanoopt {no.__version__}"
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    for choice in kernel_choices():
+        assert f"  {choice.operation}" in printed
+        line = next(line for line in printed.splitlines() if line.strip().startswith(choice.operation))
+        assert line.split()[len(choice.operation.split())] == choice.backend
+    assert "kernel backend: auto" in printed
+
+
+def test_kernel_choices_follow_the_backend_setting():
+    from nanoopt import kernels
+
+    with kernels.use_backend("reference"):
+        dense = [c for c in kernel_choices() if not c.operation.startswith("sparse")]
+    assert {c.backend for c in dense} == {"reference"}
+    with kernels.use_backend("numba"):
+        assert kernel_choices()[0].backend == "numba"
+    auto = kernel_choices()[0]
+    assert auto.backend == ("avx2" if kernels.avx2_available() else "numba")

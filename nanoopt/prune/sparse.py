@@ -26,6 +26,7 @@ import numpy as np
 from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul, nm_matmul
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import get_mask, get_parameter, module_label
 from nanoopt.tensor import Tensor, is_grad_enabled
 
@@ -106,6 +107,7 @@ def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
+    require_float_model(model, "prune.to_sparse", allow=("nanoopt.prune.sparse",))  # sparse layers stay as they are
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or not isinstance(module, L.Linear):

@@ -54,6 +54,7 @@ import numpy as np
 from nanoopt import ops
 from nanoopt.nn import Module, Parameter
 from nanoopt.nn import layers as L
+from nanoopt.nn.converted import require_float_model
 from nanoopt.nn.names import check_layer_names
 from nanoopt.prune.masks import (
     MASK_SUFFIX,
@@ -544,6 +545,7 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     >>> print(shrink(model, np.ones((1, 8), np.float32)).groups[0].channels_after)
     4
     """
+    require_float_model(model, "prune.shrink")
     before = model.num_parameters()
     found = trace(model, example_input)
     groups = dependency_groups(model, example_input, found)

@@ -41,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nanoopt import nn
+from nanoopt.nn.converted import require_float_model
 from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
 from nanoopt.quant.config import QuantConfig
@@ -188,6 +189,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PreparedModel | QuantizedModel):
         raise TypeError(f"prepare expects a float model, got a {type(model).__name__}")
+    require_float_model(model, "quant.prepare")
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -220,6 +222,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
             replacements[name] = SimulatedFloat(module, output, name, sources)
             grid[name] = output
         elif isinstance(module, WEIGHTED):
+            _check_finite_parameters(name, module)
             channels = module.weight.shape[0]
             weight_quantizer = FakeQuantize(layer_config.make_weight_observer(), channels, f"layer {name!r} weight")
             weight_quantizer.observe(module.weight.data)
@@ -253,6 +256,18 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     set_observers(prepared, True, "activation")
     set_fake_quant(prepared, False)
     return prepared.eval()
+
+
+def _check_finite_parameters(name: str, module: nn.Module) -> None:
+    """The weight and bias of layer ``name`` are finite (else no grid fits them: an error naming the layer)."""
+    for kind in ("weight", "bias"):
+        value = getattr(module, kind, None)
+        data = None if value is None else np.asarray(getattr(value, "data", value))
+        if data is not None and not np.isfinite(data).all():
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            raise ValueError(f"quant.prepare: layer {name!r} ({type(module).__name__}) has {bad} NaN or Inf values in "
+                             f"its {kind} (of {data.size}); the model itself is broken (not the calibration data): "
+                             "retrain it or load a good checkpoint")
 
 
 def _check_config_names(config: QuantConfig, graph: Graph) -> None:

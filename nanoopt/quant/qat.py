@@ -62,6 +62,7 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn import Parameter
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
 from nanoopt.quant.config import QuantConfig
@@ -479,6 +480,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     _check_choice(activation_quantizer, ACTIVATION_QUANTIZERS, "activation_quantizer")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
+    require_float_model(model, "prepare_qat")
     config = qat_config() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
