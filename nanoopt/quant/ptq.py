@@ -393,7 +393,6 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects a model returned by quant.prepare (and calibrated), got "
                         f"{type(prepared).__name__}")
-    _warn_live_quantizers(prepared)
     graph = prepared.graph
     tree = copy.deepcopy(prepared.model)  # the copy shares nothing with `prepared`
     copied = dict(tree.named_modules())
@@ -411,8 +410,10 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
             tree = replacement
         else:
             tree.set_submodule(name, replacement)
-    return QuantizedModel(tree, prepared.input_quantizer.qparams(), prepared.output_quantizer.qparams(),
-                          graph.input_shape)
+    converted = QuantizedModel(tree, prepared.input_quantizer.qparams(), prepared.output_quantizer.qparams(),
+                               graph.input_shape)
+    _warn_live_quantizers(prepared)  # after the conversion: an uncalibrated model raises first
+    return converted
 
 
 def _warn_live_quantizers(prepared: PreparedModel) -> None:
