@@ -39,7 +39,9 @@ ties the masks are identical (``tests/prune/test_prune_vs_torch.py`` checks both
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -302,25 +304,53 @@ def custom_from_mask(module: Module, name: str, mask: Any) -> Module:
     return apply_mask(module, name, np.asarray(mask))
 
 
+def _floor(min_remaining: Amount, size: int, what: str) -> int:
+    """Entries ``min_remaining`` keeps in a parameter of ``size`` entries (a fraction rounds up, an int is a count)."""
+    if isinstance(min_remaining, bool) or not isinstance(min_remaining, numbers.Real):
+        raise TypeError(f"{what}: min_remaining must be a float in [0, 1] or an int count, got {min_remaining!r}")
+    if isinstance(min_remaining, numbers.Integral):
+        if min_remaining < 0:
+            raise ValueError(f"{what}: min_remaining must be >= 0, got {min_remaining}")
+        return min(int(min_remaining), size)
+    if not 0.0 <= float(min_remaining) <= 1.0:
+        raise ValueError(f"{what}: a float min_remaining is a fraction in [0, 1], got {min_remaining}")
+    return min(size, math.ceil(float(min_remaining) * size - 1e-9))
+
+
 def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method: str = "l1",
                         importance_scores: Mapping[tuple[Module, str], Any] | None = None, *, amount: Amount,
-                        seed: int | None = None) -> None:
+                        seed: int | None = None, min_remaining: Amount = 0, model: Module | None = None) -> None:
     """Rank the surviving entries of all ``parameters`` together and prune the ``amount`` lowest.
 
     ``pruning_method`` is ``"l1"`` (|w|, or |importance_scores[(module, name)]| where given) or ``"random"``.
     A float ``amount`` is a fraction of all survivors together, so layers end up with different sparsities.
+
+    A global ranking can take every entry of a layer whose weights are small (the layer then outputs only its
+    bias): that gives a ``UserWarning`` naming the layer. ``min_remaining`` is a floor per parameter: a float
+    fraction (rounded up) or an int count of its entries that stay unpruned (its highest-scoring survivors; a
+    parameter already below the floor keeps all its survivors). The ``amount`` is still pruned in total, among
+    the other survivors (``ValueError`` if they are too few). ``model`` (optional) names the layers in messages
+    by their dotted names.
 
     >>> from nanoopt import nn
     >>> model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 5))
     >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], amount=0.8)
     >>> int((model[0].weight_mask == 0).sum() + (model[2].weight_mask == 0).sum())
     200
+    >>> model[2].weight.data[...] *= 1e-3       # a layer of small weights: the global ranking would take all
+    >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], amount=0.5, min_remaining=0.1)
+    >>> int(model[2].weight_mask.sum())         # 10% of its 50 weights kept
+    5
     """
     parameters = list(parameters)
     if not parameters:
         raise ValueError("global_unstructured: the list of (module, name) pairs is empty")
     if pruning_method not in ("l1", "random"):
         raise ValueError(f"global_unstructured: pruning_method must be 'l1' or 'random', got {pruning_method!r}")
+    if model is not None and not isinstance(model, Module):
+        raise TypeError(f"global_unstructured: model must be the Module that holds the parameters, got "
+                        f"{type(model).__name__}")
+    module_names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
     seen: set[tuple[int, str]] = set()
     scores, masks = [], []
     for entry in parameters:
@@ -344,9 +374,39 @@ def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method
     flat_scores = np.concatenate(scores)
     if pruning_method == "random":
         flat_scores = random_scores(flat_scores.shape, seed)
-    flat_mask = unstructured_mask(flat_scores, np.concatenate(masks), amount, "global_unstructured")
+    flat_default = np.concatenate(masks)
+    protected = _protect_floors(flat_scores, masks, min_remaining)
+    if protected.any():
+        survivors = int(np.count_nonzero(flat_default))
+        k = count_to_prune(amount, survivors, "global_unstructured")
+        if k > survivors - int(protected.sum()):
+            raise ValueError(f"global_unstructured: amount={amount} prunes {k} of {survivors} surviving entries, "
+                             f"but min_remaining={min_remaining} keeps {int(protected.sum())} of them; lower one of "
+                             "the two")
+        flat_scores = np.where(protected, np.inf, flat_scores)
+    flat_mask = unstructured_mask(flat_scores, flat_default, amount, "global_unstructured")
     start = 0
-    for (module, name), mask in zip(parameters, masks, strict=True):
+    for index, ((module, name), mask) in enumerate(zip(parameters, masks, strict=True)):
         piece = flat_mask[start:start + mask.size]
         start += mask.size
+        if mask.any() and not piece.any():
+            label = (f"layer {module_names[id(module)]!r}" if id(module) in module_names
+                     else f"parameters[{index}], {module_label(module)}")
+            warnings.warn(f"global_unstructured: every entry of {name!r} in {label} is now pruned ({mask.size:,} of "
+                          f"{mask.size:,}); the layer outputs only its bias, whatever its input. Keep a floor per "
+                          "layer with min_remaining= (e.g. 0.02), or prune less", UserWarning, stacklevel=2)
         apply_mask(module, name, piece.reshape(get_parameter(module, name).shape))
+
+
+def _protect_floors(flat_scores: np.ndarray, masks: list[np.ndarray], min_remaining: Amount) -> np.ndarray:
+    """A flat boolean array marking, in each parameter, its ``min_remaining`` highest-scoring survivors."""
+    protected = np.zeros(flat_scores.shape, bool)
+    start = 0
+    for mask in masks:
+        floor = _floor(min_remaining, mask.size, "global_unstructured")
+        survivors = np.flatnonzero(mask)
+        if floor:
+            order = np.argsort(-flat_scores[start + survivors], kind="stable")
+            protected[start + survivors[order[:floor]]] = True
+        start += mask.size
+    return protected

@@ -15,7 +15,7 @@ structure is validated as a :class:`~nanoopt.kernels.sparse.CSRMatrix` before an
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models, prune
 >>> model = models.lenet_300_100(in_features=64)
->>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9)
+>>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9, min_remaining=0.02)
 >>> x = np.random.default_rng(0).random((2, 64)).astype(np.float32)
 >>> expected = no.train.predict(model, x)
 >>> converted = to_sparse(model)
@@ -32,6 +32,7 @@ import numpy as np
 from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul, nm_matmul
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import get_mask, get_parameter, module_label
 from nanoopt.tensor import Tensor, is_grad_enabled
 
@@ -166,6 +167,7 @@ def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
+    require_float_model(model, "prune.to_sparse", allow=("nanoopt.prune.sparse",))  # sparse layers stay as they are
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or not isinstance(module, L.Linear):

@@ -30,6 +30,7 @@ import numpy as np
 
 from nanoopt import kernels, nn
 from nanoopt.nn import functional as F
+from nanoopt.nn.converted import require_float_model
 from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.config import INT8_ACTIVATION, weight_spec
@@ -110,6 +111,7 @@ def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"quantize_dynamic: bits must be an int in [2, 8], got {bits!r}")
+    require_float_model(model, "quantize_dynamic")
     check_finite_parameters(model, "quant.quantize_dynamic")
     converted = copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
@@ -224,6 +226,7 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: int | None = N
         raise ValueError(f"quantize_weights: bits must be an int in [2, 8], got {bits!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"quantize_weights: group_size must be a positive int or None, got {group_size!r}")
+    require_float_model(model, "quantize_weights")
     check_finite_parameters(model, "quant.quantize_weights")
     converted = copy.deepcopy(model)
     for name, module in list(converted.named_modules()):

@@ -55,12 +55,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn import Parameter
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
 from nanoopt.quant.checks import check_finite_array, check_finite_parameters
@@ -507,6 +509,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     _check_choice(activation_quantizer, ACTIVATION_QUANTIZERS, "activation_quantizer")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
+    require_float_model(model, "prepare_qat")
     config = qat_config() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
@@ -593,7 +596,12 @@ class QATSchedule(Callback):
     """Freeze the observers (``quant.set_observers(model, False)``) and/or the folded BatchNorms
     (:func:`freeze_batchnorm`) after a number of optimiser steps (Jacob et al. 2018 section 3.2; Krishnamoorthi
     2018 section 3.2 recommends freezing BN statistics, then observers, late in training). ``None``: never;
-    ``0``: before the first step.
+    ``0``: before the first step. Steps count from 0 in each :func:`nanoopt.fit` call.
+
+    Observers follow PyTorch's semantics: they observe whenever they are enabled, in eval mode too, so a QAT model
+    whose observers were never frozen changes its ranges each time it runs and does not equal its converted
+    integer model. If training ends before a step given here is reached, the schedule warns (``UserWarning``
+    naming the step and the number of steps that ran).
 
     >>> schedule = QATSchedule(freeze_observers_after=100, freeze_bn_after=50)
     >>> schedule.freeze_observers_after, schedule.freeze_bn_after
@@ -606,8 +614,10 @@ class QATSchedule(Callback):
                 raise ValueError(f"QATSchedule: {name} must be None or a step count >= 0, got {value!r}")
         self.freeze_observers_after = freeze_observers_after
         self.freeze_bn_after = freeze_bn_after
+        self.steps_done_ = 0
 
     def _apply(self, steps_done: int, model: nn.Module) -> None:
+        self.steps_done_ = steps_done
         if steps_done == self.freeze_bn_after:
             freeze_batchnorm(model)
         if steps_done == self.freeze_observers_after:
@@ -619,3 +629,19 @@ class QATSchedule(Callback):
     def on_step_end(self, step: int, model: nn.Module, loss: float) -> None:
         self._apply(step + 1, model)
 
+    def on_train_end(self, model: nn.Module) -> None:
+        done = self.steps_done_
+        missed = [(name, value) for name, value in (("freeze_bn_after", self.freeze_bn_after),
+                                                     ("freeze_observers_after", self.freeze_observers_after))
+                  if value is not None and value > done]
+        if not missed:
+            return
+        if any(name == "freeze_observers_after" for name, _ in missed):
+            consequence = ("the observers are still live: they keep changing the ranges whenever the model runs "
+                           "(eval mode included), so quant.convert(model) will not equal model.eval()")
+        else:
+            consequence = "the folded BatchNorms still normalise with batch statistics in training"
+        steps = " and ".join(f"{name}={value}" for name, value in missed)
+        warnings.warn(f"QATSchedule: {steps} was never reached (training ran {done} optimiser steps); "
+                      f"{consequence}. Use a smaller step count, or freeze by hand: quant.set_observers(model, False), "
+                      "quant.freeze_batchnorm(model)", UserWarning, stacklevel=3)

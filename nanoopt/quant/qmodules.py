@@ -410,6 +410,11 @@ def tune_backends(model: QuantizedModel, example_input: Any, repeats: int = 3) -
     >>> sorted(tune_backends(qmodel, x)) == ["1", "3"]
     True
     """
+    if not isinstance(model, QuantizedModel):
+        raise TypeError(f"tune_backends: model must be an integer model (quant.convert or quant.quantize_static "
+                        f"returns one), got {type(model).__name__}; a float model has no integer kernels to tune")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"tune_backends: repeats must be an int >= 1 (timings per backend and layer), got {repeats!r}")
     layers = [(name, module) for name, module in model.model.named_modules()
               if isinstance(module, QuantizedLinear | QuantizedConv2d)]
     inputs: dict[str, np.ndarray] = {}
