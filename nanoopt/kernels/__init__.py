@@ -420,7 +420,8 @@ class PreparedConv2d:
         if backend == "numba":
             return self.plan(x_q)
         padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
-        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out.reshape(out.shape[0], out.shape[1], -1))
+        out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
+        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
         if numba_cpu._use_threads(2 * out.size * self.plan.depth):
             numba_cpu.avx2_conv_parallel(*arguments)
         else:
