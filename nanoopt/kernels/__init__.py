@@ -233,7 +233,10 @@ def _avx2_products(weights: PreparedWeights, a: np.ndarray) -> np.ndarray:
     if threads > 1 and a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
         out = np.empty((a.shape[0], packed.n), out_dtype)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        parallel = numba_cpu.avx2_s8_rows_parallel if a.dtype == np.int8 else numba_cpu.avx2_s16_rows_parallel
+        if a.dtype == np.int8:
+            parallel = numba_cpu.external_s8_drivers(avx2.KERNEL_S8)[0]
+        else:
+            parallel = numba_cpu.avx2_s16_rows_parallel
         parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
     if a.dtype == np.int8:
@@ -422,10 +425,11 @@ class PreparedConv2d:
         padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
         arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
+        _, serial, parallel = numba_cpu.external_s8_drivers(_avx2_module().KERNEL_S8)
         if numba_cpu._use_threads(2 * out.size * self.plan.depth):
-            numba_cpu.avx2_conv_parallel(*arguments)
+            parallel(*arguments)
         else:
-            numba_cpu.avx2_conv_serial(*arguments)
+            serial(*arguments)
         return self.plan.cast_output(out)
 
 
