@@ -11,7 +11,10 @@ Backends, all bit-identical (tested against each other):
 activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
 kernel), else on ``"numba"``; int8 convolutions with few taps or few channels per group run Numba's direct
 "thin" loop, faster there than im2col + any GEMM (:class:`numba_cpu.Conv2dPlan`). Choose with
-:func:`set_backend` or, for a block of code, :func:`use_backend`.
+:func:`set_backend` or, for a block of code, :func:`use_backend`. "The CPU has it" is decided at run time,
+without compiling anything, from the CPU, Numba's target and the ``NANOOPT_CPU_FEATURES`` override
+(:func:`avx2.usable_features`): e.g. ``NANOOPT_CPU_FEATURES=avx2`` runs the AVX2 kernel where the CPU also has
+AVX-VNNI, ``NANOOPT_CPU_FEATURES=none`` the portable kernels only.
 
 Layers prepare their constant operands once: :func:`prepare_linear` / :func:`prepare_conv2d` validate the
 parameters, pack the weights (for every backend that may run them) and return a callable; calling it with
