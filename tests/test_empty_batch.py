@@ -1,5 +1,6 @@
 """Empty batches (N = 0) run through every layer and every reference model: float (eval, and train with a
-backward pass), prepared (``quant.prepare`` + ``calibrate``) and converted to integers on every kernel backend.
+backward pass), prepared (``quant.prepare`` + ``calibrate``) and converted to integers on every kernel backend,
+and every other form nanoopt makes of a model (dynamic int8, weight-only, pruned with masks, sparse, shrunk).
 
 The contract (as PyTorch's): a batch of no examples gives a batch of no outputs, of the shape and dtype a
 non-empty batch would give with its first axis set to 0; gradients of parameters are zeros (the empty sum);
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import nanoopt as no
-from nanoopt import kernels, models, nn, quant
+from nanoopt import kernels, models, nn, prune, quant
 
 BACKENDS = ["reference", "numba", "auto"] + (["avx2"] if kernels.avx2_available() else [])
 CONFIGS = {
@@ -178,3 +179,49 @@ def test_every_conv_path_returns_the_empty_shape(backend):
                 assert backend == "avx2" and "was forced but cannot run" in str(error)
                 continue
         assert out.shape == expected.shape and out.dtype == expected.dtype, (shape, groups, backend)
+
+
+def _pruned(model, x):  # masks kept (weight_orig * weight_mask)
+    prune.global_unstructured(prune.prunable_parameters(model), amount=0.6)
+    return model
+
+
+def _sparse(model, x, layout):
+    for module, name in prune.prunable_parameters(model):
+        if isinstance(module, nn.Linear):
+            if layout == "csr":
+                prune.l1_unstructured(module, name, amount=0.7)
+            else:
+                prune.nm_sparsity(module, name, n=2, m=4)
+    prune.to_sparse(model, format=layout)
+    return model
+
+
+def _shrunk(model, x):
+    module, name = prune.prunable_parameters(model)[0]
+    prune.ln_structured(module, name, amount=0.5, n=1, dim=0)
+    prune.shrink(model, x)
+    return model
+
+
+OTHER_FORMS = {
+    "dynamic_int8": lambda model, x: quant.quantize_dynamic(model, bits=8),
+    "weight_only_4bit": lambda model, x: quant.quantize_weights(model, bits=4, group_size=8),
+    "pruned_masks": _pruned,
+    "sparse_csr": lambda model, x: _sparse(model, x, "csr"),
+    "sparse_2_4": lambda model, x: _sparse(model, x, "nm"),
+    "shrunk": _shrunk,
+}
+
+
+@pytest.mark.parametrize("form", sorted(OTHER_FORMS))
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_other_compressed_forms(name, form):
+    """The other forms nanoopt makes of each model (dynamic int8, weight-only, pruned, sparse, shrunk) on N = 0."""
+    module, x, x0 = build(name)
+    module.eval()
+    compressed = OTHER_FORMS[form](module, x)
+    compressed.eval()
+    for backend in BACKENDS:
+        with kernels.use_backend(backend), no.no_grad():  # (sparse layers are for inference only)
+            assert_empty_like(compressed(no.Tensor(x0)), compressed(no.Tensor(x)))
