@@ -71,7 +71,8 @@ class DynamicQuantizedLinear(nn.Module):
         if not np.all(np.isfinite(data)):
             raise ValueError("DynamicQuantizedLinear: the input contains NaN or Inf")
         rows = np.ascontiguousarray(data.reshape(-1, self.in_features))  # (M, K)
-        scale, zero_point = qparams(rows.min(), rows.max(), self.activation_spec)
+        # initial=0: an empty batch has no range (the range always contains 0, so nothing else changes)
+        scale, zero_point = qparams(rows.min(initial=0.0), rows.max(initial=0.0), self.activation_spec)
         codes = quantize_per_tensor(rows, scale, zero_point, self.activation_spec)
         if self._packed is None:
             self._packed = kernels.prepare_weights(self.weight)

@@ -21,6 +21,7 @@ array([-5, -5,  3], dtype=int8)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -310,7 +311,7 @@ class QuantizedFlatten(QuantizedModule):
         if x_q.ndim <= self.start_dim:
             raise ValueError(f"QuantizedFlatten {self.layer_name!r}: expected at least {self.start_dim + 1} "
                              f"dimensions, got shape {x_q.shape}")
-        return x_q.reshape(x_q.shape[:self.start_dim] + (-1,))
+        return x_q.reshape(x_q.shape[:self.start_dim] + (math.prod(x_q.shape[self.start_dim:]),))  # N = 0 too
 
 
 class FloatFallback(QuantizedModule):
