@@ -33,8 +33,12 @@ def training_tests_are_marked_slow(request, monkeypatch):
         return
     counter = [0]
     original = train._loader
-    monkeypatch.setattr(train, "_loader", lambda *args, **kwargs: _CountingBatches(original(*args, **kwargs),
-                                                                                   counter))
+
+    def counting_loader(*args, **kwargs):  # only fit's loader trains; evaluate shares the function (where="evaluate")
+        batches = original(*args, **kwargs)
+        return _CountingBatches(batches, counter) if kwargs.get("where", "fit") == "fit" else batches
+
+    monkeypatch.setattr(train, "_loader", counting_loader)
     yield
     assert counter[0] <= 1, (f"{request.node.nodeid} trains ({counter[0]} batches through nanoopt.fit) but is not "
                              "marked @pytest.mark.slow")
