@@ -60,3 +60,49 @@ def test_readme_shows_what_its_lines_print():
         namespace: dict = {"__name__": "readme"}
         exec(compile(before, str(README), "exec"), namespace)
         assert repr(eval(expression, namespace)) == shown, expression
+
+
+def readme_statements() -> list[tuple[str, object]]:
+    """The README's flows as top-level statements ``(source lines with comments, code)``, in order, one at a time."""
+    import ast
+
+    script = "\n".join(python_blocks())
+    tree = ast.parse(script)
+    lines = script.splitlines()
+    return [("\n".join(lines[node.lineno - 1:node.end_lineno]), compile(ast.Module([node], []), str(README), "exec"))
+            for node in tree.body]
+
+
+@pytest.mark.slow
+def test_readme_pruning_claims_hold(tmp_path, monkeypatch):
+    """The pruning flow's comments are claims: after finetuning, "pruned weights stay exactly zero" (the same zeros
+    as right after ``global_unstructured``), and ``shrink`` gives "physically smaller layers, same outputs" on test
+    images it never saw (it was shown the first 32)."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    zeros_after_pruning = None
+    checked = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source, code in readme_statements():
+            if source.startswith("print(prune.shrink("):
+                model, unseen = namespace["model"], namespace["test"][0][32:]
+                before_shrink, parameters = model.eval()(unseen).data.copy(), model.num_parameters()
+            exec(code, namespace)
+            if source.startswith("prune.global_unstructured("):
+                zeros_after_pruning = {name: value == 0 for name, value in namespace["model"].state_dict().items()
+                                       if name.endswith("weight_mask")}
+            if "stay exactly zero" in source:
+                model = namespace["model"]
+                masks = model.state_dict()
+                for name, was_zero in zeros_after_pruning.items():
+                    weight = model[int(name.split(".")[0])].weight.data
+                    assert np.array_equal(masks[name] == 0, was_zero), f"{name} changed in finetuning"
+                    assert was_zero.any() and not weight[was_zero].any(), f"a pruned entry of {name} is not zero"
+                checked.add("zeros")
+            if source.startswith("print(prune.shrink("):
+                after_shrink = model.eval()(unseen).data
+                assert model.num_parameters() < parameters
+                np.testing.assert_allclose(after_shrink, before_shrink, rtol=1e-5, atol=1e-5)
+                checked.add("shrink")
+    assert checked == {"zeros", "shrink"}, f"the README's pruning flow lost a claim: checked only {checked}"
