@@ -37,12 +37,15 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt.interop.torch_pickle import load_torch  # PyTorch .pth/.pt without torch (issue 16)
 from nanoopt.nn import Module
 
 FORMAT_NAME = "nanoopt-state-dict"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _HEADER_KEY = "__nanoopt__"
+
+__all__ = ["describe", "load", "load_into", "load_torch", "save"]
 
 
 def save(model_or_state_dict: Module | Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

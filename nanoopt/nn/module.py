@@ -34,6 +34,17 @@ class Parameter(Tensor):
         return "Parameter containing:\n" + super().__repr__()
 
 
+class StateDictError(KeyError, ValueError, TypeError):
+    """A state dict that does not fit a model: every missing/unexpected key and mismatch, listed in one message.
+
+    It is a ``KeyError`` (keys), a ``ValueError`` (shapes, values) and a ``TypeError`` (dtypes) at once, so code
+    catching any of those keeps working.
+    """
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
 class RemovableHandle:
     """Returned by ``register_*_hook``; ``remove()`` unregisters the hook (idempotent)."""
 
@@ -365,72 +376,84 @@ class Module:
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Copy arrays into the existing parameters and buffers, in place; returns (missing, unexpected) keys.
 
-        Everything is checked before anything changes, in the model's key order, and the first mismatch raises
-        naming the key:
+        Everything is checked before anything changes, and every problem found is reported together, in the
+        model's key order, in one :class:`StateDictError` (a ``KeyError``, ``ValueError`` and ``TypeError`` at
+        once, so code catching the kind of the first problem keeps working):
 
-        * missing or unexpected keys (``KeyError``, with ``strict=True``, the default);
-        * a shape that differs (``ValueError``, both shapes), except for a module's :meth:`resizable_state`;
-        * a dtype that cannot hold the values exactly (``TypeError``, both dtypes). Values are cast only
+        * missing or unexpected keys (with ``strict=True``, the default);
+        * a shape that differs (both shapes), except for a module's :meth:`resizable_state`;
+        * a dtype that cannot hold the values exactly (both dtypes). Values are cast only
           losslessly: integer widening (int8 -> int16 -> int32 -> int64, uint -> a wider int), float widening
           (float16 -> float32 -> float64), and float64 -> float32 when every value is exactly a float32. Never
           float -> int, int -> float, bool <-> number or a narrower integer, even when the values would fit: an
           integer's width is the bit width of the codes it stores;
-        * NaN or Inf in a float entry (``ValueError``);
+        * a non-numeric dtype; NaN or Inf in a float entry;
         * a description (quantization bits, grid, packing; sparse layout) that differs from the model's, when
           ``state_dict`` carries ``metadata`` (as ``state_dict()`` and ``nanoopt.io.load`` return it; a plain dict
-          of arrays has none) (``ValueError``, both);
+          of arrays has none);
         * values a module refuses in its :meth:`check_state` (codes outside their bit width, an invalid sparse
-          structure; ``ValueError``).
+          structure), for modules whose entries passed the checks above.
         """
         slots = self._state_slots()
         missing = [k for k in slots if k not in state_dict]
         unexpected = [k for k in state_dict if k not in slots]
+        problems: list[str] = []
         if strict and (missing or unexpected):
-            pruned = any(k.endswith(("_orig", "_mask")) for k in unexpected + missing)
-            hint = ("; the checkpoint or the model is pruned (<name>_orig / <name>_mask): use "
-                    "nanoopt.prune.load_pruned_state_dict, or prune.remove_all before saving") if pruned else ""
             first = (f"first: {missing[0]!r} is in the model but not in the checkpoint" if missing else
                      f"first: {unexpected[0]!r} is in the checkpoint but not in the model")
-            raise KeyError(f"load_state_dict: missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)} "
-                           f"({first}){hint}")
+            problems.append(f"missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)} ({first})")
         stored_metadata = getattr(state_dict, "metadata", None)
         converted: dict[str, np.ndarray] = {}
         per_module: dict[int, tuple[Module, str, dict[str, np.ndarray]]] = {}
+        refused_modules: set[int] = set()
         for key, (module, name, kind) in slots.items():
             if key not in state_dict:
                 continue
+            problem = None
             value = np.asarray(state_dict[key].data if isinstance(state_dict[key], Tensor) else state_dict[key])
             if value.dtype.kind not in "biuf":
-                raise TypeError(f"load_state_dict: {key!r} has non-numeric dtype {value.dtype}")
-            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-                raise ValueError(f"load_state_dict: {key!r} contains NaN or Inf")
-            if kind != "extra":
+                problem = f"{key!r} has non-numeric dtype {value.dtype}"
+            elif value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                problem = f"{key!r} contains NaN or Inf"
+            elif kind != "extra":
                 target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
                 resizable = kind == "buffer" and name in module.resizable_state()
                 if value.shape != target.shape and not (resizable and value.ndim == target.ndim):
-                    raise ValueError(f"load_state_dict: {key!r} has shape {value.shape} in the checkpoint but "
-                                     f"{target.shape} in the model")
-                cast = lossless_cast(value, target.dtype)
-                if cast is None:
-                    raise TypeError(f"load_state_dict: {key!r} is {value.dtype} in the checkpoint but "
-                                    f"{target.dtype} in the model; values are cast only losslessly (integer or "
-                                    "float widening, float64 values that are exact float32s)")
-                value = cast
-            if stored_metadata is not None:
+                    problem = f"{key!r} has shape {value.shape} in the checkpoint but {target.shape} in the model"
+                else:
+                    cast = lossless_cast(value, target.dtype)
+                    if cast is None:
+                        problem = (f"{key!r} is {value.dtype} in the checkpoint but {target.dtype} in the model; "
+                                   "values are cast only losslessly (integer or float widening, float64 values "
+                                   "that are exact float32s)")
+                    else:
+                        value = cast
+            if problem is None and stored_metadata is not None:
                 expected = module.describe_state().get(name) or {}
                 stored = stored_metadata.get(key) or {}
                 if stored != expected:
-                    raise ValueError(f"load_state_dict: {key!r} is described differently: "
-                                     f"{_difference(stored, expected)}")
+                    problem = f"{key!r} is described differently: {_difference(stored, expected)}"
+            if problem is not None:
+                problems.append(problem)
+                refused_modules.add(id(module))
+                continue
             converted[key] = value
             prefix = key[: len(key) - len(name)]
             per_module.setdefault(id(module), (module, prefix, {}))[2][name] = value
         for module, prefix, local in per_module.values():
+            if id(module) in refused_modules:
+                continue
             try:
                 module.check_state(local)
             except ValueError as error:
                 where = f"layer {prefix[:-1]!r}" if prefix else "the model"
-                raise ValueError(f"load_state_dict: {where} ({type(module).__name__}): {error}") from None
+                problems.append(f"{where} ({type(module).__name__}): {error}")
+        if problems:
+            pruned = any(k.endswith(("_orig", "_mask")) for k in unexpected + missing)
+            hint = ("; the checkpoint or the model is pruned (<name>_orig / <name>_mask): use "
+                    "nanoopt.prune.load_pruned_state_dict, or prune.remove_all before saving") if pruned else ""
+            count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+            raise StateDictError(f"load_state_dict: {count}, nothing was loaded: {'; '.join(_first(problems))}{hint}")
         extra: dict[int, tuple[Module, dict[str, np.ndarray]]] = {}
         for key, value in converted.items():
             module, name, kind = slots[key]
@@ -490,6 +513,11 @@ def lossless_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
             if np.can_cast(value.dtype, dtype, "safe") or np.array_equal(cast.astype(value.dtype), value):
                 return cast
     return None
+
+
+def _first(problems: list[str], limit: int = 20) -> list[str]:
+    """At most ``limit`` problems for a message, and how many more there are."""
+    return problems if len(problems) <= limit else [*problems[:limit], f"and {len(problems) - limit} more"]
 
 
 def _listed(keys: list[str], limit: int = 8) -> str:
