@@ -12,10 +12,20 @@ caller set in the environment wins, as for BLAS.
 
 Training-based tests are marked ``slow`` and are part of the default run (the README's command and ``.ci/run``
 run the whole suite); ``python -m pytest -m "not slow"`` runs the rest while iterating.
+
+Doctests of modules that need an optional extra (``onnx``, ``safetensors``) are not collected where the extra is
+not installed; their tests skip themselves with ``pytest.importorskip``.
 """
 
+import importlib.util
 import os
 
 for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+
+collect_ignore_glob = []
+if importlib.util.find_spec("onnx") is None or importlib.util.find_spec("onnxruntime") is None:
+    collect_ignore_glob += ["nanoopt/interop/onnx_*.py", "nanoopt/onnx.py"]
+if importlib.util.find_spec("safetensors") is None:
+    collect_ignore_glob += ["nanoopt/interop/safetensors_io.py"]
