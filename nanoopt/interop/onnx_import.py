@@ -550,8 +550,8 @@ def load(source: str | os.PathLike | Any) -> nn.Module:
     >>> import numpy as np, nanoopt as no
     >>> from onnx import helper, numpy_helper, TensorProto
     >>> w = numpy_helper.from_array(np.eye(3, 2, dtype=np.float32), "w")
-    >>> graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
-    ...     "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+    >>> nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    >>> graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
     ...     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [w])
     >>> model = load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     >>> model

@@ -192,6 +192,21 @@ def _torch_cnn_onnx(tmp_path, epochs=2):
     return reference, path
 
 
+def test_committed_torch_export_imports_with_torchs_and_onnxruntimes_outputs():
+    from torch_digits_cnn import FIXTURES
+
+    path = f"{FIXTURES}/digits_cnn.onnx"
+    expected = np.load(f"{FIXTURES}/digits_cnn_expected.npz")["logits"]     # torch's own outputs
+    images, _ = data.load_digits("test")
+    model = no.onnx.load(path)
+    assert isinstance(model, nn.Sequential) and isinstance(model[0], nn.Conv2d)
+    with no.no_grad():
+        ours = model(images).data
+    np.testing.assert_allclose(ours, onnxruntime_outputs(onnx.load(path), images), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_torch_exported_cnn_imports_with_the_same_outputs(tmp_path):
     import torch
 
@@ -205,6 +220,7 @@ def test_torch_exported_cnn_imports_with_the_same_outputs(tmp_path):
         np.testing.assert_allclose(ours, reference(torch.from_numpy(images)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_imported_model_trains_prunes_and_quantizes(tmp_path):
     _, path = _torch_cnn_onnx(tmp_path)
     train, test = data.load_digits("train"), data.load_digits("test")

@@ -223,6 +223,7 @@ def test_whatever_torch_writes_reads_back_exactly(tmp_path_factory, dtype, shape
         np.testing.assert_array_equal(loaded[key], want)
 
 
+@pytest.mark.slow
 def test_torch_trained_cnn_matches_torch_within_1e5(tmp_path):
     torch = pytest.importorskip("torch", reason="trains the CNN with torch")
     from torch_digits_cnn import train_torch_digits_cnn

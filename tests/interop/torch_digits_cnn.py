@@ -8,6 +8,8 @@ The fixtures let the checkpoint reader be tested where torch is not installed:
   :func:`torch_digits_cnn` trained by :func:`train_torch_digits_cnn` on the bundled 8x8 digits (zip format);
 * ``digits_cnn_expected.npz``: every state-dict array as torch holds it (``sd/<key>``) and torch's eval-mode
   logits on the whole digits test split (``logits``);
+* ``digits_cnn.onnx``: the same trained model through ``torch.onnx.export`` (TorchScript exporter, opset 20; it
+  folds the BatchNorm into the first convolution);
 * ``tensors.pth`` / ``tensors_legacy.pth``: the same dict of awkward tensors (float16, bfloat16, int8, bool,
   float64, a transposed view, slices sharing one storage, a 0-d and an empty tensor) in the zip and in the legacy
   (``_use_new_zipfile_serialization=False``) format; ``tensors_expected.npz``: what each must read as (bfloat16
@@ -118,6 +120,9 @@ def main() -> None:
                os.path.join(FIXTURES, "digits_cnn.pth"))
     np.savez(os.path.join(FIXTURES, "digits_cnn_expected.npz"), logits=logits,
              **{f"sd/{k}": v.numpy() for k, v in state.items()})
+    torch.onnx.export(model, (torch.from_numpy(images[:1]),), os.path.join(FIXTURES, "digits_cnn.onnx"),
+                      dynamo=False, input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
     tensors = awkward_tensors()
     torch.save(tensors, os.path.join(FIXTURES, "tensors.pth"))
     torch.save(tensors, os.path.join(FIXTURES, "tensors_legacy.pth"), _use_new_zipfile_serialization=False)
