@@ -6,6 +6,7 @@ The ``onnx`` package is imported only when one of these is called, so ``import n
 
 from __future__ import annotations
 
+from nanoopt.interop.onnx_export import OnnxExportError, compare, export
 from nanoopt.interop.onnx_import import OnnxImportError, load
 
-__all__ = ["OnnxImportError", "load"]
+__all__ = ["OnnxExportError", "OnnxImportError", "compare", "export", "load"]
