@@ -456,7 +456,11 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any, opset:
             raise OnnxExportError("a prepared (simulated-quantization) model cannot be exported: quant.convert it "
                                   "first, or export the float model")
         result, output = _walk(g, model, Tensor(x), _emit_float, input_name)
-    g.nodes.append(g.helper.make_node("Identity", [result], [output_name], name="output_identity"))
+    producers = [n for n in g.nodes if result in n.output]
+    if producers and not any(result in n.input for n in g.nodes):   # name the last node's output directly
+        producers[0].output[list(producers[0].output).index(result)] = output_name
+    else:
+        g.nodes.append(g.helper.make_node("Identity", [result], [output_name], name="output_identity"))
     out_shape = ["N", *_shape_of(output)[1:]]
     graph = g.helper.make_graph(
         g.nodes, type(model).__name__,
