@@ -255,3 +255,17 @@ def test_module_layers_load_by_pytorch_names():
     # every nanoopt layer in the CNN uses PyTorch's parameter and buffer names
     assert list(nanoopt_digits_cnn().state_dict()) == list(io.load_torch(fixture("digits_cnn.pth")))
     assert isinstance(nanoopt_digits_cnn()[6], nn.AvgPool2d)
+
+
+@pytest.mark.xfail(issubclass(nn.AvgPool2d, nn.MaxPool2d), strict=True,
+                   reason="nn.AvgPool2d subclasses nn.MaxPool2d, so quant.prepare converts the CNN's average pool "
+                          "into a max pool (95.8% instead of 98.3%); fixed when the two become siblings")
+def test_int8_ptq_of_the_torch_trained_cnn_keeps_accuracy_within_0_3_points():
+    from nanoopt import quant
+
+    model = nanoopt_digits_cnn()
+    model.load_state_dict(io.load_torch(fixture("digits_cnn.pth")))
+    train, test = data.load_digits("train"), data.load_digits("test")
+    float_accuracy = no.evaluate(model.eval(), test)["accuracy"]
+    int8 = quant.quantize_static(model, train[0][:256], progress=False)
+    assert abs(no.evaluate(int8, test)["accuracy"] - float_accuracy) <= 0.003
