@@ -6,6 +6,9 @@ library adds its rows to the demo as it lands; every number is measured in the r
 
 ``nanoopt info`` prints the versions, the CPU features that nanoopt sees, and the kernel backend chosen for each
 integer operation here (:func:`nanoopt.kernels.choices.kernel_choices`). ``nanoopt --version`` prints the version.
+
+``nanoopt inspect FILE`` describes a checkpoint or model file (.npz, .safetensors, .pth/.pt, .onnx): layers,
+parameter counts, dtypes, stored bytes, sparsity and bit-widths (``--tensors``: one row per tensor).
 """
 
 from __future__ import annotations
@@ -176,9 +179,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo_parser.add_argument("--epochs", type=int, default=20)
     demo_parser.add_argument("--progress", action="store_true", help="show progress bars")
     commands.add_parser("info", help="versions, CPU features and the kernel chosen for each operation")
+    inspect_parser = commands.add_parser("inspect", help="layers, sizes, sparsity and bit-widths stored in a file")
+    inspect_parser.add_argument("file", help=".npz, .safetensors, .pth/.pt or .onnx")
+    inspect_parser.add_argument("--tensors", action="store_true", help="one row per tensor instead of per layer")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(_info())
+        return 0
+    if args.command == "inspect":
+        from nanoopt.interop.inspection import format_inspection, inspect_file
+
+        if not os.path.isfile(args.file):
+            parser.error(f"inspect: no such file: {args.file}")
+        print(format_inspection(inspect_file(args.file), tensors=args.tensors))
         return 0
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
