@@ -573,10 +573,10 @@ def load(source: str | os.PathLike | Any) -> nn.Module:
             raise OnnxImportError(f"{path}: not a readable ONNX model ({type(error).__name__}: {error})") from None
     else:
         proto = source
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is optional; the checker below judges validity
-        pass
+    try:  # strict: shapes that contradict each other (a weight that does not fit its input) are refused here
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except onnx.shape_inference.InferenceError as error:
+        raise OnnxImportError(f"the ONNX graph's shapes do not fit together: {error}") from None
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as error:
