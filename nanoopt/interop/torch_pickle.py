@@ -46,6 +46,9 @@ __all__ = ["RestrictedUnpickler", "UnsafeCheckpointError", "load_torch", "load_t
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
+# a stride-0 (expanded) tensor may view fewer elements than it has; beyond this many it is refused, so that a
+# small file cannot demand terabytes
+_MAX_BROADCAST_ELEMENTS = 1 << 24
 # keys under which training scripts commonly nest the state dict, tried in this order
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
 
@@ -115,6 +118,10 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *
     if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise pickle.UnpicklingError(f"tensor size {size} and stride {stride} must have the same length and be >= 0")
     flat = storage.array
+    elements = int(np.prod(size, dtype=np.int64))
+    if elements > max(flat.size, 1) and elements > _MAX_BROADCAST_ELEMENTS:
+        raise pickle.UnpicklingError(f"tensor of size {size} would repeat the {flat.size} elements of storage "
+                                     f"{storage.key!r} into {elements}; refusing to materialise it")
     if 0 in size:
         return _TensorRecord(np.zeros(size, dtype=flat.dtype))
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))

@@ -168,6 +168,16 @@ def test_a_tensor_reaching_past_its_storage_is_refused(tmp_path):
         io.load_torch(path)
 
 
+def test_a_tiny_file_cannot_demand_a_huge_array(tmp_path):
+    # one float viewed with stride 0 as 2^40 elements
+    body = (b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage"
+            b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQK\x00\x8a\x06\x00\x00"
+            b"\x00\x00\x00\x01\x85K\x00\x85\x89ccollections\nOrderedDict\n)RtRs.")
+    path = zip_checkpoint(tmp_path / "bomb.pth", body, {"0": np.float32(1).tobytes()})
+    with pytest.raises(ValueError, match="refusing to materialise"):
+        io.load_torch(path)
+
+
 def _first_storage_key(pickle_bytes):
     import pickletools
 
@@ -208,10 +218,12 @@ torch_dtypes = ["float32", "float64", "float16", "bfloat16", "int8", "uint8", "i
 def test_whatever_torch_writes_reads_back_exactly(tmp_path_factory, dtype, shape, permute, step, offset, legacy,
                                                  wrapper):
     torch = pytest.importorskip("torch", reason="torch writes the checkpoints in this test")
-    full = (torch.randn(offset + 7 * max(shape) * 4) * 50).to(getattr(torch, dtype))
     n = int(np.prod(shape))
-    base = full[offset:offset + n * step:step].reshape(shape) if step == 1 else \
-        full[offset:offset + n * step][::step].reshape(shape)
+    full = (torch.randn(offset + n * step + 3) * 50).to(getattr(torch, dtype))
+    strides = [step]
+    for size in reversed(shape[1:]):
+        strides.insert(0, strides[0] * size)
+    base = torch.as_strided(full, shape, strides, offset)            # a strided view into one shared storage
     view = base.permute(*reversed(range(base.ndim))) if permute else base
     state = {"view": view, "base": base, "whole": full}
     path = tmp_path_factory.mktemp("ck") / "t.pth"
