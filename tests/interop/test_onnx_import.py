@@ -10,7 +10,7 @@ ort = pytest.importorskip("onnxruntime", reason="the reference outputs come from
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from nanoopt import data, nn, prune, quant  # noqa: E402
+from nanoopt import data, distill, nn, prune, quant  # noqa: E402
 from nanoopt.interop.onnx_import import OnnxImportError  # noqa: E402
 from nanoopt.interop.onnx_modules import GraphModule  # noqa: E402
 
@@ -236,3 +236,27 @@ def test_imported_model_trains_prunes_and_quantizes(tmp_path):
     int8 = quant.quantize_static(model, train[0][:256], progress=False)
     quantized = no.evaluate(int8, test)["accuracy"]
     assert before > 0.8 and pruned > before - 0.05 and quantized > pruned - 0.02, (before, pruned, quantized)
+    no.manual_seed(0)
+    student = no.models.mlp(64, (32,))
+    teacher = no.onnx.load(path)
+    frozen = teacher.state_dict()
+    distiller = distill.Distiller(student, teacher, distill.DistillConfig())    # an imported teacher
+    distiller.fit(train, epochs=3, lr=0.05, progress=False)
+    distiller.remove_hooks()
+    assert no.evaluate(student, test)["accuracy"] > 0.5                     # learnt (chance: 0.1)
+    for key, value in teacher.state_dict().items():
+        np.testing.assert_array_equal(value, frozen[key], err_msg=key)    # the teacher only teaches
+
+
+@pytest.mark.slow
+def test_the_interop_example_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, os.path.join(root, "examples", "interop.py")], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "PYTHONPATH": root}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(within 1e-5)" in result.stdout and "argmax agrees on 100.0%" in result.stdout, result.stdout
+    assert "NOT within" not in result.stdout
