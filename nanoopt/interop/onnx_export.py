@@ -18,6 +18,14 @@ gives the data flow; each leaf call becomes one or a few ONNX nodes (https://onn
 * **weight-only** (``quant.quantize_weights``) layers: ``DequantizeLinear`` of the codes with ONNX block
   quantization (``block_size`` = the group size, opset 21; INT4 for 4 bits or fewer) feeding the float operator.
 
+With ``quant_format="qoperator"`` (int8 activations) the integer layers are written as ONNX integer operators
+that compute exactly what nanoopt's kernels compute, so ONNX Runtime reproduces the integer model bit for bit:
+``ConvInteger`` / ``MatMulInteger`` accumulate ``(x - x_zp) w`` exactly, the int32 bias is added, and the fixed-point
+requantization ``M0 2^-shift`` (SaturatingRoundingDoublingHighMul, RoundingDivideByPOT; Jacob et al. 2018) is
+written out in int64 ``Mul``/``Mod``/``Div``/``Where`` nodes whose divisions are all exact; average pooling is a
+depthwise ``ConvInteger`` with a kernel of ones and a rounded division; residual additions are TFLite's integer ADD.
+Max pooling, ReLU and Flatten work on codes in both forms.
+
 Where ONNX Runtime's integer arithmetic is not ours: it requantizes with a float multiplier ``s_in s_w / s_out``
 where nanoopt uses the fixed-point ``M0 2^-shift`` (Jacob et al. 2018), and rounds some intermediate results
 (average pooling, additions) in float; outputs can then differ by one quantization step. :func:`compare` counts it.
@@ -97,8 +105,9 @@ def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[str, nn.Module, l
 class _Graph:
     """Collects nodes and initializers with unique names."""
 
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, quant_format: str = "qdq") -> None:
         self.onnx = require_onnx()
+        self.quant_format = quant_format
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
@@ -106,6 +115,7 @@ class _Graph:
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.used: set[str] = set()
+        self.small_constants: dict[tuple, str] = {}
 
     def fresh(self, hint: str) -> str:
         base = hint.replace(".", "_") or "v"
@@ -117,8 +127,14 @@ class _Graph:
         return name
 
     def const(self, array: Any, hint: str) -> str:
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 64 else None
+        if key is not None and key in self.small_constants:  # one initializer per small value (scalars, shifts)
+            return self.small_constants[key]
         name = self.fresh(hint)
-        self.initializers.append(self.numpy_helper.from_array(np.asarray(array), name))
+        self.initializers.append(self.numpy_helper.from_array(array, name))
+        if key is not None:
+            self.small_constants[key] = name
         return name
 
     def int4_const(self, codes: np.ndarray, hint: str) -> str:
@@ -311,6 +327,10 @@ def _weight(g: _Graph, codes: np.ndarray, scale: np.ndarray, name: str) -> str:
 def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[tuple], name: str) -> str:
     """One module of a converted model: codes in, codes out."""
     x = inputs[0] if inputs else ""
+    if g.quant_format == "qoperator":
+        written = _emit_integer_operator(g, module, inputs, shapes, name)
+        if written is not None:
+            return written
     if isinstance(module, QuantizedLinear | QuantizedConv2d):
         ispec, ospec = module.input_spec, module.output_spec
         xf = _dequantize(g, x, module.input_scale, module.input_zero_point, ispec.dtype, f"{name}.input")
@@ -379,6 +399,138 @@ def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[
     raise OnnxExportError(f"layer {name!r} ({type(module).__name__}) of the integer model has no ONNX export")
 
 
+def _i64(g: _Graph, value: Any, hint: str) -> str:
+    return g.const(np.asarray(value, dtype=np.int64), hint)
+
+
+def _multiply_by_quantized_multiplier(g: _Graph, x: str, m0: Any, shift: Any, shape: tuple, name: str) -> str:
+    """TFLite's ``MultiplyByQuantizedMultiplier`` on int64 values that hold int32 numbers, in exact integer ONNX
+    operators (the formula of :func:`nanoopt.quant.spec.multiply_by_quantized_multiplier`):
+
+    ``x' = clip(x * 2^left, int32)``; ``p = x' m0``; ``t = p + (2^30 if p >= 0 else 1 - 2^30)``;
+    ``high = t / 2^31`` truncated toward zero (gemmlowp's SaturatingRoundingDoublingHighMul; ``m0 > 0`` so it never
+    saturates); then RoundingDivideByPOT: ``r = high mod 2^right``, ``(high - r) / 2^right + (r > (2^right - 1) /
+    2 + (high < 0))``. Every division is of an exact multiple, so no integer-division rounding convention matters.
+    """
+    m0 = np.asarray(m0, np.int64).reshape(shape)
+    shift = np.asarray(shift, np.int64).reshape(shape)
+    left, right = np.maximum(-shift, 0), np.maximum(shift, 0)
+    info = np.iinfo(np.int32)
+    bool_to_int = dict(to=g.onnx.TensorProto.INT64)
+    scaled = g.node("Clip", [g.node("Mul", [x, _i64(g, np.left_shift(1, left), f"{name}.left")], f"{name}_left"),
+                             _i64(g, info.min, f"{name}.int32_min"), _i64(g, info.max, f"{name}.int32_max")],
+                    f"{name}_saturated")
+    product = g.node("Mul", [scaled, _i64(g, m0, f"{name}.m0")], f"{name}_product")
+    nudge = g.node("Where", [g.node("GreaterOrEqual", [product, _i64(g, 0, f"{name}.zero")], f"{name}_nonneg"),
+                             _i64(g, 1 << 30, f"{name}.nudge_pos"), _i64(g, 1 - (1 << 30), f"{name}.nudge_neg")],
+                   f"{name}_nudge")
+    total = g.node("Add", [product, nudge], f"{name}_nudged")
+    two31 = _i64(g, 1 << 31, f"{name}.two31")
+    remainder = g.node("Mod", [total, two31], f"{name}_rem31")                       # in [0, 2^31)
+    floor = g.node("Div", [g.node("Sub", [total, remainder], f"{name}_floor_multiple"), two31], f"{name}_floor")
+    negative_inexact = g.node("And", [g.node("Less", [total, _i64(g, 0, f"{name}.zero_t")], f"{name}_neg"),
+                                      g.node("Greater", [remainder, _i64(g, 0, f"{name}.zero_r")], f"{name}_inexact")],
+                              f"{name}_toward_zero")
+    high = g.node("Add", [floor, g.node("Cast", [negative_inexact], f"{name}_toward_zero_i64", **bool_to_int)],
+                  f"{name}_high")
+    power = _i64(g, np.left_shift(1, right), f"{name}.pow")
+    rem = g.node("Mod", [high, power], f"{name}_rem")
+    threshold = g.node("Add", [_i64(g, (np.left_shift(1, right) - 1) >> 1, f"{name}.half_mask"),
+                               g.node("Cast", [g.node("Less", [high, _i64(g, 0, f"{name}.zero_h")], f"{name}_hneg")],
+                                      f"{name}_hneg_i64", **bool_to_int)], f"{name}_threshold")
+    quotient = g.node("Div", [g.node("Sub", [high, rem], f"{name}_pot_multiple"), power], f"{name}_quotient")
+    round_up = g.node("Cast", [g.node("Greater", [rem, threshold], f"{name}_round_up")], f"{name}_round_up_i64",
+                      **bool_to_int)
+    return g.node("Add", [quotient, round_up], f"{name}_mbqm")
+
+
+def _to_codes(g: _Graph, value: str, zero_point: int, relu: bool, name: str) -> str:
+    """``clip(value + zp, -128, 127)`` as int8 (value: int64), then ``max(q, zp)`` for a fused ReLU."""
+    info = np.iinfo(np.int8)
+    shifted = g.node("Add", [value, _i64(g, zero_point, f"{name}.zero_point")], f"{name}_plus_zp")
+    clipped = g.node("Clip", [shifted, _i64(g, info.min, f"{name}.qmin"), _i64(g, info.max, f"{name}.qmax")],
+                     f"{name}_clipped")
+    codes = g.node("Cast", [clipped], f"{name}_q", to=g.onnx.TensorProto.INT8)
+    if relu:
+        codes = g.node("Max", [codes, g.const(np.int8(zero_point), f"{name}.relu_floor")], f"{name}_relu")
+    return codes
+
+
+def _check_int8(specs: list, name: str) -> None:
+    if any(np.dtype(spec.dtype) != np.int8 for spec in specs):
+        raise OnnxExportError(f"layer {name!r}: the integer-operator form covers int8 activations; export "
+                              f"{', '.join(str(np.dtype(s.dtype)) for s in specs)} activations with quant_format='qdq'")
+
+
+def _emit_integer_operator(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[tuple],
+                           name: str) -> str | None:
+    """The integer-operator form of one layer, bit-exact with nanoopt's kernels; None: use the QDQ form.
+
+    Linear / Conv2d: ``MatMulInteger`` / ``ConvInteger`` give the exact int32 ``sum (x - x_zp) w``; the int32 bias
+    is added; the fixed-point requantization is written out (:func:`_multiply_by_quantized_multiplier`).
+    Average pooling: a depthwise ``ConvInteger`` with a kernel of ones sums ``q - zp`` per window (the padding
+    holds ``zp``), divided by the window size rounding half away from zero. Add: TFLite's integer ADD.
+    """
+    x = inputs[0] if inputs else ""
+    cast64 = dict(to=g.onnx.TensorProto.INT64)
+    if isinstance(module, QuantizedLinear | QuantizedConv2d):
+        _check_int8([module.input_spec, module.output_spec], name)
+        zero_in = g.const(np.int8(int(module.input_zero_point)), f"{name}.input_zero_point")
+        if isinstance(module, QuantizedConv2d):
+            acc = g.node("ConvInteger", [x, g.const(module.weight.astype(np.int8), f"{name}.weight_q"), zero_in],
+                         f"{name}_acc", **_conv_attributes(module.stride, module.padding, module.dilation,
+                                                           module.groups))
+            channel_shape: tuple = (1, -1, 1, 1)
+        else:
+            weight = g.const(np.ascontiguousarray(module.weight.T.astype(np.int8)), f"{name}.weight_q_t")  # (K, N)
+            acc = g.node("MatMulInteger", [x, weight, zero_in], f"{name}_acc")
+            channel_shape = (-1,)
+        acc = g.node("Cast", [acc], f"{name}_acc64", **cast64)
+        if module.bias is not None:
+            acc = g.node("Add", [acc, _i64(g, module.bias.reshape(channel_shape), f"{name}.bias_q")], f"{name}_biased")
+        scaled = _multiply_by_quantized_multiplier(g, acc, module.m0, module.shift, channel_shape, name)
+        return _to_codes(g, scaled, int(module.output_zero_point), module.relu, f"{name}.output")
+    if isinstance(module, QuantizedAvgPool2d):
+        _check_int8([module.input_spec], name)
+        channels = shapes[0][1]
+        if module.output_size is not None:
+            kernel = (shapes[0][2] // module.output_size[0], shapes[0][3] // module.output_size[1])
+            stride, padding = kernel, (0, 0)
+        else:
+            kernel, stride, padding = module.kernel_size, module.stride, module.padding
+        zp = int(module.input_zero_point)
+        ones = g.const(np.ones((channels, 1, *kernel), np.int8), f"{name}.window")
+        total = g.node("Cast", [g.node("ConvInteger", [x, ones, g.const(np.int8(zp), f"{name}.zero_point_in")],
+                                       f"{name}_sum", **_conv_attributes(stride, padding, (1, 1), channels))],
+                       f"{name}_sum64", **cast64)
+        count = int(kernel[0] * kernel[1])
+        half, divisor = _i64(g, count // 2, f"{name}.half"), _i64(g, count, f"{name}.count")
+        positive = g.node("Div", [g.node("Add", [total, half], f"{name}_pos_num"), divisor], f"{name}_pos")
+        negated = g.node("Neg", [total], f"{name}_negated")
+        negative = g.node("Neg", [g.node("Div", [g.node("Add", [negated, half], f"{name}_neg_num"), divisor],
+                                         f"{name}_neg_div")], f"{name}_neg")
+        mean = g.node("Where", [g.node("GreaterOrEqual", [total, _i64(g, 0, f"{name}.zero")], f"{name}_nonneg"),
+                                positive, negative], f"{name}_mean")
+        return _to_codes(g, mean, zp, False, f"{name}.output")
+    if isinstance(module, QuantizedAdd):
+        from nanoopt.kernels.reference import add_multipliers
+
+        _check_int8([module.first_spec, module.second_spec, module.output_spec], name)
+        left, (m_a, s_a), (m_b, s_b), (m_out, s_out) = add_multipliers(
+            module.first_scale, module.second_scale, module.output_scale, module.output_spec)
+        parts = []
+        for value, zp, m0, shift, which in ((inputs[0], module.first_zero_point, m_a, s_a, "first"),
+                                            (inputs[1], module.second_zero_point, m_b, s_b, "second")):
+            centred = g.node("Sub", [g.node("Cast", [value], f"{name}_{which}64", **cast64),
+                                     _i64(g, int(zp), f"{name}.{which}_zero_point")], f"{name}_{which}_centred")
+            shifted = g.node("Mul", [centred, _i64(g, 1 << left, f"{name}.{which}_left")], f"{name}_{which}_shifted")
+            parts.append(_multiply_by_quantized_multiplier(g, shifted, m0, shift, (), f"{name}.{which}"))
+        total = g.node("Add", parts, f"{name}_total")
+        scaled = _multiply_by_quantized_multiplier(g, total, m_out, s_out, (), f"{name}.output_scale")
+        return _to_codes(g, scaled, int(module.output_zero_point), module.relu, f"{name}.output")
+    return None
+
+
 def _emit_weight_only(g: _Graph, module: _WeightOnly, x: str, shape: tuple, name: str) -> str:
     """Weight-only layers: block-quantized ``DequantizeLinear`` (axis 1, ``block_size`` = the group size)."""
     g.require(21, f"layer {name!r}: block-quantized weights")
@@ -424,11 +576,13 @@ def _walk(g: _Graph, model: nn.Module, example: Any, emit: Callable, input_name:
 
 
 def export(model: nn.Module, path: str | os.PathLike, example_input: Any, opset: int = DEFAULT_OPSET,
-           input_name: str = "input", output_name: str = "output") -> Any:
+           input_name: str = "input", output_name: str = "output", quant_format: str = "qdq") -> Any:
     """Write ``model`` (float, or converted integer) to ``path`` as ONNX; returns the ``onnx.ModelProto``.
 
     ``example_input`` (a batch, ndarray or Tensor) is run once to find the data flow; the batch axis is exported
-    as dynamic (``"N"``). The model is put in eval mode. See the module docstring for the operators written.
+    as dynamic (``"N"``). The model is put in eval mode. An integer model is written as ``quant_format="qdq"``
+    (QuantizeLinear/DequantizeLinear around float operators) or ``"qoperator"`` (ConvInteger/MatMulInteger with
+    the requantization written out; int8 activations). See the module docstring for the operators written.
 
     >>> import os, tempfile, numpy as np, nanoopt as no
     >>> from nanoopt import nn
@@ -438,7 +592,9 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any, opset:
     ['Gemm', 'Relu']
     """
     onnx = require_onnx()
-    g = _Graph(opset)
+    if quant_format not in ("qdq", "qoperator"):
+        raise ValueError(f"export: quant_format must be 'qdq' or 'qoperator', got {quant_format!r}")
+    g = _Graph(opset, quant_format)
     model.eval()
     x = np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input, np.float32)
     if isinstance(model, QuantizedModel):

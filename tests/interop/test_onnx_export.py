@@ -1,10 +1,13 @@
-"""ONNX export, verified in ONNX Runtime: float within 1e-5; integer models agree on every argmax and differ by at
-most one output step (the count of differing elements is printed with ``-s``)."""
+"""ONNX export, verified in ONNX Runtime: float within 1e-5; integer models as QDQ agree on every argmax and differ
+by at most one output step (the count of differing elements is printed with ``-s``); as integer operators they are
+bit-exact."""
 
 import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs the optional extra 'onnx'")
 pytest.importorskip("onnxruntime", reason="exports are verified in ONNX Runtime")
@@ -98,7 +101,29 @@ def test_int8_qdq_export_agrees_with_onnxruntime(tmp_path, digits, cnn, build):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     per_channel = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.output[0].endswith("_weight")]
     assert per_channel and all(a.name == "axis" and a.i == 0 for n in per_channel for a in n.attribute)
-    check_integer(int8, path, digits[1][0], f"int8 {build}")
+    check_integer(int8, path, digits[1][0], f"QDQ {build}")
+
+
+@pytest.mark.parametrize("build", ["cnn", "resnet", "lenet5", "w4a8 lenet-300-100"])
+def test_integer_operator_export_is_bit_exact_in_onnxruntime(tmp_path, digits, cnn, build):
+    no.manual_seed(0)
+    model = {"cnn": lambda: cnn, "resnet": resnet, "lenet5": lambda: models.lenet5(input_size=8).eval(),
+             "w4a8 lenet-300-100": lambda: models.lenet_300_100(in_features=64).eval()}[build]()
+    config = quant.QuantConfig(weight=quant.weight_spec(4)) if build.startswith("w4a8") else None
+    int8 = quant.quantize_static(model, digits[0][0][:256], config, progress=False)
+    path = tmp_path / "qop.onnx"
+    proto = no.onnx.export(int8, path, digits[1][0][:2], quant_format="qoperator")
+    ops = {n.op_type for n in proto.graph.node}
+    assert ops & {"ConvInteger", "MatMulInteger"} and "DequantizeLinear" in ops     # only at the output
+    assert sum(n.op_type == "DequantizeLinear" for n in proto.graph.node) == 1
+    report = check_integer(int8, path, digits[1][0], f"integer operators {build}")
+    assert report["differing"] == 0 and report["max_abs_diff"] == 0.0, report
+
+
+def test_integer_operator_form_refuses_16_bit_activations(tmp_path, digits):
+    int16 = quant.quantize_static(resnet(), digits[0][0][:64], quant.QuantConfig.int16_activations(), progress=False)
+    with pytest.raises(OnnxExportError, match="int16 activations with quant_format='qdq'"):
+        no.onnx.export(int16, tmp_path / "x.onnx", digits[1][0][:2], quant_format="qoperator")
 
 
 def test_4bit_weights_are_int4_and_the_file_shrinks(tmp_path, digits):
@@ -148,3 +173,34 @@ def test_prepared_models_and_functional_forwards_are_refused(tmp_path, digits, c
         no.onnx.export(Functional(), tmp_path / "f.onnx", digits[1][0][:2])
     with pytest.raises(OnnxExportError, match="GELU.*needs opset >= 20"):
         no.onnx.export(transformer_like(), tmp_path / "t.onnx", digits[1][0][:2], opset=17)
+
+
+# ===================================================================== the written-out requantization
+@settings(max_examples=60, deadline=None)
+@given(acc=st.lists(st.integers(-2**31, 2**31 - 1), min_size=1, max_size=64),
+       exponent=st.floats(-40, 12), ties=st.booleans())
+def test_written_out_requantization_equals_nanoopts_bit_for_bit(acc, exponent, ties):
+    """The int64 ONNX nodes of MultiplyByQuantizedMultiplier against nanoopt's reference, in ONNX Runtime."""
+    import onnxruntime
+
+    from nanoopt.interop.onnx_export import _Graph, _multiply_by_quantized_multiplier
+    from nanoopt.quant.spec import multiply_by_quantized_multiplier, quantize_multiplier
+
+    power = int(np.floor(exponent))
+    real = 2.0 ** power if ties else 2.0 ** exponent
+    m0, shift = quantize_multiplier(real)
+    halves = []
+    if ties and power < 0:   # acc * 2^power = (2j + 1) / 2 exactly: every rounding rule meets its tie here
+        halves = [sign * (2 * j + 1) << (-power - 1) for j in range(6) for sign in (1, -1)]
+        halves = [h for h in halves if -2**31 <= h < 2**31]
+    values = np.array(acc + halves + [-1, 0, 1], dtype=np.int64)
+    g = _Graph(21)
+    out = _multiply_by_quantized_multiplier(g, "acc", m0, shift, (), "r")
+    int64 = onnx.TensorProto.INT64
+    graph = g.helper.make_graph(g.nodes, "mbqm", [g.helper.make_tensor_value_info("acc", int64, [None])],
+                                [g.helper.make_tensor_value_info(out, int64, [None])], g.initializers)
+    proto = g.helper.make_model(graph, opset_imports=[g.helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    ours = multiply_by_quantized_multiplier(values.astype(np.int32), m0, shift).astype(np.int64)
+    np.testing.assert_array_equal(session.run(None, {"acc": values})[0], ours)
