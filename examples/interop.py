@@ -9,7 +9,8 @@
 2. quantize it to int8 (post-training, 256 calibration images) and compare accuracy;
 3. export float and int8 models to ONNX (int8 as QDQ: QuantizeLinear/DequantizeLinear around float operators) and
    run them in ONNX Runtime over the whole test split: float within 1e-5, int8 argmax identical and at most one
-   output step apart (ONNX Runtime requantizes with a float multiplier, nanoopt with a fixed-point one);
+   output step apart (ONNX Runtime requantizes with a float multiplier, nanoopt with a fixed-point one); written
+   as integer operators with nanoopt's requantization spelled out, ONNX Runtime matches bit for bit;
 4. the same CNN exported by ``torch.onnx.export`` and imported with ``no.onnx.load`` gives the same outputs.
 """
 
@@ -103,6 +104,12 @@ def main() -> None:
     print(f"   int8 QDQ ONNX: argmax agrees on {100 * ints['argmax_agree']:.1f}% of {len(images)} images; "
           f"{ints['differing']} of {ints['elements']} outputs differ, by at most {ints['max_steps']} step "
           f"({os.path.getsize(int8_path):,} bytes)")
+
+    exact_path = os.path.join(workdir, "cnn_int8_integer_ops.onnx")
+    no.onnx.export(int8, exact_path, images[:1], quant_format="qoperator")
+    exact = no.onnx.compare(int8, exact_path, images)
+    print(f"   int8 as integer operators (ConvInteger/MatMulInteger, requantization written out): {exact['differing']} "
+          f"of {exact['elements']} outputs differ (bit for bit: {exact['max_abs_diff'] == 0.0})")
 
     # 4. torch.onnx.export -> no.onnx.load
     imported = no.onnx.load(torch_onnx)
