@@ -205,7 +205,7 @@ class _Importer:
             sources = [alias.get(i, i) for i in node.input]
             if node.op_type in ("Identity", "Dropout"):
                 if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1]:
-                    if producer_needed(node.output[1], nodes, live):
+                    if _producer_needed(node.output[1], nodes, live):
                         raise self.fail(node, "the dropout mask output is used; only inference Dropout is supported")
                 alias[node.output[0]] = sources[0]
                 continue
@@ -334,9 +334,6 @@ class _Importer:
         layer = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
         layer.weight.data[...] = weight.T
         return layer, inputs[:1]
-
-    def _activation(self, module):
-        return lambda node, a, inputs: (module(), inputs[:1])
 
     def op_Relu(self, node, a, inputs):
         return nn.ReLU(), inputs[:1]
@@ -511,7 +508,7 @@ class _Importer:
         return Transpose(a.get("perm")), inputs[:1]
 
 
-def producer_needed(name: str, nodes: Sequence[Any], live: set[int]) -> bool:
+def _producer_needed(name: str, nodes: Sequence[Any], live: set[int]) -> bool:
     return any(name in node.input for node in nodes if id(node) in live)
 
 

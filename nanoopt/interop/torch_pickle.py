@@ -298,7 +298,8 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
                     return _materialise(_read_zip(path, archive))
             except UnsafeCheckpointError:
                 raise
-            except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error, OSError) as error:
+            except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error, OSError, TypeError, KeyError,
+                    IndexError, AttributeError, RecursionError) as error:  # a malformed pickle, not our bug
                 raise ValueError(f"{path}: corrupted or truncated torch checkpoint ({type(error).__name__}: "
                                  f"{error})") from None
         if _looks_like_tar(handle):
@@ -329,7 +330,8 @@ def _read_legacy_pass(path: str, handle: Any, arrays: dict[str, np.ndarray], col
             return RestrictedUnpickler(handle, load_storage).load()
         except UnsafeCheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, struct.error, IndexError) as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, struct.error, IndexError, TypeError, KeyError,
+                AttributeError, RecursionError) as error:
             raise ValueError(f"{path}: not a torch checkpoint (reading the {what}: {error})") from None
 
     if next_pickle("magic number") != _LEGACY_MAGIC:

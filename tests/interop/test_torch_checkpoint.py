@@ -281,3 +281,15 @@ def test_int8_ptq_of_the_torch_trained_cnn_keeps_accuracy_within_0_3_points():
     float_accuracy = no.evaluate(model.eval(), test)["accuracy"]
     int8 = quant.quantize_static(model, train[0][:256], progress=False)
     assert abs(no.evaluate(int8, test)["accuracy"] - float_accuracy) <= 0.003
+
+
+@pytest.mark.parametrize("body", [
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.",                       # wrong number of arguments
+    b"\x80\x02ccollections\nOrderedDict\n(K\x01tR.",                          # OrderedDict(1)
+    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01K\x00)K\x00tR.",      # no storage
+    b"\x80\x02(X\x07\x00\x00\x00storageQ.",                                  # malformed persistent id
+])
+def test_malformed_pickles_are_value_errors(tmp_path, body):
+    path = zip_checkpoint(tmp_path / "bad.pth", body)
+    with pytest.raises(ValueError, match="bad.pth"):
+        io.load_torch(path)
