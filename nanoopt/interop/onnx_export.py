@@ -73,8 +73,17 @@ def _is_leaf(module: nn.Module) -> bool:
 def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[str, nn.Module, list[int], Any]], Any]:
     """Leaf calls in order as (name, module, ids of the inputs, output); inputs may be Tensors or arrays."""
     calls: list[tuple[str, nn.Module, list[int], Any]] = []
-    names = {id(m): n for n, m in model.named_modules() if _is_leaf(m) and m is not model or m is model and _is_leaf(m)}
-    leaves = [m for n, m in model.named_modules() if id(m) in names]
+    names: dict[int, str] = {}
+
+    def collect(module: nn.Module, prefix: str) -> None:  # a leaf's own children (a float fallback's) are its own
+        if _is_leaf(module):
+            names.setdefault(id(module), prefix)
+            return
+        for child_name, child in module.named_children():
+            collect(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    collect(model, "")
+    leaves = [m for _, m in model.named_modules() if id(m) in names]
     seen: set[int] = set()
     keep: list[Any] = [example]
     handles = []

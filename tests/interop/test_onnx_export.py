@@ -120,6 +120,17 @@ def test_integer_operator_export_is_bit_exact_in_onnxruntime(tmp_path, digits, c
     assert report["differing"] == 0 and report["max_abs_diff"] == 0.0, report
 
 
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_layers_without_integer_kernels_export_as_float_fallbacks(tmp_path, digits, quant_format):
+    with pytest.warns(UserWarning, match="no integer kernel"):
+        int8 = quant.quantize_static(transformer_like(), digits[0][0][:256], progress=False)
+    fallbacks = [m for m in int8.modules() if type(m).__name__ == "FloatFallback"]
+    assert len(fallbacks) >= 3                       # LayerNorm, GELU, Tanh, Sigmoid run in float
+    path = tmp_path / "fallback.onnx"
+    no.onnx.export(int8, path, digits[1][0][:2], quant_format=quant_format)
+    check_integer(int8, path, digits[1][0], f"float fallbacks, {quant_format}")
+
+
 def test_integer_operator_form_refuses_16_bit_activations(tmp_path, digits):
     int16 = quant.quantize_static(resnet(), digits[0][0][:64], quant.QuantConfig.int16_activations(), progress=False)
     with pytest.raises(OnnxExportError, match="int16 activations with quant_format='qdq'"):

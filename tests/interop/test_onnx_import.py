@@ -48,7 +48,7 @@ def assert_matches_onnxruntime(model, x, atol=1e-5):
 @given(groups=st.sampled_from([1, 2, 4]), stride=st.integers(1, 2), pad=st.integers(0, 2),
        dilation=st.integers(1, 2), kernel=st.sampled_from([1, 3]), bias=st.booleans(), asymmetric=st.booleans())
 def test_conv_with_groups_strides_pads_dilations(groups, stride, pad, dilation, kernel, bias, asymmetric):
-    w = weights(8, 4 // groups * 1, kernel, kernel) if groups != 4 else weights(8, 1, kernel, kernel)
+    w = weights(8, 4 // groups, kernel, kernel)
     pads = [pad, pad, pad + 1, pad] if asymmetric else [pad] * 4
     inputs = ["x", "w", "b"] if bias else ["x", "w"]
     node = helper.make_node("Conv", inputs, ["y"], group=groups, strides=[stride, stride], pads=pads,
