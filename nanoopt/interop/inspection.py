@@ -6,6 +6,7 @@ reports, per layer (the tensors sharing a dotted prefix) and in total: parameter
 sparsity (fraction of exact zeros) and bit-width. The bit-width of an integer tensor is the width its values need
 (signed: ``max(bitlen(max), bitlen(-min - 1)) + 1``), so 4-bit codes stored in int8 show as 4; nanoopt's packed
 buffers (``*_packed``, two 4-bit codes per byte) and ONNX ``INT4`` tensors show as 4; floats show their dtype's width.
+A PyTorch bfloat16 tensor is shown as the float32 it is read as (dtype, bits and bytes of the widened array).
 
 >>> import os, tempfile, nanoopt as no
 >>> path = os.path.join(tempfile.mkdtemp(), "mlp.npz"); no.io.save(no.models.tiny_mlp(), path)

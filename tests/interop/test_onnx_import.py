@@ -260,3 +260,26 @@ def test_the_interop_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "(within 1e-5)" in result.stdout and "argmax agrees on 100.0%" in result.stdout, result.stdout
     assert "NOT within" not in result.stdout
+
+
+def test_remaining_operators_import_and_export_back(tmp_path):
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 2, 1]),                 # (N, 5, 4)
+        helper.make_node("Sub", ["one", "t"], ["s"]),                                 # constant first
+        helper.make_node("Div", ["s", "two"], ["d"]),
+        helper.make_node("MatMul", ["d", "x"], ["m"]),                                # runtime @ runtime: (N, 5, 5)
+        helper.make_node("Concat", ["m", "c"], ["cat"], axis=2),                      # with a constant: (N, 5, 7)
+        helper.make_node("Flatten", ["cat"], ["f"], axis=2),                          # (N*5, 7)
+        helper.make_node("Clip", ["f", "lo", "hi"], ["y"]),
+    ]
+    inits = {"one": np.float32(1.0), "two": np.full((1, 1, 4), 2.0, np.float32), "c": weights(2, 5, 2),
+             "lo": np.float32(-0.3), "hi": np.float32(0.4)}
+    model = make_model(nodes, [2, 4, 5], inits)
+    x = weights(2, 4, 5, scale=1)
+    imported = assert_matches_onnxruntime(model, x)
+    assert isinstance(imported, GraphModule)
+    path = tmp_path / "again.onnx"
+    no.onnx.export(imported, path, x)                       # and back out: the same operators
+    assert {n.op_type for n in onnx.load(path).graph.node} >= {"Transpose", "Sub", "Div", "MatMul", "Concat",
+                                                                "Flatten", "Clip"}
+    assert no.onnx.compare(imported, path, x)["max_abs_diff"] < 1e-6
