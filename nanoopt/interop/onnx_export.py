@@ -14,7 +14,10 @@ gives the data flow; each leaf call becomes one or a few ONNX nodes (https://onn
   per output channel, the axis ONNX Conv/Gemm(transB) put output channels on), its int32 bias as
   ``DequantizeLinear(b_q, s_in * s_w, 0, axis=0)``, runs the float operator, a fused ReLU as ``Relu``, and
   ``QuantizeLinear``-s onto its output grid. Max pooling, ReLU (``Max(q, zero_point)``) and Flatten act on codes
-  directly. Weights of 4 bits or fewer are stored as ONNX ``INT4`` (opset 21), so the file shrinks below int8.
+  directly; int8 average pooling is written in exact integer operators (see below) in both forms, since a float
+  ``AveragePool`` between Dequantize and Quantize rounds window means ending in .5 to even where nanoopt rounds
+  them away from zero. Weights of 4 bits or fewer are stored as ONNX ``INT4`` (opset 21), so the file shrinks
+  below int8.
 * **weight-only** (``quant.quantize_weights``) layers: ``DequantizeLinear`` of the codes with ONNX block
   quantization (``block_size`` = the group size, opset 21; INT4 for 4 bits or fewer) feeding the float operator.
 
@@ -336,7 +339,10 @@ def _weight(g: _Graph, codes: np.ndarray, scale: np.ndarray, name: str) -> str:
 def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[tuple], name: str) -> str:
     """One module of a converted model: codes in, codes out."""
     x = inputs[0] if inputs else ""
-    if g.quant_format == "qoperator":
+    if g.quant_format == "qoperator" or isinstance(module, QuantizedAvgPool2d) and module.input_spec.dtype == np.int8:
+        # average pooling is written exactly in both forms: DequantizeLinear -> AveragePool -> QuantizeLinear would
+        # round a window mean ending in .5 to even, nanoopt (and TFLite) away from zero: a step off for a quarter
+        # of the outputs of a 2x2 pool
         written = _emit_integer_operator(g, module, inputs, shapes, name)
         if written is not None:
             return written
