@@ -269,7 +269,6 @@ def test_module_layers_load_by_pytorch_names():
     assert isinstance(nanoopt_digits_cnn()[6], nn.AvgPool2d)
 
 
-@pytest.mark.slow  # no training, but evaluate() draws its batches through the loader tests/conftest.py counts
 def test_int8_ptq_of_the_torch_trained_cnn_keeps_accuracy_within_0_3_points():
     from nanoopt import quant
 
