@@ -4,8 +4,10 @@ Reads nanoopt ``.npz`` checkpoints (and any ``.npz`` of arrays), ``.safetensors`
 the restricted reader of :mod:`nanoopt.interop.torch_pickle`) and ``.onnx`` (initializers and operator counts), and
 reports, per layer (the tensors sharing a dotted prefix) and in total: parameter count, dtypes, stored bytes,
 sparsity (fraction of exact zeros) and bit-width. The bit-width of an integer tensor is the width its values need
-(signed: ``max(bitlen(max), bitlen(-min - 1)) + 1``), so 4-bit codes stored in int8 show as 4; nanoopt's packed
-buffers (``*_packed``, two 4-bit codes per byte) and ONNX ``INT4`` tensors show as 4; floats show their dtype's width.
+(signed: ``max(bitlen(max), bitlen(-min - 1)) + 1``), so 4-bit codes stored in int8 show as 4, or, in a nanoopt
+checkpoint, the bit width its description records for the codes (3-bit codes that happen to fit 2 bits show 3); packed
+buffers (``*_packed``, two 4-bit codes per byte: counted and checked for zeros code by code) and ONNX ``INT4`` tensors
+show as 4 or less; floats show their dtype's width.
 A PyTorch bfloat16 tensor is shown as the float32 it is read as (dtype, bits and bytes of the widened array).
 
 >>> import os, tempfile, nanoopt as no
@@ -25,6 +27,9 @@ from typing import Any
 import numpy as np
 
 __all__ = ["format_inspection", "inspect_file", "tensor_bits"]
+
+# integer tensors that parametrise a grid rather than hold codes on it: their width is what their values need
+_NOT_CODES = ("zero_point", "shift", "m0", "bias", "num_batches_tracked")
 
 
 def tensor_bits(array: np.ndarray, name: str = "") -> int:
@@ -105,9 +110,22 @@ def _read(path: str) -> tuple[str, OrderedDict[str, tuple[np.ndarray, int, int]]
                 raise
             with np.load(path, allow_pickle=False) as archive:
                 arrays, kind = OrderedDict((k, archive[k]) for k in archive.files), ".npz"
+    descriptions = getattr(arrays, "metadata", None) or {}   # nanoopt checkpoints describe their integer codes
     for name, array in arrays.items():
-        tensors[name] = (array, tensor_bits(array, name), array.nbytes)
+        description = descriptions.get(name, {})
+        values = array
+        if name.endswith("_packed") and array.dtype == np.uint8 and array.ndim == 1:  # two 4-bit codes per byte
+            from nanoopt.quant.packing import unpack_int4
+
+            shape = description.get("weight_shape")
+            count = int(np.prod(shape)) if shape else 2 * array.size
+            values = unpack_int4(array, min(count, 2 * array.size))
+        bits = tensor_bits(values)
+        if description.get("bits") is not None and array.dtype.kind in "iu" and not name.endswith(_NOT_CODES):
+            bits = int(description["bits"])
+        tensors[name] = (values, bits, array.nbytes)
     return kind, tensors, extra
+
 
 
 def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -116,7 +134,8 @@ def inspect_file(path: str | os.PathLike) -> dict[str, Any]:
     kind, tensors, extra = _read(path)
     rows = []
     for name, (array, bits, stored) in tensors.items():
-        rows.append({"name": name, "shape": tuple(array.shape), "dtype": str(array.dtype), "elements": int(array.size),
+        dtype = "int4 (packed)" if name.endswith("_packed") and bits <= 4 else str(array.dtype)
+        rows.append({"name": name, "shape": tuple(array.shape), "dtype": dtype, "elements": int(array.size),
                      "bytes": int(stored), "zeros": int(np.count_nonzero(array == 0)), "bits": int(bits)})
     layers: OrderedDict[str, dict[str, Any]] = OrderedDict()
     for row in rows:
@@ -143,11 +162,11 @@ def format_inspection(info: dict[str, Any], tensors: bool = False) -> str:
         lines.append(f"opset {info['opset']}; operators: " + ", ".join(f"{op} x{n}" for op, n in info["operators"]
                                                                           .items()))
     if tensors:
-        header = f"{'tensor':<40} {'shape':<18} {'dtype':<9} {'bits':>4} {'bytes':>10} {'sparsity':>8}"
+        header = f"{'tensor':<40} {'shape':<18} {'dtype':<13} {'bits':>4} {'bytes':>10} {'sparsity':>8}"
         lines += ["", header, "-" * len(header)]
         for r in info["tensors"]:
             sparsity = r["zeros"] / r["elements"] if r["elements"] else 0.0
-            lines.append(f"{r['name'][:40]:<40} {str(r['shape'])[:18]:<18} {r['dtype']:<9} {r['bits']:>4} "
+            lines.append(f"{r['name'][:40]:<40} {str(r['shape'])[:18]:<18} {r['dtype']:<13} {r['bits']:>4} "
                          f"{r['bytes']:>10,} {100 * sparsity:>7.1f}%")
     else:
         header = f"{'layer':<32} {'tensors':>7} {'parameters':>11} {'bytes':>10} {'sparsity':>8}  {'dtypes (bits)'}"

@@ -68,11 +68,14 @@ def test_inspect_reports_sparsity_bits_and_bytes_of_a_compressed_model(tmp_path)
     zeros = sum(int((m.weight.data == 0).sum()) for m in model.modules() if isinstance(m, nn.Linear))
     assert zeros / weights == pytest.approx(0.75, abs=1e-3)
     assert info["sparsity"] == pytest.approx(zeros / model.num_parameters())
-    w4 = quant.quantize_weights(model, bits=4, group_size=32)
-    no.io.save(w4, tmp_path / "w4.npz")
-    info = inspect_file(tmp_path / "w4.npz")
+    w3 = quant.quantize_weights(model, bits=3, group_size=32)
+    no.io.save(w3, tmp_path / "w3.npz")
+    info = inspect_file(tmp_path / "w3.npz")
     packed = [t for t in info["tensors"] if t["name"].endswith("weight_packed")]
-    assert packed and all(t["bits"] == 4 for t in packed)
+    assert packed and all(t["bits"] == 3 and t["dtype"] == "int4 (packed)" for t in packed)   # from the description
+    assert sum(t["elements"] for t in packed) == weights                                     # codes, not bytes
+    codes = sum(int((m.codes() == 0).sum()) for m in w3.modules() if hasattr(m, "codes"))
+    assert sum(t["zeros"] for t in packed) == codes >= zeros                                 # pruned zeros stay
     assert info["stored_bytes"] < 0.2 * model.num_parameters() * 4
 
 
