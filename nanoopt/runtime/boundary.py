@@ -6,8 +6,9 @@ per-tensor grid ``(scale, zero_point)`` validated once when the plan is built:
     ``q = clip(rint(float32(x) / scale) + zero_point, qmin, qmax)``   (float32 IEEE division, half to even)
     ``x_hat = float32(q - zero_point) * scale``                        (float32 product)
 
-:func:`quantize_into` saturates in float32 before the integer add, as the reference does, and reports NaN
-instead of raising from compiled code (the plan raises before any layer runs); ``+-inf`` saturates. The NumPy
+:func:`quantize_into` saturates in float32 before the integer add, as the reference does, and reports values
+that are not finite (NaN, ``+-inf``) instead of raising from compiled code: integer models and plans refuse them
+before any layer runs (the codes it writes for ``+-inf`` are the reference's saturated ones). The NumPy
 references :func:`quantize_reference` / :func:`dequantize_reference` are the spec's own functions; the kernels
 are tested against them bit for bit.
 
@@ -32,12 +33,12 @@ __all__ = ["dequantize_into", "dequantize_reference", "quantize_into", "quantize
 @numba.njit(cache=True, nogil=True)
 def quantize_into(flat, scale, zero_point, low, high, out):  # pragma: no cover - compiled
     """``out = min(max(rint(flat / scale), low), high) + zero_point`` over flat float32 ``flat``; False if a
-    NaN was met (branch-free so that LLVM vectorises the loop). ``low``/``high``: ``qmin/qmax - zero_point``
-    as float32."""
+    value was not finite (NaN or +-inf; tested branch-free so that LLVM vectorises the loop). ``low``/``high``:
+    ``qmin/qmax - zero_point`` as float32."""
     finite = True
     for i in range(flat.size):
         value = flat[i]
-        finite &= value == value
+        finite &= value - value == 0  # NaN for NaN and +-inf
         steps = np.float32(np.rint(value / scale))  # float32 / float32: the IEEE float32 quotient
         out[i] = np.int64(min(max(steps, low), high)) + zero_point
     return finite
