@@ -198,6 +198,15 @@ class LinearQ(_WeightedQ):
         return out, [_copy_result(out2, lambda: _with_auto(prepared, rows))]
 
 
+def _maximum(x: np.ndarray, floor: Any, out: np.ndarray) -> Call:
+    """A call writing ``max(x, floor)`` into ``out`` (one NumPy pass)."""
+
+    def run() -> None:
+        np.maximum(x, floor, out=out)
+
+    return run, ()
+
+
 def _with_auto(prepared, x):
     with kernels.use_backend("auto"):
         return prepared(x)
@@ -372,7 +381,7 @@ class ReluQ(Op):
         x = inputs[0]
         ref.check_int(self.zero_point, "zero_point", *ref.activation_range(x.dtype))
         out = np.empty_like(x)
-        return out, [(np.maximum, (x, x.dtype.type(self.zero_point), out))]
+        return out, [_maximum(x, x.dtype.type(self.zero_point), out)]
 
 
 class Flatten(Op):
@@ -533,7 +542,7 @@ class Relu(Op):
     def bind(self, inputs):
         x = inputs[0]
         out = np.empty_like(x)
-        return out, [(np.maximum, (x, x.dtype.type(0), out))]
+        return out, [_maximum(x, x.dtype.type(0), out)]
 
 
 class Add(Op):
@@ -553,7 +562,7 @@ class Add(Op):
         out = np.empty_like(a)
         calls: list[Call] = [(np.add, (a, b, out))]
         if self.relu:
-            calls.append((np.maximum, (out, out.dtype.type(0), out)))
+            calls.append(_maximum(out, out.dtype.type(0), out))
         return out, calls
 
 
