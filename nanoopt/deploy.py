@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.kernels.sparse import CSRMatrix
 from nanoopt.prune.masks import get_mask, get_parameter
 from nanoopt.prune.sparse import SparseLinear
-from nanoopt.kernels.sparse import CSRMatrix
 from nanoopt.quant import qmodules as Q
 from nanoopt.quant.graph import INPUT, trace
 from nanoopt.runtime.description import Grid, PlanDescription, Step, spec_to_json

@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt.quant.spec import check_scale, check_zero_point
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
 from nanoopt.runtime.description import PlanDescription, PlanFormatError
 from nanoopt.runtime.steps import FLOAT_OPS, INT_OPS, OPS, Call, Op
-from nanoopt.quant.spec import check_scale, check_zero_point
 
 __all__ = ["Plan"]
 
