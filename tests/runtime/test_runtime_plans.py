@@ -234,3 +234,15 @@ def test_importing_the_runtime_loads_no_autograd_layers_or_techniques():
     assert "nanoopt.runtime" in loaded
     assert not [name for name in loaded if name.startswith(forbidden)], loaded
     assert {name for name in loaded if name.startswith("nanoopt.quant")} == {"nanoopt.quant", "nanoopt.quant.spec"}
+
+
+def test_precompile_command_runs_a_saved_plan(int_plan, tmp_path, capsys):
+    from nanoopt import cli
+
+    path = tmp_path / "plan.npz"
+    runtime.save(int_plan, path)
+    assert cli.main(["precompile", str(path), "--batch-sizes", "1", "3"]) == 0
+    assert "ran batch sizes [1, 3]" in capsys.readouterr().out
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert cli.main(["precompile", str(tmp_path / "bad.npz")]) == 1
+    assert "not a readable nanoopt plan" in capsys.readouterr().err
