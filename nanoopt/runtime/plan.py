@@ -155,10 +155,11 @@ class Plan:
         return bound.output.copy()
 
     def profile(self, x: np.ndarray, repeats: int = 100) -> dict[str, float]:
-        """Median seconds of a whole call and of the kernel calls alone (summed over steps), on ``x``.
+        """Median seconds of a whole call and of its kernel calls alone, each timed by itself and summed, on ``x``.
 
-        ``overhead = whole - kernels`` is what the plan adds around its kernels (input checks, the loop, the
-        boundary); the boundary kernels (quantize, dequantize) count as overhead here.
+        The kernels are the layers' calls and the boundary: quantizing the input (or copying it into the input
+        buffer) and dequantizing (or copying) the output. ``whole - kernels`` is what the plan adds around them:
+        the input checks, the buffer lookup, the loop over calls and the output allocation.
         """
         self(x)
         bound = self._bound[x.shape]
@@ -167,7 +168,7 @@ class Plan:
             start = time.perf_counter()
             self(x)
             whole.append(time.perf_counter() - start)
-            total = 0.0
+            total = self._boundary_seconds(x, bound)
             for function, arguments in bound.calls:
                 start = time.perf_counter()
                 function(*arguments)
@@ -175,6 +176,17 @@ class Plan:
             kernel.append(total)
         return {"whole": float(np.median(whole)), "kernels": float(np.median(kernel)),
                 "steps": len(self.ops), "calls": len(bound.calls)}
+
+    def _boundary_seconds(self, x: np.ndarray, bound: _Bound) -> float:
+        out = np.empty(bound.output.shape, np.float32)
+        start = time.perf_counter()
+        if self.kind == "int":
+            quantize_into(x.reshape(-1), *self._quantize, bound.input.reshape(-1))
+            dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
+        else:
+            np.copyto(bound.input, x)
+            np.copyto(out, bound.output)
+        return time.perf_counter() - start
 
     def __repr__(self) -> str:
         ops = ", ".join(step.op for step in self.description.steps)
