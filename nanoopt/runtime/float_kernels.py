@@ -9,6 +9,8 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
 * :func:`channel_affine` -- ``out = x * scale[c] + shift[c]`` (an unfolded BatchNorm in eval mode);
 * :func:`avg_pool` -- average pooling, padded zeros counted in the divisor (PyTorch's default), and
   :func:`adaptive_avg_pool` with PyTorch's bins ``[floor(i H / OH), ceil((i + 1) H / OH))``;
+* :func:`max_pool` -- max pooling on plane views (any dtype: the integer plans use it too; max is exact);
+* :func:`im2col_gemm_conv` -- im2col + BLAS one image at a time, so that the columns stay in cache;
 * :func:`direct_conv` -- a direct convolution for layers with few input channels per group, where laying out
   im2col columns costs more than the products (LeNet-5's first layer): for every output channel and tap, one
   multiply-add sweep over a padded input row, which LLVM vectorises.
@@ -23,7 +25,8 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv", "direct_conv_reference", "nchw_bias_act"]
+           "channel_affine", "direct_conv", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv", "max_pool",
+           "max_pool_reference", "nchw_bias_act"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -147,11 +150,125 @@ def direct_conv(padded, weight, bias, groups, stride_h, stride_w, dilation_h, di
                         for j in range(kernel_w):
                             w = weight[o, c, i, j]
                             start = j * dilation_w
-                            for xx in range(out_w):
-                                row[xx] += w * source[start + xx * stride_w]
+                            if stride_w == 1:  # contiguous: LLVM vectorises this loop
+                                window = source[start:start + out_w]
+                                for xx in range(out_w):
+                                    row[xx] += w * window[xx]
+                            else:
+                                for xx in range(out_w):
+                                    row[xx] += w * source[start + xx * stride_w]
                 target = out[n, o, y]
                 for xx in range(out_w):
                     target[xx] = max(row[xx], np.float32(0.0)) if relu else row[xx]
+
+
+@numba.njit(cache=True, nogil=True)
+def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
+                     cols, products, out):  # pragma: no cover - compiled
+    """Convolution a block of images and one group at a time: the block's im2col columns ``cols (B P, D)``
+    (sized to stay in cache), one BLAS product ``products (OCg, B P) = weight[g] (OCg, D) @ cols^T``, then bias
+    and ReLU into NCHW ``out``. ``weight``: ``(G, OCg, D)`` with ``D = Cg KH KW`` in ``(c, i, j)`` order;
+    ``padded``: the padded input; the block size B is ``cols.shape[0] // (OH OW)``."""
+    batch, out_channels, out_h, out_w = out.shape
+    groups, per_group, depth = weight.shape
+    group_channels = depth // (kernel_h * kernel_w)
+    pixels = out_h * out_w
+    block = cols.shape[0] // pixels
+    for n0 in range(0, batch, block):
+        images = min(block, batch - n0)
+        used_cols, used_products = cols[:images * pixels], products[:, :images * pixels]
+        for g in range(groups):
+            for b in range(images):
+                for y in range(out_h):
+                    for xx in range(out_w):
+                        row = cols[b * pixels + y * out_w + xx]
+                        d = 0
+                        for c in range(group_channels):
+                            plane = padded[n0 + b, g * group_channels + c]
+                            for i in range(kernel_h):
+                                source = plane[y * stride_h + i * dilation_h]
+                                for j in range(kernel_w):
+                                    row[d] = source[xx * stride_w + j * dilation_w]
+                                    d += 1
+            if images == block:
+                np.dot(weight[g], cols.T, products)
+            else:
+                used_products[:, :] = np.dot(weight[g], used_cols.T)
+            for b in range(images):
+                for o in range(per_group):
+                    target = out[n0 + b, g * per_group + o].reshape(-1)
+                    source_row, bias_value = products[o, b * pixels:(b + 1) * pixels], bias[g * per_group + o]
+                    for p in range(pixels):
+                        value = source_row[p] + bias_value
+                        target[p] = max(value, np.float32(0.0)) if relu else value
+
+
+@numba.njit(cache=True, nogil=True)
+def max_pool(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out):  # pragma: no cover - compiled
+    """Max pooling of NCHW ``x`` (any dtype) into ``out``; padded cells never win."""
+    height, width = x.shape[2], x.shape[3]
+    for n in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            plane, target = x[n, c], out[n, c]
+            for y in range(out.shape[2]):
+                top = y * stride_h - pad_h
+                row_lo, row_hi = max(top, 0), min(top + kernel_h, height)
+                for xx in range(out.shape[3]):
+                    left = xx * stride_w - pad_w
+                    column_lo, column_hi = max(left, 0), min(left + kernel_w, width)
+                    best = plane[row_lo, column_lo]
+                    for row in range(row_lo, row_hi):
+                        line = plane[row]
+                        for column in range(column_lo, column_hi):
+                            if line[column] > best:
+                                best = line[column]
+                    target[y, xx] = best
+
+
+def max_pool_reference(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int, int],
+                       padding: tuple[int, int]) -> np.ndarray:
+    """NumPy max pooling (padding never wins).
+
+    >>> max_pool_reference(np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2), (2, 2), (2, 2), (0, 0))
+    array([[[[3.]]]], dtype=float32)
+    """
+    low = np.finfo(x.dtype).min if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+    padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2), constant_values=low)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=(2, 3))[:, :, ::stride[0], ::stride[1]]
+    return windows.max(axis=(-2, -1))
+
+
+@numba.njit(cache=True, nogil=True)
+def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w, relu, acc,
+                            out):  # pragma: no cover - compiled
+    """:func:`direct_conv` for stride 1, computed on rows of the padded width: with ``Wp`` the padded width, the
+    output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)`` reads the flat padded plane at ``q + i d_h
+    Wp + j d_w``, so each tap is one long contiguous multiply-add sweep (vectorised) over ``acc`` (the columns
+    ``x >= OW`` of each row are computed and dropped). ``acc``: float32 scratch of ``(OH - 1) Wp + OW``."""
+    batch, out_channels, out_h, out_w = out.shape
+    group_channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
+    padded_w = padded.shape[3]
+    length = acc.shape[0]
+    per_group = out_channels // groups
+    for n in range(batch):
+        for o in range(out_channels):
+            g = o // per_group
+            acc[:] = 0.0
+            for c in range(group_channels):
+                plane = padded[n, g * group_channels + c].reshape(-1)
+                for i in range(kernel_h):
+                    for j in range(kernel_w):
+                        w = weight[o, c, i, j]
+                        start = i * dilation_h * padded_w + j * dilation_w
+                        window = plane[start:start + length]
+                        for q in range(length):
+                            acc[q] += w * window[q]
+            b = bias[o]
+            for y in range(out_h):
+                target, source = out[n, o, y], acc[y * padded_w:y * padded_w + out_w]
+                for xx in range(out_w):
+                    value = source[xx] + b
+                    target[xx] = max(value, np.float32(0.0)) if relu else value
 
 
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,

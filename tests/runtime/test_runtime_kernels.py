@@ -128,3 +128,53 @@ def test_epilogues_and_affine_are_exact(products, relu):
     fk.channel_affine(x, scale, shift, affine)
     with np.errstate(over="ignore", invalid="ignore"):
         np.testing.assert_array_equal(affine, x * scale[None, :, None] + shift[None, :, None])
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2),
+       st.integers(4, 9), st.booleans(), st.integers(0, 2**16))
+def test_unit_stride_direct_conv_matches_the_reference(batch, channels_groups, kernel, dilation, size, relu, seed):
+    in_channels, groups = channels_groups
+    rng = np.random.default_rng(seed)
+    padded = rng.normal(size=(batch, in_channels, size + 4, size + 5)).astype(np.float32)
+    weight = rng.normal(size=(2 * groups, in_channels // groups, kernel, kernel)).astype(np.float32)
+    bias = rng.normal(size=2 * groups).astype(np.float32)
+    expected = fk.direct_conv_reference(padded, weight, bias, groups, (1, 1), (dilation,) * 2, relu)
+    out = np.empty(expected.shape, np.float32)
+    acc = np.empty((out.shape[2] - 1) * padded.shape[3] + out.shape[3], np.float32)
+    fk.direct_conv_unit_stride(padded, weight, bias, groups, dilation, dilation, relu, acc, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@SETTINGS
+@given(st.integers(1, 5), st.sampled_from([(1, 1), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2),
+       st.integers(1, 2), st.integers(4, 8), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
+def test_im2col_gemm_conv_matches_the_reference(batch, channels_groups, kernel, stride, dilation, size, block, relu,
+                                                seed):
+    in_channels, groups = channels_groups
+    rng = np.random.default_rng(seed)
+    padded = rng.normal(size=(batch, in_channels, size + 4, size + 4)).astype(np.float32)
+    weight = rng.normal(size=(2 * groups, in_channels // groups, kernel, kernel)).astype(np.float32)
+    bias = rng.normal(size=2 * groups).astype(np.float32)
+    expected = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
+    out = np.empty(expected.shape, np.float32)
+    pixels, depth = out.shape[2] * out.shape[3], weight[0].size
+    cols, products = np.empty((block * pixels, depth), np.float32), np.empty((2, block * pixels), np.float32)
+    fk.im2col_gemm_conv(padded, weight.reshape(groups, 2, depth), bias, kernel, kernel, stride, stride, dilation,
+                        dilation, relu, cols, products, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@SETTINGS
+@given(hnp.arrays(st.sampled_from([np.float32, np.int8, np.int16]), st.tuples(st.integers(1, 2), st.integers(1, 3),
+                                                                             st.integers(2, 7), st.integers(2, 7))),
+       st.integers(1, 3), st.integers(1, 3), st.integers(0, 1))
+def test_max_pool_is_exact(x, kernel, stride, padding):
+    if x.dtype == np.float32:
+        x = np.nan_to_num(x)
+    kernel = min(kernel, x.shape[2], x.shape[3])
+    padding = min(padding, kernel // 2)
+    out_h, out_w = (x.shape[2] + 2 * padding - kernel) // stride + 1, (x.shape[3] + 2 * padding - kernel) // stride + 1
+    out = np.empty(x.shape[:2] + (out_h, out_w), x.dtype)
+    fk.max_pool(x, kernel, kernel, stride, stride, padding, padding, out)
+    np.testing.assert_array_equal(out, fk.max_pool_reference(x, (kernel,) * 2, (stride,) * 2, (padding,) * 2))
