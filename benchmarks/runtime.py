@@ -164,8 +164,9 @@ def _x(reference: float | None, seconds: float) -> str:
 
 
 def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> list[str]:
-    lines = ["| model, batch | nanoopt float plan | nanoopt int8 plan | nanoopt int8 Module | PyTorch int8 (eager, x86) "
-             "| ONNX Runtime float | ONNX Runtime int8 (QDQ, per-channel) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model, batch | nanoopt float plan | nanoopt int8 plan | nanoopt int8 Module | PyTorch int8 (eager, "
+             "x86) | ONNX Runtime float | ONNX Runtime int8 (QDQ, per-channel) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     overhead_lines = []
     for name in ("LeNet-300-100", "LeNet-5"):
         model = build(name)
@@ -178,9 +179,9 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
             x = np.ascontiguousarray(images[:batch])
             calls = CALLS[batch]
             assert np.array_equal(int8_plan(x), qmodel(x).data)  # the plan is the integer model, bit for bit
-            plan_float = median_seconds(lambda: float_plan(x), calls)
-            plan_int8 = median_seconds(lambda: int8_plan(x), calls)
-            module_int8 = median_seconds(lambda: qmodel(x), calls)
+            plan_float = median_seconds(lambda p=float_plan, x=x: p(x), calls)
+            plan_int8 = median_seconds(lambda p=int8_plan, x=x: p(x), calls)
+            module_int8 = median_seconds(lambda m=qmodel, x=x: m(x), calls)
             torch_int8_s = median_seconds(torch_call(torch_q, x), calls) if torch_q is not None else None
             ort_float = median_seconds(onnx_call(sessions[0], x), calls) if sessions else None
             ort_int8 = median_seconds(onnx_call(sessions[1], x), calls) if sessions else None
@@ -199,20 +200,24 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
                     "", "Kernel-only time and the plan's overhead:", "", *overhead_lines]
 
 
+def _caller(plan, x: np.ndarray) -> Callable[[], object]:
+    return lambda: plan(x)
+
+
 def pruned_table(images: np.ndarray) -> list[str]:
     x = np.ascontiguousarray(images[:1])
     dense = build("LeNet-300-100")
-    dense_s = median_seconds(lambda p=runtime.compile(dense, x): p(x), 300)
+    dense_s = median_seconds(_caller(runtime.compile(dense, x), x), 300)
     sparse = build("LeNet-300-100")
     prune.global_unstructured(prune.prunable_parameters(sparse), amount=0.9)
     prune.sparse.to_sparse(sparse, format="csr")
-    sparse_s = median_seconds(lambda p=runtime.compile(sparse.eval(), x): p(x), 300)
+    sparse_s = median_seconds(_caller(runtime.compile(sparse.eval(), x), x), 300)
     shrunk = build("LeNet-300-100")
     for index in (1, 3):
         prune.ln_structured(shrunk[index], "weight", amount=0.5, n=1, dim=0)
     prune.shrink(shrunk, images[:8])
     prune.remove_all(shrunk)
-    shrunk_s = median_seconds(lambda p=runtime.compile(shrunk.eval(), x): p(x), 300)
+    shrunk_s = median_seconds(_caller(runtime.compile(shrunk.eval(), x), x), 300)
     return ["| LeNet-300-100 float plan, batch 1 | latency | dense time / this |", "|---|---:|---:|",
             f"| dense | {_us(dense_s)} | 1.00x |",
             f"| 90% unstructured, CSR kernels | {_us(sparse_s)} | {dense_s / sparse_s:.2f}x |",

@@ -11,9 +11,10 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
   :func:`adaptive_avg_pool` with PyTorch's bins ``[floor(i H / OH), ceil((i + 1) H / OH))``;
 * :func:`max_pool` -- max pooling on plane views (any dtype: the integer plans use it too; max is exact);
 * :func:`im2col_gemm_conv` -- im2col + BLAS one image at a time, so that the columns stay in cache;
-* :func:`direct_conv` -- a direct convolution for layers with few input channels per group, where laying out
-  im2col columns costs more than the products (LeNet-5's first layer): for every output channel and tap, one
-  multiply-add sweep over a padded input row, which LLVM vectorises.
+* :func:`direct_conv_unit_stride` -- a direct convolution for unit-stride layers of small reduction depth, where
+  laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
+  multiply-add sweep over the flat padded plane, which LLVM vectorises; :func:`direct_conv` -- the same idea row by
+  row for any stride.
 
 >>> out = np.array([[-1.0, 2.0]], np.float32); bias_act_rows(out, np.array([0.5, 0.5], np.float32), True); out
 array([[0. , 2.5]], dtype=float32)
@@ -25,8 +26,8 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv", "max_pool",
-           "max_pool_reference", "nchw_bias_act"]
+           "channel_affine", "direct_conv", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv",
+           "max_pool", "max_pool_reference", "nchw_bias_act"]
 
 
 @numba.njit(cache=True, nogil=True)
