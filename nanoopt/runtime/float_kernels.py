@@ -4,17 +4,15 @@ Each has a NumPy reference beside it (``*_reference``), equal to float tolerance
 differs (the direct conv and the average pools add in a fixed loop order; the epilogues and max pool are exact).
 
 * :func:`bias_act_rows` -- ``out[m, n] = max?(out[m, n] + bias[n], 0)`` in place (a linear layer's epilogue);
-* :func:`nchw_bias_act` -- ``out[n, c, p] = max?(products[c, n, p] + bias[c], 0)``: the ``(OC, N, P)`` result
-  of a batched ``W @ cols^T`` product written NCHW with bias and ReLU fused (one pass instead of three);
 * :func:`channel_affine` -- ``out = x * scale[c] + shift[c]`` (an unfolded BatchNorm in eval mode);
 * :func:`avg_pool` -- average pooling, padded zeros counted in the divisor (PyTorch's default), and
   :func:`adaptive_avg_pool` with PyTorch's bins ``[floor(i H / OH), ceil((i + 1) H / OH))``;
 * :func:`max_pool` -- max pooling on plane views (any dtype: the integer plans use it too; max is exact);
-* :func:`im2col_gemm_conv` -- im2col + BLAS one image at a time, so that the columns stay in cache;
+* :func:`im2col_gemm_conv` -- im2col + BLAS (``np.dot`` inside Numba) by blocks of images whose columns stay
+  in cache, bias and ReLU fused into the NCHW write;
 * :func:`direct_conv_unit_stride` -- a direct convolution for unit-stride layers of small reduction depth, where
   laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
-  multiply-add sweep over the flat padded plane, which LLVM vectorises; :func:`direct_conv` -- the same idea row by
-  row for any stride.
+  multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`).
 
 >>> out = np.array([[-1.0, 2.0]], np.float32); bias_act_rows(out, np.array([0.5, 0.5], np.float32), True); out
 array([[0. , 2.5]], dtype=float32)
@@ -26,7 +24,7 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv",
+           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv",
            "max_pool", "max_pool_reference", "nchw_bias_act"]
 
 
@@ -39,18 +37,6 @@ def bias_act_rows(out, bias, relu):  # pragma: no cover - compiled
         for j in range(columns):
             value = row[j] + bias[j]
             row[j] = max(value, np.float32(0.0)) if relu else value
-
-
-@numba.njit(cache=True, nogil=True)
-def nchw_bias_act(products, bias, relu, out):  # pragma: no cover - compiled
-    """``out (N, OC, P) = max?(products (OC, N, P) + bias[c], 0)``."""
-    channels, batch, pixels = products.shape
-    for n in range(batch):
-        for c in range(channels):
-            source, target, b = products[c, n], out[n, c], bias[c]
-            for p in range(pixels):
-                value = source[p] + b
-                target[p] = max(value, np.float32(0.0)) if relu else value
 
 
 @numba.njit(cache=True, nogil=True)
@@ -130,71 +116,43 @@ def adaptive_avg_pool_reference(x: np.ndarray, size: tuple[int, int]) -> np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
-def direct_conv(padded, weight, bias, groups, stride_h, stride_w, dilation_h, dilation_w, relu,
-                out):  # pragma: no cover - compiled
-    """Direct convolution of an already padded NCHW float32 input: ``out[n, o, y, x] = max?(bias[o] + sum_{c, i,
-    j} w[o, c, i, j] padded[n, g Cg + c, y s_h + i d_h, x s_w + j d_w], 0)``, summed tap by tap."""
-    batch, out_channels, out_h, out_w = out.shape
-    group_channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
-    per_group = out_channels // groups
-    row = np.empty(out_w, np.float32)
-    for n in range(batch):
-        for o in range(out_channels):
-            g = o // per_group
-            for y in range(out_h):
-                for xx in range(out_w):
-                    row[xx] = bias[o]
-                for c in range(group_channels):
-                    plane = padded[n, g * group_channels + c]
-                    for i in range(kernel_h):
-                        source = plane[y * stride_h + i * dilation_h]
-                        for j in range(kernel_w):
-                            w = weight[o, c, i, j]
-                            start = j * dilation_w
-                            if stride_w == 1:  # contiguous: LLVM vectorises this loop
-                                window = source[start:start + out_w]
-                                for xx in range(out_w):
-                                    row[xx] += w * window[xx]
-                            else:
-                                for xx in range(out_w):
-                                    row[xx] += w * source[start + xx * stride_w]
-                target = out[n, o, y]
-                for xx in range(out_w):
-                    target[xx] = max(row[xx], np.float32(0.0)) if relu else row[xx]
-
-
-@numba.njit(cache=True, nogil=True)
 def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
                      cols, products, out):  # pragma: no cover - compiled
-    """Convolution a block of images and one group at a time: the block's im2col columns ``cols (B P, D)``
-    (sized to stay in cache), one BLAS product ``products (OCg, B P) = weight[g] (OCg, D) @ cols^T``, then bias
-    and ReLU into NCHW ``out``. ``weight``: ``(G, OCg, D)`` with ``D = Cg KH KW`` in ``(c, i, j)`` order;
-    ``padded``: the padded input; the block size B is ``cols.shape[0] // (OH OW)``."""
+    """Convolution a block of images and one group at a time: the block's im2col columns laid out ``cols (D, B P)``
+    (row ``d = (c, i, j)`` holds that tap's input under every output pixel, so a unit-stride row is copied in runs
+    of OW), one BLAS product ``products (OCg, B P) = weight[g] (OCg, D) @ cols``, then bias and ReLU into NCHW
+    ``out``. ``weight``: ``(G, OCg, D)`` in ``(c, i, j)`` order; ``padded``: the padded input; the block size B is
+    ``cols.shape[1] // (OH OW)`` (sized by the caller so that the columns stay in cache)."""
     batch, out_channels, out_h, out_w = out.shape
     groups, per_group, depth = weight.shape
     group_channels = depth // (kernel_h * kernel_w)
     pixels = out_h * out_w
-    block = cols.shape[0] // pixels
+    block = cols.shape[1] // pixels
     for n0 in range(0, batch, block):
         images = min(block, batch - n0)
-        used_cols, used_products = cols[:images * pixels], products[:, :images * pixels]
+        used = images * pixels
         for g in range(groups):
-            for b in range(images):
-                for y in range(out_h):
-                    for xx in range(out_w):
-                        row = cols[b * pixels + y * out_w + xx]
-                        d = 0
-                        for c in range(group_channels):
+            d = 0
+            for c in range(group_channels):
+                for i in range(kernel_h):
+                    for j in range(kernel_w):
+                        row = cols[d]
+                        start = j * dilation_w
+                        for b in range(images):
                             plane = padded[n0 + b, g * group_channels + c]
-                            for i in range(kernel_h):
+                            for y in range(out_h):
                                 source = plane[y * stride_h + i * dilation_h]
-                                for j in range(kernel_w):
-                                    row[d] = source[xx * stride_w + j * dilation_w]
-                                    d += 1
+                                base = b * pixels + y * out_w
+                                if stride_w == 1:
+                                    row[base:base + out_w] = source[start:start + out_w]
+                                else:
+                                    for xx in range(out_w):
+                                        row[base + xx] = source[start + xx * stride_w]
+                        d += 1
             if images == block:
-                np.dot(weight[g], cols.T, products)
+                np.dot(weight[g], cols, products)
             else:
-                used_products[:, :] = np.dot(weight[g], used_cols.T)
+                products[:, :used] = np.dot(weight[g], cols[:, :used])
             for b in range(images):
                 for o in range(per_group):
                     target = out[n0 + b, g * per_group + o].reshape(-1)
@@ -242,7 +200,8 @@ def max_pool_reference(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int
 @numba.njit(cache=True, nogil=True)
 def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w, relu, acc,
                             out):  # pragma: no cover - compiled
-    """:func:`direct_conv` for stride 1, computed on rows of the padded width: with ``Wp`` the padded width, the
+    """A unit-stride direct convolution of an already padded NCHW float32 input, ``out[n, o, y, x] = max?(bias[o] +
+    sum_{c, i, j} w[o, c, i, j] padded[n, g Cg + c, y + i d_h, x + j d_w], 0)``, computed on rows of the padded width: with ``Wp`` the padded width, the
     output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)`` reads the flat padded plane at ``q + i d_h
     Wp + j d_w``, so each tap is one long contiguous multiply-add sweep (vectorised) over ``acc`` (the columns
     ``x >= OW`` of each row are computed and dropped). ``acc``: float32 scratch of ``(OH - 1) Wp + OW``."""
@@ -274,7 +233,7 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
 
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,
                           stride: tuple[int, int], dilation: tuple[int, int], relu: bool) -> np.ndarray:
-    """NumPy version of :func:`direct_conv` (float64 sums: equal to float32 tolerance).
+    """NumPy convolution of an already padded input (float64 sums), the reference of the float conv kernels.
 
     >>> direct_conv_reference(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 2, 2), np.float32),
     ...                       np.zeros(1, np.float32), 1, (1, 1), (1, 1), False)[0, 0]

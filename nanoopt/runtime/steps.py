@@ -452,17 +452,16 @@ class Linear(Op):
 
 
 # Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
-# loop on padded-width rows (float_kernels.direct_conv_unit_stride). Measured on Zen 4, 1 thread, batch 256:
-# LeNet-5's 1->6 5x5 on 28x28 2.5 ms vs 9.5 ms row-wise direct and 15 ms im2col + BLAS; 6->16 5x5 (depth 150)
-# 6.4 ms vs 10.7 ms im2col + BLAS. Otherwise im2col + BLAS by blocks of images (columns of at most
-# IM2COL_BLOCK_BYTES stay in cache); strided layers with few input channels run the row-wise direct loop.
-DIRECT_MAX_DEPTH = 160
-DIRECT_CONV_MAX_CHANNELS = 4
-IM2COL_BLOCK_BYTES = 256 * 1024
+# loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
+# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache. Measured on Zen 4, 1 thread, batch 256, a loaded
+# machine (best of 10): LeNet-5's 1->6 5x5 on 28x28, direct 2.0 ms vs im2col + BLAS 3.8 ms; 6->16 5x5 on 14x14
+# (depth 150), im2col + BLAS 5.8 ms (blocks of 2 images) vs direct 16 ms.
+DIRECT_MAX_DEPTH = 32
+IM2COL_BLOCK_BYTES = 128 * 1024
 
 
 class Conv2d(Op):
-    """Float 2-D convolution: im2col + one batched BLAS product per group, or a direct loop for thin inputs."""
+    """Float 2-D convolution: im2col + BLAS by blocks of images, or a direct loop for unit-stride thin layers."""
 
     def __init__(self, step: Step) -> None:
         super().__init__(step)
@@ -477,7 +476,6 @@ class Conv2d(Op):
             raise _fail(step, f"{out_channels} output channels do not split into groups={self.groups}")
         self.depth = group_channels * kh * kw
         self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
-        self.direct = not self.unit_stride and group_channels <= DIRECT_CONV_MAX_CHANNELS
         self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
 
     def bind(self, inputs):
@@ -507,13 +505,9 @@ class Conv2d(Op):
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
                                                        acc, out)))
             return out, calls
-        if self.direct:
-            calls.append((fk.direct_conv, (padded, self.weight, self.bias, self.groups, sh, sw, dh, dw, self.relu,
-                                           out)))
-            return out, calls
         pixels = out_h * out_w
         block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * pixels * self.depth)))
-        cols = np.empty((block * pixels, self.depth), np.float32)  # a block of images, one group: (B*OH*OW, D)
+        cols = np.empty((self.depth, block * pixels), np.float32)  # a block of images, one group: (D, B*OH*OW)
         products = np.empty((out_channels // self.groups, block * pixels), np.float32)  # (OCg, B*OH*OW)
         calls.append((fk.im2col_gemm_conv, (padded, self.grouped, self.bias, kh, kw, sh, sw, dh, dw, self.relu, cols,
                                             products, out)))
