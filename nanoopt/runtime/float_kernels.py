@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
            "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv",
-           "max_pool", "max_pool_reference", "nchw_bias_act"]
+           "max_pool", "max_pool_reference"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -201,10 +201,10 @@ def max_pool_reference(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int
 def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w, relu, acc,
                             out):  # pragma: no cover - compiled
     """A unit-stride direct convolution of an already padded NCHW float32 input, ``out[n, o, y, x] = max?(bias[o] +
-    sum_{c, i, j} w[o, c, i, j] padded[n, g Cg + c, y + i d_h, x + j d_w], 0)``, computed on rows of the padded width: with ``Wp`` the padded width, the
-    output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)`` reads the flat padded plane at ``q + i d_h
-    Wp + j d_w``, so each tap is one long contiguous multiply-add sweep (vectorised) over ``acc`` (the columns
-    ``x >= OW`` of each row are computed and dropped). ``acc``: float32 scratch of ``(OH - 1) Wp + OW``."""
+    sum_{c, i, j} w[o, c, i, j] padded[n, g Cg + c, y + i d_h, x + j d_w], 0)``, computed on rows of the padded
+    width: with ``Wp`` the padded width, the output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)``
+    reads the flat padded plane at ``q + i d_h Wp + j d_w``, so each tap is one long contiguous multiply-add sweep
+    (vectorised) over ``acc`` (the columns ``x >= OW`` of each row are computed and dropped). ``acc``: float32 scratch of ``(OH - 1) Wp + OW``."""
     batch, out_channels, out_h, out_w = out.shape
     group_channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
     padded_w = padded.shape[3]
