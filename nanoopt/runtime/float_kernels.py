@@ -204,7 +204,8 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
     sum_{c, i, j} w[o, c, i, j] padded[n, g Cg + c, y + i d_h, x + j d_w], 0)``, computed on rows of the padded
     width: with ``Wp`` the padded width, the output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)``
     reads the flat padded plane at ``q + i d_h Wp + j d_w``, so each tap is one long contiguous multiply-add sweep
-    (vectorised) over ``acc`` (the columns ``x >= OW`` of each row are computed and dropped). ``acc``: float32 scratch of ``(OH - 1) Wp + OW``."""
+    (vectorised) over ``acc`` (the columns ``x >= OW`` of each row are computed and dropped). ``acc``: float32
+    scratch of ``(OH - 1) Wp + OW``."""
     batch, out_channels, out_h, out_w = out.shape
     group_channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
     padded_w = padded.shape[3]
