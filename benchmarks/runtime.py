@@ -6,7 +6,7 @@ Every framework runs the same random-init weights (nanoopt's, copied into PyTorc
 the converted Module (``QuantizedModel``), PyTorch int8 (eager mode, ``x86`` engine, ``torch.ao.quantization``),
 ONNX Runtime float and int8 (the PyTorch twin exported with ``torch.onnx.export``, quantized with
 ``onnxruntime.quantization.quantize_static``, QDQ, per-channel weights). Median of 300 calls at batch 1, 30 at
-batch 256. The optional frameworks are measured when installed, else marked.
+batch 256, the frameworks' calls interleaved round-robin so that load on the machine hits every column alike. The optional frameworks are measured when installed, else marked.
 
 Then: the plan's kernel-only time (the sum of its kernel calls, timed one by one) and its overhead per layer;
 pruned LeNet-300-100 through float plans (90% unstructured on the CSR kernels, 50% of the neurons physically
@@ -44,15 +44,20 @@ CALLS = {1: 300, 256: 30}
 CALIBRATION = 512
 
 
-def median_seconds(fn: Callable[[], object], calls: int) -> float:
-    fn()
-    fn()  # warm-up: compilation, buffers, caches
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
+def interleaved_medians(functions: dict[str, Callable[[], object] | None], calls: int) -> dict[str, float | None]:
+    """Median seconds per call of each function, the calls interleaved round-robin (so that a busy machine slows
+    every column alike and the ratios of one run stay meaningful); ``None`` entries stay ``None``."""
+    present = {name: fn for name, fn in functions.items() if fn is not None}
+    for fn in present.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        fn()  # warm-up: compilation, buffers, caches
+    times: dict[str, list[float]] = {name: [] for name in present}
+    for _ in range(calls):
+        for name, fn in present.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times[name])) if name in times else None for name in functions}
 
 
 def build(name: str):
@@ -179,12 +184,14 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
             x = np.ascontiguousarray(images[:batch])
             calls = CALLS[batch]
             assert np.array_equal(int8_plan(x), qmodel(x).data)  # the plan is the integer model, bit for bit
-            plan_float = median_seconds(lambda p=float_plan, x=x: p(x), calls)
-            plan_int8 = median_seconds(lambda p=int8_plan, x=x: p(x), calls)
-            module_int8 = median_seconds(lambda m=qmodel, x=x: m(x), calls)
-            torch_int8_s = median_seconds(torch_call(torch_q, x), calls) if torch_q is not None else None
-            ort_float = median_seconds(onnx_call(sessions[0], x), calls) if sessions else None
-            ort_int8 = median_seconds(onnx_call(sessions[1], x), calls) if sessions else None
+            medians = interleaved_medians({
+                "plan float": lambda p=float_plan, x=x: p(x), "plan int8": lambda p=int8_plan, x=x: p(x),
+                "module int8": lambda m=qmodel, x=x: m(x),
+                "torch int8": torch_call(torch_q, x) if torch_q is not None else None,
+                "ort float": onnx_call(sessions[0], x) if sessions else None,
+                "ort int8": onnx_call(sessions[1], x) if sessions else None}, calls)
+            plan_float, plan_int8, module_int8 = medians["plan float"], medians["plan int8"], medians["module int8"]
+            torch_int8_s, ort_float, ort_int8 = medians["torch int8"], medians["ort float"], medians["ort int8"]
             lines.append(f"| {name}, {batch} | {_us(plan_float)}{_x(ort_float, plan_float)} | {_us(plan_int8)}"
                          f"{_x(ort_int8, plan_int8)} | {_us(module_int8)} | {_us(torch_int8_s)} | {_us(ort_float)} | "
                          f"{_us(ort_int8)} |")
@@ -207,17 +214,18 @@ def _caller(plan, x: np.ndarray) -> Callable[[], object]:
 def pruned_table(images: np.ndarray) -> list[str]:
     x = np.ascontiguousarray(images[:1])
     dense = build("LeNet-300-100")
-    dense_s = median_seconds(_caller(runtime.compile(dense, x), x), 300)
     sparse = build("LeNet-300-100")
     prune.global_unstructured(prune.prunable_parameters(sparse), amount=0.9)
     prune.sparse.to_sparse(sparse, format="csr")
-    sparse_s = median_seconds(_caller(runtime.compile(sparse.eval(), x), x), 300)
     shrunk = build("LeNet-300-100")
     for index in (1, 3):
         prune.ln_structured(shrunk[index], "weight", amount=0.5, n=1, dim=0)
     prune.shrink(shrunk, images[:8])
     prune.remove_all(shrunk)
-    shrunk_s = median_seconds(_caller(runtime.compile(shrunk.eval(), x), x), 300)
+    medians = interleaved_medians({"dense": _caller(runtime.compile(dense, x), x),
+                                   "sparse": _caller(runtime.compile(sparse.eval(), x), x),
+                                   "shrunk": _caller(runtime.compile(shrunk.eval(), x), x)}, 300)
+    dense_s, sparse_s, shrunk_s = medians["dense"], medians["sparse"], medians["shrunk"]
     return ["| LeNet-300-100 float plan, batch 1 | latency | dense time / this |", "|---|---:|---:|",
             f"| dense | {_us(dense_s)} | 1.00x |",
             f"| 90% unstructured, CSR kernels | {_us(sparse_s)} | {dense_s / sparse_s:.2f}x |",
