@@ -6,7 +6,8 @@ Every framework runs the same random-init weights (nanoopt's, copied into PyTorc
 the converted Module (``QuantizedModel``), PyTorch int8 (eager mode, ``x86`` engine, ``torch.ao.quantization``),
 ONNX Runtime float and int8 (the PyTorch twin exported with ``torch.onnx.export``, quantized with
 ``onnxruntime.quantization.quantize_static``, QDQ, per-channel weights). Median of 300 calls at batch 1, 30 at
-batch 256, the frameworks' calls interleaved round-robin so that load on the machine hits every column alike. The optional frameworks are measured when installed, else marked.
+batch 256, in blocks of 10 consecutive calls per framework taking turns, so that load on the machine hits every
+column alike. The optional frameworks are measured when installed, else marked.
 
 Then: the plan's kernel-only time (the sum of its kernel calls, timed one by one) and its overhead per layer;
 pruned LeNet-300-100 through float plans (90% unstructured on the CSR kernels, 50% of the neurons physically
@@ -44,19 +45,24 @@ CALLS = {1: 300, 256: 30}
 CALIBRATION = 512
 
 
-def interleaved_medians(functions: dict[str, Callable[[], object] | None], calls: int) -> dict[str, float | None]:
-    """Median seconds per call of each function, the calls interleaved round-robin (so that a busy machine slows
-    every column alike and the ratios of one run stay meaningful); ``None`` entries stay ``None``."""
+def interleaved_medians(functions: dict[str, Callable[[], object] | None], calls: int,
+                        block: int = 10) -> dict[str, float | None]:
+    """Median seconds per call of each function. The calls run in blocks of ``block`` consecutive calls per
+    function (the first of each block is a warm-up and not counted, so caches are warm as in a serving loop), the
+    blocks of the functions taking turns, so that load on a busy machine hits every column alike and the ratios of
+    one run stay meaningful; ``None`` entries stay ``None``."""
     present = {name: fn for name, fn in functions.items() if fn is not None}
     for fn in present.values():
         fn()
-        fn()  # warm-up: compilation, buffers, caches
+        fn()  # compilation, buffers, caches
     times: dict[str, list[float]] = {name: [] for name in present}
-    for _ in range(calls):
+    for _ in range(-(-calls // block)):
         for name, fn in present.items():
-            start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: float(np.median(times[name])) if name in times else None for name in functions}
 
 

@@ -151,8 +151,8 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
                         d += 1
             if images == block:
                 np.dot(weight[g], cols, products)
-            else:
-                products[:, :used] = np.dot(weight[g], cols[:, :used])
+            else:  # the last, partial block: a contiguous copy of its columns (np.dot wants contiguous operands)
+                products[:, :used] = np.dot(weight[g], np.ascontiguousarray(cols[:, :used]))
             for b in range(images):
                 for o in range(per_group):
                     target = out[n0 + b, g * per_group + o].reshape(-1)
