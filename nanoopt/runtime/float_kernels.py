@@ -24,7 +24,7 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_gemm_conv",
+           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns", "im2col_gemm_conv",
            "max_pool", "max_pool_reference"]
 
 
@@ -115,51 +115,71 @@ def adaptive_avg_pool_reference(x: np.ndarray, size: tuple[int, int]) -> np.ndar
     return out
 
 
+def im2col_columns(out_h: int, out_w: int, padded_w: int, stride: tuple[int, int]) -> int:
+    """Columns per image of :func:`im2col_gemm_conv`: ``OH OW``, or ``(OH - 1) Wp + OW`` at unit stride.
+
+    >>> im2col_columns(10, 10, 14, (1, 1)), im2col_columns(10, 10, 14, (2, 2))
+    (136, 100)
+    """
+    return (out_h - 1) * padded_w + out_w if stride == (1, 1) else out_h * out_w
+
+
 @numba.njit(cache=True, nogil=True)
 def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
                      cols, products, out):  # pragma: no cover - compiled
-    """Convolution a block of images and one group at a time: the block's im2col columns laid out ``cols (D, B P)``
-    (row ``d = (c, i, j)`` holds that tap's input under every output pixel, so a unit-stride row is copied in runs
-    of OW), one BLAS product ``products (OCg, B P) = weight[g] (OCg, D) @ cols``, then bias and ReLU into NCHW
-    ``out``. ``weight``: ``(G, OCg, D)`` in ``(c, i, j)`` order; ``padded``: the padded input; the block size B is
-    ``cols.shape[1] // (OH OW)`` (sized by the caller so that the columns stay in cache)."""
+    """Convolution a block of images and one group at a time: the block's im2col columns ``cols (D, B L)``, one
+    BLAS product ``products (OCg, B L) = weight[g] (OCg, D) @ cols``, then bias and ReLU into NCHW ``out``.
+
+    Row ``d = (c, i, j)`` of ``cols`` holds that tap's input under every output pixel of the block's images. At
+    unit stride the pixels are laid out on rows of the padded width ``Wp`` (pixel ``(y, x)`` at ``y Wp + x``, ``L =
+    (OH - 1) Wp + OW`` columns per image, the ``x >= OW`` ones computed and dropped), so that each row of ``cols``
+    is one contiguous copy of the flat padded plane from ``i d_h Wp + j d_w``; otherwise ``L = OH OW``.
+    ``weight``: ``(G, OCg, D)`` in ``(c, i, j)`` order; ``padded``: the padded input; the block size B is
+    ``cols.shape[1] // L`` (sized by the caller so that the columns stay in cache)."""
     batch, out_channels, out_h, out_w = out.shape
     groups, per_group, depth = weight.shape
     group_channels = depth // (kernel_h * kernel_w)
-    pixels = out_h * out_w
-    block = cols.shape[1] // pixels
+    height, width = padded.shape[2], padded.shape[3]
+    unit = stride_h == 1 and stride_w == 1
+    columns = (out_h - 1) * width + out_w if unit else out_h * out_w
+    block = cols.shape[1] // columns
+    source = padded.reshape(-1)
     for n0 in range(0, batch, block):
         images = min(block, batch - n0)
-        used = images * pixels
+        used = images * columns
         for g in range(groups):
             d = 0
             for c in range(group_channels):
                 for i in range(kernel_h):
                     for j in range(kernel_w):
                         row = cols[d]
-                        start = j * dilation_w
                         for b in range(images):
-                            plane = padded[n0 + b, g * group_channels + c]
-                            for y in range(out_h):
-                                source = plane[y * stride_h + i * dilation_h]
-                                base = b * pixels + y * out_w
-                                if stride_w == 1:
-                                    row[base:base + out_w] = source[start:start + out_w]
-                                else:
+                            plane = ((n0 + b) * padded.shape[1] + g * group_channels + c) * height * width
+                            at = b * columns
+                            if unit:
+                                start = plane + i * dilation_h * width + j * dilation_w
+                                row[at:at + columns] = source[start:start + columns]
+                            else:
+                                for y in range(out_h):
+                                    start = plane + (y * stride_h + i * dilation_h) * width + j * dilation_w
                                     for xx in range(out_w):
-                                        row[base + xx] = source[start + xx * stride_w]
+                                        row[at + xx] = source[start + xx * stride_w]
+                                    at += out_w
                         d += 1
             if images == block:
                 np.dot(weight[g], cols, products)
             else:  # the last, partial block: a contiguous copy of its columns (np.dot wants contiguous operands)
                 products[:, :used] = np.dot(weight[g], np.ascontiguousarray(cols[:, :used]))
+            row_step = width if unit else out_w
             for b in range(images):
                 for o in range(per_group):
-                    target = out[n0 + b, g * per_group + o].reshape(-1)
-                    source_row, bias_value = products[o, b * pixels:(b + 1) * pixels], bias[g * per_group + o]
-                    for p in range(pixels):
-                        value = source_row[p] + bias_value
-                        target[p] = max(value, np.float32(0.0)) if relu else value
+                    target, bias_value = out[n0 + b, g * per_group + o], bias[g * per_group + o]
+                    for y in range(out_h):
+                        line = products[o, b * columns + y * row_step:b * columns + y * row_step + out_w]
+                        target_row = target[y]
+                        for xx in range(out_w):
+                            value = line[xx] + bias_value
+                            target_row[xx] = max(value, np.float32(0.0)) if relu else value
 
 
 @numba.njit(cache=True, nogil=True)

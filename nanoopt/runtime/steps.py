@@ -453,11 +453,11 @@ class Linear(Op):
 
 # Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
 # loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
-# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache. Measured on Zen 4, 1 thread, batch 256, a loaded
-# machine (best of 10): LeNet-5's 1->6 5x5 on 28x28, direct 2.0 ms vs im2col + BLAS 3.8 ms; 6->16 5x5 on 14x14
-# (depth 150), im2col + BLAS 5.8 ms (blocks of 2 images) vs direct 16 ms.
+# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Measured on Zen 4,
+# 1 thread, batch 256, CPU time (best of 10, loaded machine): LeNet-5's 1->6 5x5 on 28x28, direct 2.8 ms, im2col
+# + BLAS 2.7 ms; 6->16 5x5 on 14x14 (depth 150), im2col + BLAS 3.5 ms (blocks of 2 images) vs direct 5.7 ms.
 DIRECT_MAX_DEPTH = 32
-IM2COL_BLOCK_BYTES = 128 * 1024
+IM2COL_BLOCK_BYTES = 192 * 1024
 
 
 class Conv2d(Op):
@@ -505,10 +505,10 @@ class Conv2d(Op):
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
                                                        acc, out)))
             return out, calls
-        pixels = out_h * out_w
-        block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * pixels * self.depth)))
-        cols = np.empty((self.depth, block * pixels), np.float32)  # a block of images, one group: (D, B*OH*OW)
-        products = np.empty((out_channels // self.groups, block * pixels), np.float32)  # (OCg, B*OH*OW)
+        columns = fk.im2col_columns(out_h, out_w, padded.shape[3], self.stride)
+        block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * columns * self.depth)))
+        cols = np.empty((self.depth, block * columns), np.float32)  # a block of images, one group: (D, B*L)
+        products = np.empty((out_channels // self.groups, block * columns), np.float32)  # (OCg, B*L)
         calls.append((fk.im2col_gemm_conv, (padded, self.grouped, self.bias, kh, kw, sh, sw, dh, dw, self.relu, cols,
                                             products, out)))
         return out, calls

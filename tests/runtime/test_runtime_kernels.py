@@ -138,8 +138,8 @@ def test_im2col_gemm_conv_matches_the_reference(batch, channels_groups, kernel, 
     bias = rng.normal(size=2 * groups).astype(np.float32)
     expected = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
     out = np.empty(expected.shape, np.float32)
-    pixels, depth = out.shape[2] * out.shape[3], weight[0].size
-    cols, products = np.empty((depth, block * pixels), np.float32), np.empty((2, block * pixels), np.float32)
+    columns, depth = fk.im2col_columns(out.shape[2], out.shape[3], padded.shape[3], (stride,) * 2), weight[0].size
+    cols, products = np.empty((depth, block * columns), np.float32), np.empty((2, block * columns), np.float32)
     fk.im2col_gemm_conv(padded, weight.reshape(groups, 2, depth), bias, kernel, kernel, stride, stride, dilation,
                         dilation, relu, cols, products, out)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
