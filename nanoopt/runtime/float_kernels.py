@@ -3,7 +3,8 @@
 Each has a NumPy reference beside it (``*_reference``), equal to float tolerance only where the summation order
 differs (the direct conv and the average pools add in a fixed loop order; the epilogues and max pool are exact).
 
-* :func:`bias_act_rows` -- ``out[m, n] = max?(out[m, n] + bias[n], 0)`` in place (a linear layer's epilogue);
+* :func:`bias_act_rows` -- ``out[m, n] = max?(out[m, n] + bias[n], 0)`` in place (a linear layer's epilogue), and
+  :func:`linear_bias_act` -- a whole float linear layer (BLAS product and that epilogue) in one call;
 * :func:`channel_affine` -- ``out = x * scale[c] + shift[c]`` (an unfolded BatchNorm in eval mode);
 * :func:`avg_pool` -- average pooling, padded zeros counted in the divisor (PyTorch's default), and
   :func:`adaptive_avg_pool` with PyTorch's bins ``[floor(i H / OH), ceil((i + 1) H / OH))``;
@@ -24,7 +25,7 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns", "im2col_gemm_conv",
+           "channel_affine", "direct_conv_reference", "linear_bias_act", "direct_conv_unit_stride", "im2col_columns", "im2col_gemm_conv",
            "max_pool", "max_pool_reference"]
 
 
@@ -37,6 +38,14 @@ def bias_act_rows(out, bias, relu):  # pragma: no cover - compiled
         for j in range(columns):
             value = row[j] + bias[j]
             row[j] = max(value, np.float32(0.0)) if relu else value
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_bias_act(x, weight_t, bias, relu, out):  # pragma: no cover - compiled
+    """A float linear layer in one call: ``out (M, N) = max?(x (M, K) @ weight_t (K, N) + bias, 0)``, the product
+    by BLAS (``np.dot`` inside Numba; ``weight_t`` is the transposed view of the C-ordered ``(N, K)`` weight)."""
+    np.dot(x, weight_t, out)
+    bias_act_rows(out, bias, relu)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -443,12 +443,7 @@ class Linear(Op):
         rows = x.reshape(-1, self.k)
         out = np.empty(x.shape[:-1] + (self.n,), np.float32)
         out2 = out.reshape(-1, self.n)
-        weight_t = self.weight_t
-
-        def product() -> None:
-            np.matmul(rows, weight_t, out=out2)
-
-        return out, [(product, ()), (fk.bias_act_rows, (out2, self.bias, self.relu))]
+        return out, [(fk.linear_bias_act, (rows, self.weight_t, self.bias, self.relu, out2))]
 
 
 # Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
