@@ -25,8 +25,8 @@ import numba
 import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv_reference", "linear_bias_act", "direct_conv_unit_stride", "im2col_columns", "im2col_gemm_conv",
-           "max_pool", "max_pool_reference"]
+           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
+           "im2col_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
 
 
 @numba.njit(cache=True, nogil=True)
