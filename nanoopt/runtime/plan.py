@@ -28,11 +28,23 @@ from typing import Any
 import numpy as np
 
 from nanoopt.quant.spec import check_scale, check_zero_point
+from nanoopt.runtime import float_steps as F
+from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
 from nanoopt.runtime.description import PlanDescription, PlanFormatError
-from nanoopt.runtime.steps import FLOAT_OPS, INT_OPS, OPS, Call, Op
+from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op
 
-__all__ = ["Plan"]
+__all__ = ["FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
+
+OPS: dict[str, type[Op]] = {
+    "linear_q": Q.LinearQ, "conv2d_q": Q.Conv2dQ, "add_q": Q.AddQ, "avg_pool_q": Q.AvgPoolQ, "relu_q": Q.ReluQ,
+    "max_pool": MaxPool, "flatten": Flatten, "identity": Identity,
+    "linear": F.Linear, "conv2d": F.Conv2d, "affine": F.ChannelAffine, "relu": F.Relu, "add": F.Add,
+    "avg_pool": F.AvgPool, "csr_linear": F.CsrLinear, "nm_linear": F.NmLinear,
+}
+SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
+INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
+FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
 
 
 @dataclass

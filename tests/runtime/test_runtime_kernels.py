@@ -15,7 +15,7 @@ from nanoopt.kernels import reference
 from nanoopt.quant.spec import QuantSpec
 from nanoopt.runtime import boundary
 from nanoopt.runtime import float_kernels as fk
-from nanoopt.runtime.steps import linear_s8_avx2
+from nanoopt.runtime.integer_steps import linear_s8_avx2
 
 SETTINGS = settings(max_examples=60, deadline=None)
 floats32 = st.floats(width=32, allow_nan=False)
