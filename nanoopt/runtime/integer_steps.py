@@ -68,13 +68,15 @@ class _WeightedQ(Op):
 
 
 @numba.njit(cache=True, nogil=True)
-def linear_s8_avx2(x, panels, n, k, products, epilogue, out3):  # pragma: no cover - compiled
+def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cover - compiled
     """One int8 linear layer: the AVX2 (or AVX-VNNI) product into ``products`` (M, N) int32, then the Numba
-    epilogue (zero-point fold, bias, requantization, ReLU) into ``out3`` (M, N, 1); as :class:`kernels.PreparedLinear`
-    on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), in one call."""
+    epilogue (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N), in one
+    call; as :class:`kernels.PreparedLinear` on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), whose
+    per-element epilogue (``numba_cpu._finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
     avx2.gemm_s8s8s32_into(x, panels, n, k, products)
-    numba_cpu._epilogue_block(products.reshape(-1), x.shape[0], n, 0, 0, epilogue, (0, 0, n, 0, numba_cpu.LINEAR),
-                              out3)
+    offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
+    for r in range(x.shape[0]):
+        numba_cpu._finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
 
 
 class LinearQ(_WeightedQ):
@@ -110,8 +112,7 @@ class LinearQ(_WeightedQ):
         if self.avx2 and not numba_cpu._use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
-            return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue,
-                                           out2.reshape(m, self.n, 1)))]
+            return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
         if (self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1 and out.dtype == np.int8
                 and self.k <= numba_cpu.MAX_FUSED_K and not self.avx2):
             operands = (rows[None], plan.packed.parts, plan.passes)

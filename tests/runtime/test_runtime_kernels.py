@@ -67,8 +67,7 @@ def test_fused_int8_linear_step_equals_reference(m, k, n, seed, relu, with_bias)
     plan = layer.plan
     out = np.empty((m, n), np.int8)
     epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
-    linear_s8_avx2(x, layer.weights.avx2_s8().panels, n, k, np.empty((m, n), np.int32), epilogue,
-                   out.reshape(m, n, 1))
+    linear_s8_avx2(x, layer.weights.avx2_s8().panels, n, k, np.empty((m, n), np.int32), epilogue, out)
     np.testing.assert_array_equal(out, reference.quantized_linear(x, w, bias, x_zp, m0, shift, out_zp, QuantSpec(),
                                                                   relu))
 
