@@ -9,6 +9,7 @@ in eval mode and writes a :class:`nanoopt.runtime.PlanDescription` -- plain ops,
   needs no example input, nor does an integer model (it records its input shape at conversion).
 * Integer layers are copied as they are (the converted weights, biases, multipliers and grids), so the plan is
   bit-identical to the model. A layer that runs in float inside the integer model (``FloatFallback``) is refused.
+  Identities (ReLUs fused at conversion, Dropout in eval mode) become no step: their consumers read their input.
 * Float layers: a BatchNorm in eval mode right after a Linear/Conv2d whose only consumer it is is folded into its
   weights (``w' = w gamma / sqrt(var + eps)``, ``b' = (b - mean) gamma / sqrt(var + eps) + beta``), otherwise it
   is a per-channel affine step; a ReLU that is the only consumer of a Linear/Conv2d/sparse layer is fused into
@@ -133,8 +134,6 @@ def _integer_step(name: str, module: nn.Module, inputs: tuple[int, ...]) -> Step
         return Step("relu_q", inputs, {"zero_point": int(module.input_zero_point)}, {}, name)
     if isinstance(module, Q.QuantizedFlatten):
         return Step("flatten", inputs, {"start_dim": int(module.start_dim)}, {}, name)
-    if isinstance(module, nn.Identity):
-        return Step("identity", inputs, {}, {}, name)
     if isinstance(module, Q.FloatFallback):
         raise ValueError(f"to_plan: layer {name!r} runs in float inside the integer model (FloatFallback of "
                          f"{type(module.float_module).__name__}); the runtime runs integer layers only")
@@ -152,6 +151,9 @@ def _integer_plan(model: Q.QuantizedModel, example_input: Any) -> PlanDescriptio
     value = {INPUT: 0}
     steps = []
     for name, module, sources in calls:
+        if isinstance(module, nn.Identity):  # a ReLU fused away, a Dropout: the value passes through
+            value[name] = value[sources[0]]
+            continue
         steps.append(_integer_step(name, module, tuple(value[source] for source in sources)))
         value[name] = len(steps)
     grids = [Grid(float(np.float32(getattr(model, f"{p}_scale"))), int(getattr(model, f"{p}_zero_point")),
@@ -251,8 +253,9 @@ def _float_plan(model: nn.Module, example_input: Any) -> PlanDescription:
             step = Step("avg_pool", inputs, {"output_size": list(module.output_size)}, {}, name)
         elif isinstance(module, nn.Flatten):
             step = Step("flatten", inputs, {"start_dim": int(module.start_dim)}, {}, name)
-        elif isinstance(module, nn.Identity | nn.Dropout):
-            step = Step("identity", inputs, {}, {}, name)
+        elif isinstance(module, nn.Identity | nn.Dropout):  # eval mode: the value passes through, no step
+            value[name] = inputs[0]
+            continue
         elif isinstance(module, nn.Add):
             step = Step("add", inputs, {}, {}, name)
         else:
