@@ -246,3 +246,30 @@ def test_precompile_command_runs_a_saved_plan(int_plan, tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert cli.main(["precompile", str(tmp_path / "bad.npz")]) == 1
     assert "not a readable nanoopt plan" in capsys.readouterr().err
+
+
+def test_constants_are_validated_once_not_per_call(int_plan, monkeypatch):
+    """After the plan (and the converted model) are built, a call runs no scale/zero-point/multiplier check."""
+    import nanoopt.kernels.reference as reference
+    import nanoopt.quant.boundary as boundary
+    import nanoopt.quant.qmodules as qmodules
+    import nanoopt.quant.spec as spec
+
+    model, shape = build("mlp", 0)
+    qmodel = converted(model, shape, "int8", 0)
+    plan = runtime.compile(qmodel)
+    x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
+    expected_plan, expected_model = plan(x), qmodel(x).data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a constant was validated again during a call")
+
+    for module, name in ((spec, "check_scale"), (spec, "check_zero_point"), (qmodules, "check_scale"),
+                         (qmodules, "check_zero_point"), (boundary, "check_scale"), (boundary, "check_zero_point"),
+                         (reference, "check_layer_params"), (reference, "check_requant_params"),
+                         (reference, "check_bias")):
+        monkeypatch.setattr(module, name, refuse)
+    np.testing.assert_array_equal(plan(x), expected_plan)
+    np.testing.assert_array_equal(qmodel(x).data, expected_model)
+    with pytest.raises(AssertionError, match="validated again"):  # the patches do catch a per-call check
+        boundary.quantize_per_tensor(x, qmodel.input_scale, qmodel.input_zero_point, qmodel.input_spec)
