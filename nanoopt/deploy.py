@@ -12,9 +12,10 @@ in eval mode and writes a :class:`nanoopt.runtime.PlanDescription` -- plain ops,
   Identities (ReLUs fused at conversion, Dropout in eval mode) become no step: their consumers read their input.
 * Float layers: a BatchNorm in eval mode right after a Linear/Conv2d whose only consumer it is is folded into its
   weights (``w' = w gamma / sqrt(var + eps)``, ``b' = (b - mean) gamma / sqrt(var + eps) + beta``), otherwise it
-  is a per-channel affine step; a ReLU that is the only consumer of a Linear/Conv2d/sparse layer is fused into
-  it; pruned weights are exported as their effective value ``weight_orig * weight_mask``, and
-  :class:`~nanoopt.prune.sparse.SparseLinear` layers keep their CSR / N:M form.
+  is a per-channel affine step; a ReLU that is the only consumer of a Linear/Conv2d/sparse layer or an Add is
+  fused into it, and so is a max pool with non-overlapping windows that is the only consumer of a Conv2d (or of
+  its ReLU), written as the convolution's output plane is; pruned weights are exported as their effective value
+  ``weight_orig * weight_mask``, and :class:`~nanoopt.prune.sparse.SparseLinear` layers keep their CSR / N:M form.
 
 >>> import numpy as np
 >>> from nanoopt import models, quant
@@ -237,6 +238,13 @@ def _float_plan(model: nn.Module, example_input: Any) -> PlanDescription:
                 step.attrs["relu"] = True
                 fused.add(relu)
                 last = relu
+            pool = sole_consumer(last, (nn.MaxPool2d,)) if isinstance(module, nn.Conv2d) else None
+            if pool is not None and not isinstance(nodes[pool].module, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+                pool_module = nodes[pool].module
+                if pool_module.stride == pool_module.kernel_size and pool_module.padding == (0, 0):
+                    step.attrs["pool"] = list(pool_module.kernel_size)
+                    fused.add(pool)
+                    last = pool
         elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
             scale, shift = _bn_affine(module)
             step = Step("affine", inputs, {}, {"scale": scale.astype(np.float32), "shift": shift.astype(np.float32)},
@@ -258,6 +266,11 @@ def _float_plan(model: nn.Module, example_input: Any) -> PlanDescription:
             continue
         elif isinstance(module, nn.Add):
             step = Step("add", inputs, {}, {}, name)
+            relu = sole_consumer(name, (nn.ReLU,))
+            if relu is not None:  # the residual block's final ReLU
+                step.attrs["relu"] = True
+                fused.add(relu)
+                last = relu
         else:
             raise ValueError(f"to_plan: layer {name!r} ({type(module).__name__}) has no runtime operation (supported: "
                              "Linear, Conv2d, BatchNorm, ReLU, pools, Flatten, Add, Dropout, Identity, SparseLinear)")

@@ -124,6 +124,31 @@ def adaptive_avg_pool_reference(x: np.ndarray, size: tuple[int, int]) -> np.ndar
     return out
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _write_plane(values, row_step, bias, relu, pool_h, pool_w, target):  # pragma: no cover - compiled
+    """``target[y, x] = max?(values[y row_step + x] + bias, 0)``, or with a fused max pool of ``pool_h x pool_w``
+    windows (stride = window, no padding): the maximum of each window first (adding ``bias`` and taking
+    ``max(., 0)`` are monotonic, so the order does not change the result)."""
+    if pool_h == 1 and pool_w == 1:
+        for y in range(target.shape[0]):
+            line, target_row = values[y * row_step:y * row_step + target.shape[1]], target[y]
+            for xx in range(target.shape[1]):
+                value = line[xx] + bias
+                target_row[xx] = max(value, np.float32(0.0)) if relu else value
+        return
+    for y in range(target.shape[0]):
+        target_row = target[y]
+        for xx in range(target.shape[1]):
+            at = y * pool_h * row_step + xx * pool_w
+            best = values[at]
+            for i in range(pool_h):
+                for j in range(pool_w):
+                    value = values[at + i * row_step + j]
+                    best = value if value > best else best
+            value = best + bias
+            target_row[xx] = max(value, np.float32(0.0)) if relu else value
+
+
 def im2col_columns(out_h: int, out_w: int, padded_w: int, stride: tuple[int, int]) -> int:
     """Columns per image of :func:`im2col_gemm_conv`: ``OH OW``, or ``(OH - 1) Wp + OW`` at unit stride.
 
@@ -135,7 +160,7 @@ def im2col_columns(out_h: int, out_w: int, padded_w: int, stride: tuple[int, int
 
 @numba.njit(cache=True, nogil=True)
 def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
-                     cols, products, out):  # pragma: no cover - compiled
+                     pool_h, pool_w, out_h, out_w, cols, products, out):  # pragma: no cover - compiled
     """Convolution a block of images and one group at a time: the block's im2col columns ``cols (D, B L)``, one
     BLAS product ``products (OCg, B L) = weight[g] (OCg, D) @ cols``, then bias and ReLU into NCHW ``out``.
 
@@ -143,9 +168,11 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
     unit stride the pixels are laid out on rows of the padded width ``Wp`` (pixel ``(y, x)`` at ``y Wp + x``, ``L =
     (OH - 1) Wp + OW`` columns per image, the ``x >= OW`` ones computed and dropped), so that each row of ``cols``
     is one contiguous copy of the flat padded plane from ``i d_h Wp + j d_w``; otherwise ``L = OH OW``.
-    ``weight``: ``(G, OCg, D)`` in ``(c, i, j)`` order; ``padded``: the padded input; the block size B is
-    ``cols.shape[1] // L`` (sized by the caller so that the columns stay in cache)."""
-    batch, out_channels, out_h, out_w = out.shape
+    ``weight``: ``(G, OCg, D)`` in ``(c, i, j)`` order; ``padded``: the padded input; ``OH x OW`` the size of the
+    convolution's output, written to ``out`` through :func:`_write_plane` (a ``pool_h x pool_w`` max pool fused
+    when above 1); the block size B is ``cols.shape[1] // L`` (sized by the caller so that the columns stay in
+    cache)."""
+    batch = out.shape[0]
     groups, per_group, depth = weight.shape
     group_channels = depth // (kernel_h * kernel_w)
     height, width = padded.shape[2], padded.shape[3]
@@ -182,13 +209,8 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
             row_step = width if unit else out_w
             for b in range(images):
                 for o in range(per_group):
-                    target, bias_value = out[n0 + b, g * per_group + o], bias[g * per_group + o]
-                    for y in range(out_h):
-                        line = products[o, b * columns + y * row_step:b * columns + y * row_step + out_w]
-                        target_row = target[y]
-                        for xx in range(out_w):
-                            value = line[xx] + bias_value
-                            target_row[xx] = max(value, np.float32(0.0)) if relu else value
+                    _write_plane(products[o, b * columns:(b + 1) * columns], row_step, bias[g * per_group + o], relu,
+                                 pool_h, pool_w, out[n0 + b, g * per_group + o])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -249,15 +271,16 @@ def max_pool_reference(x: np.ndarray, kernel: tuple[int, int], stride: tuple[int
 
 
 @numba.njit(cache=True, nogil=True)
-def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w, relu, acc,
+def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w, relu, pool_h, pool_w, acc,
                             out):  # pragma: no cover - compiled
     """A unit-stride direct convolution of an already padded NCHW float32 input, ``out[n, o, y, x] = max?(bias[o] +
     sum_{c, i, j} w[o, c, i, j] padded[n, g Cg + c, y + i d_h, x + j d_w], 0)``, computed on rows of the padded
     width: with ``Wp`` the padded width, the output pixel ``(y, x)`` lives at ``q = y Wp + x`` and tap ``(i, j)``
     reads the flat padded plane at ``q + i d_h Wp + j d_w``, so each tap is one long contiguous multiply-add sweep
     (vectorised) over ``acc`` (the columns ``x >= OW`` of each row are computed and dropped). ``acc``: float32
-    scratch of ``(OH - 1) Wp + OW``."""
-    batch, out_channels, out_h, out_w = out.shape
+    scratch of ``(OH - 1) Wp + OW``; the plane is written to ``out`` through :func:`_write_plane` (a ``pool_h x
+    pool_w`` max pool fused when above 1)."""
+    batch, out_channels = out.shape[0], out.shape[1]
     group_channels, kernel_h, kernel_w = weight.shape[1], weight.shape[2], weight.shape[3]
     padded_w = padded.shape[3]
     length = acc.shape[0]
@@ -275,12 +298,7 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
                         window = plane[start:start + length]
                         for q in range(length):
                             acc[q] += w * window[q]
-            b = bias[o]
-            for y in range(out_h):
-                target, source = out[n, o, y], acc[y * padded_w:y * padded_w + out_w]
-                for xx in range(out_w):
-                    value = source[xx] + b
-                    target[xx] = max(value, np.float32(0.0)) if relu else value
+            _write_plane(acc, padded_w, bias[o], relu, pool_h, pool_w, out[n, o])
 
 
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,

@@ -96,6 +96,7 @@ class Conv2d(Op):
         self.stride, self.padding = _pair(step, "stride", 1), _pair(step, "padding", 0)
         self.dilation, self.groups = _pair(step, "dilation", 1), _attr(step, "groups", int)
         self.relu = _attr(step, "relu", bool, False)
+        self.pool = _pair(step, "pool", 1, (1, 1))  # a fused max pool: window = stride, no padding
         _finite(step, self.weight, self.bias)
         if self.groups < 1 or out_channels % self.groups:
             raise _fail(step, f"{out_channels} output channels do not split into groups={self.groups}")
@@ -124,18 +125,22 @@ class Conv2d(Op):
             calls.append((np.copyto, (interior, x)))
         else:
             padded = x
-        out = np.empty((batch, out_channels, out_h, out_w), np.float32)
+        pool_h, pool_w = self.pool
+        if out_h < pool_h or out_w < pool_w:
+            raise ValueError(f"conv step {self.step.name!r}: its {out_h}x{out_w} output is smaller than the fused "
+                             f"{pool_h}x{pool_w} pool")
+        out = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), np.float32)
         if self.unit_stride:
             acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
-                                                       acc, out)))
+                                                       pool_h, pool_w, acc, out)))
             return out, calls
         columns = fk.im2col_columns(out_h, out_w, padded.shape[3], self.stride)
         block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * columns * self.depth)))
         cols = np.empty((self.depth, block * columns), np.float32)  # a block of images, one group: (D, B*L)
         products = np.empty((out_channels // self.groups, block * columns), np.float32)  # (OCg, B*L)
-        calls.append((fk.im2col_gemm_conv, (padded, self.grouped, self.bias, kh, kw, sh, sw, dh, dw, self.relu, cols,
-                                            products, out)))
+        calls.append((fk.im2col_gemm_conv, (padded, self.grouped, self.bias, kh, kw, sh, sw, dh, dw, self.relu,
+                                            pool_h, pool_w, out_h, out_w, cols, products, out)))
         return out, calls
 
 

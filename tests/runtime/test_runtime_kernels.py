@@ -109,38 +109,48 @@ def test_epilogues_and_affine_are_exact(products, relu):
         np.testing.assert_array_equal(affine, x * scale[None, :, None] + shift[None, :, None])
 
 
+def expected_conv(padded, weight, bias, groups, stride, dilation, relu, pool):
+    out = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
+    return fk.max_pool_reference(out, pool, pool, (0, 0)) if pool != (1, 1) else out
+
+
 @SETTINGS
 @given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2),
-       st.integers(4, 9), st.booleans(), st.integers(0, 2**16))
-def test_unit_stride_direct_conv_matches_the_reference(batch, channels_groups, kernel, dilation, size, relu, seed):
+       st.integers(4, 9), st.booleans(), st.sampled_from([(1, 1), (2, 2), (1, 3)]), st.integers(0, 2**16))
+def test_unit_stride_direct_conv_matches_the_reference(batch, channels_groups, kernel, dilation, size, relu, pool,
+                                                       seed):
     in_channels, groups = channels_groups
     rng = np.random.default_rng(seed)
     padded = rng.normal(size=(batch, in_channels, size + 4, size + 5)).astype(np.float32)
     weight = rng.normal(size=(2 * groups, in_channels // groups, kernel, kernel)).astype(np.float32)
     bias = rng.normal(size=2 * groups).astype(np.float32)
-    expected = fk.direct_conv_reference(padded, weight, bias, groups, (1, 1), (dilation,) * 2, relu)
+    expected = expected_conv(padded, weight, bias, groups, 1, dilation, relu, pool)
+    conv_h, conv_w = padded.shape[2] - dilation * (kernel - 1), padded.shape[3] - dilation * (kernel - 1)
     out = np.empty(expected.shape, np.float32)
-    acc = np.empty((out.shape[2] - 1) * padded.shape[3] + out.shape[3], np.float32)
-    fk.direct_conv_unit_stride(padded, weight, bias, groups, dilation, dilation, relu, acc, out)
+    acc = np.empty((conv_h - 1) * padded.shape[3] + conv_w, np.float32)
+    fk.direct_conv_unit_stride(padded, weight, bias, groups, dilation, dilation, relu, *pool, acc, out)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @SETTINGS
 @given(st.integers(1, 5), st.sampled_from([(1, 1), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2),
-       st.integers(1, 2), st.integers(4, 8), st.integers(1, 3), st.booleans(), st.integers(0, 2**16))
+       st.integers(1, 2), st.integers(4, 8), st.integers(1, 3), st.booleans(), st.sampled_from([(1, 1), (2, 2)]),
+       st.integers(0, 2**16))
 def test_im2col_gemm_conv_matches_the_reference(batch, channels_groups, kernel, stride, dilation, size, block, relu,
-                                                seed):
+                                                pool, seed):
     in_channels, groups = channels_groups
     rng = np.random.default_rng(seed)
     padded = rng.normal(size=(batch, in_channels, size + 4, size + 4)).astype(np.float32)
     weight = rng.normal(size=(2 * groups, in_channels // groups, kernel, kernel)).astype(np.float32)
     bias = rng.normal(size=2 * groups).astype(np.float32)
-    expected = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
+    conv = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
+    conv_h, conv_w = conv.shape[2:]
+    expected = expected_conv(padded, weight, bias, groups, stride, dilation, relu, pool)
     out = np.empty(expected.shape, np.float32)
-    columns, depth = fk.im2col_columns(out.shape[2], out.shape[3], padded.shape[3], (stride,) * 2), weight[0].size
+    columns, depth = fk.im2col_columns(conv_h, conv_w, padded.shape[3], (stride,) * 2), weight[0].size
     cols, products = np.empty((depth, block * columns), np.float32), np.empty((2, block * columns), np.float32)
     fk.im2col_gemm_conv(padded, weight.reshape(groups, 2, depth), bias, kernel, kernel, stride, stride, dilation,
-                        dilation, relu, cols, products, out)
+                        dilation, relu, *pool, conv_h, conv_w, cols, products, out)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -110,8 +110,13 @@ def test_float_plan_matches_float_model(architecture, seed, batch):
     scale = max(1.0, float(np.abs(expected).max()))
     np.testing.assert_allclose(plan(x), expected, rtol=0, atol=2e-5 * scale)
     np.testing.assert_array_equal(roundtrip(plan)(x), plan(x))
+    ops = [step.op for step in plan.description.steps]
     if architecture == "resnet":  # BatchNorm folded into the convolutions, ReLUs fused
-        assert "affine" not in [step.op for step in plan.description.steps]
+        assert "affine" not in ops and "relu" not in ops
+    if architecture == "lenet5":  # conv -> ReLU -> 2x2 max pool: one step each
+        assert ops == ["conv2d", "conv2d", "flatten", "linear", "linear", "linear"]
+    if architecture == "convs":  # an overlapping, padded max pool stays a step of its own
+        assert "max_pool" in ops
 
 
 @pytest.mark.parametrize("fmt", ["csr", "nm"])
