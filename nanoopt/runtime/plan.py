@@ -3,7 +3,8 @@
 ``Plan(description)`` builds every operation once (:mod:`nanoopt.runtime.steps`: constants validated, weights
 packed). The first call with a given input shape binds the operations to buffers for that shape -- one buffer per
 value, allocated once -- and keeps the resulting list of ``(function, arguments)`` calls; every later call with
-that shape checks the input (type, dtype, shape, and NaN where the integer grid cannot represent it), writes it
+that shape checks the input (type, dtype, shape, and, for an integer plan, that every value is finite: NaN has no
+code and the integer models refuse +-inf rather than saturate it silently), writes it
 into the first buffer (quantizing it, for an integer plan), runs the calls, and returns the output (dequantized,
 for an integer plan) as a new array. No autograd, no module dispatch, no validation of constants per call.
 
@@ -45,6 +46,14 @@ OPS: dict[str, type[Op]] = {
 SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
 INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
 FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
+
+
+def _not_finite(x: np.ndarray) -> str:
+    """The error message for an input with NaN or +-inf values: how many, and the first one."""
+    bad = ~np.isfinite(x)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"plan input is not finite at {int(bad.sum())} of {x.size} values, first at {first} ({x[first]}); an "
+            "integer plan needs finite inputs (NaN has no code, and infinities are refused rather than saturated)")
 
 
 @dataclass
@@ -139,7 +148,7 @@ class Plan:
             flat = x.reshape(-1) if x.dtype == np.float32 and x.flags.c_contiguous else \
                 np.ascontiguousarray(x, np.float32).reshape(-1)
             if not quantize_into(flat, *self._quantize, bound.input.reshape(-1)):
-                raise ValueError("plan input contains NaN, which the integer input grid cannot represent")
+                raise ValueError(_not_finite(x))
         else:
             np.copyto(bound.input, x, casting="same_kind")
         for function, arguments in bound.calls:

@@ -30,13 +30,14 @@ def test_quantize_into_equals_spec_quantize(x, scale, zero_point, bits):
     out = np.empty(x.shape, spec.dtype)
     finite = boundary.quantize_into(x, np.float32(scale), np.int64(zero_point), np.float32(spec.qmin - zero_point),
                                     np.float32(spec.qmax - zero_point), out)
-    assert finite
-    np.testing.assert_array_equal(out, boundary.quantize_reference(x, scale, zero_point, spec))
+    assert finite == bool(np.isfinite(x).all())
+    np.testing.assert_array_equal(out, boundary.quantize_reference(x, scale, zero_point, spec))  # inf saturates
 
 
-def test_quantize_into_reports_nan():
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_quantize_into_reports_values_that_are_not_finite(value):
     out = np.empty(3, np.int8)
-    x = np.array([1.0, np.nan, 2.0], np.float32)
+    x = np.array([1.0, value, 2.0], np.float32)
     assert not boundary.quantize_into(x, np.float32(1), np.int64(0), np.float32(-128), np.float32(127), out)
 
 
