@@ -221,7 +221,8 @@ def pruned_table(images: np.ndarray) -> list[str]:
     x = np.ascontiguousarray(images[:1])
     dense = build("LeNet-300-100")
     sparse = build("LeNet-300-100")
-    prune.global_unstructured(prune.prunable_parameters(sparse), amount=0.9)
+    for index in (1, 3, 5):  # 90% of every layer's weights (a global ranking empties a layer of a random init)
+        prune.l1_unstructured(sparse[index], "weight", amount=0.9)
     prune.sparse.to_sparse(sparse, format="csr")
     shrunk = build("LeNet-300-100")
     for index in (1, 3):
