@@ -130,8 +130,8 @@ class Plan:
             raise TypeError(f"plan input must be a NumPy array, got {type(x).__name__}")
         if x.dtype.kind != "f":
             raise TypeError(f"plan input must be floating point (float32 preferred), got dtype {x.dtype}")
-        if x.ndim < 1 or x.shape[0] < 1:
-            raise ValueError(f"plan input must have a batch axis with at least one sample, got shape {x.shape}")
+        if x.ndim < 1:
+            raise ValueError("plan input must have a batch axis, got a 0-d array")
         if self.input_shape is not None and x.shape[1:] != self.input_shape:
             expected = ", ".join(map(str, self.input_shape))
             raise ValueError(f"plan input must have shape (N, {expected}), got {x.shape}")
@@ -141,6 +141,11 @@ class Plan:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the plan on a float batch ``x`` (N, ...) and return a new float32 array."""
         x = self._check(x)
+        if x.shape[0] == 0:  # no samples: no rows, with the output shape of one sample
+            single = (1, *x.shape[1:])
+            if single not in self._bound:
+                self._bound[single] = self._bind(single)
+            return np.empty((0, *self._bound[single].output.shape[1:]), np.float32)
         bound = self._bound.get(x.shape)
         if bound is None:
             bound = self._bound[x.shape] = self._bind(x.shape)

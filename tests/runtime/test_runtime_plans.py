@@ -179,6 +179,7 @@ def test_wrong_input_is_refused_before_any_kernel(int_plan):
         with pytest.raises(ValueError, match=r"not finite.*\(1, 0, 3, 3\)"):
             int_plan(bad)
     np.testing.assert_array_equal(int_plan(good.astype(np.float64)), int_plan(good))
+    assert int_plan(good[:0]).shape == (0, 10)  # no samples: no rows, as the models return
 
 
 def test_files_of_another_version_or_damaged_are_refused(int_plan, tmp_path):
