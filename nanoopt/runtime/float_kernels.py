@@ -125,26 +125,36 @@ def adaptive_avg_pool_reference(x: np.ndarray, size: tuple[int, int]) -> np.ndar
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _write_plane(values, row_step, bias, relu, pool_h, pool_w, target):  # pragma: no cover - compiled
+def _write_plane(values, row_step, bias, relu, pool_h, pool_w, scratch, target):  # pragma: no cover - compiled
     """``target[y, x] = max?(values[y row_step + x] + bias, 0)``, or with a fused max pool of ``pool_h x pool_w``
     windows (stride = window, no padding): the maximum of each window first (adding ``bias`` and taking
-    ``max(., 0)`` are monotonic, so the order does not change the result)."""
+    ``max(., 0)`` are monotonic, so the order does not change the result), rows first into ``scratch`` (at least
+    ``OW_pooled * pool_w`` long; contiguous, so vectorised), then the columns of each window."""
+    width = target.shape[1]
     if pool_h == 1 and pool_w == 1:
         for y in range(target.shape[0]):
-            line, target_row = values[y * row_step:y * row_step + target.shape[1]], target[y]
-            for xx in range(target.shape[1]):
+            line, target_row = values[y * row_step:y * row_step + width], target[y]
+            for xx in range(width):
                 value = line[xx] + bias
                 target_row[xx] = max(value, np.float32(0.0)) if relu else value
         return
+    span = width * pool_w
     for y in range(target.shape[0]):
+        base = y * pool_h * row_step
+        first = values[base:base + span]
+        for q in range(span):
+            scratch[q] = first[q]
+        for i in range(1, pool_h):
+            row = values[base + i * row_step:base + i * row_step + span]
+            for q in range(span):
+                value = row[q]
+                scratch[q] = value if value > scratch[q] else scratch[q]
         target_row = target[y]
-        for xx in range(target.shape[1]):
-            at = y * pool_h * row_step + xx * pool_w
-            best = values[at]
-            for i in range(pool_h):
-                for j in range(pool_w):
-                    value = values[at + i * row_step + j]
-                    best = value if value > best else best
+        for xx in range(width):
+            best = scratch[xx * pool_w]
+            for j in range(1, pool_w):
+                value = scratch[xx * pool_w + j]
+                best = value if value > best else best
             value = best + bias
             target_row[xx] = max(value, np.float32(0.0)) if relu else value
 
@@ -178,6 +188,7 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
     height, width = padded.shape[2], padded.shape[3]
     unit = stride_h == 1 and stride_w == 1
     columns = (out_h - 1) * width + out_w if unit else out_h * out_w
+    scratch = np.empty(out_w, np.float32)  # the rows of a fused pool window
     block = cols.shape[1] // columns
     source = padded.reshape(-1)
     for n0 in range(0, batch, block):
@@ -210,7 +221,7 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
             for b in range(images):
                 for o in range(per_group):
                     _write_plane(products[o, b * columns:(b + 1) * columns], row_step, bias[g * per_group + o], relu,
-                                 pool_h, pool_w, out[n0 + b, g * per_group + o])
+                                 pool_h, pool_w, scratch, out[n0 + b, g * per_group + o])
 
 
 @numba.njit(cache=True, nogil=True)
@@ -285,6 +296,7 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
     padded_w = padded.shape[3]
     length = acc.shape[0]
     per_group = out_channels // groups
+    scratch = np.empty(padded_w, np.float32)  # the rows of a fused pool window
     for n in range(batch):
         for o in range(out_channels):
             g = o // per_group
@@ -298,7 +310,7 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
                         window = plane[start:start + length]
                         for q in range(length):
                             acc[q] += w * window[q]
-            _write_plane(acc, padded_w, bias[o], relu, pool_h, pool_w, out[n, o])
+            _write_plane(acc, padded_w, bias[o], relu, pool_h, pool_w, scratch, out[n, o])
 
 
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,
