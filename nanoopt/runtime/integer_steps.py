@@ -2,7 +2,8 @@
 
 Each runs the kernels of :mod:`nanoopt.kernels` -- the ones the converted modules run, so the plan is bit-identical
 to the integer model -- with every constant validated and the weights packed when the step is built; the backend
-(AVX-VNNI / AVX2 / portable Numba) is chosen then, as ``kernels``' ``"auto"`` chooses it, on the CPU the plan runs on.
+(AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on: the thread's
+choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
 The common int8 paths bind the compiled kernels directly to the buffers; rarer ones (16-bit activations, very long
 reductions) call the prepared layer and copy its result.
 
@@ -93,9 +94,8 @@ class LinearQ(_WeightedQ):
             raise _fail(step, str(error)) from error
         self.plan = self.prepared.plan
         self.n, self.k = weight.shape
-        with kernels.use_backend("auto"):
-            backend = self.prepared.backend_for()
-        self.avx2 = backend == "avx2" and self.x_dtype == np.int8 and out_spec.dtype == np.int8
+        self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
+        self.avx2 = self.backend == "avx2" and self.x_dtype == np.int8 and out_spec.dtype == np.int8
         if self.avx2:
             self.panels = self.prepared.weights.avx2_s8().panels
 
@@ -113,19 +113,20 @@ class LinearQ(_WeightedQ):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
             return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
-        if (self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1 and out.dtype == np.int8
-                and self.k <= numba_cpu.MAX_FUSED_K and not self.avx2):
+        if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
+                and out.dtype == np.int8 and self.k <= numba_cpu.MAX_FUSED_K):
             operands = (rows[None], plan.packed.parts, plan.passes)
             epilogue = (plan.offsets, np.zeros(m, np.int64)) + plan.tail
             parallel = numba_cpu._use_threads(2 * m * plan.packed.parts.shape[1] * self.k)
             gemm = numba_cpu._gemm_parallel if parallel else numba_cpu._gemm_serial
             return out, [(gemm, (operands, epilogue, (0, 0, self.n, 0, numba_cpu.LINEAR), out2.reshape(m, self.n, 1)))]
-        prepared = self.prepared
-        return out, [_copy_result(out2, lambda: _with_auto(prepared, rows))]
+        prepared, backend = self.prepared, self.backend
+        return out, [_copy_result(out2, lambda: _with_backend(prepared, rows, backend))]
 
 
-def _with_auto(prepared, x):
-    with kernels.use_backend("auto"):
+def _with_backend(prepared, x: np.ndarray, backend: str) -> np.ndarray:
+    """``prepared(x)`` on the backend chosen when the plan was built."""
+    with kernels.use_backend(backend):
         return prepared(x)
 
 
@@ -144,8 +145,7 @@ class Conv2dQ(_WeightedQ):
         except (TypeError, ValueError) as error:
             raise _fail(step, str(error)) from error
         self.plan = self.prepared.plan
-        with kernels.use_backend("auto"):
-            self.backend = self.prepared.backend_for()
+        self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
         self.in_channels = weight.shape[1] * self.groups
         if self.backend == "avx2":
             self.panels = self.prepared.avx2_panels()
@@ -190,8 +190,8 @@ class Conv2dQ(_WeightedQ):
             return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, plan.packed.parts, plan.passes, items, plan.conv_tuple(out_h, out_w),
                                 epilogue, out3))]
-        prepared = self.prepared
-        return out, [_copy_result(out, lambda: _with_auto(prepared, x))]
+        prepared, backend = self.prepared, self.backend
+        return out, [_copy_result(out, lambda: _with_backend(prepared, x, backend))]
 
 
 class AddQ(Op):

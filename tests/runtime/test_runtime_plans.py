@@ -119,6 +119,22 @@ def test_float_plan_matches_float_model(architecture, seed, batch):
         assert "max_pool" in ops
 
 
+@pytest.mark.parametrize("architecture", ["mlp", "lenet5", "convs"])
+def test_plans_built_on_each_backend_give_the_same_bits(architecture):
+    """The backend is chosen when the plan is built (the thread's kernels.use_backend); every one gives the model's
+    integers -- the portable Numba path is what CPUs without AVX2 run."""
+    from nanoopt import kernels
+
+    model, shape = build(architecture, 5)
+    qmodel = converted(model, shape, "int8", 5)
+    x = np.random.default_rng(6).normal(size=(7,) + shape).astype(np.float32)
+    expected = qmodel(x).data
+    for backend in ("numba", "reference", "auto"):
+        with kernels.use_backend(backend):
+            plan = runtime.compile(qmodel)
+        np.testing.assert_array_equal(plan(x), expected)
+
+
 @pytest.mark.parametrize("fmt", ["csr", "nm"])
 def test_sparse_plans_match_the_sparse_model(fmt):
     no.manual_seed(1)
