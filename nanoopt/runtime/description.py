@@ -157,7 +157,11 @@ def save(plan: PlanDescription, file: str | os.PathLike | IO[bytes]) -> None:
     for index, step in enumerate(plan.steps):
         for key, value in step.arrays.items():
             arrays[f"s{index}.{key}"] = np.ascontiguousarray(value)
-    np.savez(file, **arrays)
+    if isinstance(file, str | os.PathLike):  # exactly this path (np.savez would append ".npz" to other names)
+        with open(file, "wb") as handle:
+            np.savez(handle, **arrays)
+    else:
+        np.savez(file, **arrays)
 
 
 def load(file: str | os.PathLike | IO[bytes]) -> PlanDescription:

@@ -199,6 +199,9 @@ def test_wrong_input_is_refused_before_any_kernel(int_plan):
 
 
 def test_files_of_another_version_or_damaged_are_refused(int_plan, tmp_path):
+    runtime.save(int_plan, tmp_path / "plan.bin")  # saved under exactly the name given
+    np.testing.assert_array_equal(runtime.load(tmp_path / "plan.bin")(np.ones((1, 1, 8, 8), np.float32)),
+                                  int_plan(np.ones((1, 1, 8, 8), np.float32)))
     path = tmp_path / "plan.npz"
     runtime.save(int_plan, path)
     with np.load(path) as archive:
