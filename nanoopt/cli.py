@@ -9,6 +9,11 @@ integer operation here (:func:`nanoopt.kernels.choices.kernel_choices`). ``nanoo
 
 ``nanoopt inspect FILE`` describes a checkpoint or model file (.npz, .safetensors, .pth/.pt, .onnx): layers,
 parameter counts, dtypes, stored bytes, sparsity and bit-widths (``--tensors``: one row per tensor).
+
+``nanoopt precompile plan.npz [--batch-sizes 1 256]`` loads a saved runtime plan (:mod:`nanoopt.runtime`) and runs
+it once per batch size, so that Numba compiles every kernel the plan uses into its on-disk cache: a deployed
+process that loads the same plan on this machine (same CPU, Python, NumPy, Numba and nanoopt installation, same
+``NUMBA_CACHE_DIR`` if set) then loads compiled code instead of compiling on its first call.
 """
 
 from __future__ import annotations
@@ -168,6 +173,23 @@ def _single_threaded_blas() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "nanoopt.cli", *sys.argv[1:]], environment)
 
 
+def _precompile(path: str, batch_sizes: list[int], parser: argparse.ArgumentParser) -> int:
+    from nanoopt import runtime
+
+    if min(batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be >= 1, got {batch_sizes}")
+    start = time.perf_counter()
+    try:
+        plan = runtime.load(path)
+        runtime.precompile(plan, batch_sizes)
+    except (OSError, ValueError) as error:
+        print(f"nanoopt precompile: {error}", file=sys.stderr)
+        return 1
+    print(f"{path}: {plan!r}; ran batch sizes {batch_sizes} in {time.perf_counter() - start:.1f} s (Numba cache "
+          f"filled)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as a command (not called from Python)
         _single_threaded_blas()
@@ -182,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect_parser = commands.add_parser("inspect", help="layers, sizes, sparsity and bit-widths stored in a file")
     inspect_parser.add_argument("file", help=".npz, .safetensors, .pth/.pt or .onnx")
     inspect_parser.add_argument("--tensors", action="store_true", help="one row per tensor instead of per layer")
+    precompile_parser = commands.add_parser("precompile", help="fill Numba's cache for a saved runtime plan")
+    precompile_parser.add_argument("plan", help="a plan file written by nanoopt.runtime.save")
+    precompile_parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256],
+                                   help="batch sizes to run (default: 1 256)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(_info())
@@ -193,6 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"inspect: no such file: {args.file}")
         print(format_inspection(inspect_file(args.file), tensors=args.tensors))
         return 0
+    if args.command == "precompile":
+        return _precompile(args.plan, args.batch_sizes, parser)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     start = time.perf_counter()

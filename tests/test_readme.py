@@ -16,7 +16,8 @@ def python_blocks() -> list[str]:
 
 def test_readme_has_the_main_flows():
     code = "\n".join(python_blocks())
-    for name in ("no.fit", "prune.shrink", "quant.quantize_static", "quant.prepare_qat", "distill.Distiller"):
+    for name in ("no.fit", "prune.shrink", "quant.quantize_static", "quant.prepare_qat", "distill.Distiller",
+                 "runtime.compile"):
         assert name in code, f"README's main flows lost {name}"
 
 

@@ -26,21 +26,19 @@ layers are loaded on first use (PEP 562), which keeps ``import nanoopt.quant.spe
 import importlib
 from typing import Any
 
-from nanoopt.quant.observers import (
-    EntropyObserver,
-    HistogramObserver,
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver,
-    NotFittedError,
-    Observer,
-    PercentileObserver,
-    PerChannelMinMaxObserver,
-    PerChannelMSEObserver,
-)
 from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize, quantize_multiplier, requantize
 
 _LAZY = {
+    "EntropyObserver": "nanoopt.quant.observers",
+    "HistogramObserver": "nanoopt.quant.observers",
+    "MinMaxObserver": "nanoopt.quant.observers",
+    "MovingAverageMinMaxObserver": "nanoopt.quant.observers",
+    "MovingAveragePerChannelMinMaxObserver": "nanoopt.quant.observers",
+    "NotFittedError": "nanoopt.quant.observers",
+    "Observer": "nanoopt.quant.observers",
+    "PercentileObserver": "nanoopt.quant.observers",
+    "PerChannelMinMaxObserver": "nanoopt.quant.observers",
+    "PerChannelMSEObserver": "nanoopt.quant.observers",
     "INT8_ACTIVATION": "nanoopt.quant.config",
     "INT8_WEIGHT": "nanoopt.quant.config",
     "INT16_ACTIVATION": "nanoopt.quant.config",
@@ -89,12 +87,7 @@ _LAZY = {
     "unpack_int4": "nanoopt.quant.packing",
 }
 
-__all__ = [
-    "EntropyObserver", "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver",
-    "MovingAveragePerChannelMinMaxObserver", "NotFittedError", "Observer", "PerChannelMSEObserver",
-    "PerChannelMinMaxObserver", "PercentileObserver", "QuantSpec", "dequantize", "qparams", "quantize",
-    "quantize_multiplier", "requantize", *_LAZY,
-]
+__all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -34,7 +34,8 @@ from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
 from nanoopt.quant.metadata import check_codes_fit, qparams_metadata, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.quant.spec import QuantSpec, dequantize
+from nanoopt.quant.spec import QuantSpec, check_scale, check_zero_point, dequantize
+from nanoopt.runtime import boundary
 from nanoopt.tensor import Tensor
 
 __all__ = [
@@ -347,7 +348,10 @@ class QuantizedModel(nn.Module):
 
     ``forward_int(q)`` runs codes on the input grid (``input_scale``, ``input_zero_point``, ``input_spec``)
     to codes on the output grid (``output_*``); ``forward(x)`` wraps it in :meth:`quantize_input` and
-    :meth:`dequantize_output`.
+    :meth:`dequantize_output`. The two grids are validated once (here and after a load, :meth:`after_load`), not per
+    call; float32 inputs and the output go through the compiled boundary kernels of
+    :mod:`nanoopt.runtime.boundary` (bit-identical to ``spec.quantize`` / ``spec.dequantize``).
+    For deployment, :func:`nanoopt.runtime.compile` runs the same model as a flat plan.
     """
 
     def __init__(self, model: nn.Module, input_params: QParams, output_params: QParams,
@@ -357,6 +361,23 @@ class QuantizedModel(nn.Module):
         _register_qparams(self, "input", input_params)
         _register_qparams(self, "output", output_params)
         self.input_shape = input_shape
+        self._boundary: tuple | None = None
+        self._check_grids()
+
+    def _check_grids(self) -> tuple:
+        """Validate the input and output grids once; returns the scalars the boundary kernels take."""
+        if self._boundary is None:
+            grids = []
+            for prefix in ("input", "output"):
+                spec = getattr(self, f"{prefix}_spec")
+                scale = check_scale(getattr(self, f"{prefix}_scale"), f"{prefix}_scale")
+                zero = check_zero_point(getattr(self, f"{prefix}_zero_point"), spec.qmin, spec.qmax,
+                                        f"{prefix}_zero_point")
+                per_tensor = scale.size == 1 and zero.size == 1 and not spec.per_channel
+                grids.append((np.float32(scale.reshape(-1)[0]), np.int64(zero.reshape(-1)[0]), spec)
+                             if per_tensor else None)
+            self._boundary = tuple(grids)
+        return self._boundary
 
     def quantize_input(self, x: Any) -> np.ndarray:
         """Float input (Tensor or ndarray) to input codes."""
@@ -364,12 +385,25 @@ class QuantizedModel(nn.Module):
         if self.input_shape is not None and data.shape[1:] != tuple(self.input_shape[1:]):
             expected = ", ".join(map(str, self.input_shape[1:]))
             raise ValueError(f"QuantizedModel: expected inputs of shape (N, {expected}), got {data.shape}")
-        check_float_input(data, "QuantizedModel: the input x")
-        return quantize_per_tensor(data, self.input_scale, self.input_zero_point, self.input_spec)
+        grid = self._check_grids()[0]
+        if grid is None or data.dtype != np.float32 or not data.flags.c_contiguous:
+            check_float_input(data, "QuantizedModel: the input x")
+            return quantize_per_tensor(data, self.input_scale, self.input_zero_point, self.input_spec)
+        scale, zero, spec = grid
+        out = np.empty(data.shape, spec.dtype)
+        low, high = np.float32(spec.qmin - zero), np.float32(spec.qmax - zero)
+        if not boundary.quantize_into(data.reshape(-1), scale, zero, low, high, out.reshape(-1)):
+            check_float_input(data, "QuantizedModel: the input x")  # names what is not finite, and where
+        return out
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
         """Output codes to float32."""
-        return dequantize(q, self.output_scale, self.output_zero_point, self.output_spec)
+        grid = self._check_grids()[1]
+        if grid is None or not isinstance(q, np.ndarray) or q.dtype != grid[2].dtype or not q.flags.c_contiguous:
+            return dequantize(q, self.output_scale, self.output_zero_point, self.output_spec)
+        out = np.empty(q.shape, np.float32)
+        boundary.dequantize_into(q.reshape(-1), grid[0], grid[1], out.reshape(-1))
+        return out
 
     def forward_int(self, x_q: np.ndarray) -> np.ndarray:
         """Integer in, integer out: the whole model on codes."""
@@ -387,6 +421,11 @@ class QuantizedModel(nn.Module):
 
     def check_state(self, state: dict[str, np.ndarray]) -> None:
         _check_zero_points(self, state)
+
+    def after_load(self) -> None:
+        """The grids were loaded: validate them again (once)."""
+        self._boundary = None
+        self._check_grids()
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Load, then re-pack every layer's kernel from the new buffers."""

@@ -1,0 +1,281 @@
+"""The float operations of a plan: linear (dense, CSR, N:M), conv, BatchNorm affine, ReLU, add, average pools.
+
+Dense products run BLAS (``np.dot`` inside the compiled kernels of :mod:`nanoopt.runtime.float_kernels`, bias and
+ReLU fused); convolutions choose per layer between a direct loop and im2col + BLAS (measured below); sparse layers
+run the CSR / N:M kernels of :mod:`nanoopt.kernels.sparse`, bit-identical to the ``SparseLinear`` modules.
+
+>>> import numpy as np
+>>> from nanoopt.runtime.description import Step
+>>> op = Relu(Step("relu", (0,)))
+>>> out, calls = op.bind([np.array([-1.0, 2.0], np.float32)])
+>>> for function, arguments in calls: function(*arguments)
+>>> out
+array([0., 2.], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nanoopt.kernels import reference as ref
+from nanoopt.kernels import sparse, sparse_avx2
+from nanoopt.runtime import float_kernels as fk
+from nanoopt.runtime.description import Step
+from nanoopt.runtime.steps import (
+    Call,
+    Op,
+    _array,
+    _attr,
+    _copy_result,
+    _expect,
+    _fail,
+    _maximum,
+    _pair,
+    _Pool,
+    _pool_geometry,
+)
+
+__all__ = ["Add", "AvgPool", "ChannelAffine", "Conv2d", "CsrLinear", "Linear", "NmLinear", "Relu"]
+
+
+def _float_bias(step: Step, channels: int) -> np.ndarray:
+    bias = _array(step, "bias", (np.float32,), 1, optional=True)
+    if bias is None:
+        return np.zeros(channels, np.float32)
+    if bias.shape != (channels,):
+        raise _fail(step, f"bias must have shape ({channels},), got {bias.shape}")
+    return bias
+
+
+def _finite(step: Step, *arrays: np.ndarray) -> None:
+    for array in arrays:
+        if not np.all(np.isfinite(array)):
+            raise _fail(step, "weights and biases must be finite")
+
+
+class Linear(Op):
+    """Float linear layer ``y = max?(x W^T + b, 0)``: BLAS into the output buffer, then one fused epilogue."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.weight = _array(step, "weight", (np.float32,), 2)
+        self.n, self.k = self.weight.shape
+        self.bias = _float_bias(step, self.n)
+        self.relu = _attr(step, "relu", bool, False)
+        _finite(step, self.weight, self.bias)
+        self.weight_t = self.weight.T  # (K, N) view: BLAS reads it transposed
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, np.dtype(np.float32))
+        if x.ndim < 1 or x.shape[-1] != self.k:
+            raise ValueError(f"linear step {self.step.name!r}: expected input (..., {self.k}), got {x.shape}")
+        rows = x.reshape(-1, self.k)
+        out = np.empty(x.shape[:-1] + (self.n,), np.float32)
+        out2 = out.reshape(-1, self.n)
+        return out, [(fk.linear_bias_act, (rows, self.weight_t, self.bias, self.relu, out2))]
+
+
+# Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
+# loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
+# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Measured on Zen 4,
+# 1 thread, batch 256, CPU time (best of 10, loaded machine): LeNet-5's 1->6 5x5 on 28x28, direct 2.8 ms, im2col
+# + BLAS 2.7 ms; 6->16 5x5 on 14x14 (depth 150), im2col + BLAS 3.5 ms (blocks of 2 images) vs direct 5.7 ms.
+DIRECT_MAX_DEPTH = 32
+IM2COL_BLOCK_BYTES = 192 * 1024
+
+
+class Conv2d(Op):
+    """Float 2-D convolution: im2col + BLAS by blocks of images, or a direct loop for unit-stride thin layers."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.weight = _array(step, "weight", (np.float32,), 4)
+        out_channels, group_channels, kh, kw = self.weight.shape
+        self.bias = _float_bias(step, out_channels)
+        self.stride, self.padding = _pair(step, "stride", 1), _pair(step, "padding", 0)
+        self.dilation, self.groups = _pair(step, "dilation", 1), _attr(step, "groups", int)
+        self.relu = _attr(step, "relu", bool, False)
+        self.pool = _pair(step, "pool", 1, (1, 1))  # a fused max pool: window = stride, no padding
+        _finite(step, self.weight, self.bias)
+        if self.groups < 1 or out_channels % self.groups:
+            raise _fail(step, f"{out_channels} output channels do not split into groups={self.groups}")
+        self.depth = group_channels * kh * kw
+        self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
+        self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, np.dtype(np.float32), 4)
+        out_channels, group_channels, kh, kw = self.weight.shape
+        if x.shape[1] != group_channels * self.groups:
+            raise ValueError(f"conv step {self.step.name!r}: expected {group_channels * self.groups} input "
+                             f"channels, got shape {x.shape}")
+        (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
+        try:
+            out_h = ref.conv_output_size(x.shape[2], kh, sh, ph, dh, "height")
+            out_w = ref.conv_output_size(x.shape[3], kw, sw, pw, dw, "width")
+        except ValueError as error:
+            raise ValueError(f"conv step {self.step.name!r}: {error}") from error
+        batch = x.shape[0]
+        calls: list[Call] = []
+        if ph or pw:
+            padded = np.zeros((batch, x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), np.float32)
+            interior = padded[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]]
+            calls.append((np.copyto, (interior, x)))
+        else:
+            padded = x
+        pool_h, pool_w = self.pool
+        if out_h < pool_h or out_w < pool_w:
+            raise ValueError(f"conv step {self.step.name!r}: its {out_h}x{out_w} output is smaller than the fused "
+                             f"{pool_h}x{pool_w} pool")
+        out = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), np.float32)
+        if self.unit_stride:
+            acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
+            calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
+                                                       pool_h, pool_w, acc, out)))
+            return out, calls
+        columns = fk.im2col_columns(out_h, out_w, padded.shape[3], self.stride)
+        block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * columns * self.depth)))
+        cols = np.empty((self.depth, block * columns), np.float32)  # a block of images, one group: (D, B*L)
+        products = np.empty((out_channels // self.groups, block * columns), np.float32)  # (OCg, B*L)
+        calls.append((fk.im2col_gemm_conv, (padded, self.grouped, self.bias, kh, kw, sh, sw, dh, dw, self.relu,
+                                            pool_h, pool_w, out_h, out_w, cols, products, out)))
+        return out, calls
+
+
+class ChannelAffine(Op):
+    """``x * scale[c] + shift[c]`` over axis 1 (a BatchNorm in eval mode that could not be folded)."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.scale = _array(step, "scale", (np.float32,), 1)
+        self.shift = _array(step, "shift", (np.float32,), 1)
+        if self.scale.shape != self.shift.shape:
+            raise _fail(step, f"scale {self.scale.shape} and shift {self.shift.shape} must have the same shape")
+        _finite(step, self.scale, self.shift)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, np.dtype(np.float32))
+        if x.ndim < 2 or x.shape[1] != self.scale.size:
+            raise ValueError(f"affine step {self.step.name!r}: expected {self.scale.size} channels in axis 1, got "
+                             f"shape {x.shape}")
+        out = np.empty_like(x)
+        shape3 = (x.shape[0], x.shape[1], -1)
+        return out, [(fk.channel_affine, (x.reshape(shape3), self.scale, self.shift, out.reshape(shape3)))]
+
+
+class Relu(Op):
+    """``max(x, 0)``."""
+
+    def bind(self, inputs):
+        x = inputs[0]
+        out = np.empty_like(x)
+        return out, [_maximum(x, x.dtype.type(0), out)]
+
+
+class Add(Op):
+    """``a + b`` (same shapes); ``relu`` fused optionally."""
+
+    arity = 2
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.relu = _attr(step, "relu", bool, False)
+
+    def bind(self, inputs):
+        a, b = inputs
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"add step {self.step.name!r}: both inputs need the same shape and dtype, got "
+                             f"{a.shape} {a.dtype} and {b.shape} {b.dtype}")
+        out = np.empty_like(a)
+        calls: list[Call] = [(np.add, (a, b, out))]
+        if self.relu:
+            calls.append(_maximum(out, out.dtype.type(0), out))
+        return out, calls
+
+
+class AvgPool(_Pool):
+    """Float average pooling (zeros padded and counted) or adaptive average pooling (PyTorch's bins)."""
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, np.dtype(np.float32), 4)
+        if self.output_size is not None:
+            out = np.empty(x.shape[:2] + self.output_size, np.float32)
+            return out, [(fk.adaptive_avg_pool, (x, out))]
+        out_h, out_w = _pool_geometry(self.step, x, self.kernel, self.stride, self.padding)
+        out = np.empty(x.shape[:2] + (out_h, out_w), np.float32)
+        return out, [(fk.avg_pool, (x, *self.kernel, *self.stride, *self.padding, out))]
+
+
+class _SparseLinear(Op):
+    def _finish(self, step: Step, rows: int) -> None:
+        self.bias = _float_bias(step, rows)
+        self.relu = _attr(step, "relu", bool, False)
+        _finite(step, self.bias)
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        _expect(self.step, x, np.dtype(np.float32), 2)
+        if x.shape[1] != self.cols:
+            raise ValueError(f"sparse step {self.step.name!r}: expected input (N, {self.cols}), got {x.shape}")
+        return np.empty((x.shape[0], self.rows), np.float32)
+
+
+class CsrLinear(_SparseLinear):
+    """Float linear layer with a CSR weight (:mod:`nanoopt.kernels.sparse`; AVX2 one row at a time at batch 1)."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        shape = _pair(step, "shape", 1)
+        try:
+            self.matrix = sparse.CSRMatrix(_array(step, "data", (np.float32,), 1),
+                                           _array(step, "indices", (np.int32,), 1),
+                                           _array(step, "indptr", (np.int64,), 1), shape)
+        except (TypeError, ValueError) as error:
+            raise _fail(step, str(error)) from error
+        _finite(step, self.matrix.data)
+        self.rows, self.cols = shape
+        self._finish(step, self.rows)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        out = self._check(x)
+        m = self.matrix
+        if x.shape[0] == 1 and sparse_avx2.available():
+            calls: list[Call] = [(sparse_avx2.csr_matvec_into, (x[0], m.data, m.indices, m.indptr, out[0]))]
+        elif x.shape[0] == 1:
+            calls = [(sparse._csr_matvec, (x[0], m.data, m.indices.view(np.uint32), m.indptr.view(np.uint64),
+                                           self.rows, out[0]))]
+        else:
+            calls = [_copy_result(out, lambda: sparse.csr_matmul(x, m))]
+        return out, calls + [(fk.bias_act_rows, (out, self.bias, self.relu))]
+
+
+class NmLinear(_SparseLinear):
+    """Float linear layer with an N:M weight (:mod:`nanoopt.kernels.sparse`)."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        shape = _pair(step, "shape", 1)
+        n, m = _attr(step, "n", int), _attr(step, "m", int)
+        try:
+            self.matrix = sparse.NMMatrix(_array(step, "values", (np.float32,), 2),
+                                          _array(step, "offsets", (np.uint8,), 2), n, m, shape)
+        except (TypeError, ValueError) as error:
+            raise _fail(step, str(error)) from error
+        _finite(step, self.matrix.values)
+        self.rows, self.cols = shape
+        self.group_start = (np.arange(self.matrix.values.shape[1], dtype=np.uint32) // n) * np.uint32(m)
+        self._finish(step, self.rows)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        out = self._check(x)
+        m = self.matrix
+        if x.shape[0] == 1:
+            calls: list[Call] = [(sparse._nm_matvec, (x[0], m.values, m.offsets, self.group_start, out[0]))]
+        else:
+            calls = [_copy_result(out, lambda: sparse.nm_matmul(x, m))]
+        return out, calls + [(fk.bias_act_rows, (out, self.bias, self.relu))]

@@ -1,0 +1,268 @@
+"""The integer operations of a plan: linear, conv, residual add, average pool and ReLU on codes.
+
+Each runs the kernels of :mod:`nanoopt.kernels` -- the ones the converted modules run, so the plan is bit-identical
+to the integer model -- with every constant validated and the weights packed when the step is built; the backend
+(AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on: the thread's
+choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
+The common int8 paths bind the compiled kernels directly to the buffers; rarer ones (16-bit activations, very long
+reductions) call the prepared layer and copy its result.
+
+>>> import numpy as np
+>>> from nanoopt.runtime.description import Step
+>>> op = ReluQ(Step("relu_q", (0,), {"zero_point": -3}))
+>>> out, calls = op.bind([np.array([-9, 4], np.int8)])
+>>> for function, arguments in calls: function(*arguments)
+>>> out
+array([-3,  4], dtype=int8)
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from nanoopt import kernels
+from nanoopt.kernels import avx2, numba_cpu
+from nanoopt.kernels import reference as ref
+from nanoopt.runtime.description import Step, spec_from_json
+from nanoopt.runtime.steps import (
+    Op,
+    _array,
+    _attr,
+    _copy_result,
+    _expect,
+    _fail,
+    _maximum,
+    _pair,
+    _Pool,
+    _pool_geometry,
+)
+
+__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ", "linear_s8_avx2"]
+
+
+def _out_spec(step: Step):
+    return spec_from_json(_attr(step, "out_spec", dict), f"step {step.op!r} attribute 'out_spec'")
+
+
+def _x_dtype(step: Step) -> np.dtype:
+    name = _attr(step, "x_dtype", str)
+    if name not in ("int8", "int16"):
+        raise _fail(step, f"x_dtype must be 'int8' or 'int16', got {name!r}")
+    return np.dtype(name)
+
+
+class _WeightedQ(Op):
+    """What integer linear and conv steps share: the arrays and scalars of the layer, validated by the kernels."""
+
+    def _arguments(self, ndim: int) -> tuple:
+        step = self.step
+        weight = _array(step, "weight", (np.int8, np.int16), ndim)
+        self.x_dtype = _x_dtype(step)
+        wide = self.x_dtype == np.int16
+        bias = _array(step, "bias", (np.int64,) if wide else (np.int32,), 1, optional=True)
+        m0 = _array(step, "m0", (np.int32,), 1)
+        shift = _array(step, "shift", (np.int32,), 1)
+        self.out_spec = _out_spec(step)
+        return (weight, bias, _attr(step, "x_zero_point", int), m0, shift, _attr(step, "out_zero_point", int),
+                self.out_spec)
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cover - compiled
+    """One int8 linear layer: the AVX2 (or AVX-VNNI) product into ``products`` (M, N) int32, then the Numba
+    epilogue (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N), in one
+    call; as :class:`kernels.PreparedLinear` on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), whose
+    per-element epilogue (``numba_cpu._finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
+    avx2.gemm_s8s8s32_into(x, panels, n, k, products)
+    offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
+    for r in range(x.shape[0]):
+        numba_cpu._finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
+
+
+class LinearQ(_WeightedQ):
+    """Integer linear layer (``reference.quantized_linear``), codes ``(..., K)`` -> ``(..., N)``."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        weight, bias, x_zp, m0, shift, out_zp, out_spec = self._arguments(2)
+        relu = _attr(step, "relu", bool)
+        try:
+            self.prepared = kernels.prepare_linear(weight, bias, x_zp, m0, shift, out_zp, out_spec, relu,
+                                                   self.x_dtype)  # validates every constant, packs the weights
+        except (TypeError, ValueError) as error:
+            raise _fail(step, str(error)) from error
+        self.plan = self.prepared.plan
+        self.n, self.k = weight.shape
+        self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
+        self.avx2 = self.backend == "avx2" and self.x_dtype == np.int8 and out_spec.dtype == np.int8
+        if self.avx2:
+            self.panels = self.prepared.weights.avx2_s8().panels
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, self.x_dtype)
+        if x.ndim < 1 or x.shape[-1] != self.k:
+            raise ValueError(f"linear step {self.step.name!r}: expected input (..., {self.k}), got {x.shape}")
+        rows = x.reshape(-1, self.k)  # (M, K), a view of the buffer
+        out = np.empty(x.shape[:-1] + (self.n,), self.out_spec.dtype)
+        out2 = out.reshape(-1, self.n)
+        m = rows.shape[0]
+        plan = self.plan
+        if self.avx2 and not numba_cpu._use_threads(2 * m * self.n * self.k):
+            epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
+            products = np.empty((m, self.n), np.int32)
+            return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
+        if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
+                and out.dtype == np.int8 and self.k <= numba_cpu.MAX_FUSED_K):
+            operands = (rows[None], plan.packed.parts, plan.passes)
+            epilogue = (plan.offsets, np.zeros(m, np.int64)) + plan.tail
+            parallel = numba_cpu._use_threads(2 * m * plan.packed.parts.shape[1] * self.k)
+            gemm = numba_cpu._gemm_parallel if parallel else numba_cpu._gemm_serial
+            return out, [(gemm, (operands, epilogue, (0, 0, self.n, 0, numba_cpu.LINEAR), out2.reshape(m, self.n, 1)))]
+        prepared, backend = self.prepared, self.backend
+        return out, [_copy_result(out2, lambda: _with_backend(prepared, rows, backend))]
+
+
+def _with_backend(prepared, x: np.ndarray, backend: str) -> np.ndarray:
+    """``prepared(x)`` on the backend chosen when the plan was built."""
+    with kernels.use_backend(backend):
+        return prepared(x)
+
+
+class Conv2dQ(_WeightedQ):
+    """Integer 2-D convolution (``reference.quantized_conv2d``) on NCHW codes."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        weight, bias, x_zp, m0, shift, out_zp, out_spec = self._arguments(4)
+        self.stride, self.padding = _pair(step, "stride", 1), _pair(step, "padding", 0)
+        self.dilation, self.groups = _pair(step, "dilation", 1), _attr(step, "groups", int)
+        relu = _attr(step, "relu", bool)
+        try:
+            self.prepared = kernels.prepare_conv2d(weight, bias, x_zp, m0, shift, out_zp, out_spec, self.stride,
+                                                   self.padding, self.dilation, self.groups, relu, self.x_dtype)
+        except (TypeError, ValueError) as error:
+            raise _fail(step, str(error)) from error
+        self.plan = self.prepared.plan
+        self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
+        self.in_channels = weight.shape[1] * self.groups
+        if self.backend == "avx2":
+            self.panels = self.prepared.avx2_panels()
+
+    def bind(self, inputs):
+        x = inputs[0]
+        _expect(self.step, x, self.x_dtype, 4)
+        plan = self.plan
+        try:
+            shape = plan.output_shape(x)
+        except ValueError as error:
+            raise ValueError(f"conv step {self.step.name!r}: {error}") from error
+        batch, out_channels, out_h, out_w = shape
+        fast = (self.x_dtype == np.int8 and self.out_spec.dtype == np.int8 and plan.depth <= numba_cpu.MAX_FUSED_K)
+        out = np.empty(shape, self.out_spec.dtype)
+        ops = 2 * out.size * plan.depth
+        (ph, pw), (sh, sw), (dh, dw) = plan.padding, plan.stride, plan.dilation
+        if fast and self.backend == "numba" and plan.thin:
+            padded_h, padded_w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
+            offsets, weights = numba_cpu.thin_conv_taps(plan.packed.weight, padded_h, padded_w, (dh, dw))
+            slack = (plan.packed.weight.shape[3] - 1) * dw
+            geometry = (ph, pw, sh, sw, out_channels // self.groups, slack)
+            epilogue = (plan.direct_offsets, np.zeros(1, np.int64)) + plan.tail
+            run = numba_cpu._thin_conv_parallel if numba_cpu._use_threads(ops) else numba_cpu._thin_conv_serial
+            return out, [(run, (x, np.int64(plan.x_zero_point), geometry, offsets, weights, epilogue, out))]
+        pixels = out_h * out_w
+        out3 = out.reshape(batch, out_channels, pixels)
+        if fast and self.backend == "avx2":
+            padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
+            per_block = numba_cpu.EXTERNAL_PIXELS
+            items = batch * self.groups * ((pixels + per_block - 1) // per_block)
+            epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
+            run = numba_cpu.avx2_conv_parallel if numba_cpu._use_threads(ops) else numba_cpu.avx2_conv_serial
+            return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+                         (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
+        if fast and self.backend == "numba" and out_channels // self.groups >= numba_cpu.TILE_COLUMNS:
+            padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
+            items = batch * self.groups * ((pixels + numba_cpu.CONV_PIXELS - 1) // numba_cpu.CONV_PIXELS)
+            epilogue = (plan.offsets, np.zeros(0, np.int64)) + plan.tail
+            ops *= plan.passes.shape[0]
+            run = numba_cpu._conv_parallel if numba_cpu._use_threads(ops) else numba_cpu._conv_serial
+            return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+                         (run, (padded, plan.packed.parts, plan.passes, items, plan.conv_tuple(out_h, out_w),
+                                epilogue, out3))]
+        prepared, backend = self.prepared, self.backend
+        return out, [_copy_result(out, lambda: _with_backend(prepared, x, backend))]
+
+
+class AddQ(Op):
+    """Integer residual add (TFLite's ADD, ``reference.quantized_add``) of two codes on their grids."""
+
+    arity = 2
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.spec = _out_spec(step)
+        scales = [np.float32(_attr(step, key, float)) for key in ("a_scale", "b_scale", "out_scale")]
+        zero_points = [_attr(step, key, int) for key in ("a_zero_point", "b_zero_point", "out_zero_point")]
+        relu = _attr(step, "relu", bool)
+        try:
+            probe = np.zeros(1, self.spec.dtype)
+            ref.check_add_args(probe, zero_points[0], probe, zero_points[1], zero_points[2], self.spec)
+            left_shift, (m_a, s_a), (m_b, s_b), (m_out, s_out) = ref.add_multipliers(*scales, self.spec)
+        except (TypeError, ValueError) as error:
+            raise _fail(step, str(error)) from error
+        low = max(self.spec.qmin, zero_points[2]) if relu else self.spec.qmin
+        self.arguments = (np.int64(left_shift), (np.int64(zero_points[0]), np.int64(m_a), np.int64(s_a)),
+                          (np.int64(zero_points[1]), np.int64(m_b), np.int64(s_b)),
+                          (np.int64(zero_points[2]), np.int64(m_out), np.int64(s_out), np.int64(low),
+                           np.int64(self.spec.qmax)))
+
+    def bind(self, inputs):
+        a, b = inputs
+        _expect(self.step, a, self.spec.dtype)
+        if b.shape != a.shape or b.dtype != a.dtype:
+            raise ValueError(f"add step {self.step.name!r}: both inputs need the same shape and dtype, got "
+                             f"{a.shape} {a.dtype} and {b.shape} {b.dtype}")
+        out = np.empty(a.shape, self.spec.dtype)
+        return out, [(numba_cpu._add, (a.reshape(-1), b.reshape(-1), *self.arguments, out.reshape(-1)))]
+
+
+class AvgPoolQ(_Pool):
+    """Integer average pooling on the input grid (``reference.quantized_avg_pool2d``); adaptive with equal bins."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.zero_point = _attr(step, "zero_point", int)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        if x.dtype.kind != "i":
+            raise ValueError(f"avg_pool_q step {self.step.name!r}: expected integer codes, got {x.dtype}")
+        kernel, stride, padding = self._geometry(x)
+        ref.check_int(self.zero_point, "zero_point", *ref.activation_range(x.dtype))
+        out_h, out_w = _pool_geometry(self.step, x, kernel, stride, padding)
+        out = np.empty(x.shape[:2] + (out_h, out_w), x.dtype)
+        return out, [(numba_cpu._avg_pool, (x, np.int64(self.zero_point), kernel, stride, padding, True, out))]
+
+    def _geometry(self, x):
+        if self.output_size is None:
+            return self.kernel, self.stride, self.padding
+        if x.ndim != 4 or x.shape[2] % self.output_size[0] or x.shape[3] % self.output_size[1]:
+            raise ValueError(f"avg_pool_q step {self.step.name!r}: input {x.shape} does not split into "
+                             f"{self.output_size} equal bins")
+        kernel = (x.shape[2] // self.output_size[0], x.shape[3] // self.output_size[1])
+        return kernel, kernel, (0, 0)
+
+
+class ReluQ(Op):
+    """ReLU on codes: ``max(q, zero_point)``."""
+
+    def __init__(self, step: Step) -> None:
+        super().__init__(step)
+        self.zero_point = _attr(step, "zero_point", int)
+
+    def bind(self, inputs):
+        x = inputs[0]
+        ref.check_int(self.zero_point, "zero_point", *ref.activation_range(x.dtype))
+        out = np.empty_like(x)
+        return out, [_maximum(x, x.dtype.type(self.zero_point), out)]

@@ -1,0 +1,219 @@
+"""The executor: a plan description turned into a flat list of prepared kernel calls over preallocated buffers.
+
+``Plan(description)`` builds every operation once (:mod:`nanoopt.runtime.steps`: constants validated, weights
+packed). The first call with a given input shape binds the operations to buffers for that shape -- one buffer per
+value, allocated once -- and keeps the resulting list of ``(function, arguments)`` calls; every later call with
+that shape checks the input (type, dtype, shape, and, for an integer plan, that every value is finite: NaN has no
+code and the integer models refuse +-inf rather than saturate it silently), writes it
+into the first buffer (quantizing it, for an integer plan), runs the calls, and returns the output (dequantized,
+for an integer plan) as a new array. No autograd, no module dispatch, no validation of constants per call.
+
+Buffers are reused across calls, so a plan is not re-entrant: use one plan per thread.
+
+>>> import numpy as np
+>>> from nanoopt.runtime.description import PlanDescription, Step
+>>> weight = np.array([[1.0, -1.0]], np.float32)
+>>> plan = Plan(PlanDescription("float", (2,), None, None, [Step("linear", (0,), {"relu": True},
+...                                                            {"weight": weight})], output=1))
+>>> plan(np.array([[3.0, 1.0], [1.0, 3.0]], np.float32))
+array([[2.],
+       [0.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nanoopt.quant.spec import check_scale, check_zero_point
+from nanoopt.runtime import float_steps as F
+from nanoopt.runtime import integer_steps as Q
+from nanoopt.runtime.boundary import dequantize_into, quantize_into
+from nanoopt.runtime.description import PlanDescription, PlanFormatError
+from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op
+
+__all__ = ["FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
+
+OPS: dict[str, type[Op]] = {
+    "linear_q": Q.LinearQ, "conv2d_q": Q.Conv2dQ, "add_q": Q.AddQ, "avg_pool_q": Q.AvgPoolQ, "relu_q": Q.ReluQ,
+    "max_pool": MaxPool, "flatten": Flatten, "identity": Identity,
+    "linear": F.Linear, "conv2d": F.Conv2d, "affine": F.ChannelAffine, "relu": F.Relu, "add": F.Add,
+    "avg_pool": F.AvgPool, "csr_linear": F.CsrLinear, "nm_linear": F.NmLinear,
+}
+SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
+INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
+FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
+
+
+def _not_finite(x: np.ndarray) -> str:
+    """The error message for an input with NaN or +-inf values: how many, and the first one."""
+    bad = ~np.isfinite(x)
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    return (f"plan input is not finite at {int(bad.sum())} of {x.size} values, first at {first} ({x[first]}); an "
+            "integer plan needs finite inputs (NaN has no code, and infinities are refused rather than saturated)")
+
+
+@dataclass
+class _Bound:
+    """The calls and buffers of one input shape."""
+
+    input: np.ndarray  # value 0's buffer (codes for an integer plan, float32 otherwise)
+    output: np.ndarray  # the buffer of the output value
+    calls: list[Call]
+    per_step: list[list[Call]]  # the same calls, grouped by step (for profiling)
+
+
+class Plan:
+    """A callable ``plan(x: np.ndarray) -> np.ndarray`` made from a :class:`PlanDescription`."""
+
+    def __init__(self, description: PlanDescription) -> None:
+        if not isinstance(description, PlanDescription):
+            raise TypeError(f"Plan takes a PlanDescription, got {type(description).__name__}")
+        self.description = description
+        allowed = INT_OPS if description.kind == "int" else FLOAT_OPS
+        self.ops: list[Op] = []
+        for index, step in enumerate(description.steps):
+            if step.op not in OPS:
+                raise PlanFormatError(f"step {index}: unknown operation {step.op!r} (known: {sorted(OPS)})")
+            if step.op not in allowed:
+                raise PlanFormatError(f"step {index}: operation {step.op!r} does not belong in a {description.kind} "
+                                      "plan")
+            self.ops.append(OPS[step.op](step))
+        self.input_shape = description.input_shape
+        self._bound: dict[tuple[int, ...], _Bound] = {}
+        if description.kind == "int":
+            self._boundary()
+
+    def _boundary(self) -> None:
+        """Validate the input and output grids once; keep the scalars the boundary kernels take."""
+        grids = (self.description.input_grid, self.description.output_grid)
+        for name, grid in zip(("input", "output"), grids, strict=True):
+            try:
+                check_scale(grid.scale, f"{name} scale")
+                check_zero_point(grid.zero_point, grid.spec.qmin, grid.spec.qmax, f"{name} zero_point")
+            except (TypeError, ValueError) as error:
+                raise PlanFormatError(f"plan {name} grid: {error}") from error
+        grid_in, grid_out = grids
+        self.input_dtype, self.output_dtype = grid_in.spec.dtype, grid_out.spec.dtype
+        zero = grid_in.zero_point
+        self._quantize = (np.float32(grid_in.scale), np.int64(zero), np.float32(grid_in.spec.qmin - zero),
+                          np.float32(grid_in.spec.qmax - zero))
+        self._dequantize = (np.float32(grid_out.scale), np.int64(grid_out.zero_point))
+
+    @property
+    def kind(self) -> str:
+        """``"int"`` or ``"float"``."""
+        return self.description.kind
+
+    # ---------------------------------------------------------------------------------------- binding
+    def _bind(self, shape: tuple[int, ...]) -> _Bound:
+        dtype = self.input_dtype if self.kind == "int" else np.dtype(np.float32)
+        values = [np.empty(shape, dtype)]
+        calls: list[Call] = []
+        per_step = []
+        for op, step in zip(self.ops, self.description.steps, strict=True):
+            out, step_calls = op.bind([values[i] for i in step.inputs])
+            values.append(out)
+            calls.extend(step_calls)
+            per_step.append(step_calls)
+        output = values[self.description.output]
+        if self.kind == "int" and output.dtype != self.output_dtype:
+            raise PlanFormatError(f"the plan's output value has dtype {output.dtype}, its output grid expects "
+                                  f"{self.output_dtype}")
+        return _Bound(values[0], output, calls, per_step)
+
+    def _check(self, x: Any) -> np.ndarray:
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"plan input must be a NumPy array, got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise TypeError(f"plan input must be floating point (float32 preferred), got dtype {x.dtype}")
+        if x.ndim < 1:
+            raise ValueError("plan input must have a batch axis, got a 0-d array")
+        if self.input_shape is not None and x.shape[1:] != self.input_shape:
+            expected = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"plan input must have shape (N, {expected}), got {x.shape}")
+        return x
+
+    # ------------------------------------------------------------------------------------------- calls
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Run the plan on a float batch ``x`` (N, ...) and return a new float32 array."""
+        x = self._check(x)
+        if x.shape[0] == 0:  # no samples: no rows, with the output shape of one sample
+            single = (1, *x.shape[1:])
+            if single not in self._bound:
+                self._bound[single] = self._bind(single)
+            return np.empty((0, *self._bound[single].output.shape[1:]), np.float32)
+        bound = self._bound.get(x.shape)
+        if bound is None:
+            bound = self._bound[x.shape] = self._bind(x.shape)
+        if self.kind == "int":
+            flat = x.reshape(-1) if x.dtype == np.float32 and x.flags.c_contiguous else \
+                np.ascontiguousarray(x, np.float32).reshape(-1)
+            if not quantize_into(flat, *self._quantize, bound.input.reshape(-1)):
+                raise ValueError(_not_finite(x))
+        else:
+            np.copyto(bound.input, x, casting="same_kind")
+        for function, arguments in bound.calls:
+            function(*arguments)
+        out = np.empty(bound.output.shape, np.float32)
+        if self.kind == "int":
+            dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
+        else:
+            np.copyto(out, bound.output)
+        return out
+
+    def forward_int(self, x_q: np.ndarray) -> np.ndarray:
+        """An integer plan on input codes: codes in, output codes out (a new array)."""
+        if self.kind != "int":
+            raise TypeError("forward_int needs an integer plan")
+        if not isinstance(x_q, np.ndarray) or x_q.dtype != self.input_dtype:
+            raise TypeError(f"forward_int takes {self.input_dtype} codes, got {getattr(x_q, 'dtype', type(x_q))}")
+        bound = self._bound.get(x_q.shape)
+        if bound is None:
+            self._check(np.empty(x_q.shape, np.float32))
+            bound = self._bound[x_q.shape] = self._bind(x_q.shape)
+        np.copyto(bound.input, x_q)
+        for function, arguments in bound.calls:
+            function(*arguments)
+        return bound.output.copy()
+
+    def profile(self, x: np.ndarray, repeats: int = 100) -> dict[str, float]:
+        """Median seconds of a whole call and of its kernel calls alone, each timed by itself and summed, on ``x``.
+
+        The kernels are the layers' calls and the boundary: quantizing the input (or copying it into the input
+        buffer) and dequantizing (or copying) the output. ``whole - kernels`` is what the plan adds around them:
+        the input checks, the buffer lookup, the loop over calls and the output allocation.
+        """
+        self(x)
+        bound = self._bound[x.shape]
+        whole, kernel = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self(x)
+            whole.append(time.perf_counter() - start)
+            total = self._boundary_seconds(x, bound)
+            for function, arguments in bound.calls:
+                start = time.perf_counter()
+                function(*arguments)
+                total += time.perf_counter() - start
+            kernel.append(total)
+        return {"whole": float(np.median(whole)), "kernels": float(np.median(kernel)),
+                "steps": len(self.ops), "calls": len(bound.calls)}
+
+    def _boundary_seconds(self, x: np.ndarray, bound: _Bound) -> float:
+        out = np.empty(bound.output.shape, np.float32)
+        start = time.perf_counter()
+        if self.kind == "int":
+            quantize_into(x.reshape(-1), *self._quantize, bound.input.reshape(-1))
+            dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
+        else:
+            np.copyto(bound.input, x)
+            np.copyto(out, bound.output)
+        return time.perf_counter() - start
+
+    def __repr__(self) -> str:
+        ops = ", ".join(step.op for step in self.description.steps)
+        return f"Plan({self.kind}, input {self.input_shape}, [{ops}])"

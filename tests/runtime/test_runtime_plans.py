@@ -1,0 +1,299 @@
+"""nanoopt.runtime plans: bit-identical to the converted integer model, close to the float model, loadable from a
+file, strict about their input, and importable without the autograd.
+
+The central property: for every kind of model the runtime takes -- MLPs, convolutions (grouped, strided, dilated,
+padded), max/average/adaptive pools, residual adds, 16x8 activations, 4-bit weights, pruned models on CSR and N:M
+kernels, physically shrunk models -- ``runtime.compile(qmodel)(x)`` equals ``qmodel(x)`` bit for bit, on any batch
+size and for inputs far outside the calibrated range, and so does the plan saved and loaded again.
+"""
+
+import io
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nanoopt as no
+from nanoopt import models, nn, prune, runtime
+from nanoopt.deploy import to_plan
+from nanoopt.prune.sparse import to_sparse
+from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.ptq import calibrate, convert, prepare
+from nanoopt.runtime import PlanFormatError
+
+
+def build(architecture, seed):
+    no.manual_seed(seed)
+    if architecture == "mlp":
+        return models.mlp(12, (7, 5), 3), (3, 2, 2)
+    if architecture == "lenet5":
+        return models.lenet5(input_size=8), (1, 8, 8)
+    if architecture == "resnet":  # BatchNorm, residual adds, adaptive average pool
+        return models.small_resnet(widths=(4, 8), blocks_per_stage=1, num_classes=5), (1, 8, 8)
+    if architecture == "convs":  # grouped, strided, dilated and padded convolutions, a max pool with padding
+        return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                             nn.Conv2d(8, 4, 3, stride=1, padding=1, groups=4), nn.ReLU(),
+                             nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
+                             nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 7, 7)
+    if architecture == "pools":  # average pools with and without padding, dropout, an unfused ReLU
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, stride=1, padding=1), nn.Dropout(0.3),
+                             nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 4)), (1, 8, 8)
+    raise AssertionError(architecture)
+
+
+def randomise_batchnorms(model, rng):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean[...] = rng.normal(scale=0.3, size=module.num_features)
+            module.running_var[...] = rng.uniform(0.5, 2.0, size=module.num_features)
+            module.weight.data[...] = rng.uniform(0.5, 1.5, size=module.num_features)
+
+
+CONFIGS = {"int8": QuantConfig(), "16x8": QuantConfig.int16_activations(), "w4a8": QuantConfig.weights4()}
+
+
+def converted(model, shape, config, seed):
+    rng = np.random.default_rng(seed)
+    model.eval()
+    calibration = [rng.normal(size=(16,) + shape).astype(np.float32) for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prepared = prepare(model, CONFIGS[config], calibration[0][:1])
+    calibrate(prepared, calibration, progress=False)
+    return convert(prepared)
+
+
+def roundtrip(plan):
+    buffer = io.BytesIO()
+    runtime.save(plan, buffer)
+    buffer.seek(0)
+    return runtime.load(buffer)
+
+
+def bits(array):
+    return np.ascontiguousarray(array, np.float32).view(np.uint32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["mlp", "lenet5", "resnet", "convs", "pools"]), st.sampled_from(sorted(CONFIGS)),
+       st.integers(0, 2**16), st.integers(1, 6), st.sampled_from([0.1, 1.0, 30.0]))
+def test_integer_plan_equals_integer_model_bit_for_bit(architecture, config, seed, batch, spread):
+    model, shape = build(architecture, seed)
+    randomise_batchnorms(model, np.random.default_rng(seed))
+    qmodel = converted(model, shape, config, seed)
+    plan = runtime.compile(qmodel)
+    x = (np.random.default_rng(seed + 1).normal(size=(batch,) + shape) * spread).astype(np.float32)
+    expected = qmodel(x).data
+    np.testing.assert_array_equal(bits(plan(x)), bits(expected))
+    np.testing.assert_array_equal(bits(plan(x)), bits(expected))  # a second call reuses the buffers
+    np.testing.assert_array_equal(bits(roundtrip(plan)(x)), bits(expected))
+    np.testing.assert_array_equal(plan.forward_int(qmodel.quantize_input(x)),
+                                  qmodel.forward_int(qmodel.quantize_input(x)))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(["mlp", "lenet5", "resnet", "convs", "pools"]), st.integers(0, 2**16), st.integers(1, 6))
+def test_float_plan_matches_float_model(architecture, seed, batch):
+    model, shape = build(architecture, seed)
+    randomise_batchnorms(model, np.random.default_rng(seed))
+    model.eval()
+    x = np.random.default_rng(seed + 1).normal(size=(batch,) + shape).astype(np.float32)
+    plan = runtime.compile(model, x[:1])
+    with no.no_grad():
+        expected = model(x).data
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(plan(x), expected, rtol=0, atol=2e-5 * scale)
+    np.testing.assert_array_equal(roundtrip(plan)(x), plan(x))
+    ops = [step.op for step in plan.description.steps]
+    if architecture == "resnet":  # BatchNorm folded into the convolutions, ReLUs fused
+        assert "affine" not in ops and "relu" not in ops
+    if architecture == "lenet5":  # conv -> ReLU -> 2x2 max pool: one step each
+        assert ops == ["conv2d", "conv2d", "flatten", "linear", "linear", "linear"]
+    if architecture == "convs":  # an overlapping, padded max pool stays a step of its own
+        assert "max_pool" in ops
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "lenet5", "convs"])
+def test_plans_built_on_each_backend_give_the_same_bits(architecture):
+    """The backend is chosen when the plan is built (the thread's kernels.use_backend); every one gives the model's
+    integers -- the portable Numba path is what CPUs without AVX2 run."""
+    from nanoopt import kernels
+
+    model, shape = build(architecture, 5)
+    qmodel = converted(model, shape, "int8", 5)
+    x = np.random.default_rng(6).normal(size=(7,) + shape).astype(np.float32)
+    expected = qmodel(x).data
+    for backend in ("numba", "reference", "auto"):
+        with kernels.use_backend(backend):
+            plan = runtime.compile(qmodel)
+        np.testing.assert_array_equal(plan(x), expected)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "nm"])
+def test_sparse_plans_match_the_sparse_model(fmt):
+    no.manual_seed(1)
+    model = models.lenet_300_100(in_features=64)
+    if fmt == "csr":
+        for layer in (model[1], model[3], model[5]):
+            prune.l1_unstructured(layer, "weight", amount=0.9)
+    else:
+        for layer in (model[1], model[3], model[5]):
+            prune.nm_sparsity(layer, "weight", n=2, m=4)
+    replaced = to_sparse(model, format=fmt, n=2, m=4)
+    assert replaced == ["1", "3", "5"]
+    model.eval()
+    plan = runtime.compile(model)
+    assert {step.op for step in plan.description.steps} >= {f"{fmt}_linear"}
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).random((batch, 1, 8, 8)).astype(np.float32)
+        with no.no_grad():
+            expected = model(x).data
+        np.testing.assert_array_equal(plan(x), expected)  # the same sparse kernels, the same summation order
+
+
+def test_shrunk_model_plans():
+    no.manual_seed(2)
+    model = models.lenet_300_100(in_features=64)
+    prune.ln_structured(model[1], "weight", amount=0.5, n=1, dim=0)
+    prune.ln_structured(model[3], "weight", amount=0.5, n=1, dim=0)
+    x = np.random.default_rng(0).random((8, 1, 8, 8)).astype(np.float32)
+    prune.shrink(model, x[:2])
+    prune.remove_all(model)
+    assert model[1].out_features == 150
+    model.eval()
+    with no.no_grad():
+        expected = model(x).data
+    np.testing.assert_allclose(runtime.compile(model)(x), expected, atol=1e-5)
+    qmodel = converted(model, (1, 8, 8), "int8", 0)
+    np.testing.assert_array_equal(runtime.compile(qmodel)(x), qmodel(x).data)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@pytest.fixture(scope="module")
+def int_plan():
+    model, shape = build("lenet5", 0)
+    return runtime.compile(converted(model, shape, "int8", 0))
+
+
+def test_wrong_input_is_refused_before_any_kernel(int_plan):
+    good = np.zeros((2, 1, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"shape \(N, 1, 8, 8\), got \(2, 1, 8, 9\)"):
+        int_plan(np.zeros((2, 1, 8, 9), np.float32))
+    with pytest.raises(TypeError, match="floating point.*int64"):
+        int_plan(good.astype(np.int64))
+    with pytest.raises(TypeError, match="NumPy array, got list"):
+        int_plan(good.tolist())
+    for value in (np.nan, np.inf, -np.inf):  # refused, as the integer model refuses them
+        bad = good.copy()
+        bad[1, 0, 3, 3] = value
+        with pytest.raises(ValueError, match=r"not finite.*\(1, 0, 3, 3\)"):
+            int_plan(bad)
+    np.testing.assert_array_equal(int_plan(good.astype(np.float64)), int_plan(good))
+    assert int_plan(good[:0]).shape == (0, 10)  # no samples: no rows, as the models return
+
+
+def test_files_of_another_version_or_damaged_are_refused(int_plan, tmp_path):
+    runtime.save(int_plan, tmp_path / "plan.bin")  # saved under exactly the name given
+    np.testing.assert_array_equal(runtime.load(tmp_path / "plan.bin")(np.ones((1, 1, 8, 8), np.float32)),
+                                  int_plan(np.ones((1, 1, 8, 8), np.float32)))
+    path = tmp_path / "plan.npz"
+    runtime.save(int_plan, path)
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    header = json.loads(bytes(arrays["__plan__"]))
+    header["version"] = 999
+    arrays["__plan__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "future.npz", **arrays)
+    with pytest.raises(PlanFormatError, match="version 999.*reads version 1"):
+        runtime.load(tmp_path / "future.npz")
+    data = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PlanFormatError, match="not a readable nanoopt plan"):
+        runtime.load(tmp_path / "cut.npz")
+    np.savez(tmp_path / "other.npz", weight=np.zeros(3))
+    with pytest.raises(PlanFormatError, match="not a nanoopt plan file"):
+        runtime.load(tmp_path / "other.npz")
+    del arrays["s0.m0"]
+    header["version"] = 1
+    arrays["__plan__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    np.savez(tmp_path / "missing.npz", **arrays)
+    with pytest.raises(PlanFormatError, match="lacks its array 'm0'"):
+        runtime.load(tmp_path / "missing.npz")
+
+
+def test_invalid_constants_are_refused_when_the_plan_is_built(int_plan):
+    description = roundtrip(int_plan).description
+    linear = next(step for step in description.steps if step.op == "linear_q")
+    linear.arrays["m0"] = linear.arrays["m0"].copy()
+    linear.arrays["m0"][0] = 5  # not in [2^30, 2^31)
+    with pytest.raises(PlanFormatError, match="m0"):
+        runtime.compile(description)
+    description = roundtrip(int_plan).description
+    description.steps[0].attrs["x_zero_point"] = 1000
+    with pytest.raises(PlanFormatError, match="zero"):
+        runtime.compile(description)
+
+
+def test_training_mode_and_unsupported_layers_are_refused():
+    model = models.mlp(4, (3,), 2)
+    with pytest.raises(ValueError, match="eval mode"):
+        to_plan(model)
+    model = nn.Sequential(nn.Linear(4, 3), nn.GELU()).eval()
+    with pytest.raises(ValueError, match="GELU.*no runtime operation"):
+        to_plan(model)
+
+
+def test_importing_the_runtime_loads_no_autograd_layers_or_techniques():
+    code = ("import sys, nanoopt.runtime; "
+            "print(sorted(m for m in sys.modules if m.startswith('nanoopt')))")
+    loaded = eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    forbidden = ("nanoopt.tensor", "nanoopt.ops", "nanoopt.nn", "nanoopt.optim", "nanoopt.train", "nanoopt.prune",
+                 "nanoopt.distill", "nanoopt.quant.observers", "nanoopt.quant.qmodules", "nanoopt.deploy")
+    assert "nanoopt.runtime" in loaded
+    assert not [name for name in loaded if name.startswith(forbidden)], loaded
+    assert {name for name in loaded if name.startswith("nanoopt.quant")} == {"nanoopt.quant", "nanoopt.quant.spec"}
+
+
+def test_precompile_command_runs_a_saved_plan(int_plan, tmp_path, capsys):
+    from nanoopt import cli
+
+    path = tmp_path / "plan.npz"
+    runtime.save(int_plan, path)
+    assert cli.main(["precompile", str(path), "--batch-sizes", "1", "3"]) == 0
+    assert "ran batch sizes [1, 3]" in capsys.readouterr().out
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    assert cli.main(["precompile", str(tmp_path / "bad.npz")]) == 1
+    assert "not a readable nanoopt plan" in capsys.readouterr().err
+
+
+def test_constants_are_validated_once_not_per_call(int_plan, monkeypatch):
+    """After the plan (and the converted model) are built, a call runs no scale/zero-point/multiplier check."""
+    import nanoopt.kernels.reference as reference
+    import nanoopt.quant.boundary as boundary
+    import nanoopt.quant.qmodules as qmodules
+    import nanoopt.quant.spec as spec
+
+    model, shape = build("mlp", 0)
+    qmodel = converted(model, shape, "int8", 0)
+    plan = runtime.compile(qmodel)
+    x = np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32)
+    expected_plan, expected_model = plan(x), qmodel(x).data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a constant was validated again during a call")
+
+    for module, name in ((spec, "check_scale"), (spec, "check_zero_point"), (qmodules, "check_scale"),
+                         (qmodules, "check_zero_point"), (boundary, "check_scale"), (boundary, "check_zero_point"),
+                         (reference, "check_layer_params"), (reference, "check_requant_params"),
+                         (reference, "check_bias")):
+        monkeypatch.setattr(module, name, refuse)
+    np.testing.assert_array_equal(plan(x), expected_plan)
+    np.testing.assert_array_equal(qmodel(x).data, expected_model)
+    with pytest.raises(AssertionError, match="validated again"):  # the patches do catch a per-call check
+        boundary.quantize_per_tensor(x, qmodel.input_scale, qmodel.input_zero_point, qmodel.input_spec)
