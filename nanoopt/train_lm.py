@@ -123,36 +123,60 @@ def evaluate_lm(model: Module, x: np.ndarray, y: np.ndarray, batch_size: int = 6
     return total / len(x)
 
 
+class LMTrainer:
+    """One optimiser step at a time (what :func:`train_lm` loops over): warmup/cosine learning rate, forward,
+    token cross-entropy, backward, global-norm clipping, AdamW with decay on 2-D weights only.
+
+    >>> import numpy as np, nanoopt as no
+    >>> from nanoopt import models
+    >>> no.manual_seed(0)
+    >>> trainer = LMTrainer(models.gpt(5, 4, 1, 1, 8), LMTrainConfig(max_iters=2))
+    >>> x = np.array([[0, 1, 2, 3]]); loss = trainer.step(x, (x + 1) % 5, 0)
+    >>> bool(abs(loss - np.log(5)) < 0.05)     # about log V at the nanoGPT initialisation
+    True
+    """
+
+    def __init__(self, model: Module, config: LMTrainConfig) -> None:
+        self.model, self.config = model, config
+        self.optimizer = configure_adamw(model, config.learning_rate, config.weight_decay, config.betas)
+        self.parameters = list(model.parameters())
+
+    def step(self, x: np.ndarray, y: np.ndarray, iteration: int) -> float:
+        """One step on windows x, y (B, T) at step number ``iteration`` (which sets the learning rate)."""
+        lr = lr_schedule(iteration, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        loss = lm_loss(self.model(x), y)
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.config.grad_clip:
+            clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.optimizer.step()
+        return loss.item()
+
+
 def train_lm(model: Module, train_ids: np.ndarray, config: LMTrainConfig | None = None,
              validation: tuple[np.ndarray, np.ndarray] | None = None, block_size: int | None = None,
              progress: bool = True) -> LMHistory:
     """Train ``model`` (ids (B, T) -> logits (B, T, V)) on random windows of ``train_ids``; see the module doc.
 
-    ``block_size`` defaults to ``model.config.block_size``. ``validation`` is a fixed (x, y) window set
-    (e.g. :func:`nanoopt.data.validation_windows`), scored every ``eval_interval`` steps and after the last.
+    ``block_size`` defaults to ``model.config.block_size``. Windows come from
+    :func:`nanoopt.data.sample_windows` with ``numpy.random.default_rng(config.seed)``. ``validation`` is a
+    fixed (x, y) window set (e.g. :func:`nanoopt.data.validation_windows`), scored every ``eval_interval``
+    steps and after the last.
     """
     config = config or LMTrainConfig()
     block_size = block_size or model.config.block_size
-    optimizer = configure_adamw(model, config.learning_rate, config.weight_decay, config.betas)
+    trainer = LMTrainer(model, config)
     rng = np.random.default_rng(config.seed)
     history = LMHistory(tokens_per_step=config.batch_size * block_size)
-    parameters = list(model.parameters())
-    model.train()
     bar = tqdm(range(config.max_iters), desc="train", disable=not progress)
     for iteration in bar:
         start = time.perf_counter()
-        lr = lr_schedule(iteration, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         x, y = sample_windows(train_ids, block_size, config.batch_size, rng)
-        loss = lm_loss(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        if config.grad_clip:
-            clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
+        history.train_loss.append(trainer.step(x, y, iteration))
         seconds = time.perf_counter() - start
-        history.train_loss.append(loss.item())
         history.step_seconds.append(seconds)
         bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}", tok_s=f"{history.tokens_per_step / seconds:.0f}")
         last = iteration == config.max_iters - 1
