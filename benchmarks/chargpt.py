@@ -55,14 +55,14 @@ def tokens_per_second(generate, new_tokens: int) -> tuple[float, np.ndarray]:
 class TorchTrainer:
     """nanoGPT's training step in PyTorch, with the same schedule, groups and clipping as nanoopt's LMTrainer."""
 
-    def __init__(self, initial: dict, vocab: int, config: LMTrainConfig) -> None:
+    def __init__(self, initial: dict, vocab: int, config: LMTrainConfig, sizes: dict | None = None) -> None:
         import torch
 
         from benchmarks.torch_gpt import TorchGPT
 
         self.torch, self.config, self.vocab = torch, config, vocab
         torch.set_num_threads(1)
-        self.model = TorchGPT(vocab_size=vocab, **SIZES)
+        self.model = TorchGPT(vocab_size=vocab, **(sizes or SIZES))
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in initial.items()})
         self.params = list(self.model.parameters())
         groups = [{"params": [p for p in self.params if p.dim() >= 2], "weight_decay": config.weight_decay},
