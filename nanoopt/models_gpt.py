@@ -14,9 +14,10 @@ packed (B, T, 3C) projection, so a training step builds a small graph.
 values of the tokens seen so far (a KV cache), so one new token costs one row of every projection instead of a
 whole window; it computes what the cache-less path computes (the same modules, the same masks), and at
 temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
-``block_size`` the window slides and every key changes: the cache is then rebuilt from the cropped window at
-each step (exactly what the cache-less path does), and the cache only pays within the first ``block_size``
-positions.
+``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
+window (:meth:`GPT._window_logits`: the primitives' forwards on arrays, without graph or module overhead, and
+the last block only for the last position). A cache therefore pays within the first ``block_size`` positions;
+beyond, each token costs about one forward pass of the window, as without it.
 
 >>> import numpy as np, nanoopt as no
 >>> no.manual_seed(0)
@@ -36,10 +37,11 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt import nn
+from nanoopt import nn, ops
 from nanoopt.nn import init
 from nanoopt.nn.attention import causal_bias, check_indices
-from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV
+from nanoopt.ops import Context
+from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
 from nanoopt.random import get_rng
 from nanoopt.tensor import Tensor, no_grad
 
@@ -208,6 +210,55 @@ class GPT(nn.Module):
             x = block(x, cache)
         return self.lm_head(self.transformer["ln_f"](x[:, -1])).data
 
+    def _plain(self) -> bool:
+        """True when every submodule is one of the stock layers without hooks (so that the primitives' forwards
+        may be called on the arrays directly); quantized, pruned or hooked models take the module path."""
+        stock = (GPT, nn.ModuleDict, nn.ModuleList, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm,
+                 nn.Embedding, nn.Dropout, nn.GELU)
+        return all(type(m) in stock and not m._forward_hooks and not m._forward_pre_hooks for m in self.modules())
+
+    def _window_logits(self, ids: np.ndarray) -> np.ndarray:
+        """Next-token logits (B, V) after the window ``ids`` (B, T), from the primitives' forwards on arrays.
+
+        The same primitives as :meth:`forward`, without graph or module overhead, and the last block computes
+        its query, attention output and MLP for the last position only (the keys and values of every position
+        are still needed): when the window slides, this is the whole cost of one generated token.
+        """
+        def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
+            return function.forward(Context(function), *arrays, **options)
+
+        def layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
+            bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
+            return call(ops.LayerNorm, x, module.weight.data, bias, ndim_normalised=1, eps=module.eps)
+
+        def linear(module: nn.Linear, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+            bias = None if module.bias is None else module.bias.data[rows]
+            return call(ops.Linear, x, module.weight.data[rows], bias)
+
+        b, t = ids.shape
+        c, h = self.config.n_embd, self.config.n_head
+        d = c // h
+        x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[:t]  # (B, T, C)
+        blocks = list(self.transformer["h"])
+        for i, block in enumerate(blocks):
+            hidden = layer_norm(block.ln_1, x)
+            if i < len(blocks) - 1:
+                qkv = linear(block.attn.c_attn, hidden)  # (B, T, 3C)
+                y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
+            else:  # the last block: keys and values of every position, everything else for the last one only
+                kv = linear(block.attn.c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
+                q = linear(block.attn.c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
+                out, _, _ = attention_forward(q, np.ascontiguousarray(kv[0]), np.ascontiguousarray(kv[1]), None,
+                                              1.0 / math.sqrt(d), None, True)  # (B, H, 1, D)
+                y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
+                x = x[:, -1:]
+            x = x + linear(block.attn.c_proj, y)
+            mlp = block.mlp
+            x = x + linear(mlp.c_proj, call(ops.GELU, linear(mlp.c_fc, layer_norm(block.ln_2, x)),
+                                            approximate=mlp.gelu.approximate))
+        x = layer_norm(self.transformer["ln_f"], x[:, -1])  # (B, C)
+        return call(ops.Linear, x, self.lm_head.weight.data)  # (B, V)
+
     def _new_caches(self, batch: int) -> list[KVCache]:
         c = self.config
         dtype = self.lm_head.weight.dtype
@@ -236,6 +287,7 @@ class GPT(nn.Module):
         out[:, :ids.shape[1]] = ids
         length = ids.shape[1]
         caches: list[KVCache] | None = None
+        plain = self._plain()
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
@@ -244,7 +296,9 @@ class GPT(nn.Module):
                         logits = self.forward(window).data[:, -1]
                     elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
                         logits = self._logits_with_cache(window[:, -1:], caches)
-                    else:  # first step, or the window slid (every position changed): fill the cache anew
+                    elif length > block and plain:  # the window slid: every position changed, recompute it
+                        logits = self._window_logits(window)
+                    else:  # first step (or a model with hooks or replaced layers): fill the cache anew
                         caches = self._new_caches(ids.shape[0])
                         logits = self._logits_with_cache(window, caches)
                     out[:, length] = _sample(logits, temperature, top_k, rng)

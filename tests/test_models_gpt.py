@@ -143,3 +143,15 @@ def test_equals_pytorch_nanogpt_values_and_gradients():
     prompt = ids[:1, :3]
     np.testing.assert_array_equal(ours.generate(prompt, 20, temperature=0.0),
                                   theirs.generate(torch.from_numpy(prompt), 20, temperature=0.0).numpy())
+
+
+def test_window_logits_equal_the_forward_and_hooked_models_take_the_module_path():
+    model = small().eval()
+    ids = np.random.default_rng(3).integers(0, 13, size=(2, 8))
+    np.testing.assert_allclose(model._window_logits(ids), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+    assert model._plain()
+    seen = []
+    model.transformer["h"][1].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not model._plain()
+    model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8: every step through the modules
+    assert len(seen) == 10
