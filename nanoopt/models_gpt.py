@@ -15,8 +15,9 @@ values of the tokens seen so far (a KV cache), so one new token costs one row of
 whole window; it computes what the cache-less path computes (the same modules, the same masks), and at
 temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
 ``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
-window (:meth:`GPT._window_logits`: the primitives' forwards on arrays, without graph or module overhead, and
-the last block only for the last position). A cache therefore pays within the first ``block_size`` positions;
+window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
+module overhead, and the last block only for the last position); a model with hooks or replaced layers (observed,
+quantized, pruned) goes through its modules instead. A cache therefore pays within the first ``block_size`` positions;
 beyond, each token costs about one forward pass of the window, as without it.
 
 >>> import numpy as np, nanoopt as no
@@ -217,12 +218,14 @@ class GPT(nn.Module):
                  nn.Embedding, nn.Dropout, nn.GELU)
         return all(type(m) in stock and not m._forward_hooks and not m._forward_pre_hooks for m in self.modules())
 
-    def _window_logits(self, ids: np.ndarray) -> np.ndarray:
-        """Next-token logits (B, V) after the window ``ids`` (B, T), from the primitives' forwards on arrays.
+    def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None) -> np.ndarray:
+        """Next-token logits (B, V) after ``ids`` (B, T), from the primitives' forwards called on arrays.
 
-        The same primitives as :meth:`forward`, without graph or module overhead, and the last block computes
-        its query, attention output and MLP for the last position only (the keys and values of every position
-        are still needed): when the window slides, this is the whole cost of one generated token.
+        The same primitives as :meth:`forward` (and the module path of :meth:`_logits_with_cache`), without graph,
+        Tensor or module overhead. With ``caches`` the ids continue the cached positions and their keys and values
+        are appended; without, ``ids`` is a whole window. The last block computes keys and values for every
+        position but its query, attention output and MLP for the last position only, the one whose logits are
+        asked for.
         """
         def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
             return function.forward(Context(function), *arrays, **options)
@@ -237,21 +240,34 @@ class GPT(nn.Module):
 
         b, t = ids.shape
         c, h = self.config.n_embd, self.config.n_head
-        d = c // h
-        x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[:t]  # (B, T, C)
+        d, scale = c // h, 1.0 / math.sqrt(c // self.config.n_head)
+        start = caches[0].length if caches is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
+                             f"{self.config.block_size}")
+        x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[start:start + t]
         blocks = list(self.transformer["h"])
         for i, block in enumerate(blocks):
-            hidden = layer_norm(block.ln_1, x)
-            if i < len(blocks) - 1:
-                qkv = linear(block.attn.c_attn, hidden)  # (B, T, 3C)
-                y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
-            else:  # the last block: keys and values of every position, everything else for the last one only
+            hidden = layer_norm(block.ln_1, x)  # (B, T, C)
+            if i == len(blocks) - 1:  # keys and values of every position, everything else for the last one only
                 kv = linear(block.attn.c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
+                keys, values = kv[0], kv[1]  # (B, H, T, D)
+                if caches is not None:
+                    keys, values = caches[i].append(keys, values)
                 q = linear(block.attn.c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
-                out, _, _ = attention_forward(q, np.ascontiguousarray(kv[0]), np.ascontiguousarray(kv[1]), None,
-                                              1.0 / math.sqrt(d), None, True)  # (B, H, 1, D)
+                out, _, _ = attention_forward(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), None,
+                                              scale, None, True)  # the last query sees every key: no mask
                 y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
                 x = x[:, -1:]
+            elif caches is None:
+                qkv = linear(block.attn.c_attn, hidden)  # (B, T, 3C)
+                y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
+            else:
+                heads = linear(block.attn.c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+                keys, values = caches[i].append(heads[1], heads[2])
+                bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
+                out, _, _ = attention_forward(np.ascontiguousarray(heads[0]), keys, values, bias, scale, None, True)
+                y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
             x = x + linear(block.attn.c_proj, y)
             mlp = block.mlp
             x = x + linear(mlp.c_proj, call(ops.GELU, linear(mlp.c_fc, layer_norm(block.ln_2, x)),
@@ -295,12 +311,14 @@ class GPT(nn.Module):
                     if not use_cache:
                         logits = self.forward(window).data[:, -1]
                     elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
-                        logits = self._logits_with_cache(window[:, -1:], caches)
+                        step = window[:, -1:]
+                        logits = self._array_logits(step, caches) if plain else self._logits_with_cache(step, caches)
                     elif length > block and plain:  # the window slid: every position changed, recompute it
-                        logits = self._window_logits(window)
-                    else:  # first step (or a model with hooks or replaced layers): fill the cache anew
+                        logits = self._array_logits(window)
+                    else:  # first step (or, with hooks or replaced layers, a slid window): fill the cache anew
                         caches = self._new_caches(ids.shape[0])
-                        logits = self._logits_with_cache(window, caches)
+                        logits = self._array_logits(window, caches) if plain else self._logits_with_cache(window,
+                                                                                                           caches)
                     out[:, length] = _sample(logits, temperature, top_k, rng)
                     length += 1
         finally:

@@ -145,13 +145,20 @@ def test_equals_pytorch_nanogpt_values_and_gradients():
                                   theirs.generate(torch.from_numpy(prompt), 20, temperature=0.0).numpy())
 
 
-def test_window_logits_equal_the_forward_and_hooked_models_take_the_module_path():
+def test_array_logits_equal_the_forward_and_hooked_models_take_the_module_path():
     model = small().eval()
     ids = np.random.default_rng(3).integers(0, 13, size=(2, 8))
-    np.testing.assert_allclose(model._window_logits(ids), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model._array_logits(ids), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+    caches = model._new_caches(2)
+    np.testing.assert_allclose(model._array_logits(ids[:, :5], caches), model(ids[:, :5]).data[:, -1], rtol=1e-5,
+                               atol=1e-6)
+    for i in range(5, 8):
+        np.testing.assert_allclose(model._array_logits(ids[:, i:i + 1], caches), model(ids[:, :i + 1]).data[:, -1],
+                                   rtol=1e-5, atol=1e-6)
     assert model._plain()
     seen = []
     model.transformer["h"][1].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     assert not model._plain()
-    model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8: every step through the modules
+    hooked = model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8, through the modules
     assert len(seen) == 10
+    np.testing.assert_array_equal(hooked, model.generate(ids[:1, :2], 10, temperature=0.0, use_cache=False))
