@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP = {"__init__", "common", "run"}
+SKIP = {"__init__", "common", "run", "torch_gpt"}
 RECORDS = (ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md", ROOT / "docs" / "distillation.md")
 
 

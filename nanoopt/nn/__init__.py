@@ -1,6 +1,7 @@
 """Layers and the Module tree, with PyTorch's names and semantics (see DESIGN.md)."""
 
-from nanoopt.nn import functional, init
+from nanoopt.nn import functional, init, utils
+from nanoopt.nn.attention import Embedding, ModuleDict, MultiheadAttention
 from nanoopt.nn.layers import (
     GELU,
     AdaptiveAvgPool2d,
@@ -28,4 +29,5 @@ __all__ = [
     "Add", "AdaptiveAvgPool2d", "AvgPool2d", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dropout",
     "Flatten", "GELU", "Identity", "LayerNorm", "Linear", "MaxPool2d", "Module", "ModuleList", "Parameter",
     "ReLU", "RemovableHandle", "Sequential", "Sigmoid", "Tanh", "functional", "init",
+    "Embedding", "ModuleDict", "MultiheadAttention", "utils",
 ]

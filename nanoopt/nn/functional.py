@@ -228,3 +228,7 @@ def kl_div(input: Any, target: Any, reduction: str = "batchmean", log_target: bo
     if reduction == "none":
         return pointwise
     raise ValueError(f"kl_div: reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+# transformer pieces live in their own module (nanoopt.nn.attention); re-exported here under PyTorch's names
+from nanoopt.nn.attention import embedding, scaled_dot_product_attention  # noqa: E402, F401

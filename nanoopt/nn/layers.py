@@ -185,16 +185,19 @@ class BatchNorm2d(_BatchNorm):
 
 
 class LayerNorm(Module):
-    """Layer normalisation over the trailing ``normalized_shape`` axes (Ba et al. 2016)."""
+    """Layer normalisation over the trailing ``normalized_shape`` axes (Ba et al. 2016).
+
+    ``bias=False`` keeps the learned scale but no shift (PyTorch's ``bias`` argument; no ``bias`` parameter).
+    """
 
     def __init__(self, normalized_shape: int | Sequence[int], eps: float = 1e-5,
-                 elementwise_affine: bool = True) -> None:
+                 elementwise_affine: bool = True, bias: bool = True) -> None:
         super().__init__()
         shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
         self.normalized_shape, self.eps, self.elementwise_affine = shape, eps, elementwise_affine
         if elementwise_affine:
             self.weight = Parameter(np.ones(shape, dtype=np.float32))
-            self.bias = Parameter(np.zeros(shape, dtype=np.float32))
+            self.register_parameter("bias", Parameter(np.zeros(shape, dtype=np.float32)) if bias else None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -202,7 +205,7 @@ class LayerNorm(Module):
     def forward(self, x: Any) -> Tensor:
         x = _as_input(self, x)
         weight = self.weight if self.elementwise_affine else np.ones(self.normalized_shape, dtype=x.dtype)
-        bias = self.bias if self.elementwise_affine else np.zeros(self.normalized_shape, dtype=x.dtype)
+        bias = self.bias if self.bias is not None else np.zeros(self.normalized_shape, dtype=x.dtype)
         return _naming(self, F.layer_norm, x, self.normalized_shape, weight, bias, self.eps)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,385 @@
+"""A GPT (Radford et al. 2018/2019) in nanoopt, following karpathy/nanoGPT's ``model.py`` layer for layer.
+
+Token and position embeddings, ``n_layer`` pre-LayerNorm blocks (Xiong et al. 2020) of causal multi-head
+self-attention and a GELU MLP with residual connections, a final LayerNorm and a language-model head whose weight
+*is* the token embedding (weight tying, Press & Wolf 2017). Parameter names are nanoGPT's
+(``transformer.wte.weight``, ``transformer.h.0.attn.c_attn.weight``, ..., ``lm_head.weight``), so a nanoGPT
+checkpoint's ``state_dict`` loads one to one. Initialisation is nanoGPT's: every Linear and Embedding weight
+N(0, 0.02^2), biases zero, and the residual projections (``c_proj``) N(0, (0.02 / sqrt(2 n_layer))^2) (GPT-2).
+
+Each block's attention is one fused primitive (:class:`nanoopt.ops_transformer.SelfAttentionQKV`) on the
+packed (B, T, 3C) projection, so a training step builds a small graph.
+
+:meth:`GPT.generate` extends a context token by token. With ``use_cache=True`` each layer keeps the keys and
+values of the tokens seen so far (a KV cache), so one new token costs one row of every projection instead of a
+whole window; it computes what the cache-less path computes (the same modules, the same masks), and at
+temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
+``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
+window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
+module overhead, and the last block only for the last position); a model with hooks or replaced layers (observed,
+quantized, pruned) goes through its modules instead. A cache therefore pays within the first ``block_size`` positions;
+beyond, each token costs about one forward pass of the window, as without it.
+
+>>> import numpy as np, nanoopt as no
+>>> no.manual_seed(0)
+>>> model = gpt(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16)
+>>> model(np.zeros((3, 8), dtype=np.int64)).shape
+(3, 8, 11)
+>>> out = model.generate(np.zeros((1, 2), dtype=np.int64), max_new_tokens=10, temperature=0.0)
+>>> out.shape, bool((out == model.generate(np.zeros((1, 2), dtype=np.int64), 10, 0.0, use_cache=False)).all())
+((1, 12), True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from nanoopt import nn, ops
+from nanoopt.nn import init
+from nanoopt.nn.attention import causal_bias, check_indices
+from nanoopt.ops import Context
+from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
+from nanoopt.random import get_rng
+from nanoopt.tensor import Tensor, no_grad
+
+
+@dataclass
+class GPTConfig:
+    """The hyper-parameters of :class:`GPT` (nanoGPT's ``GPTConfig``)."""
+
+    vocab_size: int = 65  # number of distinct tokens (characters for a character-level model)
+    block_size: int = 64  # longest context the model sees (number of position embeddings)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block; n_embd must be divisible by it
+    n_embd: int = 128  # width of the residual stream
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training mode
+    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2: True)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig: dropout must be in [0, 1), got {self.dropout}")
+
+
+class KVCache:
+    """Keys and values of one attention layer for positions 0..length-1, in preallocated (B, H, block, D) arrays."""
+
+    def __init__(self, batch: int, heads: int, block_size: int, head_dim: int, dtype: Any) -> None:
+        self.keys = np.empty((batch, heads, block_size, head_dim), dtype=dtype)
+        self.values = np.empty((batch, heads, block_size, head_dim), dtype=dtype)
+        self.length = 0
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store (B, H, T, D) keys and values after the cached ones; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with nanoGPT's ``c_attn`` (C -> 3C) and ``c_proj`` (C -> C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        b, t, c = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            keep = None
+            if p > 0:
+                keep = (get_rng().random((b, self.n_head, t, t)) >= p).astype(x.dtype) / np.asarray(1 - p, x.dtype)
+            y = SelfAttentionQKV.apply(qkv, num_heads=self.n_head, bias=causal_bias(t, t, str(x.dtype)), keep=keep)
+        else:  # inference with a KV cache: queries at positions start..start+T-1 see keys 0..their own position
+            d = c // self.n_head
+            heads = qkv.data.reshape(b, t, 3, self.n_head, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
+            start = cache.length
+            keys, values = cache.append(heads[1], heads[2])
+            bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
+            out = ScaledDotProductAttention.apply(Tensor(np.ascontiguousarray(heads[0])), Tensor(keys),
+                                                  Tensor(values), bias=bias)  # (B, H, T, D)
+            y = Tensor(np.ascontiguousarray(out.data.transpose(0, 2, 1, 3)).reshape(b, t, c))
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """C -> 4C -> GELU -> C (nanoGPT's ``c_fc``, ``gelu``, ``c_proj``)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT: ``forward(idx)`` maps token ids (B, T), T <= block_size, to next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer["wte"].weight = self.lm_head.weight  # weight tying: one Parameter under two names
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nanoGPT's ``_init_weights``: N(0, 0.02^2) weights, zero biases, residual projections scaled down."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                init.normal_(module.weight, 0.0, 0.02)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                init.normal_(module.weight, 0.0, 0.02)
+        for name, parameter in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                init.normal_(parameter, 0.0, 0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def num_parameters(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embeddings (nanoGPT's convention)."""
+        total = super().num_parameters()
+        return total - self.transformer["wpe"].weight.size if non_embedding else total
+
+    def _check_ids(self, idx: Any, name: str) -> np.ndarray:
+        ids = check_indices(idx, self.config.vocab_size, name)
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(f"{name}: expected token ids (B, T) with T >= 1, got shape {ids.shape}")
+        return ids
+
+    def _embed(self, ids: np.ndarray, start: int) -> Tensor:
+        t = ids.shape[1]
+        if start + t > self.config.block_size:
+            raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
+                             f"{self.config.block_size}")
+        tok = self.transformer["wte"](ids)  # (B, T, C)
+        pos = self.transformer["wpe"](np.arange(start, start + t))  # (T, C)
+        return self.transformer["drop"](tok + pos)
+
+    def forward(self, idx: Any) -> Tensor:
+        ids = self._check_ids(idx, "GPT.forward")
+        x = self._embed(ids, 0)
+        for block in self.transformer["h"]:
+            x = block(x)
+        return self.lm_head(self.transformer["ln_f"](x))  # (B, T, V)
+
+    def _logits_with_cache(self, ids: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+        """Next-token logits (B, V) after feeding ``ids`` (B, T) through the cached layers (no graph)."""
+        x = self._embed(ids, caches[0].length)
+        for block, cache in zip(self.transformer["h"], caches, strict=True):
+            x = block(x, cache)
+        return self.lm_head(self.transformer["ln_f"](x[:, -1])).data
+
+    def _plain(self) -> bool:
+        """True when every submodule is one of the stock layers without hooks (so that the primitives' forwards
+        may be called on the arrays directly); quantized, pruned or hooked models take the module path."""
+        stock = (GPT, nn.ModuleDict, nn.ModuleList, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm,
+                 nn.Embedding, nn.Dropout, nn.GELU)
+        return all(type(m) in stock and not m._forward_hooks and not m._forward_pre_hooks for m in self.modules())
+
+    def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None) -> np.ndarray:
+        """Next-token logits (B, V) after ``ids`` (B, T), from the primitives' forwards called on arrays.
+
+        The same primitives as :meth:`forward` (and the module path of :meth:`_logits_with_cache`), without graph,
+        Tensor or module overhead. With ``caches`` the ids continue the cached positions and their keys and values
+        are appended; without, ``ids`` is a whole window. The last block computes keys and values for every
+        position but its query, attention output and MLP for the last position only, the one whose logits are
+        asked for.
+        """
+        def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
+            return function.forward(Context(function), *arrays, **options)
+
+        def layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
+            bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
+            return call(ops.LayerNorm, x, module.weight.data, bias, ndim_normalised=1, eps=module.eps)
+
+        def linear(module: nn.Linear, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+            bias = None if module.bias is None else module.bias.data[rows]
+            return call(ops.Linear, x, module.weight.data[rows], bias)
+
+        b, t = ids.shape
+        c, h = self.config.n_embd, self.config.n_head
+        d, scale = c // h, 1.0 / math.sqrt(c // self.config.n_head)
+        start = caches[0].length if caches is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
+                             f"{self.config.block_size}")
+        x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[start:start + t]
+        blocks = list(self.transformer["h"])
+        for i, block in enumerate(blocks):
+            hidden = layer_norm(block.ln_1, x)  # (B, T, C)
+            if i == len(blocks) - 1:  # keys and values of every position, everything else for the last one only
+                kv = linear(block.attn.c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
+                keys, values = kv[0], kv[1]  # (B, H, T, D)
+                if caches is not None:
+                    keys, values = caches[i].append(keys, values)
+                q = linear(block.attn.c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
+                out, _, _ = attention_forward(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), None,
+                                              scale, None, True)  # the last query sees every key: no mask
+                y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
+                x = x[:, -1:]
+            elif caches is None:
+                qkv = linear(block.attn.c_attn, hidden)  # (B, T, 3C)
+                y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
+            else:
+                heads = linear(block.attn.c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+                keys, values = caches[i].append(heads[1], heads[2])
+                bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
+                out, _, _ = attention_forward(np.ascontiguousarray(heads[0]), keys, values, bias, scale, None, True)
+                y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
+            x = x + linear(block.attn.c_proj, y)
+            mlp = block.mlp
+            x = x + linear(mlp.c_proj, call(ops.GELU, linear(mlp.c_fc, layer_norm(block.ln_2, x)),
+                                            approximate=mlp.gelu.approximate))
+        x = layer_norm(self.transformer["ln_f"], x[:, -1])  # (B, C)
+        return call(ops.Linear, x, self.lm_head.weight.data)  # (B, V)
+
+    def _new_caches(self, batch: int) -> list[KVCache]:
+        c = self.config
+        dtype = self.lm_head.weight.dtype
+        return [KVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, dtype) for _ in range(c.n_layer)]
+
+    def generate(self, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 use_cache: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Append ``max_new_tokens`` sampled tokens to each row of ``idx`` (B, T); returns int64 ids (B, T + new).
+
+        Each step conditions on the last ``block_size`` tokens, divides the logits by ``temperature``, keeps the
+        ``top_k`` largest (if given) and samples from the softmax (from ``rng``, default the global generator);
+        ``temperature=0`` takes the most likely token (greedy). Runs in eval mode without a graph; the module's
+        training flag is restored afterwards.
+        """
+        ids = self._check_ids(idx, "GPT.generate")
+        if max_new_tokens < 0 or temperature < 0:
+            raise ValueError(f"GPT.generate: need max_new_tokens >= 0 and temperature >= 0, got {max_new_tokens} "
+                             f"and {temperature}")
+        if top_k is not None and not 1 <= top_k:
+            raise ValueError(f"GPT.generate: top_k must be >= 1, got {top_k}")
+        rng = get_rng() if rng is None else rng
+        block = self.config.block_size
+        was_training = self.training
+        self.eval()
+        out = np.empty((ids.shape[0], ids.shape[1] + max_new_tokens), dtype=np.int64)
+        out[:, :ids.shape[1]] = ids
+        length = ids.shape[1]
+        caches: list[KVCache] | None = None
+        plain = self._plain()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    window = out[:, max(0, length - block):length]
+                    if not use_cache:
+                        logits = self.forward(window).data[:, -1]
+                    elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
+                        step = window[:, -1:]
+                        logits = self._array_logits(step, caches) if plain else self._logits_with_cache(step, caches)
+                    elif length > block and plain:  # the window slid: every position changed, recompute it
+                        logits = self._array_logits(window)
+                    else:  # first step (or, with hooks or replaced layers, a slid window): fill the cache anew
+                        caches = self._new_caches(ids.shape[0])
+                        logits = self._array_logits(window, caches) if plain else self._logits_with_cache(window,
+                                                                                                           caches)
+                    out[:, length] = _sample(logits, temperature, top_k, rng)
+                    length += 1
+        finally:
+            self.train(was_training)
+        return out
+
+    def checkpoint_state(self, tokenizer: Any = None) -> dict[str, np.ndarray]:
+        """The state_dict plus the config (and a tokenizer's vocabulary), for ``nanoopt.io.save``.
+
+        :meth:`from_checkpoint_state` rebuilds the model (and tokenizer) from ``nanoopt.io.load(path)``.
+        """
+        state: dict[str, np.ndarray] = dict(self.state_dict())
+        c = self.config
+        state["_gpt.config"] = np.array([c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd, int(c.bias)],
+                                        dtype=np.int64)
+        state["_gpt.dropout"] = np.array(c.dropout, dtype=np.float64)
+        if tokenizer is not None:
+            state["_gpt.vocab"] = tokenizer.to_array()
+        return state
+
+    @classmethod
+    def from_checkpoint_state(cls, state: dict[str, np.ndarray]) -> tuple[GPT, Any]:
+        """Inverse of :meth:`checkpoint_state`: ``(model, tokenizer or None)``."""
+        from nanoopt.data.text import CharTokenizer
+
+        state = dict(state)
+        if "_gpt.config" not in state:
+            raise KeyError("GPT.from_checkpoint_state: no '_gpt.config' entry (not saved by checkpoint_state)")
+        v, b, n_layer, n_head, n_embd, bias = (int(x) for x in state.pop("_gpt.config"))
+        config = GPTConfig(v, b, n_layer, n_head, n_embd, float(state.pop("_gpt.dropout", 0.0)), bool(bias))
+        vocab = state.pop("_gpt.vocab", None)
+        model = cls(config)
+        model.load_state_dict(state)
+        return model, None if vocab is None else CharTokenizer.from_array(vocab)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``logits`` (B, V): argmax at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits.argmax(axis=-1)
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p / p.sum(axis=-1, keepdims=True), axis=-1)
+    u = rng.random((len(z), 1))
+    return np.minimum((cdf < u).sum(axis=-1), z.shape[-1] - 1)
+
+
+def gpt(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int, dropout: float = 0.0,
+        bias: bool = True) -> GPT:
+    """The nanoGPT architecture (see the module docstring) with the given sizes.
+
+    >>> model = gpt(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    >>> model.num_parameters()          # without position embeddings, as nanoGPT reports
+    801664
+    >>> list(model.state_dict())[:3]
+    ['transformer.wte.weight', 'transformer.wpe.weight', 'transformer.h.0.ln_1.weight']
+    """
+    return GPT(GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias))

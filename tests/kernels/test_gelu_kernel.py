@@ -1,0 +1,47 @@
+"""The float32 GELU kernel equals its NumPy reference bit for bit and the exact erf formula to 5e-7."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+from scipy import special
+
+import nanoopt as no
+from nanoopt.kernels import gelu
+
+float32s = st.floats(-1e6, 1e6, width=32, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, array_shapes(min_dims=0, max_dims=3, max_side=9), elements=float32s))
+def test_kernel_equals_reference_exactly(x):
+    out, cdf = gelu.gelu_forward(x)
+    ref_out, ref_cdf = gelu.gelu_forward_reference(x)
+    assert out.shape == x.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(cdf, ref_cdf)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([0.1, 1.0, 3.0, 30.0]))
+def test_kernel_is_within_5e_7_of_the_exact_gelu(seed, spread):
+    x = (np.random.default_rng(seed).standard_normal(4000) * spread).astype(np.float32)
+    exact = x.astype(np.float64) * 0.5 * (1 + special.erf(x.astype(np.float64) / np.sqrt(2)))
+    out, cdf = gelu.gelu_forward(x)
+    assert np.abs(out - exact).max() < 5e-7
+    assert cdf.min() >= 0 and cdf.max() <= 1
+
+
+def test_float32_gelu_gradient_matches_the_exact_derivative():
+    x = np.linspace(-8, 8, 2001).astype(np.float32)
+    t = no.Tensor(x, requires_grad=True)
+    no.ops.gelu(t).sum().backward()
+    a = x.astype(np.float64)
+    exact = 0.5 * (1 + special.erf(a / np.sqrt(2))) + a * np.exp(-a * a / 2) / np.sqrt(2 * np.pi)
+    assert np.abs(t.grad - exact).max() < 2e-6
+
+
+def test_kernel_refuses_other_dtypes():
+    with pytest.raises(TypeError, match="expected a float32 array, got dtype float64"):
+        gelu.gelu_forward(np.zeros(3))

@@ -1,0 +1,164 @@
+"""models.gpt: nanoGPT's architecture, names and initialisation; generation with and without the KV cache."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nanoopt as no
+from nanoopt import data, models
+from nanoopt.gradcheck import check_grads
+from nanoopt.nn import functional as F
+
+
+def small(**kwargs):
+    no.manual_seed(0)
+    config = dict(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=12) | kwargs
+    return models.gpt(**config)
+
+
+def test_names_tying_and_initialisation():
+    no.manual_seed(0)
+    model = models.gpt(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128)
+    state = model.state_dict()
+    assert list(state)[:4] == ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                               "transformer.h.0.ln_1.bias"]
+    assert list(state)[-1] == "lm_head.weight" and "transformer.h.3.mlp.c_proj.bias" in state
+    assert model.lm_head.weight is model.transformer["wte"].weight
+    assert len(list(model.parameters())) == len(state) - 1  # the tied weight counts once
+    assert abs(state["transformer.h.0.attn.c_attn.weight"].std() - 0.02) < 0.001
+    assert abs(state["transformer.h.2.mlp.c_proj.weight"].std() - 0.02 / np.sqrt(8)) < 0.0005
+    assert np.all(state["transformer.h.1.mlp.c_fc.bias"] == 0)
+
+
+def test_no_bias_variant_has_no_bias_keys():
+    assert not any(k.endswith("bias") for k in small(bias=False).state_dict())
+
+
+def test_forward_gradients_by_finite_differences():
+    model = small(n_embd=6, n_head=3, block_size=4, n_layer=1)  # odd head dimension (2) and 3 heads
+    ids = np.array([[1, 5, 2, 7]])
+    targets = np.array([3, 1, 0, 12])
+    head = model.transformer["h"][0]
+    slots = [(head.attn.c_attn, "weight"), (head.mlp.c_fc, "bias"), (model.lm_head, "weight")]
+    originals = [m._parameters[n] for m, n in slots]
+
+    def loss(*values):
+        for (m, n), v in zip(slots, values, strict=True):
+            m._parameters[n] = v
+        model.transformer["wte"]._parameters["weight"] = values[2]  # keep the tie
+        return F.cross_entropy(model(ids).reshape((-1, 13)), targets)
+
+    try:
+        check_grads(loss, [o.data for o in originals], rtol=1e-4, atol=1e-6)
+    finally:
+        for (m, n), v in zip(slots, originals, strict=True):
+            m._parameters[n] = v
+        model.transformer["wte"]._parameters["weight"] = originals[2]
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 14), st.integers(0, 2**32 - 1))
+def test_generate_with_cache_gives_the_cacheless_tokens(batch, prompt, new, seed):
+    model = small()
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():  # larger weights than the init, so that logits are far from ties
+        p.data[...] = rng.standard_normal(p.shape).astype(np.float32) * 0.5
+    ids = rng.integers(0, 13, size=(batch, prompt))
+    cached = model.generate(ids, new, temperature=0.0)
+    plain = model.generate(ids, new, temperature=0.0, use_cache=False)
+    assert cached.shape == (batch, prompt + new) and np.array_equal(cached[:, :prompt], ids)
+    np.testing.assert_array_equal(cached, plain)
+
+
+def test_cached_logits_equal_the_full_forward():
+    model = small()
+    ids = np.random.default_rng(0).integers(0, 13, size=(2, 8))
+    full = model(ids).data
+    caches = model._new_caches(2)
+    with no.no_grad():
+        first = model._logits_with_cache(ids[:, :5], caches)
+        steps = [model._logits_with_cache(ids[:, i:i + 1], caches) for i in range(5, 8)]
+    np.testing.assert_allclose(first, full[:, 4], rtol=1e-5, atol=1e-6)
+    for i, logits in zip(range(5, 8), steps, strict=True):
+        np.testing.assert_allclose(logits, full[:, i], rtol=1e-5, atol=1e-6)
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy():
+    model = small()
+    ids = np.zeros((2, 1), dtype=np.int64)
+    a = model.generate(ids, 10, rng=np.random.default_rng(5))
+    b = model.generate(ids, 10, rng=np.random.default_rng(5), use_cache=False)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(model.generate(ids, 10, top_k=1), model.generate(ids, 10, temperature=0.0))
+    assert model.training  # restored
+
+
+def test_bad_input_is_refused_with_the_shapes():
+    model = small()
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 12\], got range \[0, 13\]"):
+        model(np.array([[0, 13]]))
+    with pytest.raises(ValueError, match="a sequence of length 9 is longer than block_size 8"):
+        model(np.zeros((1, 9), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"expected token ids \(B, T\) with T >= 1, got shape \(4,\)"):
+        model.generate(np.zeros(4, dtype=np.int64), 3)
+    with pytest.raises(ValueError, match=r"n_embd \(10\) must be divisible by n_head \(4\)"):
+        models.gpt(13, 8, 1, 4, 10)
+
+
+def test_checkpoint_round_trip_with_the_tokenizer():
+    model = small()
+    tokenizer = data.CharTokenizer("abcdefghijklm")
+    path = os.path.join(tempfile.mkdtemp(), "gpt.npz")
+    no.io.save(model.checkpoint_state(tokenizer), path)
+    restored, restored_tokenizer = models.GPT.from_checkpoint_state(no.io.load(path))
+    assert restored_tokenizer.vocab == tokenizer.vocab and restored.config == model.config
+    ids = np.array([[1, 2, 3]])
+    np.testing.assert_array_equal(restored(ids).data, model(ids).data)
+
+
+def test_equals_pytorch_nanogpt_values_and_gradients():
+    torch = pytest.importorskip("torch", reason="comparison with PyTorch needs torch (optional extra)")
+    from benchmarks.torch_gpt import TorchGPT
+
+    torch.manual_seed(0)
+    theirs = TorchGPT(vocab_size=13, block_size=8, n_layer=2, n_head=2, n_embd=12)
+    ours = small()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    ids = np.random.default_rng(0).integers(0, 13, size=(3, 8))
+    targets = np.random.default_rng(1).integers(0, 13, size=(3, 8))
+    logits = ours(ids)
+    reference = theirs(torch.from_numpy(ids))
+    np.testing.assert_allclose(logits.data, reference.detach().numpy(), rtol=1e-4, atol=1e-5)
+    F.cross_entropy(logits.reshape((-1, 13)), targets.reshape(-1)).backward()
+    torch.nn.functional.cross_entropy(reference.view(-1, 13), torch.from_numpy(targets).view(-1)).backward()
+    ours_grads = dict(ours.named_parameters())
+    for name, parameter in theirs.named_parameters():
+        np.testing.assert_allclose(ours_grads[name].grad, parameter.grad.numpy(), rtol=1e-3, atol=1e-6,
+                                   err_msg=name)
+    prompt = ids[:1, :3]
+    np.testing.assert_array_equal(ours.generate(prompt, 20, temperature=0.0),
+                                  theirs.generate(torch.from_numpy(prompt), 20, temperature=0.0).numpy())
+
+
+def test_array_logits_equal_the_forward_and_hooked_models_take_the_module_path():
+    model = small().eval()
+    ids = np.random.default_rng(3).integers(0, 13, size=(2, 8))
+    np.testing.assert_allclose(model._array_logits(ids), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+    caches = model._new_caches(2)
+    np.testing.assert_allclose(model._array_logits(ids[:, :5], caches), model(ids[:, :5]).data[:, -1], rtol=1e-5,
+                               atol=1e-6)
+    for i in range(5, 8):
+        np.testing.assert_allclose(model._array_logits(ids[:, i:i + 1], caches), model(ids[:, :i + 1]).data[:, -1],
+                                   rtol=1e-5, atol=1e-6)
+    assert model._plain()
+    seen = []
+    model.transformer["h"][1].mlp.c_fc.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert not model._plain()
+    hooked = model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8, through the modules
+    assert len(seen) == 10
+    np.testing.assert_array_equal(hooked, model.generate(ids[:1, :2], 10, temperature=0.0, use_cache=False))
