@@ -15,11 +15,11 @@ Rounding is half to even; codes saturate. The result is stored by
 asymmetric, an int8 zero point per group), which dequantizes at each call.
 
 >>> import numpy as np
->>> w = np.array([[-1.0, 0.5, 0.25, 1.0]], np.float32)
+>>> w = np.array([[-1.0, 0.6, 0.2, 2.0]], np.float32)        # 2 bits asymmetric: s = 3 / 3, z = -1
 >>> scale, zero_point = group_qparams(w, bits=2, group_size=None, symmetric=False)
 >>> codes = quantize_groups(w, scale, zero_point, bits=2, symmetric=False)
->>> codes.tolist(), dequantize_groups(codes, scale, zero_point, 2, False).round(4).tolist()
-([[-2, 0, 0, 1]], [[-1.0, 0.3333, 0.3333, 1.0]])
+>>> codes.tolist(), dequantize_groups(codes, scale, zero_point, 2, False).tolist()
+([[-2, 0, -1, 1]], [[-1.0, 1.0, 0.0, 2.0]])
 """
 
 from __future__ import annotations
