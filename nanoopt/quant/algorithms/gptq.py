@@ -182,7 +182,15 @@ def gptq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | No
     layers = select_linears(converted, targets, ignore, "gptq")
     for name, layer in layers:
         check_layer_groups(name, layer, group_size, "gptq")
-    layers = execution_order(converted, layers, batches[0], "gptq")
+    return quantize_layers(converted, batches, layers, bits, group_size, symmetric, act_order, percdamp, blocksize,
+                           progress)
+
+
+def quantize_layers(model: nn.Module, batches: list[Any], layers: list[tuple[str, nn.Linear]], bits: int,
+                    group_size: int | None, symmetric: bool, act_order: bool, percdamp: float, blocksize: int,
+                    progress: bool = False) -> nn.Module:
+    """GPTQ on ``layers`` of ``model`` (in place), sequentially in execution order; the arguments are checked."""
+    layers = execution_order(model, layers, batches[0], "gptq")
 
     def start(name: str, layer: nn.Linear) -> LayerHessian:
         return LayerHessian(layer.in_features)
@@ -192,4 +200,4 @@ def gptq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | No
                                percdamp, blocksize, n_rows=hessian.n_rows_, name=name)
         return weight_only_linear(layer, result.codes, result.scale, result.zero_point, bits, group_size, symmetric)
 
-    return sequential(converted, layers, batches, start, finish, progress, desc="gptq")
+    return sequential(model, layers, batches, start, finish, progress, desc="gptq")
