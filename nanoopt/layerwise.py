@@ -196,8 +196,6 @@ class LayerHessian:
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
         self.sum_ = np.zeros((in_features, in_features))  # sum_rows x x^T
-        self.abs_sum_ = np.zeros(in_features)  # sum_rows |x| (AWQ's activation statistic)
-        self.sq_sum_ = np.zeros(in_features)  # sum_rows x^2 (Wanda's input norms squared)
         self.n_rows_ = 0
 
     def add_batch(self, inputs: np.ndarray) -> LayerHessian:
@@ -206,8 +204,6 @@ class LayerHessian:
         if not np.all(np.isfinite(x)):
             raise ValueError("LayerHessian: the layer input contains NaN or Inf")
         self.sum_ += x.T @ x
-        self.abs_sum_ += np.abs(x).sum(axis=0)
-        self.sq_sum_ += (x * x).sum(axis=0)
         self.n_rows_ += x.shape[0]
         return self
 

@@ -10,7 +10,7 @@ registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * wei
 90
 """
 
-from nanoopt.prune import analysis, criteria, masks, methods, schedules, sparse, surgery
+from nanoopt.prune import analysis, calibrated, criteria, masks, methods, schedules, sparse, surgery
 from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
 from nanoopt.prune.criteria import (
     MovementScores,
@@ -51,6 +51,7 @@ from nanoopt.prune.schedules import (
     prune_to_sparsity,
 )
 from nanoopt.prune.sparse import SparseLinear, to_sparse
+from nanoopt.prune.sparsegpt import sparsegpt  # the function (the module is nanoopt.prune.sparsegpt)
 from nanoopt.prune.surgery import (
     ShrinkReport,
     block_angular_distances,
@@ -60,6 +61,7 @@ from nanoopt.prune.surgery import (
     remove_blocks,
     shrink,
 )
+from nanoopt.prune.wanda import wanda  # the function (the module is nanoopt.prune.wanda)
 
 __all__ = [
     "apply_mask", "custom_from_mask", "get_mask", "global_unstructured", "identity", "is_pruned",
@@ -71,4 +73,5 @@ __all__ = [
     "criteria", "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip",
     "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
     "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
+    "calibrated", "sparsegpt", "wanda",  # one-shot pruning from calibration data (SparseGPT, Wanda)
 ]
