@@ -277,8 +277,8 @@ def test_awq_explicit_scales_live_in_an_input_scaled_wrapper():
 # ------------------------------------------------------------------------------------------- bad input
 def test_too_few_calibration_rows_warn_and_proceed_or_say_how_many_are_needed():
     model = models.mlp(64, (32,))
-    x = np.random.default_rng(0).normal(size=(20, 64)).astype(np.float32)
-    with pytest.warns(UserWarning, match=r"layer '1' has 64 inputs .* only 20 rows.*64 rows or more"):
+    x = np.random.default_rng(0).normal(size=(40, 64)).astype(np.float32)  # enough for layer 3's 32 inputs only
+    with pytest.warns(UserWarning, match=r"layer '1' has 64 inputs .* only 40 rows.*64 rows or more"):
         quant.gptq(model, x, bits=4, group_size=32)
     with pytest.raises(ValueError, match=r"layer '1'.*at least 64 rows"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -318,3 +318,16 @@ def test_a_linear_layer_that_never_runs_is_named():
         quant.gptq(model, np.zeros((16, 8), np.float32), group_size=None)
     assert isinstance(quant.gptq(copy.deepcopy(model), np.ones((16, 8), np.float32), group_size=None,
                                  ignore=["unused"]).used, WeightOnlyLinear)
+
+
+def test_gptq_keeps_the_zeros_of_a_pruned_model():
+    no.manual_seed(6)
+    model = models.mlp(64, (32,))
+    x = correlated_inputs(7, rows=256).astype(np.float32)
+    no.prune.sparsegpt(model, x, n=2, m=4)
+    for symmetric, act_order in ((False, False), (True, True)):
+        quantized = quant.gptq(model, x, bits=3, group_size=16, symmetric=symmetric, act_order=act_order)
+        for index in (1, 3):
+            pruned = model[index].weight_mask == 0
+            assert np.all(quantized[index].dequantized_weight()[pruned] == 0)
+            assert np.mean(quantized[index].dequantized_weight()[~pruned] == 0) < 0.5

@@ -65,6 +65,7 @@ from nanoopt.layerwise import (
     select_linears,
     sequential,
 )
+from nanoopt.prune.masks import get_mask, is_pruned
 from nanoopt.quant.algorithms.rtn import (
     check_grid,
     check_layer_groups,
@@ -101,10 +102,13 @@ def check_options(percdamp: float, blocksize: int, act_order: bool, what: str) -
 
 def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, group_size: int | None = 128,
                   symmetric: bool = False, act_order: bool = False, percdamp: float = 0.01, blocksize: int = 128,
-                  n_rows: int | None = None, name: str = "weight") -> GPTQResult:
+                  n_rows: int | None = None, name: str = "weight", mask: np.ndarray | None = None) -> GPTQResult:
     """GPTQ on one weight matrix ``(C, K)`` with the layer Hessian ``(K, K)`` (see the module docstring).
 
     ``n_rows`` (the number of calibration rows behind ``hessian``) only serves the singular-Hessian message.
+    ``mask`` (0/1, the weight's shape; a pruned layer's ``weight_mask``): the masked weights are kept exactly
+    zero (their code is the zero point) and their change is compensated like a rounding error, as SparseGPT's
+    joint sparsification and quantization does (Frantar & Alistarh 2023, section 3.5).
 
     >>> w = np.array([[0.4, -1.0, 0.3]], np.float32)
     >>> r = gptq_quantize(w, np.eye(3), bits=2, group_size=None, symmetric=True)    # H = I: round to nearest
@@ -126,6 +130,7 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, group_
     u = inverse_hessian_cholesky(h[np.ix_(order, order)], percdamp, depth if n_rows is None else n_rows, name,
                                  "gptq")
     w = original.astype(np.float64)[:, order]  # (C, K), columns in processing order
+    keep = np.ones((rows, depth), bool) if mask is None else np.asarray(mask)[:, order] > 0
     groups = depth // size
     scale = np.zeros((rows, groups), np.float32)
     zero_point = np.zeros((rows, groups), np.int32)
@@ -143,8 +148,10 @@ def gptq_quantize(weight: np.ndarray, hessian: np.ndarray, bits: int = 4, group_
             group = column // size
             if not act_order and column % size == 0:  # the group starts here: fit its grid on current weights
                 current = np.concatenate([block[:, i:], w[:, i2:]], axis=1)[:, :size]
+                current = current * keep[:, i1 + i:i1 + i + size]  # pruned weights will be 0, not their value
                 scale[:, group], zero_point[:, group] = qparams(current.min(axis=1), current.max(axis=1), spec)
             code = quantize(block[:, i], scale[:, group], zero_point[:, group], spec)  # (C,)
+            code = np.where(keep[:, i1 + i], code, zero_point[:, group]).astype(code.dtype)  # pruned: exactly 0
             value = dequantize(code, scale[:, group], zero_point[:, group], spec).astype(np.float64)
             codes[:, column], q[:, column] = code, value
             diagonal = u[i1 + i, i1 + i]
@@ -173,7 +180,9 @@ def gptq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | No
     act_order : process columns by decreasing ``H_jj`` (static groups). percdamp : ``lambda / mean(diag H)``,
         in [0, 1); 0.01 as in the paper. blocksize : columns per lazy-update block (128 as in the paper).
 
-    Returns a new model (the input model is not changed) whose quantized layers are ``WeightOnlyLinear``.
+    Returns a new model (the input model is not changed) whose quantized layers are ``WeightOnlyLinear``. A
+    pruned layer (``weight_mask``) keeps its zeros exactly (codes at the zero point), so pruning (e.g.
+    :func:`~nanoopt.prune.sparsegpt`) followed by GPTQ gives a sparse, quantized model.
     """
     check_grid(bits, group_size, symmetric, "gptq")
     check_options(percdamp, blocksize, act_order, "gptq")
@@ -196,8 +205,9 @@ def quantize_layers(model: nn.Module, batches: list[Any], layers: list[tuple[str
         return LayerHessian(layer.in_features)
 
     def finish(name: str, layer: nn.Linear, hessian: LayerHessian) -> nn.Module:
+        mask = get_mask(layer, "weight") if is_pruned(layer, "weight") else None
         result = gptq_quantize(layer.weight.data, hessian.hessian(), bits, group_size, symmetric, act_order,
-                               percdamp, blocksize, n_rows=hessian.n_rows_, name=name)
+                               percdamp, blocksize, n_rows=hessian.n_rows_, name=name, mask=mask)
         return weight_only_linear(layer, result.codes, result.scale, result.zero_point, bits, group_size, symmetric)
 
     return sequential(model, layers, batches, start, finish, progress, desc="gptq")
