@@ -27,10 +27,10 @@ def main() -> None:
     no.fit(model, train, epochs=20, lr=0.05, momentum=0.9, batch_size=128, progress=False)
     calibration = [train[0][start:start + 128] for start in range(0, 512, 128)]
 
-    def show(label: str, compressed: no.nn.Module) -> None:
+    def show(label: str, compressed: no.nn.Module, size: bool = True) -> None:
         scores = no.evaluate(compressed, test)
-        print(f"{label:28s} accuracy {100 * scores['accuracy']:6.2f} %   loss {scores['loss']:.4f}   "
-              f"{no.report.stored_bytes(compressed):>9,d} bytes")
+        stored = f"{no.report.stored_bytes(compressed):>9,d} bytes" if size else ""
+        print(f"{label:28s} accuracy {100 * scores['accuracy']:6.2f} %   loss {scores['loss']:.4f}   {stored}")
 
     show("float", model)
     show("W3 round to nearest", quant.rtn(model, bits=3, group_size=None))
@@ -44,7 +44,7 @@ def main() -> None:
     show("2:4 SparseGPT, then W3 GPTQ", quant.gptq(sparse, calibration, bits=3, group_size=None))
     kernels = prune.remove_all(copy.deepcopy(sparse))
     prune.to_sparse(kernels, format="nm")  # in place: each Linear becomes a SparseLinear (values + 2-bit indices)
-    show("2:4 SparseGPT on N:M kernels", kernels)
+    show("2:4 SparseGPT on N:M kernels", kernels, size=False)  # stored_bytes does not see SparseLinear's arrays
 
 
 if __name__ == "__main__":
