@@ -41,8 +41,8 @@ from nanoopt.nn import Linear, Module
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = [
-    "LayerHessian", "calibration_batches", "execution_order", "inverse_hessian_cholesky", "select_linears",
-    "sequential",
+    "LayerHessian", "calibration_batches", "check_untied", "execution_order", "inverse_hessian_cholesky",
+    "select_linears", "sequential",
 ]
 
 
@@ -129,6 +129,23 @@ def select_linears(model: Module, targets: Sequence[str] | None = None, ignore: 
         raise ValueError(f"{what}: no Linear layer to compress (Linear layers: {names}, targets={targets}, "
                          f"ignore={list(ignore)})")
     return chosen
+
+
+def check_untied(model: Module, layers: Sequence[tuple[str, Module]], what: str) -> None:
+    """Refuse layers whose weight is shared with another module (tied embeddings): a method that changes the weight
+    in place (pruning, AWQ's scaling) would silently change the other module too."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules():
+        for parameter_name, parameter in module._parameters.items():
+            if parameter is not None:
+                owners.setdefault(id(parameter), []).append(f"{module_name}.{parameter_name}".lstrip("."))
+    for name, layer in layers:
+        for parameter_name in ("weight", "weight_orig"):
+            parameter = layer._parameters.get(parameter_name)
+            if parameter is not None and len(owners[id(parameter)]) > 1:
+                raise ValueError(f"{what}: the weight of layer {name!r} is shared with {owners[id(parameter)]} "
+                                 f"(tied weights); {what} changes it in place, which would change the others too: "
+                                 f"leave the layer out with ignore=[{name!r}] or untie the weights")
 
 
 def execution_order(model: Module, layers: Sequence[tuple[str, Module]], batch: Any, what: str

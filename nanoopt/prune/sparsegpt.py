@@ -41,6 +41,7 @@ from nanoopt import nn
 from nanoopt.layerwise import (
     LayerHessian,
     calibration_batches,
+    check_untied,
     execution_order,
     inverse_hessian_cholesky,
     select_linears,
@@ -127,6 +128,7 @@ def sparsegpt(model: nn.Module, calibration: Any, sparsity: float | None = None,
     _check_options(blocksize, percdamp, pattern, "sparsegpt")
     batches = calibration_batches(calibration, "sparsegpt")
     layers = select_linears(model, targets, ignore, "sparsegpt")
+    check_untied(model, layers, "sparsegpt")
     for name, layer in layers:
         check_layer(name, layer, pattern, "sparsegpt")
     layers = execution_order(model, layers, batches[0], "sparsegpt")

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.layerwise import calibration_batches, execution_order, select_linears, sequential
+from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
 from nanoopt.prune.calibrated import apply_pruned_weight, check_layer, check_pattern, pattern_mask
 
 __all__ = ["InputNorms", "wanda", "wanda_scores"]
@@ -79,6 +79,7 @@ def wanda(model: nn.Module, calibration: Any, sparsity: float | None = None, *, 
     pattern = check_pattern(sparsity, n, m, "wanda")
     batches = calibration_batches(calibration, "wanda")
     layers = select_linears(model, targets, ignore, "wanda")
+    check_untied(model, layers, "wanda")
     for name, layer in layers:
         check_layer(name, layer, pattern, "wanda")
     layers = execution_order(model, layers, batches[0], "wanda")

@@ -240,3 +240,25 @@ def test_sparsegpt_with_too_few_rows_warns_or_says_how_many_are_needed():
         prune.sparsegpt(copy.deepcopy(model), x, sparsity=0.5, percdamp=0.0, ignore=["3"])
     with pytest.raises(ValueError, match="blocksize=6 must be a multiple of m=4"):
         prune.sparsegpt(copy.deepcopy(model), x, n=2, m=4, blocksize=6)
+
+
+@pytest.mark.parametrize("method", [prune.wanda, prune.sparsegpt, no.quant.awq])
+def test_tied_weights_are_refused_naming_the_layer(method):
+    class Tied(nn.Module):  # an embedding-like input layer whose weight the output layer reuses
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            self.out.weight = self.inp.weight
+
+        def forward(self, x: Any) -> Tensor:
+            return self.out(self.inp(x))
+
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    keywords = dict(sparsity=0.5) if method is not no.quant.awq else dict(group_size=None)
+    with pytest.raises(ValueError, match=r"layer 'inp' is shared with \['inp.weight', 'out.weight'\]"):
+        method(Tied(), x, **keywords)
+    model = Tied()
+    before = model.inp.weight.data.copy()
+    quantized = no.quant.gptq(model, x, group_size=None)  # GPTQ replaces the layers, it changes no weight in place
+    assert type(quantized.out).__name__ == "WeightOnlyLinear"
+    np.testing.assert_array_equal(model.inp.weight.data, before)

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.layerwise import calibration_batches, execution_order, select_linears, sequential
+from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
 from nanoopt.prune.masks import get_parameter, is_pruned, set_effective
 from nanoopt.quant.algorithms.gptq import check_options, quantize_layers
 from nanoopt.quant.algorithms.rtn import (
@@ -254,6 +254,7 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
     work = copy.deepcopy(model)
     batches = calibration_batches(calibration, "awq")
     layers = select_linears(work, targets, ignore, "awq")
+    check_untied(work, layers, "awq")
     for name, layer in layers:
         check_layer_groups(name, layer, group_size, "awq")
     layers = execution_order(work, layers, batches[0], "awq")
