@@ -4,7 +4,8 @@
 prints one table: accuracy, parameters, stored size, sparsity and latency of each model. Each technique of the
 library adds its rows to the demo as it lands; every number is measured in the run that prints it.
 
-``nanoopt info`` prints the versions, the kernel backend and the CPU features that nanoopt sees.
+``nanoopt info`` prints the versions, the CPU features that nanoopt sees, and the kernel backend chosen for each
+integer operation here (:func:`nanoopt.kernels.choices.kernel_choices`). ``nanoopt --version`` prints the version.
 """
 
 from __future__ import annotations
@@ -111,6 +112,9 @@ def _pruning_rows(trained: nn.Module, train_set: tuple, test_set: tuple, seed: i
     return rows
 
 
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512vnni", "avxvnni")  # the ones nanoopt's kernels can use
+
+
 def _info() -> str:
     lines = [f"nanoopt {no.__version__}", f"python {platform.python_version()} on {platform.machine()}",
              f"numpy {np.__version__}"]
@@ -119,11 +123,34 @@ def _info() -> str:
         import numba
 
         features = llvm.get_host_cpu_features()
-        lines.append(f"numba {numba.__version__}; CPU {llvm.get_host_cpu_name()}; "
-                     f"avx2={'yes' if features.get('avx2') else 'no'}")
+        flags = ", ".join(f"{name}={'yes' if features.get(name) else 'no'}" for name in CPU_FEATURES)
+        lines.append(f"numba {numba.__version__}; CPU {llvm.get_host_cpu_name()}; {flags}")
     except Exception as error:  # pragma: no cover - information only
         lines.append(f"numba unavailable: {error}")
+        return "\n".join(lines)
+    from nanoopt import kernels
+    from nanoopt.kernels.choices import kernel_choices
+
+    disabled = os.environ.get("NANOOPT_DISABLE_AVX2", "")
+    lines.append(f"kernel backend: {kernels.get_backend()}"
+                 + (f" (NANOOPT_DISABLE_AVX2={disabled})" if disabled not in ("", "0") else ""))
+    choices = kernel_choices()
+    width = max(len(choice.operation) for choice in choices)
+    for choice in choices:
+        why = f"  ({choice.reason})" if choice.reason else ""
+        lines.append(f"  {choice.operation:<{width}}  {choice.backend}{why}")
     return "\n".join(lines)
+
+
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: a non-negative int (what :func:`nanoopt.manual_seed` accepts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
 
 
 def _single_threaded_blas() -> None:
@@ -142,12 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as a command (not called from Python)
         _single_threaded_blas()
     parser = argparse.ArgumentParser(prog="nanoopt", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"nanoopt {no.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="train and compress small models on the bundled digits")
-    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--seed", type=_seed, default=0, help="random seed (an integer >= 0)")
     demo_parser.add_argument("--epochs", type=int, default=20)
     demo_parser.add_argument("--progress", action="store_true", help="show progress bars")
-    commands.add_parser("info", help="versions and CPU features")
+    commands.add_parser("info", help="versions, CPU features and the kernel chosen for each operation")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(_info())

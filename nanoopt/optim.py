@@ -43,8 +43,9 @@ class Optimizer:
             for p in group["params"]:
                 if not isinstance(p, Tensor):
                     raise TypeError(f"{type(self).__name__}: parameters must be Tensors, got {type(p).__name__}")
-            if group["lr"] < 0:
-                raise ValueError(f"{type(self).__name__}: learning rate must be >= 0, got {group['lr']}")
+            if not (isinstance(group["lr"], int | float | np.number) and 0 <= group["lr"] < float("inf")):
+                raise ValueError(f"{type(self).__name__}: learning rate must be a finite number >= 0, got "
+                                 f"{group['lr']!r}")
             group.setdefault("initial_lr", group["lr"])
             self.param_groups.append(group)
         self.state: dict[int, dict[str, Any]] = {}

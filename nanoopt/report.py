@@ -31,9 +31,13 @@ def stored_bytes(model: Module) -> int:
 
 def count_parameters(model: Module) -> int:
     """Number of elements over all parameters and, for converted models, their integer weight and bias buffers
-    (a quantized layer stores ``weight`` and ``bias`` as int8/int32 buffers, not as Parameters)."""
+    (a quantized layer stores ``weight`` and ``bias`` as int8/int32 buffers, not as Parameters); a layer with a
+    ``stored_parameters()`` method (a sparse layer: its non-zeros and bias) counts itself."""
     total = model.num_parameters()
     for module in model.modules():
+        if hasattr(module, "stored_parameters"):  # a layer that counts what it stores (sparse: its non-zeros)
+            total += module.stored_parameters()
+            continue
         for name, buffer in module._buffers.items():
             if buffer is None:
                 continue
@@ -50,6 +54,12 @@ def weight_sparsity(model: Module) -> float:
     """Fraction of zeros among the effective weights (``weight``, or ``weight_orig * weight_mask``) of all layers."""
     zeros = total = 0
     for module in model.modules():
+        sparse = getattr(module, "sparse_weight", None)
+        if sparse is not None:  # a sparse layer: the entries it does not store are zeros, and stored zeros too
+            stored = sparse.data if hasattr(sparse, "indptr") else sparse.values
+            total += int(np.prod(sparse.shape))
+            zeros += int(np.prod(sparse.shape)) - int(np.count_nonzero(stored))
+            continue
         weight = getattr(module, "weight", None)
         array = weight.data if isinstance(weight, Tensor) else weight
         if isinstance(array, np.ndarray) and array.ndim >= 2:

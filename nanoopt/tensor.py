@@ -22,6 +22,7 @@ array([ 2., -4.,  6.], dtype=float32)
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -295,9 +296,13 @@ class Tensor:
         return ops.reshape(self, shape=shape)
 
     def flatten(self, start_dim: int = 0) -> Tensor:
-        """Merge the dimensions from ``start_dim`` on into one."""
+        """Merge the dimensions from ``start_dim`` on into one (their product, so that empty batches work).
+
+        >>> Tensor(np.zeros((0, 3, 2))).flatten(1).shape
+        (0, 6)
+        """
         start_dim = start_dim % max(self.ndim, 1)
-        return self.reshape(self.shape[:start_dim] + (-1,))
+        return self.reshape(self.shape[:start_dim] + (math.prod(self.shape[start_dim:]),))
 
     def transpose(self, *axes: int) -> Tensor:
         if len(axes) == 1 and isinstance(axes[0], (tuple, list)):

@@ -48,6 +48,8 @@ class Callback:
 
     def on_epoch_end(self, epoch: int, model: Module, logs: dict[str, float]) -> None: ...
 
+    def on_train_end(self, model: Module) -> None: ...
+
 
 @dataclass
 class History:
@@ -59,10 +61,28 @@ class History:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
-def _loader(data: Batches, batch_size: int, shuffle: bool) -> Any:
+def _loader(data: Batches, batch_size: int, shuffle: bool, where: str = "fit", classes: bool = True) -> Any:
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], np.ndarray) \
+            and not isinstance(data[0], np.ndarray):
+        raise TypeError(f"{where}: the images of an (images, labels) pair must be an ndarray, got "
+                        f"{type(data[0]).__name__}; pass np.asarray(images, dtype=np.float32)")
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
+        if classes:
+            _check_labels(data[1], len(data[0]), where)
+        if len(data[0]) == 0:
+            raise ValueError(f"{where}: the data hold no samples (images of shape {data[0].shape})")
         return DataLoader(data[0], data[1], batch_size=batch_size, shuffle=shuffle)
     return data
+
+
+def _check_labels(labels: Any, count: int, where: str) -> None:
+    """Class indices of shape (count,) (one-hot or probability labels are refused by name)."""
+    shape = np.shape(labels)
+    if len(shape) != 1:
+        hint = "; one-hot labels? pass labels.argmax(axis=1)" if len(shape) == 2 else ""
+        raise ValueError(f"{where}: labels must be class indices of shape ({count},), got shape {shape}{hint}")
+    if shape[0] != count:
+        raise ValueError(f"{where}: {count} images but {shape[0]} labels")
 
 
 def default_loss(model: Module, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
@@ -87,14 +107,19 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
     scheduler : stepped once at the end of every epoch.
     callbacks : :class:`Callback` objects (pruning schedules, observer freezing, logging ...).
     progress : show a tqdm bar per epoch.
+
+    Refused up front (``ValueError``/``TypeError`` naming the argument): a learning rate that is negative, NaN or
+    infinite; images given as a list; labels that are not class indices of shape (N,) (one-hot, for the default
+    loss); no samples. A DataLoader or iterable that yields no batch raises at the end of its first epoch.
     """
     if epochs < 0:
         raise ValueError(f"fit: epochs must be >= 0, got {epochs}")
     if optimizer is None:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = optim.SGD(params, lr=lr, momentum=momentum)
+    classes = compute_loss is None  # the default loss takes class indices; a custom one may take other targets
     compute_loss = compute_loss or default_loss
-    loader = _loader(train_data, batch_size, shuffle=True)
+    loader = _loader(train_data, batch_size, shuffle=True, classes=classes)
     history = History()
     step = 0
     for callback in callbacks:
@@ -107,6 +132,8 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
         total_loss, correct, seen, batches = 0.0, 0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, y in bar:
+            if classes:
+                _check_labels(y, len(x), f"fit: training batch {batches} of epoch {epoch}")
             if not np.isfinite(x).all():
                 raise ValueError(f"fit: training batch {batches} of epoch {epoch} contains NaN or Inf inputs")
             optimizer.zero_grad()
@@ -127,7 +154,10 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
             step += 1
             if progress:
                 bar.set_postfix(loss=f"{value:.4f}")
-        logs = {"loss": total_loss / max(batches, 1), "accuracy": correct / seen if seen else float("nan")}
+        if batches == 0:
+            raise ValueError(f"fit: the training data gave no batches in epoch {epoch} (an empty dataset, or an "
+                             "iterator already used up?)")
+        logs = {"loss": total_loss / batches, "accuracy": correct / seen if seen else float("nan")}
         history.train_loss.append(logs["loss"])
         history.train_accuracy.append(logs["accuracy"])
         history.epoch_seconds.append(time.perf_counter() - start)
@@ -138,6 +168,8 @@ def fit(model: Module, train_data: Batches, epochs: int = 1, optimizer: optim.Op
             scheduler.step()
         for callback in callbacks:
             callback.on_epoch_end(epoch, model, logs)
+    for callback in callbacks:
+        callback.on_train_end(model)
     model.eval()
     return history
 
@@ -163,16 +195,14 @@ def evaluate(model: Module | Callable[[Tensor], Any], data: Batches, batch_size:
 
     Returns ``{"accuracy": ..., "loss": ..., "count": ...}``.
     """
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
-        batches: Any = DataLoader(data[0], data[1], batch_size=batch_size, shuffle=False)
-    else:
-        batches = data
+    batches: Any = _loader(data, batch_size, shuffle=False, where="evaluate")
     correct, seen, loss_sum = 0, 0, 0.0
     if isinstance(model, Module):
         was_training = model.training
         model.eval()
     with no_grad():
         for x, y in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+            _check_labels(y, len(x), "evaluate")
             out = model(Tensor(x))
             logits = out if isinstance(out, Tensor) else Tensor(np.asarray(out))
             correct += int((logits.data.argmax(axis=1) == y).sum())

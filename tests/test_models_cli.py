@@ -32,6 +32,7 @@ def test_lenet5_rejects_unknown_sizes():
         models.lenet5(input_size=32)
 
 
+@pytest.mark.slow
 def test_demo_prints_a_measured_table(capsys):
     assert cli.main(["demo", "--epochs", "2"]) == 0
     out = capsys.readouterr().out

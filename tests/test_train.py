@@ -14,6 +14,7 @@ def _train_lenet_300_100(seed):
     return model, history
 
 
+@pytest.mark.slow
 def test_lenet_300_100_reaches_95_percent_on_the_bundled_digits():
     model, history = _train_lenet_300_100(0)
     accuracy = no.evaluate(model, data.load_digits("test"))["accuracy"]
@@ -21,6 +22,7 @@ def test_lenet_300_100_reaches_95_percent_on_the_bundled_digits():
     assert history.train_loss[-1] < history.train_loss[0]
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_under_manual_seed():
     first, _ = _train_lenet_300_100(3)
     second, _ = _train_lenet_300_100(3)
@@ -30,6 +32,7 @@ def test_training_is_deterministic_under_manual_seed():
     assert not np.array_equal(first.state_dict()["1.weight"], third.state_dict()["1.weight"])
 
 
+@pytest.mark.slow
 def test_callbacks_see_every_step_and_epoch_and_evaluate_restores_mode():
     events = []
 
@@ -53,6 +56,7 @@ def test_callbacks_see_every_step_and_epoch_and_evaluate_restores_mode():
     assert model.training
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_with_a_clear_error():
     no.manual_seed(0)
     model = models.mlp(64, hidden=())  # linear: nothing saturates, a huge step overflows

@@ -81,11 +81,14 @@ class DistillConfig:
     teacher_weights: tuple[float, ...] | None = None   # "fixed": one non-negative weight per teacher
 
     def __post_init__(self) -> None:
-        _check_temperature(self.temperature, "DistillConfig")
+        _check_temperature(self.temperature, "DistillConfig")  # models are float32: T <= 100
         for name in ("hard_weight", "soft_weight", "dkd_alpha", "dkd_beta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"DistillConfig: {name} must be a finite number >= 0, got {value!r}")
+        if self.hard_weight == 0 and self.soft_weight == 0:
+            raise ValueError("DistillConfig: hard_weight and soft_weight are both 0, so the objective has neither "
+                             "the labels nor the teacher's outputs; give one of them a positive weight")
         if self.response not in ("kd", "dkd"):
             raise ValueError(f"DistillConfig: response must be 'kd' or 'dkd', got {self.response!r}")
         if self.teacher_weighting not in ("average_logits", "fixed", "confidence"):
@@ -207,6 +210,9 @@ class Distiller(nn.Module):
                  cache_teacher: bool = False) -> None:
         super().__init__()
         self.student = _check_module(student, "student")
+        if not isinstance(teachers, Module | list | tuple):
+            raise TypeError(f"Distiller: teachers must be a nanoopt.nn.Module or a list of them, got "
+                            f"{type(teachers).__name__} ({teachers!r:.80})")
         teacher_list = [teachers] if isinstance(teachers, Module) else list(teachers)
         if not teacher_list:
             raise ValueError("Distiller needs at least one teacher")

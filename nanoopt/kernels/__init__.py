@@ -11,7 +11,10 @@ Backends, all bit-identical (tested against each other):
 activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
 kernel), else on ``"numba"``; int8 convolutions with few taps or few channels per group run Numba's direct
 "thin" loop, faster there than im2col + any GEMM (:class:`numba_cpu.Conv2dPlan`). Choose with
-:func:`set_backend` or, for a block of code, :func:`use_backend`.
+:func:`set_backend` or, for a block of code, :func:`use_backend`. "The CPU has it" is decided at run time,
+without compiling anything, from the CPU, Numba's target and the ``NANOOPT_CPU_FEATURES`` override
+(:func:`avx2.usable_features`): e.g. ``NANOOPT_CPU_FEATURES=avx2`` runs the AVX2 kernel where the CPU also has
+AVX-VNNI, ``NANOOPT_CPU_FEATURES=none`` the portable kernels only.
 
 Layers prepare their constant operands once: :func:`prepare_linear` / :func:`prepare_conv2d` validate the
 parameters, pack the weights (for every backend that may run them) and return a callable; calling it with
@@ -233,7 +236,10 @@ def _avx2_products(weights: PreparedWeights, a: np.ndarray) -> np.ndarray:
     if threads > 1 and a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
         out = np.empty((a.shape[0], packed.n), out_dtype)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        parallel = numba_cpu.avx2_s8_rows_parallel if a.dtype == np.int8 else numba_cpu.avx2_s16_rows_parallel
+        if a.dtype == np.int8:
+            parallel = numba_cpu.external_s8_drivers(avx2.KERNEL_S8)[0]
+        else:
+            parallel = numba_cpu.avx2_s16_rows_parallel
         parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
     if a.dtype == np.int8:
@@ -420,11 +426,13 @@ class PreparedConv2d:
         if backend == "numba":
             return self.plan(x_q)
         padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
-        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out.reshape(out.shape[0], out.shape[1], -1))
+        out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
+        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
+        _, serial, parallel = numba_cpu.external_s8_drivers(_avx2_module().KERNEL_S8)
         if numba_cpu._use_threads(2 * out.size * self.plan.depth):
-            numba_cpu.avx2_conv_parallel(*arguments)
+            parallel(*arguments)
         else:
-            numba_cpu.avx2_conv_serial(*arguments)
+            serial(*arguments)
         return self.plan.cast_output(out)
 
 

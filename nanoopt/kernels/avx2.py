@@ -54,7 +54,10 @@ are checked *before* anything is compiled. :func:`available` then compiles and c
 ``gemm_s8s8s32_into`` is bound at import to :func:`gemm_s8s8s32_vnni_into` when the target has AVX-VNNI,
 else to :func:`gemm_s8s8s32_avx2_into` (:data:`KERNEL_S8` says which). Environment switches, read at
 import: ``NANOOPT_DISABLE_AVX2=1`` makes :func:`available` False (to exercise the portable fallback);
-``NANOOPT_DISABLE_AVX_VNNI=1`` keeps the plain AVX2 kernel. Callers of the jitted ``*_into`` functions
+``NANOOPT_DISABLE_AVX_VNNI=1`` keeps the plain AVX2 kernel; ``NANOOPT_CPU_FEATURES`` lists the features the
+kernels may use, as if the CPU had no others (``avx2``: the AVX2 kernel, never VNNI; ``none``: the portable
+kernels; see :func:`allowed_features`). A feature the CPU lacks is never used, whatever the variable says;
+a kernel needing a feature that is not usable is never compiled. Callers of the jitted ``*_into`` functions
 must check :func:`available` first.
 
 Every kernel is module-level code with ``cache=True``: the first call compiles (a few seconds), later
@@ -77,6 +80,8 @@ from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, overload, register_model
 
 __all__ = [
+    "CPU_FEATURES",
+    "FEATURES_ENV",
     "KERNEL_S8",
     "MAX_K_S8",
     "PackedWeightsS8",
@@ -92,8 +97,12 @@ __all__ = [
     "gemm_s16s8s64_packed",
     "pack_weights_s8",
     "pack_weights_s16",
+    "allowed_features",
+    "kernel_s8_for",
+    "select_features",
     "target_has_avx2",
     "target_has_avx_vnni",
+    "usable_features",
     "unpack_weights",
 ]
 
@@ -116,6 +125,8 @@ MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-i
 
 DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1: available() returns False
 DISABLE_VNNI_ENV = "NANOOPT_DISABLE_AVX_VNNI"  # set to 1: gemm_s8s8s32_into is the plain AVX2 kernel
+FEATURES_ENV = "NANOOPT_CPU_FEATURES"  # e.g. "avx2" or "none": the CPU features the kernels may use (unset: all)
+CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl")  # the x86 features these kernels can use
 
 # ---------------------------------------------------------------------------------------------------------
 # A 256-bit register as a Numba type.
@@ -1005,56 +1016,116 @@ def _switched_on(variable: str) -> bool:
     return os.environ.get(variable, "").strip() not in ("", "0")
 
 
-def _target_has(*features: str) -> bool:
-    """True if this CPU has every feature and Numba compiles for a target with them (no compilation).
+def allowed_features(value: str | None = None) -> frozenset[str] | None:
+    """The CPU features that ``NANOOPT_CPU_FEATURES`` (or ``value``) lets the kernels use; ``None``: no limit.
+
+    The variable is a comma-separated list of names from :data:`CPU_FEATURES` (LLVM's spelling, any case), or
+    ``none`` for none of them (the portable kernels); unset or empty means every feature the CPU and Numba's
+    target have. It can only take features away: a feature it names that the CPU lacks is still not used.
+    Anything else is a ``ValueError`` naming the variable, the word it did not know and the names it takes.
+
+    >>> sorted(allowed_features("avx2, AVX512VNNI"))
+    ['avx2', 'avx512vnni']
+    >>> allowed_features("none"), allowed_features("") is None
+    (frozenset(), True)
+    """
+    value = os.environ.get(FEATURES_ENV, "") if value is None else value
+    if not value.strip():
+        return None
+    names = [name.strip().lower() for name in value.split(",")]
+    if names == ["none"]:
+        return frozenset()
+    for name in names:
+        if name not in CPU_FEATURES:
+            raise ValueError(f"{FEATURES_ENV} must be a comma-separated list of {', '.join(CPU_FEATURES)} (or "
+                             f"'none'), got {value!r} (unknown: {name!r})")
+    return frozenset(names)
+
+
+def select_features(host: dict[str, bool], target: str, allowed: frozenset[str] | None) -> frozenset[str]:
+    """The features of :data:`CPU_FEATURES` the kernels may use: those the CPU executes (``host``, as
+    ``llvmlite.binding.get_host_cpu_features()``), LLVM compiles for (``target``, Numba's feature string
+    ``"+avx2,-avx512f,..."``; empty for the generic target) and ``allowed`` permits (:func:`allowed_features`).
+
+    >>> sorted(select_features({"avx2": True, "avxvnni": True}, "+avx2,+avxvnni,-avx512vnni", None))
+    ['avx2', 'avxvnni']
+    >>> sorted(select_features({"avx2": True, "avxvnni": False}, "+avx2,+avxvnni", frozenset({"avx2", "avxvnni"})))
+    ['avx2']
+    """
+    enabled = {item[1:] for item in target.split(",") if item.startswith("+")}
+    return frozenset(feature for feature in CPU_FEATURES if host.get(feature, False) and feature in enabled
+                     and (allowed is None or feature in allowed))
+
+
+def kernel_s8_for(features: frozenset[str]) -> str:
+    """The int8 GEMM that runs with these usable features: ``"avx-vnni"`` (256-bit ``vpdpbusd``: AVX-VNNI, or
+    AVX512-VNNI with AVX512-VL, and AVX2), ``"avx2"``, or ``"portable"`` (the Numba kernels, no intrinsics).
+
+    >>> kernel_s8_for(frozenset({"avx2", "avx512vnni"})), kernel_s8_for(frozenset({"avxvnni"}))
+    ('avx2', 'portable')
+    """
+    if "avx2" not in features:
+        return "portable"
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+        return "avx-vnni"
+    return "avx2"
+
+
+def usable_features() -> frozenset[str]:
+    """:func:`select_features` for this process, checked without compiling anything.
 
     Numba's JIT target is the host CPU unless ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` say otherwise
-    (``generic`` means no features); ``NUMBA_ENABLE_AVX=0`` removes the AVX features from the host's list.
-    """
-    import llvmlite.binding
-    from numba.core import codegen, config
+    (``generic`` means no features); ``NUMBA_ENABLE_AVX=0`` removes the AVX features from the host's list;
+    ``NANOOPT_CPU_FEATURES`` narrows the result (a malformed value raises ``ValueError``). Off x86-64, or if
+    llvmlite cannot say, the answer is no feature.
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    host = llvmlite.binding.get_host_cpu_features()
-    if not all(host.get(feature, False) for feature in features):
-        return False
-    if str(config.CPU_NAME).lower() == "generic":
-        return False
-    target = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-    enabled = {item[1:] for item in target.split(",") if item.startswith("+")}  # "+avx2,-avx512f,..."
-    return all(feature in enabled for feature in features)
+    >>> usable_features() <= set(CPU_FEATURES)
+    True
+    """
+    allowed = allowed_features()  # outside the try: a malformed variable is an error, not "no features"
+    try:
+        import llvmlite.binding
+        from numba.core import codegen, config
+
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return frozenset()
+        host = dict(llvmlite.binding.get_host_cpu_features())
+        if str(config.CPU_NAME).lower() == "generic":
+            target = ""
+        else:
+            target = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
+        return select_features(host, target, allowed)
+    except Exception:  # an unusual llvmlite/Numba: no AVX2 kernels rather than a crash
+        return frozenset()
 
 
 def target_has_avx2() -> bool:
-    """True if this CPU executes AVX2 and Numba compiles for a target with AVX2 (checked without compiling).
+    """True if this CPU executes AVX2, Numba compiles for a target with AVX2 and ``NANOOPT_CPU_FEATURES`` allows
+    it (checked without compiling).
 
     The first half of :func:`available`; the second half compiles and tests the kernel.
 
     >>> isinstance(target_has_avx2(), bool)
     True
     """
-    try:
-        return _target_has("avx2")
-    except Exception:  # an unusual llvmlite/Numba: no AVX2 kernels rather than a crash
-        return False
+    return "avx2" in usable_features()
 
 
 def target_has_avx_vnni() -> bool:
-    """True if AVX2 and 256-bit ``vpdpbusd`` are there: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
+    """True if AVX2 and 256-bit ``vpdpbusd`` are usable: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
 
     >>> isinstance(target_has_avx_vnni(), bool)
     True
     """
-    try:
-        return _target_has("avx2") and (_target_has("avxvnni") or _target_has("avx512vnni", "avx512vl"))
-    except Exception:
-        return False
+    return kernel_s8_for(usable_features()) == "avx-vnni"
 
 
-# The int8 kernel other Numba code calls, fixed at import: ``gemm_s8s8s32_into(a, panels, n, k, out)``
+# The int8 kernel of the Python entry points, fixed at import: ``gemm_s8s8s32_into(a, panels, n, k, out)``
 # overwrites the int32 (M, N) C-contiguous ``out`` with ``a @ W.T`` for int8 ``a`` (M, K) C-contiguous and
 # ``panels = pack_weights_s8(W).panels``. Both kernels give the same, exact result; check available() first.
+# Jitted code must call one of the two kernels by its own name, never this alias: Numba's cache does not
+# record which function a global named at compile time, so a cached caller would keep the kernel of the
+# process that compiled it (nanoopt.kernels.numba_cpu has one driver per kernel for that reason).
 KERNEL_S8 = "avx-vnni" if target_has_avx_vnni() and not _switched_on(DISABLE_VNNI_ENV) else "avx2"
 gemm_s8s8s32_into = gemm_s8s8s32_vnni_into if KERNEL_S8 == "avx-vnni" else gemm_s8s8s32_avx2_into
 

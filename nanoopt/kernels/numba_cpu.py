@@ -33,8 +33,8 @@ makes them fast, in the order the code runs:
   the same tiles writing NCHW output directly. Convolutions with fewer than 4 output channels per group
   (depthwise) run a direct int64 loop instead.
 * **AVX2 glue.** The dispatch point (:mod:`nanoopt.kernels`) can take the products from the AVX2 GEMM of
-  :mod:`nanoopt.kernels.avx2` instead: :class:`LinearPlan.finish` and the ``avx2_*`` drivers at the end of
-  this file wrap the same im2col and epilogue around it. They compile only where that GEMM runs.
+  :mod:`nanoopt.kernels.avx2` instead: :class:`LinearPlan.finish` and the ``avx2_*`` / ``vnni_*`` drivers at the
+  end of this file wrap the same im2col and epilogue around it. They compile only where that GEMM runs.
 
 Every kernel compiles for one set of argument types whatever the precision mode (all operands are int8
 parts), for int8 and for int64 outputs, with ``cache=True``. Argument checks are the reference's (shared
@@ -1048,14 +1048,26 @@ def quantized_conv2d(
 
 # ------------------------------------------------------------------------------------ AVX2 glue
 # The dispatch point (nanoopt.kernels) runs the AVX2 GEMM of nanoopt.kernels.avx2 inside these Numba
-# drivers. They call it by name (a dispatcher passed as an argument would defeat Numba's cache) and compile
-# only when first called, which happens only where avx2.available() -- on other CPUs they never compile.
+# drivers. Each driver calls one int8 kernel by its own name -- the plain AVX2 one or the AVX-VNNI one, never
+# the alias avx2.gemm_s8s8s32_into: Numba's cache keys a function on its own code and the target CPU, not on
+# what the globals it names were bound to, so a cached driver that called the alias would keep the kernel of
+# the process that compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an
+# argument would defeat the cache. The drivers compile only when first called, which happens only where
+# avx2.available() (and, for the vnni_* ones, avx2.KERNEL_S8 == "avx-vnni"): elsewhere they never compile.
 @njit(cache=True, parallel=True)
 def avx2_s8_rows_parallel(a, panels, n, k, out, rows_per_item):
-    """The AVX2 int8 GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+    """The plain AVX2 int8 GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
     for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
         lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
-        avx2.gemm_s8s8s32_into(a[lo:hi], panels, n, k, out[lo:hi])
+        avx2.gemm_s8s8s32_avx2_into(a[lo:hi], panels, n, k, out[lo:hi])
+
+
+@njit(cache=True, parallel=True)
+def vnni_s8_rows_parallel(a, panels, n, k, out, rows_per_item):
+    """The AVX-VNNI int8 GEMM on row blocks of ``a`` in parallel."""
+    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+        avx2.gemm_s8s8s32_vnni_into(a[lo:hi], panels, n, k, out[lo:hi])
 
 
 @njit(cache=True, parallel=True)
@@ -1067,20 +1079,34 @@ def avx2_s16_rows_parallel(a, panels, n, k, out, rows_per_item):
 
 
 @njit(cache=True)
-def _avx2_conv_item(padded, panels, item, conv, epilogue, out3):
-    """One 256-pixel block of an int8 conv: Numba im2col -> AVX2 product -> Numba epilogue into NCHW."""
+def _external_conv_block(padded, item, conv):
+    """The im2col rows of one 256-pixel work item of an int8 conv, an int32 buffer for their products, the
+    item's group and its epilogue geometry."""
     groups, channels, per_group, pixels = conv[0], conv[1], conv[2], conv[10]
     blocks = (pixels + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS
     n, group = item // (groups * blocks), (item // blocks) % groups
     p_lo = (item % blocks) * EXTERNAL_PIXELS
     rows = min(p_lo + EXTERNAL_PIXELS, pixels) - p_lo
-    depth = conv[3] * conv[4] * channels
-    cols = np.empty((rows, depth), dtype=np.int8)
+    cols = np.empty((rows, conv[3] * conv[4] * channels), dtype=np.int8)
     _im2col_rows(padded, 0, n, group * channels, channels, conv, p_lo, rows, cols)
     products = np.empty((rows, per_group), dtype=np.int32)
-    avx2.gemm_s8s8s32_into(cols, panels[group], per_group, depth, products)
-    geometry = (n, group * per_group, per_group, p_lo, CONV_PIXEL_MAJOR)
-    _epilogue_block(products.reshape(-1), rows, per_group, 0, 0, epilogue, geometry, out3)
+    return cols, products, group, (n, group * per_group, per_group, p_lo, CONV_PIXEL_MAJOR)
+
+
+@njit(cache=True)
+def _avx2_conv_item(padded, panels, item, conv, epilogue, out3):
+    """One 256-pixel block of an int8 conv: Numba im2col -> plain AVX2 product -> Numba epilogue into NCHW."""
+    cols, products, group, geometry = _external_conv_block(padded, item, conv)
+    avx2.gemm_s8s8s32_avx2_into(cols, panels[group], products.shape[1], cols.shape[1], products)
+    _epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
+
+
+@njit(cache=True)
+def _vnni_conv_item(padded, panels, item, conv, epilogue, out3):
+    """The same block with the AVX-VNNI product."""
+    cols, products, group, geometry = _external_conv_block(padded, item, conv)
+    avx2.gemm_s8s8s32_vnni_into(cols, panels[group], products.shape[1], cols.shape[1], products)
+    _epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
 
 
 @njit(cache=True)
@@ -1093,6 +1119,32 @@ def avx2_conv_serial(padded, panels, items, conv, epilogue, out3):
 def avx2_conv_parallel(padded, panels, items, conv, epilogue, out3):
     for item in prange(items):
         _avx2_conv_item(padded, panels, item, conv, epilogue, out3)
+
+
+@njit(cache=True)
+def vnni_conv_serial(padded, panels, items, conv, epilogue, out3):
+    for item in range(items):
+        _vnni_conv_item(padded, panels, item, conv, epilogue, out3)
+
+
+@njit(cache=True, parallel=True)
+def vnni_conv_parallel(padded, panels, items, conv, epilogue, out3):
+    for item in prange(items):
+        _vnni_conv_item(padded, panels, item, conv, epilogue, out3)
+
+
+def external_s8_drivers(kernel: str) -> tuple:
+    """``(rows_parallel, conv_serial, conv_parallel)``: the drivers around the int8 GEMM ``kernel``
+    (``avx2.KERNEL_S8``: ``"avx2"`` or ``"avx-vnni"``). Nothing is compiled until a driver is called.
+
+    >>> external_s8_drivers("avx2")[0] is avx2_s8_rows_parallel
+    True
+    """
+    if kernel == "avx2":
+        return avx2_s8_rows_parallel, avx2_conv_serial, avx2_conv_parallel
+    if kernel == "avx-vnni":
+        return vnni_s8_rows_parallel, vnni_conv_serial, vnni_conv_parallel
+    raise ValueError(f"kernel must be 'avx2' or 'avx-vnni', got {kernel!r}")
 
 
 # ------------------------------------------------------------------------------------------- pools

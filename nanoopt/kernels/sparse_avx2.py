@@ -61,8 +61,8 @@ passes only validated matrices.
 
 Availability. As for :mod:`nanoopt.kernels.avx2` (whose checks this module reuses): LLVM aborts the process if
 it compiles an x86 intrinsic for a target without it, so :func:`available` first checks the CPU and Numba's
-target for AVX2 (:func:`nanoopt.kernels.avx2.target_has_avx2`, no compilation), honours
-``NANOOPT_DISABLE_AVX2=1``, and only then compiles the kernel and checks one small exact product. The kernel is
+target for AVX2 (:func:`nanoopt.kernels.avx2.target_has_avx2`, no compilation; it honours ``NANOOPT_CPU_FEATURES``),
+honours ``NANOOPT_DISABLE_AVX2=1``, and only then compiles the kernel and checks one small exact product. The kernel is
 module-level code with ``cache=True``.
 
 >>> import numpy as np

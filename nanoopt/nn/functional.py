@@ -110,6 +110,10 @@ def batch_norm(x: Any, running_mean: np.ndarray | None, running_var: np.ndarray 
     x = _tensor(x)
     if x.ndim not in (2, 3, 4):
         raise ValueError(f"batch_norm: expected a 2-D, 3-D or 4-D input (N, C, ...), got shape {x.shape}")
+    if training and x.size == 0 and x.shape[1]:  # an empty batch (PyTorch: empty output, statistics unchanged)
+        channels = x.shape[1]
+        return ops.BatchNorm.apply(x, weight, bias, running_mean=np.zeros(channels, x.dtype),
+                                   running_var=np.ones(channels, x.dtype), training=False, momentum=momentum, eps=eps)
     if training and x.size // x.shape[1] < 2:
         raise ValueError(f"batch_norm: training needs more than one value per channel, got input {x.shape}")
     return ops.BatchNorm.apply(x, weight, bias, running_mean=running_mean, running_var=running_var,

@@ -270,10 +270,17 @@ class Module:
 
     # ----------------------------------------------------------------- state
     def state_dict(self, prefix: str = "") -> OrderedDict[str, np.ndarray]:
-        """Copies of every parameter and persistent buffer, keyed with PyTorch's dotted names, in PyTorch's order
-        (a module's parameters, then its buffers, then its children's)."""
+        """Copies of every parameter, persistent buffer and extra state array, keyed with PyTorch's dotted names, in
+        PyTorch's order (a module's parameters, then its buffers, then its extra state, then its children's).
+
+        The returned dict carries ``metadata``: ``{key: description}`` for the entries that need more than a dtype
+        and a shape (the quantization a tensor holds, a sparse layout; see :meth:`describe_state`).
+        :meth:`load_state_dict` compares it with the model's own and refuses a mismatch; ``nanoopt.io.save`` writes
+        it into the checkpoint.
+        """
         state: OrderedDict[str, np.ndarray] = OrderedDict()
         self._save_to(state, prefix)
+        state.metadata = self.state_metadata(prefix)  # type: ignore[attr-defined]
         return state
 
     def _save_to(self, state: OrderedDict[str, np.ndarray], prefix: str) -> None:
@@ -283,11 +290,61 @@ class Module:
         for name, buffer in self._buffers.items():
             if buffer is not None and name not in self._non_persistent:
                 state[prefix + name] = buffer.copy()
+        for name, value in self.get_extra_state().items():
+            state[prefix + name] = np.array(value, copy=True)
         for name, child in self.named_children():
             child._save_to(state, prefix + name + ".")
 
+    def get_extra_state(self) -> dict[str, np.ndarray]:
+        """State that is neither a parameter nor a buffer but changes what the module computes (switches,
+        observer statistics), as named arrays saved in ``state_dict`` under this module's prefix. Default: none.
+
+        A module that defines it also defines :meth:`set_extra_state` (and may check values in
+        :meth:`check_state`). The key set must not depend on the data seen (a fresh module lists the same keys).
+        """
+        return {}
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`get_extra_state` returned (called after every entry was checked)."""
+        if state:
+            raise NotImplementedError(f"{type(self).__name__} has extra state {sorted(state)} but no set_extra_state")
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Refuse values this module cannot hold (``ValueError`` naming the entry), before anything is loaded.
+
+        ``state`` maps this module's own names (``"weight"``, not ``"0.weight"``) to the arrays about to be loaded.
+        Default: no check beyond the generic ones of :meth:`load_state_dict`.
+        """
+
+    def resizable_state(self) -> frozenset[str]:
+        """Names of buffers whose shape depends on the data (e.g. the non-zeros of a sparse weight): loading
+        replaces them instead of copying into them, after :meth:`check_state` validated the whole set."""
+        return frozenset()
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """``{own state name: description}`` for the entries a dtype and a shape do not describe: quantized values
+        or their grids (bits, signedness, symmetry, per-channel axis, packing, group size, ...), a sparse layout;
+        JSON-serialisable dicts. A checkpoint records them, and an entry only loads into one with the same
+        description. Default: none."""
+        return {}
+
+    def state_metadata(self, prefix: str = "") -> OrderedDict[str, dict[str, Any]]:
+        """:meth:`describe_state` of every module, keyed like ``state_dict`` (only keys that have one).
+
+        >>> from nanoopt import nn, quant
+        >>> model = quant.quantize_weights(nn.Sequential(nn.Linear(4, 2)), bits=8)
+        >>> model.state_metadata()["0.weight_codes"]["bits"]
+        8
+        """
+        metadata: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        for key, (module, name, _) in self._state_slots().items():
+            description = module.describe_state().get(name)
+            if description:
+                metadata[prefix + key] = description
+        return metadata
+
     def _state_slots(self) -> OrderedDict[str, tuple[Module, str, str]]:
-        """Every key of state_dict(), mapped to (owning module, attribute name, 'parameter'|'buffer')."""
+        """Every key of state_dict(), mapped to (owning module, attribute name, 'parameter'|'buffer'|'extra')."""
         slots: OrderedDict[str, tuple[Module, str, str]] = OrderedDict()
         self._collect_slots(slots, "")
         return slots
@@ -300,14 +357,30 @@ class Module:
         for name, buffer in self._buffers.items():
             if buffer is not None and name not in self._non_persistent:
                 slots[prefix + name] = (self, name, "buffer")
+        for name in self.get_extra_state():
+            slots[prefix + name] = (self, name, "extra")
         for name, child in self.named_children():
             child._collect_slots(slots, prefix + name + ".")
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Copy arrays into the existing parameters and buffers, in place; returns (missing, unexpected) keys.
 
-        With ``strict=True`` (the default) missing or unexpected keys raise ``KeyError``; a shape mismatch
-        always raises ``ValueError`` naming the key, and nothing is changed unless every entry fits.
+        Everything is checked before anything changes, in the model's key order, and the first mismatch raises
+        naming the key:
+
+        * missing or unexpected keys (``KeyError``, with ``strict=True``, the default);
+        * a shape that differs (``ValueError``, both shapes), except for a module's :meth:`resizable_state`;
+        * a dtype that cannot hold the values exactly (``TypeError``, both dtypes). Values are cast only
+          losslessly: integer widening (int8 -> int16 -> int32 -> int64, uint -> a wider int), float widening
+          (float16 -> float32 -> float64), and float64 -> float32 when every value is exactly a float32. Never
+          float -> int, int -> float, bool <-> number or a narrower integer, even when the values would fit: an
+          integer's width is the bit width of the codes it stores;
+        * NaN or Inf in a float entry (``ValueError``);
+        * a description (quantization bits, grid, packing; sparse layout) that differs from the model's, when
+          ``state_dict`` carries ``metadata`` (as ``state_dict()`` and ``nanoopt.io.load`` return it; a plain dict
+          of arrays has none) (``ValueError``, both);
+        * values a module refuses in its :meth:`check_state` (codes outside their bit width, an invalid sparse
+          structure; ``ValueError``).
         """
         slots = self._state_slots()
         missing = [k for k in slots if k not in state_dict]
@@ -316,26 +389,68 @@ class Module:
             pruned = any(k.endswith(("_orig", "_mask")) for k in unexpected + missing)
             hint = ("; the checkpoint or the model is pruned (<name>_orig / <name>_mask): use "
                     "nanoopt.prune.load_pruned_state_dict, or prune.remove_all before saving") if pruned else ""
-            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}{hint}")
+            first = (f"first: {missing[0]!r} is in the model but not in the checkpoint" if missing else
+                     f"first: {unexpected[0]!r} is in the checkpoint but not in the model")
+            raise KeyError(f"load_state_dict: missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)} "
+                           f"({first}){hint}")
+        stored_metadata = getattr(state_dict, "metadata", None)
         converted: dict[str, np.ndarray] = {}
+        per_module: dict[int, tuple[Module, str, dict[str, np.ndarray]]] = {}
         for key, (module, name, kind) in slots.items():
             if key not in state_dict:
                 continue
-            target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
             value = np.asarray(state_dict[key].data if isinstance(state_dict[key], Tensor) else state_dict[key])
-            if value.shape != target.shape:
-                raise ValueError(f"load_state_dict: {key!r} has shape {value.shape} in the checkpoint but "
-                                 f"{target.shape} in the model")
             if value.dtype.kind not in "biuf":
                 raise TypeError(f"load_state_dict: {key!r} has non-numeric dtype {value.dtype}")
-            if not np.all(np.isfinite(value)) and value.dtype.kind == "f":
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
                 raise ValueError(f"load_state_dict: {key!r} contains NaN or Inf")
+            if kind != "extra":
+                target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
+                resizable = kind == "buffer" and name in module.resizable_state()
+                if value.shape != target.shape and not (resizable and value.ndim == target.ndim):
+                    raise ValueError(f"load_state_dict: {key!r} has shape {value.shape} in the checkpoint but "
+                                     f"{target.shape} in the model")
+                cast = lossless_cast(value, target.dtype)
+                if cast is None:
+                    raise TypeError(f"load_state_dict: {key!r} is {value.dtype} in the checkpoint but "
+                                    f"{target.dtype} in the model; values are cast only losslessly (integer or "
+                                    "float widening, float64 values that are exact float32s)")
+                value = cast
+            if stored_metadata is not None:
+                expected = module.describe_state().get(name) or {}
+                stored = stored_metadata.get(key) or {}
+                if stored != expected:
+                    raise ValueError(f"load_state_dict: {key!r} is described differently: "
+                                     f"{_difference(stored, expected)}")
             converted[key] = value
+            prefix = key[: len(key) - len(name)]
+            per_module.setdefault(id(module), (module, prefix, {}))[2][name] = value
+        for module, prefix, local in per_module.values():
+            try:
+                module.check_state(local)
+            except ValueError as error:
+                where = f"layer {prefix[:-1]!r}" if prefix else "the model"
+                raise ValueError(f"load_state_dict: {where} ({type(module).__name__}): {error}") from None
+        extra: dict[int, tuple[Module, dict[str, np.ndarray]]] = {}
         for key, value in converted.items():
             module, name, kind = slots[key]
-            target = module._parameters[name].data if kind == "parameter" else module._buffers[name]
-            target[...] = value.astype(target.dtype, copy=False)
+            if kind == "extra":
+                extra.setdefault(id(module), (module, {}))[1][name] = value.copy()
+            elif kind == "parameter":
+                module._parameters[name].data[...] = value
+            elif value.shape != module._buffers[name].shape:  # a resizable buffer of another size
+                module._buffers[name] = np.array(value, copy=True)
+            else:
+                module._buffers[name][...] = value
+        for module, local in extra.values():
+            module.set_extra_state(local)
+        for module, _, _ in per_module.values():
+            module.after_load()
         return missing, unexpected
+
+    def after_load(self) -> None:
+        """Called on every module that received entries, once :meth:`load_state_dict` has copied them in (rebuild
+        caches derived from the state here). Default: nothing."""
 
     # ----------------------------------------------------------------- printing
     def extra_repr(self) -> str:
@@ -350,3 +465,55 @@ class Module:
 
 
 _TABLE_KINDS = (("_parameters", Parameter), ("_modules", Module), ("_buffers", np.ndarray))
+
+
+def lossless_cast(value: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
+    """``value`` as ``dtype`` if that keeps every value exactly and the kind of number (see
+    :meth:`Module.load_state_dict`), else ``None``.
+
+    >>> lossless_cast(np.array([1, -2], np.int8), np.dtype(np.int32)).dtype
+    dtype('int32')
+    >>> lossless_cast(np.array([0.5, 0.1]), np.dtype(np.float32)) is None      # 0.1 is not a float32
+    True
+    >>> lossless_cast(np.array([3], np.int64), np.dtype(np.int8)) is None      # narrower codes: never
+    True
+    """
+    dtype = np.dtype(dtype)
+    if value.dtype == dtype:
+        return value
+    kinds = value.dtype.kind + dtype.kind
+    if kinds in ("ii", "uu", "ui") and np.can_cast(value.dtype, dtype, "safe"):
+        return value.astype(dtype)
+    if kinds == "ff":
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = value.astype(dtype)
+            if np.can_cast(value.dtype, dtype, "safe") or np.array_equal(cast.astype(value.dtype), value):
+                return cast
+    return None
+
+
+def _listed(keys: list[str], limit: int = 8) -> str:
+    """``keys`` for a message: all of them, or the first ``limit`` and how many more.
+
+    >>> _listed(["a", "b", "c"], limit=2)
+    "['a', 'b'] and 1 more"
+    """
+    return str(keys) if len(keys) <= limit else f"{keys[:limit]} and {len(keys) - limit} more"
+
+
+def _difference(stored: dict[str, Any], expected: dict[str, Any]) -> str:
+    """The fields where two descriptions differ, checkpoint first, for messages.
+
+    >>> _difference({"bits": 4, "packed": True}, {"bits": 3, "packed": True})
+    'bits=4 in the checkpoint but bits=3 in the model'
+    >>> _difference({}, {"bits": 8})
+    'nothing in the checkpoint but {bits=8} in the model'
+    """
+    def whole(description: dict[str, Any]) -> str:
+        return "{" + ", ".join(f"{k}={v}" for k, v in description.items()) + "}" if description else "nothing"
+
+    if not stored or not expected:
+        return f"{whole(stored)} in the checkpoint but {whole(expected)} in the model"
+    fields = [k for k in dict.fromkeys([*stored, *expected]) if stored.get(k) != expected.get(k)]
+    return (", ".join(f"{k}={stored.get(k)}" for k in fields) + " in the checkpoint but "
+            + ", ".join(f"{k}={expected.get(k)}" for k in fields) + " in the model")

@@ -100,9 +100,11 @@ def layer_sensitivity(model: Module, test_data: tuple[np.ndarray, np.ndarray],
     modules = dict(model.named_modules())
     if layers is None:
         layers = [name for name, module in modules.items() if isinstance(module, (L.Linear, L.Conv2d))]
+    weighted = [name for name, module in modules.items() if hasattr(module, "weight")]
     for name in layers:
-        if name not in modules or not hasattr(modules[name], "weight"):
-            raise ValueError(f"layer_sensitivity: {name!r} is not a layer with a weight in this model")
+        if name not in weighted:
+            raise ValueError(f"layer_sensitivity: {name!r} is not a layer with a weight in this model; its layers "
+                             f"with a weight are {weighted}")
     result: dict[str, dict[float, float]] = {"(none)": {0.0: evaluate(model, test_data)["accuracy"]}}
     for name in layers:
         result[name] = {}

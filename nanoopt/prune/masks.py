@@ -263,7 +263,9 @@ def load_pruned_state_dict(model: Module, state_dict: Mapping[str, Any], strict:
         if module_name + ("." if module_name else "") + name + ORIG_SUFFIX not in state_dict:
             continue
         apply_mask(module, name, np.asarray(value.data if isinstance(value, Tensor) else value))
-    missing, unexpected = model.load_state_dict(dict(state_dict), strict=strict)
+    # a dict from state_dict() or nanoopt.io.load keeps its descriptions (metadata); any other mapping is copied
+    missing, unexpected = model.load_state_dict(state_dict if isinstance(state_dict, dict) else dict(state_dict),
+                                                 strict=strict)
     for module in model.modules():
         for name in pruned_names(module):
             set_effective(module, name)

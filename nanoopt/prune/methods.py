@@ -10,12 +10,20 @@ plus a thin public function that reads the parameter, computes the mask and appl
   (``random_unstructured``). Ties are broken deterministically: among equal scores the entry with the lower
   flat (C-order) index is pruned first. ``global_unstructured`` ranks the entries of several parameters together.
 * Structured (Li et al. 2017, "Pruning Filters for Efficient ConvNets"): whole slices along ``dim`` (dim 0:
-  output neurons / filters) are pruned by the L_n norm of the surviving scores in the slice,
-  ||s_c||_n = (sum_i |s_ci|^n)^(1/n) (n = inf: max |s_ci|). A slice is alive while any of its entries is;
-  k = round(amount * alive slices); ties: lower index first.
+  output neurons / filters) are pruned by the L_n norm of their scores, ||s_c||_n = (sum_i |s_ci|^n)^(1/n)
+  (n = inf: max |s_ci|). As in PyTorch, the scores are the *masked* weight ``orig * mask`` by default, and the
+  ``importance_scores`` exactly as given otherwise (entries pruned earlier count in a slice's norm). A slice is
+  alive while any of its mask entries is; k = round(amount * alive slices); ties: lower index first.
+  ``random_structured`` ranks the alive slices by one uniform number each (every alive slice is equally likely
+  to go, whatever its number of survivors, as ``torch.rand`` in PyTorch).
 * N:M semi-structured (Mishra et al. 2021, NVIDIA's 2:4 sparsity; Zhou et al. 2021): in every group of ``m``
   consecutive weights along the input dimension (dim 1), the ``n`` with the largest |w| are kept (ties: the
   lower index is kept), and entries already pruned stay pruned.
+
+Ties differ from PyTorch: ``torch.topk`` does not specify which of equal values it returns (pruning 3 entries of
+``[1, 2, 1, 2, 1, 2, 1, 2, 0.5, 1]`` it zeroes indices 8, 4 and 6 on x86), so with ties in the scores both prune
+the same number of entries (or slices) with the same multiset of scores, but not always the same ones; without
+ties the masks are identical (``tests/prune/test_prune_vs_torch.py`` checks both against ``torch.nn.utils.prune``).
 
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import nn
@@ -31,7 +39,9 @@ plus a thin public function that reads the parameter, computes the mask and appl
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -99,23 +109,35 @@ def _slice_norms(values: np.ndarray, n: int | float | str, dim: int) -> np.ndarr
     return np.linalg.norm(rows, ord=order, axis=1)
 
 
-def structured_mask(scores: np.ndarray, default_mask: np.ndarray, amount: Amount, n: int | float | str, dim: int,
-                    what: str = "structured") -> np.ndarray:
-    """Prune the ``k`` alive slices along ``dim`` with the smallest L_n norm of their surviving scores.
+def slices_mask(slice_scores: np.ndarray, default_mask: np.ndarray, amount: Amount, dim: int,
+                what: str = "structured") -> np.ndarray:
+    """Prune the ``k`` alive slices along ``dim`` with the smallest ``slice_scores`` (one number per slice).
 
-    >>> structured_mask(np.array([[1.0, 1.0], [3.0, 0.0], [0.5, 0.5]]), np.ones((3, 2)), 1, n=1, dim=0).tolist()
-    [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    A slice is alive while any entry of ``default_mask`` in it is 1; k counts alive slices. Ties: lower index first.
+
+    >>> slices_mask(np.array([2.0, 1.0, 3.0]), np.ones((3, 2)), 1, dim=0).tolist()
+    [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
     """
     default_mask = np.asarray(default_mask, dtype=np.float32)
     alive = np.flatnonzero(_slice_norms(default_mask, 1, dim) > 0)
     k = count_to_prune(amount, alive.size, what)
-    norms = _slice_norms(np.asarray(scores) * default_mask, n, dim)
-    order = np.argsort(norms[alive], kind="stable")
+    order = np.argsort(np.asarray(slice_scores)[alive], kind="stable")
     mask = default_mask.copy()
     index = [slice(None)] * mask.ndim
     index[dim] = alive[order[:k]]
     mask[tuple(index)] = 0.0
     return mask
+
+
+def structured_mask(scores: np.ndarray, default_mask: np.ndarray, amount: Amount, n: int | float | str, dim: int,
+                    what: str = "structured") -> np.ndarray:
+    """Prune the ``k`` alive slices along ``dim`` with the smallest L_n norm of ``scores`` (PyTorch's
+    ``LnStructured.compute_mask``: the norm is of ``scores`` as given; mask them first to rank survivors only).
+
+    >>> structured_mask(np.array([[1.0, 1.0], [3.0, 0.0], [0.5, 0.5]]), np.ones((3, 2)), 1, n=1, dim=0).tolist()
+    [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    return slices_mask(_slice_norms(np.asarray(scores), n, dim), default_mask, amount, dim, what)
 
 
 def nm_mask(scores: np.ndarray, default_mask: np.ndarray, n: int, m: int, dim: int = 1, what: str = "nm_sparsity"
@@ -208,6 +230,9 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     """Prune whole slices along ``dim`` of ``module.<name>`` with the smallest L_n norm (``n``: int, float,
     ``float('inf')``, ``-inf`` or ``'fro'``). dim 0 removes output neurons / filters.
 
+    The norm is of the masked weight, or of ``importance_scores`` as given (PyTorch's rule: after an unstructured
+    pruning, entries already pruned still count in a slice's importance-score norm).
+
     >>> from nanoopt import nn
     >>> layer = ln_structured(nn.Linear(4, 6), "weight", amount=0.5, n=1, dim=0)
     >>> layer.weight_mask.sum(axis=1).tolist().count(0.0)
@@ -219,9 +244,12 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     valid_norm = n == "fro" or (isinstance(n, numbers.Real) and not isinstance(n, bool) and not np.isnan(n))
     if not valid_norm:
         raise ValueError(f"{what}: n must be a number (the L_n norm; inf allowed) or 'fro', got {n!r}")
-    scores = parameter.data if importance_scores is None else importance_scores
-    scores = _check_scores(scores, parameter.shape, what)
-    return apply_mask(module, name, structured_mask(scores, get_mask(module, name), amount, n, dim, what))
+    mask = get_mask(module, name)
+    if importance_scores is None:                          # PyTorch ranks the masked weight ...
+        scores = _check_scores(parameter.data, parameter.shape, what) * mask
+    else:                                                  # ... or the importance scores exactly as given
+        scores = _check_scores(importance_scores, parameter.shape, what)
+    return apply_mask(module, name, structured_mask(scores, mask, amount, n, dim, what))
 
 
 def random_structured(module: Module, name: str, amount: Amount, dim: int = 0, seed: int | None = None) -> Module:
@@ -235,12 +263,8 @@ def random_structured(module: Module, name: str, amount: Amount, dim: int = 0, s
     what = _what("random_structured", module, name)
     parameter = get_parameter(module, name)
     dim = _check_dim(dim, parameter.ndim, what)
-    size = parameter.shape[dim]
-    per_slice = random_scores((size,), seed)
-    shape = [1] * parameter.ndim
-    shape[dim] = size
-    scores = np.broadcast_to(per_slice.reshape(shape), parameter.shape)
-    return apply_mask(module, name, structured_mask(scores, get_mask(module, name), amount, 1, dim, what))
+    per_slice = random_scores((parameter.shape[dim],), seed)   # one uniform number per slice: all equally likely
+    return apply_mask(module, name, slices_mask(per_slice, get_mask(module, name), amount, dim, what))
 
 
 def nm_sparsity(module: Module, name: str = "weight", n: int = 2, m: int = 4, dim: int = 1,
@@ -280,25 +304,53 @@ def custom_from_mask(module: Module, name: str, mask: Any) -> Module:
     return apply_mask(module, name, np.asarray(mask))
 
 
+def _floor(min_remaining: Amount, size: int, what: str) -> int:
+    """Entries ``min_remaining`` keeps in a parameter of ``size`` entries (a fraction rounds up, an int is a count)."""
+    if isinstance(min_remaining, bool) or not isinstance(min_remaining, numbers.Real):
+        raise TypeError(f"{what}: min_remaining must be a float in [0, 1] or an int count, got {min_remaining!r}")
+    if isinstance(min_remaining, numbers.Integral):
+        if min_remaining < 0:
+            raise ValueError(f"{what}: min_remaining must be >= 0, got {min_remaining}")
+        return min(int(min_remaining), size)
+    if not 0.0 <= float(min_remaining) <= 1.0:
+        raise ValueError(f"{what}: a float min_remaining is a fraction in [0, 1], got {min_remaining}")
+    return min(size, math.ceil(float(min_remaining) * size - 1e-9))
+
+
 def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method: str = "l1",
                         importance_scores: Mapping[tuple[Module, str], Any] | None = None, *, amount: Amount,
-                        seed: int | None = None) -> None:
+                        seed: int | None = None, min_remaining: Amount = 0, model: Module | None = None) -> None:
     """Rank the surviving entries of all ``parameters`` together and prune the ``amount`` lowest.
 
     ``pruning_method`` is ``"l1"`` (|w|, or |importance_scores[(module, name)]| where given) or ``"random"``.
     A float ``amount`` is a fraction of all survivors together, so layers end up with different sparsities.
+
+    A global ranking can take every entry of a layer whose weights are small (the layer then outputs only its
+    bias): that gives a ``UserWarning`` naming the layer. ``min_remaining`` is a floor per parameter: a float
+    fraction (rounded up) or an int count of its entries that stay unpruned (its highest-scoring survivors; a
+    parameter already below the floor keeps all its survivors). The ``amount`` is still pruned in total, among
+    the other survivors (``ValueError`` if they are too few). ``model`` (optional) names the layers in messages
+    by their dotted names.
 
     >>> from nanoopt import nn
     >>> model = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 5))
     >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], amount=0.8)
     >>> int((model[0].weight_mask == 0).sum() + (model[2].weight_mask == 0).sum())
     200
+    >>> model[2].weight.data[...] *= 1e-3       # a layer of small weights: the global ranking would take all
+    >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], amount=0.5, min_remaining=0.1)
+    >>> int(model[2].weight_mask.sum())         # 10% of its 50 weights kept
+    5
     """
     parameters = list(parameters)
     if not parameters:
         raise ValueError("global_unstructured: the list of (module, name) pairs is empty")
     if pruning_method not in ("l1", "random"):
         raise ValueError(f"global_unstructured: pruning_method must be 'l1' or 'random', got {pruning_method!r}")
+    if model is not None and not isinstance(model, Module):
+        raise TypeError(f"global_unstructured: model must be the Module that holds the parameters, got "
+                        f"{type(model).__name__}")
+    module_names = {id(m): n for n, m in model.named_modules()} if model is not None else {}
     seen: set[tuple[int, str]] = set()
     scores, masks = [], []
     for entry in parameters:
@@ -322,9 +374,39 @@ def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method
     flat_scores = np.concatenate(scores)
     if pruning_method == "random":
         flat_scores = random_scores(flat_scores.shape, seed)
-    flat_mask = unstructured_mask(flat_scores, np.concatenate(masks), amount, "global_unstructured")
+    flat_default = np.concatenate(masks)
+    protected = _protect_floors(flat_scores, masks, min_remaining)
+    if protected.any():
+        survivors = int(np.count_nonzero(flat_default))
+        k = count_to_prune(amount, survivors, "global_unstructured")
+        if k > survivors - int(protected.sum()):
+            raise ValueError(f"global_unstructured: amount={amount} prunes {k} of {survivors} surviving entries, "
+                             f"but min_remaining={min_remaining} keeps {int(protected.sum())} of them; lower one of "
+                             "the two")
+        flat_scores = np.where(protected, np.inf, flat_scores)
+    flat_mask = unstructured_mask(flat_scores, flat_default, amount, "global_unstructured")
     start = 0
-    for (module, name), mask in zip(parameters, masks, strict=True):
+    for index, ((module, name), mask) in enumerate(zip(parameters, masks, strict=True)):
         piece = flat_mask[start:start + mask.size]
         start += mask.size
+        if mask.any() and not piece.any():
+            label = (f"layer {module_names[id(module)]!r}" if id(module) in module_names
+                     else f"parameters[{index}], {module_label(module)}")
+            warnings.warn(f"global_unstructured: every entry of {name!r} in {label} is now pruned ({mask.size:,} of "
+                          f"{mask.size:,}); the layer outputs only its bias, whatever its input. Keep a floor per "
+                          "layer with min_remaining= (e.g. 0.02), or prune less", UserWarning, stacklevel=2)
         apply_mask(module, name, piece.reshape(get_parameter(module, name).shape))
+
+
+def _protect_floors(flat_scores: np.ndarray, masks: list[np.ndarray], min_remaining: Amount) -> np.ndarray:
+    """A flat boolean array marking, in each parameter, its ``min_remaining`` highest-scoring survivors."""
+    protected = np.zeros(flat_scores.shape, bool)
+    start = 0
+    for mask in masks:
+        floor = _floor(min_remaining, mask.size, "global_unstructured")
+        survivors = np.flatnonzero(mask)
+        if floor:
+            order = np.argsort(-flat_scores[start + survivors], kind="stable")
+            protected[start + survivors[order[:floor]]] = True
+        start += mask.size
+    return protected

@@ -99,6 +99,7 @@ def one_shot(model: Module, sparsity: float, parameters: Sequence[Key] | None = 
     >>> round(mask_sparsity(prunable_parameters(model)), 2)
     0.75
     """
+    _check_sparsity(sparsity, "one_shot")
     prune_to_sparsity(parameters if parameters is not None else prunable_parameters(model), sparsity, scope)
     return model
 
@@ -156,8 +157,8 @@ class GradualPruning(Callback):
     def __init__(self, parameters: Sequence[Key], initial_sparsity: float, final_sparsity: float, begin_step: int,
                  frequency: int, pruning_steps: int, scope: str = "global") -> None:
         self.parameters = list(parameters)
-        self.initial_sparsity = _check_sparsity(initial_sparsity, "GradualPruning")
-        self.final_sparsity = _check_sparsity(final_sparsity, "GradualPruning")
+        self.initial_sparsity = _check_sparsity(initial_sparsity, "GradualPruning (initial_sparsity)")
+        self.final_sparsity = _check_sparsity(final_sparsity, "GradualPruning (final_sparsity)")
         if self.final_sparsity < self.initial_sparsity:
             raise ValueError(f"GradualPruning: final_sparsity {final_sparsity} is below initial {initial_sparsity}")
         for label, value, low in (("begin_step", begin_step, 0), ("frequency", frequency, 1),

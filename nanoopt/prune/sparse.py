@@ -6,10 +6,16 @@ the CPU has it, else Numba); :func:`to_sparse` swaps every sufficiently sparse L
 result is for inference only (no gradient); its outputs equal the masked model's to float tolerance (another
 summation order than BLAS, bound in the kernel docstring).
 
+What a sparse layer stores is what it saves: the arrays of its sparse weight are its buffers, so ``state_dict``
+(and a checkpoint of :mod:`nanoopt.io`) holds ``weight_data``, ``weight_indices``, ``weight_indptr`` (CSR) or
+``weight_values``, ``weight_offsets``, ``weight_nm`` (N:M), plus ``weight_shape`` and the bias, and a reload is
+bit-identical. A CSR checkpoint loads into any CSR layer of the same shape, whatever its number of non-zeros (the
+structure is validated as a :class:`~nanoopt.kernels.sparse.CSRMatrix` before anything changes).
+
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models, prune
 >>> model = models.lenet_300_100(in_features=64)
->>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9)
+>>> prune.global_unstructured(prune.criteria.prunable_parameters(model), amount=0.9, min_remaining=0.02)
 >>> x = np.random.default_rng(0).random((2, 64)).astype(np.float32)
 >>> expected = no.train.predict(model, x)
 >>> converted = to_sparse(model)
@@ -26,6 +32,7 @@ import numpy as np
 from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul, nm_matmul
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import get_mask, get_parameter, module_label
 from nanoopt.tensor import Tensor, is_grad_enabled
 
@@ -44,13 +51,67 @@ class SparseLinear(Module):
         super().__init__()
         if not isinstance(weight, (CSRMatrix, NMMatrix)):
             raise TypeError(f"SparseLinear: weight must be a CSRMatrix or NMMatrix, got {type(weight).__name__}")
-        self.sparse_weight = weight
         self.out_features, self.in_features = weight.shape
+        self.format = "csr" if isinstance(weight, CSRMatrix) else "nm"
+        # the arrays of the sparse weight are the buffers (shared, not copied): state_dict saves what is stored
+        self.register_buffer("weight_shape", np.array(weight.shape, np.int64))
+        if isinstance(weight, CSRMatrix):
+            self.register_buffer("weight_data", weight.data)
+            self.register_buffer("weight_indices", weight.indices)
+            self.register_buffer("weight_indptr", weight.indptr)
+        else:
+            self.register_buffer("weight_values", weight.values)
+            self.register_buffer("weight_offsets", weight.offsets)
+            self.register_buffer("weight_nm", np.array([weight.n, weight.m], np.int64))
+        self.sparse_weight = weight
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float32)
             if bias.shape != (self.out_features,):
                 raise ValueError(f"SparseLinear: bias must have shape ({self.out_features},), got {bias.shape}")
         self.register_buffer("bias", bias)
+
+    def _sparse_from(self, state: dict[str, np.ndarray]) -> CSRMatrix | NMMatrix:
+        """The sparse weight made of ``state``'s arrays (this layer's buffers where ``state`` has none), validated."""
+        def entry(name: str) -> np.ndarray:
+            return np.ascontiguousarray(state[name] if name in state else self._buffers[name])
+
+        shape = tuple(int(size) for size in entry("weight_shape"))
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight_shape {list(shape)} in the checkpoint but [{self.out_features}, "
+                             f"{self.in_features}] in the model")
+        if self.format == "csr":
+            return CSRMatrix(entry("weight_data"), entry("weight_indices"), entry("weight_indptr"), shape)
+        n, m = (int(value) for value in entry("weight_nm"))
+        if (n, m) != (self.sparse_weight.n, self.sparse_weight.m):
+            raise ValueError(f"an {n}:{m} sparse weight does not load into a {self.sparse_weight.n}:"
+                             f"{self.sparse_weight.m} layer")
+        return NMMatrix(entry("weight_values"), entry("weight_offsets"), n, m, shape)
+
+    def resizable_state(self) -> frozenset[str]:
+        """A CSR weight of another number of non-zeros loads (its structure is validated first)."""
+        return frozenset({"weight_data", "weight_indices"}) if self.format == "csr" else frozenset()
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        try:
+            self._sparse_from(state)
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+
+    def after_load(self) -> None:
+        self.sparse_weight = self._sparse_from({})
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The sparse layout (CSR, or N:M with its n and m), recorded with the weight's arrays."""
+        layout: dict[str, Any] = {"sparse": "csr"} if self.format == "csr" else \
+            {"sparse": "n:m", "n": self.sparse_weight.n, "m": self.sparse_weight.m}
+        names = ("weight_data", "weight_indices", "weight_indptr") if self.format == "csr" else \
+            ("weight_values", "weight_offsets", "weight_nm")
+        return {name: dict(layout) for name in names}
+
+    def stored_parameters(self) -> int:
+        """The weights this layer stores (non-zeros of CSR; every kept slot of N:M) plus the bias."""
+        weights = self.weight_data.size if self.format == "csr" else self.weight_values.size
+        return int(weights + (0 if self.bias is None else self.bias.size))
 
     @classmethod
     def from_linear(cls, layer: L.Linear, format: str = "csr", n: int = 2, m: int = 4) -> SparseLinear:
@@ -106,6 +167,7 @@ def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
+    require_float_model(model, "prune.to_sparse", allow=("nanoopt.prune.sparse",))  # sparse layers stay as they are
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or not isinstance(module, L.Linear):

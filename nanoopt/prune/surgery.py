@@ -54,6 +54,8 @@ import numpy as np
 from nanoopt import ops
 from nanoopt.nn import Module, Parameter
 from nanoopt.nn import layers as L
+from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.names import check_layer_names
 from nanoopt.prune.masks import (
     MASK_SUFFIX,
     apply_mask,
@@ -543,6 +545,7 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     >>> print(shrink(model, np.ones((1, 8), np.float32)).groups[0].channels_after)
     4
     """
+    require_float_model(model, "prune.shrink")
     before = model.num_parameters()
     found = trace(model, example_input)
     groups = dependency_groups(model, example_input, found)
@@ -735,9 +738,7 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
     names = list(candidates) if candidates is not None else \
         [name for name, module in model.named_modules() if isinstance(module, L.BasicBlock)]
     modules = dict(model.named_modules())
-    for name in names:
-        if name not in modules or not name:
-            raise ValueError(f"block_angular_distances: {name!r} is not a submodule of the model")
+    check_layer_names(names, list(modules), "block_angular_distances: candidates", "modules")
     distances: dict[str, float] = {}
     handles = []
     for name in names:

@@ -120,6 +120,10 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_activation(self.activation, "QuantConfig")
         _check_weight(self.weight, self.activation, "QuantConfig")
+        for name in ("activation_observer", "weight_observer"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"QuantConfig.{name} must be a callable QuantSpec -> Observer (an observer class such "
+                                f"as MinMaxObserver), got {getattr(self, name)!r}")
         for key, values in self.overrides.items():
             if not isinstance(key, str | type):
                 raise TypeError(f"QuantConfig.overrides keys are module names or types, got {key!r}")

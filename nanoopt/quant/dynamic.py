@@ -30,8 +30,11 @@ import numpy as np
 
 from nanoopt import kernels, nn
 from nanoopt.nn import functional as F
+from nanoopt.nn.converted import require_float_model
 from nanoopt.quant.boundary import quantize_per_tensor
+from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.config import INT8_ACTIVATION, weight_spec
+from nanoopt.quant.metadata import check_codes_fit, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
 from nanoopt.tensor import Tensor
@@ -53,6 +56,7 @@ class DynamicQuantizedLinear(nn.Module):
     def __init__(self, layer: nn.Linear, bits: int = 8) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.bits = bits
         codes, scale = _per_channel_codes(layer.weight.data.astype(np.float32), bits)
         self.register_buffer("weight", np.ascontiguousarray(codes))  # (N, K) int8
         self.register_buffer("weight_scale", scale.astype(np.float32))  # (N,)
@@ -67,7 +71,8 @@ class DynamicQuantizedLinear(nn.Module):
         if not np.all(np.isfinite(data)):
             raise ValueError("DynamicQuantizedLinear: the input contains NaN or Inf")
         rows = np.ascontiguousarray(data.reshape(-1, self.in_features))  # (M, K)
-        scale, zero_point = qparams(rows.min(), rows.max(), self.activation_spec)
+        # initial=0: an empty batch has no range (the range always contains 0, so nothing else changes)
+        scale, zero_point = qparams(rows.min(initial=0.0), rows.max(initial=0.0), self.activation_spec)
         codes = quantize_per_tensor(rows, scale, zero_point, self.activation_spec)
         if self._packed is None:
             self._packed = kernels.prepare_weights(self.weight)
@@ -77,8 +82,27 @@ class DynamicQuantizedLinear(nn.Module):
             out += self.bias
         return Tensor(out.reshape(data.shape[:-1] + (self.out_features,)))
 
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The weight codes and their scales: ``bits``-bit symmetric per-channel codes, activations per batch."""
+        description = {**spec_metadata(weight_spec(self.bits)), "activations": "dynamic int8"}
+        return {"weight": description, "weight_scale": dict(description)}
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded codes must fit the layer's bit width; a new weight is packed again at the next call."""
+        spec = weight_spec(self.bits)
+        if "weight" in state:
+            check_codes_fit(state["weight"], spec.qmin, spec.qmax, f"weight ({self.bits}-bit)")
+
+    def after_load(self) -> None:
+        self._packed = None
+
+    def stored_parameters(self) -> int:
+        """Weights and bias (for ``nanoopt.report``)."""
+        return int(self.weight.size + (0 if self.bias is None else self.bias.size))
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic, "
+                f"{self.bits}-bit weights")
 
 
 def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
@@ -88,6 +112,8 @@ def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"quantize_dynamic: bits must be an int in [2, 8], got {bits!r}")
+    require_float_model(model, "quantize_dynamic")
+    check_finite_parameters(model, "quant.quantize_dynamic")
     converted = copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
         if isinstance(module, nn.Linear):
@@ -133,6 +159,27 @@ class _WeightOnly(nn.Module):
         if zero_point is not None:  # asymmetric grid: one zero point per group
             self.register_buffer("weight_zero_point", np.reshape(zero_point, (weight.shape[0], groups)).astype(np.int8))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.data.astype(np.float32).copy())
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The codes (``bits``, packing, group size, weight shape) and their scales."""
+        description = {**spec_metadata(weight_spec(self.bits)), "group_size": int(self.group_size),
+                       "packed": self.bits <= 4, "weight_shape": [int(size) for size in self.weight_shape]}
+        codes = "weight_packed" if self.bits <= 4 else "weight_codes"
+        return {codes: description, "weight_scale": dict(description)}
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded codes must fit the layer's bit width (e.g. 4-bit codes do not load into a 3-bit layer)."""
+        spec = weight_spec(self.bits)
+        count = int(np.prod(self.weight_shape))
+        if "weight_packed" in state:
+            check_codes_fit(unpack_int4(state["weight_packed"], count), spec.qmin, spec.qmax,
+                            f"weight_packed ({self.bits}-bit)")
+        if "weight_codes" in state:
+            check_codes_fit(state["weight_codes"], spec.qmin, spec.qmax, f"weight_codes ({self.bits}-bit)")
+
+    def stored_parameters(self) -> int:
+        """Weights (packed or not, counted one per weight) and bias (for ``nanoopt.report``)."""
+        return int(np.prod(self.weight_shape)) + (0 if self.bias is None else int(self.bias.size))
 
     def codes(self) -> np.ndarray:
         """The integer weight codes ``(C_out, depth)`` (unpacked)."""
@@ -197,6 +244,8 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: int | None = N
         raise ValueError(f"quantize_weights: bits must be an int in [2, 8], got {bits!r}")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"quantize_weights: group_size must be a positive int or None, got {group_size!r}")
+    require_float_model(model, "quantize_weights")
+    check_finite_parameters(model, "quant.quantize_weights")
     converted = copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
         if isinstance(module, nn.Linear):

@@ -89,6 +89,20 @@ def _as_array(x: Any, owner: str) -> np.ndarray:
     return array
 
 
+def _state_entry(state: dict[str, np.ndarray], name: str, dtype: type, shape: tuple[int, ...] | None,
+                 ndim: int | None = None) -> np.ndarray:
+    """``state[name]`` after checking its dtype (exactly: nothing is cast on load) and shape (or number of axes)."""
+    value = np.asarray(state[name])
+    if value.dtype != dtype or (shape is not None and value.shape != shape) or \
+            (ndim is not None and value.ndim != ndim):
+        want = f"shape {shape}" if shape is not None else f"{ndim} axes"
+        raise ValueError(f"observer state {name!r}: expected {np.dtype(dtype)} with {want}, got {value.dtype} "
+                         f"{value.shape}")
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise ValueError(f"observer state {name!r} contains NaN or Inf")
+    return value
+
+
 class Observer:
     """Base class: ``partial_fit`` updates statistics, ``min_val_``/``max_val_`` turn them into a range.
 
@@ -139,6 +153,56 @@ class Observer:
         """Observe ``x`` and return it unchanged."""
         self.partial_fit(x)
         return x
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def config(self) -> dict[str, Any]:
+        """The observer's class and hyper-parameters (JSON-serialisable; the spec is described separately).
+
+        >>> MovingAverageMinMaxObserver(averaging_constant=0.1).config()
+        {'observer': 'MovingAverageMinMaxObserver', 'averaging_constant': 0.1}
+        """
+        hyper = {key: value for key, value in vars(self).items() if not key.startswith("_")
+                 and not key.endswith("_") and key != "spec" and isinstance(value, bool | int | float | str)}
+        return {"observer": type(self).__name__, **hyper}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything the observer learned, as named arrays (the same names whether it saw data or not), so that a
+        checkpoint restores it exactly with :meth:`load_state_arrays`.
+
+        >>> observer = MinMaxObserver().fit(np.array([-1.0, 2.0]))
+        >>> restored = MinMaxObserver().load_state_arrays(observer.state_arrays())
+        >>> restored.min_val_, restored.max_val_
+        (-1.0, 2.0)
+        """
+        return {"n_batches_seen": np.array(self.n_batches_seen_, np.int64), **self._state()}
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> Observer:
+        """Restore :meth:`state_arrays` (checked first: ``ValueError`` naming the entry); returns ``self``."""
+        seen, install = self._validated(state)
+        self.n_batches_seen_ = seen
+        self._cached_range = None
+        install()
+        return self
+
+    def check_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        """Raise ``ValueError`` (naming the entry) if :meth:`load_state_arrays` would refuse ``state``."""
+        self._validated(state)
+
+    def _validated(self, state: dict[str, np.ndarray]) -> tuple[int, Any]:
+        expected = set(self.state_arrays())
+        if set(state) != expected:
+            raise ValueError(f"{type(self).__name__} state needs entries {sorted(expected)}, got {sorted(state)}")
+        seen = int(_state_entry(state, "n_batches_seen", np.int64, ()))
+        if seen < 0:
+            raise ValueError(f"{type(self).__name__}: n_batches_seen must be >= 0, got {seen}")
+        return seen, self._check_state(state, seen > 0)
+
+    def _state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"{type(self).__name__} does not define its checkpoint state")
+
+    def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
+        """Validate ``state`` and return a function that installs it."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its checkpoint state")
 
     # ---------------------------------------------------------------------------- learned attributes
     def _learned_range(self) -> tuple[Any, Any]:
@@ -211,6 +275,29 @@ class MinMaxObserver(Observer):
 
     def _range(self) -> tuple[Any, Any]:
         return self._min, self._max
+
+    def _state(self) -> dict[str, np.ndarray]:
+        # not seen any data: empty arrays; per tensor: 0-d; per channel: (C,)
+        empty = np.zeros(0, np.float64)
+        return {"min": empty if self._min is None else np.asarray(self._min, np.float64),
+                "max": empty if self._max is None else np.asarray(self._max, np.float64)}
+
+    def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
+        if not fitted:
+            _state_entry(state, "min", np.float64, (0,))
+            _state_entry(state, "max", np.float64, (0,))
+            return lambda: self._reset()
+        low = _state_entry(state, "min", np.float64, None, ndim=1 if self.spec.per_channel else 0)
+        high = _state_entry(state, "max", np.float64, low.shape)
+        if np.any(low > high):
+            raise ValueError(f"observer state: min {low} exceeds max {high}")
+
+        def install() -> None:
+            if self.spec.per_channel:
+                self._min, self._max = low.copy(), high.copy()
+            else:
+                self._min, self._max = float(low), float(high)
+        return install
 
 
 class MovingAverageMinMaxObserver(MinMaxObserver):
@@ -303,6 +390,15 @@ class PerChannelMSEObserver(_PerChannel, Observer):
             raise ValueError(f"{type(self).__name__}: saw {self._rows.shape[0]} channels before, now {rows.shape[0]}")
         self._rows = rows if self._rows is None else np.concatenate([self._rows, rows], axis=1)
 
+    def _state(self) -> dict[str, np.ndarray]:
+        return {"rows": np.zeros((0, 0), np.float32) if self._rows is None else self._rows}
+
+    def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
+        rows = _state_entry(state, "rows", np.float32, None, ndim=2)
+        if fitted == (rows.size == 0):
+            raise ValueError(f"observer state 'rows' has shape {rows.shape}, which does not fit n_batches_seen")
+        return lambda: setattr(self, "_rows", rows.copy() if fitted else None)
+
     def _range(self) -> tuple[np.ndarray, np.ndarray]:
         rows = self._rows
         low, high = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
@@ -371,6 +467,35 @@ class _AlignedHistogram(Observer):
         np.clip(index, 0, counts.size - 1, out=index)  # rounding at the top edge stays in the last bin
         counts += np.bincount(index, minlength=counts.size)
         self._counts, self._first = counts, first
+
+    def _state(self) -> dict[str, np.ndarray]:
+        fitted = self._counts.size > 0  # min/max are +-inf before any data: stored as 0
+        return {"width": np.array(self._width, np.float64), "first": np.array(self._first, np.int64),
+                "counts": self._counts.copy(), "zeros": np.array(self._zeros, np.int64),
+                "min": np.array(self._min if fitted else 0.0, np.float64),
+                "max": np.array(self._max if fitted else 0.0, np.float64)}
+
+    def _check_state(self, state: dict[str, np.ndarray], fitted: bool) -> Any:
+        width = float(_state_entry(state, "width", np.float64, ()))
+        first = int(_state_entry(state, "first", np.int64, ()))
+        counts = _state_entry(state, "counts", np.int64, None, ndim=1).copy()
+        zeros = int(_state_entry(state, "zeros", np.int64, ()))
+        low = float(_state_entry(state, "min", np.float64, ()))
+        high = float(_state_entry(state, "max", np.float64, ()))
+        if fitted and (width <= 0 or counts.size == 0 or counts.size > 2 * self.bins or counts.min() < 0
+                       or zeros < 0 or low > high):
+            raise ValueError(f"observer state: an inconsistent histogram (width {width}, {counts.size} bins for "
+                             f"bins={self.bins}, range [{low}, {high}])")
+        if not fitted and counts.size:
+            raise ValueError("observer state: counts recorded but n_batches_seen is 0")
+
+        def install() -> None:
+            if not fitted:
+                self._reset()
+                return
+            self._width, self._first, self._counts, self._zeros = width, first, counts, zeros
+            self._min, self._max = low, high
+        return install
 
     def _merge(self, factor: int) -> None:
         if self._counts.size:

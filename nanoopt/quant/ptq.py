@@ -41,7 +41,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nanoopt import nn
+from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
+from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.graph import INPUT, Graph, trace
 from nanoopt.quant.qmodules import (
@@ -55,6 +58,7 @@ from nanoopt.quant.qmodules import (
     QuantizedModel,
     QuantizedReLU,
 )
+from nanoopt.quant.range_check import RangeMonitor
 from nanoopt.quant.simulate import (
     FakeQuantize,
     SimulatedAdd,
@@ -186,14 +190,17 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, PreparedModel | QuantizedModel):
         raise TypeError(f"prepare expects a float model, got a {type(model).__name__}")
+    require_float_model(model, "quant.prepare")
     config = QuantConfig() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
+    _check_float_model(model, example_input, "quant.prepare")
     work = fold_batchnorm(model, example_input) if fold_bn else copy.deepcopy(model)
     work.eval()
     graph = trace(work, example_input)
+    _check_config_names(config, graph)
     float_layers = {name for name, node in graph.nodes.items()
                     if config.keeps_float(name, node.module)
                     or not _has_integer_kernel(node.module)
@@ -252,6 +259,22 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     return prepared.eval()
 
 
+def _check_float_model(model: nn.Module, example_input: Any, where: str) -> None:
+    """Finite weights and buffers, and a finite ``example_input`` (quant/checks.py words the errors)."""
+    check_finite_parameters(model, where)
+    if example_input is not None:
+        check_finite_array(np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input),
+                           f"{where}: example_input")
+
+
+def _check_config_names(config: QuantConfig, graph: Graph) -> None:
+    """Every layer name in ``config.overrides`` / ``config.keep_float`` is a layer of the traced model."""
+    check_layer_names([key for key in config.overrides if isinstance(key, str)], [*graph.nodes, INPUT],
+                      "QuantConfig.overrides")
+    check_layer_names([item for item in config.keep_float if isinstance(item, str)], list(graph.nodes),
+                      "QuantConfig.keep_float")
+
+
 def _unequal_adaptive_bins(node, graph: Graph) -> bool:
     """An adaptive average pool whose traced input does not split into equal bins (no integer kernel)."""
     if not isinstance(node.module, nn.AdaptiveAvgPool2d) or node.inputs[0] not in graph.nodes:
@@ -299,7 +322,9 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     """Run float ``batches`` through ``prepared`` (eval mode, no graph) to record activation ranges; then (with
     ``freeze``) fix every quantizer and switch rounding on. Returns ``prepared``.
 
-    A batch of the wrong shape raises ``ValueError`` naming it; calibrating with no batch raises too.
+    A batch of the wrong shape raises ``ValueError`` naming it; calibrating with no batch raises too. Degenerate
+    ranges (a zero range, one value dominating by orders of magnitude, an output on one code) give a
+    ``UserWarning`` naming each layer and its observed range (:mod:`nanoopt.quant.range_check`).
     """
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"calibrate expects the result of quant.prepare, got {type(prepared).__name__}")
@@ -308,21 +333,24 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     prepared.eval()
     seen = 0
     expected = prepared.graph.input_shape
-    with no_grad():
+    with no_grad(), RangeMonitor([prepared.input_quantizer, *quantizers(prepared, "activation")]) as monitor:
         for index, batch in enumerate(tqdm(iterate_batches(batches), desc="calibrate", disable=not progress,
                                            leave=False)):
             if max_batches is not None and index >= max_batches:
                 break
+            batch = check_calibration_batch(batch, index, "calibrate")
             if expected is not None and batch.shape[1:] != tuple(expected[1:]):
                 raise ValueError(f"calibration batch {index} has shape {batch.shape}, but the model was prepared for "
                                  f"inputs (N, {', '.join(map(str, expected[1:]))})")
             prepared(Tensor(batch))
             seen += 1
     if seen == 0:
-        raise ValueError("calibrate: no calibration batches were given")
+        raise ValueError("calibrate: no calibration batches were given (batches is empty); expected at least one "
+                         "batch of float inputs")
     if freeze:
         set_observers(prepared, False)
         set_fake_quant(prepared, True)
+    monitor.warn("quant.calibrate")
     return prepared
 
 
@@ -330,10 +358,10 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
 def _converted(module: nn.Module, name: str) -> nn.Module | None:
     """The integer counterpart of one module of a prepared model (None: keep it as it is)."""
     if isinstance(module, SimulatedLinear):
-        return QuantizedLinear(module.integer_layer(), name)
+        return QuantizedLinear(module.integer_layer(), name, weight_spec=module.weight_quantizer.spec)
     if isinstance(module, SimulatedConv2d):
         return QuantizedConv2d(module.integer_layer(), module.stride, module.padding, module.dilation, module.groups,
-                               name)
+                               name, weight_spec=module.weight_quantizer.spec)
     if isinstance(module, SimulatedAdd):
         return QuantizedAdd(module.source_qparams(0), module.source_qparams(1), module.output_quantizer.qparams(),
                             module.relu, name)
@@ -354,10 +382,17 @@ def _converted(module: nn.Module, name: str) -> nn.Module | None:
 
 
 def convert(prepared: PreparedModel) -> QuantizedModel:
-    """The integer model of a calibrated prepared model (the prepared model is not modified)."""
+    """The integer model of a calibrated prepared model (the prepared model is not modified).
+
+    It equals ``prepared.eval()`` bit for bit once every quantizer is frozen and rounding (what
+    :func:`calibrate` leaves, and :class:`~nanoopt.quant.qat.QATSchedule` or ``set_observers(prepared, False)``
+    do for QAT). Quantizers still observing (they observe whenever enabled, eval mode too, as in PyTorch) or with
+    rounding off are converted with their current grid, with a ``UserWarning`` naming them.
+    """
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects a model returned by quant.prepare (and calibrated), got "
                         f"{type(prepared).__name__}")
+    check_finite_parameters(prepared, "quant.convert")
     graph = prepared.graph
     tree = copy.deepcopy(prepared.model)  # the copy shares nothing with `prepared`
     copied = dict(tree.named_modules())
@@ -375,8 +410,29 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
             tree = replacement
         else:
             tree.set_submodule(name, replacement)
-    return QuantizedModel(tree, prepared.input_quantizer.qparams(), prepared.output_quantizer.qparams(),
-                          graph.input_shape)
+    converted = QuantizedModel(tree, prepared.input_quantizer.qparams(), prepared.output_quantizer.qparams(),
+                               graph.input_shape)
+    _warn_live_quantizers(prepared)  # after the conversion: an uncalibrated model raises first
+    return converted
+
+
+def _warn_live_quantizers(prepared: PreparedModel) -> None:
+    """Warn when ``convert`` cannot equal ``prepared.eval()``: some quantizers observe or do not round."""
+    live = [q.owner or type(q).__name__ for q in quantizers(prepared) if not q.frozen]
+    off = [q.owner or type(q).__name__ for q in quantizers(prepared) if not q.fake_quant_enabled]
+    problems = []
+    if live:
+        problems.append(f"{len(live)} quantizers are still observing ({', '.join(live[:4])}"
+                        f"{', ...' if len(live) > 4 else ''}): they change their ranges whenever the prepared model "
+                        "runs, eval mode included")
+    if off:
+        problems.append(f"{len(off)} quantizers have fake quantization off ({', '.join(off[:4])}"
+                        f"{', ...' if len(off) > 4 else ''}): the prepared model runs them in float")
+    if problems:
+        warnings.warn(f"quant.convert: {'; '.join(problems)}. The integer model takes their current grids, so it "
+                      "will not equal prepared.eval(); freeze first: quant.set_observers(prepared, False) and "
+                      "quant.set_fake_quant(prepared, True) (QAT: QATSchedule(freeze_observers_after=...))",
+                      UserWarning, stacklevel=3)
 
 
 def _grid_of(prepared: PreparedModel, graph: Graph, name: str) -> FakeQuantize:
@@ -398,7 +454,9 @@ def quantize_static(model: nn.Module, batches: Any, config: QuantConfig | None =
     """``convert(calibrate(prepare(model, config), batches))``; the first batch serves as example input."""
     batch_list = list(iterate_batches(batches))
     if not batch_list:
-        raise ValueError("quantize_static: no calibration batches were given")
+        raise ValueError(f"quantize_static: no calibration batches were given (batches is an empty "
+                         f"{type(batches).__name__}); expected at least one batch of float inputs")
+    batch_list = [check_calibration_batch(batch, index, "quantize_static") for index, batch in enumerate(batch_list)]
     example = batch_list[0][:1] if example_input is None else example_input
     prepared = prepare(model, config, example)
     return convert(calibrate(prepared, batch_list, progress=progress))

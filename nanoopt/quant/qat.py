@@ -55,18 +55,22 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn import Parameter
+from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
+from nanoopt.quant.checks import check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import lsq_grad_scale, lsq_initial_scale, lsq_quantize, pact_qparams, pact_quantize
 from nanoopt.quant.graph import trace
 from nanoopt.quant.lowering import IntegerLayer, QParams, integer_layer
+from nanoopt.quant.metadata import spec_metadata
 from nanoopt.quant.observers import MovingAverageMinMaxObserver
 from nanoopt.quant.ptq import PreparedModel, prepare, set_fake_quant, set_observers
 from nanoopt.quant.simulate import FakeQuantize, NotCalibratedError, SimulatedConv2d, SimulatedLinear
@@ -173,6 +177,14 @@ class _LearnedQuantizer(FakeQuantize):
             return x
         return self.fake_quantize(x)
 
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__}
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The spec and the kind of learned quantizer, for its parameter and its zero point."""
+        description = {**spec_metadata(self.spec), **self._quantizer_config()}
+        return {name: dict(description) for name in ("scale", "zero_point", "alpha")}
+
     def extra_repr(self) -> str:
         state = "initialised" if self.calibrated else "uninitialised"
         return f"{self.spec}, {state}, fake_quant={self.fake_quant_enabled}"
@@ -249,6 +261,9 @@ class LSQQuantizer(_LearnedQuantizer):
     def fake_quantize(self, x: Tensor) -> Tensor:
         self._require_initialised()
         return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__, "per_example": self.per_example}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, per_example={self.per_example}"
@@ -339,6 +354,22 @@ class _FoldedBatchNorm:
     def _init_batchnorm(self, bn: nn.Module) -> None:
         self.bn = bn
         self.bn_frozen = False
+
+    def get_extra_state(self) -> dict[str, np.ndarray]:
+        """``bn_frozen`` (running or batch statistics in training) besides the layer's own extra state."""
+        return {**super().get_extra_state(), "bn_frozen": np.array(bool(self.bn_frozen))}  # type: ignore[misc]
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        flag = state.get("bn_frozen")
+        if flag is not None and (flag.dtype != np.bool_ or flag.shape != ()):
+            raise ValueError(f"'bn_frozen' must be a bool scalar, got {flag.dtype} {flag.shape}")
+        super().check_state(state)  # type: ignore[misc]
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        state = dict(state)
+        if "bn_frozen" in state:
+            self.bn_frozen = bool(state.pop("bn_frozen"))
+        super().set_extra_state(state)  # type: ignore[misc]
 
     def fold_factor(self) -> Tensor:
         """``f = gamma / sqrt(running_var + eps)`` per output channel (a graph node through ``gamma``)."""
@@ -478,11 +509,16 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     _check_choice(activation_quantizer, ACTIVATION_QUANTIZERS, "activation_quantizer")
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
+    require_float_model(model, "prepare_qat")
     config = qat_config() if config is None else config
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
+    check_finite_parameters(model, "quant.prepare_qat")
+    if example_input is not None:
+        check_finite_array(np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input),
+                           "quant.prepare_qat: example_input")
 
     # 1. BatchNorms that fold come out of the model (Identity in their place) and into the QAT layer later
     work = copy.deepcopy(model)
@@ -560,7 +596,12 @@ class QATSchedule(Callback):
     """Freeze the observers (``quant.set_observers(model, False)``) and/or the folded BatchNorms
     (:func:`freeze_batchnorm`) after a number of optimiser steps (Jacob et al. 2018 section 3.2; Krishnamoorthi
     2018 section 3.2 recommends freezing BN statistics, then observers, late in training). ``None``: never;
-    ``0``: before the first step.
+    ``0``: before the first step. Steps count from 0 in each :func:`nanoopt.fit` call.
+
+    Observers follow PyTorch's semantics: they observe whenever they are enabled, in eval mode too, so a QAT model
+    whose observers were never frozen changes its ranges each time it runs and does not equal its converted
+    integer model. If training ends before a step given here is reached, the schedule warns (``UserWarning``
+    naming the step and the number of steps that ran).
 
     >>> schedule = QATSchedule(freeze_observers_after=100, freeze_bn_after=50)
     >>> schedule.freeze_observers_after, schedule.freeze_bn_after
@@ -573,8 +614,10 @@ class QATSchedule(Callback):
                 raise ValueError(f"QATSchedule: {name} must be None or a step count >= 0, got {value!r}")
         self.freeze_observers_after = freeze_observers_after
         self.freeze_bn_after = freeze_bn_after
+        self.steps_done_ = 0
 
     def _apply(self, steps_done: int, model: nn.Module) -> None:
+        self.steps_done_ = steps_done
         if steps_done == self.freeze_bn_after:
             freeze_batchnorm(model)
         if steps_done == self.freeze_observers_after:
@@ -586,3 +629,19 @@ class QATSchedule(Callback):
     def on_step_end(self, step: int, model: nn.Module, loss: float) -> None:
         self._apply(step + 1, model)
 
+    def on_train_end(self, model: nn.Module) -> None:
+        done = self.steps_done_
+        missed = [(name, value) for name, value in (("freeze_bn_after", self.freeze_bn_after),
+                                                     ("freeze_observers_after", self.freeze_observers_after))
+                  if value is not None and value > done]
+        if not missed:
+            return
+        if any(name == "freeze_observers_after" for name, _ in missed):
+            consequence = ("the observers are still live: they keep changing the ranges whenever the model runs "
+                           "(eval mode included), so quant.convert(model) will not equal model.eval()")
+        else:
+            consequence = "the folded BatchNorms still normalise with batch statistics in training"
+        steps = " and ".join(f"{name}={value}" for name, value in missed)
+        warnings.warn(f"QATSchedule: {steps} was never reached (training ran {done} optimiser steps); "
+                      f"{consequence}. Use a smaller step count, or freeze by hand: quant.set_observers(model, False), "
+                      "quant.freeze_batchnorm(model)", UserWarning, stacklevel=3)

@@ -21,6 +21,7 @@ array([-5, -5,  3], dtype=int8)
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,9 @@ import numpy as np
 
 from nanoopt import kernels, nn
 from nanoopt.quant.boundary import quantize_per_tensor
+from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
+from nanoopt.quant.metadata import check_codes_fit, qparams_metadata, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
 from nanoopt.quant.spec import QuantSpec, dequantize
 from nanoopt.tensor import Tensor
@@ -60,6 +63,20 @@ def _qparams(module: nn.Module, prefix: str) -> QParams:
                    getattr(module, f"{prefix}_spec"))
 
 
+def _grid_prefixes(module: nn.Module) -> list[str]:
+    """The prefixes ``p`` of the ``<p>_spec`` grids a converted layer registered (``input``, ``output``, ...)."""
+    return [name[: -len("_spec")] for name, value in vars(module).items()
+            if name.endswith("_spec") and isinstance(value, QuantSpec)]
+
+
+def _check_zero_points(module: nn.Module, state: dict[str, np.ndarray]) -> None:
+    for prefix in _grid_prefixes(module):
+        value = state.get(f"{prefix}_zero_point")
+        if value is not None:
+            spec = getattr(module, f"{prefix}_spec")
+            check_codes_fit(value, spec.qmin, spec.qmax, f"{prefix}_zero_point ({spec.bits}-bit grid)")
+
+
 class QuantizedModule(nn.Module):
     """Base of the converted layers: a name for messages, input checks, and a kernel cache."""
 
@@ -80,6 +97,17 @@ class QuantizedModule(nn.Module):
         """Forget the packed kernel (after the buffers were changed in place, e.g. by ``load_state_dict``)."""
         self._kernel = None
 
+    def after_load(self) -> None:
+        self.reset_kernel()
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The spec of every grid the layer holds (``<grid>_scale``, ``<grid>_zero_point``)."""
+        return qparams_metadata(self, _grid_prefixes(self))
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded zero points must be codes of their grid."""
+        _check_zero_points(self, state)
+
     def check_codes(self, x_q: Any, spec: QuantSpec, what: str = "input") -> np.ndarray:
         if not isinstance(x_q, np.ndarray) or x_q.dtype != spec.dtype:
             got = getattr(x_q, "dtype", type(x_q).__name__)
@@ -92,8 +120,9 @@ class QuantizedModule(nn.Module):
 class _QuantizedWeighted(QuantizedModule):
     """Integer weights, bias and multipliers as buffers; 4-bit (and narrower) weights stored packed."""
 
-    def __init__(self, layer: IntegerLayer, name: str) -> None:
+    def __init__(self, layer: IntegerLayer, name: str, weight_spec: QuantSpec | None = None) -> None:
         super().__init__(name)
+        self.weight_spec = weight_spec  # the grid of the weight codes, when known (convert passes it)
         self.weight_bits = int(np.max(np.abs(layer.weight), initial=0)).bit_length() + 1
         self.packed = layer.weight.dtype == np.int8 and self.weight_bits <= 4
         if self.packed:
@@ -108,6 +137,29 @@ class _QuantizedWeighted(QuantizedModule):
         _register_qparams(self, "input", layer.input)
         _register_qparams(self, "output", layer.output)
         self.relu = layer.relu
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The grids, and the weight codes: their spec (or, when not known, the bits they use) and whether they
+        are packed two per byte."""
+        spec = spec_metadata(self.weight_spec) if self.weight_spec is not None else {"bits": int(self.weight_bits)}
+        weight = {**spec, "packed": bool(self.packed)}
+        return {**super().describe_state(), "weight_packed" if self.packed else "weight": weight,
+                "weight_scale": dict(weight)}
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Loaded weight codes must fit the layer's grid (its spec, else ``|w| <= 2^(bits-1) - 1``), shifts their
+        range."""
+        super().check_state(state)
+        spec = self.weight_spec
+        bits = self.weight_bits if spec is None else spec.bits
+        low, high = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if spec is None else (spec.qmin, spec.qmax)
+        if "weight" in state:
+            check_codes_fit(state["weight"], low, high, f"weight ({bits}-bit)")
+        if "weight_packed" in state:
+            check_codes_fit(unpack_int4(state["weight_packed"], self.weight.size), low, high,
+                            f"weight_packed ({bits}-bit)")
+        if "shift" in state:
+            check_codes_fit(state["shift"], -62, 62, "shift")
 
     def reset_kernel(self) -> None:
         if self.packed:  # the packed bytes are what state_dict loads: unpack them again
@@ -132,8 +184,8 @@ class _QuantizedWeighted(QuantizedModule):
 class QuantizedLinear(_QuantizedWeighted):
     """Integer ``nn.Linear``: codes ``(..., K)`` in, codes ``(..., N)`` out (fused ReLU optional)."""
 
-    def __init__(self, layer: IntegerLayer, name: str = "") -> None:
-        super().__init__(layer, name)
+    def __init__(self, layer: IntegerLayer, name: str = "", weight_spec: QuantSpec | None = None) -> None:
+        super().__init__(layer, name, weight_spec)
         self.out_features, self.in_features = layer.weight.shape
 
     def forward(self, x_q: np.ndarray) -> np.ndarray:
@@ -155,8 +207,8 @@ class QuantizedConv2d(_QuantizedWeighted):
     """Integer ``nn.Conv2d`` on NCHW codes (padding holds the input zero point; fused ReLU optional)."""
 
     def __init__(self, layer: IntegerLayer, stride: tuple[int, int], padding: tuple[int, int],
-                 dilation: tuple[int, int], groups: int, name: str = "") -> None:
-        super().__init__(layer, name)
+                 dilation: tuple[int, int], groups: int, name: str = "", weight_spec: QuantSpec | None = None) -> None:
+        super().__init__(layer, name, weight_spec)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.out_channels = layer.weight.shape[0]
         self.in_channels = layer.weight.shape[1] * groups
@@ -259,7 +311,7 @@ class QuantizedFlatten(QuantizedModule):
         if x_q.ndim <= self.start_dim:
             raise ValueError(f"QuantizedFlatten {self.layer_name!r}: expected at least {self.start_dim + 1} "
                              f"dimensions, got shape {x_q.shape}")
-        return x_q.reshape(x_q.shape[:self.start_dim] + (-1,))
+        return x_q.reshape(x_q.shape[:self.start_dim] + (math.prod(x_q.shape[self.start_dim:]),))  # N = 0 too
 
 
 class FloatFallback(QuantizedModule):
@@ -312,6 +364,7 @@ class QuantizedModel(nn.Module):
         if self.input_shape is not None and data.shape[1:] != tuple(self.input_shape[1:]):
             expected = ", ".join(map(str, self.input_shape[1:]))
             raise ValueError(f"QuantizedModel: expected inputs of shape (N, {expected}), got {data.shape}")
+        check_float_input(data, "QuantizedModel: the input x")
         return quantize_per_tensor(data, self.input_scale, self.input_zero_point, self.input_spec)
 
     def dequantize_output(self, q: np.ndarray) -> np.ndarray:
@@ -327,6 +380,13 @@ class QuantizedModel(nn.Module):
 
     def forward(self, x: Any) -> Tensor:
         return Tensor(self.dequantize_output(self.forward_int(self.quantize_input(x))))
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The specs of the input and output grids."""
+        return qparams_metadata(self, ["input", "output"])
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        _check_zero_points(self, state)
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> tuple[list[str], list[str]]:
         """Load, then re-pack every layer's kernel from the new buffers."""
@@ -351,6 +411,11 @@ def tune_backends(model: QuantizedModel, example_input: Any, repeats: int = 3) -
     >>> sorted(tune_backends(qmodel, x)) == ["1", "3"]
     True
     """
+    if not isinstance(model, QuantizedModel):
+        raise TypeError(f"tune_backends: model must be an integer model (quant.convert or quant.quantize_static "
+                        f"returns one), got {type(model).__name__}; a float model has no integer kernels to tune")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"tune_backends: repeats must be an int >= 1 (timings per backend and layer), got {repeats!r}")
     layers = [(name, module) for name, module in model.model.named_modules()
               if isinstance(module, QuantizedLinear | QuantizedConv2d)]
     inputs: dict[str, np.ndarray] = {}

@@ -43,6 +43,7 @@ from nanoopt.kernels import reference
 from nanoopt.nn import functional as F
 from nanoopt.quant.fake_quant import fake_quantize
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_conv2d, emulate_linear, integer_layer
+from nanoopt.quant.metadata import check_codes_fit, spec_metadata
 from nanoopt.quant.observers import Observer
 from nanoopt.tensor import Tensor
 
@@ -129,6 +130,55 @@ class FakeQuantize(nn.Module):
         if self._stale:
             self.qparams()
         self.observer_enabled = False
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    _FLAGS = ("observer_enabled", "fake_quant_enabled", "observer_pending")
+
+    def get_extra_state(self) -> dict[str, np.ndarray]:
+        """The switches (``observer_enabled``, ``fake_quant_enabled``, and whether the observer saw data the
+        buffers do not reflect yet) and everything the observer learned (``observer.*``): a reloaded quantizer
+        observes, rounds and refreshes its grid exactly as this one would."""
+        state = {"observer_enabled": np.array(bool(self.observer_enabled)),
+                 "fake_quant_enabled": np.array(bool(self.fake_quant_enabled)),
+                 "observer_pending": np.array(bool(self._stale))}
+        if self.observer is not None:
+            state.update({f"observer.{name}": value for name, value in self.observer.state_arrays().items()})
+        return state
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Switches are bool scalars, scales (and PACT's alpha) positive, zero points codes of the spec, and the
+        observer accepts its statistics."""
+        for name in ("scale", "alpha"):
+            if name in state and not np.all(state[name] > 0):
+                raise ValueError(f"{name!r} must be positive, got {state[name]}")
+        if "zero_point" in state:
+            check_codes_fit(state["zero_point"], self.spec.qmin, self.spec.qmax,
+                            f"zero_point ({self.spec.bits}-bit grid)")
+        for name in self._FLAGS:
+            if name in state and (state[name].dtype != np.bool_ or state[name].shape != ()):
+                raise ValueError(f"{name!r} must be a bool scalar, got {state[name].dtype} {state[name].shape}")
+        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
+        if self.observer is not None and observed:
+            self.observer.check_state_arrays(observed)
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        if "observer_enabled" in state:
+            self.observer_enabled = bool(state["observer_enabled"])
+        if "fake_quant_enabled" in state:
+            self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+        if "observer_pending" in state:
+            self._stale = bool(state["observer_pending"])
+        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
+        if self.observer is not None and observed:
+            self.observer.load_state_arrays(observed)
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """``scale`` and ``zero_point`` describe the grid: the spec and the observer (class, hyper-parameters)."""
+        description = {**spec_metadata(self.spec), **self._quantizer_config()}
+        return {"scale": description, "zero_point": dict(description)}
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__, **self.observer.config()}
 
     # ------------------------------------------------------------------------------------------ forward
     def fake_quantize(self, x: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ def snapshot(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------- the Distiller loop
+@pytest.mark.slow
 def test_teacher_is_frozen_in_eval_mode_and_not_trained_or_saved():
     no.manual_seed(0)
     x, y = batch(count=64)
@@ -139,6 +140,7 @@ def test_confidence_weights_form_a_distribution_favouring_the_right_teacher(seed
 
 
 # ----------------------------------------------------------------- strategies
+@pytest.mark.slow
 def test_cross_model_kd_trains_student_and_adapters_on_digits():
     no.manual_seed(0)
     (x, y), (xt, yt) = data.load_digits("train"), data.load_digits("test")
@@ -155,6 +157,7 @@ def test_cross_model_kd_trains_student_and_adapters_on_digits():
     assert no.evaluate(student, (xt, yt))["accuracy"] > 0.85
 
 
+@pytest.mark.slow
 def test_born_again_generations_are_fresh_models_of_the_same_architecture():
     no.manual_seed(0)
     x, y = batch(count=64)
@@ -204,6 +207,7 @@ def test_mutual_learning_peer_gradients_come_from_their_own_objective():
     np.testing.assert_allclose(ensemble.data, mutual(no.Tensor(x)).data, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_recover_keeps_pruned_weights_at_zero():
     prune = pytest.importorskip("nanoopt.prune")
     no.manual_seed(0)
@@ -268,6 +272,7 @@ def test_soft_weight_schedule_is_zero_then_linear_ramp_then_configured(start, ra
     assert mutual.config.temperature == 1.0 and mutual.config.hard_weight == 1.0   # only the soft weight moves
 
 
+@pytest.mark.slow
 def test_mutual_learning_with_the_soft_term_off_trains_each_peer_exactly_as_alone():
     x, y = batch(count=64)
     no.manual_seed(3)

@@ -34,6 +34,7 @@ def test_masked_entries_get_exactly_zero_gradient(seed, amount):
     assert np.any(layer.weight_orig.grad[mask == 1] != 0)
 
 
+@pytest.mark.slow
 def test_training_with_momentum_and_weight_decay_never_revives_pruned_weights():
     no.manual_seed(0)
     x, y = data.load_digits("train")

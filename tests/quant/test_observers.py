@@ -85,9 +85,18 @@ def test_moving_average_follows_its_recurrence(parts, constant):
     assert math.isclose(observer.min_val_, low, rel_tol=1e-12, abs_tol=1e-12)
     assert math.isclose(observer.max_val_, high, rel_tol=1e-12, abs_tol=1e-12)
     per_channel = MovingAveragePerChannelMinMaxObserver(PER_CHANNEL, averaging_constant=constant)
+    low, high = None, None                                   # the same recurrence for every channel (axis 1)
     for part in parts:
         per_channel.partial_fit(part)
+        part_low, part_high = part.astype(np.float64).min(axis=0), part.astype(np.float64).max(axis=0)
+        if low is None:
+            low, high = part_low, part_high
+        else:
+            low = (1 - constant) * low + constant * part_low
+            high = (1 - constant) * high + constant * part_high
     assert per_channel.max_val_.shape == (parts[0].shape[1],)
+    np.testing.assert_allclose(per_channel.min_val_, low, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(per_channel.max_val_, high, rtol=1e-12, atol=1e-12)
 
 
 def test_observer_returns_its_input_and_fit_forgets():
@@ -182,11 +191,20 @@ def test_mse_search_finds_the_brute_force_minimum(parts, spec):
     assert min(observer._min, 0) <= low <= 0 <= high <= max(observer._max, 0)
 
 
+# MSE(searched range) / MSE(min-max range) may not exceed these (kind, bits) bounds. Measured over 200-300 seeds of
+# 200k samples: 4 bits: half-normal ("relu") mean 0.49, sd 0.05, worst 0.60; Laplace and normal lower (<= 0.44 in
+# 12 seeds). 8 bits: Laplace mean 0.78 sd 0.04 worst 0.87; normal mean 0.82 sd 0.035 worst 0.91; half-normal mean
+# 0.92 sd 0.022 worst 0.98. Each bound is >= 4.5 sd from the mean. Half-normal at 8 bits is the one case where
+# the histogram's estimate of the error can put the searched range slightly behind min-max (with 20k samples,
+# ~1 seed in 400 was 3 % behind): there the bound is 1.02 and the test's name says so.
+MSE_VERSUS_MIN_MAX = {("laplace", 4): 0.75, ("normal", 4): 0.75, ("relu", 4): 0.75,
+                      ("laplace", 8): 1.0, ("normal", 8): 1.0, ("relu", 8): 1.02}
+
+
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from(["laplace", "normal", "relu"]))
-def test_mse_range_quantizes_data_no_worse_than_min_max(seed, kind):
-    # 200k samples: with 20k, the measured 8-bit MSE of half-normal data (10k non-zeros) fluctuates by ~1.3 %
-    # between two nearby ranges, and about 1 seed in 400 put the searched range 3 % behind min-max by chance
+def test_mse_range_beats_min_max_by_a_quarter_at_4_bits_and_is_no_worse_at_8_bits_but_half_normal_2_percent(
+        seed, kind):
     rng = np.random.default_rng(seed)
     data = rng.laplace(size=200_000) if kind == "laplace" else rng.normal(size=200_000)
     if kind == "relu":
@@ -197,7 +215,7 @@ def test_mse_range_quantizes_data_no_worse_than_min_max(seed, kind):
         plain = MinMaxObserver(spec).fit(data)
         mse_searched = quantization_mse(data, searched.min_val_, searched.max_val_, spec)
         mse_plain = quantization_mse(data, plain.min_val_, plain.max_val_, spec)
-        assert mse_searched <= 1.02 * mse_plain
+        assert mse_searched <= MSE_VERSUS_MIN_MAX[kind, spec.bits] * mse_plain, (kind, spec.bits)
 
 
 def assert_is_quantile(data, value, fraction, width):

@@ -159,6 +159,7 @@ inputs = hnp.arrays(np.float32, st.tuples(st.integers(1, 6), st.just(1), st.just
                     elements=st.floats(-2.0, 3.0, width=32))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(sorted(CASES)), inputs, st.sampled_from([1.0, 0.1, 10.0]))
 def test_qat_eval_simulation_equals_the_converted_integer_model(trained, case, x, gain):
@@ -167,6 +168,7 @@ def test_qat_eval_simulation_equals_the_converted_integer_model(trained, case, x
     assert np.array_equal(qat(Tensor(x)).data, integer_model(x).data)
 
 
+@pytest.mark.slow
 def test_converted_qat_model_has_the_structure_ptq_gives(trained, digits):
     qat, integer_model = trained["int8 observers, folded BN"]
     no.manual_seed(0)
@@ -194,6 +196,7 @@ def test_untrained_qat_model_calibrated_like_ptq_converts_to_the_ptq_integer_mod
         assert qat_state[key].dtype == value.dtype and np.array_equal(qat_state[key], value), key
 
 
+@pytest.mark.slow
 def test_converted_qat_model_keeps_the_float_accuracy_on_real_data():
     """Digits: a trained conv-BN model, one QAT epoch, converted: within 3 points of float (359 test images)."""
     x, y = data.load_digits("train")
@@ -210,6 +213,7 @@ def test_converted_qat_model_keeps_the_float_accuracy_on_real_data():
 
 
 # ------------------------------------------------------------------------------------------- switches, schedule
+@pytest.mark.slow
 def test_weight_quantizer_follows_the_weights_until_frozen(digits):
     no.manual_seed(0)
     qat = prepare_qat(no.models.mlp(64, (16,)), example_input=digits[0][:1])
@@ -227,6 +231,7 @@ def test_weight_quantizer_follows_the_weights_until_frozen(digits):
     assert np.array_equal(layer.weight_quantizer.qparams().scale, frozen)
 
 
+@pytest.mark.slow
 def test_schedule_freezes_observers_and_batchnorm_after_the_given_steps(digits):
     no.manual_seed(0)
     qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1])
@@ -245,6 +250,7 @@ def test_schedule_freezes_observers_and_batchnorm_after_the_given_steps(digits):
         QATSchedule(freeze_observers_after=-1)
 
 
+@pytest.mark.slow
 def test_learned_quantizers_are_trained_parameters(digits):
     no.manual_seed(0)
     qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1], weight_quantizer="lsq",
@@ -261,6 +267,44 @@ def test_learned_quantizers_are_trained_parameters(digits):
 
 
 # ------------------------------------------------------------------------------------------- pruning, distillation
+def test_pact_alpha_gradient_in_a_model_is_the_papers_and_sgd_steps_it(digits):
+    """Choi et al. 2018, eq. 3: dL/d(alpha) = sum of dL/dy over the entries with x >= alpha (STE elsewhere).
+
+    dL/dy of every PACT output is read from a zero probe added to it by a forward hook; one SGD step (no
+    momentum) then moves alpha by exactly -lr * grad.
+    """
+    no.manual_seed(0)
+    qat = prepare_qat(conv_bn_model(), example_input=digits[0][:1], activation_quantizer="pact").train()
+    x, y = digits
+    qat(Tensor(x[64:128]))                                   # the first batch initialises alpha (its maximum)
+    pacts = [m for m in qat.modules() if isinstance(m, PACTQuantizer)]
+    seen = {}
+
+    def probe(module, inputs, output):
+        zero = Tensor(np.zeros(output.shape, np.float32), requires_grad=True)
+        seen[id(module)] = (np.asarray(inputs[0].data).copy(), zero)
+        return output + zero
+
+    handles = [m.register_forward_hook(probe) for m in pacts]
+    qat.zero_grad()
+    no.nn.functional.cross_entropy(qat(Tensor(x[:64])), y[:64]).backward()
+    for handle in handles:
+        handle.remove()
+    clipped_somewhere = False
+    for module in pacts:
+        inputs, zero = seen[id(module)]
+        clipped = inputs >= module.alpha.data
+        clipped_somewhere |= bool(clipped.any())
+        expected = zero.grad.astype(np.float64)[clipped].sum()
+        assert float(module.alpha.grad) == pytest.approx(expected, rel=1e-5, abs=1e-9)
+    assert clipped_somewhere                                 # the formula was exercised, not only 0 == 0
+    before = [float(m.alpha.data) for m in pacts]
+    no.optim.SGD([m.alpha for m in pacts], lr=0.1, momentum=0.0).step()
+    for module, value in zip(pacts, before, strict=True):
+        assert float(module.alpha.data) == pytest.approx(value - 0.1 * float(module.alpha.grad), rel=1e-6)
+
+
+@pytest.mark.slow
 def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     model = _pruned_mlp()
     masks = {name: model.get_submodule(name).weight_mask.copy() for name in ("1", "3")}
@@ -277,6 +321,7 @@ def test_pruned_model_keeps_its_zeros_through_qat_and_convert(digits):
     assert np.array_equal(model.get_submodule("1").weight_mask, masks["1"])  # the original is untouched
 
 
+@pytest.mark.slow
 def test_pruned_bias_stays_zero_through_qat_ptq_and_convert(digits):
     model = _pruned_mlp()
     prune.l1_unstructured(model[1], "bias", amount=0.5)
@@ -292,6 +337,7 @@ def test_pruned_bias_stays_zero_through_qat_ptq_and_convert(digits):
     assert np.all(ptq.model.get_submodule("1").integer_layer().bias[mask == 0] == 0)
 
 
+@pytest.mark.slow
 def test_qat_student_distilled_from_its_float_teacher(digits):
     x, y = digits
     no.manual_seed(0)

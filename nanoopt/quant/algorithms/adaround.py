@@ -109,11 +109,13 @@ def _round_layer(layer, float_inputs: list[np.ndarray], quantized_inputs: list[n
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    rounded = np.clip(floor + (v.data >= 0), spec.qmin, spec.qmax)
+    learned = np.clip(floor + (v.data >= 0), spec.qmin, spec.qmax)
+    loss_nearest, loss_learned = loss_of(nearest), loss_of(learned)
+    rounded = learned if loss_learned <= loss_nearest else nearest      # never worse than nearest (see adaround)
     codes = rounded.astype(spec.dtype)
     layer.weight.data = params.dequantize(codes).astype(layer.weight.dtype)  # on the grid: re-quantizes exactly
-    return {"loss_nearest": loss_of(nearest), "loss_after": loss_of(rounded),
-            "changed_fraction": float(np.mean(rounded != nearest))}
+    return {"loss_nearest": loss_nearest, "loss_learned": loss_learned, "loss_after": min(loss_learned, loss_nearest),
+            "kept_nearest": float(loss_learned > loss_nearest), "changed_fraction": float(np.mean(rounded != nearest))}
 
 
 def adaround(prepared: PreparedModel, batches: Any, iterations: int = 1000, batch_size: int = 64,
@@ -123,8 +125,13 @@ def adaround(prepared: PreparedModel, batches: Any, iterations: int = 1000, batc
     """Learn the rounding of every Linear/Conv2d weight of a calibrated prepared model, in place.
 
     ``num_samples`` examples of ``batches`` are used. Returns, per layer, the reconstruction loss (on those
-    examples, quantized inputs) of round-to-nearest and of the learned rounding, and the fraction of weights
-    whose rounding changed.
+    examples, quantized inputs) of round-to-nearest (``loss_nearest``), of the learned hard rounding
+    (``loss_learned``) and of the rounding kept (``loss_after``), whether nearest was kept (``kept_nearest``, 1.0 or
+    0.0), and the fraction of weights whose rounding changed.
+
+    The learned rounding is optimised softly, on mini-batches, with the regulariser; its hard rounding can
+    reconstruct a layer's output worse than round-to-nearest on the calibration examples. Then (a guard of ours,
+    not in the paper) the layer keeps round-to-nearest, so ``loss_after <= loss_nearest`` for every layer.
     """
     check_calibrated(prepared, "adaround")
     if iterations < 1 or batch_size < 1 or not 0.0 <= warmup < 1.0:

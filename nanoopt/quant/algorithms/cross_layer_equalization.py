@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.nn.converted import require_float_model
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
 from nanoopt.quant.graph import Graph, trace
 
@@ -106,6 +107,7 @@ def cross_layer_equalization(model: nn.Module, example_input: Any = None, iterat
     """A BatchNorm-folded copy of ``model`` with every equalizable pair of layers equalized (module docstring)."""
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    require_float_model(model, "cross_layer_equalization")
     if example_input is not None and not hasattr(example_input, "data"):
         example_input = np.asarray(example_input, dtype=np.float32)
     equalized = fold_batchnorm(model, example_input)
