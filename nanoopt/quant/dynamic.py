@@ -160,22 +160,34 @@ class _WeightOnly(nn.Module):
             self.register_buffer("weight_zero_point", np.reshape(zero_point, (weight.shape[0], groups)).astype(np.int8))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.data.astype(np.float32).copy())
 
+    def grid(self) -> QuantSpec:
+        """The codes' grid: symmetric narrow range (no zero point), or asymmetric with a zero point per group."""
+        if getattr(self, "weight_zero_point", None) is None:
+            return weight_spec(self.bits)
+        return QuantSpec(bits=self.bits, signed=True, symmetric=False, per_channel=True)
+
     def describe_state(self) -> dict[str, dict[str, Any]]:
-        """The codes (``bits``, packing, group size, weight shape) and their scales."""
-        description = {**spec_metadata(weight_spec(self.bits)), "group_size": int(self.group_size),
+        """The codes (``bits``, grid, packing, group size, weight shape), their scales and zero points."""
+        description = {**spec_metadata(self.grid()), "group_size": int(self.group_size),
                        "packed": self.bits <= 4, "weight_shape": [int(size) for size in self.weight_shape]}
         codes = "weight_packed" if self.bits <= 4 else "weight_codes"
-        return {codes: description, "weight_scale": dict(description)}
+        described = {codes: description, "weight_scale": dict(description)}
+        if getattr(self, "weight_zero_point", None) is not None:
+            described["weight_zero_point"] = dict(description)
+        return described
 
     def check_state(self, state: dict[str, np.ndarray]) -> None:
-        """Loaded codes must fit the layer's bit width (e.g. 4-bit codes do not load into a 3-bit layer)."""
-        spec = weight_spec(self.bits)
+        """Loaded codes (and zero points) must fit the layer's grid (e.g. 4-bit codes do not load into a 3-bit
+        layer)."""
+        spec = self.grid()
         count = int(np.prod(self.weight_shape))
         if "weight_packed" in state:
             check_codes_fit(unpack_int4(state["weight_packed"], count), spec.qmin, spec.qmax,
                             f"weight_packed ({self.bits}-bit)")
         if "weight_codes" in state:
             check_codes_fit(state["weight_codes"], spec.qmin, spec.qmax, f"weight_codes ({self.bits}-bit)")
+        if "weight_zero_point" in state:
+            check_codes_fit(state["weight_zero_point"], spec.qmin, spec.qmax, f"weight_zero_point ({self.bits}-bit)")
 
     def stored_parameters(self) -> int:
         """Weights (packed or not, counted one per weight) and bias (for ``nanoopt.report``)."""
@@ -194,11 +206,10 @@ class _WeightOnly(nn.Module):
         channels, depth = codes.shape
         scales = np.repeat(self.weight_scale, self.group_size, axis=1)[:, :depth]  # (C, depth)
         zero_point = getattr(self, "weight_zero_point", None)
+        spec = self.grid()
         if zero_point is None:
-            spec = QuantSpec(bits=self.bits, symmetric=True, per_channel=True, narrow_range=True)
             zeros = np.zeros(codes.size, np.int32)
         else:
-            spec = QuantSpec(bits=self.bits, symmetric=False, per_channel=True)
             zeros = np.repeat(zero_point, self.group_size, axis=1)[:, :depth].reshape(-1)
         flat = dequantize(codes.reshape(-1), scales.reshape(-1), zeros, spec)
         return flat.reshape(self.weight_shape)

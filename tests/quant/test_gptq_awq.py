@@ -331,3 +331,20 @@ def test_gptq_keeps_the_zeros_of_a_pruned_model():
             pruned = model[index].weight_mask == 0
             assert np.all(quantized[index].dequantized_weight()[pruned] == 0)
             assert np.mean(quantized[index].dequantized_weight()[~pruned] == 0) < 0.5
+
+
+def test_asymmetric_and_symmetric_checkpoints_do_not_load_into_each_other(tmp_path):
+    no.manual_seed(8)
+    model = models.mlp(64, (32,))
+    x = correlated_inputs(9, rows=128).astype(np.float32)
+    asymmetric, symmetric = quant.gptq(model, x, 4, 16), quant.gptq(model, x, 4, 16, symmetric=True)
+    assert "1.weight_zero_point" in asymmetric.state_dict() and "1.weight_zero_point" not in symmetric.state_dict()
+    no.io.save(asymmetric, str(tmp_path / "asymmetric.npz"))
+    no.io.save(symmetric, str(tmp_path / "symmetric.npz"))
+    with pytest.raises((KeyError, ValueError), match="weight_zero_point"):
+        no.io.load_into(copy.deepcopy(symmetric), str(tmp_path / "asymmetric.npz"))
+    with pytest.raises((KeyError, ValueError), match="weight_zero_point"):
+        no.io.load_into(copy.deepcopy(asymmetric), str(tmp_path / "symmetric.npz"))
+    other = quant.gptq(model, x[::-1].copy(), 4, 16)
+    no.io.load_into(other, str(tmp_path / "asymmetric.npz"))
+    np.testing.assert_array_equal(outputs(other, x), outputs(asymmetric, x))
