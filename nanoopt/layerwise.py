@@ -70,19 +70,20 @@ def calibration_batches(calibration: Any, what: str) -> list[Any]:
         raise TypeError(f"{what}: calibration must be an array, a Tensor or an iterable of batches, got "
                         f"{type(calibration).__name__}")
     batches = []
-    for item in items:
+    for index, item in enumerate(items):
         if isinstance(item, tuple | list) and len(item) == 2:
             item = item[0]
-        if isinstance(item, Tensor):
-            batches.append(item)
-            continue
-        array = np.asarray(item)
+        array = np.asarray(item.data if isinstance(item, Tensor) else item)
         if array.dtype.kind == "f":
-            batches.append(Tensor(array.astype(np.float32, copy=False)))
+            bad = int(array.size - np.isfinite(array).sum())
+            if bad:
+                raise ValueError(f"{what}: calibration batch {index} holds {bad} NaN/Inf values; calibration needs "
+                                 "finite inputs")
+            batches.append(item if isinstance(item, Tensor) else Tensor(array.astype(np.float32, copy=False)))
         elif array.dtype.kind in "iu":
-            batches.append(array)
+            batches.append(item)
         else:
-            raise TypeError(f"{what}: a calibration batch must hold numbers, got dtype {array.dtype}")
+            raise TypeError(f"{what}: calibration batch {index} must hold numbers, got dtype {array.dtype}")
     if not batches:
         raise ValueError(f"{what}: the calibration data is empty; pass at least one batch of model inputs")
     return batches
@@ -181,17 +182,26 @@ def sequential(model: Module, layers: Sequence[tuple[str, Module]], batches: Seq
     """
     for name, layer in tqdm(list(layers), desc=desc, disable=not progress, leave=False):
         accumulator = start(name, layer)
+        rows = [0]
 
-        def feed(module: Module, inputs: tuple, accumulator: Accumulator = accumulator) -> None:
+        def feed(module: Module, inputs: tuple, accumulator: Accumulator = accumulator, name: str = name,
+                 rows: list[int] = rows) -> None:
             x = inputs[0]
             data = np.asarray(x.data if isinstance(x, Tensor) else x, dtype=np.float32)
-            accumulator.add_batch(data.reshape(-1, data.shape[-1]))
+            data = data.reshape(-1, data.shape[-1])  # (rows, in_features)
+            if not np.all(np.isfinite(data)):
+                raise ValueError(f"{desc}: the input of layer {name!r} holds NaN or Inf on the calibration data "
+                                 "(a non-finite weight before it?)")
+            accumulator.add_batch(data)
+            rows[0] += data.shape[0]
 
         handle = layer.register_forward_pre_hook(feed)
         try:
             run_batches(model, batches)
         finally:
             handle.remove()
+        if rows[0] == 0:
+            raise ValueError(f"{desc}: layer {name!r} received no calibration rows (are the batches empty?)")
         replacement = finish(name, layer, accumulator)
         if replacement is not None and replacement is not layer:
             if name == "":

@@ -74,11 +74,14 @@ def check_pattern(sparsity: float | None, n: int | None, m: int | None, what: st
 
 
 def check_layer(name: str, layer: nn.Linear, pattern: Pattern, what: str) -> None:
-    """Refuse a layer whose ``in_features`` is not a multiple of ``m``, or that is already pruned."""
+    """Refuse a layer whose ``in_features`` is not a multiple of ``m``, with non-finite weights, or already pruned."""
     if pattern.m is not None and layer.in_features % pattern.m:
         raise ValueError(f"{what}: layer {name!r} has in_features={layer.in_features}, not a multiple of m="
                          f"{pattern.m}; N:M sparsity needs whole groups of {pattern.m} inputs (leave the layer out "
                          "with ignore=)")
+    bad = int(layer.weight.data.size - np.isfinite(layer.weight.data).sum())
+    if bad:
+        raise ValueError(f"{what}: layer {name!r} has {bad} NaN/Inf weights; scores and updates need finite weights")
     if is_pruned(layer, "weight"):
         raise ValueError(f"{what}: layer {name!r} is already pruned; {what} computes a fresh mask from the dense "
                          "weight, so call prune.remove on it first")

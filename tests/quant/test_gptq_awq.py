@@ -348,3 +348,20 @@ def test_asymmetric_and_symmetric_checkpoints_do_not_load_into_each_other(tmp_pa
     other = quant.gptq(model, x[::-1].copy(), 4, 16)
     no.io.load_into(other, str(tmp_path / "asymmetric.npz"))
     np.testing.assert_array_equal(outputs(other, x), outputs(asymmetric, x))
+
+
+@pytest.mark.parametrize("function", [quant.gptq, quant.awq, no.prune.wanda, no.prune.sparsegpt])
+def test_non_finite_calibration_weights_and_empty_batches_are_named(function):
+    model = models.mlp(8, (8,), num_classes=4)
+    keywords = dict(sparsity=0.5) if function in (no.prune.wanda, no.prune.sparsegpt) else dict(group_size=None)
+    x = np.ones((16, 8), np.float32)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="calibration batch 1 holds 1 NaN/Inf"):
+        function(copy.deepcopy(model), [x, bad], **keywords)
+    with pytest.raises(ValueError, match="layer '1' received no calibration rows"):
+        function(copy.deepcopy(model), [x[:0]], **keywords)
+    broken = copy.deepcopy(model)
+    broken[1].weight.data[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"'1\.weight'|layer '1' has 1 NaN/Inf weights"):
+        function(broken, x, **keywords)

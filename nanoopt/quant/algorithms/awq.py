@@ -64,6 +64,7 @@ from nanoopt.quant.algorithms.rtn import (
     quantize_groups,
     rtn_linear,
 )
+from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.graph import INPUT, trace
 from nanoopt.tensor import Tensor
 
@@ -252,6 +253,7 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
     if rounding not in ("rtn", "gptq"):
         raise ValueError(f"awq: rounding must be 'rtn' or 'gptq', got {rounding!r}")
     work = copy.deepcopy(model)
+    check_finite_parameters(work, "awq")
     batches = calibration_batches(calibration, "awq")
     layers = select_linears(work, targets, ignore, "awq")
     check_untied(work, layers, "awq")

@@ -73,6 +73,7 @@ from nanoopt.quant.algorithms.rtn import (
     group_qparams,
     weight_only_linear,
 )
+from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.spec import dequantize, qparams, quantize
 
 __all__ = ["GPTQResult", "gptq", "gptq_quantize"]
@@ -187,6 +188,7 @@ def gptq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | No
     check_grid(bits, group_size, symmetric, "gptq")
     check_options(percdamp, blocksize, act_order, "gptq")
     converted = copy.deepcopy(model)
+    check_finite_parameters(converted, "gptq")
     batches = calibration_batches(calibration, "gptq")
     layers = select_linears(converted, targets, ignore, "gptq")
     for name, layer in layers:
