@@ -268,7 +268,10 @@ def test_awq_scales_keep_the_function_and_beat_round_to_nearest(make):
 
 def test_awq_explicit_scales_live_in_an_input_scaled_wrapper():
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
-    small = quant.awq(ResidualMLP(), x, bits=4, group_size=16, ignore=["head"])
+    groups: list = []
+    small = quant.awq(ResidualMLP(), x, bits=4, group_size=16, ignore=["head"], report=groups)
+    assert [g.layers[0] for g in groups][:2] == ["stem", "blocks.0.up"]
+    assert all(0 <= g.alpha <= 1 and g.loss["awq"] <= g.loss["rtn"] for g in groups)
     assert isinstance(small.stem, InputScaled) and isinstance(small.stem.layer, WeightOnlyLinear)
     assert isinstance(small.head, nn.Linear)
     assert "stem.input_scale" in small.state_dict()

@@ -103,7 +103,7 @@ class ScaleGroup:
 
     layers: list[str]  # Linear layer names, in execution order
     fold_into: str | None  # the module whose output is divided by s; None: an explicit InputScaled wrapper
-    alpha: float | None = None  # the chosen exponent (set by awq)
+    alpha: float | None = None  # the chosen exponent (set by awq; None in awq_plan)
     loss: dict[str, float] = field(default_factory=dict)  # output MSE of RTN at alpha = 0 and at the chosen alpha
 
 
@@ -234,7 +234,7 @@ def _divide_output(module: nn.Module, s: np.ndarray) -> None:
 def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
         n_grid: int = 20, rounding: str = "rtn", fold: bool = True, max_rows: int = 4096, act_order: bool = False,
         percdamp: float = 0.01, blocksize: int = 128, targets: Sequence[str] | None = None,
-        ignore: Sequence[str] = (), progress: bool = False) -> nn.Module:
+        ignore: Sequence[str] = (), progress: bool = False, report: list[ScaleGroup] | None = None) -> nn.Module:
     """A copy of ``model`` with AWQ-scaled, ``bits``-bit weight-only Linear layers (see the module docstring).
 
     Parameters
@@ -244,6 +244,8 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
     rounding : ``"rtn"`` (AWQ) or ``"gptq"`` (AWQ then GPTQ with ``act_order``, ``percdamp``, ``blocksize``).
     fold : fold ``1 / s`` into the previous op where possible (else every scale is an explicit ``InputScaled``).
     max_rows : calibration rows per layer used in the search (evenly subsampled; the mean |x| uses all rows).
+    report : a list to extend with the :class:`ScaleGroup` of every group, with the chosen ``alpha`` and the
+        output MSE at ``alpha = 0`` (``loss["rtn"]``) and at ``alpha`` (``loss["awq"]``) on the sampled rows.
     """
     check_grid(bits, group_size, symmetric, "awq")
     check_options(percdamp, blocksize, act_order, "awq")
@@ -286,6 +288,8 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
 
     work = sequential(work, [(group.layers[0], modules[group.layers[0]]) for group in groups], batches, start,
                       finish, progress, desc="awq")
+    if report is not None:
+        report.extend(groups)
     explicit = {group.layers[0] for group in groups if group.fold_into is None}
     inner = [((f"{name}.layer" if name else "layer") if name in explicit else name, layer) for name, layer in layers]
     if rounding == "gptq":
