@@ -3,6 +3,8 @@
 PyTorch's ``torch.nn.utils.prune`` semantics: pruning ``module.weight`` moves the parameter to ``weight_orig``,
 registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * weight_mask`` before each forward;
 ``remove`` makes it permanent. Physical removal of channels is a separate, explicit step (``shrink``).
+One-shot pruning of the Linear layers of any model from calibration data, unstructured or N:M: ``wanda``
+(Sun et al. 2023) and ``sparsegpt`` (Frantar & Alistarh 2023).
 
 >>> from nanoopt import nn, prune
 >>> layer = prune.l1_unstructured(nn.Linear(10, 10), "weight", amount=0.9)
