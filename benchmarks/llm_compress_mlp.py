@@ -70,6 +70,7 @@ def methods(calibration: list[np.ndarray], g: int | None) -> list[tuple[str, Cal
             (f"W{bits} GPTQ", lambda m, b=bits: quant.gptq(m, calibration, b, g)),
             (f"W{bits} GPTQ act-order", lambda m, b=bits: quant.gptq(m, calibration, b, g, act_order=True)),
             (f"W{bits} AWQ", lambda m, b=bits: quant.awq(m, calibration, b, g)),
+            (f"W{bits} AWQ clip", lambda m, b=bits: quant.awq(m, calibration, b, g, clip=True)),
             (f"W{bits} AWQ + GPTQ", lambda m, b=bits: quant.awq(m, calibration, b, g, rounding="gptq")),
         ]
     rows += [

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import models, nn, quant
 from nanoopt.layerwise import LayerHessian
-from nanoopt.quant.algorithms.awq import InputScaled, awq_plan, search_scale
+from nanoopt.quant.algorithms.awq import InputScaled, awq_plan, search_clip, search_scale
 from nanoopt.quant.algorithms.gptq import gptq_quantize
 from nanoopt.quant.algorithms.rtn import dequantize_groups, grid_spec, group_qparams, quantize_groups
 from nanoopt.quant.dynamic import WeightOnlyLinear, quantize_weights
@@ -233,6 +233,27 @@ def test_awq_search_never_loses_to_round_to_nearest(seed, bits, symmetric, group
     assert total == pytest.approx(losses["awq"], rel=1e-9)
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), bits=st.integers(2, 4), symmetric=st.booleans(),
+       group_size=st.sampled_from([None, 8]))
+def test_awq_clip_search_never_loses_to_no_clipping(seed, bits, symmetric, group_size):
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_t(3, size=(6, 32))  # heavy tails: clipping has something to gain
+    x = rng.normal(size=(128, 32))
+    bound = search_clip(weight, x, bits, group_size, symmetric)
+    size = 32 if group_size is None else group_size
+
+    def group_errors(w: np.ndarray) -> np.ndarray:
+        q = rtn_weight(w.astype(np.float32), bits, group_size, symmetric)[3].astype(np.float64)
+        parts = [np.mean((x[:, g:g + size] @ (weight - q)[:, g:g + size].T) ** 2, axis=0) for g in range(0, 32, size)]
+        return np.stack(parts, axis=1)  # (C, G)
+
+    limit = np.abs(weight).reshape(6, -1, size).max(axis=2)
+    assert np.all(bound <= limit) and np.all(bound >= 0.5 * limit)
+    clipped = np.clip(weight, -np.repeat(bound, size, axis=1), np.repeat(bound, size, axis=1))
+    assert np.all(group_errors(clipped) <= group_errors(weight) * (1 + 1e-9) + 1e-12)
+
+
 def test_awq_folds_into_a_previous_linear_or_layernorm_else_keeps_an_explicit_scale():
     x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
     plan = awq_plan(models.mlp(16, (32, 32)), x)
@@ -262,8 +283,9 @@ def test_awq_scales_keep_the_function_and_beat_round_to_nearest(make):
     assert np.max(np.abs(outputs(eight, x) - reference)) < 0.02 * span
     low = {name: float(np.mean((outputs(compressed, x) - reference) ** 2)) for name, compressed in
            (("rtn", quant.rtn(model, 3, 16)), ("awq", quant.awq(model, x, 3, 16)),
-            ("awq+gptq", quant.awq(model, x, 3, 16, rounding="gptq")))}
-    assert low["awq"] < low["rtn"] and low["awq+gptq"] < low["rtn"], low
+            ("awq+gptq", quant.awq(model, x, 3, 16, rounding="gptq")),
+            ("awq clip", quant.awq(model, x, 3, 16, clip=True)))}
+    assert low["awq"] < low["rtn"] and low["awq+gptq"] < low["rtn"] and low["awq clip"] < low["rtn"], low
 
 
 def test_awq_explicit_scales_live_in_an_input_scaled_wrapper():

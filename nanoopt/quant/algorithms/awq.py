@@ -29,7 +29,12 @@ Where ``diag(s)^-1`` goes (stated per layer by :func:`awq_plan`):
 Then every layer is quantized: round-to-nearest (``rounding="rtn"``, AWQ) or GPTQ (``rounding="gptq"``, AWQ
 followed by GPTQ: the Hessians are collected on the scaled model). The search runs on the float model,
 layer after layer in execution order, each on inputs from the model with the earlier scales applied (which does
-not change its function). The reference's extra weight-clipping search is not done here.
+not change its function).
+
+``clip=True`` adds the weight-clipping search of the reference code (``auto_clip``; not in the paper's text):
+after scaling, every group of a row is clamped to ``[-m, m]`` with ``m = max|w| (1 - i / 20)``, ``i = 0 .. 9``,
+choosing per (row, group) the ``m`` whose rounded group gives the smallest error of the group's partial output
+``sum_{j in group} w_j x_j`` on up to 512 calibration rows (``i = 0``, no clipping, is a candidate).
 
 >>> import numpy as np
 >>> from nanoopt import models
@@ -68,7 +73,7 @@ from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.graph import INPUT, trace
 from nanoopt.tensor import Tensor
 
-__all__ = ["InputScaled", "ScaleGroup", "awq", "awq_plan", "search_scale"]
+__all__ = ["InputScaled", "ScaleGroup", "awq", "awq_plan", "search_clip", "search_scale"]
 
 FOLD_THROUGH = (nn.ReLU, nn.Dropout, nn.Identity)  # elementwise and positively homogeneous in eval mode
 MIN_SCALE = 1e-4  # the reference code's clamp of s_x^alpha
@@ -216,6 +221,48 @@ def search_scale(weights: Sequence[np.ndarray], inputs: np.ndarray, mean_abs: np
     return best[2], best[1], losses
 
 
+def search_clip(weight: np.ndarray, inputs: np.ndarray, bits: int, group_size: int | None, symmetric: bool,
+                n_grid: int = 20, max_shrink: float = 0.5) -> np.ndarray:
+    """The reference code's clipping search (see the module docstring): the clamp ``m (C, groups)`` per group.
+
+    >>> rng = np.random.default_rng(0)
+    >>> w = rng.normal(size=(4, 16)); w[0, 3] = 12.0                      # one outlier weight
+    >>> m = search_clip(w, rng.normal(size=(64, 16)), 3, 8, False)
+    >>> bool(m[0, 0] < 12.0), m.shape
+    (True, (4, 2))
+    """
+    rows, depth = weight.shape
+    size = depth if group_size is None else group_size
+    groups = depth // size
+    w = weight.reshape(rows, groups, size)  # (C, G, g)
+    x = inputs.reshape(inputs.shape[0], groups, size)  # (R, G, g)
+    reference = np.einsum("rgk,cgk->rcg", x, w)  # (R, C, G): each group's partial output
+    limit = np.abs(w).max(axis=2)  # (C, G)
+    best, best_error = limit.copy(), np.full(limit.shape, np.inf)
+    for step in range(int(max_shrink * n_grid)):
+        m = limit * (1 - step / n_grid)
+        clipped = np.clip(w, -m[..., None], m[..., None]).reshape(rows, depth).astype(np.float32)
+        scale, zero_point = group_qparams(clipped, bits, group_size, symmetric)
+        q = dequantize_groups(quantize_groups(clipped, scale, zero_point, bits, symmetric), scale, zero_point,
+                              bits, symmetric).astype(np.float64).reshape(rows, groups, size)
+        error = np.mean((np.einsum("rgk,cgk->rcg", x, q) - reference) ** 2, axis=0)  # (C, G)
+        better = error < best_error
+        best[better], best_error[better] = m[better], error[better]
+    return best
+
+
+def _clip_weight(member: nn.Linear, inputs: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> None:
+    """Clamp each group of ``member``'s weight to the bound :func:`search_clip` finds on ``inputs``."""
+    parameter = get_parameter(member, "weight")
+    rows, depth = parameter.shape
+    size = depth if group_size is None else group_size
+    m = search_clip(member.weight.data.astype(np.float64), inputs, bits, group_size, symmetric)
+    bound = np.repeat(m, size, axis=1)  # (C, K)
+    parameter.data = np.clip(parameter.data, -bound, bound).astype(np.float32)
+    if is_pruned(member, "weight"):
+        set_effective(member, "weight")
+
+
 def _divide_output(module: nn.Module, s: np.ndarray) -> None:
     """Divide the output channels of a Linear (rows, bias) or a LayerNorm (weight, bias) by ``s``."""
     weight = get_parameter(module, "weight")
@@ -232,7 +279,8 @@ def _divide_output(module: nn.Module, s: np.ndarray) -> None:
 
 
 def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | None = 128, symmetric: bool = False,
-        n_grid: int = 20, rounding: str = "rtn", fold: bool = True, max_rows: int = 4096, act_order: bool = False,
+        n_grid: int = 20, rounding: str = "rtn", fold: bool = True, max_rows: int = 4096, clip: bool = False,
+        act_order: bool = False,
         percdamp: float = 0.01, blocksize: int = 128, targets: Sequence[str] | None = None,
         ignore: Sequence[str] = (), progress: bool = False, report: list[ScaleGroup] | None = None) -> nn.Module:
     """A copy of ``model`` with AWQ-scaled, ``bits``-bit weight-only Linear layers (see the module docstring).
@@ -244,6 +292,7 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
     rounding : ``"rtn"`` (AWQ) or ``"gptq"`` (AWQ then GPTQ with ``act_order``, ``percdamp``, ``blocksize``).
     fold : fold ``1 / s`` into the previous op where possible (else every scale is an explicit ``InputScaled``).
     max_rows : calibration rows per layer used in the search (evenly subsampled; the mean |x| uses all rows).
+    clip : also search a clamp per group of weights (the reference code's ``auto_clip``, module docstring).
     report : a list to extend with the :class:`ScaleGroup` of every group, with the chosen ``alpha`` and the
         output MSE at ``alpha = 0`` (``loss["rtn"]``) and at ``alpha`` (``loss["awq"]``) on the sampled rows.
     """
@@ -252,6 +301,8 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
     for label, value in (("n_grid", n_grid), ("max_rows", max_rows)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"awq: {label} must be a positive int, got {value!r}")
+    if not isinstance(clip, bool):
+        raise TypeError(f"awq: clip must be a bool, got {clip!r}")
     if rounding not in ("rtn", "gptq"):
         raise ValueError(f"awq: rounding must be 'rtn' or 'gptq', got {rounding!r}")
     work = copy.deepcopy(model)
@@ -274,13 +325,17 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
         group = by_first[name]
         members = [modules[member] for member in group.layers]
         weights = [member.weight.data.astype(np.float64) for member in members]
-        s, group.alpha, group.loss = search_scale(weights, acts.sample(), acts.abs_sum / acts.n_rows, bits,
-                                                  group_size, symmetric, n_grid)
+        sample = acts.sample()
+        s, group.alpha, group.loss = search_scale(weights, sample, acts.abs_sum / acts.n_rows, bits, group_size,
+                                                  symmetric, n_grid)
         for member in members:
             parameter = get_parameter(member, "weight")
             parameter.data = (parameter.data * s).astype(np.float32)
             if is_pruned(member, "weight"):
                 set_effective(member, "weight")
+            if clip:  # on the scaled weight, whose input is x / s
+                rows = sample[np.linspace(0, len(sample) - 1, min(len(sample), 512)).astype(np.int64)]
+                _clip_weight(member, rows / s, bits, group_size, symmetric)
         if group.fold_into is not None:
             _divide_output(originals[group.fold_into], s)
             return None
