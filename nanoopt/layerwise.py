@@ -56,14 +56,18 @@ class Accumulator(Protocol):
 def calibration_batches(calibration: Any, what: str) -> list[Any]:
     """The calibration batches as a list (they are run once per layer, so an iterator is read once, here).
 
-    An ndarray or Tensor is one batch; an iterable gives one batch per item, where an ``(x, y)`` pair (a
-    DataLoader's) gives ``x``. Float arrays become Tensors; integer arrays (token ids) are passed as they are.
+    An ndarray or Tensor is one batch, and so is the ``x`` of an ``(x, y)`` dataset; an iterable gives one batch
+    per item, where an ``(x, y)`` pair (a DataLoader's) gives ``x``. Float arrays become Tensors; integer arrays (token ids) are passed as they are.
 
     >>> [b.shape for b in calibration_batches(np.zeros((4, 3), np.float32), "example")]
+    [(4, 3)]
+    >>> [b.shape for b in calibration_batches((np.zeros((4, 3), np.float32), np.zeros(4, np.int64)), "example")]
     [(4, 3)]
     """
     if isinstance(calibration, Tensor | np.ndarray):
         items: Iterable[Any] = [calibration]
+    elif isinstance(calibration, tuple) and len(calibration) == 2 and isinstance(calibration[0], Tensor | np.ndarray):
+        items = [calibration[0]]  # a dataset (x, y), as data.load_digits returns it: x is one batch
     elif isinstance(calibration, Iterable):
         items = calibration
     else:
