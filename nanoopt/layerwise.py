@@ -57,7 +57,8 @@ def calibration_batches(calibration: Any, what: str) -> list[Any]:
     """The calibration batches as a list (they are run once per layer, so an iterator is read once, here).
 
     An ndarray or Tensor is one batch, and so is the ``x`` of an ``(x, y)`` dataset; an iterable gives one batch
-    per item, where an ``(x, y)`` pair (a DataLoader's) gives ``x``. Float arrays become Tensors; integer arrays (token ids) are passed as they are.
+    per item, where an ``(x, y)`` pair (a DataLoader's) gives ``x``. Float arrays become Tensors; integer arrays
+    (token ids) are passed as they are.
 
     >>> [b.shape for b in calibration_batches(np.zeros((4, 3), np.float32), "example")]
     [(4, 3)]
