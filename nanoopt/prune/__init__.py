@@ -3,6 +3,8 @@
 PyTorch's ``torch.nn.utils.prune`` semantics: pruning ``module.weight`` moves the parameter to ``weight_orig``,
 registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * weight_mask`` before each forward;
 ``remove`` makes it permanent. Physical removal of channels is a separate, explicit step (``shrink``).
+One-shot pruning of the Linear layers of any model from calibration data, unstructured or N:M: ``wanda``
+(Sun et al. 2023) and ``sparsegpt`` (Frantar & Alistarh 2023).
 
 >>> from nanoopt import nn, prune
 >>> layer = prune.l1_unstructured(nn.Linear(10, 10), "weight", amount=0.9)
@@ -10,7 +12,7 @@ registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * wei
 90
 """
 
-from nanoopt.prune import analysis, criteria, masks, methods, schedules, sparse, surgery
+from nanoopt.prune import analysis, calibrated, criteria, masks, methods, schedules, sparse, surgery
 from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
 from nanoopt.prune.criteria import (
     MovementScores,
@@ -51,6 +53,7 @@ from nanoopt.prune.schedules import (
     prune_to_sparsity,
 )
 from nanoopt.prune.sparse import SparseLinear, to_sparse
+from nanoopt.prune.sparsegpt import sparsegpt  # the function (the module is nanoopt.prune.sparsegpt)
 from nanoopt.prune.surgery import (
     ShrinkReport,
     block_angular_distances,
@@ -60,6 +63,7 @@ from nanoopt.prune.surgery import (
     remove_blocks,
     shrink,
 )
+from nanoopt.prune.wanda import wanda  # the function (the module is nanoopt.prune.wanda)
 
 __all__ = [
     "apply_mask", "custom_from_mask", "get_mask", "global_unstructured", "identity", "is_pruned",
@@ -71,4 +75,5 @@ __all__ = [
     "criteria", "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip",
     "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
     "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
+    "calibrated", "sparsegpt", "wanda",  # one-shot pruning from calibration data (SparseGPT, Wanda)
 ]

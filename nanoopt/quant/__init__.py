@@ -9,7 +9,8 @@
   (:mod:`~nanoopt.quant.qmodules`) bit for bit; ``quantize_dynamic`` and ``quantize_weights`` need no
   calibration;
 * algorithms (:mod:`~nanoopt.quant.algorithms`): ``fold_batchnorm``, ``cross_layer_equalization``,
-  ``bias_correction``, ``adaround``; analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
+  ``bias_correction``, ``adaround``; weight-only for the Linear layers of any model from calibration data:
+  ``rtn``, ``gptq``, ``awq``; analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
   ``layer_sensitivity``, ``saturation_counts``, ``mixed_precision_search``.
 
 The integer kernels import :mod:`nanoopt.quant.spec`, and the layers import the kernels; so the names that need
@@ -85,6 +86,9 @@ _LAZY = {
     "WeightFakeQuantize": "nanoopt.quant.qat",
     "pack_int4": "nanoopt.quant.packing",
     "unpack_int4": "nanoopt.quant.packing",
+    "rtn": "nanoopt.quant.algorithms.rtn",
+    "gptq": "nanoopt.quant.algorithms.gptq",
+    "awq": "nanoopt.quant.algorithms.awq",
 }
 
 __all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize", *_LAZY]

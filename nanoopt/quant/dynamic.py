@@ -128,7 +128,10 @@ def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
 class _WeightOnly(nn.Module):
     """Stores ``bits``-bit codes of the weight with a scale per (output channel, group of inputs)."""
 
-    def __init__(self, layer: nn.Module, bits: int, group_size: int | None) -> None:
+    def __init__(self, layer: nn.Module, bits: int, group_size: int | None, codes: np.ndarray | None = None,
+                 scale: np.ndarray | None = None, zero_point: np.ndarray | None = None) -> None:
+        """Round ``layer.weight`` to nearest (symmetric), or store given ``codes (C, depth)`` with ``scale`` and
+        optional ``zero_point`` ``(C, groups)`` (GPTQ / AWQ choose the codes; ``real = scale * (code - zp)``)."""
         super().__init__()
         weight = layer.weight.data.astype(np.float32)
         self.weight_shape = weight.shape
@@ -136,36 +139,55 @@ class _WeightOnly(nn.Module):
         depth = int(np.prod(weight.shape[1:]))
         self.group_size = depth if group_size is None else group_size
         groups = -(-depth // self.group_size)
-        rows = np.zeros((weight.shape[0], groups * self.group_size), np.float32)
-        rows[:, :depth] = weight.reshape(weight.shape[0], depth)  # zero padding: no effect on the ranges
-        grouped = rows.reshape(-1, self.group_size)  # (C * groups, group_size)
-        spec = weight_spec(bits)
-        scale, zero_point = qparams(grouped.min(axis=1), grouped.max(axis=1), spec)
-        codes = quantize(grouped, scale, zero_point, spec).reshape(weight.shape[0], -1)[:, :depth]
-        codes = np.ascontiguousarray(codes)
+        if codes is None:
+            rows = np.zeros((weight.shape[0], groups * self.group_size), np.float32)
+            rows[:, :depth] = weight.reshape(weight.shape[0], depth)  # zero padding: no effect on the ranges
+            grouped = rows.reshape(-1, self.group_size)  # (C * groups, group_size)
+            spec = weight_spec(bits)
+            scale, zero_point = qparams(grouped.min(axis=1), grouped.max(axis=1), spec)
+            codes = quantize(grouped, scale, zero_point, spec).reshape(weight.shape[0], -1)[:, :depth]
+            zero_point = None
+        elif codes.shape != (weight.shape[0], depth) or np.shape(scale) != (weight.shape[0], groups):
+            raise ValueError(f"{type(self).__name__}: codes {codes.shape} / scale {np.shape(scale)} do not match "
+                             f"weight {weight.shape} with group_size={self.group_size}")
+        codes = np.ascontiguousarray(codes, dtype=np.int8)
         if bits <= 4:
             self.register_buffer("weight_packed", pack_int4(codes))
         else:
             self.register_buffer("weight_codes", codes)
-        self.register_buffer("weight_scale", scale.reshape(weight.shape[0], groups).astype(np.float32))
+        self.register_buffer("weight_scale", np.reshape(scale, (weight.shape[0], groups)).astype(np.float32))
+        if zero_point is not None:  # asymmetric grid: one zero point per group
+            self.register_buffer("weight_zero_point", np.reshape(zero_point, (weight.shape[0], groups)).astype(np.int8))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.data.astype(np.float32).copy())
 
+    def grid(self) -> QuantSpec:
+        """The codes' grid: symmetric narrow range (no zero point), or asymmetric with a zero point per group."""
+        if getattr(self, "weight_zero_point", None) is None:
+            return weight_spec(self.bits)
+        return QuantSpec(bits=self.bits, signed=True, symmetric=False, per_channel=True)
+
     def describe_state(self) -> dict[str, dict[str, Any]]:
-        """The codes (``bits``, packing, group size, weight shape) and their scales."""
-        description = {**spec_metadata(weight_spec(self.bits)), "group_size": int(self.group_size),
+        """The codes (``bits``, grid, packing, group size, weight shape), their scales and zero points."""
+        description = {**spec_metadata(self.grid()), "group_size": int(self.group_size),
                        "packed": self.bits <= 4, "weight_shape": [int(size) for size in self.weight_shape]}
         codes = "weight_packed" if self.bits <= 4 else "weight_codes"
-        return {codes: description, "weight_scale": dict(description)}
+        described = {codes: description, "weight_scale": dict(description)}
+        if getattr(self, "weight_zero_point", None) is not None:
+            described["weight_zero_point"] = dict(description)
+        return described
 
     def check_state(self, state: dict[str, np.ndarray]) -> None:
-        """Loaded codes must fit the layer's bit width (e.g. 4-bit codes do not load into a 3-bit layer)."""
-        spec = weight_spec(self.bits)
+        """Loaded codes (and zero points) must fit the layer's grid (e.g. 4-bit codes do not load into a 3-bit
+        layer)."""
+        spec = self.grid()
         count = int(np.prod(self.weight_shape))
         if "weight_packed" in state:
             check_codes_fit(unpack_int4(state["weight_packed"], count), spec.qmin, spec.qmax,
                             f"weight_packed ({self.bits}-bit)")
         if "weight_codes" in state:
             check_codes_fit(state["weight_codes"], spec.qmin, spec.qmax, f"weight_codes ({self.bits}-bit)")
+        if "weight_zero_point" in state:
+            check_codes_fit(state["weight_zero_point"], spec.qmin, spec.qmax, f"weight_zero_point ({self.bits}-bit)")
 
     def stored_parameters(self) -> int:
         """Weights (packed or not, counted one per weight) and bias (for ``nanoopt.report``)."""
@@ -183,12 +205,18 @@ class _WeightOnly(nn.Module):
         codes = self.codes()
         channels, depth = codes.shape
         scales = np.repeat(self.weight_scale, self.group_size, axis=1)[:, :depth]  # (C, depth)
-        spec = QuantSpec(bits=self.bits, symmetric=True, per_channel=True, narrow_range=True)
-        flat = dequantize(codes.reshape(-1), scales.reshape(-1), np.zeros(codes.size, np.int32), spec)
+        zero_point = getattr(self, "weight_zero_point", None)
+        spec = self.grid()
+        if zero_point is None:
+            zeros = np.zeros(codes.size, np.int32)
+        else:
+            zeros = np.repeat(zero_point, self.group_size, axis=1)[:, :depth].reshape(-1)
+        flat = dequantize(codes.reshape(-1), scales.reshape(-1), zeros, spec)
         return flat.reshape(self.weight_shape)
 
     def extra_repr(self) -> str:
-        return f"weight {self.weight_shape}, {self.bits}-bit, group_size={self.group_size}"
+        grid = "asymmetric" if getattr(self, "weight_zero_point", None) is not None else "symmetric"
+        return f"weight {self.weight_shape}, {self.bits}-bit {grid}, group_size={self.group_size}"
 
 
 class WeightOnlyLinear(_WeightOnly):
