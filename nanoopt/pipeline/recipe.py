@@ -199,7 +199,7 @@ class Recipe:
                 after = f"after steps[{index - 1}] ({previous}) the model is {state}" if previous \
                     else f"the model is {state} at the start"
                 needs = " or ".join(sorted(kind.accepts))
-                raise RecipeError(f"steps[{index}] ({step.kind}): cannot run on a {state} model ({after}); "
+                raise RecipeError(f"steps[{index}] ({step.kind}): cannot run on {'an' if state[0] in 'aeiou' else 'a'} {state} model ({after}); "
                                   f"{step.kind} needs a {needs} model")
             if step.kind == "train" and previous not in (None, "train"):
                 raise RecipeError(f"steps[{index}] (train): train comes before compression starts; after "

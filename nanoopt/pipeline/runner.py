@@ -26,6 +26,7 @@ import numpy as np
 import nanoopt as no
 from nanoopt import data, io, models, nn, prune, report
 from nanoopt.pipeline import storage
+from nanoopt.quant.packing import pack_int4
 from nanoopt.pipeline.recipe import Recipe
 from nanoopt.pipeline.steps import STEPS, Context
 
@@ -98,8 +99,28 @@ def load_model(path: str | os.PathLike) -> nn.Module:
             params = kind.schema(**{k: v for k, v in entry["params"].items()})
             model = kind.rebuild(model, params, entry["record"], example)
     model = prune.remove_all(model) if not hasattr(model, "input_scale") else model
+    _match_packing(model, state)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _match_packing(model: nn.Module, state: Any) -> None:
+    """An integer layer packs its codes two per byte when they fit in 4 bits, which depends on the values (a
+    layer pruned to nothing has only zeros): give each rebuilt layer the layout its stored state has."""
+    for name, module in model.named_modules():
+        if not hasattr(module, "packed") or not hasattr(module, "weight_bits"):
+            continue
+        packed = f"{name}.weight_packed" in state
+        if packed == module.packed:
+            continue
+        weight = np.zeros_like(module._buffers["weight"])     # the values come with the state
+        if packed:
+            module.register_buffer("weight_packed", pack_int4(weight))
+            module.register_buffer("weight", weight, persistent=False)
+        else:
+            del module._buffers["weight_packed"]
+            module.register_buffer("weight", weight)
+        module.packed = packed
 
 
 def _save(recipe: Recipe, context: Context, step: Any, structure: list[dict[str, Any]], output: Path,
@@ -121,7 +142,8 @@ def _progress(enabled: bool) -> bool:
 def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress: bool | None = None
                ) -> dict[str, Any]:
     """Run ``recipe``; write the model, ``report.json`` and ``report.md`` into ``output`` (default: the
-    recipe's ``run.output``, relative to the recipe file); return the report as a dict."""
+    recipe's ``run.output``, relative to the recipe file); return the report as a dict (what ``report.json``
+    holds), plus the compressed model under ``"model"``."""
     start = time.perf_counter()
     output = Path(output) if output is not None else recipe.resolve(recipe.run.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -193,6 +215,7 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
         json.dump(result, handle, indent=1, default=float)
     with open(files["report_md"], "w") as handle:
         handle.write(markdown(result))
+    result["model"] = context.model
     return result
 
 

@@ -219,7 +219,8 @@ def encode_state(state: Mapping[str, np.ndarray], metadata: Mapping[str, Mapping
     shared: list[bytes] = []
     shared_plain: list[bytes] = []
     for key, value in state.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)
+        array = array if array.flags.c_contiguous else array.copy()   # (ascontiguousarray would make 0-d 1-d)
         if array.dtype.kind not in "biuf":
             raise TypeError(f"encode_state: {key!r} has dtype {array.dtype}; only numeric arrays can be stored")
         entry: dict[str, Any] = {"key": key, "dtype": array.dtype.str, "shape": list(array.shape)}
@@ -251,7 +252,7 @@ def encode_state(state: Mapping[str, np.ndarray], metadata: Mapping[str, Mapping
     for key, value in state.items():
         original = np.asarray(value)
         if decoded[key].dtype != original.dtype or decoded[key].shape != original.shape \
-                or decoded[key].tobytes() != np.ascontiguousarray(original).tobytes():
+                or decoded[key].tobytes() != original.tobytes():
             raise AssertionError(f"encode_state: {key!r} does not decode to the same bytes")  # a codec bug
     return blob
 
