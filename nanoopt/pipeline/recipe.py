@@ -101,7 +101,9 @@ class RunSpec:
     seed: int = 0                         # seeds training, shuffling and the float reference
     batch_size: int = 128                 # training mini-batch
     output: str = "compressed"            # folder for the model, report.json, report.md (relative to the recipe)
-    reference: bool = True                # also train the float model for as many epochs as the steps trained
+    reference: bool = True                # also train a float reference for as many epochs in total (see below)
+    reference_mode: Literal["scratch", "continue"] = "scratch"   # scratch: a fresh float model trained like the
+    #   train steps for all the epochs of the recipe; continue: the baseline trained further at lr 0.01
     latency_repeats: int = 20             # latency: median over this many runs
     large_batch: int = 256                # latency at batch 1 and at this batch size
     progress: bool = False                # progress bars (only shown on a terminal)

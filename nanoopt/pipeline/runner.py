@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 import nanoopt as no
-from nanoopt import data, io, models, nn, prune, report
+from nanoopt import data, io, models, nn, optim, prune, report
 from nanoopt.pipeline import storage
 from nanoopt.quant.packing import pack_int4
 from nanoopt.pipeline.recipe import Recipe
@@ -194,14 +194,8 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
                               "compressed": compressed.as_dict(), "steps": log, "files": dict(files)}
     compression_epochs = context.epochs_trained - teacher_epochs
     if run.reference and compression_epochs > 0:
-        reference_model = copy.deepcopy(baseline_model)
-        no.manual_seed(run.seed + 1000)
-        no.fit(reference_model, train_set, epochs=compression_epochs, lr=0.01, momentum=0.9,
-               batch_size=run.batch_size, progress=show)
-        result["reference"] = {"epochs": compression_epochs,
-                               "accuracy": no.evaluate(reference_model, test_set)["accuracy"],
-                               "note": f"the float baseline trained {compression_epochs} more epochs (SGD lr 0.01), "
-                                       "as many as the compression steps trained"}
+        result["reference"] = _reference(recipe, baseline_model, train_set, test_set, teacher_epochs,
+                                         compression_epochs, show)
     result["attribution"] = _attribution(float_bytes, log, compressed.stored_bytes, files.get("model", ""))
     if files.get("model", "").endswith(".nnz"):
         with open(files["model"], "rb") as handle:
@@ -217,6 +211,31 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
         handle.write(markdown(result))
     result["model"] = context.model
     return result
+
+
+def _reference(recipe: Recipe, baseline_model: nn.Module, train_set: tuple, test_set: tuple, float_epochs: int,
+               extra_epochs: int, show: bool) -> dict[str, Any]:
+    """The float model trained for as many epochs as the compressed one: from scratch with the train steps'
+    learning rate and schedule over all the epochs (``scratch``; needs a train step), else the baseline trained
+    ``extra_epochs`` more at lr 0.01."""
+    run = recipe.run
+    train_steps = [step.params for step in recipe.steps if step.kind == "train"]
+    if run.reference_mode == "scratch" and train_steps and recipe.model.file is None:
+        epochs, lr, cosine = float_epochs + extra_epochs, train_steps[0].lr, train_steps[0].cosine
+        no.manual_seed(run.seed)
+        model = _build(recipe.model.architecture, recipe.model.args)
+        note = (f"a fresh float model trained {epochs} epochs (SGD lr {lr:g}{', cosine' if cosine else ''}), as "
+                f"many as the compressed model ({float_epochs} float + {extra_epochs} compression)")
+    else:
+        epochs, lr, cosine = extra_epochs, 0.01, False
+        model = copy.deepcopy(baseline_model)
+        note = f"the float baseline trained {epochs} more epochs (SGD lr 0.01), as many as the compression steps"
+    no.manual_seed(run.seed + 1)
+    optimizer = optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    scheduler = optim.CosineAnnealingLR(optimizer, T_max=epochs) if cosine else None
+    no.fit(model, train_set, epochs=epochs, optimizer=optimizer, scheduler=scheduler, batch_size=run.batch_size,
+           progress=show)
+    return {"epochs": epochs, "accuracy": no.evaluate(model, test_set)["accuracy"], "note": note}
 
 
 def _attribution(float_bytes: int, log: list[dict[str, Any]], final_bytes: int | None, model_path: str
@@ -247,9 +266,8 @@ def markdown(result: dict[str, Any]) -> str:
     if "reference" in result:
         reference = result["reference"]
         drop = 100 * (reference["accuracy"] - compressed.accuracy)
-        lines += [f"Float reference trained for the same number of epochs ({reference['epochs']} more): "
-                  f"{100 * reference['accuracy']:.2f}%; the compressed model is {drop:+.2f} points below it "
-                  "(negative: above).", ""]
+        lines += [f"Float reference ({reference['note']}): {100 * reference['accuracy']:.2f}%; the compressed model "
+                  f"is {abs(drop):.2f} points {'below' if drop > 0 else 'above'} it.", ""]
     lines += ["## Steps", "", "| step | kind | accuracy after | compact bytes (no entropy coding) | seconds |",
               "|---:|---|---:|---:|---:|"]
     for entry in result["steps"]:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 import nanoopt as no
-from nanoopt import distill, nn, prune, quant
+from nanoopt import distill, nn, optim, prune, quant
 from nanoopt.prune.sparse import SparseLinear
 
 __all__ = ["STEPS", "Context", "StepKind", "register_step"]
@@ -104,8 +104,9 @@ def _steps_per_epoch(context: Context) -> int:
 
 
 def _train(context: Context, model: nn.Module, epochs: int, lr: float, use_distill: bool, temperature: float,
-           callbacks: list[Any]) -> None:
-    """Plain SGD (momentum 0.9) for ``epochs``, from the teacher's outputs too when ``use_distill``."""
+           callbacks: list[Any], cosine: bool = False) -> None:
+    """SGD (momentum 0.9) for ``epochs``, from the teacher's outputs too when ``use_distill``; with ``cosine``,
+    the learning rate decays from ``lr`` towards 0 along a half cosine over the epochs."""
     if epochs == 0:
         for callback in callbacks:   # schedules that act at step 0 still act
             callback.on_train_begin(model, None)
@@ -113,16 +114,22 @@ def _train(context: Context, model: nn.Module, epochs: int, lr: float, use_disti
     no.manual_seed(context.seed + len(context.records) + 1)
     options = dict(epochs=epochs, lr=lr, momentum=0.9, batch_size=context.batch_size, progress=context.progress,
                    callbacks=callbacks)
+    trained: nn.Module = model
     if use_distill:
         assert context.teacher is not None
         config = distill.DistillConfig(temperature=temperature)
-        distiller = distill.Distiller(model, context.teacher, config, cache_teacher=True)
-        try:
-            distiller.fit(context.train_set, **options)
-        finally:
-            distiller.remove_hooks()
-    else:
-        no.fit(model, context.train_set, **options)
+        trained = distill.Distiller(model, context.teacher, config, cache_teacher=True)
+    if cosine:
+        optimizer = optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+        options.update(optimizer=optimizer, scheduler=optim.CosineAnnealingLR(optimizer, T_max=epochs))
+    try:
+        if use_distill:
+            trained.fit(context.train_set, **options)
+        else:
+            no.fit(model, context.train_set, **options)
+    finally:
+        if use_distill:
+            trained.remove_hooks()
     context.epochs_trained += epochs
 
 
@@ -136,6 +143,7 @@ def _keep_teacher(context: Context) -> None:
 class TrainStep:
     epochs: int = 10                  # epochs of SGD (momentum 0.9) on the training set
     lr: float = 0.05                  # learning rate
+    cosine: bool = False              # decay the learning rate along a half cosine (Loshchilov & Hutter 2017)
 
     def check(self) -> None:
         _check_epochs(self.epochs, 1)
@@ -147,7 +155,7 @@ def train(context: Context, step: TrainStep) -> None:
     """Train the float model (before any compression; the teacher of later steps is the model after it)."""
     if context.teacher is not None:
         raise ValueError("a train step after compression began; use finetune")
-    _train(context, context.model, step.epochs, step.lr, False, 2.0, [])
+    _train(context, context.model, step.epochs, step.lr, False, 2.0, [], step.cosine)
 
 
 # ============================================================================ pruning
@@ -162,6 +170,7 @@ class PruneStep:
     lr: float = 0.01                  # learning rate of the training
     distill: bool = False             # train from the original float model's outputs too (Hinton KD)
     temperature: float = 2.0          # KD temperature
+    cosine: bool = False              # decay the learning rate along a half cosine
 
     def check(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -190,7 +199,7 @@ def prune_step(context: Context, step: PruneStep) -> None:
         frequency = max(1, int(step.ramp * total) // events)
         callbacks.append(prune.GradualPruning(parameters, 0.0, step.sparsity, begin_step=0, frequency=frequency,
                                               pruning_steps=events, scope=step.scope))
-    _train(context, context.model, step.epochs, step.lr, step.distill, step.temperature, callbacks)
+    _train(context, context.model, step.epochs, step.lr, step.distill, step.temperature, callbacks, step.cosine)
     context.records.append({"kind": "prune", "sparsity": prune.mask_sparsity(parameters)})
 
 
@@ -201,6 +210,7 @@ class FinetuneStep:
     lr: float = 0.01                  # learning rate
     distill: bool = False             # train from the original float model's outputs too (Hinton KD)
     temperature: float = 2.0          # KD temperature
+    cosine: bool = False              # decay the learning rate along a half cosine
 
     def check(self) -> None:
         _check_epochs(self.epochs, 1)
@@ -211,7 +221,7 @@ class FinetuneStep:
 def finetune(context: Context, step: FinetuneStep) -> None:
     """Train further (masks kept; a QAT model keeps its fake quantization), optionally distilling."""
     _keep_teacher(context)
-    _train(context, context.model, step.epochs, step.lr, step.distill, step.temperature, [])
+    _train(context, context.model, step.epochs, step.lr, step.distill, step.temperature, [], step.cosine)
 
 
 # ============================================================================ quantization-aware training
@@ -224,6 +234,7 @@ class QATStep:
     weight_quantizer: Literal["observer", "lsq"] = "observer"   # observed ranges, or learned steps (LSQ)
     distill: bool = False             # train from the original float model's outputs too (Hinton KD)
     temperature: float = 2.0          # KD temperature
+    cosine: bool = False              # decay the learning rate along a half cosine
 
     def check(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -251,7 +262,7 @@ def qat(context: Context, step: QATStep) -> None:
                                       weight_quantizer=step.weight_quantizer)
     freeze = int(step.freeze_after * step.epochs * _steps_per_epoch(context))
     _train(context, context.model, step.epochs, step.lr, step.distill, step.temperature,
-           [quant.QATSchedule(freeze_observers_after=freeze, freeze_bn_after=freeze)])
+           [quant.QATSchedule(freeze_observers_after=freeze, freeze_bn_after=freeze)], step.cosine)
     context.records.append({"kind": "qat", "bits": step.bits})
 
 

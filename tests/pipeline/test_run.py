@@ -79,7 +79,10 @@ def test_npz_format_and_a_conv_model(tmp_path):
 def test_reference_is_trained_for_as_many_epochs(tmp_path):
     result = run(tmp_path, [{"kind": "train", "epochs": 1}, {"kind": "prune", "sparsity": 0.5, "epochs": 2},
                             {"kind": "finetune", "epochs": 1}, {"kind": "save"}], run_options={"reference": True})
-    assert result["reference"]["epochs"] == 3
+    assert result["reference"]["epochs"] == 4          # from scratch: 1 float + 3 compression epochs
+    result = run(tmp_path, [{"kind": "train", "epochs": 1}, {"kind": "prune", "sparsity": 0.5, "epochs": 2},
+                            {"kind": "save"}], run_options={"reference": True, "reference_mode": "continue"})
+    assert result["reference"]["epochs"] == 2          # the baseline, 2 more epochs
 
 
 def test_compress_command_refuses_a_bad_recipe_before_work(tmp_path):
