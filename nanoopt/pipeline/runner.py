@@ -26,6 +26,7 @@ import numpy as np
 import nanoopt as no
 from nanoopt import data, io, models, nn, optim, prune, report
 from nanoopt.pipeline import storage
+from nanoopt.pipeline.analysis import layer_analysis
 from nanoopt.quant.packing import pack_int4
 from nanoopt.pipeline.recipe import Recipe
 from nanoopt.pipeline.steps import STEPS, Context
@@ -196,6 +197,7 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
     if run.reference and compression_epochs > 0:
         result["reference"] = _reference(recipe, baseline_model, train_set, test_set, teacher_epochs,
                                          compression_epochs, show)
+    result["analysis"] = layer_analysis(baseline_model, context.model, test_set, result["recipe"]["steps"])
     result["attribution"] = _attribution(float_bytes, log, compressed.stored_bytes, files.get("model", ""))
     if files.get("model", "").endswith(".nnz"):
         with open(files["model"], "rb") as handle:
