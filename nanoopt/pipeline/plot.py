@@ -70,7 +70,8 @@ def _size_accuracy(labels: list[str], sizes: list[float], accuracies: list[float
 
 
 def _report_points(report: dict[str, Any]) -> tuple[list[str], list[float], list[float]]:
-    labels, sizes, accuracies = ["float32 (.npz)"], [report["baseline"]["stored_bytes"]], [report["baseline"]["accuracy"]]
+    labels = ["float32 (.npz)"]
+    sizes, accuracies = [report["baseline"]["stored_bytes"]], [report["baseline"]["accuracy"]]
     for step in report["steps"]:
         if "compact_bytes_raw" in step and "accuracy" in step and step["kind"] != "train":
             labels.append(f"after {step['kind']} (no entropy coding)")

@@ -27,9 +27,9 @@ import nanoopt as no
 from nanoopt import data, io, models, nn, optim, prune, report
 from nanoopt.pipeline import storage
 from nanoopt.pipeline.analysis import layer_analysis
-from nanoopt.quant.packing import pack_int4
 from nanoopt.pipeline.recipe import Recipe
 from nanoopt.pipeline.steps import STEPS, Context
+from nanoopt.quant.packing import pack_int4
 
 __all__ = ["load_data", "load_model", "run_recipe"]
 
@@ -284,9 +284,11 @@ def markdown(result: dict[str, Any]) -> str:
         total *= row["factor"]
         lines.append(f"| {row['step']} | {row['bytes']:,} | {row['factor']:.2f}x |")
     lines += [f"| **total** | {compressed.stored_bytes or 0:,} | **{total:.2f}x** |", "",
-              "## Layers", "", "| layer | kind | shape | bits | sparsity | non-zero MACs |", "|---|---|---|---:|---:|---:|"]
+              "## Layers", "", "| layer | kind | shape | bits | sparsity | non-zero MACs |",
+              "|---|---|---|---:|---:|---:|"]
     for layer in compressed.layers:
-        lines.append(f"| {layer['name']} | {layer['kind']} | {'x'.join(map(str, layer['shape']))} | {layer['bits']} | "
+        shape = "x".join(map(str, layer["shape"]))
+        lines.append(f"| {layer['name']} | {layer['kind']} | {shape} | {layer['bits']} | "
                      f"{100 * layer['sparsity']:.1f}% | {layer['nonzero_macs']:,} |")
     if "streams" in result:
         lines += ["", "## Stored streams", "", "| array | layout | bytes |", "|---|---|---:|"]
