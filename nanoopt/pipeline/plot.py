@@ -55,8 +55,9 @@ def _size_accuracy(labels: list[str], sizes: list[float], accuracies: list[float
     front = pareto_front(list(zip(sizes, accuracies, strict=True)))
     axis.plot([sizes[i] for i in front], [100 * accuracies[i] for i in front], color="tab:red", marker="o",
               markerfacecolor="none", markersize=12, linewidth=1.5, zorder=2, label="Pareto front")
-    for label, size, accuracy in zip(labels, sizes, accuracies, strict=True):
-        axis.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for index, (label, size, accuracy) in enumerate(zip(labels, sizes, accuracies, strict=True)):
+        offset = (6, 6) if index % 2 == 0 else (6, -14)     # alternate above/below: close points stay readable
+        axis.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=offset, fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("stored bytes (log scale)")
     axis.set_ylabel("test accuracy (%)")
@@ -96,7 +97,7 @@ def _sensitivity(report: dict[str, Any], path: Path) -> Path:
     left.set_title(f"accuracy, only this layer pruned to {100 * analysis['sparsity']:.0f}%")
     left.set_xlabel("layer")
     left.set_ylabel("test accuracy (%)")
-    left.legend(loc="lower right")
+    left.legend(loc="upper right", fontsize=8)
     right.bar(names, [layer["sqnr_db"] for layer in layers], color="tab:green")
     right.set_title(f"weight SQNR at {analysis['bits']} bits (per channel)")
     right.set_xlabel("layer")

@@ -94,3 +94,18 @@ def test_compress_command_refuses_a_bad_recipe_before_work(tmp_path):
     assert done.returncode == 2
     assert "steps[1] (prune): cannot run on an integer model" in done.stderr
     assert not (tmp_path / "compressed").exists()
+
+
+@pytest.mark.slow
+def test_python_m_nanoopt_compress_writes_the_files_and_keeps_progress_bars_off_a_pipe(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('name = "cli"\n[model]\narchitecture = "tiny_mlp"\n[data]\ndataset = "digits"\ntrain_limit = 128\n'
+                    '[run]\noutput = "out"\nreference = false\nlatency_repeats = 1\nprogress = true\n'
+                    '[[steps]]\nkind = "prune"\nsparsity = 0.5\nepochs = 1\n[[steps]]\nkind = "save"\n')
+    done = subprocess.run([sys.executable, "-m", "nanoopt", "compress", "--recipe", str(path), "--progress"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr
+    assert "# Compression report: cli" in done.stdout
+    assert "epoch 1/1" not in done.stderr and "it/s" not in done.stderr      # stderr is a pipe: no bars
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["compressed"]["stored_bytes"] == os.path.getsize(tmp_path / "out" / "model.nnz")
