@@ -5,6 +5,12 @@
 * sparsity: the fraction of exactly-zero weights over the weight tensors of Linear/Conv2d-like layers;
 * latency: the best wall-clock time of a forward pass over a batch out of 10, after a warm-up run.
 
+The full report of a compression recipe (:func:`measure_model`, :func:`comparison_table`) measures each model
+against the float baseline: accuracy, the bytes of the file really written (:func:`file_bytes`), sparsity and
+weight bit-width per layer (:func:`layer_infos`, any layer kind), multiply-accumulates per example (dense, and
+skipping zero weights), and the *median* latency on one thread at batch 1 and a larger batch
+(:func:`median_latency_ms`).
+
 >>> import numpy as np, nanoopt as no
 >>> model = no.models.tiny_mlp()
 >>> stored_bytes(model)   # (64*32 + 32 + 32*10 + 10) float32 values
