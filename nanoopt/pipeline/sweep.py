@@ -18,10 +18,13 @@ import concurrent.futures
 import itertools
 import multiprocessing
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from nanoopt.pipeline.recipe import Recipe
 
@@ -93,17 +96,25 @@ def sweep(points: Sequence[SweepPoint], model: dict[str, Any], data: dict[str, A
     for table in tables:                      # every recipe is checked before any work starts
         Recipe.from_dict(table, base=base)
     base = os.fspath(base)
+    bar = {"desc": "sweep", "total": len(tables), "disable": not sys.stderr.isatty(), "leave": False}
     if executor == "serial":
-        rows = [run_point(table, base) for table in tables]
+        rows = [run_point(table, base) for table in tqdm(tables, **bar)]
     elif executor is None:
         with process_pool() as pool:
-            rows = [future.result() for future in [pool.submit(run_point, table, base) for table in tables]]
+            rows = _collect([pool.submit(run_point, table, base) for table in tables], bar)
     elif isinstance(executor, concurrent.futures.Executor):
-        rows = [future.result() for future in [executor.submit(run_point, table, base) for table in tables]]
+        rows = _collect([executor.submit(run_point, table, base) for table in tables], bar)
     else:
         raise TypeError(f"sweep: executor must be None, 'serial' or a concurrent.futures.Executor, got "
                         f"{type(executor).__name__}")
     return [{**asdict(point), **row} for point, row in zip(points, rows, strict=True)]
+
+
+def _collect(futures: list[concurrent.futures.Future], bar: dict[str, Any]) -> list[dict[str, Any]]:
+    """The futures' results in submission order, with a progress bar as they complete (quiet off a terminal)."""
+    for _ in tqdm(concurrent.futures.as_completed(futures), **bar):
+        pass
+    return [future.result() for future in futures]
 
 
 def format_sweep(rows: Sequence[dict[str, Any]]) -> str:
