@@ -146,8 +146,8 @@ def _sparsity(report: dict[str, Any], path: Path) -> Path:
     values = [100 * layer["sparsity"] for layer in layers]
     bars = axis.bar(names, values, color="tab:purple")
     for bar, value, layer in zip(bars, values, layers, strict=True):
-        axis.annotate(f"{value:.1f}%\n{layer['nonzero']:,} of {layer['size']:,}", (bar.get_x() + bar.get_width() / 2,
-                      value), ha="center", va="bottom", fontsize=8)
+        text = f"{value:.1f}%\n{layer['nonzero']:,} of {layer['size']:,} kept"
+        axis.annotate(text, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
     axis.set_ylim(0, 115)
     axis.set_ylabel("zero weights (%)")
     axis.set_xlabel("layer")
