@@ -32,6 +32,11 @@ def plot_command(args: argparse.Namespace) -> int:
     except ImportError as error:  # matplotlib missing
         print(f"nanoopt plot: {error}", file=sys.stderr)
         return 2
-    for path in plot_report(args.report, args.output):
+    try:
+        paths = plot_report(args.report, args.output)
+    except (FileNotFoundError, ValueError) as error:   # no such file, not JSON, not a report
+        print(f"nanoopt plot: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
     return 0

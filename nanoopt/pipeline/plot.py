@@ -163,7 +163,10 @@ def plot_report(report_path: str | os.PathLike, output: str | os.PathLike | None
     """Draw every plot the file supports into ``output`` (default: the report's folder); return the paths."""
     report_path = Path(report_path)
     with open(report_path) as handle:
-        report = json.load(handle)
+        try:
+            report = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{report_path}: not a JSON report ({error})") from None
     folder = Path(output) if output is not None else report_path.parent
     folder.mkdir(parents=True, exist_ok=True)
     rows = report if isinstance(report, list) else report.get("rows") if isinstance(report, dict) else None

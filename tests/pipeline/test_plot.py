@@ -43,3 +43,13 @@ def test_not_a_report_is_refused(tmp_path):
     path.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not a nanoopt report"):
         plot_report(path)
+
+
+def test_plot_command_names_a_missing_or_bad_file(tmp_path, capsys):
+    from nanoopt.cli import main
+
+    assert main(["plot", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["plot", str(tmp_path / "bad.json")]) == 2
+    assert "not a JSON report" in capsys.readouterr().err
