@@ -345,8 +345,8 @@ def weight_only(context: Context, step: WeightOnlyStep) -> None:
 # ============================================================================ sparse execution
 @dataclass
 class SparseStep:
-    format: Literal["csr", "nm"] = "csr"   # compressed sparse rows, or N:M structured (2:4)
-    min_sparsity: float = 0.5              # Linear layers with at least this fraction of zeros become sparse
+    format: Literal["csr", "nm"] = "csr"   # compressed sparse rows, or 2:4 (every Linear is pruned to 2:4 first)
+    min_sparsity: float = 0.5              # csr: Linear layers with at least this fraction of zeros become sparse
 
     def check(self) -> None:
         if not 0.0 <= self.min_sparsity <= 1.0:
@@ -368,7 +368,12 @@ def sparse(context: Context, step: SparseStep) -> None:
     """Replace sufficiently sparse Linear layers by sparse ones (CSR or 2:4) that skip the zeros."""
     _keep_teacher(context)
     model = prune.remove_all(context.model)
-    layers = prune.to_sparse(model, min_sparsity=step.min_sparsity, format=step.format)
+    if step.format == "nm":   # 2:4 by magnitude in every Linear (zeros already there stay zero)
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.in_features % 4 == 0:
+                prune.remove(prune.nm_sparsity(module, "weight", n=2, m=4), "weight")
+    layers = prune.to_sparse(model, min_sparsity=0.5 if step.format == "nm" else step.min_sparsity,
+                             format=step.format)
     context.model = model
     context.records.append({"kind": "sparse", "layers": layers})
 

@@ -57,8 +57,9 @@ def test_deep_compression_recipe_report_sizes_are_file_sizes_and_it_loads_bit_id
     [{"kind": "prune", "sparsity": 0.8, "schedule": "one_shot"}, {"kind": "ptq", "bits": 8, "calibration": 64},
      {"kind": "save"}],
     [{"kind": "prune", "sparsity": 0.8, "schedule": "one_shot"}, {"kind": "sparse"}, {"kind": "save"}],
+    [{"kind": "sparse", "format": "nm"}, {"kind": "save"}],
     [{"kind": "qat", "bits": 8, "epochs": 1, "weight_quantizer": "lsq"}, {"kind": "convert"}, {"kind": "save"}],
-], ids=["pruned-float", "weight-only-3", "ptq-int8", "sparse-csr", "qat-lsq-int8"])
+], ids=["pruned-float", "weight-only-3", "ptq-int8", "sparse-csr", "sparse-nm", "qat-lsq-int8"])
 def test_every_saved_kind_loads_back_bit_identically(tmp_path, steps):
     result = run(tmp_path, steps)
     assert result["compressed"]["stored_bytes"] == os.path.getsize(result["files"]["model"])
