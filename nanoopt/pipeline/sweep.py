@@ -78,7 +78,8 @@ def run_point(table: dict[str, Any], base: str = ".") -> dict[str, Any]:
 def process_pool(workers: int = 2) -> concurrent.futures.ProcessPoolExecutor:
     """A process pool whose workers are *spawned* (fresh interpreters): forking a process whose Numba kernels
     already started OpenMP threads is unsafe (GNU OpenMP aborts the child), so pass this, not a default
-    ``ProcessPoolExecutor()``, where nanoopt has already run."""
+    ``ProcessPoolExecutor()``, where nanoopt has already run. Spawned workers import the calling script: a script
+    that sweeps on a pool needs the ``if __name__ == "__main__":`` guard."""
     return concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
