@@ -246,7 +246,7 @@ def _attribution(float_bytes: int, log: list[dict[str, Any]], final_bytes: int |
     rows, previous = [], float_bytes
     for entry in log:
         size = entry.get("compact_bytes_raw")
-        if size is None or entry["kind"] == "save":
+        if size is None or entry["kind"] in ("save", "train"):   # training does not change the size
             continue
         rows.append({"step": f"{entry['index']}: {entry['kind']}", "bytes": size, "factor": previous / size})
         previous = size
