@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +171,7 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
         kind.run(context, step.params)
         seconds = time.perf_counter() - began
         record = context.records[-1] if len(context.records) > records_before else {}
-        structure.append({"kind": step.kind, "params": step.as_dict() | {}, "record": record})
-        structure[-1]["params"].pop("kind")
+        structure.append({"kind": step.kind, "params": asdict(step.params), "record": record})
         context.state = kind.produces or context.state
         entry: dict[str, Any] = {"index": index, "kind": step.kind, "seconds": round(seconds, 2)}
         if context.state in ("float", "integer"):
