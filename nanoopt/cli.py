@@ -4,6 +4,9 @@
 prints one table: accuracy, parameters, stored size, sparsity and latency of each model. Each technique of the
 library adds its rows to the demo as it lands; every number is measured in the run that prints it.
 
+``nanoopt compress --recipe FILE`` runs a compression recipe (:mod:`nanoopt.pipeline`) and ``nanoopt plot REPORT``
+draws its plots.
+
 ``nanoopt info`` prints the versions, the CPU features that nanoopt sees, and the kernel backend chosen for each
 integer operation here (:func:`nanoopt.kernels.choices.kernel_choices`). ``nanoopt --version`` prints the version.
 
@@ -208,6 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     precompile_parser.add_argument("plan", help="a plan file written by nanoopt.runtime.save")
     precompile_parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256],
                                    help="batch sizes to run (default: 1 256)")
+    compress_parser = commands.add_parser("compress", help="run a compression recipe (TOML or JSON)")
+    compress_parser.add_argument("--recipe", required=True, help="the recipe file (.toml or .json)")
+    compress_parser.add_argument("--output", default=None, help="output folder (default: the recipe's run.output)")
+    compress_parser.add_argument("--progress", action="store_true", help="show progress bars (on a terminal)")
+    plot_parser = commands.add_parser("plot", help="PNG plots from a report.json (needs the extra 'plot')")
+    plot_parser.add_argument("report", help="a report.json written by compress, or a sweep's JSON table")
+    plot_parser.add_argument("--output", default=None, help="folder for the PNGs (default: beside the report)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(_info())
@@ -221,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "precompile":
         return _precompile(args.plan, args.batch_sizes, parser)
+    if args.command in ("compress", "plot"):
+        from nanoopt.pipeline.cli import compress_command, plot_command
+
+        return compress_command(args) if args.command == "compress" else plot_command(args)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
     start = time.perf_counter()
