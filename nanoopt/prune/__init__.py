@@ -10,7 +10,7 @@ registers the buffer ``weight_mask`` and recomputes ``weight = weight_orig * wei
 90
 """
 
-from nanoopt.prune import analysis, criteria, masks, methods, schedules, sparse, surgery
+from nanoopt.prune import analysis, criteria, gpt, heads, masks, methods, schedules, sparse, surgery
 from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
 from nanoopt.prune.criteria import (
     MovementScores,
@@ -22,6 +22,8 @@ from nanoopt.prune.criteria import (
     snip,
     taylor,
 )
+from nanoopt.prune.gpt import remove_gpt_blocks, shrink_gpt
+from nanoopt.prune.heads import dead_heads, head_importance, mask_heads, prune_heads, select_heads
 from nanoopt.prune.masks import (
     apply_mask,
     get_mask,
@@ -71,4 +73,6 @@ __all__ = [
     "criteria", "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip",
     "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
     "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
+    "gpt", "heads", "dead_heads", "head_importance", "mask_heads", "prune_heads", "select_heads",
+    "remove_gpt_blocks", "shrink_gpt",
 ]
