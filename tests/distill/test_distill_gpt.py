@@ -64,6 +64,7 @@ def test_minilm_loss_bad_shapes():
         minilm_loss(no.Tensor(np.zeros((1, 3, 12))), np.zeros((1, 4, 12)), 2)
 
 
+@pytest.mark.slow
 def test_distill_gpt_trains_student_only_and_checks_its_input():
     no.manual_seed(0)
     teacher = models.gpt(9, 8, 2, 2, 16)
