@@ -16,7 +16,7 @@ Starting from a trained 4-layer, 128-wide GPT checkpoint (``examples/chargpt.py`
 
 Every figure is validation loss on fixed windows of the last 10% of the text.
 
-    python -m benchmarks.gpt_structure --checkpoint chargpt.npz [--heal-iters 200] [--distill-iters 600]
+    python -m benchmarks.gpt_structure --checkpoint chargpt.npz [--heal-iters 200] [--distill-iters 600] [--ablation]
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--distill-iters", type=int, default=600)
     parser.add_argument("--head-amount", type=float, default=0.25)
     parser.add_argument("--val-windows", type=int, default=1200)
+    parser.add_argument("--ablation", action="store_true", help="also distil with each loss term left out")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: heads,blocks,distill")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -146,13 +147,19 @@ def main() -> None:
         scratch_loss = evaluate_lm(scratch, *validation)
         print(f"distill: 2-block student from scratch, {args.distill_iters} steps: {scratch_loss:.4f} "
               f"({time.perf_counter() - start:.0f} s)")
-        start = time.perf_counter()
-        distilled = student()
-        distill_gpt(distilled, teacher, train_ids, config, GPTDistillConfig(), progress=False)
-        distilled_loss = evaluate_lm(distilled, *validation)
-        print(f"distill: 2-block student distilled (KD + hidden + MiniLM), {args.distill_iters} steps: "
-              f"{distilled_loss:.4f} ({distilled_loss - scratch_loss:+.4f} vs scratch; teacher {base:.4f}; "
-              f"{time.perf_counter() - start:.0f} s)")
+        variants = [("KD + hidden + MiniLM", GPTDistillConfig())]
+        if args.ablation:
+            variants += [("logit KD only", GPTDistillConfig(hidden_weight=0.0, attention_weight=0.0)),
+                         ("KD + MiniLM", GPTDistillConfig(hidden_weight=0.0)),
+                         ("KD + hidden", GPTDistillConfig(attention_weight=0.0))]
+        for label, distill_config in variants:
+            start = time.perf_counter()
+            distilled = student()
+            distill_gpt(distilled, teacher, train_ids, config, distill_config, progress=False)
+            distilled_loss = evaluate_lm(distilled, *validation)
+            print(f"distill: 2-block student distilled ({label}), {args.distill_iters} steps: "
+                  f"{distilled_loss:.4f} ({distilled_loss - scratch_loss:+.4f} vs scratch; teacher {base:.4f}; "
+                  f"{time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":
