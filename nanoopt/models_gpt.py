@@ -88,14 +88,25 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with nanoGPT's ``c_attn`` (C -> 3C) and ``c_proj`` (C -> C)."""
+    """Multi-head causal self-attention with nanoGPT's ``c_attn`` (C -> 3C) and ``c_proj`` (C -> C).
+
+    ``n_head`` heads of ``head_dim = n_embd // config.n_head`` each. Head pruning
+    (:func:`nanoopt.prune.prune_heads`) lowers ``n_head`` of one block: ``c_attn`` then maps C -> 3 n_head head_dim
+    and ``c_proj`` n_head head_dim -> C, while ``config.n_head`` keeps the unpruned count.
+    """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.head_dim = config.n_embd // config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the merged heads, n_head * head_dim (n_embd unless heads were pruned)."""
+        return self.n_head * self.head_dim
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         b, t, c = x.shape
@@ -107,14 +118,14 @@ class CausalSelfAttention(nn.Module):
                 keep = (get_rng().random((b, self.n_head, t, t)) >= p).astype(x.dtype) / np.asarray(1 - p, x.dtype)
             y = SelfAttentionQKV.apply(qkv, num_heads=self.n_head, bias=causal_bias(t, t, str(x.dtype)), keep=keep)
         else:  # inference with a KV cache: queries at positions start..start+T-1 see keys 0..their own position
-            d = c // self.n_head
+            d = self.head_dim
             heads = qkv.data.reshape(b, t, 3, self.n_head, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D)
             start = cache.length
             keys, values = cache.append(heads[1], heads[2])
             bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
             out = ScaledDotProductAttention.apply(Tensor(np.ascontiguousarray(heads[0])), Tensor(keys),
                                                   Tensor(values), bias=bias)  # (B, H, T, D)
-            y = Tensor(np.ascontiguousarray(out.data.transpose(0, 2, 1, 3)).reshape(b, t, c))
+            y = Tensor(np.ascontiguousarray(out.data.transpose(0, 2, 1, 3)).reshape(b, t, self.inner_dim))
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -239,8 +250,6 @@ class GPT(nn.Module):
             return call(ops.Linear, x, module.weight.data[rows], bias)
 
         b, t = ids.shape
-        c, h = self.config.n_embd, self.config.n_head
-        d, scale = c // h, 1.0 / math.sqrt(c // self.config.n_head)
         start = caches[0].length if caches is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
@@ -248,6 +257,8 @@ class GPT(nn.Module):
         x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[start:start + t]
         blocks = list(self.transformer["h"])
         for i, block in enumerate(blocks):
+            h, d = block.attn.n_head, block.attn.head_dim  # per block: heads may have been pruned
+            c, scale = h * d, 1.0 / math.sqrt(d)
             hidden = layer_norm(block.ln_1, x)  # (B, T, C)
             if i == len(blocks) - 1:  # keys and values of every position, everything else for the last one only
                 kv = linear(block.attn.c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
@@ -276,9 +287,9 @@ class GPT(nn.Module):
         return call(ops.Linear, x, self.lm_head.weight.data)  # (B, V)
 
     def _new_caches(self, batch: int) -> list[KVCache]:
-        c = self.config
         dtype = self.lm_head.weight.dtype
-        return [KVCache(batch, c.n_head, c.block_size, c.n_embd // c.n_head, dtype) for _ in range(c.n_layer)]
+        return [KVCache(batch, block.attn.n_head, self.config.block_size, block.attn.head_dim, dtype)
+                for block in self.transformer["h"]]
 
     def generate(self, idx: Any, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -335,6 +346,12 @@ class GPT(nn.Module):
         state["_gpt.config"] = np.array([c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd, int(c.bias)],
                                         dtype=np.int64)
         state["_gpt.dropout"] = np.array(c.dropout, dtype=np.float64)
+        blocks = list(self.transformer["h"])
+        heads = [block.attn.n_head for block in blocks]
+        hidden = [block.mlp.c_fc.out_features for block in blocks]
+        if heads != [c.n_head] * c.n_layer or hidden != [4 * c.n_embd] * c.n_layer:  # pruned heads or neurons
+            state["_gpt.heads"] = np.array(heads, dtype=np.int64)
+            state["_gpt.mlp_hidden"] = np.array(hidden, dtype=np.int64)
         if tokenizer is not None:
             state["_gpt.vocab"] = tokenizer.to_array()
         return state
@@ -350,12 +367,41 @@ class GPT(nn.Module):
         v, b, n_layer, n_head, n_embd, bias = (int(x) for x in state.pop("_gpt.config"))
         config = GPTConfig(v, b, n_layer, n_head, n_embd, float(state.pop("_gpt.dropout", 0.0)), bool(bias))
         vocab = state.pop("_gpt.vocab", None)
+        heads, hidden = state.pop("_gpt.heads", None), state.pop("_gpt.mlp_hidden", None)
         model = cls(config)
+        if heads is not None and hidden is not None:
+            if len(heads) != n_layer or len(hidden) != n_layer:
+                raise ValueError(f"GPT.from_checkpoint_state: '_gpt.heads' and '_gpt.mlp_hidden' need {n_layer} "
+                                 f"entries (one per block), got {len(heads)} and {len(hidden)}")
+            for block, h, w in zip(model.transformer["h"], heads, hidden, strict=True):
+                resize_block(block, int(h), int(w))
         model.load_state_dict(state)
         return model, None if vocab is None else CharTokenizer.from_array(vocab)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
+    """Give ``block`` fresh attention and MLP layers for ``n_head`` heads and ``mlp_hidden`` MLP neurons, in place.
+
+    The shapes of a block whose heads or neurons were pruned (for loading its checkpoint); the new layers are
+    freshly initialised, to be overwritten by ``load_state_dict``.
+
+    >>> b = resize_block(Block(GPTConfig(n_embd=8, n_head=2)), 1, 5)
+    >>> b.attn.c_attn.weight.shape, b.attn.c_proj.weight.shape, b.mlp.c_fc.weight.shape
+    ((12, 8), (8, 4), (5, 8))
+    """
+    attn, c = block.attn, block.attn.n_embd
+    if not 1 <= n_head or not 1 <= mlp_hidden:
+        raise ValueError(f"resize_block: need n_head >= 1 and mlp_hidden >= 1, got {n_head} and {mlp_hidden}")
+    bias = attn.c_attn.bias is not None
+    attn.n_head = n_head
+    attn.c_attn = nn.Linear(c, 3 * attn.inner_dim, bias=bias)
+    attn.c_proj = nn.Linear(attn.inner_dim, c, bias=bias)
+    block.mlp.c_fc = nn.Linear(c, mlp_hidden, bias=bias)
+    block.mlp.c_proj = nn.Linear(mlp_hidden, c, bias=bias)
+    return block
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:

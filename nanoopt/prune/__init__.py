@@ -12,7 +12,7 @@ One-shot pruning of the Linear layers of any model from calibration data, unstru
 90
 """
 
-from nanoopt.prune import analysis, calibrated, criteria, masks, methods, schedules, sparse, surgery
+from nanoopt.prune import analysis, calibrated, criteria, gpt, heads, masks, methods, schedules, sparse, surgery
 from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
 from nanoopt.prune.criteria import (
     MovementScores,
@@ -24,6 +24,8 @@ from nanoopt.prune.criteria import (
     snip,
     taylor,
 )
+from nanoopt.prune.gpt import remove_gpt_blocks, shrink_gpt
+from nanoopt.prune.heads import dead_heads, head_importance, mask_heads, prune_heads, select_heads
 from nanoopt.prune.masks import (
     apply_mask,
     get_mask,
@@ -76,4 +78,6 @@ __all__ = [
     "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
     "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
     "calibrated", "sparsegpt", "wanda",  # one-shot pruning from calibration data (SparseGPT, Wanda)
+    "gpt", "heads", "dead_heads", "head_importance", "mask_heads", "prune_heads", "select_heads",
+    "remove_gpt_blocks", "shrink_gpt",
 ]

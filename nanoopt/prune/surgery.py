@@ -546,6 +546,9 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     4
     """
     require_float_model(model, "prune.shrink")
+    if _is_gpt(model):   # channels last and a pinned residual stream: shrink inside the blocks
+        from nanoopt.prune.gpt import shrink_gpt
+        return shrink_gpt(model, example_input)
     before = model.num_parameters()
     found = trace(model, example_input)
     groups = dependency_groups(model, example_input, found)
@@ -722,12 +725,24 @@ def _mask_rows(module: Module, drop: np.ndarray) -> None:
 
 
 # ===================================================================== layer pruning
+def _is_gpt(model: Module) -> bool:
+    from nanoopt.models_gpt import GPT
+    return isinstance(model, GPT)
+
+
+def _default_blocks(model: Module) -> list[str]:
+    from nanoopt.models_gpt import Block
+    return [name for name, module in model.named_modules() if isinstance(module, (L.BasicBlock, Block))]
+
+
 def block_angular_distances(model: Module, example_input: Any, candidates: Sequence[str] | None = None
                             ) -> dict[str, float]:
     """Mean angular distance arccos(cos(x_in, x_out)) / pi between each candidate block's input and output.
 
     Candidates default to every :class:`~nanoopt.nn.BasicBlock` whose output has its input's shape (so the
-    identity can replace it). Small distances mark blocks that change their input least.
+    identity can replace it) and every block of a GPT (``"transformer.h.0"``, ...). Small distances mark blocks
+    that change their input least. For sequence activations (B, T, C) the distance is taken per token and
+    averaged over tokens (ShortGPT's "Block Influence", Men et al. 2024); otherwise per sample.
 
     >>> import numpy as np
     >>> from nanoopt import models
@@ -735,8 +750,7 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
     >>> sorted(block_angular_distances(model, np.ones((2, 1, 8, 8), np.float32)))   # stages.1.0 has stride 2
     ['stages.0.0', 'stages.0.1', 'stages.1.1']
     """
-    names = list(candidates) if candidates is not None else \
-        [name for name, module in model.named_modules() if isinstance(module, L.BasicBlock)]
+    names = list(candidates) if candidates is not None else _default_blocks(model)
     modules = dict(model.named_modules())
     check_layer_names(names, list(modules), "block_angular_distances: candidates", "modules")
     distances: dict[str, float] = {}
@@ -746,8 +760,9 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
             x_in, x_out = inputs[0].data, output.data
             if x_in.shape != x_out.shape:
                 return
-            a = x_in.reshape(len(x_in), -1).astype(np.float64)
-            b = x_out.reshape(len(x_out), -1).astype(np.float64)
+            rows = x_in.shape[0] * x_in.shape[1] if x_in.ndim == 3 else x_in.shape[0]  # tokens or samples
+            a = x_in.reshape(rows, -1).astype(np.float64)
+            b = x_out.reshape(rows, -1).astype(np.float64)
             cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
             distances[_name] = float(np.mean(np.arccos(np.clip(cosine, -1.0, 1.0)) / np.pi))
         handles.append(modules[name].register_forward_hook(hook))
@@ -765,7 +780,9 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
 
 def remove_blocks(model: Module, names: Sequence[str], example_input: Any) -> Module:
     """Replace each named block by :class:`~nanoopt.nn.Identity`, after checking on ``example_input`` that its
-    output has its input's shape (``ValueError`` naming the block otherwise).
+    output has its input's shape (``ValueError`` naming the block otherwise). On a GPT the blocks are deleted
+    from ``transformer.h`` instead (:func:`nanoopt.prune.gpt.remove_gpt_blocks`: later blocks move up one index
+    and ``config.n_layer`` drops, so the KV cache and checkpoints follow).
 
     >>> import numpy as np
     >>> from nanoopt import models
@@ -778,6 +795,10 @@ def remove_blocks(model: Module, names: Sequence[str], example_input: Any) -> Mo
         if name not in distances:
             raise ValueError(f"remove_blocks: block {name!r} changes the shape of its input, so the identity "
                              "cannot replace it")
+    if _is_gpt(model):
+        from nanoopt.prune.gpt import remove_gpt_blocks
+        return remove_gpt_blocks(model, names)
+    for name in names:
         model.set_submodule(name, L.Identity())
     return model
 
