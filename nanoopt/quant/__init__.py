@@ -69,6 +69,7 @@ _LAZY = {
     "cross_layer_equalization": "nanoopt.quant.algorithms",
     "bias_correction": "nanoopt.quant.algorithms",
     "adaround": "nanoopt.quant.algorithms",
+    "smooth_quant": "nanoopt.quant.algorithms",
     "sqnr_per_layer": "nanoopt.quant.analysis",
     "layer_sensitivity": "nanoopt.quant.analysis",
     "saturation_counts": "nanoopt.quant.analysis",

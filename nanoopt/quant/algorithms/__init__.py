@@ -3,7 +3,8 @@
 * :mod:`~nanoopt.quant.algorithms.bn_fold` -- BatchNorm folding (Jacob et al. 2018, section 3.2);
 * :mod:`~nanoopt.quant.algorithms.cross_layer_equalization` -- CLE (Nagel et al. 2019, section 4.1);
 * :mod:`~nanoopt.quant.algorithms.bias_correction` -- empirical bias correction (Nagel et al. 2019, 4.2);
-* :mod:`~nanoopt.quant.algorithms.adaround` -- AdaRound (Nagel et al. 2020).
+* :mod:`~nanoopt.quant.algorithms.adaround` -- AdaRound (Nagel et al. 2020);
+* :mod:`~nanoopt.quant.algorithms.smoothquant` -- SmoothQuant (Xiao et al. 2022).
 
 The names are loaded on first use (PEP 562): the prepared-model algorithms import :mod:`nanoopt.quant.ptq`,
 which itself imports :mod:`~nanoopt.quant.algorithms.bn_fold`.
@@ -18,6 +19,7 @@ _LAZY = {
     "cross_layer_equalization": "nanoopt.quant.algorithms.cross_layer_equalization",
     "bias_correction": "nanoopt.quant.algorithms.bias_correction",
     "adaround": "nanoopt.quant.algorithms.adaround",
+    "smooth_quant": "nanoopt.quant.algorithms.smoothquant",
 }
 
 __all__ = list(_LAZY)
