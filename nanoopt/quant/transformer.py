@@ -59,9 +59,11 @@ from nanoopt.ops import Context
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
 from nanoopt.quant.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
+from nanoopt.runtime import boundary
 from nanoopt.tensor import Tensor, no_grad
 
-__all__ = ["W8A8Config", "W8A8GPT", "calibrate_w8a8", "convert_w8a8", "exact_integer_matmul", "integer_attention",
+__all__ = ["W8A8Config", "W8A8GPT", "attention_multiplier", "calibrate_w8a8", "convert_w8a8", "exact_integer_matmul",
+           "integer_attention",
            "prepare_w8a8", "quantize_w8a8"]
 
 ACTIVATION = QuantSpec(bits=8)  # asymmetric int8 per tensor
@@ -106,12 +108,13 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple[float, float, float],
-                      output: QParams, start: int = 0) -> np.ndarray:
+                      output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None) -> np.ndarray:
     """Causal attention on int8 codes: q (B, H, T, D), k and v (B, H, S, D) with S = start + T -> int8 (B, H, T, D).
 
     ``acc = q k^T`` (int32), ``P = softmax(s_q s_k / sqrt(D) acc + causal mask)`` (float32),
     ``p_q = quantize(P, 1/255, -128)``, ``acc' = (p_q + 128) v`` (int32),
-    ``out = requantize(acc', M0, shift, z_o)`` with ``M0 2^-shift ~= s_p s_v / s_o`` (fixed point).
+    ``out = requantize(acc', M0, shift, z_o)`` with ``M0 2^-shift ~= s_p s_v / s_o`` (fixed point;
+    ``multiplier`` passes ``(M0, shift)`` computed once by :func:`attention_multiplier`).
 
     >>> q = np.full((1, 1, 2, 4), 10, np.int8)
     >>> out = integer_attention(q, q, q, (0.1, 0.1, 0.1), QParams(np.float32(0.1), np.int32(0), QuantSpec()))
@@ -127,8 +130,17 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     probs = quantize(_softmax(scores), PROB_SCALE, PROB_ZERO, ACTIVATION)
     centred = probs.astype(np.int16) - np.int16(PROB_ZERO)  # 0..255
     acc = exact_integer_matmul(centred, v, 255, 127)  # (B, H, T, D)
-    m0, shift = requantization_multipliers(PROB_SCALE, np.float32(s_v), output.scale)
+    m0, shift = attention_multiplier(s_v, output) if multiplier is None else multiplier
     return requantize(acc, m0, shift, output.zero, output.spec)
+
+
+def attention_multiplier(value_scale: float, output: QParams) -> tuple[int, int]:
+    """``(M0, shift)`` of the P V requantization: ``s_p s_v / s_o`` with ``s_p = 1/255``.
+
+    >>> attention_multiplier(0.1, QParams(np.float32(0.1), np.int32(0), QuantSpec()))
+    (1082163328, 7)
+    """
+    return requantization_multipliers(PROB_SCALE, np.float32(value_scale), output.scale)
 
 
 def _per_token_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +289,20 @@ class QuantizedW8A8Linear(_W8A8Linear):
     def input_qparams(self) -> QParams:
         return QParams(self.input_scale, self.input_zero_point, ACTIVATION)
 
+    def input_codes(self, x: np.ndarray) -> tuple[np.ndarray, Any, int]:
+        """As the simulation's, through the compiled boundary kernel for a static grid (bit-identical to
+        ``spec.quantize``; tested in :mod:`nanoopt.runtime.boundary`)."""
+        if self.per_token or not self.static_input:
+            return super().input_codes(x)
+        rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        zero = int(self.input_zero_point)
+        out = np.empty(rows.shape, np.int8)
+        low, high = np.float32(ACTIVATION.qmin - zero), np.float32(ACTIVATION.qmax - zero)
+        if not boundary.quantize_into(rows.reshape(-1), np.float32(self.input_scale), np.int64(zero), low, high,
+                                      out.reshape(-1)):
+            return super().input_codes(x)  # spec.quantize: saturates +-inf, refuses NaN by name
+        return out, self.input_scale, zero
+
     def qkv_qparams(self) -> QParams:
         return QParams(self.qkv_scale, np.int32(0), QKV)
 
@@ -313,6 +339,7 @@ class W8A8Block(nn.Module):
         for name in _LINEARS:
             setattr(self, name, linears[name])
         self.approximate = approximate
+        self.multiplier: tuple[int, int] | None = None  # the integer attention's (M0, shift), once known
 
 
 class W8A8GPT(nn.Module):
@@ -352,8 +379,13 @@ class W8A8GPT(nn.Module):
         grid = block.c_attn.qkv_qparams()
         scales = (float(grid.scale[0]), float(grid.scale[c]), float(grid.scale[2 * c]))
         out_grid = block.c_proj.input_qparams()
+        multiplier = None
+        if not self.simulated:  # the integer model's grids are fixed: its multiplier too
+            if block.multiplier is None:
+                block.multiplier = attention_multiplier(scales[2], out_grid)
+            multiplier = block.multiplier
         codes = integer_attention(np.ascontiguousarray(qkv[0]), np.ascontiguousarray(keys),
-                                  np.ascontiguousarray(values), scales, out_grid, start)  # (B, H, T, D)
+                                  np.ascontiguousarray(values), scales, out_grid, start, multiplier)  # (B, H, T, D)
         merged = np.ascontiguousarray(codes.transpose(0, 2, 1, 3)).reshape(b * t, c)
         return block.c_proj.codes_to_float(merged, out_grid.scale, out_grid.zero).reshape(b, t, c)
 
