@@ -138,7 +138,7 @@ def attention_multiplier(value_scale: float, output: QParams) -> tuple[int, int]
     """``(M0, shift)`` of the P V requantization: ``s_p s_v / s_o`` with ``s_p = 1/255``.
 
     >>> attention_multiplier(0.1, QParams(np.float32(0.1), np.int32(0), QuantSpec()))
-    (1082163328, 7)
+    (1077952640, 7)
     """
     return requantization_multipliers(PROB_SCALE, np.float32(value_scale), output.scale)
 
