@@ -57,7 +57,7 @@ def main() -> None:
     calibration, _ = data.sample_windows(train_ids, block, args.calibration, np.random.default_rng(0))
 
     float_loss = evaluate_lm(model, x_val, y_val)
-    print(f"float                         val loss {float_loss:.4f}")
+    print(f"{'float':<42}val loss {float_loss:.4f}")
     variants = {
         f"W8A8 static, SmoothQuant a={args.alpha}": (args.alpha, W8A8Config()),
         f"W8A8 per-token, SmoothQuant a={args.alpha}": (args.alpha, W8A8Config(per_token=True)),
@@ -73,7 +73,7 @@ def main() -> None:
         loss = evaluate_lm(integer, x_val, y_val)
         exact = all(np.array_equal(prepared(x_val[i:i + 32]).data, integer(x_val[i:i + 32]).data)
                     for i in range(0, len(x_val), 32))
-        print(f"{name:<30}val loss {loss:.4f}  delta {loss - float_loss:+.4f}  simulated == integer: {exact}  "
+        print(f"{name:<42}val loss {loss:.4f}  delta {loss - float_loss:+.4f}  simulated == integer: {exact}  "
               f"(calibrate + convert {seconds:.1f} s)")
         integers[name] = integer
 

@@ -146,3 +146,15 @@ def test_bad_input_is_refused_with_the_layer_named():
         integer(np.zeros((1, 9), np.int64))
     with pytest.raises(TypeError, match="converted integer GPT"):
         integer.calibrate(windows(0))
+
+
+def test_quant_prepare_calibrate_convert_take_a_gpt():
+    from nanoopt import quant
+
+    model = trained_like_gpt(7)
+    ids = windows(7)
+    prepared = quant.prepare(model, W8A8Config(per_token=True))
+    assert isinstance(prepared, quant.W8A8GPT) and prepared.w8a8.per_token
+    integer = quant.convert(quant.calibrate(prepared, ids))
+    direct = convert_w8a8(prepare_w8a8(model, W8A8Config(per_token=True)).calibrate(ids))
+    np.testing.assert_array_equal(integer(ids).data, direct(ids).data)
