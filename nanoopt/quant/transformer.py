@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn, ops
+from nanoopt.kernels import requant
 from nanoopt.models_gpt import GPT, KVCache, _sample
 from nanoopt.nn.attention import check_indices
 from nanoopt.ops import Context
@@ -108,13 +109,16 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple[float, float, float],
-                      output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None) -> np.ndarray:
+                      output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None,
+                      compiled: bool = False) -> np.ndarray:
     """Causal attention on int8 codes: q (B, H, T, D), k and v (B, H, S, D) with S = start + T -> int8 (B, H, T, D).
 
     ``acc = q k^T`` (int32), ``P = softmax(s_q s_k / sqrt(D) acc + causal mask)`` (float32),
     ``p_q = quantize(P, 1/255, -128)``, ``acc' = (p_q + 128) v`` (int32),
     ``out = requantize(acc', M0, shift, z_o)`` with ``M0 2^-shift ~= s_p s_v / s_o`` (fixed point;
-    ``multiplier`` passes ``(M0, shift)`` computed once by :func:`attention_multiplier`).
+    ``multiplier`` passes ``(M0, shift)`` computed once by :func:`attention_multiplier`). ``compiled``: quantize
+    and requantize with the compiled kernels (:func:`nanoopt.runtime.boundary.quantize_into`,
+    :func:`nanoopt.kernels.requant.requantize_into`) instead of the spec's NumPy functions; the same integers.
 
     >>> q = np.full((1, 1, 2, 4), 10, np.int8)
     >>> out = integer_attention(q, q, q, (0.1, 0.1, 0.1), QParams(np.float32(0.1), np.int32(0), QuantSpec()))
@@ -127,11 +131,23 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     scores = acc.astype(np.float32) * np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(d)))
     if t > 1:
         scores += np.triu(np.full((t, s), -np.inf, np.float32), k=start + 1)
-    probs = quantize(_softmax(scores), PROB_SCALE, PROB_ZERO, ACTIVATION)
-    centred = probs.astype(np.int16) - np.int16(PROB_ZERO)  # 0..255
+    probs = _softmax(scores)
+    if compiled:
+        codes = np.empty(probs.shape, np.int8)
+        low, high = np.float32(ACTIVATION.qmin - PROB_ZERO), np.float32(ACTIVATION.qmax - PROB_ZERO)
+        if not boundary.quantize_into(probs.reshape(-1), PROB_SCALE, np.int64(PROB_ZERO), low, high, codes.reshape(-1)):
+            raise ValueError("integer_attention: the softmax gave values that are not finite")
+    else:
+        codes = quantize(probs, PROB_SCALE, PROB_ZERO, ACTIVATION)
+    centred = codes.astype(np.int16) - np.int16(PROB_ZERO)  # 0..255
     acc = exact_integer_matmul(centred, v, 255, 127)  # (B, H, T, D)
     m0, shift = attention_multiplier(s_v, output) if multiplier is None else multiplier
-    return requantize(acc, m0, shift, output.zero, output.spec)
+    if not compiled:
+        return requantize(acc, m0, shift, output.zero, output.spec)
+    out = np.empty(acc.shape, output.spec.dtype)
+    requant.requantize_into(acc.reshape(-1), int(m0), int(shift), output.zero, output.spec.qmin, output.spec.qmax,
+                            out.reshape(-1))
+    return out
 
 
 def attention_multiplier(value_scale: float, output: QParams) -> tuple[int, int]:
@@ -385,7 +401,8 @@ class W8A8GPT(nn.Module):
                 block.multiplier = attention_multiplier(scales[2], out_grid)
             multiplier = block.multiplier
         codes = integer_attention(np.ascontiguousarray(qkv[0]), np.ascontiguousarray(keys),
-                                  np.ascontiguousarray(values), scales, out_grid, start, multiplier)  # (B, H, T, D)
+                                  np.ascontiguousarray(values), scales, out_grid, start, multiplier,
+                                  compiled=not self.simulated)  # (B, H, T, D)
         merged = np.ascontiguousarray(codes.transpose(0, 2, 1, 3)).reshape(b * t, c)
         return block.c_proj.codes_to_float(merged, out_grid.scale, out_grid.zero).reshape(b, t, c)
 
