@@ -54,6 +54,7 @@ import numpy as np
 
 from nanoopt import kernels, nn, ops
 from nanoopt.kernels import requant
+from nanoopt.kernels.gemm_plan import GemmPlanS8
 from nanoopt.models_gpt import GPT, KVCache, _sample
 from nanoopt.nn.attention import check_indices
 from nanoopt.ops import Context
@@ -301,6 +302,7 @@ class QuantizedW8A8Linear(_W8A8Linear):
                 self.register_buffer("m0", layer.m0)
                 self.register_buffer("shift", layer.shift)
         self._weights = kernels.prepare_weights(self.weight)
+        self._gemms: dict[int, GemmPlanS8] = {}
 
     def input_qparams(self) -> QParams:
         return QParams(self.input_scale, self.input_zero_point, ACTIVATION)
@@ -329,7 +331,10 @@ class QuantizedW8A8Linear(_W8A8Linear):
         return self.bias
 
     def accumulate(self, codes: np.ndarray, zero: int) -> np.ndarray:
-        return kernels.gemm_s8s8s32(codes, self._weights, zero)
+        plan = self._gemms.get(zero)
+        if plan is None:  # one per input zero point (static: one; per token: zero point 0)
+            plan = self._gemms[zero] = GemmPlanS8(self._weights, zero)
+        return plan(codes)
 
     def requantized(self, codes: np.ndarray) -> np.ndarray:
         if self._requant is None:
