@@ -304,6 +304,11 @@ class QuantizedW8A8Linear(_W8A8Linear):
         self._weights = kernels.prepare_weights(self.weight)
         self._gemms: dict[int, GemmPlanS8] = {}
 
+    def after_load(self) -> None:
+        """New buffers were loaded: pack the weights again, forget the prepared GEMMs."""
+        self._weights = kernels.prepare_weights(self.weight)
+        self._gemms, self._requant = {}, None
+
     def input_qparams(self) -> QParams:
         return QParams(self.input_scale, self.input_zero_point, ACTIVATION)
 
@@ -360,7 +365,7 @@ class W8A8Block(nn.Module):
         for name in _LINEARS:
             setattr(self, name, linears[name])
         self.approximate = approximate
-        self.multiplier: tuple[int, int] | None = None  # the integer attention's (M0, shift), once known
+        self.multiplier: tuple[tuple, tuple[int, int]] | None = None  # (grids, the attention's (M0, shift))
 
 
 class W8A8GPT(nn.Module):
@@ -402,9 +407,10 @@ class W8A8GPT(nn.Module):
         out_grid = block.c_proj.input_qparams()
         multiplier = None
         if not self.simulated:  # the integer model's grids are fixed: its multiplier too
-            if block.multiplier is None:
-                block.multiplier = attention_multiplier(scales[2], out_grid)
-            multiplier = block.multiplier
+            key = (scales[2], float(out_grid.scale))
+            if block.multiplier is None or block.multiplier[0] != key:
+                block.multiplier = (key, attention_multiplier(scales[2], out_grid))
+            multiplier = block.multiplier[1]
         codes = integer_attention(np.ascontiguousarray(qkv[0]), np.ascontiguousarray(keys),
                                   np.ascontiguousarray(values), scales, out_grid, start, multiplier,
                                   compiled=not self.simulated)  # (B, H, T, D)

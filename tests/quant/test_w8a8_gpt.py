@@ -53,9 +53,9 @@ def test_simulated_gpt_equals_integer_gpt_bit_for_bit(seed, per_token, t):
     simulated, converted = prepared(ids).data, integer(ids).data
     assert simulated.dtype == converted.dtype == np.float32
     np.testing.assert_array_equal(simulated, converted)
-    # and it is a quantization of the float model, not something else
+    # and it is a quantization of the float model, not something else (relative RMS error of the logits)
     expected = model(ids).data
-    assert np.abs(converted - expected).max() < 0.15 * np.abs(expected).max()
+    assert np.sqrt(np.mean((converted - expected) ** 2)) < 0.25 * np.sqrt(np.mean(expected ** 2))
 
 
 def test_integer_gpt_holds_int8_weights_and_an_int8_cache():
@@ -158,3 +158,14 @@ def test_quant_prepare_calibrate_convert_take_a_gpt():
     integer = quant.convert(quant.calibrate(prepared, ids))
     direct = convert_w8a8(prepare_w8a8(model, W8A8Config(per_token=True)).calibrate(ids))
     np.testing.assert_array_equal(integer(ids).data, direct(ids).data)
+
+
+def test_integer_gpt_state_dict_round_trip():
+    ids = windows(8)
+    first = convert_w8a8(prepare_w8a8(trained_like_gpt(8)).calibrate(ids))
+    second = convert_w8a8(prepare_w8a8(trained_like_gpt(9)).calibrate(windows(9)))
+    second(ids)  # kernels packed for the old weights
+    state = first.state_dict()
+    assert state["blocks.0.c_attn.weight"].dtype == np.int8 and state["lm_head.weight"].dtype == np.int8
+    second.load_state_dict(state)
+    np.testing.assert_array_equal(second(ids).data, first(ids).data)
