@@ -185,9 +185,17 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
 
     ``example_input`` (one batch, or a single example with its batch axis) is needed to trace models that are
     not plain Sequentials, and lets later calls check the input shape. The original model is not modified.
+    A GPT (``models.gpt``) is prepared for W8A8 by :func:`nanoopt.quant.transformer.prepare_w8a8` (``config``: a
+    ``W8A8Config`` or None).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
+    from nanoopt.models_gpt import GPT
+
+    if isinstance(model, GPT):
+        from nanoopt.quant.transformer import prepare_w8a8
+
+        return prepare_w8a8(model, config)
     if isinstance(model, PreparedModel | QuantizedModel):
         raise TypeError(f"prepare expects a float model, got a {type(model).__name__}")
     require_float_model(model, "quant.prepare")
@@ -326,6 +334,10 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     ranges (a zero range, one value dominating by orders of magnitude, an output on one code) give a
     ``UserWarning`` naming each layer and its observed range (:mod:`nanoopt.quant.range_check`).
     """
+    from nanoopt.quant.transformer import W8A8GPT
+
+    if isinstance(prepared, W8A8GPT):  # a prepared GPT: windows of token ids
+        return prepared.calibrate(batches if isinstance(batches, np.ndarray) else list(batches))
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"calibrate expects the result of quant.prepare, got {type(prepared).__name__}")
     set_fake_quant(prepared, False)
@@ -389,6 +401,10 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
     do for QAT). Quantizers still observing (they observe whenever enabled, eval mode too, as in PyTorch) or with
     rounding off are converted with their current grid, with a ``UserWarning`` naming them.
     """
+    from nanoopt.quant.transformer import W8A8GPT, convert_w8a8
+
+    if isinstance(prepared, W8A8GPT):
+        return convert_w8a8(prepared)
     if not isinstance(prepared, PreparedModel):
         raise TypeError(f"convert expects a model returned by quant.prepare (and calibrated), got "
                         f"{type(prepared).__name__}")

@@ -7,6 +7,7 @@
 * weight-only, for the Linear layers of any model: :mod:`~nanoopt.quant.algorithms.rtn` (round to nearest per
   group), :mod:`~nanoopt.quant.algorithms.gptq` (Frantar et al. 2022), :mod:`~nanoopt.quant.algorithms.awq`
   (Lin et al. 2023).
+* :mod:`~nanoopt.quant.algorithms.smoothquant` -- SmoothQuant (Xiao et al. 2022).
 
 The names are loaded on first use (PEP 562): the prepared-model algorithms import :mod:`nanoopt.quant.ptq`,
 which itself imports :mod:`~nanoopt.quant.algorithms.bn_fold`.
@@ -24,6 +25,7 @@ _LAZY = {
     "rtn": "nanoopt.quant.algorithms.rtn",
     "gptq": "nanoopt.quant.algorithms.gptq",
     "awq": "nanoopt.quant.algorithms.awq",
+    "smooth_quant": "nanoopt.quant.algorithms.smoothquant",
 }
 
 __all__ = list(_LAZY)
