@@ -803,31 +803,32 @@ class Conv2d(Function):
         oc, cg, kh, kw = weight.shape
         ph, pw = padding
         padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw))) if ph or pw else x
-        cols = im2col.im2col(padded, groups, kh, kw, *stride, *dilation)  # (G, N*OH*OW, Cg*KH*KW)
+        cols = im2col.im2col(padded, groups, kh, kw, *stride, *dilation)  # (N, G, Cg*KH*KW, OH*OW)
         oh = im2col.output_size(padded.shape[2], kh, stride[0], dilation[0])
         ow = im2col.output_size(padded.shape[3], kw, stride[1], dilation[1])
         w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)  # (G, OCg, Cg*KH*KW)
-        out = np.matmul(cols, w_mat.transpose(0, 2, 1))  # (G, N*OH*OW, OCg)
-        out = out.reshape(groups, n, oh, ow, oc // groups).transpose(1, 0, 4, 2, 3).reshape(n, oc, oh, ow)
+        out = np.matmul(w_mat, cols).reshape(n, oc, oh, ow)  # one product per image and group, already NCHW
         if bias is not None:
-            out = out + bias.reshape(1, oc, 1, 1)
+            out += bias.reshape(1, oc, 1, 1)
         ctx.save_for_backward(cols, weight, padded.shape, stride, padding, dilation, groups, bias is not None)
-        return np.ascontiguousarray(out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         cols, weight, padded_shape, stride, padding, dilation, groups, has_bias = ctx.saved
         n, oc, oh, ow = grad.shape
         _, cg, kh, kw = weight.shape
-        # (G, N*OH*OW, OCg)
-        grad_mat = grad.reshape(n, groups, oc // groups, oh, ow).transpose(1, 0, 3, 4, 2).reshape(
-            groups, n * oh * ow, oc // groups)
+        grad_mat = np.ascontiguousarray(grad).reshape(n, groups, oc // groups, oh * ow)  # (N, G, OCg, OH*OW)
         grad_weight = grad_x = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = np.matmul(grad_mat.transpose(0, 2, 1), cols).reshape(weight.shape)
+        if ctx.needs_input_grad[1]:  # sum over images of grad[n, g] @ cols[n, g]^T
+            if oh * ow >= 2 * cg * kh * kw:  # long products (LeNet-5's first layer): 0.5 ms vs 1.3 ms
+                per_image = np.matmul(grad_mat, cols.transpose(0, 1, 3, 2))
+            else:  # short ones (its second layer): BLAS is 2.7x faster on C-ordered operands, 0.7 ms vs 1.9 ms
+                per_image = np.matmul(cols, np.ascontiguousarray(grad_mat.transpose(0, 1, 3, 2))).transpose(0, 1, 3, 2)
+            grad_weight = per_image.sum(axis=0).reshape(weight.shape)
         if ctx.needs_input_grad[0]:
             w_mat = weight.reshape(groups, oc // groups, cg * kh * kw)
-            grad_cols = np.matmul(grad_mat, w_mat)  # (G, N*OH*OW, Cg*KH*KW)
+            grad_cols = np.matmul(w_mat.transpose(0, 2, 1), grad_mat)  # (N, G, Cg*KH*KW, OH*OW)
             grad_x = _unpad(im2col.col2im(grad_cols, padded_shape, kh, kw, *stride, *dilation), padding)
         grads = (grad_x, grad_weight)
         if has_bias:
