@@ -51,17 +51,22 @@ def test_fast_requantize_at_exact_halves(m0, shift, sign, data):
 def test_the_vectorised_epilogue_equals_the_reference_on_extremes():
     rng = np.random.default_rng(0)
     rows, columns = 37, 29
-    products = rng.integers(INT32_MIN // 2, INT32_MAX // 2, size=(rows, columns)).astype(np.int64)
-    products[0] = INT32_MAX // 2
-    products[1] = INT32_MIN // 2
-    offsets = rng.integers(INT32_MIN // 2, INT32_MAX // 2, size=columns).astype(np.int64)
+    # the fast path's precondition: every sum products + offsets + row offset fits int32 (here up to its ends)
+    products = rng.integers(-(2**30), 2**30, size=(rows, columns)).astype(np.int64)
+    offsets = rng.integers(-(2**30) + 1, 2**30, size=columns).astype(np.int64)
+    products[0] = INT32_MAX - offsets - 7
+    products[1] = INT32_MIN - offsets + 7
+    row_offsets = np.zeros(rows, np.int64)
+    row_offsets[:2] = [7, -7]
     m0 = rng.integers(2**30, 2**31, size=columns).astype(np.int64)
     m0[:2] = [2**30, 2**31 - 1]
     shift = rng.integers(0, 31, size=columns).astype(np.int64)
     shift[:2] = [0, 30]
     out = np.empty((rows, columns), np.int8)
-    epilogue = (offsets, np.zeros(rows, np.int64), m0, shift, np.int64(5), np.int64(-128), np.int64(127), False,
+    epilogue = (offsets, row_offsets, m0, shift, np.int64(5), np.int64(-128), np.int64(127), False,
                 True)
     numba_cpu.finish_products(products, epilogue, out)
-    expected = requantize((products + offsets).astype(np.int32), m0, shift, 5, QuantSpec())
+    total = products + offsets + row_offsets[:, None]
+    assert total.min() == INT32_MIN and total.max() == INT32_MAX
+    expected = requantize(total.astype(np.int32), m0, shift, 5, QuantSpec())
     np.testing.assert_array_equal(out, expected)
