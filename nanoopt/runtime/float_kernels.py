@@ -11,6 +11,8 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
 * :func:`max_pool` -- max pooling on plane views (any dtype: the integer plans use it too; max is exact);
 * :func:`im2col_gemm_conv` -- im2col + BLAS (``np.dot`` inside Numba) by blocks of images whose columns stay
   in cache, bias and ReLU fused into the NCHW write;
+* :func:`im2col_image_gemm_conv` -- the same with compact per-image columns ``(D, OH OW)`` and one BLAS product
+  per image (ungrouped layers; no columns computed and dropped, so faster where ``Wp`` is well above ``OW``);
 * :func:`direct_conv_unit_stride` -- a direct convolution for unit-stride layers of small reduction depth, where
   laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
   multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`);
@@ -28,7 +30,7 @@ import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
            "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
-           "im2col_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
+           "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -224,6 +226,41 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
                 for o in range(per_group):
                     _write_plane(products[o, b * columns:(b + 1) * columns], row_step, bias[g * per_group + o], relu,
                                  pool_h, pool_w, scratch, out[n0 + b, g * per_group + o])
+
+
+@numba.njit(cache=True, nogil=True)
+def im2col_image_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
+                           pool_h, pool_w, cols, products, out):  # pragma: no cover - compiled
+    """An ungrouped convolution a block of ``B`` images at a time (``B = cols.shape[0]``): each image's columns
+    ``cols[b] (D, OH OW)`` -- row ``d = (c, i, j)`` is ``OH`` runs of ``OW`` input values, ``cols[b, d, y OW + x] =
+    padded[n, c, y s_h + i d_h, x s_w + j d_w]`` -- then one BLAS product per image ``products[b] (OC, OH OW) =
+    weight (OC, D) @ cols[b]``, already in NCHW order, written to ``out`` with bias and ReLU (and a ``pool_h x
+    pool_w`` max pool fused when above 1) by :func:`_write_plane`. ``cols``: ``(B, D, OH OW)``, ``products``:
+    ``(B, OC, OH OW)``, float32, C-contiguous; ``weight``: ``(OC, D)`` in ``(c, i, j)`` order."""
+    batch, out_channels = out.shape[0], out.shape[1]
+    channels, height, width = padded.shape[1], padded.shape[2], padded.shape[3]
+    block, pixels = cols.shape[0], cols.shape[2]
+    out_h = (height - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = pixels // out_h
+    scratch = np.empty(out_w, np.float32)  # the rows of a fused pool window
+    source = padded.reshape(-1)
+    for n0 in range(0, batch, block):
+        images = min(block, batch - n0)
+        for b in range(images):
+            target = cols[b].reshape(-1)
+            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in kernels/im2col.py)
+            for c in range(channels):
+                plane = ((n0 + b) * channels + c) * height * width
+                for i in range(kernel_h):
+                    for j in range(kernel_w):
+                        for y in range(out_h):
+                            start = np.uint64(plane + (y * stride_h + i * dilation_h) * width + j * dilation_w)
+                            for xx in range(out_w):
+                                target[at + np.uint64(xx)] = source[start + np.uint64(xx * stride_w)]
+                            at += np.uint64(out_w)
+            np.dot(weight, cols[b], products[b])
+            for o in range(out_channels):
+                _write_plane(products[b, o], out_w, bias[o], relu, pool_h, pool_w, scratch, out[n0 + b, o])
 
 
 @numba.njit(cache=True, nogil=True)
