@@ -11,9 +11,10 @@ Everything else (variance, MSE, KL divergence, dropout, ...) is composed from th
 free. Broadcasting is undone in exactly one place, :func:`unbroadcast`. The design follows early tinygrad's
 ``Function`` / ``ctx.save_for_backward`` and HIPS/autograd's one-VJP-per-primitive layout.
 
-Convolution and pooling use im2col: :func:`_windows` gives a strided view of the (padded) input,
-``(N, C, OH, OW, KH, KW)``; the convolution is then one BLAS matrix product, and the backward pass scatters the
-column gradient back with ``KH * KW`` strided additions (:func:`_col2im`).
+Convolution uses im2col (:mod:`nanoopt.kernels.im2col`): columns ``(N, G, Cg*KH*KW, OH*OW)``, one BLAS product
+per image and group (already NCHW), and col2im scatters the column gradient back; max pooling runs the kernels of
+:mod:`nanoopt.kernels.pooling`. Average pooling uses :func:`_windows`, a strided view ``(N, C, OH, OW, KH, KW)`` of
+the (padded) input, and its adjoint :func:`_col2im` (``KH * KW`` strided additions).
 """
 
 from __future__ import annotations
@@ -790,7 +791,7 @@ def _unpad(x: np.ndarray, padding: tuple[int, int]) -> np.ndarray:
 
 
 class Conv2d(Function):
-    """2-D cross-correlation, NCHW, weight (OC, C/groups, KH, KW), by im2col and one (batched) matrix product.
+    """2-D cross-correlation, NCHW, weight (OC, C/groups, KH, KW), by im2col and one matrix product per image.
 
     out[n, o, y, x] = bias[o] + sum_{c, i, j} w[o, c, i, j] * in_pad[n, g*Cg + c, y*s + i*d, x*s + j*d]
 
