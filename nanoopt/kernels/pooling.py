@@ -54,6 +54,23 @@ def _max_pool2d_forward_numba(x, kernel_h, kernel_w, stride_h, stride_w, out, ar
     n, c, oh, ow = out.shape
     h, w = x.shape[2], x.shape[3]
     source, best_out, index_out = x.reshape(-1), out.reshape(-1), argmax.reshape(-1)
+    if kernel_h == 2 and kernel_w == 2 and stride_h == 2 and stride_w == 2:  # the usual pool: branch-free selects
+        for plane in range(n * c):
+            for y in range(oh):
+                top = x[plane // c, plane % c, 2 * y]
+                bottom = x[plane // c, plane % c, 2 * y + 1]
+                row = plane * oh * ow + y * ow
+                for xo in range(ow):
+                    best, best_index = top[2 * xo], 0  # row-major scan, strict '>': the first maximum wins ties
+                    value = top[2 * xo + 1]
+                    best, best_index = (value, 1) if value > best else (best, best_index)
+                    value = bottom[2 * xo]
+                    best, best_index = (value, 2) if value > best else (best, best_index)
+                    value = bottom[2 * xo + 1]
+                    best, best_index = (value, 3) if value > best else (best, best_index)
+                    best_out[row + xo] = best
+                    index_out[row + xo] = best_index
+        return
     at = np.uint64(0)
     for plane in range(n * c):
         base = np.uint64(plane * h * w)
