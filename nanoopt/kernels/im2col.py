@@ -1,19 +1,23 @@
 """im2col and its adjoint col2im for float convolution: NumPy references and Numba versions, bit-identical.
 
-A convolution becomes one matrix product once every receptive field is laid out as a row (Chellapilla et al.
-2006): for a padded input x (N, C, H, W), groups G (Cg = C / G channels each), kernel (KH, KW), stride s and
-dilation d,
+A convolution becomes one matrix product per image once every receptive field is laid out as a column
+(Chellapilla et al. 2006): for a padded input x (N, C, H, W), groups G (Cg = C / G channels each), kernel (KH, KW),
+stride s and dilation d,
 
-    cols[g, (n, y, x), (c, i, j)] = x[n, g*Cg + c, y*s_h + i*d_h, x*s_w + j*d_w]        (G, N*OH*OW, Cg*KH*KW)
+    cols[n, g, (c, i, j), (y, x)] = x[n, g*Cg + c, y*s_h + i*d_h, x*s_w + j*d_w]        (N, G, Cg*KH*KW, OH*OW)
 
-col2im is the adjoint (transpose) of that linear map: every column value is added back onto the input cell it
-came from. Both versions add kernel position by kernel position (i, j), so a cell hit by several windows
+so that ``W[g] (OCg, Cg*KH*KW) @ cols[n, g]`` is image n's output of group g already in NCHW order (no transpose
+after the product), and each row of ``cols[n, g]`` is ``OH`` runs of ``OW`` input values (contiguous at unit
+stride). col2im is the adjoint (transpose) of that linear map: every column value is added back onto the input
+cell it came from. Both versions add kernel position by kernel position (i, j), so a cell hit by several windows
 accumulates in the same order and the results agree bit for bit.
 
 >>> import numpy as np
 >>> x = np.arange(9, dtype=np.float32).reshape(1, 1, 3, 3)
 >>> im2col(x, 1, 2, 2, 1, 1, 1, 1).shape
-(1, 4, 4)
+(1, 1, 4, 4)
+>>> im2col(x, 1, 2, 2, 1, 1, 1, 1)[0, 0, 0].tolist()  # tap (0, 0) under the four output pixels
+[0.0, 1.0, 3.0, 4.0]
 """
 
 from __future__ import annotations
@@ -30,82 +34,80 @@ def output_size(size: int, kernel: int, stride: int, dilation: int) -> int:
 
 def im2col_reference(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
                      dilation_h: int, dilation_w: int) -> np.ndarray:
-    """Columns (G, N*OH*OW, Cg*KH*KW) of the padded NCHW input, with NumPy strided views and one copy."""
+    """Columns (N, G, Cg*KH*KW, OH*OW) of the padded NCHW input, with NumPy strided views and one copy."""
     n, c, _, _ = x.shape
     span_h, span_w = dilation_h * (kernel_h - 1) + 1, dilation_w * (kernel_w - 1) + 1
     windows = sliding_window_view(x, (span_h, span_w), axis=(2, 3))
     windows = windows[:, :, ::stride_h, ::stride_w, ::dilation_h, ::dilation_w]  # (N, C, OH, OW, KH, KW)
     oh, ow = windows.shape[2], windows.shape[3]
     cg = c // groups
-    cols = windows.reshape(n, groups, cg, oh, ow, kernel_h, kernel_w).transpose(1, 0, 3, 4, 2, 5, 6)
-    return np.ascontiguousarray(cols).reshape(groups, n * oh * ow, cg * kernel_h * kernel_w)
+    cols = windows.reshape(n, groups, cg, oh, ow, kernel_h, kernel_w).transpose(0, 1, 2, 5, 6, 3, 4)
+    return np.ascontiguousarray(cols).reshape(n, groups, cg * kernel_h * kernel_w, oh * ow)
 
 
 def col2im_reference(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel_h: int, kernel_w: int,
                      stride_h: int, stride_w: int, dilation_h: int, dilation_w: int) -> np.ndarray:
-    """Adjoint of :func:`im2col_reference`: (G, N*OH*OW, Cg*KH*KW) columns summed back onto (N, C, H, W)."""
+    """Adjoint of :func:`im2col_reference`: (N, G, Cg*KH*KW, OH*OW) columns summed back onto (N, C, H, W)."""
     n, c, h, w = padded_shape
-    groups = cols.shape[0]
-    cg = c // groups
     oh, ow = output_size(h, kernel_h, stride_h, dilation_h), output_size(w, kernel_w, stride_w, dilation_w)
-    windows = cols.reshape(groups, n, oh, ow, cg, kernel_h, kernel_w).transpose(1, 0, 4, 2, 3, 5, 6)
-    windows = windows.reshape(n, c, oh, ow, kernel_h, kernel_w)
+    windows = cols.reshape(n, c, kernel_h, kernel_w, oh, ow)  # (g, c) flatten to the channel index g*Cg + c
     out = np.zeros(padded_shape, dtype=cols.dtype)
     for i in range(kernel_h):
         top = i * dilation_h
         for j in range(kernel_w):
             left = j * dilation_w
             out[:, :, top:top + stride_h * (oh - 1) + 1:stride_h,
-                left:left + stride_w * (ow - 1) + 1:stride_w] += windows[:, :, :, :, i, j]
+                left:left + stride_w * (ow - 1) + 1:stride_w] += windows[:, :, i, j]
     return out
 
 
 # The kernels walk flat views with unsigned offsets: a 4-D index with signed integers costs a negative-index
-# wraparound check per subscript, which made the copy loops about twice as slow (measured).
+# wraparound check per subscript, which made the copy loops about twice as slow (measured). The (g, c) pair of
+# the column layout is the input channel g*Cg + c, so both kernels loop over channels directly.
 @numba.njit(cache=True, nogil=True)
-def _im2col_numba(x, groups, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols):
+def _im2col_numba(x, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols):
     n, c, h, w = x.shape
-    cg = c // groups
     oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
     source, target = x.reshape(-1), cols.reshape(-1)
-    rows, depth = n * oh * ow, cg * kernel_h * kernel_w
-    one, step = np.uint64(1), np.uint64(dilation_w)
-    for g in range(groups):
-        for b in range(n):
-            for y in range(oh):
-                for xo in range(ow):
-                    at = np.uint64((g * rows + (b * oh + y) * ow + xo) * depth)   # cols[g, row, 0]
-                    for ch in range(cg):
-                        plane = (b * c + g * cg + ch) * h * w
-                        for i in range(kernel_h):
-                            start = np.uint64(plane + (y * stride_h + i * dilation_h) * w + xo * stride_w)
-                            for j in range(kernel_w):
-                                target[at] = source[start + np.uint64(j) * step]
-                                at += one
+    at = np.uint64(0)
+    one, step = np.uint64(1), np.uint64(stride_w)
+    for plane in range(n * c):
+        for i in range(kernel_h):
+            for j in range(kernel_w):
+                for y in range(oh):
+                    start = np.uint64(plane * h * w + (y * stride_h + i * dilation_h) * w + j * dilation_w)
+                    if stride_w == 1:
+                        for xo in range(ow):
+                            target[at + np.uint64(xo)] = source[start + np.uint64(xo)]
+                        at += np.uint64(ow)
+                    else:
+                        for xo in range(ow):
+                            target[at] = source[start + np.uint64(xo) * step]
+                            at += one
 
 
 @numba.njit(cache=True, nogil=True)
 def _col2im_numba(cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out):
     n, c, h, w = out.shape
-    groups = cols.shape[0]
-    cg = c // groups
     oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
     source, target = cols.reshape(-1), out.reshape(-1)
-    rows, depth = n * oh * ow, cg * kernel_h * kernel_w
-    for i in range(kernel_h):  # kernel position outermost: the reference's accumulation order
-        for j in range(kernel_w):
-            for g in range(groups):
-                for b in range(n):
-                    for ch in range(cg):
-                        column = (ch * kernel_h + i) * kernel_w + j
-                        plane = (b * c + g * cg + ch) * h * w
-                        for y in range(oh):
-                            at = np.uint64((g * rows + (b * oh + y) * ow) * depth + column)
-                            cell = np.uint64(plane + (y * stride_h + i * dilation_h) * w + j * dilation_w)
-                            for xo in range(ow):
-                                target[cell + np.uint64(xo * stride_w)] += source[at + np.uint64(xo * depth)]
+    at = np.uint64(0)
+    one, step = np.uint64(1), np.uint64(stride_w)
+    for plane in range(n * c):  # per cell, additions in kernel position order (i, j): the reference's order
+        for i in range(kernel_h):
+            for j in range(kernel_w):
+                for y in range(oh):
+                    cell = np.uint64(plane * h * w + (y * stride_h + i * dilation_h) * w + j * dilation_w)
+                    if stride_w == 1:
+                        for xo in range(ow):
+                            target[cell + np.uint64(xo)] += source[at + np.uint64(xo)]
+                        at += np.uint64(ow)
+                    else:
+                        for xo in range(ow):
+                            target[cell + np.uint64(xo) * step] += source[at]
+                            at += one
 
 
 def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
@@ -114,8 +116,8 @@ def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: i
     x = np.ascontiguousarray(x)
     n, c, h, w = x.shape
     oh, ow = output_size(h, kernel_h, stride_h, dilation_h), output_size(w, kernel_w, stride_w, dilation_w)
-    cols = np.empty((groups, n * oh * ow, (c // groups) * kernel_h * kernel_w), dtype=x.dtype)
-    _im2col_numba(x, groups, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols)
+    cols = np.empty((n, groups, (c // groups) * kernel_h * kernel_w, oh * ow), dtype=x.dtype)
+    _im2col_numba(x, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols)
     return cols
 
 

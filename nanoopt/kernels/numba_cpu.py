@@ -185,20 +185,30 @@ def _multiply_int32(value, m0, shift):
 @njit(cache=True, inline="always")
 def _multiply_fast(value, m0, shift):
     """:func:`_multiply_wide` for an int32-range ``value`` and a right shift ``0 <= shift <= 30``, branch-free
-    (vectorisable): ``value * m0`` fits int64 and the rounded high half fits int32."""
+    (vectorisable) and on 32-bit lanes except for one product: ``value * m0`` fits int64 and the rounded high
+    half fits int32.
+
+    gemmlowp's high half ``trunc((p + nudge) / 2^31)`` (``nudge = 2^30`` for ``p >= 0``, ``1 - 2^30`` below) is
+    ``floor((p + 2^30) / 2^31)`` for every ``p``: for ``p < 0``, ``trunc(t / 2^31) = ceil(t / 2^31) = floor((t +
+    2^31 - 1) / 2^31)`` with ``t = p + 1 - 2^30``. That floor fits int32, so it is the low 32 bits of the *logical*
+    shift ``(p + 2^30) >>> 31`` (bits 31..62 of ``p + 2^30``, the same under either shift): one 32x32->64 product
+    (``vpmuldq``), one 64-bit add and a logical shift, where the literal formula needs a select, an arithmetic
+    64-bit shift (none in AVX2) and a correction."""
     product = np.int64(np.int32(value)) * np.int64(np.int32(m0))
-    total = product + (np.int64(1 << 30) if product >= 0 else np.int64(1 - (1 << 30)))
-    top = np.int32((total >> 31) + ((total < 0) & ((total & np.int64(0x7FFFFFFF)) != 0)))
+    top = np.int32(np.uint64(product + np.int64(1 << 30)) >> np.uint64(31))
     exponent = np.int32(shift)
     mask = (np.int32(1) << exponent) - np.int32(1)
-    return np.int64((top >> exponent) + np.int32((top & mask) > ((mask >> 1) + np.int32(top < 0))))
+    return (top >> exponent) + np.int32((top & mask) > ((mask >> 1) + np.int32(top < 0)))
 
 
 @njit(cache=True, inline="always")
 def _requantize(value, m0, shift, out_zero_point, low, high, fast):
     """One exact accumulator -> output code (fast: the branch-free int32 form, else the wide form)."""
-    scaled = _multiply_fast(value, m0, shift) if fast else _multiply_wide(value, m0, shift)
-    return min(max(scaled + out_zero_point, low), high)
+    if fast:  # clip(s + zp, low, high) = clip(s, low - zp, high - zp) + zp, all in int32 (no overflow)
+        scaled = _multiply_fast(value, m0, shift)
+        zero = np.int32(out_zero_point)
+        return min(max(scaled, np.int32(low) - zero), np.int32(high) - zero) + zero
+    return min(max(_multiply_wide(value, m0, shift) + out_zero_point, low), high)
 
 
 @njit(cache=True, inline="always")
@@ -340,9 +350,10 @@ def _epilogue_block(buffer, rows, columns, i_lo, j_lo, epilogue, geometry, out3)
             for c in range(used):
                 planes[c] = finished[c]
     else:
+        out2 = out3.reshape(out3.shape[0], out3.shape[1])  # rows of channels, typed contiguous (vectorises)
         for r in range(rows):
             values = buffer[r * columns : r * columns + used]
-            target = out3[row_offset + i_lo + r, first : first + used, 0]
+            target = out2[row_offset + i_lo + r, first : first + used]
             _finish_run(values, channel_offsets, block_row_offsets[r], channel_m0, channel_shift, epilogue, target)
 
 

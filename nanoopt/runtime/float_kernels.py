@@ -11,9 +11,13 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
 * :func:`max_pool` -- max pooling on plane views (any dtype: the integer plans use it too; max is exact);
 * :func:`im2col_gemm_conv` -- im2col + BLAS (``np.dot`` inside Numba) by blocks of images whose columns stay
   in cache, bias and ReLU fused into the NCHW write;
+* :func:`im2col_image_gemm_conv` -- the same with compact per-image columns ``(D, OH OW)`` and one BLAS product
+  per image (ungrouped layers; no columns computed and dropped, so faster where ``Wp`` is well above ``OW``);
 * :func:`direct_conv_unit_stride` -- a direct convolution for unit-stride layers of small reduction depth, where
   laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
-  multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`).
+  multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`);
+  kernel rows of width 3 and 5 are swept whole (one pass over the accumulator per row: 1.5x on LeNet-5's first
+  layer).
 
 >>> out = np.array([[-1.0, 2.0]], np.float32); bias_act_rows(out, np.array([0.5, 0.5], np.float32), True); out
 array([[0. , 2.5]], dtype=float32)
@@ -26,7 +30,7 @@ import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
            "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
-           "im2col_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
+           "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -225,6 +229,41 @@ def im2col_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_
 
 
 @numba.njit(cache=True, nogil=True)
+def im2col_image_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, relu,
+                           pool_h, pool_w, cols, products, out):  # pragma: no cover - compiled
+    """An ungrouped convolution a block of ``B`` images at a time (``B = cols.shape[0]``): each image's columns
+    ``cols[b] (D, OH OW)`` -- row ``d = (c, i, j)`` is ``OH`` runs of ``OW`` input values, ``cols[b, d, y OW + x] =
+    padded[n, c, y s_h + i d_h, x s_w + j d_w]`` -- then one BLAS product per image ``products[b] (OC, OH OW) =
+    weight (OC, D) @ cols[b]``, already in NCHW order, written to ``out`` with bias and ReLU (and a ``pool_h x
+    pool_w`` max pool fused when above 1) by :func:`_write_plane`. ``cols``: ``(B, D, OH OW)``, ``products``:
+    ``(B, OC, OH OW)``, float32, C-contiguous; ``weight``: ``(OC, D)`` in ``(c, i, j)`` order."""
+    batch, out_channels = out.shape[0], out.shape[1]
+    channels, height, width = padded.shape[1], padded.shape[2], padded.shape[3]
+    block, pixels = cols.shape[0], cols.shape[2]
+    out_h = (height - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = pixels // out_h
+    scratch = np.empty(out_w, np.float32)  # the rows of a fused pool window
+    source = padded.reshape(-1)
+    for n0 in range(0, batch, block):
+        images = min(block, batch - n0)
+        for b in range(images):
+            target = cols[b].reshape(-1)
+            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in kernels/im2col.py)
+            for c in range(channels):
+                plane = ((n0 + b) * channels + c) * height * width
+                for i in range(kernel_h):
+                    for j in range(kernel_w):
+                        for y in range(out_h):
+                            start = np.uint64(plane + (y * stride_h + i * dilation_h) * width + j * dilation_w)
+                            for xx in range(out_w):
+                                target[at + np.uint64(xx)] = source[start + np.uint64(xx * stride_w)]
+                            at += np.uint64(out_w)
+            np.dot(weight, cols[b], products[b])
+            for o in range(out_channels):
+                _write_plane(products[b, o], out_w, bias[o], relu, pool_h, pool_w, scratch, out[n0 + b, o])
+
+
+@numba.njit(cache=True, nogil=True)
 def max_pool(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out):  # pragma: no cover - compiled
     """Max pooling of NCHW ``x`` (any dtype) into ``out``; padded cells never win. Non-overlapping windows without
     padding (the usual 2x2, stride 2) take a row-at-a-time path that LLVM vectorises (1.5-2.5x faster)."""
@@ -304,12 +343,28 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
             for c in range(group_channels):
                 plane = padded[n, g * group_channels + c].reshape(-1)
                 for i in range(kernel_h):
-                    for j in range(kernel_w):
-                        w = weight[o, c, i, j]
-                        start = i * dilation_h * padded_w + j * dilation_w
-                        window = plane[start:start + length]
+                    start, d = i * dilation_h * padded_w, dilation_w
+                    if kernel_w == 5:  # a whole kernel row per sweep: one load and store of acc per 5 taps
+                        w0, w1, w2 = weight[o, c, i, 0], weight[o, c, i, 1], weight[o, c, i, 2]
+                        w3, w4 = weight[o, c, i, 3], weight[o, c, i, 4]
+                        p0, p1 = plane[start:start + length], plane[start + d:start + d + length]
+                        p2 = plane[start + 2 * d:start + 2 * d + length]
+                        p3 = plane[start + 3 * d:start + 3 * d + length]
+                        p4 = plane[start + 4 * d:start + 4 * d + length]
                         for q in range(length):
-                            acc[q] += w * window[q]
+                            acc[q] += w0 * p0[q] + w1 * p1[q] + w2 * p2[q] + w3 * p3[q] + w4 * p4[q]
+                    elif kernel_w == 3:
+                        w0, w1, w2 = weight[o, c, i, 0], weight[o, c, i, 1], weight[o, c, i, 2]
+                        p0, p1 = plane[start:start + length], plane[start + d:start + d + length]
+                        p2 = plane[start + 2 * d:start + 2 * d + length]
+                        for q in range(length):
+                            acc[q] += w0 * p0[q] + w1 * p1[q] + w2 * p2[q]
+                    else:
+                        for j in range(kernel_w):
+                            w = weight[o, c, i, j]
+                            window = plane[start + j * d:start + j * d + length]
+                            for q in range(length):
+                                acc[q] += w * window[q]
             _write_plane(acc, padded_w, bias[o], relu, pool_h, pool_w, scratch, out[n, o])
 
 

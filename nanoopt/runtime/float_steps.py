@@ -81,12 +81,17 @@ class Linear(Op):
 # whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Measured on Zen 4,
 # 1 thread, batch 256, CPU time (best of 10, loaded machine): LeNet-5's 1->6 5x5 on 28x28, direct 2.8 ms, im2col
 # + BLAS 2.7 ms; 6->16 5x5 on 14x14 (depth 150), im2col + BLAS 3.5 ms (blocks of 2 images) vs direct 5.7 ms.
+# Ungrouped layers take per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed
+# and dropped): LeNet-5's second layer at batch 256 in 2.4 ms against 3.8 ms (blocks of images, padded-width
+# rows), at batch 1 in 11 us against 16 us (same run, loaded machine); blocks of 2 to 32 images timed alike.
 DIRECT_MAX_DEPTH = 32
 IM2COL_BLOCK_BYTES = 192 * 1024
+IMAGE_BLOCK_BYTES = 512 * 1024
 
 
 class Conv2d(Op):
-    """Float 2-D convolution: im2col + BLAS by blocks of images, or a direct loop for unit-stride thin layers."""
+    """Float 2-D convolution: im2col + BLAS (per image, or by blocks of images for grouped layers), or a direct loop
+    for unit-stride thin layers."""
 
     def __init__(self, step: Step) -> None:
         super().__init__(step)
@@ -134,6 +139,14 @@ class Conv2d(Op):
             acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
                                                        pool_h, pool_w, acc, out)))
+            return out, calls
+        if self.groups == 1:  # per-image columns, one BLAS product each (see IMAGE_BLOCK_BYTES)
+            pixels = out_h * out_w
+            block = max(1, min(batch, IMAGE_BLOCK_BYTES // (4 * pixels * self.depth)))
+            cols = np.empty((block, self.depth, pixels), np.float32)
+            products = np.empty((block, out_channels, pixels), np.float32)
+            calls.append((fk.im2col_image_gemm_conv, (padded, self.grouped[0], self.bias, kh, kw, sh, sw, dh, dw,
+                                                      self.relu, pool_h, pool_w, cols, products, out)))
             return out, calls
         columns = fk.im2col_columns(out_h, out_w, padded.shape[3], self.stride)
         block = max(1, min(batch, IM2COL_BLOCK_BYTES // (4 * columns * self.depth)))

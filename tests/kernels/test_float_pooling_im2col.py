@@ -73,3 +73,18 @@ def test_max_pool_matches_the_reference_exactly_including_ties(case):
     grad = np.random.default_rng(3).standard_normal(out.shape).astype(np.float32)
     np.testing.assert_array_equal(pooling.max_pool2d_backward(grad, argmax, x.shape, *geometry),
                                   pooling.max_pool2d_backward_reference(grad, ref_argmax, x.shape, *geometry))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 11), st.integers(2, 11), st.integers(0, 2**32 - 1),
+       st.sampled_from([np.float32, np.float64]))
+def test_the_2x2_stride_2_max_pool_path_matches_the_reference_exactly(n, c, h, w, seed, dtype):
+    # LeNet's pool has its own branch-free kernel; odd sizes leave a last row/column outside every window
+    x = np.random.default_rng(seed).integers(-2, 3, size=(n, c, h, w)).astype(dtype)  # many ties
+    out, argmax = pooling.max_pool2d_forward(x, 2, 2, 2, 2)
+    ref_out, ref_argmax = pooling.max_pool2d_forward_reference(x, 2, 2, 2, 2)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+    grad = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(dtype)
+    np.testing.assert_array_equal(pooling.max_pool2d_backward(grad, argmax, x.shape, 2, 2, 2, 2),
+                                  pooling.max_pool2d_backward_reference(grad, ref_argmax, x.shape, 2, 2, 2, 2))

@@ -116,13 +116,14 @@ def expected_conv(padded, weight, bias, groups, stride, dilation, relu, pool):
 
 
 @SETTINGS
-@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 3), st.integers(1, 2),
+@given(st.integers(1, 2), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 5), st.integers(1, 2),
        st.integers(4, 9), st.booleans(), st.sampled_from([(1, 1), (2, 2), (1, 3)]), st.integers(0, 2**16))
 def test_unit_stride_direct_conv_matches_the_reference(batch, channels_groups, kernel, dilation, size, relu, pool,
                                                        seed):
     in_channels, groups = channels_groups
     rng = np.random.default_rng(seed)
-    padded = rng.normal(size=(batch, in_channels, size + 4, size + 5)).astype(np.float32)
+    span = dilation * (kernel - 1)  # the output is size x (size + 1) for every kernel size (3 and 5 sweep rows)
+    padded = rng.normal(size=(batch, in_channels, size + span, size + span + 1)).astype(np.float32)
     weight = rng.normal(size=(2 * groups, in_channels // groups, kernel, kernel)).astype(np.float32)
     bias = rng.normal(size=2 * groups).astype(np.float32)
     expected = expected_conv(padded, weight, bias, groups, 1, dilation, relu, pool)
@@ -168,3 +169,25 @@ def test_max_pool_is_exact(x, kernel, stride, padding):
     out = np.empty(x.shape[:2] + (out_h, out_w), x.dtype)
     fk.max_pool(x, kernel, kernel, stride, stride, padding, padding, out)
     np.testing.assert_array_equal(out, fk.max_pool_reference(x, (kernel,) * 2, (stride,) * 2, (padding,) * 2))
+
+
+@SETTINGS
+@given(st.integers(1, 5), st.integers(1, 3), st.integers(1, 5), st.integers(1, 2), st.integers(1, 2),
+       st.integers(4, 8), st.integers(1, 3), st.booleans(), st.sampled_from([(1, 1), (2, 2)]), st.integers(0, 2**16))
+def test_im2col_image_gemm_conv_matches_the_reference(batch, in_channels, kernel, stride, dilation, size, block, relu,
+                                                      pool, seed):
+    rng = np.random.default_rng(seed)
+    span = dilation * (kernel - 1)
+    padded = rng.normal(size=(batch, in_channels, size + span, size + span + 1)).astype(np.float32)
+    weight = rng.normal(size=(3, in_channels, kernel, kernel)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    conv = fk.direct_conv_reference(padded, weight, bias, 1, (stride,) * 2, (dilation,) * 2, relu)
+    conv_h, conv_w = conv.shape[2:]
+    expected = expected_conv(padded, weight, bias, 1, stride, dilation, relu, pool)
+    out = np.empty(expected.shape, np.float32)
+    depth = weight[0].size
+    cols = np.empty((block, depth, conv_h * conv_w), np.float32)
+    products = np.empty((block, 3, conv_h * conv_w), np.float32)
+    fk.im2col_image_gemm_conv(padded, weight.reshape(3, depth), bias, kernel, kernel, stride, stride, dilation,
+                              dilation, relu, *pool, cols, products, out)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
