@@ -42,9 +42,9 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.quant.algorithms.layer_data import check_calibrated, float_mode
 from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.graph import INPUT
 from nanoopt.quant.ptq import PreparedModel, calibrate, convert, iterate_batches, prepare
-from nanoopt.quant.simulate import FakeQuantize
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = ["MixedPrecisionResult", "layer_sensitivity", "mixed_precision_search", "saturation_counts",

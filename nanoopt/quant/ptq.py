@@ -46,6 +46,7 @@ from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
 from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.graph import INPUT, Graph, trace
 from nanoopt.quant.qmodules import (
     FloatFallback,
@@ -60,7 +61,6 @@ from nanoopt.quant.qmodules import (
 )
 from nanoopt.quant.range_check import RangeMonitor
 from nanoopt.quant.simulate import (
-    FakeQuantize,
     SimulatedAdd,
     SimulatedAvgPool2d,
     SimulatedConv2d,

@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import kernels, models, nn
 from nanoopt.quant.config import QuantConfig, weight_spec
+from nanoopt.quant.fake_quant import NotCalibratedError
 from nanoopt.quant.observers import MinMaxObserver
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantize_static, quantizers, set_fake_quant
 from nanoopt.quant.qmodules import FloatFallback, QuantizedLinear, QuantizedModel, tune_backends
-from nanoopt.quant.simulate import NotCalibratedError, SimulatedFloat
+from nanoopt.quant.simulate import SimulatedFloat
 from nanoopt.report import stored_bytes
 from nanoopt.tensor import Tensor
 

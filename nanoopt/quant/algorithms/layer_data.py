@@ -25,8 +25,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.quant.fake_quant import NotCalibratedError
 from nanoopt.quant.ptq import PreparedModel, quantizers
-from nanoopt.quant.simulate import NotCalibratedError, SimulatedConv2d, SimulatedLinear
+from nanoopt.quant.simulate import SimulatedConv2d, SimulatedLinear
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = ["capture_inputs", "check_calibrated", "float_mode", "weighted_layers"]
