@@ -5,7 +5,7 @@ in eval mode and writes a :class:`nanoopt.runtime.PlanDescription` -- plain ops,
 :mod:`nanoopt.runtime` executes (and saves, and loads) without this module, the autograd or the layers.
 
 * The data flow comes from running one example input with hooks on the leaf modules (for the integer model, on
-  codes; for a float model, :func:`nanoopt.quant.graph.trace`); a chain of layers in nested ``Sequential``\\ s
+  codes; for a float model, :func:`nanoopt.nn.graph.trace`); a chain of layers in nested ``Sequential``\\ s
   needs no example input, nor does an integer model (it records its input shape at conversion).
 * Integer layers are copied as they are (the converted weights, biases, multipliers and grids), so the plan is
   bit-identical to the model. A layer that runs in float inside the integer model (``FloatFallback``) is refused.
@@ -33,10 +33,10 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.kernels.sparse import CSRMatrix
+from nanoopt.nn.graph import INPUT, trace
 from nanoopt.prune.masks import get_mask, get_parameter
 from nanoopt.prune.sparse import SparseLinear
 from nanoopt.quant import qmodules as Q
-from nanoopt.quant.graph import INPUT, trace
 from nanoopt.runtime.description import Grid, PlanDescription, Step, spec_to_json
 from nanoopt.tensor import Tensor
 

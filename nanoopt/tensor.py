@@ -133,6 +133,19 @@ class Tensor:
     def is_leaf(self) -> bool:
         return self._ctx is None
 
+    @property
+    def grad_fn(self) -> Any:
+        """The autograd node that produced this tensor (None for a leaf), as PyTorch's ``grad_fn``: an
+        :class:`~nanoopt.ops.Context` whose ``function`` is the primitive, ``inputs`` the tensors it read and
+        ``attributes`` its named arguments (e.g. ``axes`` of a reduction, ``axis`` of a concatenation).
+
+        >>> x = Tensor([[1.0, 2.0]], requires_grad=True)
+        >>> node = x.sum(axis=1).grad_fn
+        >>> node.function.__name__, node.inputs[0] is x, node.attributes
+        ('Sum', True, {'axes': (1,)})
+        """
+        return self._ctx
+
     def __len__(self) -> int:
         return len(self.data)
 

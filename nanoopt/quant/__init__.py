@@ -47,7 +47,7 @@ _LAZY = {
     "QuantConfig": "nanoopt.quant.config",
     "weight_spec": "nanoopt.quant.config",
     "fold_batchnorm": "nanoopt.quant.algorithms",
-    "trace": "nanoopt.quant.graph",
+    "trace": "nanoopt.nn.graph",
     "QParams": "nanoopt.quant.lowering",
     "IntegerLayer": "nanoopt.quant.lowering",
     "integer_layer": "nanoopt.quant.lowering",

@@ -40,10 +40,10 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.nn.graph import INPUT
 from nanoopt.quant.algorithms.layer_data import check_calibrated, float_mode
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import FakeQuantize
-from nanoopt.quant.graph import INPUT
 from nanoopt.quant.ptq import PreparedModel, calibrate, convert, iterate_batches, prepare
 from nanoopt.tensor import Tensor, no_grad
 

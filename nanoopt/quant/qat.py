@@ -61,12 +61,12 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import trace
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
 from nanoopt.quant.checks import check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import FakeQuantize, LSQQuantizer, PACTQuantizer, WeightFakeQuantize
-from nanoopt.quant.graph import trace
 from nanoopt.quant.lowering import IntegerLayer, integer_layer
 from nanoopt.quant.observers import MovingAverageMinMaxObserver
 from nanoopt.quant.ptq import PreparedModel, prepare, set_fake_quant, set_observers
