@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 
 from nanoopt import ops
+from nanoopt.models import BasicBlock
+from nanoopt.models_gpt import GPT, Block
 from nanoopt.nn import Module, Parameter
 from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
@@ -673,20 +675,18 @@ def _mask_rows(module: Module, drop: np.ndarray) -> None:
 
 # ===================================================================== layer pruning
 def _is_gpt(model: Module) -> bool:
-    from nanoopt.models_gpt import GPT
     return isinstance(model, GPT)
 
 
 def _default_blocks(model: Module) -> list[str]:
-    from nanoopt.models_gpt import Block
-    return [name for name, module in model.named_modules() if isinstance(module, (L.BasicBlock, Block))]
+    return [name for name, module in model.named_modules() if isinstance(module, (BasicBlock, Block))]
 
 
 def block_angular_distances(model: Module, example_input: Any, candidates: Sequence[str] | None = None
                             ) -> dict[str, float]:
     """Mean angular distance arccos(cos(x_in, x_out)) / pi between each candidate block's input and output.
 
-    Candidates default to every :class:`~nanoopt.nn.BasicBlock` whose output has its input's shape (so the
+    Candidates default to every :class:`~nanoopt.models.BasicBlock` whose output has its input's shape (so the
     identity can replace it) and every block of a GPT (``"transformer.h.0"``, ...). Small distances mark blocks
     that change their input least. For sequence activations (B, T, C) the distance is taken per token and
     averaged over tokens (ShortGPT's "Block Influence", Men et al. 2024); otherwise per sample.

@@ -97,7 +97,11 @@ _LAZY = {
     "awq": "nanoopt.quant.algorithms.awq",
 }
 
-__all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize", *_LAZY]
+# internals stay reachable as attributes (and in their modules) but are not the user's vocabulary
+_NOT_EXPORTED = ("IntegerLayer", "QParams", "integer_layer", "quantizers", "trace", "pack_int4", "unpack_int4",
+                 "QuantizedLinear", "QuantizedConv2d", "WeightFakeQuantize")
+__all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize",
+           *(name for name in _LAZY if name not in _NOT_EXPORTED)]
 
 
 def __getattr__(name: str) -> Any:

@@ -233,7 +233,7 @@ def test_keep_float_by_config_and_mixed_add_precision():
     config = QuantConfig(keep_float=["3"])
     prepared = prepare(model, config, np.zeros((1, 4), np.float32))  # no warning: asked for
     assert isinstance(prepared.model[3], SimulatedFloat)
-    block = nn.BasicBlock(2, 2)
+    block = models.BasicBlock(2, 2)
     mixed = QuantConfig(overrides={"conv2": {"activation": QuantConfig.int16_activations().activation}})
     with pytest.raises(ValueError, match="mixes integer types"):
         prepare(block, mixed, np.zeros((1, 2, 4, 4), np.float32))
