@@ -45,7 +45,7 @@ import numpy as np
 
 from nanoopt.nn.layers import Sequential
 from nanoopt.nn.module import Module
-from nanoopt.tensor import Tensor, no_grad
+from nanoopt.tensor import Tensor, no_grad, post_order
 
 INPUT = "input"  # the name of the model input in Node.inputs
 
@@ -223,26 +223,12 @@ def walk(output: Tensor, opaque: Mapping[int, Sequence[Any]]) -> list[Tensor]:
     >>> [t.grad_fn.function.__name__ if t.grad_fn else "leaf" for t in walk(y, {})]
     ['leaf', 'leaf', 'Mul', 'Sum']
     """
-    order: list[Tensor] = []
-    seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(output, False)]
-    while stack:
-        tensor, done = stack.pop()
-        if done:
-            order.append(tensor)
-            continue
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        stack.append((tensor, True))
+    def parents(tensor: Tensor) -> list[Tensor]:
         if id(tensor) in opaque:
-            parents = [x for x in opaque[id(tensor)] if isinstance(x, Tensor)]
-        elif tensor.grad_fn is not None:
-            parents = list(tensor.grad_fn.inputs)
-        else:
-            parents = []
-        stack.extend((parent, False) for parent in parents if id(parent) not in seen)
-    return order
+            return [x for x in opaque[id(tensor)] if isinstance(x, Tensor)]
+        return list(tensor.grad_fn.inputs) if tensor.grad_fn is not None else []
+
+    return post_order(output, parents)
 
 
 # ================================================================================================ the data flow
