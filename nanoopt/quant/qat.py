@@ -8,9 +8,10 @@ the *same* integer model post-training quantization produces: :func:`prepare_qat
 
 What :func:`prepare_qat` adds to a prepared model
 --------------------------------------------------
-* **Weight fake quantization that follows the weights.** :class:`WeightFakeQuantize` re-fits its observer to the
+* **Weight fake quantization that follows the weights.** ``WeightFakeQuantize`` re-fits its observer to the
   current weights at every training step (the last-value range of Jacob et al. section 3.1) until frozen; or
-  :class:`LSQQuantizer` learns the step instead (``weight_quantizer="lsq"``).
+  ``LSQQuantizer`` learns the step instead (``weight_quantizer="lsq"``). The quantizer modules and their
+  gradients live in :mod:`nanoopt.quant.fake_quant`.
 * **Activation fake quantization.** The config's observers (default here: moving-average min/max, section 3.1),
   or learned quantizers: LSQ steps (Esser et al. 2020) or PACT clipping levels (Choi et al. 2018) on outputs
   followed by a ReLU. Gradients pass the rounding straight through (:mod:`nanoopt.quant.fake_quant`).
