@@ -43,7 +43,7 @@ def build(widths: tuple[int, ...]) -> list[nn.Module]:
 
 
 def probabilities(model: nn.Module, images: np.ndarray) -> np.ndarray:
-    return F.softmax(predict(model, images).astype(np.float64), axis=1).data
+    return F.softmax(predict(model, images).astype(np.float64), dim=1).data
 
 
 def measure(peers: list[nn.Module], test) -> tuple[float, float, float, float]:

@@ -24,10 +24,12 @@ _NAMES = {
     "evaluate": "nanoopt.train", "fit": "nanoopt.train",
 }
 
+# the user's vocabulary (DESIGN.md's public API); ``ops``, ``random``, ``report``, ``train``, ``deploy`` and the
+# ``tensor`` module stay reachable as attributes but are not exported
 __all__ = [
     "Tensor", "concatenate", "data", "distill", "enable_grad", "evaluate", "fit", "io", "is_grad_enabled",
-    "manual_seed", "maximum", "models", "nn", "no_grad", "onnx", "ops", "optim", "prune", "quant", "random",
-    "report", "runtime", "stack", "tensor", "train", "where",
+    "manual_seed", "maximum", "models", "nn", "no_grad", "onnx", "optim", "prune", "quant", "runtime", "stack",
+    "where",
 ]
 
 

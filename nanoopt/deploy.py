@@ -5,7 +5,7 @@ in eval mode and writes a :class:`nanoopt.runtime.PlanDescription` -- plain ops,
 :mod:`nanoopt.runtime` executes (and saves, and loads) without this module, the autograd or the layers.
 
 * The data flow comes from running one example input with hooks on the leaf modules (for the integer model, on
-  codes; for a float model, :func:`nanoopt.quant.graph.trace`); a chain of layers in nested ``Sequential``\\ s
+  codes; for a float model, :func:`nanoopt.nn.graph.trace`); a chain of layers in nested ``Sequential``\\ s
   needs no example input, nor does an integer model (it records its input shape at conversion).
 * Integer layers are copied as they are (the converted weights, biases, multipliers and grids), so the plan is
   bit-identical to the model. A layer that runs in float inside the integer model (``FloatFallback``) is refused.
@@ -33,10 +33,10 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.kernels.sparse import CSRMatrix
+from nanoopt.nn.graph import INPUT, hooks, trace
 from nanoopt.prune.masks import get_mask, get_parameter
 from nanoopt.prune.sparse import SparseLinear
 from nanoopt.quant import qmodules as Q
-from nanoopt.quant.graph import INPUT, trace
 from nanoopt.runtime.description import Grid, PlanDescription, Step, spec_to_json
 from nanoopt.tensor import Tensor
 
@@ -64,14 +64,12 @@ def _trace_codes(model: Q.QuantizedModel, codes: np.ndarray) -> tuple[list[tuple
     """Leaf calls of the integer tree on ``codes``: ``[(name, module, producer names)]`` and the output's producer."""
     leaves = [(name, module) for name, module in model.model.named_modules()
               if isinstance(module, Q.QuantizedModule | nn.Identity) or not list(module.children())]
-    names = {id(module): name for name, module in leaves}
     producer = {id(codes): INPUT}
     alive: list[Any] = [codes]
     calls: list[tuple[str, nn.Module, list[str]]] = []
     seen: set[str] = set()
 
-    def before(module, inputs):
-        name = names[id(module)]
+    def before(name, module, inputs):
         if name in seen:
             raise ValueError(f"to_plan: layer {name!r} is called more than once; give each call its own module")
         seen.add(name)
@@ -83,18 +81,12 @@ def _trace_codes(model: Q.QuantizedModel, codes: np.ndarray) -> tuple[list[tuple
             sources.append(producer[id(value)])
         calls.append((name, module, sources))
 
-    def after(module, inputs, output):
-        producer[id(output)] = names[id(module)]
+    def after(name, module, inputs, output):
+        producer[id(output)] = name
         alive.append(output)
 
-    handles = []
-    for _, module in leaves:
-        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
-    try:
+    with hooks(dict(leaves), before=before, after=after):
         output = model.forward_int(codes)
-    finally:
-        for handle in handles:
-            handle.remove()
     if id(output) not in producer:
         raise ValueError("to_plan: the model output was not made by a layer of the model")
     return calls, producer[id(output)]

@@ -38,6 +38,7 @@ import scipy.linalg
 from tqdm.auto import tqdm
 
 from nanoopt.nn import Linear, Module
+from nanoopt.nn.graph import hooks
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = [
@@ -158,16 +159,12 @@ def execution_order(model: Module, layers: Sequence[tuple[str, Module]], batch: 
                     ) -> list[tuple[str, Module]]:
     """``layers`` sorted by the order of their first call on ``batch``; a layer never called is an error."""
     first_call: dict[str, int] = {}
-    handles = []
-    for name, layer in layers:
-        def note(module: Module, inputs: tuple, name: str = name) -> None:
-            first_call.setdefault(name, len(first_call))
-        handles.append(layer.register_forward_pre_hook(note))
-    try:
+
+    def note(name: str, module: Module, inputs: tuple) -> None:
+        first_call.setdefault(name, len(first_call))
+
+    with hooks(dict(layers), before=note):
         run_batches(model, [batch])
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [name for name, _ in layers if name not in first_call]
     if missing:
         raise ValueError(f"{what}: Linear layer(s) {missing} are not called on the calibration input, so they "
@@ -189,7 +186,7 @@ def sequential(model: Module, layers: Sequence[tuple[str, Module]], batches: Seq
         accumulator = start(name, layer)
         rows = [0]
 
-        def feed(module: Module, inputs: tuple, accumulator: Accumulator = accumulator, name: str = name,
+        def feed(name: str, module: Module, inputs: tuple, accumulator: Accumulator = accumulator,
                  rows: list[int] = rows) -> None:
             x = inputs[0]
             data = np.asarray(x.data if isinstance(x, Tensor) else x, dtype=np.float32)
@@ -200,11 +197,8 @@ def sequential(model: Module, layers: Sequence[tuple[str, Module]], batches: Seq
             accumulator.add_batch(data)
             rows[0] += data.shape[0]
 
-        handle = layer.register_forward_pre_hook(feed)
-        try:
+        with hooks({name: layer}, before=feed):
             run_batches(model, batches)
-        finally:
-            handle.remove()
         if rows[0] == 0:
             raise ValueError(f"{desc}: layer {name!r} received no calibration rows (are the batches empty?)")
         replacement = finish(name, layer, accumulator)

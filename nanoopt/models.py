@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanoopt import nn
+from nanoopt.tensor import Tensor
 
 
 def lenet_300_100(in_features: int = 784, num_classes: int = 10) -> nn.Sequential:
@@ -71,6 +72,38 @@ def tiny_mlp(in_features: int = 64, num_classes: int = 10) -> nn.Sequential:
     return mlp(in_features, (32,), num_classes)
 
 
+class BasicBlock(nn.Module):
+    """The two-convolution residual block of He et al. 2016 (ResNet, Fig. 2), with BatchNorm.
+
+    out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); the shortcut is the identity, or a strided 1x1
+    convolution with BatchNorm when the shape changes (option B of the paper).
+
+    >>> import numpy as np
+    >>> BasicBlock(4, 8, stride=2)(np.zeros((1, 4, 8, 8), np.float32)).shape
+    (1, 8, 4, 4)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out_channels))
+        else:
+            self.shortcut = nn.Identity()
+        self.add = nn.Add()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Any) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))    # (N, C_out, H/s, W/s)
+        out = self.bn2(self.conv2(out))
+        return self.relu2(self.add(out, self.shortcut(x)))
+
+
 class ResNet(nn.Module):
     """Stem (conv 3x3, BN, ReLU) -> stages of BasicBlocks (the first block of each later stage has stride 2)
     -> global average pool -> linear classifier."""
@@ -89,7 +122,7 @@ class ResNet(nn.Module):
             blocks = []
             for block in range(blocks_per_stage):
                 stride = 2 if index > 0 and block == 0 else 1
-                blocks.append(nn.BasicBlock(previous, width, stride))
+                blocks.append(BasicBlock(previous, width, stride))
                 previous = width
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)

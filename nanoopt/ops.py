@@ -37,7 +37,7 @@ from nanoopt.tensor import Tensor, is_grad_enabled
 class Context:
     """What one application of a primitive remembers for its backward pass."""
 
-    __slots__ = ("function", "inputs", "saved", "needs_input_grad", "options", "freed")
+    __slots__ = ("function", "inputs", "saved", "needs_input_grad", "options", "attributes", "freed")
 
     def __init__(self, function: type[Function]) -> None:
         self.function = function
@@ -45,6 +45,7 @@ class Context:
         self.saved: tuple[Any, ...] = ()
         self.needs_input_grad: tuple[bool, ...] = ()
         self.options: dict[str, Any] = {}
+        self.attributes: dict[str, Any] = {}  # named arguments of the call, for readers of the graph (grad_fn)
         self.freed = False
 
     def save_for_backward(self, *values: Any) -> None:
@@ -410,6 +411,7 @@ class Sum(Function):
     @staticmethod
     def forward(ctx, a, axis=None, keepdims=False):
         axes = _normalise_axis(axis, a.ndim)
+        ctx.attributes["axes"] = axes
         ctx.save_for_backward(a.shape, axes, keepdims)
         return np.asarray(a.sum(axis=axes, keepdims=keepdims))
 
@@ -423,6 +425,7 @@ class Mean(Function):
     @staticmethod
     def forward(ctx, a, axis=None, keepdims=False):
         axes = _normalise_axis(axis, a.ndim)
+        ctx.attributes["axes"] = axes
         ctx.save_for_backward(a.shape, axes, keepdims)
         return np.asarray(a.mean(axis=axes, keepdims=keepdims), dtype=a.dtype)
 
@@ -440,6 +443,7 @@ class Max(Function):
     def forward(ctx, a, axis=None, keepdims=False):
         axes = _normalise_axis(axis, a.ndim)
         out = np.max(a, axis=axes, keepdims=True)
+        ctx.attributes["axes"] = axes
         ctx.save_for_backward(a, out, axes, keepdims)
         return out if keepdims else np.squeeze(out, axis=axes)
 
@@ -506,6 +510,7 @@ class Concatenate(Function):
     @staticmethod
     def forward(ctx, *arrays, axis=0):
         axis = axis % arrays[0].ndim
+        ctx.attributes["axis"] = axis
         ctx.save_for_backward(axis, np.cumsum([x.shape[axis] for x in arrays])[:-1])
         return np.concatenate(arrays, axis=axis)
 

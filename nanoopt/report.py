@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt.nn import Module
+from nanoopt.nn.graph import hooks
 from nanoopt.tensor import Tensor, no_grad
 
 
@@ -197,21 +198,15 @@ def layer_infos(model: Module, example: np.ndarray | None = None) -> list[LayerI
     if example is not None:
         positions: dict[str, int] = {}
 
-        def hook(name: str) -> Callable[..., None]:
-            def record(module: Module, inputs: Any, output: Any) -> None:
-                shape = np.shape(output.data if isinstance(output, Tensor) else output)
-                positions[name] = int(np.prod(shape[2:])) if len(shape) == 4 else 1
-            return record
+        def record(name: str, module: Module, inputs: Any, output: Any) -> None:
+            shape = np.shape(output.data if isinstance(output, Tensor) else output)
+            positions[name] = int(np.prod(shape[2:])) if len(shape) == 4 else 1
 
-        handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-        try:
+        with hooks(modules, after=record):
             if isinstance(model, Module):
                 model.eval()
             with no_grad():
                 model(Tensor(example[:1]))
-        finally:
-            for handle in handles:
-                handle.remove()
         for name, info in infos.items():
             info.macs = info.size * positions.get(name, 1)
             info.nonzero_macs = info.nonzero * positions.get(name, 1)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,32 @@ def as_float_array(data: Any, dtype: Any = None) -> np.ndarray:
     raise TypeError(f"Tensor data must be numeric (bool, int or float), got dtype {array.dtype}")
 
 
+def post_order(output: Tensor, parents: Callable[[Tensor], Iterable[Tensor]]) -> list[Tensor]:
+    """Every tensor reachable from ``output`` through ``parents``, each after its parents (iterative depth-first
+    search: no recursion limit). The backward pass walks ``grad_fn.inputs``; graph readers may stop elsewhere.
+
+    >>> x = Tensor([1.0, 2.0], requires_grad=True)
+    >>> y = (x * 2.0).sum()
+    >>> order = post_order(y, lambda t: () if t.grad_fn is None else t.grad_fn.inputs)
+    >>> len(order), order[-1] is y, order.index(x) < order.index(y.grad_fn.inputs[0])   # x, 2.0, x * 2.0, y
+    (4, True, True)
+    """
+    order: list[Tensor] = []
+    visited: set[int] = set()
+    stack: list[tuple[Tensor, bool]] = [(output, False)]
+    while stack:
+        node, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        stack.extend((parent, False) for parent in parents(node) if id(parent) not in visited)
+    return order
+
+
 class Tensor:
     """A float ndarray with an optional gradient and the record of the primitive that produced it.
 
@@ -132,6 +158,19 @@ class Tensor:
     @property
     def is_leaf(self) -> bool:
         return self._ctx is None
+
+    @property
+    def grad_fn(self) -> Any:
+        """The autograd node that produced this tensor (None for a leaf), as PyTorch's ``grad_fn``: an
+        :class:`~nanoopt.ops.Context` whose ``function`` is the primitive, ``inputs`` the tensors it read and
+        ``attributes`` its named arguments (e.g. ``axes`` of a reduction, ``axis`` of a concatenation).
+
+        >>> x = Tensor([[1.0, 2.0]], requires_grad=True)
+        >>> node = x.sum(axis=1).grad_fn
+        >>> node.function.__name__, node.inputs[0] is x, node.attributes
+        ('Sum', True, {'axes': (1,)})
+        """
+        return self._ctx
 
     def __len__(self) -> int:
         return len(self.data)
@@ -206,24 +245,9 @@ class Tensor:
                 ctx.free()
 
     def _topological_order(self) -> list[Tensor]:
-        """Tensors of the graph ending here, each after all of its inputs (iterative DFS: no recursion limit)."""
-        order: list[Tensor] = []
-        visited: set[int] = set()
-        stack: list[tuple[Tensor, bool]] = [(self, False)]
-        while stack:
-            node, inputs_done = stack.pop()
-            if inputs_done:
-                order.append(node)
-                continue
-            if id(node) in visited:
-                continue
-            visited.add(id(node))
-            stack.append((node, True))
-            if node._ctx is not None:
-                for parent in node._ctx.inputs:
-                    if parent.requires_grad and id(parent) not in visited:
-                        stack.append((parent, False))
-        return order
+        """Tensors of the graph ending here, each after all of its inputs (those that require a gradient)."""
+        return post_order(self, lambda node: () if node._ctx is None else
+                          [parent for parent in node._ctx.inputs if parent.requires_grad])
 
     # ----------------------------------------------------------------- operator sugar (built on ops)
     def __add__(self, other: Any) -> Tensor:

@@ -60,7 +60,7 @@ LAYERS = {
     "adaptive_avgpool": (lambda: nn.AdaptiveAvgPool2d(2), (3, 6, 4)),
     "flatten": (lambda: nn.Flatten(), (3, 2, 2)),
     "dropout": (lambda: nn.Dropout(0.5), (7,)),
-    "basic_block": (lambda: nn.BasicBlock(3, 4, stride=2), (3, 6, 6)),
+    "basic_block": (lambda: models.BasicBlock(3, 4, stride=2), (3, 6, 6)),
     "add": (TwoInputs, (3, 5, 5)),
 }
 

@@ -39,6 +39,7 @@ from nanoopt import nn
 from nanoopt.distill.adapters import FeatureAdapter
 from nanoopt.distill.losses import _check_temperature, dkd_loss, hint_loss, kd_loss
 from nanoopt.nn import functional as F
+from nanoopt.nn.graph import evaluating
 from nanoopt.nn.module import Module, RemovableHandle
 from nanoopt.tensor import Tensor, no_grad
 from nanoopt.train import Callback, History, fit
@@ -252,11 +253,8 @@ class Distiller(nn.Module):
             if example_input is None:
                 raise ValueError("Distiller: FeaturePair(adapter='auto') needs example_input (one batch) to read "
                                  "the feature shapes")
-            with no_grad():
-                was_training = self.student.training
-                self.student.eval()
+            with evaluating(self.student):
                 self.student(Tensor(example_input))
-                self.student.train(was_training)
                 teacher_features = self._run_teachers(np.asarray(example_input))[1]
             student_shapes = {n: o.shape[1:] for n, o in self._student_hooks.outputs.items()}
             teacher_shapes = {key: array.shape[1:] for key, array in teacher_features.items()}
@@ -485,11 +483,8 @@ def auxiliary_heads(backbone: Module, layers: Sequence[str], num_classes: int, e
     """
     recorder = _FeatureRecorder(backbone, layers, "backbone")
     try:
-        with no_grad():
-            was_training = backbone.training
-            backbone.eval()
+        with evaluating(backbone):
             backbone(Tensor(example_input))
-            backbone.train(was_training)
         heads = {}
         for name in layers:
             shape = recorder.take(name, "backbone").shape[1:]

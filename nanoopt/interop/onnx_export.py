@@ -45,6 +45,7 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.interop import onnx_modules as om
 from nanoopt.interop.onnx_import import require_onnx
+from nanoopt.nn.graph import hooks
 from nanoopt.quant.dynamic import WeightOnlyConv2d, WeightOnlyLinear, _WeightOnly
 from nanoopt.quant.qmodules import (
     FloatFallback,
@@ -89,28 +90,20 @@ def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[str, nn.Module, l
     leaves = [m for _, m in model.named_modules() if id(m) in names]
     seen: set[int] = set()
     keep: list[Any] = [example]
-    handles = []
 
-    def before(module: nn.Module, inputs: tuple) -> None:
+    def before(name: str, module: nn.Module, inputs: tuple) -> None:
         if id(module) in seen:
             raise OnnxExportError(f"module {names[id(module)]!r} ({type(module).__name__}) is called more than once; "
                                   "export needs one module per call")
         seen.add(id(module))
 
-    def after(module: nn.Module, inputs: tuple, output: Any) -> None:
+    def after(name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         keep.extend(inputs)
         keep.append(output)
-        calls.append((names[id(module)], module, [id(i) for i in inputs], output))
+        calls.append((name, module, [id(i) for i in inputs], output))
 
-    for leaf in leaves:
-        handles.append(leaf.register_forward_pre_hook(before))
-        handles.append(leaf.register_forward_hook(after))
-    try:
-        with no_grad():
-            output = model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooks({names[id(leaf)]: leaf for leaf in leaves}, before=before, after=after), no_grad():
+        output = model(example)
     return calls, output
 
 

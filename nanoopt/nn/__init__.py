@@ -7,7 +7,6 @@ from nanoopt.nn.layers import (
     AdaptiveAvgPool2d,
     Add,
     AvgPool2d,
-    BasicBlock,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
@@ -26,7 +25,7 @@ from nanoopt.nn.layers import (
 from nanoopt.nn.module import Module, Parameter, RemovableHandle
 
 __all__ = [
-    "Add", "AdaptiveAvgPool2d", "AvgPool2d", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dropout",
+    "Add", "AdaptiveAvgPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv2d", "Dropout",
     "Flatten", "GELU", "Identity", "LayerNorm", "Linear", "MaxPool2d", "Module", "ModuleList", "Parameter",
     "ReLU", "RemovableHandle", "Sequential", "Sigmoid", "Tanh", "functional", "init",
     "Embedding", "ModuleDict", "MultiheadAttention", "utils",

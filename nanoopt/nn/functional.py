@@ -134,9 +134,27 @@ relu = ops.relu
 gelu = ops.gelu
 sigmoid = ops.sigmoid
 tanh = ops.tanh
-softmax = ops.softmax
-log_softmax = ops.log_softmax
 dropout = ops.dropout
+
+
+def softmax(x: Any, dim: int = -1) -> Tensor:
+    """``exp(x_i) / sum_j exp(x_j)`` along ``dim`` (PyTorch's name), computed stably (max subtracted).
+
+    >>> import nanoopt as no
+    >>> softmax(no.Tensor([[0.0, 0.0]]), dim=1).data.tolist()
+    [[0.5, 0.5]]
+    """
+    return ops.softmax(x, axis=dim)
+
+
+def log_softmax(x: Any, dim: int = -1) -> Tensor:
+    """``x_i - log sum_j exp(x_j)`` along ``dim`` (PyTorch's name), computed stably.
+
+    >>> import nanoopt as no
+    >>> round(float(log_softmax(no.Tensor([[0.0, 0.0]]), dim=1).data[0, 0]), 4)
+    -0.6931
+    """
+    return ops.log_softmax(x, axis=dim)
 
 
 # ----------------------------------------------------------------- losses

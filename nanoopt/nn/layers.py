@@ -374,31 +374,3 @@ class ModuleList(Module):
 
     def __iter__(self) -> Iterator[Module]:
         return iter(self.children())
-
-
-class BasicBlock(Module):
-    """The two-convolution residual block of He et al. 2016 (ResNet, Fig. 2), with BatchNorm.
-
-    out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); the shortcut is the identity, or a strided 1x1
-    convolution with BatchNorm when the shape changes (option B of the paper).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = BatchNorm2d(out_channels)
-        self.relu1 = ReLU()
-        self.conv2 = Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
-        self.bn2 = BatchNorm2d(out_channels)
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = Sequential(Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
-                                       BatchNorm2d(out_channels))
-        else:
-            self.shortcut = Identity()
-        self.add = Add()
-        self.relu2 = ReLU()
-
-    def forward(self, x: Any) -> Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))    # (N, C_out, H/s, W/s)
-        out = self.bn2(self.conv2(out))
-        return self.relu2(self.add(out, self.shortcut(x)))

@@ -12,8 +12,12 @@ One-shot pruning of the Linear layers of any model from calibration data, unstru
 90
 """
 
-from nanoopt.prune import analysis, calibrated, criteria, gpt, heads, masks, methods, schedules, sparse, surgery
-from nanoopt.prune.analysis import format_sensitivity, format_sparsity, layer_sensitivity, sparsity_report
+from nanoopt.prune.analysis import (  # the format_* helpers stay reachable, not exported
+    format_sensitivity,  # noqa: F401
+    format_sparsity,  # noqa: F401
+    layer_sensitivity,
+    sparsity_report,
+)
 from nanoopt.prune.criteria import (
     MovementScores,
     bn_l1_penalty,
@@ -36,6 +40,8 @@ from nanoopt.prune.masks import (
     remove_all,
 )
 from nanoopt.prune.methods import (
+    L1Unstructured,
+    RandomUnstructured,
     custom_from_mask,
     global_unstructured,
     identity,
@@ -67,17 +73,17 @@ from nanoopt.prune.surgery import (
 )
 from nanoopt.prune.wanda import wanda  # the function (the module is nanoopt.prune.wanda)
 
+# the user's vocabulary (submodules such as prune.surgery stay importable, but are not exported)
 __all__ = [
-    "apply_mask", "custom_from_mask", "get_mask", "global_unstructured", "identity", "is_pruned",
-    "l1_unstructured", "ln_structured", "load_pruned_state_dict", "masks", "methods", "nm_sparsity",
+    "L1Unstructured", "RandomUnstructured", "apply_mask", "custom_from_mask", "get_mask", "global_unstructured",
+    "identity", "is_pruned", "l1_unstructured", "ln_structured", "load_pruned_state_dict", "nm_sparsity",
     "pruned_parameters", "random_structured", "random_unstructured", "remove", "remove_all",
     "ShrinkReport", "block_angular_distances", "dependency_groups", "prune_blocks", "prune_channels",
-    "remove_blocks", "shrink", "surgery",
-    "analysis", "format_sensitivity", "format_sparsity", "layer_sensitivity", "sparsity_report",
-    "criteria", "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip",
-    "taylor", "schedules", "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity",
-    "one_shot", "prune_to_sparsity", "sparse", "SparseLinear", "to_sparse",
-    "calibrated", "sparsegpt", "wanda",  # one-shot pruning from calibration data (SparseGPT, Wanda)
-    "gpt", "heads", "dead_heads", "head_importance", "mask_heads", "prune_heads", "select_heads",
-    "remove_gpt_blocks", "shrink_gpt",
+    "remove_blocks", "shrink",
+    "layer_sensitivity", "sparsity_report",
+    "MovementScores", "bn_l1_penalty", "bn_scale", "fpgm", "magnitude", "prunable_parameters", "snip", "taylor",
+    "GradualPruning", "cubic_sparsity", "iterative", "lottery_ticket", "mask_sparsity", "one_shot",
+    "prune_to_sparsity", "SparseLinear", "to_sparse",
+    "sparsegpt", "wanda",  # one-shot pruning from calibration data (SparseGPT, Wanda)
+    "dead_heads", "head_importance", "mask_heads", "prune_heads", "select_heads", "remove_gpt_blocks", "shrink_gpt",
 ]

@@ -36,6 +36,7 @@ import numpy as np
 
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
+from nanoopt.nn.graph import evaluating
 from nanoopt.prune.masks import get_mask, get_parameter, module_label
 from nanoopt.tensor import Tensor
 from nanoopt.train import Callback, default_loss
@@ -89,23 +90,21 @@ def _gradient_products(model: Module, batches: Iterable[tuple[np.ndarray, np.nda
     """sum over batches of |w * dL/dw| for each parameter, computed in eval mode."""
     compute_loss = compute_loss or default_loss
     totals = {key: np.zeros(get_parameter(*key).shape, dtype=np.float64) for key in parameters}
-    was_training = model.training
-    model.eval()
     model.zero_grad()
     count = 0
     try:
-        for x, y in batches:
-            loss, _ = compute_loss(model, x, y)
-            loss.backward()
-            for key in parameters:
-                parameter = get_parameter(*key)
-                if parameter.grad is not None:
-                    totals[key] += np.abs(parameter.grad.astype(np.float64) * effective_weight(*key))
-            model.zero_grad()
-            count += 1
+        with evaluating(model, grad=True):
+            for x, y in batches:
+                loss, _ = compute_loss(model, x, y)
+                loss.backward()
+                for key in parameters:
+                    parameter = get_parameter(*key)
+                    if parameter.grad is not None:
+                        totals[key] += np.abs(parameter.grad.astype(np.float64) * effective_weight(*key))
+                model.zero_grad()
+                count += 1
     finally:
         model.zero_grad()
-        model.train(was_training)
     if count == 0:
         raise ValueError("the criterion needs at least one (x, y) batch, got none")
     return totals

@@ -8,7 +8,7 @@ blocks, and each part is handled where its channels live:
 * **MLP neurons.** A block's MLP, ``c_proj(GELU(c_fc(x)))``, acts on every token alone, so it is shrunk by
   :func:`~nanoopt.prune.surgery.shrink` as a model of its own on (tokens, C) rows: a neuron whose ``c_fc`` row
   is all masked outputs the constant GELU(b_j), which is folded into ``c_proj``'s bias, and its row and column
-  go (mask with e.g. ``prune.ln_structured(block.mlp.c_fc, "weight", 0.25, dim=0)``).
+  go (mask with e.g. ``prune.ln_structured(block.mlp.c_fc, "weight", 0.25, n=2, dim=0)``).
 * **Heads.** A head whose columns of ``c_proj`` are all zero (:func:`~nanoopt.prune.heads.mask_heads`)
   contributes nothing; it is removed with :func:`~nanoopt.prune.heads.prune_heads`.
 
@@ -19,7 +19,7 @@ blocks move up one index) and lowers ``config.n_layer``, so the KV cache and che
 >>> from nanoopt import models, prune
 >>> no.manual_seed(0)
 >>> model = models.gpt(vocab_size=7, block_size=8, n_layer=2, n_head=2, n_embd=8)
->>> _ = prune.ln_structured(model.transformer["h"][0].mlp.c_fc, "weight", amount=0.5, dim=0)
+>>> _ = prune.ln_structured(model.transformer["h"][0].mlp.c_fc, "weight", amount=0.5, n=2, dim=0)
 >>> x = np.random.default_rng(0).integers(0, 7, (2, 8))
 >>> expected = model(x).data
 >>> report = prune.shrink(model, x)

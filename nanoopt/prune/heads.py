@@ -45,6 +45,7 @@ from nanoopt.models_gpt import GPT, Block
 from nanoopt.nn import Module, Parameter
 from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import evaluating
 from nanoopt.prune.masks import get_mask, get_parameter
 from nanoopt.prune.methods import count_to_prune, custom_from_mask
 from nanoopt.tensor import Tensor
@@ -120,24 +121,22 @@ def head_importance(model: Module, calibration: tuple[np.ndarray, np.ndarray], b
     saved_grads = [p.grad for p in parameters]
     handles = [block.attn.c_proj.register_forward_pre_hook(gate_hook(name, block.attn))
                for name, block in blocks.items()]
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(x), batch_size):
-            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            for name, block in blocks.items():
-                gates[name] = Tensor(np.ones((len(xb), 1, block.attn.n_head, 1), dtype=np.float32),
-                                     requires_grad=True)
-            loss = lm_loss(model(xb), yb) * len(xb)  # sum over windows of each window's mean token loss
-            loss.backward()
-            for name in blocks:
-                totals[name] += np.abs(gates[name].grad.reshape(len(xb), -1)).sum(axis=0)
+        with evaluating(model, grad=True):
+            for start in range(0, len(x), batch_size):
+                xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+                for name, block in blocks.items():
+                    gates[name] = Tensor(np.ones((len(xb), 1, block.attn.n_head, 1), dtype=np.float32),
+                                         requires_grad=True)
+                loss = lm_loss(model(xb), yb) * len(xb)  # sum over windows of each window's mean token loss
+                loss.backward()
+                for name in blocks:
+                    totals[name] += np.abs(gates[name].grad.reshape(len(xb), -1)).sum(axis=0)
     finally:
         for handle in handles:
             handle.remove()
         for p, g in zip(parameters, saved_grads, strict=True):
             p.grad = g
-        model.train(was_training)
     scores = {name: total / len(x) for name, total in totals.items()}
     if normalize:
         scores = {name: s / max(float(np.linalg.norm(s)), 1e-30) for name, s in scores.items()}

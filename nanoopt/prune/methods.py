@@ -225,10 +225,11 @@ def random_unstructured(module: Module, name: str, amount: Amount, seed: int | N
     return apply_mask(module, name, unstructured_mask(scores, get_mask(module, name), amount, what))
 
 
-def ln_structured(module: Module, name: str, amount: Amount, n: int | float | str = 2, dim: int = 0,
+def ln_structured(module: Module, name: str, amount: Amount, n: int | float | str, dim: int,
                   importance_scores: Any = None) -> Module:
     """Prune whole slices along ``dim`` of ``module.<name>`` with the smallest L_n norm (``n``: int, float,
-    ``float('inf')``, ``-inf`` or ``'fro'``). dim 0 removes output neurons / filters.
+    ``float('inf')``, ``-inf`` or ``'fro'``). dim 0 removes output neurons / filters. ``n`` and ``dim`` are
+    required, as in PyTorch's ``ln_structured``.
 
     The norm is of the masked weight, or of ``importance_scores`` as given (PyTorch's rule: after an unstructured
     pruning, entries already pruned still count in a slice's importance-score norm).
@@ -252,11 +253,12 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     return apply_mask(module, name, structured_mask(scores, mask, amount, n, dim, what))
 
 
-def random_structured(module: Module, name: str, amount: Amount, dim: int = 0, seed: int | None = None) -> Module:
-    """Prune ``amount`` alive slices along ``dim`` chosen at random (``seed``, else the global RNG).
+def random_structured(module: Module, name: str, amount: Amount, dim: int, seed: int | None = None) -> Module:
+    """Prune ``amount`` alive slices along ``dim`` chosen at random (``seed``, else the global RNG); ``dim`` is
+    required, as in PyTorch's ``random_structured``.
 
     >>> from nanoopt import nn
-    >>> layer = random_structured(nn.Linear(4, 6), "weight", amount=2, seed=1)
+    >>> layer = random_structured(nn.Linear(4, 6), "weight", amount=2, dim=0, seed=1)
     >>> layer.weight_mask.sum(axis=1).tolist().count(0.0)
     2
     """
@@ -304,6 +306,62 @@ def custom_from_mask(module: Module, name: str, mask: Any) -> Module:
     return apply_mask(module, name, np.asarray(mask))
 
 
+class L1Unstructured:
+    """PyTorch's ``prune.L1Unstructured`` method class: the mask of :func:`l1_unstructured` (|w| ranked, the
+    ``amount`` smallest survivors pruned). Pass the class as ``global_unstructured(..., pruning_method=)``.
+
+    >>> import numpy as np
+    >>> L1Unstructured(amount=1).compute_mask(np.array([3.0, -1.0, 2.0]), np.ones(3)).tolist()
+    [1.0, 0.0, 1.0]
+    """
+
+    PRUNING_TYPE = "unstructured"
+    method = "l1"
+
+    def __init__(self, amount: Amount) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: Any, default_mask: Any) -> np.ndarray:
+        """The mask pruning ``amount`` more survivors of ``default_mask`` by smallest ``|t|``."""
+        scores = np.abs(np.asarray(getattr(t, "data", t), dtype=np.float64))
+        return unstructured_mask(scores, np.asarray(default_mask), self.amount, "L1Unstructured")
+
+    @classmethod
+    def apply(cls, module: Module, name: str, amount: Amount, importance_scores: Any = None) -> Module:
+        """``l1_unstructured(module, name, amount, importance_scores)``."""
+        return l1_unstructured(module, name, amount, importance_scores)
+
+
+class RandomUnstructured:
+    """PyTorch's ``prune.RandomUnstructured`` method class: the mask of :func:`random_unstructured` (``amount``
+    survivors chosen uniformly at random, from the global generator). Usable as ``pruning_method=``.
+
+    >>> import numpy as np
+    >>> int(RandomUnstructured(amount=2).compute_mask(np.ones(5), np.ones(5)).sum())
+    3
+    """
+
+    PRUNING_TYPE = "unstructured"
+    method = "random"
+
+    def __init__(self, amount: Amount) -> None:
+        self.amount = amount
+
+    def compute_mask(self, t: Any, default_mask: Any) -> np.ndarray:
+        """The mask pruning ``amount`` more survivors of ``default_mask`` chosen at random."""
+        default_mask = np.asarray(default_mask)
+        return unstructured_mask(random_scores(default_mask.shape, None), default_mask, self.amount,
+                                 "RandomUnstructured")
+
+    @classmethod
+    def apply(cls, module: Module, name: str, amount: Amount, seed: int | None = None) -> Module:
+        """``random_unstructured(module, name, amount, seed)``."""
+        return random_unstructured(module, name, amount, seed)
+
+
+_GLOBAL_METHODS = {"l1": "l1", "random": "random", L1Unstructured: "l1", RandomUnstructured: "random"}
+
+
 def _floor(min_remaining: Amount, size: int, what: str) -> int:
     """Entries ``min_remaining`` keeps in a parameter of ``size`` entries (a fraction rounds up, an int is a count)."""
     if isinstance(min_remaining, bool) or not isinstance(min_remaining, numbers.Real):
@@ -317,12 +375,13 @@ def _floor(min_remaining: Amount, size: int, what: str) -> int:
     return min(size, math.ceil(float(min_remaining) * size - 1e-9))
 
 
-def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method: str = "l1",
+def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method: str | type = "l1",
                         importance_scores: Mapping[tuple[Module, str], Any] | None = None, *, amount: Amount,
                         seed: int | None = None, min_remaining: Amount = 0, model: Module | None = None) -> None:
     """Rank the surviving entries of all ``parameters`` together and prune the ``amount`` lowest.
 
-    ``pruning_method`` is ``"l1"`` (|w|, or |importance_scores[(module, name)]| where given) or ``"random"``.
+    ``pruning_method`` is ``"l1"`` or :class:`L1Unstructured` (|w|, or |importance_scores[(module, name)]| where
+    given), or ``"random"`` or :class:`RandomUnstructured` (PyTorch passes the method class).
     A float ``amount`` is a fraction of all survivors together, so layers end up with different sparsities.
 
     A global ranking can take every entry of a layer whose weights are small (the layer then outputs only its
@@ -338,15 +397,22 @@ def global_unstructured(parameters: Iterable[tuple[Module, str]], pruning_method
     >>> int((model[0].weight_mask == 0).sum() + (model[2].weight_mask == 0).sum())
     200
     >>> model[2].weight.data[...] *= 1e-3       # a layer of small weights: the global ranking would take all
-    >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], amount=0.5, min_remaining=0.1)
+    >>> global_unstructured([(model[0], "weight"), (model[2], "weight")], pruning_method=L1Unstructured, amount=0.5,
+    ...                     min_remaining=0.1)
     >>> int(model[2].weight_mask.sum())         # 10% of its 50 weights kept
     5
     """
     parameters = list(parameters)
     if not parameters:
         raise ValueError("global_unstructured: the list of (module, name) pairs is empty")
-    if pruning_method not in ("l1", "random"):
-        raise ValueError(f"global_unstructured: pruning_method must be 'l1' or 'random', got {pruning_method!r}")
+    try:
+        method = _GLOBAL_METHODS.get(pruning_method)  # type: ignore[call-overload]
+    except TypeError:                                 # an unhashable value
+        method = None
+    if method is None:
+        raise ValueError(f"global_unstructured: pruning_method must be 'l1', 'random', prune.L1Unstructured or "
+                         f"prune.RandomUnstructured, got {pruning_method!r}")
+    pruning_method = method
     if model is not None and not isinstance(model, Module):
         raise TypeError(f"global_unstructured: model must be the Module that holds the parameters, got "
                         f"{type(model).__name__}")

@@ -52,9 +52,12 @@ from typing import Any
 import numpy as np
 
 from nanoopt import ops
+from nanoopt.models import BasicBlock
+from nanoopt.models_gpt import GPT, Block
 from nanoopt.nn import Module, Parameter
 from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import capture, evaluating, hooks, record_calls, walk
 from nanoopt.nn.names import check_layer_names
 from nanoopt.prune.masks import (
     MASK_SUFFIX,
@@ -65,7 +68,7 @@ from nanoopt.prune.masks import (
     module_label,
     pruned_names,
 )
-from nanoopt.tensor import Tensor, no_grad
+from nanoopt.tensor import Tensor
 
 FIXED = 0   # the union-find node of channels that can never be removed (model input and output, LayerNorm ...)
 
@@ -140,10 +143,6 @@ class Group:
     @property
     def channels(self) -> int:
         return int(self.roots.size)
-
-
-def _leaf_modules(model: Module) -> list[tuple[str, Module]]:
-    return [(name, module) for name, module in model.named_modules() if not module._modules]
 
 
 def _as_tensor(example_input: Any) -> Tensor:
@@ -241,8 +240,8 @@ def _varies_along_channels(constant: Tensor, activation: Tensor) -> bool:
 
 def _op_rule(state: _TraceState, tensor: Tensor, ids: list[np.ndarray | None]) -> np.ndarray | None:
     """Channel ids of a primitive's output (a raw operation in some forward(), outside any leaf module)."""
-    ctx = tensor._ctx
-    function, inputs = ctx.function, ctx.inputs
+    node = tensor.grad_fn
+    function, inputs = node.function, node.inputs
     where = f"the primitive {function.__name__} (called in a forward() outside any leaf layer)"
     if function in _UNARY_OPS:
         return ids[0]
@@ -270,13 +269,13 @@ def _op_rule(state: _TraceState, tensor: Tensor, ids: list[np.ndarray | None]) -
         state.refuse(ids[0], f"{where} from shape {source.shape} to {tensor.shape}")
         return _fixed(tensor)
     if function in (ops.Sum, ops.Mean, ops.Max):
-        axes = ctx.saved[2] if function is ops.Max else ctx.saved[1]
+        axes = node.attributes["axes"]
         if 0 not in axes and 1 not in axes:
             return ids[0]   # a reduction over spatial axes (e.g. global average pooling) keeps axis 1
         state.refuse(ids[0], f"{where} over axes {axes}")
         return _fixed(tensor)
     if function is ops.Concatenate and tensor.ndim >= 2:
-        axis = ctx.saved[0] if ctx.saved else None
+        axis = node.attributes.get("axis")
         parts = [x if x is not None else np.zeros(t.shape[1], np.int64) for x, t in zip(ids, inputs, strict=True)]
         if axis == 1:
             return np.concatenate(parts)
@@ -287,30 +286,6 @@ def _op_rule(state: _TraceState, tensor: Tensor, ids: list[np.ndarray | None]) -
     for x in ids:
         state.refuse(x, where)
     return _fixed(tensor)
-
-
-def _post_order(output: Tensor, state: _TraceState) -> list[Tensor]:
-    """Every tensor the output depends on, each after its inputs (module calls are opaque nodes)."""
-    order: list[Tensor] = []
-    seen: set[int] = set()
-    stack: list[tuple[Tensor, bool]] = [(output, False)]
-    while stack:
-        tensor, done = stack.pop()
-        if done:
-            order.append(tensor)
-            continue
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        stack.append((tensor, True))
-        if id(tensor) in state.calls:
-            parents = [x for x in state.calls[id(tensor)][2] if isinstance(x, Tensor)]
-        elif tensor._ctx is not None:
-            parents = list(tensor._ctx.inputs)
-        else:
-            parents = []
-        stack.extend((parent, False) for parent in parents if id(parent) not in seen)
-    return order
 
 
 def trace(model: Module, example_input: Any) -> Trace:
@@ -324,30 +299,17 @@ def trace(model: Module, example_input: Any) -> Trace:
     """
     source = _as_tensor(example_input)
     state = _TraceState(source)
-    handles = []
-
-    def record(name: str):
-        def hook(module: Module, inputs: tuple, output: Any) -> None:
-            if isinstance(output, Tensor) and not any(output is x for x in inputs):
-                state.calls[id(output)] = (name, module, inputs, output)
-        return hook
-
-    for name, module in _leaf_modules(model):
-        handles.append(module.register_forward_hook(record(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        output = model(source)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    calls, output = record_calls(model, source, grad=True)
+    for call in calls:
+        if isinstance(call.output, Tensor) and not any(call.output is x for x in call.inputs):
+            state.calls[id(call.output)] = (call.name, call.module, call.inputs, call.output)
+    opaque = {key: call[2] for key, call in state.calls.items()}
     outputs = output if isinstance(output, (tuple, list)) else (output,)
     channel_ids: dict[int, np.ndarray | None] = {}
     for out in outputs:
         if not isinstance(out, Tensor):
             raise ValueError(f"prune.shrink: the model returned a {type(out).__name__}; expected Tensor outputs")
-        for tensor in _post_order(out, state):
+        for tensor in walk(out, opaque):
             if id(tensor) in channel_ids:
                 continue
             if tensor is source:
@@ -356,8 +318,8 @@ def trace(model: Module, example_input: Any) -> Trace:
                 name, module, inputs, _ = state.calls[id(tensor)]
                 ids = [channel_ids.get(id(x)) if isinstance(x, Tensor) else None for x in inputs]
                 channel_ids[id(tensor)] = _module_rule(state, name, module, inputs, tensor, ids)
-            elif tensor._ctx is not None:
-                ids = [channel_ids.get(id(x)) for x in tensor._ctx.inputs]
+            elif tensor.grad_fn is not None:
+                ids = [channel_ids.get(id(x)) for x in tensor.grad_fn.inputs]
                 channel_ids[id(tensor)] = _op_rule(state, tensor, ids)
             else:
                 channel_ids[id(tensor)] = None            # a parameter or constant, not an activation
@@ -459,22 +421,9 @@ def _dead_channels(module: Module) -> np.ndarray:
 
 
 def _capture_inputs(model: Module, example_input: Any, uses: list[Use]) -> dict[str, np.ndarray]:
-    seen: dict[str, np.ndarray] = {}
-    handles = []
-    for use in uses:
-        def hook(module, inputs, _name=use.name):
-            seen.setdefault(_name, np.array(inputs[0].data, copy=True))
-        handles.append(use.module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            model(Tensor(example_input.data if isinstance(example_input, Tensor) else example_input))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return seen
+    with capture(model, {use.name: use.module for use in uses}, inputs=True) as seen:
+        model(Tensor(example_input.data if isinstance(example_input, Tensor) else example_input))
+    return {name: values[0] for name, values in seen.inputs.items() if values}
 
 
 def _copy_parameter(new: Module, old: Module, name: str, index: tuple, extra: np.ndarray | None = None) -> None:
@@ -726,20 +675,18 @@ def _mask_rows(module: Module, drop: np.ndarray) -> None:
 
 # ===================================================================== layer pruning
 def _is_gpt(model: Module) -> bool:
-    from nanoopt.models_gpt import GPT
     return isinstance(model, GPT)
 
 
 def _default_blocks(model: Module) -> list[str]:
-    from nanoopt.models_gpt import Block
-    return [name for name, module in model.named_modules() if isinstance(module, (L.BasicBlock, Block))]
+    return [name for name, module in model.named_modules() if isinstance(module, (BasicBlock, Block))]
 
 
 def block_angular_distances(model: Module, example_input: Any, candidates: Sequence[str] | None = None
                             ) -> dict[str, float]:
     """Mean angular distance arccos(cos(x_in, x_out)) / pi between each candidate block's input and output.
 
-    Candidates default to every :class:`~nanoopt.nn.BasicBlock` whose output has its input's shape (so the
+    Candidates default to every :class:`~nanoopt.models.BasicBlock` whose output has its input's shape (so the
     identity can replace it) and every block of a GPT (``"transformer.h.0"``, ...). Small distances mark blocks
     that change their input least. For sequence activations (B, T, C) the distance is taken per token and
     averaged over tokens (ShortGPT's "Block Influence", Men et al. 2024); otherwise per sample.
@@ -754,27 +701,19 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
     modules = dict(model.named_modules())
     check_layer_names(names, list(modules), "block_angular_distances: candidates", "modules")
     distances: dict[str, float] = {}
-    handles = []
-    for name in names:
-        def hook(module, inputs, output, _name=name):
-            x_in, x_out = inputs[0].data, output.data
-            if x_in.shape != x_out.shape:
-                return
-            rows = x_in.shape[0] * x_in.shape[1] if x_in.ndim == 3 else x_in.shape[0]  # tokens or samples
-            a = x_in.reshape(rows, -1).astype(np.float64)
-            b = x_out.reshape(rows, -1).astype(np.float64)
-            cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-            distances[_name] = float(np.mean(np.arccos(np.clip(cosine, -1.0, 1.0)) / np.pi))
-        handles.append(modules[name].register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            model(Tensor(example_input.data if isinstance(example_input, Tensor) else example_input))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+
+    def measure(name: str, module: Module, inputs: tuple, output: Any) -> None:
+        x_in, x_out = inputs[0].data, output.data
+        if x_in.shape != x_out.shape:
+            return
+        rows = x_in.shape[0] * x_in.shape[1] if x_in.ndim == 3 else x_in.shape[0]  # tokens or samples
+        a = x_in.reshape(rows, -1).astype(np.float64)
+        b = x_out.reshape(rows, -1).astype(np.float64)
+        cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+        distances[name] = float(np.mean(np.arccos(np.clip(cosine, -1.0, 1.0)) / np.pi))
+
+    with evaluating(model), hooks({name: modules[name] for name in names}, after=measure):
+        model(Tensor(example_input.data if isinstance(example_input, Tensor) else example_input))
     return distances
 
 

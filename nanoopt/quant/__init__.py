@@ -47,12 +47,12 @@ _LAZY = {
     "QuantConfig": "nanoopt.quant.config",
     "weight_spec": "nanoopt.quant.config",
     "fold_batchnorm": "nanoopt.quant.algorithms",
-    "trace": "nanoopt.quant.graph",
+    "trace": "nanoopt.nn.graph",
     "QParams": "nanoopt.quant.lowering",
     "IntegerLayer": "nanoopt.quant.lowering",
     "integer_layer": "nanoopt.quant.lowering",
-    "FakeQuantize": "nanoopt.quant.simulate",
-    "NotCalibratedError": "nanoopt.quant.simulate",
+    "FakeQuantize": "nanoopt.quant.fake_quant",
+    "NotCalibratedError": "nanoopt.quant.fake_quant",
     "PreparedModel": "nanoopt.quant.ptq",
     "prepare": "nanoopt.quant.ptq",
     "calibrate": "nanoopt.quant.ptq",
@@ -87,9 +87,9 @@ _LAZY = {
     "qat_config": "nanoopt.quant.qat",
     "QATSchedule": "nanoopt.quant.qat",
     "freeze_batchnorm": "nanoopt.quant.qat",
-    "LSQQuantizer": "nanoopt.quant.qat",
-    "PACTQuantizer": "nanoopt.quant.qat",
-    "WeightFakeQuantize": "nanoopt.quant.qat",
+    "LSQQuantizer": "nanoopt.quant.fake_quant",
+    "PACTQuantizer": "nanoopt.quant.fake_quant",
+    "WeightFakeQuantize": "nanoopt.quant.fake_quant",
     "pack_int4": "nanoopt.quant.packing",
     "unpack_int4": "nanoopt.quant.packing",
     "rtn": "nanoopt.quant.algorithms.rtn",
@@ -97,7 +97,11 @@ _LAZY = {
     "awq": "nanoopt.quant.algorithms.awq",
 }
 
-__all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize", *_LAZY]
+# internals stay reachable as attributes (and in their modules) but are not the user's vocabulary
+_NOT_EXPORTED = ("IntegerLayer", "QParams", "integer_layer", "quantizers", "trace", "pack_int4", "unpack_int4",
+                 "QuantizedLinear", "QuantizedConv2d", "WeightFakeQuantize")
+__all__ = ["QuantSpec", "dequantize", "qparams", "quantize", "quantize_multiplier", "requantize",
+           *(name for name in _LAZY if name not in _NOT_EXPORTED)]
 
 
 def __getattr__(name: str) -> Any:

@@ -40,12 +40,12 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.nn.graph import INPUT, capture
 from nanoopt.quant.algorithms.layer_data import check_calibrated, float_mode
 from nanoopt.quant.config import QuantConfig
-from nanoopt.quant.graph import INPUT
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.ptq import PreparedModel, calibrate, convert, iterate_batches, prepare
-from nanoopt.quant.simulate import FakeQuantize
-from nanoopt.tensor import Tensor, no_grad
+from nanoopt.tensor import Tensor
 
 __all__ = ["MixedPrecisionResult", "layer_sensitivity", "mixed_precision_search", "saturation_counts",
            "sqnr_db", "sqnr_per_layer"]
@@ -76,19 +76,12 @@ def _grid_layers(prepared: PreparedModel) -> list[tuple[str, nn.Module]]:
 
 def _outputs(prepared: PreparedModel, layers: list[tuple[str, nn.Module]], batches: list[np.ndarray]):
     """The model output and every listed layer's output, concatenated over the batches."""
-    captured: dict[str, list[np.ndarray]] = {name: [] for name, _ in layers}
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: captured[name].append(np.array(o.data)))
-               for name, module in layers]
-    prepared.eval()
+    prepared.eval()  # and it stays in eval mode
     outputs = []
-    try:
-        with no_grad():
-            for batch in batches:
-                outputs.append(prepared(Tensor(batch)).data)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return np.concatenate(outputs), {name: np.concatenate(values) for name, values in captured.items()}
+    with capture(prepared, dict(layers), outputs=True) as seen:
+        for batch in batches:
+            outputs.append(prepared(Tensor(batch)).data)
+    return np.concatenate(outputs), {name: np.concatenate(values) for name, values in seen.outputs.items()}
 
 
 def sqnr_per_layer(prepared: PreparedModel, batches: Any) -> dict[str, float]:

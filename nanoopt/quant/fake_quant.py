@@ -35,9 +35,12 @@ the gradient see.
 
   The paper regularises ``alpha`` with L2 (give it weight decay in the optimiser).
 
-This module is only the arithmetic and its gradients (autograd :class:`~nanoopt.ops.Function` subclasses); the
-modules that carry these quantizers inside a prepared model (with observers, switches and learned parameters)
-are in :mod:`nanoopt.quant.simulate` and :mod:`nanoopt.quant.qat`.
+Beside the arithmetic and its gradients (autograd :class:`~nanoopt.ops.Function` subclasses) live the modules
+that carry these quantizers inside a prepared model: :class:`FakeQuantize` (an observer, two switches and the
+``scale`` / ``zero_point`` buffers, as PyTorch's ``FakeQuantize``), :class:`WeightFakeQuantize` (re-fitted to
+the current weights at every step, for QAT), and the learned quantizers :class:`LSQQuantizer` and
+:class:`PACTQuantizer`. The simulated layers (:mod:`nanoopt.quant.simulate`) and ``prepare_qat``
+(:mod:`nanoopt.quant.qat`) place them.
 
 >>> import numpy as np
 >>> from nanoopt.tensor import Tensor
@@ -57,12 +60,22 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt import nn
+from nanoopt.nn import Parameter
 from nanoopt.ops import Function
+from nanoopt.quant.lowering import QParams
+from nanoopt.quant.metadata import check_codes_fit, spec_metadata
+from nanoopt.quant.observers import Observer
 from nanoopt.quant.spec import FLOAT32_EPS, QuantSpec, check_scale, dequantize, qparams, quantize
 from nanoopt.tensor import Tensor
 
 __all__ = [
+    "FakeQuantize",
     "FakeQuantizeFunction",
+    "LSQQuantizer",
+    "NotCalibratedError",
+    "PACTQuantizer",
+    "WeightFakeQuantize",
     "LSQFunction",
     "PACTFunction",
     "fake_quantize",
@@ -306,3 +319,343 @@ def pact_quantize(x: Any, alpha: Tensor, spec: QuantSpec) -> Tensor:
     if not isinstance(alpha, Tensor) or alpha.size != 1:
         raise TypeError(f"pact_quantize: alpha must be a one-element Tensor, got {alpha!r}")
     return PACTFunction.apply(_as_tensor(x), alpha, spec=spec)
+
+
+# ================================================================================================ modules
+class NotCalibratedError(ValueError):
+    """A quantizer has no scale yet: its observer saw no data."""
+
+
+class FakeQuantize(nn.Module):
+    """Observer + fake quantization with separate switches; ``scale``/``zero_point`` buffers are its state.
+
+    ``channels`` sizes the buffers of a per-channel spec (one scale per output channel).
+    """
+
+    def __init__(self, observer: Observer, channels: int | None = None, owner: str = "") -> None:
+        super().__init__()
+        if not isinstance(observer, Observer):
+            raise TypeError(f"FakeQuantize needs an Observer, got {type(observer).__name__}")
+        if observer.spec.per_channel and channels is None:
+            raise ValueError("a per-channel FakeQuantize needs the number of channels")
+        self.observer = observer
+        self.spec = observer.spec
+        self.owner = owner  # e.g. "layer '3' output", for error messages
+        self.observer_enabled = True
+        self.fake_quant_enabled = True
+        shape = (channels,) if self.spec.per_channel else ()
+        self.register_buffer("scale", np.ones(shape, np.float32))
+        self.register_buffer("zero_point", np.zeros(shape, np.int32))
+        self.register_buffer("calibrated", np.zeros((), np.bool_))
+        self._stale = False  # the observer saw data since the buffers were last updated
+
+    # ------------------------------------------------------------------------------------------ state
+    def observe(self, x: Any) -> None:
+        """Feed ``x`` (ndarray or Tensor) to the observer; the buffers follow on the next :meth:`qparams`."""
+        self.observer.partial_fit(x)
+        self._stale = True
+
+    def qparams(self) -> QParams:
+        """The current scale and zero point (refreshed from the observer if it saw new data)."""
+        if self._stale:
+            self.scale[...] = self.observer.scale_
+            self.zero_point[...] = self.observer.zero_point_
+            self.calibrated[...] = True
+            self._stale = False
+        if not self.calibrated:
+            raise NotCalibratedError(f"the quantizer of {self.owner or 'this tensor'} has seen no data; run "
+                                     "calibration batches through the prepared model first (quant.calibrate)")
+        return QParams(self.scale.copy(), self.zero_point.copy(), self.spec)
+
+    def set_qparams(self, scale: Any, zero_point: Any) -> None:
+        """Fix the scale and zero point by hand (the observer's statistics are then ignored until it observes)."""
+        self.scale[...] = scale
+        self.zero_point[...] = zero_point
+        self.calibrated[...] = True
+        self._stale = False
+
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated) or self._stale
+
+    @property
+    def frozen(self) -> bool:
+        """Observer disabled: the scale and zero point no longer change."""
+        return not self.observer_enabled
+
+    def freeze(self) -> None:
+        """Take the final qparams from the observer and stop observing."""
+        if self._stale:
+            self.qparams()
+        self.observer_enabled = False
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    _FLAGS = ("observer_enabled", "fake_quant_enabled", "observer_pending")
+
+    def get_extra_state(self) -> dict[str, np.ndarray]:
+        """The switches (``observer_enabled``, ``fake_quant_enabled``, and whether the observer saw data the
+        buffers do not reflect yet) and everything the observer learned (``observer.*``): a reloaded quantizer
+        observes, rounds and refreshes its grid exactly as this one would."""
+        state = {"observer_enabled": np.array(bool(self.observer_enabled)),
+                 "fake_quant_enabled": np.array(bool(self.fake_quant_enabled)),
+                 "observer_pending": np.array(bool(self._stale))}
+        if self.observer is not None:
+            state.update({f"observer.{name}": value for name, value in self.observer.state_arrays().items()})
+        return state
+
+    def check_state(self, state: dict[str, np.ndarray]) -> None:
+        """Switches are bool scalars, scales (and PACT's alpha) positive, zero points codes of the spec, and the
+        observer accepts its statistics."""
+        for name in ("scale", "alpha"):
+            if name in state and not np.all(state[name] > 0):
+                raise ValueError(f"{name!r} must be positive, got {state[name]}")
+        if "zero_point" in state:
+            check_codes_fit(state["zero_point"], self.spec.qmin, self.spec.qmax,
+                            f"zero_point ({self.spec.bits}-bit grid)")
+        for name in self._FLAGS:
+            if name in state and (state[name].dtype != np.bool_ or state[name].shape != ()):
+                raise ValueError(f"{name!r} must be a bool scalar, got {state[name].dtype} {state[name].shape}")
+        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
+        if self.observer is not None and observed:
+            self.observer.check_state_arrays(observed)
+
+    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
+        if "observer_enabled" in state:
+            self.observer_enabled = bool(state["observer_enabled"])
+        if "fake_quant_enabled" in state:
+            self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+        if "observer_pending" in state:
+            self._stale = bool(state["observer_pending"])
+        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
+        if self.observer is not None and observed:
+            self.observer.load_state_arrays(observed)
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """``scale`` and ``zero_point`` describe the grid: the spec and the observer (class, hyper-parameters)."""
+        description = {**spec_metadata(self.spec), **self._quantizer_config()}
+        return {"scale": description, "zero_point": dict(description)}
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__, **self.observer.config()}
+
+    # ------------------------------------------------------------------------------------------ forward
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """``dequantize(quantize(x))`` on the current grid, straight-through gradient inside the range
+        (:func:`nanoopt.quant.fake_quant.fake_quantize`, the one differentiable fake-quant op)."""
+        params = self.qparams()
+        return fake_quantize(x, params.scale, params.zero_point, self.spec)
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        if self.observer_enabled:
+            self.observe(x.data)
+        if not self.fake_quant_enabled:
+            return x
+        return self.fake_quantize(x)
+
+    def extra_repr(self) -> str:
+        state = "frozen" if self.frozen else "observing"
+        return f"{self.spec}, {type(self.observer).__name__}, {state}, fake_quant={self.fake_quant_enabled}"
+
+
+class WeightFakeQuantize(FakeQuantize):
+    """A weight quantizer for QAT: while observing, its observer is *re-fitted* to the current weights at every
+    call (``fit``, not ``partial_fit``), so the grid follows the weights as they train; frozen, it keeps the last.
+
+    >>> from nanoopt.quant.observers import MinMaxObserver
+    >>> quantizer = WeightFakeQuantize(MinMaxObserver(QuantSpec(bits=8, symmetric=True)))
+    >>> _ = quantizer(Tensor(np.array([1.0, -2.0]))); _ = quantizer(Tensor(np.array([0.5, -1.0])))
+    >>> bool(quantizer.qparams().scale == np.float32(1.0 / 127.5))     # the range of the last weights only
+    True
+    """
+
+    def observe(self, x: Any) -> None:
+        self.observer.fit(x)
+        self._stale = True
+
+
+class _LearnedQuantizer(FakeQuantize):
+    """A quantizer whose grid is a trained parameter (LSQ, PACT) instead of an observer's range.
+
+    It has the interface of :class:`FakeQuantize` (so the switches, the simulated layers
+    and ``convert`` treat it like any quantizer) but no observer: the grid is initialised from the first batch
+    it sees, then learned. It counts as ``frozen`` (its grid no longer follows statistics) once initialised;
+    ``observer_enabled`` has no effect on it.
+    """
+
+    def __init__(self, spec: QuantSpec, owner: str = "") -> None:
+        nn.Module.__init__(self)  # no observer: FakeQuantize.__init__ would require one
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"{type(self).__name__}: spec must be a QuantSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.owner = owner
+        self.observer = None
+        self.observer_enabled = False
+        self.fake_quant_enabled = True
+        self.register_buffer("calibrated", np.zeros((), np.bool_))
+        self._stale = False
+
+    # the parts of FakeQuantize that refer to an observer
+    @property
+    def is_calibrated(self) -> bool:
+        return bool(self.calibrated)
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.calibrated)
+
+    def observe(self, x: Any) -> None:
+        """Initialise the grid from ``x`` if it is not yet (later data change nothing: the grid is learned)."""
+        if not self.calibrated:
+            self.initialise(np.asarray(getattr(x, "data", x)))
+
+    def freeze(self) -> None:
+        self.observer_enabled = False
+
+    def initialise(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _require_initialised(self) -> None:
+        if not self.calibrated:
+            raise NotCalibratedError(f"the learned quantizer of {self.owner or 'this tensor'} has seen no data yet; "
+                                     "run a training batch through the model (it initialises from the first one)")
+
+    def forward(self, x: Any) -> Tensor:
+        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
+        self.observe(x.data)
+        if not self.fake_quant_enabled:
+            return x
+        return self.fake_quantize(x)
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__}
+
+    def describe_state(self) -> dict[str, dict[str, Any]]:
+        """The spec and the kind of learned quantizer, for its parameter and its zero point."""
+        description = {**spec_metadata(self.spec), **self._quantizer_config()}
+        return {name: dict(description) for name in ("scale", "zero_point", "alpha")}
+
+    def extra_repr(self) -> str:
+        state = "initialised" if self.calibrated else "uninitialised"
+        return f"{self.spec}, {state}, fake_quant={self.fake_quant_enabled}"
+
+
+class LSQQuantizer(_LearnedQuantizer):
+    """Learned step size quantization (Esser et al. 2020): a ``scale`` Parameter, a fixed ``zero_point`` buffer.
+
+    ``channels`` sizes a per-channel spec (weights: one step per output channel). ``per_example`` chooses the
+    ``N`` of the gradient scale ``g = 1 / sqrt(N Q_P)``: the features of one example (activations, ``True``) or
+    every element one step serves (weights, ``False``). The zero point is the spec's for a symmetric spec (0 when
+    signed) and, for an asymmetric one, ``qparams`` of the first batch's range (non-negative data: ``qmin``, the
+    unsigned grid LSQ uses after a ReLU); it stays fixed. The first batch also sets the step to LSQ's
+    ``s_0 = 2 mean(|x|) / sqrt(Q_P)``. Forward and gradients: :func:`~nanoopt.quant.fake_quant.lsq_quantize`.
+
+    >>> quantizer = LSQQuantizer(QuantSpec(bits=4, symmetric=True))
+    >>> y = quantizer(Tensor(np.array([0.5, -1.0, 2.0], np.float32)))
+    >>> float(quantizer.scale.data), y.data                 # s_0 = 2 * (3.5 / 3) / sqrt(7)
+    (0.8819171190261841, array([ 0.8819171, -0.8819171,  1.7638342], dtype=float32))
+    """
+
+    def __init__(self, spec: QuantSpec, channels: int | None = None, per_example: bool = False,
+                 owner: str = "") -> None:
+        super().__init__(spec, owner)
+        if spec.per_channel and (channels is None or channels < 1):
+            raise ValueError(f"a per-channel LSQQuantizer needs the number of channels, got {channels!r}")
+        shape = (channels,) if spec.per_channel else ()
+        self.per_example = bool(per_example)
+        self.scale = Parameter(np.ones(shape, np.float32))
+        self.register_buffer("zero_point", np.zeros(shape, np.int32))
+
+    def initialise(self, x: np.ndarray) -> None:
+        """Zero point and ``s_0`` from the batch ``x`` (see the class docstring)."""
+        data = np.asarray(x, np.float64)
+        if data.size == 0 or not np.all(np.isfinite(data)):
+            raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: the first batch must be finite and "
+                             f"non-empty, got shape {data.shape}")
+        if self.spec.per_channel:
+            axis = self.spec.axis % data.ndim
+            if data.shape[axis] != self.scale.shape[0]:
+                raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: expected {self.scale.shape[0]} "
+                                 f"channels along axis {self.spec.axis}, got data of shape {data.shape}")
+            rows = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
+            low, high = rows.min(axis=1), rows.max(axis=1)
+        else:
+            low, high = data.min(), data.max()
+        zero_point = qparams(np.zeros_like(low), np.zeros_like(high), self.spec)[1] if self.spec.symmetric else \
+            qparams(low, high, self.spec)[1]
+        self.zero_point[...] = zero_point
+        self.scale.data[...] = lsq_initial_scale(data, self.spec, zero_point)
+        self.calibrated[...] = True
+
+    def grad_scale(self, shape: tuple[int, ...]) -> float:
+        """``1 / sqrt(N Q_P)`` for data of ``shape``."""
+        count = math.prod(shape)
+        if self.spec.per_channel:
+            count //= shape[self.spec.axis % len(shape)]
+        if self.per_example and len(shape) > 1:
+            count //= shape[0]
+        return lsq_grad_scale(max(count, 1), self.spec, self.zero_point)
+
+    def qparams(self) -> QParams:
+        """The learned grid (what ``convert`` uses)."""
+        self._require_initialised()
+        return QParams(check_scale(self.scale.data, "LSQ step size (scale)").copy(), self.zero_point.copy(),
+                       self.spec)
+
+    def set_qparams(self, scale: Any, zero_point: Any) -> None:
+        """Set the step and the zero point by hand (marks the quantizer initialised)."""
+        self.scale.data[...] = check_scale(scale, "LSQ step size (scale)")
+        self.zero_point[...] = zero_point
+        self.calibrated[...] = True
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        self._require_initialised()
+        return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
+
+    def _quantizer_config(self) -> dict[str, Any]:
+        return {"quantizer": type(self).__name__, "per_example": self.per_example}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, per_example={self.per_example}"
+
+
+class PACTQuantizer(_LearnedQuantizer):
+    """PACT (Choi et al. 2018): a learned clipping level ``alpha`` (Parameter); the grid is
+    ``qparams(0, alpha)`` (:func:`~nanoopt.quant.fake_quant.pact_qparams`), so it is also a ReLU.
+
+    ``alpha=None`` initialises ``alpha`` to the maximum of the first batch (suited to fine-tuning a trained model;
+    the paper starts from 10). Give ``alpha`` weight decay in the optimiser: the paper's L2 regulariser.
+
+    >>> quantizer = PACTQuantizer(QuantSpec(bits=8), alpha=2.55)
+    >>> quantizer(Tensor(np.array([-1.0, 0.123, 7.0], np.float32))).data
+    array([0.  , 0.12, 2.55], dtype=float32)
+    """
+
+    def __init__(self, spec: QuantSpec, alpha: float | None = None, owner: str = "") -> None:
+        super().__init__(spec, owner)
+        pact_qparams(1.0, spec)  # refuses specs PACT cannot use (symmetric, per channel)
+        self.alpha = Parameter(np.float32(1.0 if alpha is None else alpha))
+        if alpha is not None:
+            pact_qparams(alpha, spec)  # refuses alpha <= 0
+            self.calibrated[...] = True
+
+    def initialise(self, x: np.ndarray) -> None:
+        """``alpha`` = the maximum of the batch ``x``."""
+        top = float(np.max(x)) if np.size(x) else float("nan")
+        if not top > 0 or not math.isfinite(top):
+            raise ValueError(f"PACTQuantizer of {self.owner or 'this tensor'}: cannot initialise alpha from a first "
+                             f"batch whose maximum is {top} (needs a finite positive value; pass alpha=)")
+        self.alpha.data[...] = np.float32(top)
+        self.calibrated[...] = True
+
+    def qparams(self) -> QParams:
+        self._require_initialised()
+        scale, zero_point = pact_qparams(self.alpha.data, self.spec)
+        return QParams(scale, zero_point, self.spec)
+
+    def set_qparams(self, scale: Any, zero_point: Any) -> None:
+        raise TypeError("a PACTQuantizer's grid is qparams(0, alpha): set quantizer.alpha instead")
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        self._require_initialised()
+        return pact_quantize(x, self.alpha, self.spec)

@@ -5,7 +5,7 @@ inference", section 3.1), in eager mode over the module tree:
 
 1. :func:`prepare` copies the model, folds BatchNorm into the layer before it
    (:func:`~nanoopt.quant.algorithms.fold_batchnorm`), traces the data flow
-   (:func:`~nanoopt.quant.graph.trace`), fuses each ReLU that alone reads a Linear / Conv2d / Add into it, and
+   (:func:`~nanoopt.nn.graph.trace`), fuses each ReLU that alone reads a Linear / Conv2d / Add into it, and
    replaces the leaves by the simulated modules of :mod:`nanoopt.quant.simulate`: a quantizer on the model input,
    one on every layer output that starts a new grid (Linear, Conv2d, Add, float-kept layers), weight quantizers
    (observed and frozen at once), and pass-through layers (pools, unfused ReLU, Flatten) on their input's grid.
@@ -42,11 +42,12 @@ from tqdm.auto import tqdm
 
 from nanoopt import nn
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import INPUT, Graph, trace
 from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
 from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
-from nanoopt.quant.graph import INPUT, Graph, trace
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.qmodules import (
     FloatFallback,
     QuantizedAdd,
@@ -60,7 +61,6 @@ from nanoopt.quant.qmodules import (
 )
 from nanoopt.quant.range_check import RangeMonitor
 from nanoopt.quant.simulate import (
-    FakeQuantize,
     SimulatedAdd,
     SimulatedAvgPool2d,
     SimulatedConv2d,

@@ -8,9 +8,10 @@ the *same* integer model post-training quantization produces: :func:`prepare_qat
 
 What :func:`prepare_qat` adds to a prepared model
 --------------------------------------------------
-* **Weight fake quantization that follows the weights.** :class:`WeightFakeQuantize` re-fits its observer to the
+* **Weight fake quantization that follows the weights.** ``WeightFakeQuantize`` re-fits its observer to the
   current weights at every training step (the last-value range of Jacob et al. section 3.1) until frozen; or
-  :class:`LSQQuantizer` learns the step instead (``weight_quantizer="lsq"``).
+  ``LSQQuantizer`` learns the step instead (``weight_quantizer="lsq"``). The quantizer modules and their
+  gradients live in :mod:`nanoopt.quant.fake_quant`.
 * **Activation fake quantization.** The config's observers (default here: moving-average min/max, section 3.1),
   or learned quantizers: LSQ steps (Esser et al. 2020) or PACT clipping levels (Choi et al. 2018) on outputs
   followed by a ReLU. Gradients pass the rounding straight through (:mod:`nanoopt.quant.fake_quant`).
@@ -27,7 +28,7 @@ What :func:`prepare_qat` adds to a prepared model
 
   With fake quantization off, both equal the float Conv2d -> BatchNorm (train / eval mode) up to float rounding.
 * **Switches and schedules.** :func:`~nanoopt.quant.ptq.set_observers` / :func:`~nanoopt.quant.ptq.set_fake_quant`
-  work on QAT models (every quantizer here is a :class:`~nanoopt.quant.simulate.FakeQuantize`);
+  work on QAT models (every quantizer here is a :class:`~nanoopt.quant.fake_quant.FakeQuantize`);
   :func:`freeze_batchnorm` switches BN to running statistics; :class:`QATSchedule` (a training callback) freezes
   observers and BatchNorm after chosen steps.
 * **Pruned models stay pruned.** A layer pruned with :mod:`nanoopt.prune` keeps its ``weight_orig * weight_mask``
@@ -54,39 +55,32 @@ True
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Any
 
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.nn import Parameter
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import trace
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.algorithms.bn_fold import _foldable
 from nanoopt.quant.checks import check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
-from nanoopt.quant.fake_quant import lsq_grad_scale, lsq_initial_scale, lsq_quantize, pact_qparams, pact_quantize
-from nanoopt.quant.graph import trace
-from nanoopt.quant.lowering import IntegerLayer, QParams, integer_layer
-from nanoopt.quant.metadata import spec_metadata
+from nanoopt.quant.fake_quant import FakeQuantize, LSQQuantizer, PACTQuantizer, WeightFakeQuantize
+from nanoopt.quant.lowering import IntegerLayer, integer_layer
 from nanoopt.quant.observers import MovingAverageMinMaxObserver
 from nanoopt.quant.ptq import PreparedModel, prepare, set_fake_quant, set_observers
-from nanoopt.quant.simulate import FakeQuantize, NotCalibratedError, SimulatedConv2d, SimulatedLinear
-from nanoopt.quant.spec import QuantSpec, check_scale, qparams
+from nanoopt.quant.simulate import SimulatedConv2d, SimulatedLinear
 from nanoopt.tensor import Tensor, no_grad
 from nanoopt.train import Callback
 
 __all__ = [
-    "LSQQuantizer",
-    "PACTQuantizer",
     "QATConv2d",
     "QATConvBn2d",
     "QATLinear",
     "QATLinearBn1d",
     "QATSchedule",
-    "WeightFakeQuantize",
     "freeze_batchnorm",
     "prepare_qat",
     "qat_config",
@@ -101,214 +95,11 @@ def qat_config(**changes: Any) -> QuantConfig:
     activation observers (Jacob et al. 2018, section 3.1) instead of the histogram search PTQ uses (which would
     rerun at every step). ``changes`` are QuantConfig fields.
 
+    >>> from nanoopt.quant.spec import QuantSpec
     >>> qat_config(weight=QuantSpec(bits=4, symmetric=True, per_channel=True)).activation_observer.__name__
     'MovingAverageMinMaxObserver'
     """
     return QuantConfig(**{"activation_observer": MovingAverageMinMaxObserver, **changes})
-
-
-# ================================================================================================ quantizers
-class WeightFakeQuantize(FakeQuantize):
-    """A weight quantizer for QAT: while observing, its observer is *re-fitted* to the current weights at every
-    call (``fit``, not ``partial_fit``), so the grid follows the weights as they train; frozen, it keeps the last.
-
-    >>> from nanoopt.quant.observers import MinMaxObserver
-    >>> quantizer = WeightFakeQuantize(MinMaxObserver(QuantSpec(bits=8, symmetric=True)))
-    >>> _ = quantizer(Tensor(np.array([1.0, -2.0]))); _ = quantizer(Tensor(np.array([0.5, -1.0])))
-    >>> bool(quantizer.qparams().scale == np.float32(1.0 / 127.5))     # the range of the last weights only
-    True
-    """
-
-    def observe(self, x: Any) -> None:
-        self.observer.fit(x)
-        self._stale = True
-
-
-class _LearnedQuantizer(FakeQuantize):
-    """A quantizer whose grid is a trained parameter (LSQ, PACT) instead of an observer's range.
-
-    It has the interface of :class:`~nanoopt.quant.simulate.FakeQuantize` (so the switches, the simulated layers
-    and ``convert`` treat it like any quantizer) but no observer: the grid is initialised from the first batch
-    it sees, then learned. It counts as ``frozen`` (its grid no longer follows statistics) once initialised;
-    ``observer_enabled`` has no effect on it.
-    """
-
-    def __init__(self, spec: QuantSpec, owner: str = "") -> None:
-        nn.Module.__init__(self)  # no observer: FakeQuantize.__init__ would require one
-        if not isinstance(spec, QuantSpec):
-            raise TypeError(f"{type(self).__name__}: spec must be a QuantSpec, got {type(spec).__name__}")
-        self.spec = spec
-        self.owner = owner
-        self.observer = None
-        self.observer_enabled = False
-        self.fake_quant_enabled = True
-        self.register_buffer("calibrated", np.zeros((), np.bool_))
-        self._stale = False
-
-    # the parts of FakeQuantize that refer to an observer
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(self.calibrated)
-
-    @property
-    def frozen(self) -> bool:
-        return bool(self.calibrated)
-
-    def observe(self, x: Any) -> None:
-        """Initialise the grid from ``x`` if it is not yet (later data change nothing: the grid is learned)."""
-        if not self.calibrated:
-            self.initialise(np.asarray(getattr(x, "data", x)))
-
-    def freeze(self) -> None:
-        self.observer_enabled = False
-
-    def initialise(self, x: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def _require_initialised(self) -> None:
-        if not self.calibrated:
-            raise NotCalibratedError(f"the learned quantizer of {self.owner or 'this tensor'} has seen no data yet; "
-                                     "run a training batch through the model (it initialises from the first one)")
-
-    def forward(self, x: Any) -> Tensor:
-        x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
-        self.observe(x.data)
-        if not self.fake_quant_enabled:
-            return x
-        return self.fake_quantize(x)
-
-    def _quantizer_config(self) -> dict[str, Any]:
-        return {"quantizer": type(self).__name__}
-
-    def describe_state(self) -> dict[str, dict[str, Any]]:
-        """The spec and the kind of learned quantizer, for its parameter and its zero point."""
-        description = {**spec_metadata(self.spec), **self._quantizer_config()}
-        return {name: dict(description) for name in ("scale", "zero_point", "alpha")}
-
-    def extra_repr(self) -> str:
-        state = "initialised" if self.calibrated else "uninitialised"
-        return f"{self.spec}, {state}, fake_quant={self.fake_quant_enabled}"
-
-
-class LSQQuantizer(_LearnedQuantizer):
-    """Learned step size quantization (Esser et al. 2020): a ``scale`` Parameter, a fixed ``zero_point`` buffer.
-
-    ``channels`` sizes a per-channel spec (weights: one step per output channel). ``per_example`` chooses the
-    ``N`` of the gradient scale ``g = 1 / sqrt(N Q_P)``: the features of one example (activations, ``True``) or
-    every element one step serves (weights, ``False``). The zero point is the spec's for a symmetric spec (0 when
-    signed) and, for an asymmetric one, ``qparams`` of the first batch's range (non-negative data: ``qmin``, the
-    unsigned grid LSQ uses after a ReLU); it stays fixed. The first batch also sets the step to LSQ's
-    ``s_0 = 2 mean(|x|) / sqrt(Q_P)``. Forward and gradients: :func:`~nanoopt.quant.fake_quant.lsq_quantize`.
-
-    >>> quantizer = LSQQuantizer(QuantSpec(bits=4, symmetric=True))
-    >>> y = quantizer(Tensor(np.array([0.5, -1.0, 2.0], np.float32)))
-    >>> float(quantizer.scale.data), y.data                 # s_0 = 2 * (3.5 / 3) / sqrt(7)
-    (0.8819171190261841, array([ 0.8819171, -0.8819171,  1.7638342], dtype=float32))
-    """
-
-    def __init__(self, spec: QuantSpec, channels: int | None = None, per_example: bool = False,
-                 owner: str = "") -> None:
-        super().__init__(spec, owner)
-        if spec.per_channel and (channels is None or channels < 1):
-            raise ValueError(f"a per-channel LSQQuantizer needs the number of channels, got {channels!r}")
-        shape = (channels,) if spec.per_channel else ()
-        self.per_example = bool(per_example)
-        self.scale = Parameter(np.ones(shape, np.float32))
-        self.register_buffer("zero_point", np.zeros(shape, np.int32))
-
-    def initialise(self, x: np.ndarray) -> None:
-        """Zero point and ``s_0`` from the batch ``x`` (see the class docstring)."""
-        data = np.asarray(x, np.float64)
-        if data.size == 0 or not np.all(np.isfinite(data)):
-            raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: the first batch must be finite and "
-                             f"non-empty, got shape {data.shape}")
-        if self.spec.per_channel:
-            axis = self.spec.axis % data.ndim
-            if data.shape[axis] != self.scale.shape[0]:
-                raise ValueError(f"LSQQuantizer of {self.owner or 'this tensor'}: expected {self.scale.shape[0]} "
-                                 f"channels along axis {self.spec.axis}, got data of shape {data.shape}")
-            rows = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
-            low, high = rows.min(axis=1), rows.max(axis=1)
-        else:
-            low, high = data.min(), data.max()
-        zero_point = qparams(np.zeros_like(low), np.zeros_like(high), self.spec)[1] if self.spec.symmetric else \
-            qparams(low, high, self.spec)[1]
-        self.zero_point[...] = zero_point
-        self.scale.data[...] = lsq_initial_scale(data, self.spec, zero_point)
-        self.calibrated[...] = True
-
-    def grad_scale(self, shape: tuple[int, ...]) -> float:
-        """``1 / sqrt(N Q_P)`` for data of ``shape``."""
-        count = math.prod(shape)
-        if self.spec.per_channel:
-            count //= shape[self.spec.axis % len(shape)]
-        if self.per_example and len(shape) > 1:
-            count //= shape[0]
-        return lsq_grad_scale(max(count, 1), self.spec, self.zero_point)
-
-    def qparams(self) -> QParams:
-        """The learned grid (what ``convert`` uses)."""
-        self._require_initialised()
-        return QParams(check_scale(self.scale.data, "LSQ step size (scale)").copy(), self.zero_point.copy(),
-                       self.spec)
-
-    def set_qparams(self, scale: Any, zero_point: Any) -> None:
-        """Set the step and the zero point by hand (marks the quantizer initialised)."""
-        self.scale.data[...] = check_scale(scale, "LSQ step size (scale)")
-        self.zero_point[...] = zero_point
-        self.calibrated[...] = True
-
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        self._require_initialised()
-        return lsq_quantize(x, self.scale, self.zero_point, self.spec, self.grad_scale(x.shape))
-
-    def _quantizer_config(self) -> dict[str, Any]:
-        return {"quantizer": type(self).__name__, "per_example": self.per_example}
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, per_example={self.per_example}"
-
-
-class PACTQuantizer(_LearnedQuantizer):
-    """PACT (Choi et al. 2018): a learned clipping level ``alpha`` (Parameter); the grid is
-    ``qparams(0, alpha)`` (:func:`~nanoopt.quant.fake_quant.pact_qparams`), so it is also a ReLU.
-
-    ``alpha=None`` initialises ``alpha`` to the maximum of the first batch (suited to fine-tuning a trained model;
-    the paper starts from 10). Give ``alpha`` weight decay in the optimiser: the paper's L2 regulariser.
-
-    >>> quantizer = PACTQuantizer(QuantSpec(bits=8), alpha=2.55)
-    >>> quantizer(Tensor(np.array([-1.0, 0.123, 7.0], np.float32))).data
-    array([0.  , 0.12, 2.55], dtype=float32)
-    """
-
-    def __init__(self, spec: QuantSpec, alpha: float | None = None, owner: str = "") -> None:
-        super().__init__(spec, owner)
-        pact_qparams(1.0, spec)  # refuses specs PACT cannot use (symmetric, per channel)
-        self.alpha = Parameter(np.float32(1.0 if alpha is None else alpha))
-        if alpha is not None:
-            pact_qparams(alpha, spec)  # refuses alpha <= 0
-            self.calibrated[...] = True
-
-    def initialise(self, x: np.ndarray) -> None:
-        """``alpha`` = the maximum of the batch ``x``."""
-        top = float(np.max(x)) if np.size(x) else float("nan")
-        if not top > 0 or not math.isfinite(top):
-            raise ValueError(f"PACTQuantizer of {self.owner or 'this tensor'}: cannot initialise alpha from a first "
-                             f"batch whose maximum is {top} (needs a finite positive value; pass alpha=)")
-        self.alpha.data[...] = np.float32(top)
-        self.calibrated[...] = True
-
-    def qparams(self) -> QParams:
-        self._require_initialised()
-        scale, zero_point = pact_qparams(self.alpha.data, self.spec)
-        return QParams(scale, zero_point, self.spec)
-
-    def set_qparams(self, scale: Any, zero_point: Any) -> None:
-        raise TypeError("a PACTQuantizer's grid is qparams(0, alpha): set quantizer.alpha instead")
-
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        self._require_initialised()
-        return pact_quantize(x, self.alpha, self.spec)
 
 
 # ================================================================================================ layers

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn
+from nanoopt.nn.graph import hooks
 from nanoopt.quant.boundary import quantize_per_tensor
 from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
@@ -458,13 +459,8 @@ def tune_backends(model: QuantizedModel, example_input: Any, repeats: int = 3) -
     layers = [(name, module) for name, module in model.model.named_modules()
               if isinstance(module, QuantizedLinear | QuantizedConv2d)]
     inputs: dict[str, np.ndarray] = {}
-    handles = [module.register_forward_pre_hook(lambda m, i, name=name: inputs.__setitem__(name, i[0]))
-               for name, module in layers]
-    try:
+    with hooks(dict(layers), before=lambda name, module, args: inputs.__setitem__(name, args[0])):
         model.forward_int(model.quantize_input(example_input))
-    finally:
-        for handle in handles:
-            handle.remove()
     candidates = ["numba"] + (["avx2"] if kernels.avx2_available() else [])
     chosen = {}
     for name, module in layers:

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.quant.simulate import FakeQuantize
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.spec import quantize
 
 __all__ = ["DOMINANCE", "MAX_SAMPLE", "SAMPLE_PER_BATCH", "RangeMonitor"]

@@ -1,9 +1,10 @@
 """Simulated quantization: the modules of a prepared model (``quant.prepare``), for calibration, QAT and checks.
 
-Every quantization point is a :class:`FakeQuantize`: an observer plus ``x -> dequantize(quantize(x))`` with two
-switches, as PyTorch's ``FakeQuantize``: ``observer_enabled`` (collect statistics) and ``fake_quant_enabled``
-(round to the grid). Its ``scale`` / ``zero_point`` buffers come from the observer (``qparams`` of
-:mod:`nanoopt.quant.spec`, nowhere else) and stay fixed once the observer is disabled ("frozen").
+Every quantization point is a :class:`~nanoopt.quant.fake_quant.FakeQuantize`: an observer plus
+``x -> dequantize(quantize(x))`` with two switches, as PyTorch's ``FakeQuantize``: ``observer_enabled`` (collect
+statistics) and ``fake_quant_enabled`` (round to the grid). Its ``scale`` / ``zero_point`` buffers come from the
+observer (``qparams`` of :mod:`nanoopt.quant.spec`, nowhere else) and stay fixed once the observer is disabled
+("frozen").
 
 Each layer of a prepared model runs one of two paths:
 
@@ -41,15 +42,11 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.kernels import reference
 from nanoopt.nn import functional as F
-from nanoopt.quant.fake_quant import fake_quantize
+from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_conv2d, emulate_linear, integer_layer
-from nanoopt.quant.metadata import check_codes_fit, spec_metadata
-from nanoopt.quant.observers import Observer
 from nanoopt.tensor import Tensor
 
 __all__ = [
-    "FakeQuantize",
-    "NotCalibratedError",
     "SimulatedAdd",
     "SimulatedAvgPool2d",
     "SimulatedConv2d",
@@ -60,144 +57,8 @@ __all__ = [
 ]
 
 
-class NotCalibratedError(ValueError):
-    """A quantizer has no scale yet: its observer saw no data."""
-
-
 def _as_tensor(x: Any) -> Tensor:
     return x if isinstance(x, Tensor) else Tensor(np.asarray(x))
-
-
-class FakeQuantize(nn.Module):
-    """Observer + fake quantization with separate switches; ``scale``/``zero_point`` buffers are its state.
-
-    ``channels`` sizes the buffers of a per-channel spec (one scale per output channel).
-    """
-
-    def __init__(self, observer: Observer, channels: int | None = None, owner: str = "") -> None:
-        super().__init__()
-        if not isinstance(observer, Observer):
-            raise TypeError(f"FakeQuantize needs an Observer, got {type(observer).__name__}")
-        if observer.spec.per_channel and channels is None:
-            raise ValueError("a per-channel FakeQuantize needs the number of channels")
-        self.observer = observer
-        self.spec = observer.spec
-        self.owner = owner  # e.g. "layer '3' output", for error messages
-        self.observer_enabled = True
-        self.fake_quant_enabled = True
-        shape = (channels,) if self.spec.per_channel else ()
-        self.register_buffer("scale", np.ones(shape, np.float32))
-        self.register_buffer("zero_point", np.zeros(shape, np.int32))
-        self.register_buffer("calibrated", np.zeros((), np.bool_))
-        self._stale = False  # the observer saw data since the buffers were last updated
-
-    # ------------------------------------------------------------------------------------------ state
-    def observe(self, x: Any) -> None:
-        """Feed ``x`` (ndarray or Tensor) to the observer; the buffers follow on the next :meth:`qparams`."""
-        self.observer.partial_fit(x)
-        self._stale = True
-
-    def qparams(self) -> QParams:
-        """The current scale and zero point (refreshed from the observer if it saw new data)."""
-        if self._stale:
-            self.scale[...] = self.observer.scale_
-            self.zero_point[...] = self.observer.zero_point_
-            self.calibrated[...] = True
-            self._stale = False
-        if not self.calibrated:
-            raise NotCalibratedError(f"the quantizer of {self.owner or 'this tensor'} has seen no data; run "
-                                     "calibration batches through the prepared model first (quant.calibrate)")
-        return QParams(self.scale.copy(), self.zero_point.copy(), self.spec)
-
-    def set_qparams(self, scale: Any, zero_point: Any) -> None:
-        """Fix the scale and zero point by hand (the observer's statistics are then ignored until it observes)."""
-        self.scale[...] = scale
-        self.zero_point[...] = zero_point
-        self.calibrated[...] = True
-        self._stale = False
-
-    @property
-    def is_calibrated(self) -> bool:
-        return bool(self.calibrated) or self._stale
-
-    @property
-    def frozen(self) -> bool:
-        """Observer disabled: the scale and zero point no longer change."""
-        return not self.observer_enabled
-
-    def freeze(self) -> None:
-        """Take the final qparams from the observer and stop observing."""
-        if self._stale:
-            self.qparams()
-        self.observer_enabled = False
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    _FLAGS = ("observer_enabled", "fake_quant_enabled", "observer_pending")
-
-    def get_extra_state(self) -> dict[str, np.ndarray]:
-        """The switches (``observer_enabled``, ``fake_quant_enabled``, and whether the observer saw data the
-        buffers do not reflect yet) and everything the observer learned (``observer.*``): a reloaded quantizer
-        observes, rounds and refreshes its grid exactly as this one would."""
-        state = {"observer_enabled": np.array(bool(self.observer_enabled)),
-                 "fake_quant_enabled": np.array(bool(self.fake_quant_enabled)),
-                 "observer_pending": np.array(bool(self._stale))}
-        if self.observer is not None:
-            state.update({f"observer.{name}": value for name, value in self.observer.state_arrays().items()})
-        return state
-
-    def check_state(self, state: dict[str, np.ndarray]) -> None:
-        """Switches are bool scalars, scales (and PACT's alpha) positive, zero points codes of the spec, and the
-        observer accepts its statistics."""
-        for name in ("scale", "alpha"):
-            if name in state and not np.all(state[name] > 0):
-                raise ValueError(f"{name!r} must be positive, got {state[name]}")
-        if "zero_point" in state:
-            check_codes_fit(state["zero_point"], self.spec.qmin, self.spec.qmax,
-                            f"zero_point ({self.spec.bits}-bit grid)")
-        for name in self._FLAGS:
-            if name in state and (state[name].dtype != np.bool_ or state[name].shape != ()):
-                raise ValueError(f"{name!r} must be a bool scalar, got {state[name].dtype} {state[name].shape}")
-        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
-        if self.observer is not None and observed:
-            self.observer.check_state_arrays(observed)
-
-    def set_extra_state(self, state: dict[str, np.ndarray]) -> None:
-        if "observer_enabled" in state:
-            self.observer_enabled = bool(state["observer_enabled"])
-        if "fake_quant_enabled" in state:
-            self.fake_quant_enabled = bool(state["fake_quant_enabled"])
-        if "observer_pending" in state:
-            self._stale = bool(state["observer_pending"])
-        observed = {name[len("observer."):]: value for name, value in state.items() if name.startswith("observer.")}
-        if self.observer is not None and observed:
-            self.observer.load_state_arrays(observed)
-
-    def describe_state(self) -> dict[str, dict[str, Any]]:
-        """``scale`` and ``zero_point`` describe the grid: the spec and the observer (class, hyper-parameters)."""
-        description = {**spec_metadata(self.spec), **self._quantizer_config()}
-        return {"scale": description, "zero_point": dict(description)}
-
-    def _quantizer_config(self) -> dict[str, Any]:
-        return {"quantizer": type(self).__name__, **self.observer.config()}
-
-    # ------------------------------------------------------------------------------------------ forward
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        """``dequantize(quantize(x))`` on the current grid, straight-through gradient inside the range
-        (:func:`nanoopt.quant.fake_quant.fake_quantize`, the one differentiable fake-quant op)."""
-        params = self.qparams()
-        return fake_quantize(x, params.scale, params.zero_point, self.spec)
-
-    def forward(self, x: Any) -> Tensor:
-        x = _as_tensor(x)
-        if self.observer_enabled:
-            self.observe(x.data)
-        if not self.fake_quant_enabled:
-            return x
-        return self.fake_quantize(x)
-
-    def extra_repr(self) -> str:
-        state = "frozen" if self.frozen else "observing"
-        return f"{self.spec}, {type(self.observer).__name__}, {state}, fake_quant={self.fake_quant_enabled}"
 
 
 class _Simulated(nn.Module):

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoopt as no
-from nanoopt import nn
+from nanoopt import models, nn
 from nanoopt.nn import functional as F
 
 FEW = settings(max_examples=25, deadline=None)
@@ -133,7 +133,7 @@ def test_normalisation_layers_start_as_the_identity_transform():
 
 # ===================================================================== determinism
 def resnet_ish():
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BasicBlock(4, 8, stride=2), nn.Dropout(0.3),
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), models.BasicBlock(4, 8, stride=2), nn.Dropout(0.3),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
@@ -186,10 +186,10 @@ def test_layer_norm_normalises_the_trailing_axes():
 
 def test_basic_block_shapes_and_shortcuts():
     x = no.Tensor(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
-    assert nn.BasicBlock(4, 4)(x).shape == (2, 4, 8, 8)
-    assert nn.BasicBlock(4, 8, stride=2)(x).shape == (2, 8, 4, 4)
-    assert isinstance(nn.BasicBlock(4, 4).shortcut, nn.Identity)
-    assert np.all(nn.BasicBlock(4, 4)(x).data >= 0)
+    assert models.BasicBlock(4, 4)(x).shape == (2, 4, 8, 8)
+    assert models.BasicBlock(4, 8, stride=2)(x).shape == (2, 8, 4, 4)
+    assert isinstance(models.BasicBlock(4, 4).shortcut, nn.Identity)
+    assert np.all(models.BasicBlock(4, 4)(x).data >= 0)
 
 
 def test_pooling_layers_default_stride_is_the_kernel_and_flatten_keeps_the_batch():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoopt as no
-from nanoopt import nn
+from nanoopt import models, nn
 
 FEW = settings(max_examples=25, deadline=None)
 
@@ -41,12 +41,12 @@ def test_sequential_keys_follow_pytorch():
 
 
 def test_basic_block_keys_follow_pytorch_order_with_buffers_and_shortcut():
-    keys = list(nn.BasicBlock(2, 4, stride=2).state_dict())
+    keys = list(models.BasicBlock(2, 4, stride=2).state_dict())
     batch_norm = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
     assert keys == (["conv1.weight"] + [f"bn1.{k}" for k in batch_norm] + ["conv2.weight"]
                     + [f"bn2.{k}" for k in batch_norm] + ["shortcut.0.weight"]
                     + [f"shortcut.1.{k}" for k in batch_norm])
-    assert "shortcut.0.weight" not in nn.BasicBlock(4, 4).state_dict()  # identity shortcut: nothing to save
+    assert "shortcut.0.weight" not in models.BasicBlock(4, 4).state_dict()  # identity shortcut: nothing to save
 
 
 def test_num_batches_tracked_is_an_int64_scalar():

@@ -19,7 +19,7 @@ UNSTRUCTURED = {
     "l1_unstructured": lambda amount: prune.l1_unstructured(linear(), "weight", amount=amount),
     "random_unstructured": lambda amount: prune.random_unstructured(linear(), "weight", amount=amount, seed=0),
     "ln_structured": lambda amount: prune.ln_structured(linear(), "weight", amount=amount, n=1, dim=0),
-    "random_structured": lambda amount: prune.random_structured(linear(), "weight", amount=amount, seed=0),
+    "random_structured": lambda amount: prune.random_structured(linear(), "weight", amount=amount, dim=0, seed=0),
     "global_unstructured": lambda amount: prune.global_unstructured([(linear(), "weight")], amount=amount),
     "prune_channels": lambda amount: prune.prune_channels(models.mlp(8, (4,)), np.ones((1, 8), np.float32),
                                                           amount=amount),

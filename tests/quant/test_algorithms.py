@@ -11,8 +11,8 @@ from nanoopt import models, nn
 from nanoopt.quant.algorithms import adaround, bias_correction, cross_layer_equalization
 from nanoopt.quant.algorithms.layer_data import capture_inputs, float_mode, weighted_layers
 from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.fake_quant import NotCalibratedError
 from nanoopt.quant.ptq import calibrate, convert, prepare
-from nanoopt.quant.simulate import NotCalibratedError
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=25, deadline=None)

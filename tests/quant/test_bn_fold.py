@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 
 import nanoopt as no
 from nanoopt import models, nn
+from nanoopt.nn.graph import INPUT, trace
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
-from nanoopt.quant.graph import INPUT, trace
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -95,7 +95,7 @@ def test_batchnorm_is_not_folded_into_a_layer_read_elsewhere():
 
 
 def test_trace_of_a_resnet_block():
-    block = nn.BasicBlock(2, 4, stride=2)
+    block = models.BasicBlock(2, 4, stride=2)
     graph = trace(block, np.zeros((1, 2, 4, 4), np.float32))
     assert graph.nodes["conv1"].inputs == [INPUT] and graph.nodes["shortcut.0"].inputs == [INPUT]
     assert graph.nodes["add"].inputs == ["bn2", "shortcut.1"] and graph.output == "relu2"

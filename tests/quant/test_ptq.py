@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import kernels, models, nn
 from nanoopt.quant.config import QuantConfig, weight_spec
+from nanoopt.quant.fake_quant import NotCalibratedError
 from nanoopt.quant.observers import MinMaxObserver
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantize_static, quantizers, set_fake_quant
 from nanoopt.quant.qmodules import FloatFallback, QuantizedLinear, QuantizedModel, tune_backends
-from nanoopt.quant.simulate import NotCalibratedError, SimulatedFloat
+from nanoopt.quant.simulate import SimulatedFloat
 from nanoopt.report import stored_bytes
 from nanoopt.tensor import Tensor
 
@@ -232,7 +233,7 @@ def test_keep_float_by_config_and_mixed_add_precision():
     config = QuantConfig(keep_float=["3"])
     prepared = prepare(model, config, np.zeros((1, 4), np.float32))  # no warning: asked for
     assert isinstance(prepared.model[3], SimulatedFloat)
-    block = nn.BasicBlock(2, 2)
+    block = models.BasicBlock(2, 2)
     mixed = QuantConfig(overrides={"conv2": {"activation": QuantConfig.int16_activations().activation}})
     with pytest.raises(ValueError, match="mixes integer types"):
         prepare(block, mixed, np.zeros((1, 2, 4, 4), np.float32))

@@ -21,19 +21,9 @@ import nanoopt as no
 from nanoopt import data, distill, nn, prune
 from nanoopt.quant.algorithms import fold_batchnorm
 from nanoopt.quant.config import QuantConfig, weight_spec
+from nanoopt.quant.fake_quant import LSQQuantizer, NotCalibratedError, PACTQuantizer, WeightFakeQuantize
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantizers, set_fake_quant, set_observers
-from nanoopt.quant.qat import (
-    LSQQuantizer,
-    PACTQuantizer,
-    QATConvBn2d,
-    QATLinearBn1d,
-    QATSchedule,
-    WeightFakeQuantize,
-    freeze_batchnorm,
-    prepare_qat,
-    qat_config,
-)
-from nanoopt.quant.simulate import NotCalibratedError
+from nanoopt.quant.qat import QATConvBn2d, QATLinearBn1d, QATSchedule, freeze_batchnorm, prepare_qat, qat_config
 from nanoopt.quant.spec import QuantSpec, qparams
 from nanoopt.tensor import Tensor
 from nanoopt.train import fit

@@ -17,7 +17,7 @@ with ``Q`` round-to-nearest on the group grids of :mod:`~nanoopt.quant.algorithm
 Where ``diag(s)^-1`` goes (stated per layer by :func:`awq_plan`):
 
 * **folded into the previous op** when the layer's input is produced by one op whose output goes only to the
-  layers being scaled (found by tracing the model, :func:`nanoopt.quant.graph.trace`): a ``LayerNorm`` (its
+  layers being scaled (found by tracing the model, :func:`nanoopt.nn.graph.trace`): a ``LayerNorm`` (its
   weight and bias are divided by ``s``), a ``Linear`` (its output rows and bias), or a ``Linear`` followed by
   ``ReLU``/``Dropout``/``Identity`` (positively homogeneous: ``relu(z) / s = relu(z / s)`` for ``s > 0``). Layers
   that share the input (e.g. the query, key and value projections after one LayerNorm) share one ``s``, searched
@@ -59,6 +59,7 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
+from nanoopt.nn.graph import INPUT, trace
 from nanoopt.prune.masks import get_parameter, is_pruned, set_effective
 from nanoopt.quant.algorithms.gptq import check_options, quantize_layers
 from nanoopt.quant.algorithms.rtn import (
@@ -70,7 +71,6 @@ from nanoopt.quant.algorithms.rtn import (
     rtn_linear,
 )
 from nanoopt.quant.checks import check_finite_parameters
-from nanoopt.quant.graph import INPUT, trace
 from nanoopt.tensor import Tensor
 
 __all__ = ["InputScaled", "ScaleGroup", "awq", "awq_plan", "search_clip", "search_scale"]

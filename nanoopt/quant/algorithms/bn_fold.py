@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt.nn import BatchNorm1d, BatchNorm2d, Conv2d, Identity, Linear, Module, Parameter
-from nanoopt.quant.graph import trace
+from nanoopt.nn.graph import trace
 
 __all__ = ["fold_batchnorm", "fold_bn_parameters"]
 

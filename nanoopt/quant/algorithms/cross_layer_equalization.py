@@ -40,8 +40,8 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn.converted import require_float_model
+from nanoopt.nn.graph import Graph, trace
 from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
-from nanoopt.quant.graph import Graph, trace
 
 __all__ = ["cross_layer_equalization", "equalization_pairs"]
 

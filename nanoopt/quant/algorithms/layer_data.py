@@ -25,9 +25,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from nanoopt import nn
+from nanoopt.nn.graph import capture
+from nanoopt.quant.fake_quant import NotCalibratedError
 from nanoopt.quant.ptq import PreparedModel, quantizers
-from nanoopt.quant.simulate import NotCalibratedError, SimulatedConv2d, SimulatedLinear
-from nanoopt.tensor import Tensor, no_grad
+from nanoopt.quant.simulate import SimulatedConv2d, SimulatedLinear
+from nanoopt.tensor import Tensor
 
 __all__ = ["capture_inputs", "check_calibrated", "float_mode", "weighted_layers"]
 
@@ -66,18 +68,8 @@ def float_mode(prepared: PreparedModel) -> Iterator[None]:
 def capture_inputs(prepared: PreparedModel, layers: Sequence[nn.Module],
                    batches: Sequence[np.ndarray]) -> list[list[np.ndarray]]:
     """For each of ``layers``, the list (one per batch) of the inputs it received, running in eval mode."""
-    captured: list[list[np.ndarray]] = [[] for _ in layers]
-    handles = []
-    for index, layer in enumerate(layers):
-        def keep(module, inputs, index=index):
-            captured[index].append(np.array(inputs[0].data, dtype=np.float32))
-        handles.append(layer.register_forward_pre_hook(keep))
-    prepared.eval()
-    try:
-        with no_grad():
-            for batch in batches:
-                prepared(Tensor(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    prepared.eval()  # and it stays in eval mode
+    with capture(prepared, {str(index): layer for index, layer in enumerate(layers)}, inputs=True) as seen:
+        for batch in batches:
+            prepared(Tensor(batch))
+    return [[np.asarray(x, dtype=np.float32) for x in seen.inputs[str(index)]] for index in range(len(layers))]

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.tensor import no_grad
+from nanoopt.nn.graph import evaluating, hooks
 
 __all__ = ["activation_channel_max", "outlier_ratio", "smooth_quant", "smoothing_pairs", "smoothing_scales"]
 
@@ -88,23 +88,13 @@ def activation_channel_max(model: nn.Module, calibration: Any, names: list[str],
     modules = dict(model.named_modules())
     stats: dict[str, np.ndarray] = {}
 
-    def hook(name: str):
-        def record(module: nn.Module, inputs: Any, output: Any) -> None:
-            data = np.abs(output.data).reshape(-1, output.shape[-1]).max(axis=0)
-            stats[name] = data if name not in stats else np.maximum(stats[name], data)
-        return record
+    def record(name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+        data = np.abs(output.data).reshape(-1, output.shape[-1]).max(axis=0)
+        stats[name] = data if name not in stats else np.maximum(stats[name], data)
 
-    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            for batch in _batches(calibration, batch_size):
-                model(batch)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    with evaluating(model), hooks({name: modules[name] for name in names}, after=record):
+        for batch in _batches(calibration, batch_size):
+            model(batch)
     return stats
 
 
