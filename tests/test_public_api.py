@@ -49,8 +49,11 @@ def test_structured_pruning_requires_dim_as_pytorch():
 
 
 def test_public_signatures_spell_dim_not_axis():
-    for function in (F.softmax, F.log_softmax, prune.ln_structured, prune.random_structured, prune.nm_sparsity):
+    for function in (prune.ln_structured, prune.random_structured, prune.nm_sparsity):
         assert "axis" not in inspect.signature(function).parameters, function.__name__
+    for function in (F.softmax, F.log_softmax):  # dim first; axis= only as DESIGN.md's keyword spelling
+        parameters = inspect.signature(function).parameters
+        assert list(parameters)[1] == "dim" and parameters["axis"].kind is inspect.Parameter.KEYWORD_ONLY
     x = no.Tensor(np.array([[1.0, 2.0], [3.0, 5.0]]))
     np.testing.assert_allclose(F.softmax(x, dim=0).data.sum(axis=0), [1.0, 1.0])
 
@@ -87,3 +90,18 @@ def test_method_class_masks_match_the_functions():
 def test_basic_block_lives_with_the_models():
     assert models.BasicBlock.__module__ == "nanoopt.models"
     assert not hasattr(nn, "BasicBlock")
+
+
+def test_softmax_takes_pytorchs_dim_and_designs_axis():
+    """DESIGN.md's public API spells ``nn.functional.log_softmax(x, axis=-1)``; PyTorch spells ``dim``: both work."""
+    import numpy as np
+
+    from nanoopt import nn
+
+    x = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    for function in (nn.functional.softmax, nn.functional.log_softmax):
+        by_dim, by_axis = function(x, dim=0).data, function(x, axis=0).data
+        np.testing.assert_array_equal(by_dim, by_axis)
+        np.testing.assert_array_equal(function(x).data, function(x, axis=-1).data)
+        with pytest.raises(TypeError, match="dim=0 and axis=1"):
+            function(x, dim=0, axis=1)

@@ -137,24 +137,36 @@ tanh = ops.tanh
 dropout = ops.dropout
 
 
-def softmax(x: Any, dim: int = -1) -> Tensor:
-    """``exp(x_i) / sum_j exp(x_j)`` along ``dim`` (PyTorch's name), computed stably (max subtracted).
+def _dim(dim: int, axis: int | None, where: str) -> int:
+    """``dim`` (PyTorch's spelling), or ``axis`` (NumPy's, kept: DESIGN.md's public API names it) when given."""
+    if axis is None:
+        return dim
+    if dim != -1 and dim != axis:
+        raise TypeError(f"{where}: got dim={dim} and axis={axis}; give one of them (dim is PyTorch's name)")
+    return axis
+
+
+def softmax(x: Any, dim: int = -1, *, axis: int | None = None) -> Tensor:
+    """``exp(x_i) / sum_j exp(x_j)`` along ``dim`` (PyTorch's name; ``axis=`` is accepted too), computed stably
+    (max subtracted).
 
     >>> import nanoopt as no
     >>> softmax(no.Tensor([[0.0, 0.0]]), dim=1).data.tolist()
     [[0.5, 0.5]]
     """
-    return ops.softmax(x, axis=dim)
+    return ops.softmax(x, axis=_dim(dim, axis, "softmax"))
 
 
-def log_softmax(x: Any, dim: int = -1) -> Tensor:
-    """``x_i - log sum_j exp(x_j)`` along ``dim`` (PyTorch's name), computed stably.
+def log_softmax(x: Any, dim: int = -1, *, axis: int | None = None) -> Tensor:
+    """``x_i - log sum_j exp(x_j)`` along ``dim`` (PyTorch's name; ``axis=`` is accepted too), computed stably.
 
     >>> import nanoopt as no
     >>> round(float(log_softmax(no.Tensor([[0.0, 0.0]]), dim=1).data[0, 0]), 4)
     -0.6931
+    >>> round(float(log_softmax(no.Tensor([[0.0, 0.0]]), axis=-1).data[0, 0]), 4)   # DESIGN.md's spelling
+    -0.6931
     """
-    return ops.log_softmax(x, axis=dim)
+    return ops.log_softmax(x, axis=_dim(dim, axis, "log_softmax"))
 
 
 # ----------------------------------------------------------------- losses
