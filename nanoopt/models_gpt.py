@@ -18,8 +18,9 @@ temperature 0 both give identical tokens. Positions are absolute, so once the co
 window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
 module overhead, and the last block only for the last position); replaced Linear layers that compute on arrays
 (``forward_array``, as the weight-only low-bit layers of :mod:`nanoopt.quant.dynamic`) take part; a model with
-hooks or other replaced layers (observed, int8-quantized, pruned) goes through its modules instead. A cache therefore pays within the first ``block_size`` positions;
-beyond, each token costs about one forward pass of the window, as without it.
+hooks or other replaced layers (observed, int8-quantized, pruned) goes through its modules instead. A cache
+therefore pays within the first ``block_size`` positions; beyond, each token costs about one forward pass of the
+window, as without it.
 
 >>> import numpy as np, nanoopt as no
 >>> no.manual_seed(0)

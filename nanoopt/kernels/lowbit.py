@@ -47,7 +47,7 @@ __all__ = ["LowBitWeight", "lowbit_linear", "lowbit_linear_reference", "prepare_
 class LowBitWeight(NamedTuple):
     """A low-bit weight laid out for :func:`lowbit_linear` (made by :func:`prepare_lowbit`)."""
 
-    codes: np.ndarray  # packed: uint8 (K, C = ceil(N / 2)), outputs 2j | 2j+1 in the low | high nibble; else int8 (K, N)
+    codes: np.ndarray  # packed: uint8 (K, C = ceil(N / 2)), output 2j | 2j+1 in the low | high nibble; else int8 (K, N)
     scale: np.ndarray  # float32 (G, 2, C): [g, p, j] of output 2j + p (packed; padding scale 0), else (G, 1, N)
     offset: np.ndarray  # float32, as scale: subtracted from float32(decoded nibble or code) (prepare_lowbit)
     out_features: int  # N
