@@ -188,8 +188,8 @@ def _lowbit_packed(x, codes, scale, offset, group_size, bias, has_bias, start, s
     c = last - first
     y = np.zeros((m, 2, c), np.float32)
     t = np.zeros((m, 2, c), np.float32)
-    low = np.empty(c, np.float32)
-    high = np.empty(c, np.float32)
+    low = np.empty(c if m != 1 else 0, np.float32)  # (one row needs no buffers)
+    high = np.empty(c if m != 1 else 0, np.float32)
     for g in range(scale.shape[0]):
         off_low, off_high = offset[g, 0, first:last], offset[g, 1, first:last]
         for k in range(g * group_size, min((g + 1) * group_size, depth)):
@@ -253,17 +253,22 @@ _NO_BIAS = np.zeros(0, np.float32)
 
 
 def lowbit_linear(x: np.ndarray, weight: LowBitWeight, bias: np.ndarray | None,
-                  rows: tuple[int, int] | None = None) -> np.ndarray:
+                  rows: tuple[int, int] | None = None, validate: bool = True) -> np.ndarray:
     """Outputs ``rows = (start, stop)`` (default all) of ``x (M, K) W^T + b`` from the prepared low-bit ``weight``
     (Numba; bit-identical to :func:`lowbit_linear_reference`). Made for a few rows (``M`` of 1..16, token-by-token
-    generation), where streaming the packed codes once beats dequantizing them for BLAS.
+    generation), where streaming the packed codes once beats dequantizing them for BLAS. ``validate=False`` skips
+    the argument checks, for a caller that made ``weight`` and checked ``x``, ``bias`` and ``rows`` itself (a
+    layer's forward, once per generated token).
 
     >>> codes = np.array([[7, -7, 1, 0, 2]], np.int8)
     >>> w = prepare_lowbit(codes, np.full((1, 3), 0.5, np.float32), np.array([[1, 0, 0]], np.int8), 2, 4)
     >>> lowbit_linear(np.ones((2, 5), np.float32), w, None).tolist()
     [[0.5], [0.5]]
     """
-    start, stop = _check_call(x, weight, bias, rows)
+    if validate:
+        start, stop = _check_call(x, weight, bias, rows)
+    else:
+        start, stop = (0, weight.out_features) if rows is None else rows
     kernel = _lowbit_packed if weight.packed else _lowbit_int8
     return kernel(np.ascontiguousarray(x), weight.codes, weight.scale, weight.offset, weight.group_size,
                   _NO_BIAS if bias is None else bias, bias is not None, start, stop)

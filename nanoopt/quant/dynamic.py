@@ -266,8 +266,8 @@ class WeightOnlyLinear(_WeightOnly):
             raise ValueError(f"WeightOnlyLinear.forward_array: rows must be a slice with step 1, got {rows}")
         stop = max(start, stop)
         flat = x.reshape(-1, depth)  # (M, K)
-        if x.dtype == np.float32 and flat.shape[0] <= KERNEL_MAX_ROWS:
-            out = lowbit_linear(flat, self.lowbit_weight(), self.bias, (start, stop))
+        if x.dtype == np.float32 and flat.shape[0] <= KERNEL_MAX_ROWS:  # (x, bias and rows are checked here)
+            out = lowbit_linear(flat, self.lowbit_weight(), self.bias, (start, stop), validate=False)
         else:
             out = flat @ self.dequantized_weight()[start:stop].T
             if self.bias is not None:

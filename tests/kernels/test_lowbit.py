@@ -20,7 +20,7 @@ def assert_same_bits(got, expected):
 @st.composite
 def problems(draw):
     bits = draw(st.integers(2, 8))
-    n, k, m = draw(st.integers(1, 21)), draw(st.integers(1, 45)), draw(st.sampled_from([1, 1, 2, 3, 7, 16]))
+    n, k, m = draw(st.integers(1, 21)), draw(st.integers(1, 45)), draw(st.sampled_from([0, 1, 1, 2, 3, 7, 16]))
     group_size = draw(st.integers(1, k + 3))
     groups = -(-k // group_size)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
