@@ -128,7 +128,7 @@ def _columns(weight: LowBitWeight, start: int, stop: int) -> tuple[int, int]:
 def _finish(y: np.ndarray, weight: LowBitWeight, start: int, stop: int, bias: np.ndarray | None) -> np.ndarray:
     """``y (M, planes, columns)`` -> outputs ``start..stop-1`` ``(M, stop - start)``, plus the bias."""
     m = y.shape[0]
-    flat = y.transpose(0, 2, 1).reshape(m, -1)  # packed: plane 0 = even outputs, plane 1 = odd ones
+    flat = y.transpose(0, 2, 1).reshape(m, y.shape[1] * y.shape[2])  # packed: plane 0 = even outputs, 1 = odd
     first = 2 * (start // 2) if weight.packed else start
     out = np.ascontiguousarray(flat[:, start - first:stop - first])
     if bias is not None:
