@@ -25,6 +25,8 @@ QUANTIZERS = {
     "rtn W3 g16 symmetric": lambda m: quant.rtn(m, bits=3, group_size=16, symmetric=True, ignore=["lm_head"]),
     "rtn W2 g4 head too": lambda m: quant.rtn(m, bits=2, group_size=4),
     "W6 per channel (unpacked)": lambda m: quant.quantize_weights(m, bits=6),
+    "AWQ W4 g8 (InputScaled c_proj)": lambda m: quant.awq(
+        m, [np.random.default_rng(12).integers(0, 13, size=(4, 8))], bits=4, group_size=8, ignore=["lm_head"]),
 }
 
 
@@ -32,6 +34,8 @@ QUANTIZERS = {
 def test_generation_runs_the_array_path_and_the_cache_changes_nothing(name):
     model = QUANTIZERS[name](small_gpt(1))
     assert any(isinstance(m, WeightOnlyLinear) for m in model.modules())
+    if name.startswith("AWQ"):  # a scale no previous op can absorb stays as a wrapper, which computes on arrays
+        assert any(type(m).__name__ == "InputScaled" for m in model.modules())
     assert model._plain()  # the fast array path, not the module path
     prompt = np.random.default_rng(2).integers(0, 13, size=(2, 3))
     cached = model.generate(prompt, 9, temperature=0.0)  # crosses block_size 8: the window slides
