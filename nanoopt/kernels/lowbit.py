@@ -255,10 +255,10 @@ _NO_BIAS = np.zeros(0, np.float32)
 def lowbit_linear(x: np.ndarray, weight: LowBitWeight, bias: np.ndarray | None,
                   rows: tuple[int, int] | None = None, validate: bool = True) -> np.ndarray:
     """Outputs ``rows = (start, stop)`` (default all) of ``x (M, K) W^T + b`` from the prepared low-bit ``weight``
-    (Numba; bit-identical to :func:`lowbit_linear_reference`). Made for a few rows (``M`` of 1..16, token-by-token
-    generation), where streaming the packed codes once beats dequantizing them for BLAS. ``validate=False`` skips
-    the argument checks, for a caller that made ``weight`` and checked ``x``, ``bias`` and ``rows`` itself (a
-    layer's forward, once per generated token).
+    (Numba; bit-identical to :func:`lowbit_linear_reference`). Made for few rows (``M`` of 1 in token-by-token
+    generation, up to a few hundred), where streaming the packed codes once beats dequantizing them for BLAS.
+    ``validate=False`` skips the argument checks, for a caller that made ``weight`` and checked ``x``, ``bias`` and
+    ``rows`` itself (a layer's forward, once per generated token).
 
     >>> codes = np.array([[7, -7, 1, 0, 2]], np.int8)
     >>> w = prepare_lowbit(codes, np.full((1, 3), 0.5, np.float32), np.array([[1, 0, 0]], np.int8), 2, 4)
