@@ -16,9 +16,11 @@ whole window; it computes what the cache-less path computes (the same modules, t
 temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
 ``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
 window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
-module overhead, and the last block only for the last position); a model with hooks or replaced layers (observed,
-quantized, pruned) goes through its modules instead. A cache therefore pays within the first ``block_size`` positions;
-beyond, each token costs about one forward pass of the window, as without it.
+module overhead, and the last block only for the last position); replaced Linear layers that compute on arrays
+(``forward_array``, as the weight-only low-bit layers of :mod:`nanoopt.quant.dynamic`) take part; a model with
+hooks or other replaced layers (observed, int8-quantized, pruned) goes through its modules instead. A cache
+therefore pays within the first ``block_size`` positions; beyond, each token costs about one forward pass of the
+window, as without it.
 
 >>> import numpy as np, nanoopt as no
 >>> no.manual_seed(0)
@@ -227,7 +229,8 @@ class GPT(nn.Module):
         may be called on the arrays directly); quantized, pruned or hooked models take the module path."""
         stock = (GPT, nn.ModuleDict, nn.ModuleList, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm,
                  nn.Embedding, nn.Dropout, nn.GELU)
-        return all(type(m) in stock and not m._forward_hooks and not m._forward_pre_hooks for m in self.modules())
+        return all((type(m) in stock or _array_linear(m)) and not m._forward_hooks and not m._forward_pre_hooks
+                   for m in self.modules())
 
     def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None) -> np.ndarray:
         """Next-token logits (B, V) after ``ids`` (B, T), from the primitives' forwards called on arrays.
@@ -245,7 +248,9 @@ class GPT(nn.Module):
             bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
             return call(ops.LayerNorm, x, module.weight.data, bias, ndim_normalised=1, eps=module.eps)
 
-        def linear(module: nn.Linear, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        def linear(module: nn.Module, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+            if type(module) is not nn.Linear:  # a replaced layer with an array forward (e.g. weight-only low-bit)
+                return module.forward_array(x, rows)
             bias = None if module.bias is None else module.bias.data[rows]
             return call(ops.Linear, x, module.weight.data[rows], bias)
 
@@ -284,10 +289,10 @@ class GPT(nn.Module):
             x = x + linear(mlp.c_proj, call(ops.GELU, linear(mlp.c_fc, layer_norm(block.ln_2, x)),
                                             approximate=mlp.gelu.approximate))
         x = layer_norm(self.transformer["ln_f"], x[:, -1])  # (B, C)
-        return call(ops.Linear, x, self.lm_head.weight.data)  # (B, V)
+        return linear(self.lm_head, x)  # (B, V)
 
     def _new_caches(self, batch: int) -> list[KVCache]:
-        dtype = self.lm_head.weight.dtype
+        dtype = self.transformer["wte"].weight.dtype  # (the head may have been replaced by a quantized layer)
         return [KVCache(batch, block.attn.n_head, self.config.block_size, block.attn.head_dim, dtype)
                 for block in self.transformer["h"]]
 
@@ -402,6 +407,12 @@ def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
     block.mlp.c_fc = nn.Linear(c, mlp_hidden, bias=bias)
     block.mlp.c_proj = nn.Linear(mlp_hidden, c, bias=bias)
     return block
+
+
+def _array_linear(module: nn.Module) -> bool:
+    """True for a replacement of a GPT Linear that computes on arrays: it has ``forward_array(x, rows)``, returning
+    ``x W[rows]^T + b[rows]`` as its forward would (e.g. :class:`nanoopt.quant.dynamic.WeightOnlyLinear`)."""
+    return callable(getattr(type(module), "forward_array", None)) and not isinstance(module, nn.Linear)
 
 
 def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:

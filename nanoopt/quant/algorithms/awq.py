@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt import nn
+from nanoopt import nn, ops
 from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
 from nanoopt.nn.graph import INPUT, trace
 from nanoopt.prune.masks import get_parameter, is_pruned, set_effective
@@ -97,6 +97,15 @@ class InputScaled(nn.Module):
     def forward(self, x: Any) -> Tensor:
         x = x if isinstance(x, Tensor) else Tensor(np.asarray(x))
         return self.layer(x * Tensor(self.input_scale))
+
+    def forward_array(self, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """``layer(x * input_scale)`` on arrays (no graph), outputs ``rows`` only: for the GPT's fast generation
+        path, when the wrapped layer computes on arrays too (``forward_array``) or is a plain Linear."""
+        scaled = x * self.input_scale
+        if hasattr(self.layer, "forward_array"):
+            return self.layer.forward_array(scaled, rows)
+        bias = None if self.layer.bias is None else self.layer.bias.data[rows]
+        return ops.Linear.forward(ops.Context(ops.Linear), scaled, self.layer.weight.data[rows], bias)
 
     def extra_repr(self) -> str:
         return f"input_scale ({self.input_scale.shape[0]},)"

@@ -12,7 +12,8 @@ A weight matrix ``W (C, K)`` (C outputs, K inputs) is cut into groups of ``g`` c
 
 Rounding is half to even; codes saturate. The result is stored by
 :class:`~nanoopt.quant.dynamic.WeightOnlyLinear` (codes packed two per byte up to 4 bits, a float32 scale and,
-asymmetric, an int8 zero point per group), which dequantizes at each call.
+asymmetric, an int8 zero point per group), which computes from the codes
+(a few rows: the low-bit kernel :mod:`nanoopt.kernels.lowbit`; many: the dequantized weight and BLAS).
 
 >>> import numpy as np
 >>> w = np.array([[-1.0, 0.6, 0.2, 2.0]], np.float32)        # 2 bits asymmetric: s = 3 / 3, z = -1
