@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def linear_layer(m: int, k: int, n: int, rng: np.random.Generator):
     """A random int8 layer and input: narrow-range weights, int32 bias, per-channel multipliers."""
     import nanoopt.kernels as kernels
-    from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+    from nanoopt.spec import QuantSpec, quantize_multiplier
 
     x = rng.integers(-128, 128, size=(m, k)).astype(np.int8)  # (M, K)
     w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)  # (N, K)
@@ -63,7 +63,7 @@ def linear_layer(m: int, k: int, n: int, rng: np.random.Generator):
 
 def conv_layer(batch: int, rng: np.random.Generator):
     import nanoopt.kernels as kernels
-    from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+    from nanoopt.spec import QuantSpec, quantize_multiplier
 
     c, size, kernel, oc = CONV["channels"], CONV["size"], CONV["kernel"], CONV["out_channels"]
     x = rng.integers(-128, 128, size=(batch, c, size, size)).astype(np.int8)  # (N, C, H, W)
@@ -205,7 +205,7 @@ import time
 start = time.perf_counter()
 import numpy as np
 import nanoopt.kernels as kernels
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 imported = time.perf_counter()
 spec, x, w = QuantSpec(), np.ones((4, 64), np.int8), np.ones((16, 64), np.int8)
 with kernels.use_backend("numba"):

@@ -41,7 +41,7 @@ from nanoopt.quant.config import QuantConfig, weight_spec  # noqa: E402
 from nanoopt.quant.observers import PerChannelMSEObserver  # noqa: E402
 from nanoopt.quant.ptq import convert, quantize_static  # noqa: E402
 from nanoopt.quant.qat import QATSchedule, prepare_qat, qat_config  # noqa: E402
-from nanoopt.quant.spec import QuantSpec  # noqa: E402
+from nanoopt.spec import QuantSpec  # noqa: E402
 
 BASE_EPOCHS, QAT_EPOCHS = 10, 2
 LR, FINETUNE_LR, MOMENTUM, BATCH = 0.05, 0.01, 0.9, 128

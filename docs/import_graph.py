@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent / "nanoopt"
 
 # (component, layer) by module prefix; the longest matching prefix wins
 COMPONENTS = {
-    "nanoopt.quant.spec": ("spec", 0),
+    "nanoopt.spec": ("spec", 0),
     "nanoopt.kernels": ("kernels", 1),
     "nanoopt.runtime": ("runtime", 2),
     "nanoopt.tensor": ("autograd", 3),

@@ -413,7 +413,7 @@ def _i64(g: _Graph, value: Any, hint: str) -> str:
 
 def _multiply_by_quantized_multiplier(g: _Graph, x: str, m0: Any, shift: Any, shape: tuple, name: str) -> str:
     """TFLite's ``MultiplyByQuantizedMultiplier`` on int64 values that hold int32 numbers, in exact integer ONNX
-    operators (the formula of :func:`nanoopt.quant.spec.multiply_by_quantized_multiplier`):
+    operators (the formula of :func:`nanoopt.spec.multiply_by_quantized_multiplier`):
 
     ``x' = clip(x * 2^left, int32)``; ``p = x' m0``; ``t = p + (2^30 if p >= 0 else 1 - 2^30)``;
     ``high = t / 2^31`` truncated toward zero (gemmlowp's SaturatingRoundingDoublingHighMul; ``m0 > 0`` so it never

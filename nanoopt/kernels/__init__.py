@@ -23,7 +23,7 @@ the integer input checks only that input. The functions with the reference's sig
 weights or a :class:`PreparedWeights`.
 
 >>> import numpy as np
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> layer = prepare_linear(np.array([[2, 1], [-1, 4]], np.int8), None, 0, 2**30, 0, 0, QuantSpec())
 >>> with use_backend("reference"):
 ...     layer(np.array([[10, -3]], np.int8))
@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 if TYPE_CHECKING:
-    from nanoopt.quant.spec import QuantSpec
+    from nanoopt.spec import QuantSpec
 
 # The kernel modules are imported on first use, inside the functions below: they import nanoopt.quant,
 # whose package imports nanoopt.nn, which imports this package (for im2col/pooling) -- importing them here
@@ -345,7 +345,7 @@ def prepare_linear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spe
     Arguments as :func:`reference.quantized_linear` (``w_q`` may be a :class:`PreparedWeights`), plus the
     activation dtype ``x_dtype`` (int8, or int16 for the 16x8 / 16x16 modes).
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> layer = prepare_linear(np.array([[2, 1], [-1, 4]], np.int8), None, 0, 2**30, 0, 0, QuantSpec())
     >>> layer(np.array([[10, -3]], np.int8))
     array([[  9, -11]], dtype=int8)
@@ -441,7 +441,7 @@ def prepare_conv2d(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spe
                    x_dtype=np.int8) -> PreparedConv2d:  # fmt: skip
     """Validate and pack a quantized conv2d layer once (arguments as :func:`reference.quantized_conv2d`).
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> layer = prepare_conv2d(np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0, QuantSpec(), padding=1)
     >>> layer(np.ones((1, 1, 3, 3), np.int8))[0, 0]
     array([[2, 3, 2],
@@ -457,7 +457,7 @@ def quantized_linear(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
                      relu: bool = False) -> np.ndarray:  # fmt: skip
     """:func:`reference.quantized_linear` on the current backend (``w_q`` may be :class:`PreparedWeights`).
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> quantized_linear(np.array([[10, -3]], np.int8), np.array([[2, 1], [-1, 4]], np.int8),
     ...                  np.array([1, 0], np.int32), 0, 2**30, 0, 0, QuantSpec())
     array([[  9, -11]], dtype=int8)
@@ -479,7 +479,7 @@ def quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
                      padding=0, dilation=1, groups: int = 1, relu: bool = False) -> np.ndarray:  # fmt: skip
     """:func:`reference.quantized_conv2d` on the current backend.
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> quantized_conv2d(np.ones((1, 1, 3, 3), np.int8), np.ones((1, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0,
     ...                  QuantSpec(), padding=1)[0, 0, 0]
     array([2, 3, 2], dtype=int8)

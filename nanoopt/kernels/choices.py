@@ -35,7 +35,7 @@ def kernel_choices() -> list[KernelChoice]:
     docstring)."""
     from nanoopt import kernels
     from nanoopt.kernels import sparse, sparse_avx2
-    from nanoopt.quant.spec import QuantSpec
+    from nanoopt.spec import QuantSpec
 
     forced = kernels.get_backend()
     int8, int16 = QuantSpec(), QuantSpec(bits=16, symmetric=True)

@@ -22,7 +22,7 @@ makes them fast, in the order the code runs:
 * **Epilogue per 64x64 block.** After the tiles of a block, one loop over the block adds the offsets and
   requantizes: a branch-free form of gemmlowp's rounding (vectorisable) when the accumulator bound fits
   int32 and every shift is a right shift of at most 30, else the exact wide (int64) formulas of
-  :func:`nanoopt.quant.spec.multiply_by_quantized_multiplier`; then zero point, clamp (ReLU = clamp at
+  :func:`nanoopt.spec.multiply_by_quantized_multiplier`; then zero point, clamp (ReLU = clamp at
   the output zero point), store. int8 outputs are stored directly; int16 outputs and the raw int32/int64
   sums of the GEMM entry points are stored as int64 and cast (:func:`kernel_dtype`).
 * **Blocking and threads.** Output blocks of 64 rows x 64 channels (an A block and a weight block stay in
@@ -51,7 +51,7 @@ from numba import njit, prange
 
 from nanoopt.kernels import avx2
 from nanoopt.kernels import reference as ref
-from nanoopt.quant.spec import INT32_MAX, INT32_MIN, WIDE_LIMIT, QuantSpec
+from nanoopt.spec import INT32_MAX, INT32_MIN, WIDE_LIMIT, QuantSpec
 
 TILE_ROWS = 4  # rows of A per register tile
 TILE_COLUMNS = 4  # weight rows (output channels) per register tile
@@ -138,7 +138,7 @@ def _as_packed(w_q) -> PackedWeights:
 # ------------------------------------------------------------------------------- scalar arithmetic
 @njit(cache=True, inline="always")
 def _rounding_divide_by_pot(x, exponent):
-    """gemmlowp RoundingDivideByPOT on an int64 (see nanoopt.quant.spec.rounding_divide_by_pot)."""
+    """gemmlowp RoundingDivideByPOT on an int64 (see nanoopt.spec.rounding_divide_by_pot)."""
     mask = (np.int64(1) << exponent) - 1
     remainder = x & mask
     threshold = (mask >> 1) + (1 if x < 0 else 0)

@@ -9,7 +9,7 @@ Every kernel here computes its exact integer result in int64 and is the oracle t
   eq. 8, instead of a subtraction in the inner loop); weights are symmetric (zero point 0) in PyTorch
   layout ``(out_features, in_features)`` / ``(out_channels, in_channels / groups, kh, kw)``;
 * requantization: ``out = clip(round(acc * M) + out_zp)`` with ``M = m0 * 2^-31 * 2^-shift`` evaluated by
-  :func:`nanoopt.quant.spec.requantize` (gemmlowp rounding), per channel or per tensor;
+  :func:`nanoopt.spec.requantize` (gemmlowp rounding), per channel or per tensor;
 * elementwise add of two differently scaled tensors: TFLite's integer ADD (inputs shifted left, rescaled
   to a common scale with their own multipliers, summed, requantized);
 * pools: max (exact) and average (integer sum, division rounded half away from zero).
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoopt.quant.spec import (
+from nanoopt.spec import (
     INT32_MAX,
     WIDE_LIMIT,
     QuantSpec,
@@ -553,7 +553,7 @@ def quantized_add(
     With the parameters of :func:`add_multipliers`:
     ``a' = MBQM((a - a_zp) * 2^left_shift, m_a, s_a)``, ``b'`` likewise (int32),
     ``out = clip(MBQM(a' + b', m_out, s_out) + out_zp)``; ReLU clamps at ``out_zp``. ``MBQM`` is
-    :func:`nanoopt.quant.spec.multiply_by_quantized_multiplier`. Inputs and output share ``spec``'s dtype.
+    :func:`nanoopt.spec.multiply_by_quantized_multiplier`. Inputs and output share ``spec``'s dtype.
 
     >>> a = np.array([10, -20], np.int8); b = np.array([4, 4], np.int8)
     >>> quantized_add(a, 0.5, 0, b, 0.25, 0, 0.5, 0, QuantSpec())

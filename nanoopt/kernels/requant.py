@@ -3,7 +3,7 @@
 ``out = clip(multiply_by_quantized_multiplier(acc, m0, shift) + zero_point, qmin, qmax)`` with one per-tensor
 multiplier ``m0 * 2^-31 * 2^-shift`` (gemmlowp's SaturatingRoundingDoublingHighMul and RoundingDivideByPOT, the
 exact wide form of :mod:`nanoopt.kernels.numba_cpu`). The NumPy reference is the spec's own
-:func:`nanoopt.quant.spec.requantize` (:func:`requantize_reference`); the kernel equals it bit for bit (tested).
+:func:`nanoopt.spec.requantize` (:func:`requantize_reference`); the kernel equals it bit for bit (tested).
 Used where an integer product has no GEMM epilogue, e.g. the ``P V`` product of integer attention.
 
 >>> out = np.empty(3, np.int8)
@@ -17,7 +17,7 @@ import numba
 import numpy as np
 
 from nanoopt.kernels.numba_cpu import _multiply_wide
-from nanoopt.quant.spec import QuantSpec, requantize
+from nanoopt.spec import QuantSpec, requantize
 
 __all__ = ["requantize_into", "requantize_reference"]
 
@@ -30,7 +30,7 @@ def requantize_into(acc, m0, shift, zero_point, low, high, out):  # pragma: no c
 
 
 def requantize_reference(acc: np.ndarray, m0: int, shift: int, zero_point: int, spec: QuantSpec) -> np.ndarray:
-    """:func:`nanoopt.quant.spec.requantize` itself (per-tensor multiplier).
+    """:func:`nanoopt.spec.requantize` itself (per-tensor multiplier).
 
     >>> requantize_reference(np.array([1000], np.int64), 1374389535, 6, -3, QuantSpec())
     array([7], dtype=int8)

@@ -1,6 +1,6 @@
 """Quantization: the integer specification, observers, configuration, post-training quantization and analysis.
 
-* the scheme (:mod:`~nanoopt.quant.spec`): ``QuantSpec``, ``qparams``, ``quantize``, ``dequantize``,
+* the scheme (:mod:`~nanoopt.spec`): ``QuantSpec``, ``qparams``, ``quantize``, ``dequantize``,
   ``quantize_multiplier``, ``requantize``;
 * statistics (:mod:`~nanoopt.quant.observers`): ``MinMaxObserver`` and friends, ``HistogramObserver`` (L2 range
   search), ``PercentileObserver``, ``EntropyObserver`` (KL);
@@ -13,8 +13,8 @@
   ``rtn``, ``gptq``, ``awq``; analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
   ``layer_sensitivity``, ``saturation_counts``, ``mixed_precision_search``.
 
-The integer kernels import :mod:`nanoopt.quant.spec`, and the layers import the kernels; so the names that need
-layers are loaded on first use (PEP 562), which keeps ``import nanoopt.quant.spec`` free of a circular import.
+The integer kernels import :mod:`nanoopt.spec`, and the layers import the kernels; so the names that need
+layers are loaded on first use (PEP 562), which keeps ``import nanoopt.spec`` free of a circular import.
 
 >>> import numpy as np
 >>> from nanoopt import models, quant
@@ -27,7 +27,7 @@ layers are loaded on first use (PEP 562), which keeps ``import nanoopt.quant.spe
 import importlib
 from typing import Any
 
-from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize, quantize_multiplier, requantize
+from nanoopt.spec import QuantSpec, dequantize, qparams, quantize, quantize_multiplier, requantize
 
 _LAZY = {
     "EntropyObserver": "nanoopt.quant.observers",

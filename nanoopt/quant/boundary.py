@@ -1,7 +1,7 @@
 """Quantizing the float input of an integer model in one pass: a Numba kernel bit-identical to ``spec.quantize``.
 
 At the boundary of a converted model every input element goes through
-``q = clip(rint(float32(x) / scale) + zero_point, qmin, qmax)`` (:func:`nanoopt.quant.spec.quantize`, the
+``q = clip(rint(float32(x) / scale) + zero_point, qmin, qmax)`` (:func:`nanoopt.spec.quantize`, the
 reference). NumPy evaluates that in about seven passes with int64 temporaries, which for a 256 x 784 batch
 costs as much as the whole int8 LeNet-300-100; :func:`quantize_per_tensor` does it in one compiled pass with the
 same float32 arithmetic (IEEE division, round half to even, saturation in float32 before the integer add), so
@@ -10,7 +10,7 @@ its result is identical -- tested against the reference with hypothesis, infinit
 Float32 C-contiguous input and per-tensor specs use the kernel; anything else goes to the reference.
 
 >>> import numpy as np
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> quantize_per_tensor(np.array([-1.0, 0.25, 0.75, 9.0], np.float32), np.float32(0.5), np.int32(0), QuantSpec())
 array([-2,  0,  2, 18], dtype=int8)
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from nanoopt.quant.spec import QuantSpec, check_scale, check_zero_point, quantize
+from nanoopt.spec import QuantSpec, check_scale, check_zero_point, quantize
 
 __all__ = ["quantize_per_tensor", "quantize_per_tensor_reference"]
 
@@ -40,7 +40,7 @@ def _quantize_kernel(flat, scale, zero_point, low, high, out):  # pragma: no cov
 
 
 def quantize_per_tensor_reference(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
-    """The reference: :func:`nanoopt.quant.spec.quantize` itself.
+    """The reference: :func:`nanoopt.spec.quantize` itself.
 
     >>> quantize_per_tensor_reference(np.array([0.3], np.float32), np.float32(0.1), np.int32(1), QuantSpec())
     array([4], dtype=int8)

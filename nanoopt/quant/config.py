@@ -37,7 +37,7 @@ import numpy as np
 
 from nanoopt.nn import Module
 from nanoopt.quant.observers import HistogramObserver, MinMaxObserver, Observer, PerChannelMSEObserver
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 
 __all__ = [
     "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig", "bias_dtype",

@@ -39,7 +39,7 @@ from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.quant.config import INT8_ACTIVATION, weight_spec
 from nanoopt.quant.metadata import check_codes_fit, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
+from nanoopt.spec import QuantSpec, dequantize, qparams, quantize
 from nanoopt.tensor import Tensor
 
 __all__ = ["DynamicQuantizedLinear", "WeightOnlyConv2d", "WeightOnlyLinear", "quantize_dynamic", "quantize_weights"]

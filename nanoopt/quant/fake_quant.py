@@ -1,6 +1,6 @@
 """Differentiable quantizers: fake quantization with the straight-through estimator, LSQ and PACT.
 
-All three round with the functions of :mod:`nanoopt.quant.spec` (``quantize`` then ``dequantize``), so what they
+All three round with the functions of :mod:`nanoopt.spec` (``quantize`` then ``dequantize``), so what they
 compute in the forward pass is, bit for bit, the value an integer model represents. They differ in what they let
 the gradient see.
 
@@ -27,7 +27,7 @@ the gradient see.
 
 * :func:`pact_quantize` -- PACT, Choi et al. 2018, "PACT: Parameterized Clipping Activation" (eq. 1-3): a
   learned clipping level ``alpha`` replaces ReLU, ``y = clip(x, 0, alpha)`` quantized on ``[0, alpha]``. Here the
-  grid is ``(scale, zero_point) = qparams(0, alpha, spec)`` of :mod:`nanoopt.quant.spec` (so ``zero_point = qmin``
+  grid is ``(scale, zero_point) = qparams(0, alpha, spec)`` of :mod:`nanoopt.spec` (so ``zero_point = qmin``
   and ``x_hat = dequantize(quantize(x))`` clips at 0 and at ``alpha``), and with the straight-through estimator
 
   .. math:: \\frac{\\partial \\hat x}{\\partial \\alpha} = 1 \\text{ if } x \\ge \\alpha \\text{ else } 0, \\qquad
@@ -44,7 +44,7 @@ the current weights at every step, for QAT), and the learned quantizers :class:`
 
 >>> import numpy as np
 >>> from nanoopt.tensor import Tensor
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> x = Tensor(np.array([-1.3, 0.2, 0.74, 9.0], np.float32), requires_grad=True)
 >>> y = fake_quantize(x, 0.5, 0, QuantSpec(bits=4))      # grid -8..7 steps of 0.5
 >>> y.data
@@ -66,7 +66,7 @@ from nanoopt.ops import Function
 from nanoopt.quant.lowering import QParams
 from nanoopt.quant.metadata import check_codes_fit, spec_metadata
 from nanoopt.quant.observers import Observer
-from nanoopt.quant.spec import FLOAT32_EPS, QuantSpec, check_scale, dequantize, qparams, quantize
+from nanoopt.spec import FLOAT32_EPS, QuantSpec, check_scale, dequantize, qparams, quantize
 from nanoopt.tensor import Tensor
 
 __all__ = [
@@ -120,7 +120,7 @@ def _other_axes(spec: QuantSpec, ndim: int) -> tuple[int, ...]:
 
 
 def _steps(x: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """``x / scale`` exactly as :func:`~nanoopt.quant.spec.quantize` computes it (float32 IEEE division)."""
+    """``x / scale`` exactly as :func:`~nanoopt.spec.quantize` computes it (float32 IEEE division)."""
     scale32 = _along_channels(np.asarray(scale, np.float32), spec, x.ndim)
     with np.errstate(over="ignore"):  # huge x / tiny scale -> inf: saturated, gradient 0
         return x.astype(np.float32) / scale32
@@ -205,7 +205,7 @@ def lsq_initial_scale(x: np.ndarray, spec: QuantSpec, zero_point: Any = 0) -> np
     """LSQ's initial step ``s_0 = 2 mean(|x|) / sqrt(Q_P)`` (Esser et al. 2020, section 2.1), float32.
 
     Per channel (``spec.per_channel``) the mean runs over each channel's slice. A zero mean gives the smallest
-    scale :func:`~nanoopt.quant.spec.qparams` would give (float32 eps).
+    scale :func:`~nanoopt.spec.qparams` would give (float32 eps).
 
     >>> float(lsq_initial_scale(np.array([1.0, -3.0]), QuantSpec(bits=4, symmetric=True)))   # 2 * 2 / sqrt(7)
     1.5118578672409058

@@ -11,7 +11,7 @@ runs it through :func:`emulate_linear` / :func:`emulate_conv2d` here, which comp
     ``acc[m, n] = sum_k (x_q[m, k] - x_zp) w_q[n, k] + bias_q[n]``
     ``out = clip(requantize(acc, m0[n], shift[n], out_zp) [max out_zp if ReLU])``
 
-with ``requantize`` the one in :mod:`nanoopt.quant.spec` (gemmlowp rounding, as the kernels). The sum is exact:
+with ``requantize`` the one in :mod:`nanoopt.spec` (gemmlowp rounding, as the kernels). The sum is exact:
 it is evaluated as a float64 matrix product of integers, exact whenever every partial sum stays below 2^53, which
 is checked from the weights (``max |x - x_zp| * max_n sum_k |w_nk|``); otherwise it falls back to int64. (A float
 simulation ``round(y / s_out)`` would differ from the kernels' fixed-point ``M0 * 2^-shift`` by one step now and
@@ -21,7 +21,7 @@ Pools and the residual add are emulated with the reference kernels of :mod:`nano
 themselves, the executable specification the fast kernels are tested against.
 
 >>> import numpy as np
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> int8, weights = QuantSpec(bits=8), QuantSpec(bits=8, symmetric=True, per_channel=True, narrow_range=True)
 >>> layer = integer_layer(np.array([[0.5, -0.25]], np.float32), np.array([0.1], np.float32),
 ...                       QParams(np.array([0.5 / 127], np.float32), np.array([0], np.int32), weights),
@@ -41,7 +41,7 @@ import numpy as np
 
 from nanoopt.kernels import reference
 from nanoopt.quant.config import bias_dtype
-from nanoopt.quant.spec import QuantSpec, dequantize, quantize, quantize_bias, requantization_multipliers, requantize
+from nanoopt.spec import QuantSpec, dequantize, quantize, quantize_bias, requantization_multipliers, requantize
 
 EXACT_FLOAT64 = 2**53  # integers below this add exactly in float64
 
@@ -120,7 +120,7 @@ def integer_layer(weight: np.ndarray, bias: np.ndarray | None, weight_qparams: Q
 
 
 def _epilogue(acc: np.ndarray, layer: IntegerLayer, channel_axis: int) -> np.ndarray:
-    """``acc + bias`` -> :func:`~nanoopt.quant.spec.requantize` per channel -> optional ReLU clamp."""
+    """``acc + bias`` -> :func:`~nanoopt.spec.requantize` per channel -> optional ReLU clamp."""
     shape = [1] * acc.ndim
     shape[channel_axis] = -1
     if layer.bias is not None:

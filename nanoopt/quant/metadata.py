@@ -4,10 +4,10 @@
 the quantization it holds as a JSON-serialisable dict; ``nanoopt.io`` writes these descriptions into the
 checkpoint header and a tensor loads only into a model whose description is the same. A dtype alone does not
 say enough: 3- and 4-bit codes are both int8 (or both packed bytes), an int8 and an int16 grid both have float32
-scales. So the description of a grid is its :class:`~nanoopt.quant.spec.QuantSpec` (bits, signedness, symmetry,
+scales. So the description of a grid is its :class:`~nanoopt.spec.QuantSpec` (bits, signedness, symmetry,
 per-channel axis, narrow range), plus the layout of the codes (packing, group size) where it varies.
 
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> spec_metadata(QuantSpec(bits=4, symmetric=True))
 {'bits': 4, 'signed': True, 'symmetric': True, 'per_channel': False, 'axis': 0, 'narrow_range': False}
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 
 __all__ = ["check_codes_fit", "qparams_metadata", "spec_metadata"]
 

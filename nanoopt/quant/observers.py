@@ -2,7 +2,7 @@
 
 An observer only looks: ``observer(x)`` records ``x`` and returns it unchanged (PyTorch's observers work the
 same way). The scale and zero point are never computed here: ``scale_`` and ``zero_point_`` are
-``qparams(min_val_, max_val_, spec)`` from :mod:`nanoopt.quant.spec`, the one place that formula lives.
+``qparams(min_val_, max_val_, spec)`` from :mod:`nanoopt.spec`, the one place that formula lives.
 
 Manners are scikit-learn's: hyper-parameters in ``__init__``, ``fit(x)`` forgets and learns, ``partial_fit(x)``
 adds one more batch, both return ``self``; what was learned ends in ``_``. Reading a learned attribute before any
@@ -38,7 +38,7 @@ Range choices
     would otherwise pull the search towards small thresholds.
 
 >>> import numpy as np
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> observer = MinMaxObserver(QuantSpec(bits=8)).fit(np.array([-1.0, 0.5, 3.0]))
 >>> observer.min_val_, observer.max_val_
 (-1.0, 3.0)
@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
+from nanoopt.spec import QuantSpec, dequantize, qparams, quantize
 
 __all__ = [
     "EntropyObserver",
@@ -241,7 +241,7 @@ class Observer:
 class MinMaxObserver(Observer):
     """Running minimum and maximum; per channel along ``spec.axis`` when ``spec.per_channel``.
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> spec = QuantSpec(symmetric=True, per_channel=True, axis=0, narrow_range=True)
     >>> MinMaxObserver(spec).fit(np.array([[1.0, -2.0], [0.5, 0.25]])).max_val_.tolist()
     [1.0, 0.5]
@@ -363,7 +363,7 @@ class PerChannelMSEObserver(_PerChannel, Observer):
     ``alpha`` runs over ``num_candidates`` values evenly spaced in ``[min_ratio, 1]``. Meant for weights: every
     value seen is kept (``partial_fit`` concatenates along the non-channel axes).
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> spec = QuantSpec(bits=4, symmetric=True, per_channel=True, narrow_range=True)
     >>> w = np.random.default_rng(0).normal(size=(2, 256))
     >>> observer = PerChannelMSEObserver(spec).fit(w)

@@ -95,7 +95,7 @@ def qat_config(**changes: Any) -> QuantConfig:
     activation observers (Jacob et al. 2018, section 3.1) instead of the histogram search PTQ uses (which would
     rerun at every step). ``changes`` are QuantConfig fields.
 
-    >>> from nanoopt.quant.spec import QuantSpec
+    >>> from nanoopt.spec import QuantSpec
     >>> qat_config(weight=QuantSpec(bits=4, symmetric=True, per_channel=True)).activation_observer.__name__
     'MovingAverageMinMaxObserver'
     """

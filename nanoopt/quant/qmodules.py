@@ -13,7 +13,7 @@ channel; ``state_dict`` holds exactly these arrays, so a saved model is about 4x
 
 >>> import numpy as np
 >>> from nanoopt.quant.lowering import QParams
->>> from nanoopt.quant.spec import QuantSpec
+>>> from nanoopt.spec import QuantSpec
 >>> relu = QuantizedReLU(QParams(np.float32(0.1), np.int32(-5), QuantSpec()))
 >>> relu(np.array([-9, -5, 3], np.int8))
 array([-5, -5,  3], dtype=int8)
@@ -35,7 +35,7 @@ from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
 from nanoopt.quant.metadata import check_codes_fit, qparams_metadata, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.quant.spec import QuantSpec, check_scale, check_zero_point, dequantize
+from nanoopt.spec import QuantSpec, check_scale, check_zero_point, dequantize
 from nanoopt.runtime import boundary
 from nanoopt.tensor import Tensor
 

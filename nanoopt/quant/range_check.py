@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt.quant.fake_quant import FakeQuantize
-from nanoopt.quant.spec import quantize
+from nanoopt.spec import quantize
 
 __all__ = ["DOMINANCE", "MAX_SAMPLE", "SAMPLE_PER_BATCH", "RangeMonitor"]
 

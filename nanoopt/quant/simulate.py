@@ -3,7 +3,7 @@
 Every quantization point is a :class:`~nanoopt.quant.fake_quant.FakeQuantize`: an observer plus
 ``x -> dequantize(quantize(x))`` with two switches, as PyTorch's ``FakeQuantize``: ``observer_enabled`` (collect
 statistics) and ``fake_quant_enabled`` (round to the grid). Its ``scale`` / ``zero_point`` buffers come from the
-observer (``qparams`` of :mod:`nanoopt.quant.spec`, nowhere else) and stay fixed once the observer is disabled
+observer (``qparams`` of :mod:`nanoopt.spec`, nowhere else) and stay fixed once the observer is disabled
 ("frozen").
 
 Each layer of a prepared model runs one of two paths:

@@ -3,7 +3,7 @@
 What is integer (everything else is float32, stated):
 
 * **every Linear** (``c_attn``, ``c_proj``, ``c_fc``, ``mlp.c_proj``, ``lm_head``): int8 weights, symmetric per
-  output channel (narrow range, ``qparams`` of :mod:`nanoopt.quant.spec`), times int8 activations, accumulated
+  output channel (narrow range, ``qparams`` of :mod:`nanoopt.spec`), times int8 activations, accumulated
   exactly in int32 (the int8 GEMMs of :mod:`nanoopt.kernels`). Activations are asymmetric int8 per tensor on a
   grid calibrated by min/max observers (static), or -- ``W8A8Config(per_token=True)`` -- symmetric int8 with a
   scale per token computed at run time from the token's ``max |x|`` (dynamic; the Linears that read a float op:
@@ -60,7 +60,7 @@ from nanoopt.nn.attention import check_indices
 from nanoopt.ops import Context
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
-from nanoopt.quant.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
+from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.runtime import boundary
 from nanoopt.tensor import Tensor, no_grad
 

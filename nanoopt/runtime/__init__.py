@@ -7,7 +7,7 @@ buffers preallocated per input shape, bit-identical to the model itself; a float
 compiled kernels the same way. Constants are validated once, when the plan is built; a call checks only its input.
 
 ``save(plan, path)`` / ``load(path)`` store and read a plan as one ``.npz`` file (no pickle). This package imports
-only NumPy, Numba, the integer specification (:mod:`nanoopt.quant.spec`) and :mod:`nanoopt.kernels` -- no
+only NumPy, Numba, the integer specification (:mod:`nanoopt.spec`) and :mod:`nanoopt.kernels` -- no
 autograd, layers or techniques -- so an application that loads a saved plan embeds just that. (``compile`` also
 takes a Module: that conversion is :func:`nanoopt.deploy.to_plan`, imported only then.)
 

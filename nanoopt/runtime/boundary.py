@@ -1,6 +1,6 @@
 """The fused ends of an integer plan: float input -> codes, and output codes -> float, one compiled pass each.
 
-Both are exactly the integer specification (:mod:`nanoopt.quant.spec`, Jacob et al. 2018, eq. 1-2) for a
+Both are exactly the integer specification (:mod:`nanoopt.spec`, Jacob et al. 2018, eq. 1-2) for a
 per-tensor grid ``(scale, zero_point)`` validated once when the plan is built:
 
     ``q = clip(rint(float32(x) / scale) + zero_point, qmin, qmax)``   (float32 IEEE division, half to even)
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from nanoopt.quant.spec import QuantSpec, dequantize, quantize
+from nanoopt.spec import QuantSpec, dequantize, quantize
 
 __all__ = ["dequantize_into", "dequantize_reference", "quantize_into", "quantize_reference"]
 
@@ -52,7 +52,7 @@ def dequantize_into(codes, scale, zero_point, out):  # pragma: no cover - compil
 
 
 def quantize_reference(x: np.ndarray, scale: float, zero_point: int, spec: QuantSpec) -> np.ndarray:
-    """:func:`nanoopt.quant.spec.quantize` itself.
+    """:func:`nanoopt.spec.quantize` itself.
 
     >>> quantize_reference(np.array([0.3], np.float32), 0.1, 1, QuantSpec())
     array([4], dtype=int8)
@@ -61,7 +61,7 @@ def quantize_reference(x: np.ndarray, scale: float, zero_point: int, spec: Quant
 
 
 def dequantize_reference(q: np.ndarray, scale: float, zero_point: int, spec: QuantSpec) -> np.ndarray:
-    """:func:`nanoopt.quant.spec.dequantize` itself.
+    """:func:`nanoopt.spec.dequantize` itself.
 
     >>> dequantize_reference(np.array([4], np.int8), 0.5, 1, QuantSpec())
     array([1.5], dtype=float32)

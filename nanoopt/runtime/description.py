@@ -32,7 +32,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 
 FORMAT = "nanoopt-plan"
 FORMAT_VERSION = 1

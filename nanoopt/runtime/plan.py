@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.quant.spec import check_scale, check_zero_point
+from nanoopt.spec import check_scale, check_zero_point
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into

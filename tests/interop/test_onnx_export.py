@@ -195,7 +195,7 @@ def test_written_out_requantization_equals_nanoopts_bit_for_bit(acc, exponent, t
     import onnxruntime
 
     from nanoopt.interop.onnx_export import _Graph, _multiply_by_quantized_multiplier
-    from nanoopt.quant.spec import multiply_by_quantized_multiplier, quantize_multiplier
+    from nanoopt.spec import multiply_by_quantized_multiplier, quantize_multiplier
 
     power = int(np.floor(exponent))
     real = 2.0 ** power if ties else 2.0 ** exponent

@@ -87,7 +87,7 @@ import numba
 import numpy as np
 import nanoopt.kernels as kernels
 from nanoopt.kernels import avx2, numba_cpu, sparse, sparse_avx2
-from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+from nanoopt.spec import QuantSpec, quantize_multiplier
 
 backend = sys.argv[1]
 rng = np.random.default_rng(2024)

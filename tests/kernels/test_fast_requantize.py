@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoopt.kernels import numba_cpu
-from nanoopt.quant.spec import INT32_MAX, INT32_MIN, QuantSpec, requantize
+from nanoopt.spec import INT32_MAX, INT32_MIN, QuantSpec, requantize
 
 SPECS = [QuantSpec(), QuantSpec(bits=16), QuantSpec(bits=8, signed=False), QuantSpec(bits=4)]
 

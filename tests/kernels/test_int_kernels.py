@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import nanoopt.kernels as kernels
 from nanoopt.kernels import numba_cpu
 from nanoopt.kernels import reference as ref
-from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+from nanoopt.spec import QuantSpec, quantize_multiplier
 
 SETTINGS = settings(max_examples=25, deadline=None)
 # The backend fixture only selects the backend for the whole test: nothing in it needs resetting per example.
@@ -287,7 +287,7 @@ def test_disabled_avx2_falls_back_in_a_fresh_process():
     import sys
 
     code = (
-        "import numpy as np, nanoopt.kernels as k; from nanoopt.quant.spec import QuantSpec;"
+        "import numpy as np, nanoopt.kernels as k; from nanoopt.spec import QuantSpec;"
         "l = k.prepare_linear(np.ones((8, 4), np.int8), None, 0, 2**30, 0, 0, QuantSpec());"
         "print(k.avx2_available(), l.backend_for(), l(np.ones((2, 4), np.int8)).tolist())"
     )

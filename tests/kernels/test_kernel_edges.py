@@ -30,7 +30,7 @@ import nanoopt.kernels as kernels
 from nanoopt import models, quant
 from nanoopt.kernels import avx2, numba_cpu
 from nanoopt.kernels import reference as ref
-from nanoopt.quant.spec import INT32_MAX, QuantSpec, quantize_multiplier
+from nanoopt.spec import INT32_MAX, QuantSpec, quantize_multiplier
 
 INT8 = QuantSpec()
 INT16 = QuantSpec(bits=16)

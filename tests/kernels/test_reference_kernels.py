@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoopt.kernels import reference as ref
-from nanoopt.quant.spec import INT32_MAX, QuantSpec, dequantize, multiply_by_quantized_multiplier, quantize_multiplier
+from nanoopt.spec import INT32_MAX, QuantSpec, dequantize, multiply_by_quantized_multiplier, quantize_multiplier
 
 SETTINGS = settings(max_examples=30, deadline=None)
 INT8 = QuantSpec()

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoopt.kernels.requant import requantize_into, requantize_reference
-from nanoopt.quant.spec import QuantSpec, quantize_multiplier
+from nanoopt.spec import QuantSpec, quantize_multiplier
 
 
 @settings(max_examples=200, deadline=None)

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from nanoopt.quant.boundary import quantize_per_tensor, quantize_per_tensor_reference
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 
 SETTINGS = settings(max_examples=60, deadline=None)
 SPECS = [QuantSpec(bits=8), QuantSpec(bits=8, symmetric=True), QuantSpec(bits=4), QuantSpec(bits=16, symmetric=True),

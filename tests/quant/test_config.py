@@ -6,7 +6,7 @@ import pytest
 from nanoopt import nn
 from nanoopt.quant.config import INT16_ACTIVATION, QuantConfig, bias_dtype, weight_spec
 from nanoopt.quant.observers import HistogramObserver, MinMaxObserver, PerChannelMSEObserver
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 
 
 def test_defaults_follow_the_integer_scheme():

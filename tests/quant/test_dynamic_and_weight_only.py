@@ -15,7 +15,7 @@ from nanoopt.quant.dynamic import (
     quantize_weights,
 )
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.quant.spec import qparams, quantize
+from nanoopt.spec import qparams, quantize
 from nanoopt.report import stored_bytes
 from nanoopt.tensor import Tensor
 

@@ -25,7 +25,7 @@ from nanoopt.quant.fake_quant import (
     pact_quantize,
     straight_through_mask,
 )
-from nanoopt.quant.spec import QuantSpec, dequantize, quantize
+from nanoopt.spec import QuantSpec, dequantize, quantize
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=50, deadline=None)

@@ -4,7 +4,7 @@
 both call :mod:`nanoopt.quant.lowering`, so a mistake there, or in how ``prepare`` maps a layer (issue 12: an
 ``AvgPool2d`` lowered as a max pool), is invisible to it. Here the path from float to integers is checked against
 the integer specification of DESIGN.md restated in this file with Python ints and :class:`fractions.Fraction`,
-without calling ``nanoopt.quant.spec``, ``lowering``, ``simulate``, ``qmodules`` or the kernels. What a layer
+without calling ``nanoopt.spec``, ``lowering``, ``simulate``, ``qmodules`` or the kernels. What a layer
 computes is taken from nanoopt's *float* functional ops (``nn.functional``), run in float64.
 
 For every layer with an integer kernel -- Linear, Conv2d (groups, depthwise, stride, padding, dilation), Add,
@@ -23,7 +23,7 @@ checks the model of issue 12 (Conv-ReLU-AvgPool-Flatten-Linear through ``quant.q
 float model end to end, with a bound propagated layer by layer from the scales.
 
 Integer arithmetic restated (DESIGN.md "The integer specification" and the float arithmetic fixed in
-``quant/spec.py``'s module docstring): real = scale (q - zero_point); ``qparams`` in float64, the scale rounded once
+``nanoopt/spec.py``'s module docstring): real = scale (q - zero_point); ``qparams`` in float64, the scale rounded once
 to float32 and raised to at least 2^-23; quantize = round half to even of the float32 quotient ``x / scale``, then
 saturate; symmetric narrow-range per-channel int8 weights; bias = round(b / (s_in s_w)) (float64 quotient, half to
 even) in int32 (int64 for 16-bit inputs); M = s_in s_w / s_out (float64) written as M0 2^-31 2^-shift with M0 in

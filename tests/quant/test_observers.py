@@ -18,7 +18,7 @@ from nanoopt.quant.observers import (
     PerChannelMinMaxObserver,
     PerChannelMSEObserver,
 )
-from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
+from nanoopt.spec import QuantSpec, dequantize, qparams, quantize
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=40, deadline=None)

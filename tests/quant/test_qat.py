@@ -24,7 +24,7 @@ from nanoopt.quant.config import QuantConfig, weight_spec
 from nanoopt.quant.fake_quant import LSQQuantizer, NotCalibratedError, PACTQuantizer, WeightFakeQuantize
 from nanoopt.quant.ptq import calibrate, convert, prepare, quantizers, set_fake_quant, set_observers
 from nanoopt.quant.qat import QATConvBn2d, QATLinearBn1d, QATSchedule, freeze_batchnorm, prepare_qat, qat_config
-from nanoopt.quant.spec import QuantSpec, qparams
+from nanoopt.spec import QuantSpec, qparams
 from nanoopt.tensor import Tensor
 from nanoopt.train import fit
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import models
 from nanoopt.quant.lowering import QParams
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 from nanoopt.quant.transformer import (
     W8A8Config,
     convert_w8a8,

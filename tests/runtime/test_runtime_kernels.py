@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 
 from nanoopt import kernels
 from nanoopt.kernels import reference
-from nanoopt.quant.spec import QuantSpec
+from nanoopt.spec import QuantSpec
 from nanoopt.runtime import boundary
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.integer_steps import linear_s8_avx2

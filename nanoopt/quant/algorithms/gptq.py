@@ -74,7 +74,7 @@ from nanoopt.quant.algorithms.rtn import (
     weight_only_linear,
 )
 from nanoopt.quant.checks import check_finite_parameters
-from nanoopt.quant.spec import dequantize, qparams, quantize
+from nanoopt.spec import dequantize, qparams, quantize
 
 __all__ = ["GPTQResult", "gptq", "gptq_quantize"]
 

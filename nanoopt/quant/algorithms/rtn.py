@@ -2,7 +2,7 @@
 
 A weight matrix ``W (C, K)`` (C outputs, K inputs) is cut into groups of ``g`` consecutive inputs per output row
 (``g = K``, one group per row, when ``group_size`` is None); each group gets its own grid from
-:func:`nanoopt.quant.spec.qparams` (the one scale formula of nanoopt) on the group's range ``[min w, max w]``:
+:func:`nanoopt.spec.qparams` (the one scale formula of nanoopt) on the group's range ``[min w, max w]``:
 
 * symmetric: nanoopt's narrow-range weight grid ``codes in [-(2^(b-1) - 1), 2^(b-1) - 1]``, ``w^ = s code``
   with ``s = max|w| / (2^(b-1) - 1)`` (3 levels at 2 bits, 7 at 3 bits: the same grid as
@@ -35,7 +35,7 @@ from nanoopt import nn
 from nanoopt.layerwise import select_linears
 from nanoopt.quant.config import weight_spec
 from nanoopt.quant.dynamic import WeightOnlyLinear
-from nanoopt.quant.spec import QuantSpec, dequantize, qparams, quantize
+from nanoopt.spec import QuantSpec, dequantize, qparams, quantize
 
 __all__ = [
     "check_grid", "dequantize_groups", "group_qparams", "grid_spec", "quantize_groups", "rtn", "rtn_linear",

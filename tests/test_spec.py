@@ -1,4 +1,4 @@
-"""Properties of the integer specification (nanoopt.quant.spec).
+"""Properties of the integer specification (nanoopt.spec).
 
 The rounding primitives are checked against independent arbitrary-precision oracles written with Python
 ints and ``fractions.Fraction`` (round half away from zero from the mathematical definition), not against a
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.quant.spec import (
+from nanoopt.spec import (
     INT32_MAX,
     INT32_MIN,
     QuantSpec,
