@@ -35,8 +35,8 @@ from nanoopt.quant.checks import check_float_input
 from nanoopt.quant.lowering import IntegerLayer, QParams
 from nanoopt.quant.metadata import check_codes_fit, qparams_metadata, spec_metadata
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.spec import QuantSpec, check_scale, check_zero_point, dequantize
 from nanoopt.runtime import boundary
+from nanoopt.spec import QuantSpec, check_scale, check_zero_point, dequantize
 from nanoopt.tensor import Tensor
 
 __all__ = [

@@ -60,8 +60,8 @@ from nanoopt.nn.attention import check_indices
 from nanoopt.ops import Context
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
-from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.runtime import boundary
+from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = ["W8A8Config", "W8A8GPT", "attention_multiplier", "calibrate_w8a8", "convert_w8a8", "exact_integer_matmul",

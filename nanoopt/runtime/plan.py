@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.spec import check_scale, check_zero_point
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
 from nanoopt.runtime.description import PlanDescription, PlanFormatError
 from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op
+from nanoopt.spec import check_scale, check_zero_point
 
 __all__ = ["FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
 

@@ -15,8 +15,8 @@ from nanoopt.quant.dynamic import (
     quantize_weights,
 )
 from nanoopt.quant.packing import pack_int4, unpack_int4
-from nanoopt.spec import qparams, quantize
 from nanoopt.report import stored_bytes
+from nanoopt.spec import qparams, quantize
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import models
 from nanoopt.quant.lowering import QParams
-from nanoopt.spec import QuantSpec
 from nanoopt.quant.transformer import (
     W8A8Config,
     convert_w8a8,
@@ -19,6 +18,7 @@ from nanoopt.quant.transformer import (
     prepare_w8a8,
     quantize_w8a8,
 )
+from nanoopt.spec import QuantSpec
 
 SETTINGS = settings(max_examples=10, deadline=None)
 VOCAB = 13

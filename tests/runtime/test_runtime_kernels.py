@@ -12,10 +12,10 @@ from hypothesis.extra import numpy as hnp
 
 from nanoopt import kernels
 from nanoopt.kernels import reference
-from nanoopt.spec import QuantSpec
 from nanoopt.runtime import boundary
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.integer_steps import linear_s8_avx2
+from nanoopt.spec import QuantSpec
 
 SETTINGS = settings(max_examples=60, deadline=None)
 floats32 = st.floats(width=32, allow_nan=False)
