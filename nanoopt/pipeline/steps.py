@@ -15,8 +15,8 @@ So QAT after convert, prune after convert and convert without QAT are refused by
 The one-shot steps from calibration data (GPTQ, AWQ, RTN, SmoothQuant and W8A8, Wanda, SparseGPT, heads, blocks)
 register the same way in :mod:`nanoopt.pipeline.steps_calibrated`.
 
->>> sorted(STEPS)[:4]
-['convert', 'finetune', 'prune', 'ptq']
+>>> [name for name in ("train", "prune", "qat", "convert", "save") if name in STEPS]
+['train', 'prune', 'qat', 'convert', 'save']
 """
 
 from __future__ import annotations

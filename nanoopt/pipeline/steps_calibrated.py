@@ -22,7 +22,7 @@ on Shakespeare.
 
 >>> from nanoopt.pipeline import STEPS
 >>> sorted(STEPS["gptq"].tasks), sorted(STEPS["w8a8"].tasks)
-[['classify', 'lm'], ['lm']]
+(['classify', 'lm'], ['lm'])
 """
 
 from __future__ import annotations
