@@ -111,6 +111,11 @@ def test_gptq_smoothquant_w8a8_runs_and_loads_back(tmp_path):
     assert compressed["stored_bytes"] == (tmp_path / "model.nnz").stat().st_size < base["stored_bytes"]
     markdown = open(result["files"]["report_md"]).read()
     assert "| model | validation loss | change |" in markdown and "validation loss after" in markdown
+    if importlib.util.find_spec("matplotlib") is not None:   # the extra "plot": loss against size
+        from nanoopt.pipeline.plot import plot_report
+
+        names = sorted(path.name for path in plot_report(result["files"]["report_json"], tmp_path / "plots"))
+        assert names == ["size_accuracy.png", "sparsity.png"]
 
 
 @pytest.mark.parametrize("steps, layer_kind", [
