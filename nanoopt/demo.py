@@ -100,7 +100,7 @@ def demo(seed: int = 0, epochs: int = 20, progress: bool = False, dataset: str |
         rows.append(report.measure(name, model, d.test_set, note=f"trained {epochs} epochs in {seconds:.1f} s"))
         baselines[name] = model
     rows += _pruning_rows(baselines[mlp_name], d, seed, progress)
-    rows += _quantization_rows(baselines, d)
+    rows += _quantization_rows(baselines, d, progress)
     rows += _qat_rows(baselines[cnn_name], d, seed, progress)
     rows += _distillation_rows(baselines[cnn_name], d, seed, epochs, progress)
     rows.append(_recipe_row(baselines[mlp_name], d, seed, progress))
@@ -123,13 +123,13 @@ def _qat_rows(trained: nn.Module, d: DemoData, seed: int, progress: bool) -> lis
     return rows
 
 
-def _quantization_rows(baselines: dict[str, nn.Module], d: DemoData) -> list[report.Row]:
+def _quantization_rows(baselines: dict[str, nn.Module], d: DemoData, progress: bool) -> list[report.Row]:
     """int8 post-training quantization of both baselines (calibration images), and 4-bit weight-only."""
     rows = []
     calibration = d.train_set[0][:d.calibration]
     for name, model in baselines.items():
         start = time.perf_counter()
-        integer_model = quant.quantize_static(model, calibration, progress=False)
+        integer_model = quant.quantize_static(model, calibration, progress=progress)
         quant.tune_backends(integer_model, d.test_set[0][:256])
         seconds = time.perf_counter() - start
         short = name.replace(" float32", "")
