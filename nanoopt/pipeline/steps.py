@@ -203,7 +203,8 @@ class TrainLMStep:
     warmup: int = 100                 # warmup steps (at most iters / 2 are used)
 
     def check(self) -> None:
-        _check_epochs(self.iters, 1)
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
         _check_positive(lr=self.lr)
         if self.batch_size < 1 or self.warmup < 0:
             raise ValueError(f"batch_size must be >= 1 and warmup >= 0, got {self.batch_size} and {self.warmup}")

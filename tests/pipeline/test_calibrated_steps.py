@@ -24,6 +24,7 @@ def gpt_recipe(steps, model=None, data_table=None):
 
 @pytest.mark.parametrize("steps, message", [
     ([{"kind": "gptq", "bits": 9}], r"steps\[0\] \(gptq\): bits must be in \[2, 8\], got 9"),
+    ([{"kind": "train_lm", "iters": 0}], r"steps\[0\] \(train_lm\): iters must be >= 1, got 0"),
     ([{"kind": "gptq", "percdamp": 1.0}], r"percdamp must be in \[0, 1\)"),
     ([{"kind": "wanda", "sparsity": 0.5, "n": 2, "m": 4}], r"steps\[0\] \(wanda\): give sparsity, or n and m"),
     ([{"kind": "sparsegpt"}], r"give sparsity, or n and m"),
