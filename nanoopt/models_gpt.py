@@ -335,7 +335,7 @@ class GPT(nn.Module):
                         caches = self._new_caches(ids.shape[0])
                         logits = self._array_logits(window, caches) if plain else self._logits_with_cache(window,
                                                                                                            caches)
-                    out[:, length] = _sample(logits, temperature, top_k, rng)
+                    out[:, length] = sample_tokens(logits, temperature, top_k, rng)
                     length += 1
         finally:
             self.train(was_training)
@@ -415,8 +415,16 @@ def _array_linear(module: nn.Module) -> bool:
     return callable(getattr(type(module), "forward_array", None)) and not isinstance(module, nn.Linear)
 
 
-def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
-    """One token per row of ``logits`` (B, V): argmax at temperature 0, else softmax(logits / T) over the top k."""
+def sample_tokens(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``logits`` (B, V): argmax at temperature 0, else softmax(logits / T) over the top k
+    (the sampling step of :meth:`GPT.generate` and of the quantized GPTs).
+
+    >>> logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    >>> sample_tokens(logits, 0.0, None, np.random.default_rng(0)).tolist()
+    [1, 0]
+    >>> sample_tokens(logits, 1.0, 1, np.random.default_rng(0)).tolist()    # top-1: the argmax again
+    [1, 0]
+    """
     if temperature == 0:
         return logits.argmax(axis=-1)
     z = logits.astype(np.float64) / temperature

@@ -55,11 +55,14 @@ import numpy as np
 from nanoopt import kernels, nn, ops
 from nanoopt.kernels import requant
 from nanoopt.kernels.gemm_plan import GemmPlanS8
-from nanoopt.models_gpt import GPT, KVCache, _sample
+from nanoopt.models_gpt import GPT, KVCache, sample_tokens
 from nanoopt.nn.attention import check_indices
 from nanoopt.ops import Context
+from nanoopt.ops_transformer import attention_forward
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
+from nanoopt.quant.smoothquant import smooth_quant
+from nanoopt.random import get_rng
 from nanoopt.runtime import boundary
 from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.tensor import Tensor, no_grad
@@ -393,8 +396,6 @@ class W8A8GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if self.calibrating:
             qkv = block.c_attn.calibration_forward(h).reshape(b, t, 3, heads, d).transpose(2, 0, 3, 1, 4)
-            from nanoopt.ops_transformer import attention_forward
-
             bias = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
             out, _, _ = attention_forward(qkv[0], qkv[1], qkv[2], bias, 1.0 / math.sqrt(d), None, True)
             return block.c_proj.calibration_forward(out.transpose(0, 2, 1, 3).reshape(b, t, c))
@@ -495,8 +496,6 @@ class W8A8GPT(nn.Module):
                              f"got shape {ids.shape}, {max_new_tokens} and {temperature}")
         if self.simulated:
             self._check_calibrated()
-        from nanoopt.random import get_rng
-
         rng = get_rng() if rng is None else rng
         block = self.config.block_size
         out = np.empty((ids.shape[0], ids.shape[1] + max_new_tokens), dtype=np.int64)
@@ -512,7 +511,7 @@ class W8A8GPT(nn.Module):
                     logits = self.logits(window, caches, last_only=True)
                 else:
                     logits = self.logits(window, None, last_only=True)
-                out[:, length] = _sample(logits[:, -1], temperature, top_k, rng)
+                out[:, length] = sample_tokens(logits[:, -1], temperature, top_k, rng)
                 length += 1
         return out
 
@@ -564,7 +563,5 @@ def quantize_w8a8(model: GPT, calibration: Any, alpha: float | None = 0.5, confi
                   batch_size: int = 32) -> W8A8GPT:
     """SmoothQuant (``alpha``; None skips it), then prepare, calibrate and convert: the integer W8A8 GPT."""
     if alpha is not None:
-        from nanoopt.quant.algorithms.smoothquant import smooth_quant
-
         model = smooth_quant(model, calibration, alpha=alpha, batch_size=batch_size)
     return convert_w8a8(prepare_w8a8(model, config).calibrate(calibration, batch_size))
