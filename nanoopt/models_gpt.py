@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn, ops
+from nanoopt.data.text import CharTokenizer
 from nanoopt.nn import init
-from nanoopt.nn.attention import causal_bias, check_indices
+from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
 from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
 from nanoopt.random import get_rng
@@ -364,8 +365,6 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint_state(cls, state: dict[str, np.ndarray]) -> tuple[GPT, Any]:
         """Inverse of :meth:`checkpoint_state`: ``(model, tokenizer or None)``."""
-        from nanoopt.data.text import CharTokenizer
-
         state = dict(state)
         if "_gpt.config" not in state:
             raise KeyError("GPT.from_checkpoint_state: no '_gpt.config' entry (not saved by checkpoint_state)")

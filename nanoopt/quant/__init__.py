@@ -10,8 +10,9 @@
   calibration;
 * float rewrites that the flows call: ``fold_batchnorm`` (:mod:`~nanoopt.quant.bn_fold`, in ``prepare``) and
   ``smooth_quant`` (:mod:`~nanoopt.quant.smoothquant`, in ``quantize_w8a8``);
-* algorithms (:mod:`~nanoopt.quant.algorithms`): ``cross_layer_equalization``, ``bias_correction``, ``adaround``; weight-only for the Linear layers of any model from calibration data:
-  ``rtn``, ``gptq``, ``awq``; analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
+* algorithms (:mod:`~nanoopt.quant.algorithms`): ``cross_layer_equalization``, ``bias_correction``,
+  ``adaround``; weight-only for the Linear layers of any model from calibration data: ``rtn``, ``gptq``, ``awq``;
+  analysis (:mod:`~nanoopt.quant.analysis`): ``sqnr_per_layer``,
   ``layer_sensitivity``, ``saturation_counts``, ``mixed_precision_search``.
 
 >>> import numpy as np

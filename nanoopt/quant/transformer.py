@@ -56,7 +56,7 @@ from nanoopt import kernels, nn, ops
 from nanoopt.kernels import requant
 from nanoopt.kernels.gemm_plan import GemmPlanS8
 from nanoopt.models_gpt import GPT, KVCache, sample_tokens
-from nanoopt.nn.attention import check_indices
+from nanoopt.nn.attention_functional import check_indices
 from nanoopt.ops import Context
 from nanoopt.ops_transformer import attention_forward
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
