@@ -96,6 +96,8 @@ class PreparedModel(nn.Module):
     ``graph`` is the traced data flow, ``output_quantizer`` the quantizer whose grid the output lies on.
     """
 
+    converted_by = "quant.prepare"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, model: nn.Module, input_quantizer: FakeQuantize, output_quantizer: FakeQuantize,
                  graph: Graph) -> None:
         super().__init__()

@@ -121,6 +121,8 @@ def _adopt_layer(simulated: Any, layer: nn.Module) -> None:
 class QATLinear(SimulatedLinear):
     """The simulated Linear of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
 
+    converted_by = "quant.prepare_qat"  # nanoopt.nn.converted.MARKER
+
     def integer_layer(self) -> IntegerLayer:
         _refresh_pruned(self)
         return super().integer_layer()
@@ -128,6 +130,8 @@ class QATLinear(SimulatedLinear):
 
 class QATConv2d(SimulatedConv2d):
     """The simulated Conv2d of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
+
+    converted_by = "quant.prepare_qat"  # nanoopt.nn.converted.MARKER
 
     def integer_layer(self) -> IntegerLayer:
         _refresh_pruned(self)

@@ -180,6 +180,8 @@ def _float_output(acc: np.ndarray, x_scale: Any, weight_scale: np.ndarray, bias:
 class _W8A8Linear(nn.Module):
     """The interface both models' linears give the skeleton (float or int8 codes in, float or int8 codes out)."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, name: str, per_token: bool, qkv_output: bool) -> None:
         super().__init__()
         self.layer_name, self.per_token, self.qkv_output = name, per_token, qkv_output
@@ -217,6 +219,8 @@ class _W8A8Linear(nn.Module):
 
 class SimulatedW8A8Linear(_W8A8Linear):
     """A Linear of the prepared GPT: float weight, observers; after calibration it emulates the integer layer."""
+
+    converted_by = "quant.prepare_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, layer: nn.Linear, name: str, per_token: bool, qkv_output: bool, observe_input: bool,
                  heads: int = 1) -> None:
@@ -283,6 +287,8 @@ class SimulatedW8A8Linear(_W8A8Linear):
 
 class QuantizedW8A8Linear(_W8A8Linear):
     """A Linear of the integer GPT: int8 weight codes, per-channel scales, packed once for the int8 GEMMs."""
+
+    converted_by = "quant.convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, simulated: SimulatedW8A8Linear) -> None:
         super().__init__(simulated.layer_name, simulated.per_token, simulated.qkv_output)
@@ -361,6 +367,8 @@ def _layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
 class W8A8Block(nn.Module):
     """One GPT block's float LayerNorms and its four W8A8 linears."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, ln_1: nn.LayerNorm, ln_2: nn.LayerNorm, linears: dict[str, _W8A8Linear],
                  approximate: str) -> None:
         super().__init__()
@@ -376,6 +384,8 @@ class W8A8GPT(nn.Module):
 
     Made by :func:`prepare_w8a8` (``simulated=True``; :meth:`calibrate` it) or :func:`convert_w8a8`.
     """
+
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, config: Any, wte: np.ndarray, wpe: np.ndarray, blocks: list[W8A8Block], ln_f: nn.LayerNorm,
                  lm_head: _W8A8Linear, w8a8: W8A8Config, simulated: bool) -> None:
