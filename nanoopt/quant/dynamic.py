@@ -227,8 +227,7 @@ class _WeightOnly(nn.Module):
 
 
 #: inputs of at most this many rows (all leading axes flattened) run the low-bit kernel; more rows dequantize the
-#: weight and call BLAS (measured on the 4-bit layers of the 128-wide GPT, 1 thread: the kernel is faster up to
-#: 256 rows, e.g. 200 us against 700 us at 64 rows of a 384 x 128 layer, and slower from about 512)
+#: weight and call BLAS (where the two cross over: docs/measurements.md)
 KERNEL_MAX_ROWS = 256
 
 
