@@ -53,12 +53,12 @@ from nanoopt.quant.observers import (
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
-    NotFittedError,
     Observer,
     PercentileObserver,
     PerChannelMinMaxObserver,
     PerChannelMSEObserver,
 )
+from nanoopt.quant.observers import NotFittedError as NotFittedError  # an explicit re-export
 from nanoopt.quant.packing import pack_int4, unpack_int4  # noqa: F401
 from nanoopt.quant.ptq import (
     PreparedModel,
