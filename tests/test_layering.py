@@ -5,7 +5,7 @@ One subprocess (a fresh interpreter that has imported no nanoopt module; it prel
 numpy, scipy, numba, llvmlite, tqdm and matplotlib only to save time) forks one child per module of the
 package, as many at a time as there are CPUs. Each child imports its module into an interpreter holding no
 nanoopt module and reports which nanoopt modules that loaded. A circular import, or a module that needs another
-to be imported first, fails in its child. (About 25 s of CPU in all: under 15 s on two idle cores.)
+to be imported first, fails in its child. (About 25 s of CPU time in all, measured on the development machine.)
 """
 
 from __future__ import annotations
