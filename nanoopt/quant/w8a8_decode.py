@@ -1,0 +1,170 @@
+"""Batch-1 generation of the converted W8A8 GPT through one compiled call per token.
+
+:meth:`nanoopt.quant.transformer.W8A8GPT.generate` with the KV cache at batch 1 feeds one token per step. Done
+operation by operation (a LayerNorm, a quantization, a GEMM, ... each one a NumPy or kernel call), such a step
+costs more than the float model's; :class:`FusedDecoder` gathers the integer GPT's constants once per generation
+into the operands of :func:`nanoopt.kernels.gpt_decode.decode_step`, which runs the whole step -- every block's
+LayerNorm, quantization, int8 ``c_attn`` with requantization onto the q/k/v grids, integer attention against the
+int8 KV cache, ``c_proj``, the MLP with GELU, the residual adds, ``ln_f`` and the head -- in one call. It computes
+what the integer GPT's own cached step computes, bit for bit (the kernel's NumPy specification is that model's
+arithmetic; both are tested against the model), so the generated tokens and logits are the same.
+
+What it takes: a converted (not simulated) W8A8 GPT with static activation grids (``W8A8Config()``; per-token
+scales and any other option keep the model's own path) and the exact GELU. :meth:`FusedDecoder.for_model`
+returns None for anything else.
+
+>>> import numpy as np, nanoopt as no
+>>> from nanoopt import models
+>>> from nanoopt.quant.transformer import PROB_SCALE, PROB_ZERO, convert_w8a8, prepare_w8a8
+>>> no.manual_seed(0)
+>>> gpt = models.gpt(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+>>> integer = convert_w8a8(prepare_w8a8(gpt).calibrate(np.random.default_rng(0).integers(0, 11, (8, 8))))
+>>> decoder = FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO)
+>>> caches = decoder.new_caches()
+>>> first = integer.logits(np.array([[3]]), caches, last_only=True)
+>>> fused = decoder.step(5, caches)
+>>> check = integer._new_caches(1); _ = integer.logits(np.array([[3]]), check)
+>>> bool((fused == integer.logits(np.array([[5]]), check, last_only=True)).all()), caches[0].length
+(True, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from nanoopt.kernels import reference
+from nanoopt.kernels.gpt_decode import ACTIVATION, QKV, DecodeArrays, DecodeBuffers, decode_step
+from nanoopt.models_gpt import KVCache
+from nanoopt.spec import requantization_multipliers
+
+__all__ = ["FusedDecoder"]
+
+
+def _f32(x: Any) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _checked_weight(layer: Any) -> np.ndarray:
+    """The layer's int8 weight (N, K), after checking that its int32 accumulation is exact (as the model's GEMM
+    plan does: the same refusal, :class:`~nanoopt.kernels.reference.AccumulatorOverflowError`)."""
+    zero = int(layer.input_zero_point)
+    if not reference.int32_accumulation_is_safe(layer.weight, ACTIVATION.qmin, ACTIVATION.qmax, zero):
+        raise reference.AccumulatorOverflowError(f"W8A8 layer {layer.layer_name!r}: int8 GEMM with "
+                                                 f"K={layer.weight.shape[1]} could overflow int32")
+    return np.ascontiguousarray(layer.weight, dtype=np.int8)
+
+
+def _output(layer: Any, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(s_x s_w, bias, has_bias)`` of a linear whose int32 output is dequantized, padded to ``width``."""
+    scale, bias = np.zeros(width, np.float32), np.zeros(width, np.float32)
+    n = layer.weight.shape[0]
+    scale[:n] = np.asarray(layer.input_scale, np.float32) * layer.weight_scale.astype(np.float32)
+    if layer.bias is not None:
+        bias[:n] = layer.bias
+    return scale, bias, layer.bias is not None
+
+
+class FusedDecoder:
+    """One compiled call per generated token of a converted W8A8 GPT at batch 1 (module docstring).
+
+    ``prob_scale``/``prob_zero``: the grid of the attention probabilities of the model's integer attention.
+    """
+
+    def __init__(self, model: Any, prob_scale: np.float32, prob_zero: int) -> None:
+        self.model = model
+        self.prob_scale, self.prob_zero = np.float32(prob_scale), int(prob_zero)
+        self.arrays = self._arrays(model)
+        self.buffers = DecodeBuffers.empty(self.arrays)
+
+    @classmethod
+    def for_model(cls, model: Any, prob_scale: np.float32, prob_zero: int) -> FusedDecoder | None:
+        """A decoder for ``model`` (a W8A8GPT), or None where the fused step does not apply (see module doc)."""
+        if model.simulated or model.w8a8 != type(model.w8a8)():  # static grids, no other option
+            return None
+        linears = ("c_attn", "c_proj", "c_fc", "mlp_proj")
+        if not all(block.approximate == "none" and all(getattr(block, name).static_input for name in linears)
+                   for block in model.blocks):
+            return None
+        return cls(model, prob_scale, prob_zero)
+
+    def _arrays(self, model: Any) -> DecodeArrays:
+        c = model.config
+        width, heads, blocks = c.n_embd, c.n_head, list(model.blocks)
+        head_dim = width // heads
+        hidden = [block.c_fc.weight.shape[0] for block in blocks]
+        wide = max(width, max(hidden), c.vocab_size)
+        f_max = max(hidden)
+        layers = len(blocks)
+        w_fc = np.zeros((layers, f_max, width), np.int8)
+        w_mlp = np.zeros((layers, width, f_max), np.int8)
+        out_scale, out_bias = np.zeros((layers + 1, 3, wide), np.float32), np.zeros((layers + 1, 3, wide), np.float32)
+        has_bias = np.zeros((layers + 1, 3), np.bool_)
+        input_scale, input_zero = np.zeros((layers + 1, 3), np.float32), np.zeros((layers + 1, 4), np.int64)
+        ln, ln_eps = np.zeros((layers, 4, width), np.float32), np.zeros((layers, 2), np.float32)
+        attn_bias = np.zeros((layers, 3 * width), np.int64)
+        attn_m0, attn_shift = np.zeros((layers, 3 * width), np.int64), np.zeros((layers, 3 * width), np.int64)
+        score_scale = np.zeros(layers, np.float32)
+        pv_m0, pv_shift = np.zeros(layers, np.int64), np.zeros(layers, np.int64)
+        for i, block in enumerate(blocks):
+            for j, norm in enumerate((block.ln_1, block.ln_2)):
+                ln[i, 2 * j] = norm.weight.data
+                ln[i, 2 * j + 1] = 0.0 if norm.bias is None else norm.bias.data
+                ln_eps[i, j] = norm.eps
+            attn, proj = block.c_attn, block.c_proj
+            for grid in (attn.input_qparams(), proj.input_qparams(), block.c_fc.input_qparams(),
+                         block.mlp_proj.input_qparams()):
+                if grid.spec != ACTIVATION:
+                    raise ValueError(f"FusedDecoder: activation grids must be {ACTIVATION}, got {grid.spec}")
+            if attn.qkv_qparams().spec != QKV or attn.weight.shape[0] != 3 * width:
+                raise ValueError(f"FusedDecoder: c_attn must map {width} -> {3 * width} onto {QKV} codes")
+            input_scale[i] = attn.input_scale, block.c_fc.input_scale, block.mlp_proj.input_scale
+            input_zero[i] = (attn.input_zero_point, proj.input_zero_point, block.c_fc.input_zero_point,
+                             block.mlp_proj.input_zero_point)
+            if attn.bias_q is not None:
+                attn_bias[i] = attn.bias_q
+            attn_m0[i], attn_shift[i] = attn.m0, attn.shift
+            s_q, s_k, s_v = (float(attn.qkv_scale[part * width]) for part in range(3))
+            score_scale[i] = np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(head_dim)))
+            pv_m0[i], pv_shift[i] = requantization_multipliers(self.prob_scale, np.float32(s_v), proj.input_scale)
+            w_fc[i, :hidden[i]] = _checked_weight(block.c_fc)
+            w_mlp[i, :, :hidden[i]] = _checked_weight(block.mlp_proj)
+            for j, layer in enumerate((proj, block.c_fc, block.mlp_proj)):
+                out_scale[i, j], out_bias[i, j], has_bias[i, j] = _output(layer, wide)
+        head = model.lm_head
+        input_scale[layers, 0], input_zero[layers, 0] = head.input_scale, head.input_zero_point
+        out_scale[layers, 0], out_bias[layers, 0], has_bias[layers, 0] = _output(head, wide)
+        ln_f = np.zeros((3, width), np.float32)
+        ln_f[0] = model.ln_f.weight.data
+        ln_f[1] = 0.0 if model.ln_f.bias is None else model.ln_f.bias.data
+        ln_f[2, 0] = model.ln_f.eps
+        return DecodeArrays(
+            wte=_f32(model.wte), wpe=_f32(model.wpe), ln=ln, ln_eps=ln_eps, ln_f=ln_f, input_scale=input_scale,
+            input_zero=input_zero, hidden=np.array(hidden, np.int64),
+            w_attn=np.stack([_checked_weight(block.c_attn) for block in blocks]), attn_bias=attn_bias,
+            attn_m0=attn_m0, attn_shift=attn_shift, score_scale=score_scale, pv_m0=pv_m0, pv_shift=pv_shift,
+            w_proj=np.stack([_checked_weight(block.c_proj) for block in blocks]), w_fc=w_fc, w_mlp=w_mlp,
+            w_head=_checked_weight(head), out_scale=out_scale, out_bias=out_bias, has_bias=has_bias, heads=heads)
+
+    def new_caches(self) -> list[KVCache]:
+        """Empty KV caches (batch 1) of the model's layout, held in the decoder's buffers."""
+        caches = self.model._new_caches(1)
+        for i, cache in enumerate(caches):
+            cache.keys, cache.values = self.buffers.keys[i:i + 1], self.buffers.values[i:i + 1]
+        return caches
+
+    def step(self, token: int, caches: list[KVCache]) -> np.ndarray:
+        """Logits (1, 1, V) of ``token`` after the cached positions (caches from :meth:`new_caches`), which
+        gain its keys and values: the model's ``logits([[token]], caches, last_only=True)``, bit for bit."""
+        pos = caches[0].length
+        if pos >= self.arrays.wpe.shape[0]:
+            raise ValueError(f"FusedDecoder: a sequence of length {pos + 1} is longer than block_size "
+                             f"{self.arrays.wpe.shape[0]}")
+        if not decode_step(self.arrays, self.buffers, int(token), pos, self.prob_scale, self.prob_zero):
+            # a value that is not finite: the model's own step saturates or refuses it by name
+            return self.model.logits(np.array([[token]], np.int64), caches, last_only=True)
+        for cache in caches:
+            cache.length = pos + 1
+        return self.buffers.logits.reshape(1, 1, -1).copy()
