@@ -67,6 +67,21 @@ def _output(layer: Any, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
     return scale, bias, layer.bias is not None
 
 
+def _sources(model: Any) -> list[np.ndarray]:
+    """Every array :meth:`FusedDecoder._arrays` reads from the model (kept in step with it)."""
+    norms = [model.ln_f] + [norm for block in model.blocks for norm in (block.ln_1, block.ln_2)]
+    linears = [model.lm_head] + [getattr(block, name) for block in model.blocks
+                                 for name in ("c_attn", "c_proj", "c_fc", "mlp_proj")]
+    arrays = [model.wte, model.wpe]
+    for norm in norms:
+        arrays += [norm.weight.data, np.array(norm.eps)] + ([] if norm.bias is None else [norm.bias.data])
+    for layer in linears:
+        arrays += [getattr(layer, name) for name in ("weight", "weight_scale", "bias", "input_scale",
+                                                     "input_zero_point", "bias_q", "m0", "shift", "qkv_scale")
+                   if getattr(layer, name, None) is not None]
+    return [np.asarray(a) for a in arrays]
+
+
 class FusedDecoder:
     """One compiled call per generated token of a converted W8A8 GPT at batch 1 (module docstring).
 
@@ -76,6 +91,7 @@ class FusedDecoder:
     def __init__(self, model: Any, prob_scale: np.float32, prob_zero: int) -> None:
         self.model = model
         self.prob_scale, self.prob_zero = np.float32(prob_scale), int(prob_zero)
+        self.sources = [np.array(a, copy=True) for a in _sources(model)]
         self.arrays = self._arrays(model)
         self.buffers = DecodeBuffers.empty(self.arrays)
 
@@ -88,7 +104,22 @@ class FusedDecoder:
         if not all(block.approximate == "none" and all(getattr(block, name).static_input for name in linears)
                    for block in model.blocks):
             return None
-        return cls(model, prob_scale, prob_zero)
+        cached = model.__dict__.get("_fused_decoder")
+        if cached is not None and cached.current(model, prob_scale, prob_zero):
+            return cached
+        decoder = cls(model, prob_scale, prob_zero)
+        model.__dict__["_fused_decoder"] = decoder  # reused while every array it was built from is unchanged
+        return decoder
+
+    def current(self, model: Any, prob_scale: np.float32, prob_zero: int) -> bool:
+        """Whether this decoder was built from ``model`` with arrays equal to its current ones (the model's
+        buffers and parameters may have been loaded or edited in place since: then it is built again)."""
+        if model is not self.model or (np.float32(prob_scale), int(prob_zero)) != (self.prob_scale, self.prob_zero):
+            return False
+        sources = _sources(model)
+        return len(sources) == len(self.sources) and all(
+            a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
+            for a, b in zip(sources, self.sources, strict=True))
 
     def _arrays(self, model: Any) -> DecodeArrays:
         c = model.config

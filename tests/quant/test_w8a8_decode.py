@@ -93,3 +93,18 @@ def test_a_value_that_is_not_finite_takes_the_model_path():
     integer.logits(np.array([[1]]), caches)
     with pytest.raises(ValueError, match="NaN"):
         decoder.step(4, caches)
+
+
+def test_the_decoder_is_reused_until_the_model_changes():
+    _, integer = integer_gpt(5, 1, 2, 8, block_size=6)
+    first = FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO)
+    assert FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO) is first
+    prompt = np.array([[1, 2]])
+    before = integer.generate(prompt, 3, temperature=0.0)
+    integer.blocks[0].ln_2.weight.data[...] *= -1  # edited in place: the next generation sees it
+    integer.ln_f.bias.data[...] += 1
+    second = FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO)
+    assert second is not first
+    after = integer.generate(prompt, 3, temperature=0.0)
+    np.testing.assert_array_equal(after, integer.generate(np.concatenate([prompt, prompt]), 3, temperature=0.0)[:1])
+    assert not np.array_equal(before, after)
