@@ -40,7 +40,7 @@ from nanoopt.kernels.gpt_decode import ACTIVATION, QKV, DecodeArrays, DecodeBuff
 from nanoopt.models_gpt import KVCache
 from nanoopt.spec import requantization_multipliers
 
-__all__ = ["FusedDecoder"]
+__all__ = ["FusedCaches", "FusedDecoder"]
 
 
 def _f32(x: Any) -> np.ndarray:
@@ -93,7 +93,6 @@ class FusedDecoder:
         self.prob_scale, self.prob_zero = np.float32(prob_scale), int(prob_zero)
         self.sources = [np.array(a, copy=True) for a in _sources(model)]
         self.arrays = self._arrays(model)
-        self.buffers = DecodeBuffers.empty(self.arrays)
 
     @classmethod
     def for_model(cls, model: Any, prob_scale: np.float32, prob_zero: int) -> FusedDecoder | None:
@@ -179,23 +178,35 @@ class FusedDecoder:
             w_proj=np.stack([_checked_weight(block.c_proj) for block in blocks]), w_fc=w_fc, w_mlp=w_mlp,
             w_head=_checked_weight(head), out_scale=out_scale, out_bias=out_bias, has_bias=has_bias, heads=heads)
 
-    def new_caches(self) -> list[KVCache]:
-        """Empty KV caches (batch 1) of the model's layout, held in the decoder's buffers."""
-        caches = self.model._new_caches(1)
+    def new_caches(self) -> FusedCaches:
+        """Empty KV caches (batch 1) of the model's layout, held with the scratch of one generation (so that
+        generations in several threads do not share buffers)."""
+        caches = FusedCaches(self.model._new_caches(1), DecodeBuffers.empty(self.arrays))
         for i, cache in enumerate(caches):
-            cache.keys, cache.values = self.buffers.keys[i:i + 1], self.buffers.values[i:i + 1]
+            cache.keys, cache.values = caches.buffers.keys[i:i + 1], caches.buffers.values[i:i + 1]
         return caches
 
-    def step(self, token: int, caches: list[KVCache]) -> np.ndarray:
+    def step(self, token: int, caches: FusedCaches) -> np.ndarray:
         """Logits (1, 1, V) of ``token`` after the cached positions (caches from :meth:`new_caches`), which
         gain its keys and values: the model's ``logits([[token]], caches, last_only=True)``, bit for bit."""
+        if not isinstance(caches, FusedCaches):
+            raise TypeError(f"FusedDecoder.step: caches must come from new_caches(), got {type(caches).__name__}")
         pos = caches[0].length
         if pos >= self.arrays.wpe.shape[0]:
             raise ValueError(f"FusedDecoder: a sequence of length {pos + 1} is longer than block_size "
                              f"{self.arrays.wpe.shape[0]}")
-        if not decode_step(self.arrays, self.buffers, int(token), pos, self.prob_scale, self.prob_zero):
+        if not decode_step(self.arrays, caches.buffers, int(token), pos, self.prob_scale, self.prob_zero):
             # a value that is not finite: the model's own step saturates or refuses it by name
             return self.model.logits(np.array([[token]], np.int64), caches, last_only=True)
         for cache in caches:
             cache.length = pos + 1
-        return self.buffers.logits.reshape(1, 1, -1).copy()
+        return caches.buffers.logits.reshape(1, 1, -1).copy()
+
+
+class FusedCaches(list):
+    """The KV caches of one generation (a list of :class:`~nanoopt.models_gpt.KVCache`, one per block, as the
+    model's own) whose keys and values live in ``buffers`` (:class:`~nanoopt.kernels.gpt_decode.DecodeBuffers`)."""
+
+    def __init__(self, caches: list[KVCache], buffers: DecodeBuffers) -> None:
+        super().__init__(caches)
+        self.buffers = buffers

@@ -108,3 +108,18 @@ def test_the_decoder_is_reused_until_the_model_changes():
     after = integer.generate(prompt, 3, temperature=0.0)
     np.testing.assert_array_equal(after, integer.generate(np.concatenate([prompt, prompt]), 3, temperature=0.0)[:1])
     assert not np.array_equal(before, after)
+
+
+def test_generations_in_two_threads_do_not_share_a_cache():
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, integer = integer_gpt(6, 2, 2, 8, block_size=12)
+    prompts = [np.array([[1]]), np.array([[7, 3]])]
+    expected = [integer.generate(p, 10, temperature=0.0) for p in prompts]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda p: integer.generate(p, 10, temperature=0.0), prompts * 4))
+            for i, out in enumerate(got):
+                np.testing.assert_array_equal(out, expected[i % 2])
+    with pytest.raises(TypeError, match="caches must come from new_caches"):
+        FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO).step(1, integer._new_caches(1))
