@@ -9,9 +9,9 @@ int8 KV cache, ``c_proj``, the MLP with GELU, the residual adds, ``ln_f`` and th
 what the integer GPT's own cached step computes, bit for bit (the kernel's NumPy specification is that model's
 arithmetic; both are tested against the model), so the generated tokens and logits are the same.
 
-What it takes: a converted (not simulated) W8A8 GPT with static activation grids (``W8A8Config()``; per-token
-scales and any other option keep the model's own path) and the exact GELU. :meth:`FusedDecoder.for_model`
-returns None for anything else.
+What it takes: a converted (not simulated) W8A8 GPT, with static activation grids or per-token scales
+(``W8A8Config()`` or ``W8A8Config(per_token=True)``; any other option keeps the model's own path), and the exact
+GELU. :meth:`FusedDecoder.for_model` returns None for anything else.
 
 >>> import numpy as np, nanoopt as no
 >>> from nanoopt import models
@@ -30,6 +30,7 @@ returns None for anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -47,24 +48,31 @@ def _f32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _zero(layer: Any) -> int:
+    """The zero point of the layer's input codes (per token: 0)."""
+    return int(layer.input_zero_point) if layer.static_input else 0
+
+
 def _checked_weight(layer: Any) -> np.ndarray:
     """The layer's int8 weight (N, K), after checking that its int32 accumulation is exact (as the model's GEMM
     plan does: the same refusal, :class:`~nanoopt.kernels.reference.AccumulatorOverflowError`)."""
-    zero = int(layer.input_zero_point)
+    zero = _zero(layer)
     if not reference.int32_accumulation_is_safe(layer.weight, ACTIVATION.qmin, ACTIVATION.qmax, zero):
         raise reference.AccumulatorOverflowError(f"W8A8 layer {layer.layer_name!r}: int8 GEMM with "
                                                  f"K={layer.weight.shape[1]} could overflow int32")
     return np.ascontiguousarray(layer.weight, dtype=np.int8)
 
 
-def _output(layer: Any, width: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """``(s_x s_w, bias, has_bias)`` of a linear whose int32 output is dequantized, padded to ``width``."""
+def _linear(layer: Any, width: int) -> tuple[np.float32, int, np.ndarray, np.ndarray, bool]:
+    """``(s_x, z_x, s_w, bias, has_bias)`` of a linear (``s_w`` and the float bias padded to ``width``; a
+    per-token input has no static grid: ``s_x = 1``, ``z_x = 0``, unused)."""
     scale, bias = np.zeros(width, np.float32), np.zeros(width, np.float32)
     n = layer.weight.shape[0]
-    scale[:n] = np.asarray(layer.input_scale, np.float32) * layer.weight_scale.astype(np.float32)
+    scale[:n] = layer.weight_scale
     if layer.bias is not None:
         bias[:n] = layer.bias
-    return scale, bias, layer.bias is not None
+    input_scale = np.float32(layer.input_scale) if layer.static_input else np.float32(1.0)
+    return input_scale, _zero(layer), scale, bias, layer.bias is not None
 
 
 def _sources(model: Any) -> list[np.ndarray]:
@@ -97,11 +105,12 @@ class FusedDecoder:
     @classmethod
     def for_model(cls, model: Any, prob_scale: np.float32, prob_zero: int) -> FusedDecoder | None:
         """A decoder for ``model`` (a W8A8GPT), or None where the fused step does not apply (see module doc)."""
-        if model.simulated or model.w8a8 != type(model.w8a8)():  # static grids, no other option
-            return None
-        linears = ("c_attn", "c_proj", "c_fc", "mlp_proj")
-        if not all(block.approximate == "none" and all(getattr(block, name).static_input for name in linears)
-                   for block in model.blocks):
+        per_token = model.w8a8.per_token
+        if model.simulated or dataclasses.replace(model.w8a8, per_token=False) != type(model.w8a8)():
+            return None  # the simulation, or an option other than per-token scales
+        if not all(block.approximate == "none" and block.c_proj.static_input and all(
+                getattr(block, name).static_input != per_token for name in ("c_attn", "c_fc", "mlp_proj"))
+                for block in model.blocks) or model.lm_head.static_input == per_token:
             return None
         cached = model.__dict__.get("_fused_decoder")
         if cached is not None and cached.current(model, prob_scale, prob_zero):
@@ -122,20 +131,18 @@ class FusedDecoder:
 
     def _arrays(self, model: Any) -> DecodeArrays:
         c = model.config
-        width, heads, blocks = c.n_embd, c.n_head, list(model.blocks)
-        head_dim = width // heads
+        width, heads, blocks, per_token = c.n_embd, c.n_head, list(model.blocks), bool(model.w8a8.per_token)
+        head_dim, layers = width // heads, len(blocks)
         hidden = [block.c_fc.weight.shape[0] for block in blocks]
-        wide = max(width, max(hidden), c.vocab_size)
         f_max = max(hidden)
-        layers = len(blocks)
-        w_fc = np.zeros((layers, f_max, width), np.int8)
-        w_mlp = np.zeros((layers, width, f_max), np.int8)
-        out_scale, out_bias = np.zeros((layers + 1, 3, wide), np.float32), np.zeros((layers + 1, 3, wide), np.float32)
-        has_bias = np.zeros((layers + 1, 3), np.bool_)
-        input_scale, input_zero = np.zeros((layers + 1, 3), np.float32), np.zeros((layers + 1, 4), np.int64)
+        wide = max(3 * width, f_max, c.vocab_size)
+        w_fc, w_mlp = np.zeros((layers, f_max, width), np.int8), np.zeros((layers, width, f_max), np.int8)
+        weight_scale, bias = np.zeros((layers + 1, 4, wide), np.float32), np.zeros((layers + 1, 4, wide), np.float32)
+        has_bias = np.zeros((layers + 1, 4), np.bool_)
+        input_scale, input_zero = np.ones((layers + 1, 4), np.float32), np.zeros((layers + 1, 4), np.int64)
         ln, ln_eps = np.zeros((layers, 4, width), np.float32), np.zeros((layers, 2), np.float32)
-        attn_bias = np.zeros((layers, 3 * width), np.int64)
-        attn_m0, attn_shift = np.zeros((layers, 3 * width), np.int64), np.zeros((layers, 3 * width), np.int64)
+        attn_bias, qkv_scale = np.zeros((layers, 3 * width), np.int64), np.zeros((layers, 3 * width), np.float32)
+        attn_m0, attn_shift = np.full((layers, 3 * width), 2**30, np.int64), np.zeros((layers, 3 * width), np.int64)
         score_scale = np.zeros(layers, np.float32)
         pv_m0, pv_shift = np.zeros(layers, np.int64), np.zeros(layers, np.int64)
         for i, block in enumerate(blocks):
@@ -144,28 +151,27 @@ class FusedDecoder:
                 ln[i, 2 * j + 1] = 0.0 if norm.bias is None else norm.bias.data
                 ln_eps[i, j] = norm.eps
             attn, proj = block.c_attn, block.c_proj
-            for grid in (attn.input_qparams(), proj.input_qparams(), block.c_fc.input_qparams(),
-                         block.mlp_proj.input_qparams()):
-                if grid.spec != ACTIVATION:
-                    raise ValueError(f"FusedDecoder: activation grids must be {ACTIVATION}, got {grid.spec}")
+            grids = [proj.input_qparams()] + [layer.input_qparams() for layer in (attn, block.c_fc, block.mlp_proj)
+                                              if layer.static_input]
+            if any(grid.spec != ACTIVATION for grid in grids):
+                raise ValueError(f"FusedDecoder: static activation grids must be {ACTIVATION}")
             if attn.qkv_qparams().spec != QKV or attn.weight.shape[0] != 3 * width:
                 raise ValueError(f"FusedDecoder: c_attn must map {width} -> {3 * width} onto {QKV} codes")
-            input_scale[i] = attn.input_scale, block.c_fc.input_scale, block.mlp_proj.input_scale
-            input_zero[i] = (attn.input_zero_point, proj.input_zero_point, block.c_fc.input_zero_point,
-                             block.mlp_proj.input_zero_point)
-            if attn.bias_q is not None:
-                attn_bias[i] = attn.bias_q
-            attn_m0[i], attn_shift[i] = attn.m0, attn.shift
+            for j, layer in enumerate((attn, proj, block.c_fc, block.mlp_proj)):
+                input_scale[i, j], input_zero[i, j], weight_scale[i, j], bias[i, j], has_bias[i, j] = _linear(
+                    layer, wide)
+            if not per_token:
+                attn_bias[i] = 0 if attn.bias_q is None else attn.bias_q
+                attn_m0[i], attn_shift[i] = attn.m0, attn.shift
+            qkv_scale[i] = attn.qkv_scale
             s_q, s_k, s_v = (float(attn.qkv_scale[part * width]) for part in range(3))
             score_scale[i] = np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(head_dim)))
             pv_m0[i], pv_shift[i] = requantization_multipliers(self.prob_scale, np.float32(s_v), proj.input_scale)
             w_fc[i, :hidden[i]] = _checked_weight(block.c_fc)
             w_mlp[i, :, :hidden[i]] = _checked_weight(block.mlp_proj)
-            for j, layer in enumerate((proj, block.c_fc, block.mlp_proj)):
-                out_scale[i, j], out_bias[i, j], has_bias[i, j] = _output(layer, wide)
         head = model.lm_head
-        input_scale[layers, 0], input_zero[layers, 0] = head.input_scale, head.input_zero_point
-        out_scale[layers, 0], out_bias[layers, 0], has_bias[layers, 0] = _output(head, wide)
+        input_scale[layers, 0], input_zero[layers, 0], weight_scale[layers, 0], bias[layers, 0], has_bias[layers, 0] = (
+            _linear(head, wide))
         ln_f = np.zeros((3, width), np.float32)
         ln_f[0] = model.ln_f.weight.data
         ln_f[1] = 0.0 if model.ln_f.bias is None else model.ln_f.bias.data
@@ -174,9 +180,10 @@ class FusedDecoder:
             wte=_f32(model.wte), wpe=_f32(model.wpe), ln=ln, ln_eps=ln_eps, ln_f=ln_f, input_scale=input_scale,
             input_zero=input_zero, hidden=np.array(hidden, np.int64),
             w_attn=np.stack([_checked_weight(block.c_attn) for block in blocks]), attn_bias=attn_bias,
-            attn_m0=attn_m0, attn_shift=attn_shift, score_scale=score_scale, pv_m0=pv_m0, pv_shift=pv_shift,
-            w_proj=np.stack([_checked_weight(block.c_proj) for block in blocks]), w_fc=w_fc, w_mlp=w_mlp,
-            w_head=_checked_weight(head), out_scale=out_scale, out_bias=out_bias, has_bias=has_bias, heads=heads)
+            attn_m0=attn_m0, attn_shift=attn_shift, qkv_scale=qkv_scale, score_scale=score_scale, pv_m0=pv_m0,
+            pv_shift=pv_shift, w_proj=np.stack([_checked_weight(block.c_proj) for block in blocks]), w_fc=w_fc,
+            w_mlp=w_mlp, w_head=_checked_weight(head), weight_scale=weight_scale, bias=bias, has_bias=has_bias,
+            heads=heads, per_token=per_token)
 
     def new_caches(self) -> FusedCaches:
         """Empty KV caches (batch 1) of the model's layout, held with the scratch of one generation (so that

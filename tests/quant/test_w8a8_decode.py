@@ -1,7 +1,8 @@
 """Batch-1 generation of the converted W8A8 GPT through the fused decode kernel equals the integer GPT's own
 cached steps (and so its simulation) bit for bit: logits of every step, the int8 KV cache, and the tokens, on
-random small GPTs (1-2 blocks, widths 16-64, 1-4 heads, odd head sizes), from the first cached step to the end of
-the context and on past it (where the window slides and the model recomputes it without a cache)."""
+random small GPTs (1-2 blocks, widths 16-64, 1-4 heads, odd head sizes; static and per-token grids), from the
+first cached step to the end of the context and on past it (where the window slides and the model recomputes it
+without a cache)."""
 
 import numpy as np
 import pytest
@@ -33,11 +34,13 @@ def integer_gpt(seed, n_layer, n_head, head_dim, block_size, vocab=13, bias=True
 
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**16), n_layer=st.integers(1, 2), n_head=st.integers(1, 4),
-       head_dim=st.sampled_from([3, 5, 7, 9, 11, 16]), block_size=st.integers(2, 12), bias=st.booleans())
-def test_fused_steps_equal_the_integer_gpt_steps_bit_for_bit(seed, n_layer, n_head, head_dim, block_size, bias):
+       head_dim=st.sampled_from([3, 5, 7, 9, 11, 16]), block_size=st.integers(2, 12), bias=st.booleans(),
+       per_token=st.booleans())
+def test_fused_steps_equal_the_integer_gpt_steps_bit_for_bit(seed, n_layer, n_head, head_dim, block_size, bias,
+                                                             per_token):
     if not 16 <= n_head * head_dim <= 64:
         n_head, head_dim = 2, 9
-    _, integer = integer_gpt(seed, n_layer, n_head, head_dim, block_size, bias=bias)
+    _, integer = integer_gpt(seed, n_layer, n_head, head_dim, block_size, bias=bias, per_token=per_token)
     decoder = FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO)
     assert decoder is not None
     tokens = np.random.default_rng(seed).integers(0, 13, size=block_size)
@@ -58,10 +61,11 @@ def test_fused_steps_equal_the_integer_gpt_steps_bit_for_bit(seed, n_layer, n_he
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 2**16), n_head=st.integers(1, 4), prompt=st.integers(1, 4), temperature=st.sampled_from(
-    [0.0, 0.8]))
-def test_generate_at_batch_one_equals_the_unfused_model_and_the_simulation(seed, n_head, prompt, temperature):
-    prepared, integer = integer_gpt(seed, 2, n_head, 5, block_size=8)
+@given(seed=st.integers(0, 2**16), n_head=st.integers(1, 4), prompt=st.integers(1, 4),
+       temperature=st.sampled_from([0.0, 0.8]), per_token=st.booleans())
+def test_generate_at_batch_one_equals_the_unfused_model_and_the_simulation(seed, n_head, prompt, temperature,
+                                                                          per_token):
+    prepared, integer = integer_gpt(seed, 2, n_head, 5, block_size=8, per_token=per_token)
     ids = np.random.default_rng(seed).integers(0, 13, size=(1, prompt))
     new = 12  # past block_size 8: the window slides, and each step recomputes it without a cache
     fused = integer.generate(ids, new, temperature=temperature, rng=np.random.default_rng(1))
@@ -79,7 +83,7 @@ def test_the_fused_path_is_taken_only_where_it_applies():
     assert FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO) is not None
     assert FusedDecoder.for_model(prepared, PROB_SCALE, PROB_ZERO) is None  # the simulation
     _, per_token = integer_gpt(0, 1, 2, 8, block_size=6, per_token=True)
-    assert FusedDecoder.for_model(per_token, PROB_SCALE, PROB_ZERO) is None
+    assert FusedDecoder.for_model(per_token, PROB_SCALE, PROB_ZERO).arrays.per_token
     integer.blocks[0].approximate = "tanh"
     assert FusedDecoder.for_model(integer, PROB_SCALE, PROB_ZERO) is None
 
