@@ -12,8 +12,9 @@ and the fixed-point requantization). For each block ``l``, on the float32 residu
 * ``c_attn``: ``acc_n = sum_k a_k W_nk + bias_n`` (exact integers), ``qkv_n = clip(M(acc_n; m0_n, shift_n),
   -127, 127)`` (gemmlowp's fixed-point multiply, the wide form of :func:`nanoopt.spec.requantize`); k and v are
   written to the cache at position ``pos``. With per-token activations (``per_token``) every linear that reads a
-  float op quantizes its input symmetrically with ``s_x = max(float32(max |h| / 127), eps)`` (:func:`~nanoopt.spec.
-  qparams`), and ``c_attn``'s dequantized output is rounded onto the q, k, v grids: ``clip(rint(y_n / s_n))``;
+  float op quantizes its input symmetrically with ``s_x = max(float32(max |h| / 127), eps)``
+  (:func:`nanoopt.spec.qparams`), and ``c_attn``'s dequantized output is rounded onto the q, k, v grids:
+  ``clip(rint(y_n / s_n), -127, 127)``;
 * per head: ``scores_s = float32(q . k_s) * (s_q s_k / sqrt(D))`` for ``s <= pos``, ``p = softmax(scores)``
   (:mod:`~nanoopt.kernels.softmax`), ``c_s = clip(rint(p_s / s_p), qmin - z_p, qmax - z_p)`` (0..255),
   ``o_d = clip(M(sum_s c_s v_sd; m0, shift) + z_o, qmin, qmax)``, the input codes of ``c_proj``;
