@@ -2,12 +2,13 @@
 
 :meth:`nanoopt.quant.transformer.W8A8GPT.generate` with the KV cache at batch 1 feeds one token per step. Done
 operation by operation (a LayerNorm, a quantization, a GEMM, ... each one a NumPy or kernel call), such a step
-costs more than the float model's; :class:`FusedDecoder` gathers the integer GPT's constants once per generation
-into the operands of :func:`nanoopt.kernels.gpt_decode.decode_step`, which runs the whole step -- every block's
-LayerNorm, quantization, int8 ``c_attn`` with requantization onto the q/k/v grids, integer attention against the
-int8 KV cache, ``c_proj``, the MLP with GELU, the residual adds, ``ln_f`` and the head -- in one call. It computes
-what the integer GPT's own cached step computes, bit for bit (the kernel's NumPy specification is that model's
-arithmetic; both are tested against the model), so the generated tokens and logits are the same.
+costs more than the float model's; :class:`FusedDecoder` gathers the integer GPT's constants once (again only
+when one of the model's arrays has changed) into the operands of :func:`nanoopt.kernels.gpt_decode.decode_step`,
+which runs the whole step -- every block's LayerNorm, quantization, int8 ``c_attn`` with requantization onto the
+q/k/v grids, integer attention against the int8 KV cache, ``c_proj``, the MLP with GELU, the residual adds,
+``ln_f`` and the head -- in one call. It computes what the integer GPT's own cached step computes, bit for bit
+(the kernel's NumPy specification is that model's arithmetic; both are tested against the model), so the
+generated tokens and logits are the same.
 
 What it takes: a converted (not simulated) W8A8 GPT, with static activation grids or per-token scales
 (``W8A8Config()`` or ``W8A8Config(per_token=True)``; any other option keeps the model's own path), and the exact
