@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn, ops
-from nanoopt.kernels import requant
+from nanoopt.kernels import requant, softmax
 from nanoopt.kernels.gemm_plan import GemmPlanS8
 from nanoopt.models_gpt import GPT, KVCache, sample_tokens
 from nanoopt.nn.attention_functional import check_indices
@@ -62,6 +62,7 @@ from nanoopt.ops_transformer import attention_forward
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
 from nanoopt.quant.smoothquant import smooth_quant
+from nanoopt.quant.w8a8_decode import FusedDecoder
 from nanoopt.random import get_rng
 from nanoopt.runtime import boundary
 from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
@@ -104,14 +105,6 @@ def exact_integer_matmul(a: np.ndarray, b: np.ndarray, bound_a: int, bound_b: in
     return np.matmul(a.astype(np.int64), b.astype(np.int64))
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in place (float32); every row has at least one finite score (causal: the diagonal)."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
 def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple[float, float, float],
                       output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None,
                       compiled: bool = False) -> np.ndarray:
@@ -135,7 +128,8 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     scores = acc.astype(np.float32) * np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(d)))
     if t > 1:
         scores += np.triu(np.full((t, s), -np.inf, np.float32), k=start + 1)
-    probs = _softmax(scores)
+    # every row has a finite score (causal: the diagonal); one fixed exp for both models (kernels/softmax.py)
+    probs = softmax.softmax(scores) if compiled else softmax.softmax_reference(scores)
     if compiled:
         codes = np.empty(probs.shape, np.int8)
         low, high = np.float32(ACTIVATION.qmin - PROB_ZERO), np.float32(ACTIVATION.qmax - PROB_ZERO)
@@ -511,13 +505,20 @@ class W8A8GPT(nn.Module):
         out = np.empty((ids.shape[0], ids.shape[1] + max_new_tokens), dtype=np.int64)
         out[:, :ids.shape[1]] = ids
         length, caches = ids.shape[1], None
+        # batch 1 with the cache: one compiled call per token, the same logits (nanoopt/quant/w8a8_decode.py)
+        fused = None
+        if use_cache and ids.shape[0] == 1 and max_new_tokens > 1 and length < block:
+            fused = FusedDecoder.for_model(self, PROB_SCALE, PROB_ZERO)
         with no_grad():
             for _ in range(max_new_tokens):
                 window = out[:, max(0, length - block):length]
                 if use_cache and caches is not None and length <= block:
-                    logits = self.logits(window[:, -1:], caches, last_only=True)
+                    if fused is None:
+                        logits = self.logits(window[:, -1:], caches, last_only=True)
+                    else:
+                        logits = fused.step(window[0, -1], caches)
                 elif use_cache and length <= block:
-                    caches = self._new_caches(ids.shape[0])
+                    caches = self._new_caches(ids.shape[0]) if fused is None else fused.new_caches()
                     logits = self.logits(window, caches, last_only=True)
                 else:
                     logits = self.logits(window, None, last_only=True)
