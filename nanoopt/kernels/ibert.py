@@ -184,7 +184,8 @@ def i_softmax(q, scale: float, mask: np.ndarray | None = None, bits: int = 8) ->
     Per row: ``q - max(q)`` (over the unmasked entries; ``mask`` True = excluded, every row keeps one);
     ``(e, S_e) = i_exp(.)`` (with ``S`` coarsened by a right shift of ``q`` below 2^-16, see :func:`i_exp`);
     ``e`` of masked entries is 0; ``e`` is shifted right by ``r`` so that the row sum stays below 2^34
-    (``r`` from the largest exponential ``e(0)`` and the row length); ``f = floor(2^54 / sum)`` (one integer
+    (``r`` per row, from the largest exponential ``e(0)`` and the row's count of unmasked entries, so that a row
+    gives the same codes whatever else is masked or batched with it); ``f = floor(2^54 / sum)`` (one integer
     division per row); ``p = (e f (2^bits - 1) + 2^53) >> 54`` (rounded ``(2^bits - 1) e / sum``, never above
     ``2^bits - 1`` since ``e f <= 2^54``). Output int64.
 
@@ -214,8 +215,9 @@ def i_softmax(q, scale: float, mask: np.ndarray | None = None, bits: int = 8) ->
     if mask is not None:
         e = np.where(mask, 0, e)
     largest, _ = i_exp(np.zeros(1, np.int64), s)  # e(0), the largest exponential
-    r = max(0, (int(largest[0]) * codes.shape[-1]).bit_length() - SOFTMAX_SUM_BITS)
-    e = e >> r
+    counts = codes.shape[-1] if mask is None else (~mask).sum(axis=-1, keepdims=True)  # unmasked per row
+    _, sum_bits = np.frexp((int(largest[0]) * np.asarray(counts, np.int64)).astype(np.float64))
+    e = e >> np.maximum(0, sum_bits.astype(np.int64) - SOFTMAX_SUM_BITS)  # per row: a row's result ignores the others
     total = e.sum(axis=-1, keepdims=True)  # >= e(0) >> r >= 1: the row maximum contributes e(0)
     factor = (np.int64(1) << SOFTMAX_RECIPROCAL_BITS) // total
     top = (1 << bits) - 1

@@ -194,3 +194,13 @@ def test_i_poly_is_the_integer_polynomial():
     q = np.arange(-50, 51)
     out, s = i_poly(q, 0.125, 1.0, 2.0, 3.0)
     assert np.allclose(out * s, (q * 0.125 + 2.0) ** 2 + 3.0)  # S = 1/8: b / S and c / S^2 are integers
+
+
+@SETTINGS
+@given(scale=SCALES, seed=st.integers(0, 2**32 - 1), t=st.integers(1, 32))
+def test_i_softmax_row_ignores_masked_entries_and_other_rows(scale, seed, t):
+    """What the KV cache needs: a causal row gives the codes of the same row computed alone, unmasked."""
+    q = np.round(np.random.default_rng(seed).uniform(-8, 8, (t, t)) / scale).astype(np.int64)
+    full = i_softmax(q, scale, np.triu(np.ones((t, t), bool), k=1))
+    for j in range(t):
+        assert np.array_equal(full[j, :j + 1], i_softmax(q[j:j + 1, :j + 1], scale)[0])
