@@ -19,6 +19,9 @@ What is integer (everything else is float32, stated):
 * **in float32**: embeddings, LayerNorm, softmax, GELU, the residual adds, and the Linears' outputs that feed
   them (``y = float32(acc) * (s_x s_w) + b``: int32 accumulators dequantized once, as SmoothQuant's W8A8 GEMMs
   do, rather than rounded to int8 and back).
+* ``W8A8Config(nonlinear="ibert")``: softmax, GELU and LayerNorm integer-only instead, by I-BERT's polynomial
+  approximations and integer square root (Kim et al. 2021; :mod:`nanoopt.quant.ibert`); the embeddings and the
+  residual adds stay float32.
 
 Two models compute this: :func:`prepare_w8a8` gives a **simulated** GPT (float weights and observers;
 :meth:`W8A8GPT.calibrate` runs float windows through it; in eval mode after calibration it quantizes the float
