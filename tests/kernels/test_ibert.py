@@ -204,3 +204,18 @@ def test_i_softmax_row_ignores_masked_entries_and_other_rows(scale, seed, t):
     full = i_softmax(q, scale, np.triu(np.ones((t, t), bool), k=1))
     for j in range(t):
         assert np.array_equal(full[j, :j + 1], i_softmax(q[j:j + 1, :j + 1], scale)[0])
+
+
+def test_softmax_and_layernorm_take_the_gpt_ranges_without_overflow():
+    """Scores are int32 (D 127^2 at most) at any scale the exponential accepts; LayerNorm inputs are int16 codes
+    over rows of up to 4,096 channels: every intermediate stays below 2^62 (the kernels check it)."""
+    scores = np.array([[-(2**31), 0, 2**31 - 1]], np.int64)
+    for scale in (2.0**-40, 2.0**-24, 2.0**-16, 0.04):
+        p = i_softmax(scores, scale)
+        x = scores * scale
+        exact = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        assert p.min() >= 0 and p.max() <= 255 and np.abs(p / 255 - exact).max() <= 2 / 255
+    rows = np.array([[-(2**15)] * 2048 + [2**15 - 1] * 2048, [2**15 - 1] * 4095 + [-(2**15)]], np.int64)
+    out, scale = i_layernorm(rows, 2.0**-23, 1e-5)
+    assert np.abs(out).max() <= 2**30 + 1
+    np.testing.assert_allclose(out[0, [0, -1]] * scale, [-1.0, 1.0], atol=1e-4)
