@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
 from nanoopt import data, models  # noqa: E402
-from nanoopt.quant.algorithms.smoothquant import smooth_quant  # noqa: E402
+from nanoopt.quant.smoothquant import smooth_quant  # noqa: E402
 from nanoopt.quant.transformer import W8A8Config, convert_w8a8, prepare_w8a8  # noqa: E402
 from nanoopt.train_lm import evaluate_lm  # noqa: E402
 

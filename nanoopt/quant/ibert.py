@@ -131,6 +131,8 @@ class IBertNorm(nn.Module):
     """The integer LayerNorm of one of the GPT's LayerNorms: its int16 input grid (an observer in the prepared GPT,
     a buffer in the converted one) and its integer constants (computed once per grid and weights)."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, name: str, input_scale: np.floating | None = None) -> None:
         super().__init__()
         self.layer_name = name
