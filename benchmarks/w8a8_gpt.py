@@ -1,7 +1,8 @@
 """W8A8 integer GPT (issue 18, point 2): validation loss against float, and generation speed at batch 1.
 
 A trained character GPT (``examples/chargpt.py`` writes one) is quantized with SmoothQuant (alpha 0.5) and static
-int8 activations, per-token dynamic scales, and without SmoothQuant; 128 calibration windows come from the
+int8 activations, per-token dynamic scales, without SmoothQuant, and with I-BERT's integer-only softmax, GELU and
+LayerNorm (``W8A8Config(nonlinear="ibert")``, Kim et al. 2021); 128 calibration windows come from the
 training split (seed 0), the validation loss is ``evaluate_lm`` on ``validation_windows(val_ids, 64, count)``.
 The simulated model is checked against the integer model bit for bit on the validation windows. Generation: one
 character prompt, temperature 0, 63 new tokens (inside the 64-token context: the KV cache's regime), batch 1, one
@@ -63,6 +64,7 @@ def main() -> None:
         f"W8A8 static, SmoothQuant a={args.alpha}": (args.alpha, W8A8Config()),
         f"W8A8 per-token, SmoothQuant a={args.alpha}": (args.alpha, W8A8Config(per_token=True)),
         "W8A8 static, no SmoothQuant": (None, W8A8Config()),
+        f"W8A8 I-BERT integer-only, SmoothQuant {args.alpha}": (args.alpha, W8A8Config(nonlinear="ibert")),
     }
     integers = {}
     for name, (alpha, config) in variants.items():
