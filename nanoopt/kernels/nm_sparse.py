@@ -142,11 +142,11 @@ def _pick3(offset, x0, x1, x2):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True)
-def _nm4(x, values, offsets, n, bias, has_bias, start, stop):  # pragma: no cover - compiled
+def _nm4(x, values, offsets, n, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """m = 4: per slot, the group's four inputs of each row, blended by the offsets; four rows per pass."""
     rows = x.shape[0]
     slots = values.shape[0]
-    out = np.zeros((rows, stop - start), np.float32)
+    out[:] = 0.0
     i = 0
     while i + 4 <= rows:
         y0, y1, y2, y3 = out[i], out[i + 1], out[i + 2], out[i + 3]
@@ -180,16 +180,15 @@ def _nm4(x, values, offsets, n, bias, has_bias, start, stop):  # pragma: no cove
             yi = out[i]
             for j in range(stop - start):
                 yi[j] += b[j]
-    return out
 
 
 @njit(cache=True, nogil=True)
-def _nm24(x, values, offsets, bias, has_bias, start, stop):  # pragma: no cover - compiled
+def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """2:4 with offsets ascending in each group (:func:`prepare_nm`): slot 0 of a group is column 0, 1 or 2 and
     slot 1 is column 1, 2 or 3, so each pick is two blends; one pass per group (both slots), four rows per pass."""
     rows = x.shape[0]
     groups = values.shape[0] // 2
-    out = np.zeros((rows, stop - start), np.float32)
+    out[:] = 0.0
     i = 0
     while i + 4 <= rows:
         y0, y1, y2, y3 = out[i], out[i + 1], out[i + 2], out[i + 3]
@@ -225,15 +224,14 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop):  # pragma: no cover 
             yi = out[i]
             for j in range(stop - start):
                 yi[j] += b[j]
-    return out
 
 
 @njit(cache=True, nogil=True)
-def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop):  # pragma: no cover - compiled
+def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """Any m: per slot and row, the input of each output read at its group's start plus its offset."""
     rows = x.shape[0]
     slots = values.shape[0]
-    out = np.zeros((rows, stop - start), np.float32)
+    out[:] = 0.0
     for i in range(rows):
         yi = out[i]
         for s in range(slots):
@@ -245,17 +243,18 @@ def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop):  # pragma: n
             b = bias[start:stop]
             for j in range(stop - start):
                 yi[j] += b[j]
-    return out
 
 
 _NO_BIAS = np.zeros(0, np.float32)
 
 
 def nm_linear(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None = None, rows: tuple[int, int] | None = None,
-              validate: bool = True) -> np.ndarray:
+              validate: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Outputs ``rows = (start, stop)`` (default all) of ``x (M, K) W^T + b`` for the prepared N:M ``weight``
-    (Numba, any CPU; bit-identical to :func:`nm_linear_reference`). ``validate=False`` skips the argument checks,
-    for a caller that made ``weight`` and checked ``x``, ``bias`` and ``rows`` itself (a layer, once per token).
+    (Numba, any CPU; bit-identical to :func:`nm_linear_reference`), written into ``out`` (float32, C-contiguous
+    ``(M, stop - start)``) when given, else into a new array. ``validate=False`` skips the argument checks, for a
+    caller that made ``weight`` and checked ``x``, ``bias``, ``rows`` and ``out`` itself (a layer, once per token;
+    an execution plan's step).
 
     >>> w = prepare_nm(NMMatrix.from_dense(np.array([[1, 0, 0, 2], [0, 3, 4, 0]], np.float32), 1, 2))
     >>> nm_linear(np.ones((2, 4), np.float32), w, rows=(1, 2)).tolist()
@@ -266,9 +265,17 @@ def nm_linear(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None = None, r
     else:
         start, stop = (0, weight.out_features) if rows is None else rows
     x = np.ascontiguousarray(x)
+    if out is None:
+        out = np.empty((x.shape[0], stop - start), np.float32)
+    elif validate and (not isinstance(out, np.ndarray) or out.dtype != np.float32 or not out.flags.c_contiguous
+                       or out.shape != (x.shape[0], stop - start)):
+        raise ValueError(f"nm_linear: out must be a C-contiguous float32 array {(x.shape[0], stop - start)}, got "
+                         f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', '')}")
     b = _NO_BIAS if bias is None else bias
     if weight.m == 4 and weight.n == 2:
-        return _nm24(x, weight.values, weight.offsets, b, bias is not None, start, stop)
-    if weight.m == 4:
-        return _nm4(x, weight.values, weight.offsets, weight.n, b, bias is not None, start, stop)
-    return _nm_any(x, weight.values, weight.offsets, weight.n, weight.m, b, bias is not None, start, stop)
+        _nm24(x, weight.values, weight.offsets, b, bias is not None, start, stop, out)
+    elif weight.m == 4:
+        _nm4(x, weight.values, weight.offsets, weight.n, b, bias is not None, start, stop, out)
+    else:
+        _nm_any(x, weight.values, weight.offsets, weight.n, weight.m, b, bias is not None, start, stop, out)
+    return out
