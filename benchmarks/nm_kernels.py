@@ -36,6 +36,31 @@ def n_of_m(rng: np.random.Generator, rows: int, cols: int, n: int, m: int) -> np
     return groups.reshape(rows, cols)
 
 
+def layer_cells(rng: np.random.Generator, inputs: dict[int, np.ndarray], bias: np.ndarray, rows: int, cols: int,
+                n: int, m: int) -> dict[str, list[str]]:
+    """The table cells of one layer at n:m: the dense kernel's time and each N:M kernel's time and ratio."""
+    weight = n_of_m(rng, rows, cols, n, m)
+    matrix = sparse.NMMatrix.from_dense(weight, n, m)
+    prepared = nm_sparse.prepare_nm(matrix)
+    weight_t = weight.T  # the runtime's dense layout: a transposed view of the C-ordered (N, K) weight
+    cells: dict[str, list[str]] = {"dense float kernel (BLAS)": [], f"{n}:{m} nm_linear (slot-major)": [],
+                                   f"{n}:{m} nm_matmul (row-major, no bias)": []}
+    for b in BATCHES:
+        x, out = inputs[b], np.empty((b, rows), np.float32)
+        np.testing.assert_allclose(nm_sparse.nm_linear(x, prepared, bias), x @ weight.T + bias, rtol=1e-4,
+                                   atol=1e-4)  # the kernel agrees with the dense product before it is timed
+        dense = best_seconds(lambda x=x, out=out: float_kernels.linear_bias_act(x, weight_t, bias, False, out),
+                             repeats=5, min_time=0.05)
+        cells["dense float kernel (BLAS)"].append(f"{dense * 1e6:,.1f} us")
+        kernels = {f"{n}:{m} nm_linear (slot-major)":
+                   lambda x=x, out=out: nm_sparse.nm_linear(x, prepared, bias, None, False, out),
+                   f"{n}:{m} nm_matmul (row-major, no bias)": lambda x=x: sparse.nm_matmul(x, matrix)}
+        for name, function in kernels.items():
+            seconds = best_seconds(function, repeats=5, min_time=0.05)
+            cells[name].append(f"{seconds * 1e6:,.1f} us ({dense / seconds:.2f}x)")
+    return cells
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     print("## N:M sparse Linear against the dense float kernel, batch 1-32, 1 thread\n")
@@ -45,31 +70,8 @@ def main() -> None:
     for label, (rows, cols) in SHAPES.items():
         inputs = {b: rng.standard_normal((b, cols)).astype(np.float32) for b in BATCHES}
         bias = rng.standard_normal(rows).astype(np.float32)
-        dense_seconds: dict[tuple[int, int, int], float] = {}
         for n, m in ((2, 4), (1, 4)):
-            weight = n_of_m(rng, rows, cols, n, m)
-            matrix = sparse.NMMatrix.from_dense(weight, n, m)
-            prepared = nm_sparse.prepare_nm(matrix)
-            weight_t = weight.T  # the runtime's dense layout: a transposed view of the C-ordered (N, K) weight
-            outputs = {b: np.empty((b, rows), np.float32) for b in BATCHES}
-            for b in BATCHES:  # the kernels agree with the dense product before they are timed
-                np.testing.assert_allclose(nm_sparse.nm_linear(inputs[b], prepared, bias),
-                                           inputs[b] @ weight.T + bias, rtol=1e-4, atol=1e-4)
-            cells = {"dense float kernel (BLAS)": [], f"{n}:{m} nm_linear (slot-major)": [],
-                     f"{n}:{m} nm_matmul (row-major, no bias)": []}
-            for b in BATCHES:
-                x, out = inputs[b], outputs[b]
-                dense = best_seconds(lambda x=x, out=out: float_kernels.linear_bias_act(x, weight_t, bias, False, out),
-                                     repeats=5, min_time=0.05)
-                dense_seconds[(n, m, b)] = dense
-                cells["dense float kernel (BLAS)"].append(f"{dense * 1e6:,.1f} us")
-                for name, function in ((f"{n}:{m} nm_linear (slot-major)",
-                                        lambda x=x, out=out: nm_sparse.nm_linear(x, prepared, bias, None, False, out)),
-                                       (f"{n}:{m} nm_matmul (row-major, no bias)",
-                                        lambda x=x: sparse.nm_matmul(x, matrix))):
-                    seconds = best_seconds(function, repeats=5, min_time=0.05)
-                    cells[name].append(f"{seconds * 1e6:,.1f} us ({dense / seconds:.2f}x)")
-            for name, parts in cells.items():
+            for name, parts in layer_cells(rng, inputs, bias, rows, cols, n, m).items():
                 if name.startswith("dense") and n != 2:
                     continue  # one dense row per layer (the 1:4 weight's dense time is the same product)
                 print(f"| {label} ({rows} x {cols}) | {name} | " + " | ".join(parts) + " |", flush=True)

@@ -83,26 +83,29 @@ def prepare_nm(matrix: NMMatrix) -> NMWeight:
 
 def _check_call(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None,
                 rows: tuple[int, int] | None) -> tuple[int, int]:
+    """The output range ``(start, stop)`` of a valid call; else an error naming the argument."""
     if not isinstance(weight, NMWeight):
         raise TypeError(f"nm_linear: weight must be an NMWeight (from prepare_nm), got {type(weight).__name__}")
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != weight.in_features:
-        raise ValueError(f"nm_linear: x must be a float32 array (M, {weight.in_features}), got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
-    n = weight.out_features
-    if bias is not None and (not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,)):
-        raise ValueError(f"nm_linear: bias must be float32 ({n},), got {getattr(bias, 'dtype', type(bias).__name__)} "
-                         f"{getattr(bias, 'shape', '')}")
+    n, k = weight.out_features, weight.in_features
     start, stop = (0, n) if rows is None else (int(rows[0]), int(rows[1]))
-    if not 0 <= start <= stop <= n:
-        raise ValueError(f"nm_linear: rows must satisfy 0 <= start <= stop <= {n}, got {rows}")
-    slots = weight.in_features // weight.m * weight.n
-    if (weight.in_features % weight.m or weight.values.shape != (slots, n) or weight.offsets.shape != (slots, n)
-            or weight.values.dtype != np.float32 or weight.offsets.dtype != np.uint8
-            or not (weight.values.flags.c_contiguous and weight.offsets.flags.c_contiguous)):
-        raise ValueError(f"nm_linear: weight must hold C-contiguous float32 values and uint8 offsets of shape "
-                         f"({slots}, {n}) (from prepare_nm), got {weight.values.dtype} {weight.values.shape} and "
-                         f"{weight.offsets.dtype} {weight.offsets.shape}")
-    grouped = weight.offsets.reshape(slots // max(weight.n, 1), weight.n, n).astype(np.int16)
+    slots = k // weight.m * weight.n
+    refusals = (  # (is it wrong?, what was expected) in the order of the arguments
+        (not isinstance(x, np.ndarray) or x.dtype != np.float32 or np.ndim(x) != 2 or np.shape(x)[1] != k,
+         f"x must be a float32 array (M, {k}), got {getattr(x, 'dtype', type(x).__name__)} {np.shape(x)}"),
+        (k % weight.m != 0 or any(not isinstance(a, np.ndarray) or a.shape != (slots, n) or not a.flags.c_contiguous
+                                  for a in (weight.values, weight.offsets))
+         or (weight.values.dtype, weight.offsets.dtype) != (np.float32, np.uint8),
+         f"weight must hold C-contiguous float32 values and uint8 offsets of shape ({slots}, {n}) (from "
+         f"prepare_nm), got {weight.values.dtype} {weight.values.shape} and {weight.offsets.dtype} "
+         f"{weight.offsets.shape}"),
+        (bias is not None and (not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,)),
+         f"bias must be float32 ({n},), got {getattr(bias, 'dtype', type(bias).__name__)} {np.shape(bias)}"),
+        (not 0 <= start <= stop <= n, f"rows must satisfy 0 <= start <= stop <= {n}, got {rows}"),
+    )
+    for wrong, expected in refusals:
+        if wrong:
+            raise ValueError(f"nm_linear: {expected}")
+    grouped = weight.offsets.reshape(k // weight.m, weight.n, n).astype(np.int16)
     if grouped.size and (grouped.max() >= weight.m or np.any(np.diff(grouped, axis=1) <= 0)):
         raise ValueError(f"nm_linear: the offsets of each group must be increasing and below m={weight.m} (as "
                          "prepare_nm lays them out)")
@@ -133,6 +136,15 @@ def nm_linear_reference(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None
 def _pick(offset, x0, x1, x2, x3):  # pragma: no cover - compiled
     """The input of a group of four that ``offset`` (0..3) names: compares and blends, which vectorise."""
     return x0 if offset == 0 else (x1 if offset == 1 else (x2 if offset == 2 else x3))
+
+
+@njit(inline="always")
+def _add_bias(out, bias):  # pragma: no cover - compiled
+    """``out (M, c) += bias (c,)``, row by row: the bias is added last, as the contract says."""
+    for i in range(out.shape[0]):
+        yi = out[i]
+        for j in range(bias.size):
+            yi[j] += bias[j]
 
 
 @njit(inline="always")
@@ -175,22 +187,17 @@ def _nm4(x, values, offsets, n, bias, has_bias, start, stop, out):  # pragma: no
                 y0[j] += v[j] * _pick(o[j], a0, a1, a2, a3)
         i += 1
     if has_bias:
-        b = bias[start:stop]
-        for i in range(rows):
-            yi = out[i]
-            for j in range(stop - start):
-                yi[j] += b[j]
+        _add_bias(out, bias[start:stop])
 
 
 @njit(cache=True, nogil=True)
 def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """2:4 with offsets ascending in each group (:func:`prepare_nm`): slot 0 of a group is column 0, 1 or 2 and
     slot 1 is column 1, 2 or 3, so each pick is two blends; one pass per group (both slots), four rows per pass."""
-    rows = x.shape[0]
-    groups = values.shape[0] // 2
     out[:] = 0.0
-    i = 0
-    while i + 4 <= rows:
+    groups = values.shape[0] // 2
+    full = x.shape[0] - x.shape[0] % 4  # rows in blocks of four, then one by one
+    for i in range(0, full, 4):
         y0, y1, y2, y3 = out[i], out[i + 1], out[i + 2], out[i + 3]
         x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
         for g in range(groups):
@@ -207,8 +214,7 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no c
                 y1[j] = (y1[j] + vj * _pick3(oj, c0, c1, c2)) + wj * _pick3(pj - 1, c1, c2, c3)
                 y2[j] = (y2[j] + vj * _pick3(oj, d0, d1, d2)) + wj * _pick3(pj - 1, d1, d2, d3)
                 y3[j] = (y3[j] + vj * _pick3(oj, e0, e1, e2)) + wj * _pick3(pj - 1, e1, e2, e3)
-        i += 4
-    while i < rows:
+    for i in range(full, x.shape[0]):
         y0, x0 = out[i], x[i]
         for g in range(groups):
             b = 4 * g
@@ -217,13 +223,8 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no c
             w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
             for j in range(stop - start):
                 y0[j] = (y0[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
-        i += 1
     if has_bias:
-        b = bias[start:stop]
-        for i in range(rows):
-            yi = out[i]
-            for j in range(stop - start):
-                yi[j] += b[j]
+        _add_bias(out, bias[start:stop])
 
 
 @njit(cache=True, nogil=True)
@@ -239,10 +240,8 @@ def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop, out):  # prag
             v, o = values[s, start:stop], offsets[s, start:stop]
             for j in range(stop - start):
                 yi[j] += v[j] * group[o[j]]
-        if has_bias:
-            b = bias[start:stop]
-            for j in range(stop - start):
-                yi[j] += b[j]
+    if has_bias:
+        _add_bias(out, bias[start:stop])
 
 
 _NO_BIAS = np.zeros(0, np.float32)

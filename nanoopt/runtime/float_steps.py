@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoopt.kernels import reference as ref
 from nanoopt.kernels import nm_sparse, sparse, sparse_avx2
+from nanoopt.kernels import reference as ref
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.description import Step
 from nanoopt.runtime.steps import (
