@@ -12,9 +12,17 @@ weight; it does not vectorise and runs at a fraction of dense BLAS. Here :func:`
 weight out once as ``(S, N)``, *slot-major*: slot ``s = g n + t`` (the t-th kept weight of group ``g``) of every
 output is one contiguous row of ``values`` and of ``offsets``. The kernel then runs, for each slot, one pass over
 the outputs: it loads ``m`` inputs ``x[g m .. g m + m - 1]`` once, picks for each output the input its offset
-names (for ``m = 4`` with three compare-and-blend steps, no gather instruction), multiplies by the contiguous
-values and adds into the contiguous outputs, all in vector registers; with several rows of ``x`` it does four rows
-per pass over the weight, so the values, offsets and blend masks are loaded once for four rows.
+names (for ``m = 4`` by compares and blends, no gather instruction: three blends, or two at 2:4, where
+:func:`prepare_nm` sorts the offsets of a group so that slot 0 is column 0, 1 or 2 and slot 1 column 1, 2 or 3),
+multiplies by the contiguous values and adds into the contiguous outputs, all in vector registers; 2:4 takes both
+slots of a group in one pass. With several rows of ``x`` it does four rows per pass over the weight, so the values,
+offsets and blend masks are loaded once for four rows. Other ``m`` read the picked input with an indexed load.
+
+What it gains (``python -m benchmarks.nm_kernels``): 1:4 does fewer vector operations per row than a dense
+fused-multiply-add product and is faster than BLAS at batch 1-32; 2:4 reads 62.5% of the dense bytes but, with a
+separate multiply and add (a fused one would change the bits against the reference) and the blends, does about as
+many vector operations as the dense product, so it is faster where the product is bound by memory (batch 1) and
+about even with BLAS at batch 4-32.
 
 Arithmetic, the contract (float32, each product rounded before it is added, no fused multiply-add; the NumPy
 reference :func:`nm_linear_reference` is the specification and the Numba kernel :func:`nm_linear` equals it bit for

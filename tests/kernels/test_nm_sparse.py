@@ -50,6 +50,9 @@ def test_kernel_equals_reference_bit_for_bit(problem):
         expected = bits(nm_linear_reference(x, weight, bias, r))
         np.testing.assert_array_equal(bits(nm_linear(x, weight, bias, r)), expected, strict=True)
         np.testing.assert_array_equal(bits(nm_linear(x, weight, bias, r, validate=False)), expected, strict=True)
+        out = np.full(expected.shape, np.nan, np.float32)  # written whole, whatever it held
+        assert nm_linear(x, weight, bias, r, out=out) is out
+        np.testing.assert_array_equal(bits(out), expected, strict=True)
 
 
 @EXAMPLES
@@ -88,6 +91,8 @@ def test_bad_arguments_are_refused_by_name():
         nm_linear(good, weight, np.ones(3, np.float32))
     with pytest.raises(ValueError, match="rows must satisfy"):
         nm_linear(good, weight, rows=(3, 2))
+    with pytest.raises(ValueError, match=r"out must be a C-contiguous float32 array \(1, 4\)"):
+        nm_linear(good, weight, out=np.empty((1, 3), np.float32))
     with pytest.raises(TypeError, match="must be an NMWeight"):
         nm_linear(good, NMMatrix.from_dense(np.eye(4, dtype=np.float32), 1, 2))
     with pytest.raises(TypeError, match="prepare_nm: matrix must be an NMMatrix"):
