@@ -12,7 +12,11 @@ Protocol (every number measured in this run):
 * stored bytes: the size of the file ``nanoopt.io.save`` writes for the compressed model (pruned models with
   their masks made permanent, so stored dense);
 * generation: batch 1, temperature 0, 63 new tokens after a one-character prompt, with the KV cache; the fastest
-  of 5 runs;
+  of 5 runs, each interleaved with a run of the float model, whose fastest gives the row's "x float" (so that a
+  passing disturbance of the machine slows both sides of the ratio);
+* "(N:M kernel)" rows: the 2:4 model with its pruned Linear layers swapped for sparse ones
+  (``prune.to_sparse(format="nm")``), which store the kept values and their offsets and run the slot-major N:M
+  kernel of ``nanoopt.kernels.nm_sparse``; the other pruned rows are stored and run dense;
 * PyTorch's dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic`` of every Linear) of the same
   trained weights, where torch is installed, against PyTorch's float model of the same weights.
 
@@ -74,6 +78,16 @@ def pruned(method: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     return run
 
 
+def nm_kernel(method: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A 2:4-pruned model whose pruned Linear layers are swapped for sparse ones (``prune.to_sparse``, N:M format:
+    values and 2-bit-range offsets stored, the slot-major N:M kernel at run time, in the GPT's array fast path too)."""
+    def run() -> nn.Module:
+        model = method()
+        prune.to_sparse(model, format="nm", n=2, m=4)
+        return model
+    return run
+
+
 def magnitude(gpt: models.GPT, nm: bool) -> nn.Module:
     model = copy.deepcopy(gpt)
     for name, module in model.named_modules():
@@ -108,6 +122,9 @@ def methods(gpt: models.GPT, calibration: list[np.ndarray]) -> list[tuple[str, C
         ("magnitude 2:4", pruned(lambda: magnitude(gpt, nm=True))),
         ("Wanda 2:4", pruned(lambda: prune.wanda(copy.deepcopy(gpt), calibration, n=2, m=4, **common))),
         ("SparseGPT 2:4", pruned(lambda: prune.sparsegpt(copy.deepcopy(gpt), calibration, n=2, m=4, **common))),
+        ("magnitude 2:4 (N:M kernel)", nm_kernel(pruned(lambda: magnitude(gpt, nm=True)))),
+        ("SparseGPT 2:4 (N:M kernel)", nm_kernel(pruned(lambda: prune.sparsegpt(copy.deepcopy(gpt), calibration, n=2,
+                                                                                 m=4, **common)))),
     ]
     return rows
 
@@ -119,15 +136,21 @@ def stored_bytes(model: nn.Module) -> int:
         return os.path.getsize(path)
 
 
-def generation_speed(model: models.GPT, prompt: np.ndarray, new_tokens: int = 63, repeats: int = 5) -> float:
-    """Tokens per second of the fastest of ``repeats`` generations (the one least disturbed by other work)."""
-    model.generate(prompt, 4, temperature=0.0)  # warm-up
-    best = float("inf")
+def generation_speed(model: models.GPT, prompt: np.ndarray, new_tokens: int = 63, repeats: int = 5,
+                     baseline: models.GPT | None = None) -> tuple[float, float]:
+    """Tokens per second of the fastest of ``repeats`` generations (the one least disturbed by other work) of
+    ``model`` and of ``baseline`` (default: ``model``), the two interleaved run by run, so that a passing
+    disturbance slows both and their ratio holds."""
+    baseline = model if baseline is None else baseline
+    best = {id(model): float("inf"), id(baseline): float("inf")}
+    for candidate in (model, baseline):
+        candidate.generate(prompt, 4, temperature=0.0)  # warm-up
     for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0.0)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+        for candidate in (model, baseline) if baseline is not model else (model,):
+            start = time.perf_counter()
+            candidate.generate(prompt, new_tokens, temperature=0.0)
+            best[id(candidate)] = min(best[id(candidate)], time.perf_counter() - start)
+    return new_tokens / best[id(model)], new_tokens / best[id(baseline)]
 
 
 def torch_dynamic_int8(gpt: models.GPT, validation: tuple[np.ndarray, np.ndarray]) -> tuple[float, float] | None:
@@ -170,12 +193,14 @@ def main() -> None:
     calibration = calibration_batches(train_ids)
     prompt = tokenizer.encode("\n")[None]
     float_loss = evaluate_lm(gpt, *validation)
-    float_bytes, float_speed = stored_bytes(gpt), generation_speed(gpt, prompt)
+    float_bytes, float_speed = stored_bytes(gpt), generation_speed(gpt, prompt)[0]
     print(f"## Compressing the character-level GPT ({args.iters} training steps, seed 0, 1 thread)\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     print(f"Model {SIZES}; {CALIBRATION_WINDOWS} calibration windows from the training split; the head (tied to "
           f"the embedding) in float; validation loss on {len(validation[0]):,} fixed windows; generation at batch "
-          "1 with the KV cache, 63 new tokens (fastest of 5 runs).\n")
+          "1 with the KV cache, 63 new tokens (fastest of 5 runs; \"x float\" against the float model's runs "
+          "interleaved with the row's). Pruned rows are stored and run dense, except \"(N:M kernel)\" rows: sparse "
+          "layers (values and offsets) on the N:M kernel.\n")
     print("| method | val loss | delta vs float | stored bytes | x smaller | gen tok/s | x float | seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| float32 | {float_loss:.4f} | - | {float_bytes:,} | 1.00x | {float_speed:,.0f} | 1.00x | - |",
@@ -184,9 +209,10 @@ def main() -> None:
         start = time.perf_counter()
         model = method().eval()
         seconds = time.perf_counter() - start
-        loss, size, speed = evaluate_lm(model, *validation), stored_bytes(model), generation_speed(model, prompt)
+        loss, size = evaluate_lm(model, *validation), stored_bytes(model)
+        speed, float_now = generation_speed(model, prompt, baseline=gpt)  # float interleaved: a robust ratio
         print(f"| {name} | {loss:.4f} | {loss - float_loss:+.4f} | {size:,} | {float_bytes / size:.2f}x | "
-              f"{speed:,.0f} | {speed / float_speed:.2f}x | {seconds:.1f} |", flush=True)
+              f"{speed:,.0f} | {speed / float_now:.2f}x | {seconds:.1f} |", flush=True)
     reference = torch_dynamic_int8(gpt, validation)
     if reference is None:
         print("| PyTorch dynamic int8 | torch not installed | | | | | | |")

@@ -5,8 +5,10 @@ product (``backend="auto"``: the AVX2 kernel of :mod:`nanoopt.kernels.sparse_avx
 ``sparse.AVX2_MAX_BATCH`` where the CPU has AVX2, else the portable Numba kernel), with the portable Numba kernel
 alone (``backend="numba"``, what a CPU without AVX2 runs) and with scipy.sparse's CSR product; a 2:4 (50 %) and a
 1:4 (75 %) N:M weight runs with the N:M kernel. The baseline is NumPy's dense ``x @ W.T`` (BLAS) on the same
-dense float32 weight, measured in the same run; ratios above 1 mean the sparse kernel is faster. Times are the best
-of 5 rounds (weights stay in cache).
+dense float32 weight, measured in the same run; ratios above 1 mean the sparse kernel is faster. The N:M weights
+run with the row-major kernel ``sparse.nm_matmul`` and with the slot-major kernel ``nm_sparse.nm_linear`` (what
+``SparseLinear`` and the runtime run; ``python -m benchmarks.nm_kernels`` measures it at the GPT's and LeNet's
+shapes, batch 1-32). Times are the best of 5 rounds (weights stay in cache).
 
     python -m benchmarks.sparse_kernels
 """
@@ -21,7 +23,7 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402
 
 from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
-from nanoopt.kernels import sparse, sparse_avx2  # noqa: E402
+from nanoopt.kernels import nm_sparse, sparse, sparse_avx2  # noqa: E402
 
 SIZE = 1024
 BATCHES = (1, 32, 256)
@@ -80,6 +82,9 @@ def main() -> None:
         weight = n_of_m(rng, n, m)
         packed = sparse.NMMatrix.from_dense(weight, n, m)
         cells(lambda x, p=packed: sparse.nm_matmul(x, p), f"{n}:{m} ({1 - n / m:.0%} sparse)", "nanoopt N:M")
+        prepared = nm_sparse.prepare_nm(packed)
+        cells(lambda x, p=prepared: nm_sparse.nm_linear(x, p, validate=False), f"{n}:{m} ({1 - n / m:.0%} sparse)",
+              "nanoopt N:M, slot-major")
     avx2 = "runs" if sparse_avx2.available() else "is not available here; it falls back to the portable kernel"
     print("\nRatios in brackets: dense time / kernel time at the same batch (above 1: faster than dense). "
           f"nanoopt CSR uses the AVX2 kernel up to batch {sparse.AVX2_MAX_BATCH} (it {avx2}).")

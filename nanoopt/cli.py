@@ -30,11 +30,16 @@ import sys
 import time
 from collections.abc import Sequence
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
 
 import nanoopt as no
-from nanoopt import report
+from nanoopt import kernels, report, runtime
 from nanoopt.demo import GPT_SIZES, demo, demo_data, gpt_demo
+from nanoopt.interop.inspection import format_inspection, inspect_file
+from nanoopt.kernels.choices import kernel_choices
+from nanoopt.pipeline.cli import compress_command, plot_command
 
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512vnni", "avxvnni")  # the ones nanoopt's kernels can use
 
@@ -43,18 +48,12 @@ def _info() -> str:
     lines = [f"nanoopt {no.__version__}", f"python {platform.python_version()} on {platform.machine()}",
              f"numpy {np.__version__}"]
     try:
-        import llvmlite.binding as llvm
-        import numba
-
         features = llvm.get_host_cpu_features()
         flags = ", ".join(f"{name}={'yes' if features.get(name) else 'no'}" for name in CPU_FEATURES)
         lines.append(f"numba {numba.__version__}; CPU {llvm.get_host_cpu_name()}; {flags}")
     except Exception as error:  # pragma: no cover - information only
         lines.append(f"numba unavailable: {error}")
         return "\n".join(lines)
-    from nanoopt import kernels
-    from nanoopt.kernels.choices import kernel_choices
-
     disabled = os.environ.get("NANOOPT_DISABLE_AVX2", "")
     lines.append(f"kernel backend: {kernels.get_backend()}"
                  + (f" (NANOOPT_DISABLE_AVX2={disabled})" if disabled not in ("", "0") else ""))
@@ -90,8 +89,6 @@ def _single_threaded_blas() -> None:
 
 
 def _precompile(path: str, batch_sizes: list[int], parser: argparse.ArgumentParser) -> int:
-    from nanoopt import runtime
-
     if min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {batch_sizes}")
     start = time.perf_counter()
@@ -176,8 +173,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_info())
         return 0
     if args.command == "inspect":
-        from nanoopt.interop.inspection import format_inspection, inspect_file
-
         if not os.path.isfile(args.file):
             parser.error(f"inspect: no such file: {args.file}")
         print(format_inspection(inspect_file(args.file), tensors=args.tensors))
@@ -185,8 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "precompile":
         return _precompile(args.plan, args.batch_sizes, parser)
     if args.command in ("compress", "plot"):
-        from nanoopt.pipeline.cli import compress_command, plot_command
-
         return compress_command(args) if args.command == "compress" else plot_command(args)
     return _demo(args, parser)
 

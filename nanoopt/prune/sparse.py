@@ -1,10 +1,14 @@
 """Run pruned Linear layers with sparse kernels, so unstructured sparsity saves time at inference.
 
 :class:`SparseLinear` holds a pruned weight in CSR (any sparsity pattern) or N:M form (see
-:mod:`nanoopt.kernels.sparse`) and computes y = x W^T + b with the sparse kernels (AVX2 at small batches where
-the CPU has it, else Numba); :func:`to_sparse` swaps every sufficiently sparse Linear of a model for one. The
-result is for inference only (no gradient); its outputs equal the masked model's to float tolerance (another
-summation order than BLAS, bound in the kernel docstring).
+:mod:`nanoopt.kernels.sparse`) and computes y = x W^T + b with the sparse kernels: CSR with
+:func:`~nanoopt.kernels.sparse.csr_matmul` (AVX2 at small batches where the CPU has it, else Numba), N:M with the
+slot-major kernel :func:`~nanoopt.kernels.nm_sparse.nm_linear` (the weight laid out for it once, at the first call
+and again after a load). :func:`to_sparse` swaps every sufficiently sparse Linear of a model for one. The result
+is for inference only (no gradient); its outputs equal the masked model's to float tolerance (another summation
+order than BLAS, bound in the kernel docstrings). Inputs may have leading axes (``(..., in)``, as ``nn.Linear``),
+and :meth:`SparseLinear.forward_array` computes on arrays, so a GPT whose Linear layers were replaced keeps its
+array fast path for generation (:meth:`nanoopt.models_gpt.GPT.generate`).
 
 What a sparse layer stores is what it saves: the arrays of its sparse weight are its buffers, so ``state_dict``
 (and a checkpoint of :mod:`nanoopt.io`) holds ``weight_data``, ``weight_indices``, ``weight_indptr`` (CSR) or
@@ -29,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul, nm_matmul
+from nanoopt.kernels.nm_sparse import NMWeight, nm_linear, prepare_nm
+from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
@@ -46,6 +51,8 @@ class SparseLinear(Module):
     >>> layer(no.Tensor(np.array([[1.0, 2.0]], np.float32))).data.tolist()
     [[2.0, 3.0]]
     """
+
+    converted_by = "prune.to_sparse"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, weight: CSRMatrix | NMMatrix, bias: np.ndarray | None = None) -> None:
         super().__init__()
@@ -99,6 +106,16 @@ class SparseLinear(Module):
 
     def after_load(self) -> None:
         self.sparse_weight = self._sparse_from({})
+        self._nm_weight = None
+
+    def nm_weight(self) -> NMWeight:
+        """The N:M weight laid out for :func:`~nanoopt.kernels.nm_sparse.nm_linear` (made once, kept until a new
+        state is loaded)."""
+        if getattr(self, "_nm_weight", None) is None:
+            if not isinstance(self.sparse_weight, NMMatrix):
+                raise TypeError(f"{module_label(self)} holds a CSR weight, not an N:M one")
+            self._nm_weight = prepare_nm(self.sparse_weight)
+        return self._nm_weight
 
     def describe_state(self) -> dict[str, dict[str, Any]]:
         """The sparse layout (CSR, or N:M with its n and m), recorded with the weight's arrays."""
@@ -136,16 +153,27 @@ class SparseLinear(Module):
         if x.requires_grad and is_grad_enabled():
             raise RuntimeError(f"{module_label(self)} is for inference only: run it under no_grad() or on inputs "
                                "that do not require grad")
-        if x.ndim != 2 or x.shape[1] != self.in_features or x.dtype != np.float32:
-            raise ValueError(f"{module_label(self)}: expected a float32 input (N, {self.in_features}), got shape "
+        return Tensor(self.forward_array(x.data))
+
+    def forward_array(self, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+        """``x (..., in) W[rows]^T + b[rows]`` on arrays (no graph): outputs ``rows`` (a slice with step 1, e.g. the
+        query rows of a fused QKV projection) only; the same values as :meth:`forward`'s columns ``rows``."""
+        if x.ndim < 1 or x.shape[-1] != self.in_features or x.dtype != np.float32:
+            raise ValueError(f"{module_label(self)}: expected a float32 input (..., {self.in_features}), got shape "
                              f"{x.shape} dtype {x.dtype}")
+        start, stop, step = rows.indices(self.out_features)
+        if step != 1:
+            raise ValueError(f"{module_label(self)}.forward_array: rows must be a slice with step 1, got {rows}")
+        stop = max(start, stop)
+        flat = x.reshape(-1, self.in_features)  # (M, K)
+        bias = None if self.bias is None else np.asarray(self.bias, np.float32)
         if isinstance(self.sparse_weight, CSRMatrix):
-            out = csr_matmul(x.data, self.sparse_weight)
-        else:
-            out = nm_matmul(x.data, self.sparse_weight)
-        if self.bias is not None:
-            out += self.bias
-        return Tensor(out)
+            out = csr_matmul(flat, self.sparse_weight)[:, start:stop]
+            if bias is not None:
+                out += bias[start:stop]
+        else:  # (x, bias and rows are checked above)
+            out = nm_linear(flat, self.nm_weight(), bias, (start, stop), validate=False)
+        return out.reshape(x.shape[:-1] + (stop - start,))
 
     def extra_repr(self) -> str:
         kind = "CSR" if isinstance(self.sparse_weight, CSRMatrix) else \
@@ -167,7 +195,7 @@ def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
-    require_float_model(model, "prune.to_sparse", allow=("nanoopt.prune.sparse",))  # sparse layers stay as they are
+    require_float_model(model, "prune.to_sparse", allow=(SparseLinear,))  # sparse layers stay as they are
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or not isinstance(module, L.Linear):

@@ -19,6 +19,9 @@ What is integer (everything else is float32, stated):
 * **in float32**: embeddings, LayerNorm, softmax, GELU, the residual adds, and the Linears' outputs that feed
   them (``y = float32(acc) * (s_x s_w) + b``: int32 accumulators dequantized once, as SmoothQuant's W8A8 GEMMs
   do, rather than rounded to int8 and back).
+* ``W8A8Config(nonlinear="ibert")``: softmax, GELU and LayerNorm integer-only instead, by I-BERT's polynomial
+  approximations and integer square root (Kim et al. 2021; :mod:`nanoopt.quant.ibert`); the embeddings and the
+  residual adds stay float32.
 
 Two models compute this: :func:`prepare_w8a8` gives a **simulated** GPT (float weights and observers;
 :meth:`W8A8GPT.calibrate` runs float windows through it; in eval mode after calibration it quantizes the float
@@ -53,13 +56,18 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn, ops
-from nanoopt.kernels import requant
+from nanoopt.kernels import requant, softmax
 from nanoopt.kernels.gemm_plan import GemmPlanS8
-from nanoopt.models_gpt import GPT, KVCache, _sample
-from nanoopt.nn.attention import check_indices
+from nanoopt.models_gpt import GPT, KVCache, sample_tokens
+from nanoopt.nn.attention_functional import check_indices
 from nanoopt.ops import Context
+from nanoopt.ops_transformer import attention_forward
+from nanoopt.quant.ibert import IBertNorm, gelu_codes, softmax_codes
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
+from nanoopt.quant.smoothquant import smooth_quant
+from nanoopt.quant.w8a8_decode import FusedDecoder
+from nanoopt.random import get_rng
 from nanoopt.runtime import boundary
 from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.tensor import Tensor, no_grad
@@ -81,6 +89,14 @@ class W8A8Config:
     """How the GPT's activations are quantized (weights: int8 symmetric per output channel, always)."""
 
     per_token: bool = False  # dynamic symmetric int8 scales per token for the Linears that read a float op
+    nonlinear: str = "float"  # softmax, GELU, LayerNorm: "float" (float32) or "ibert" (integer-only, quant/ibert.py)
+
+    def __post_init__(self) -> None:
+        if self.nonlinear not in ("float", "ibert"):
+            raise ValueError(f"W8A8Config.nonlinear must be 'float' or 'ibert', got {self.nonlinear!r}")
+        if self.nonlinear == "ibert" and self.per_token:
+            raise ValueError("W8A8Config: nonlinear='ibert' needs static activation grids (the integer LayerNorm and "
+                             "GELU requantize onto them); per_token=True is not supported with it")
 
 
 # --------------------------------------------------------------------------------------------- shared math
@@ -101,17 +117,9 @@ def exact_integer_matmul(a: np.ndarray, b: np.ndarray, bound_a: int, bound_b: in
     return np.matmul(a.astype(np.int64), b.astype(np.int64))
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in place (float32); every row has at least one finite score (causal: the diagonal)."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
 def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple[float, float, float],
                       output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None,
-                      compiled: bool = False) -> np.ndarray:
+                      compiled: bool = False, nonlinear: str = "float") -> np.ndarray:
     """Causal attention on int8 codes: q (B, H, T, D), k and v (B, H, S, D) with S = start + T -> int8 (B, H, T, D).
 
     ``acc = q k^T`` (int32), ``P = softmax(s_q s_k / sqrt(D) acc + causal mask)`` (float32),
@@ -120,6 +128,8 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     ``multiplier`` passes ``(M0, shift)`` computed once by :func:`attention_multiplier`). ``compiled``: quantize
     and requantize with the compiled kernels (:func:`nanoopt.runtime.boundary.quantize_into`,
     :func:`nanoopt.kernels.requant.requantize_into`) instead of the spec's NumPy functions; the same integers.
+    ``nonlinear="ibert"``: the softmax is I-BERT's integer-only one on ``acc``
+    (:func:`~nanoopt.quant.ibert.softmax_codes`), giving the codes ``p_q + 128`` directly.
 
     >>> q = np.full((1, 1, 2, 4), 10, np.int8)
     >>> out = integer_attention(q, q, q, (0.1, 0.1, 0.1), QParams(np.float32(0.1), np.int32(0), QuantSpec()))
@@ -129,10 +139,14 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     s_q, s_k, s_v = scales
     t, s, d = q.shape[-2], k.shape[-2], q.shape[-1]
     acc = exact_integer_matmul(q, np.swapaxes(k, -1, -2), 127, 127)  # (B, H, T, S)
+    if nonlinear == "ibert":
+        return _probabilities_times_values(softmax_codes(acc, float(s_q) * float(s_k) / math.sqrt(d), start), v,
+                                           s_v, output, multiplier, compiled)
     scores = acc.astype(np.float32) * np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(d)))
     if t > 1:
         scores += np.triu(np.full((t, s), -np.inf, np.float32), k=start + 1)
-    probs = _softmax(scores)
+    # every row has a finite score (causal: the diagonal); one fixed exp for both models (kernels/softmax.py)
+    probs = softmax.softmax(scores) if compiled else softmax.softmax_reference(scores)
     if compiled:
         codes = np.empty(probs.shape, np.int8)
         low, high = np.float32(ACTIVATION.qmin - PROB_ZERO), np.float32(ACTIVATION.qmax - PROB_ZERO)
@@ -141,6 +155,12 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     else:
         codes = quantize(probs, PROB_SCALE, PROB_ZERO, ACTIVATION)
     centred = codes.astype(np.int16) - np.int16(PROB_ZERO)  # 0..255
+    return _probabilities_times_values(centred, v, s_v, output, multiplier, compiled)
+
+
+def _probabilities_times_values(centred: np.ndarray, v: np.ndarray, s_v: float, output: QParams,
+                                multiplier: tuple[int, int] | None, compiled: bool) -> np.ndarray:
+    """``P V`` of probability codes 0..255 (scale 1/255) and int8 values, requantized onto ``output``."""
     acc = exact_integer_matmul(centred, v, 255, 127)  # (B, H, T, D)
     m0, shift = attention_multiplier(s_v, output) if multiplier is None else multiplier
     if not compiled:
@@ -176,6 +196,8 @@ def _float_output(acc: np.ndarray, x_scale: Any, weight_scale: np.ndarray, bias:
 # --------------------------------------------------------------------------------------------- the linears
 class _W8A8Linear(nn.Module):
     """The interface both models' linears give the skeleton (float or int8 codes in, float or int8 codes out)."""
+
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, name: str, per_token: bool, qkv_output: bool) -> None:
         super().__init__()
@@ -214,6 +236,8 @@ class _W8A8Linear(nn.Module):
 
 class SimulatedW8A8Linear(_W8A8Linear):
     """A Linear of the prepared GPT: float weight, observers; after calibration it emulates the integer layer."""
+
+    converted_by = "quant.prepare_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, layer: nn.Linear, name: str, per_token: bool, qkv_output: bool, observe_input: bool,
                  heads: int = 1) -> None:
@@ -280,6 +304,8 @@ class SimulatedW8A8Linear(_W8A8Linear):
 
 class QuantizedW8A8Linear(_W8A8Linear):
     """A Linear of the integer GPT: int8 weight codes, per-channel scales, packed once for the int8 GEMMs."""
+
+    converted_by = "quant.convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, simulated: SimulatedW8A8Linear) -> None:
         super().__init__(simulated.layer_name, simulated.per_token, simulated.qkv_output)
@@ -358,10 +384,13 @@ def _layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
 class W8A8Block(nn.Module):
     """One GPT block's float LayerNorms and its four W8A8 linears."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, ln_1: nn.LayerNorm, ln_2: nn.LayerNorm, linears: dict[str, _W8A8Linear],
-                 approximate: str) -> None:
+                 approximate: str, norms: tuple[IBertNorm, IBertNorm] | None = None) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = ln_1, ln_2
+        self.norm_1, self.norm_2 = norms if norms is not None else (None, None)  # I-BERT LayerNorms (or None)
         for name in _LINEARS:
             setattr(self, name, linears[name])
         self.approximate = approximate
@@ -374,17 +403,28 @@ class W8A8GPT(nn.Module):
     Made by :func:`prepare_w8a8` (``simulated=True``; :meth:`calibrate` it) or :func:`convert_w8a8`.
     """
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, config: Any, wte: np.ndarray, wpe: np.ndarray, blocks: list[W8A8Block], ln_f: nn.LayerNorm,
-                 lm_head: _W8A8Linear, w8a8: W8A8Config, simulated: bool) -> None:
+                 lm_head: _W8A8Linear, w8a8: W8A8Config, simulated: bool, norm_f: IBertNorm | None = None) -> None:
         super().__init__()
         self.config, self.w8a8, self.simulated = config, w8a8, simulated
         self.register_buffer("wte", wte)
         self.register_buffer("wpe", wpe)
         self.blocks = nn.ModuleList(blocks)
         self.ln_f, self.lm_head = ln_f, lm_head
+        self.norm_f = norm_f  # nonlinear="ibert": the integer LayerNorm of ln_f
         self.calibrating = False
 
     # ----------------------------------------------------------------------------------------- forward
+    def _norm(self, ln: nn.LayerNorm, norm: IBertNorm | None, x: np.ndarray, reader: _W8A8Linear) -> np.ndarray:
+        """``ln(x)``: float32, or (I-BERT, not calibrating) int8 codes on the input grid of ``reader``."""
+        if norm is None or self.calibrating:
+            if norm is not None:
+                norm.observe(x)
+            return _layer_norm(ln, x)
+        return norm.codes(x, ln, reader.input_qparams())
+
     def _attention(self, block: W8A8Block, h: np.ndarray, cache: KVCache | None) -> np.ndarray:
         """Attention of one block on ln_1's output h (B, T, C) -> float output of c_proj (B, T, C)."""
         b, t, c = h.shape
@@ -393,12 +433,11 @@ class W8A8GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if self.calibrating:
             qkv = block.c_attn.calibration_forward(h).reshape(b, t, 3, heads, d).transpose(2, 0, 3, 1, 4)
-            from nanoopt.ops_transformer import attention_forward
-
             bias = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
             out, _, _ = attention_forward(qkv[0], qkv[1], qkv[2], bias, 1.0 / math.sqrt(d), None, True)
             return block.c_proj.calibration_forward(out.transpose(0, 2, 1, 3).reshape(b, t, c))
-        qkv = block.c_attn.qkv_codes(h).reshape(b, t, 3, heads, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) int8
+        qkv = block.c_attn.requantized(h.reshape(b * t, c)) if h.dtype == np.int8 else block.c_attn.qkv_codes(h)
+        qkv = qkv.reshape(b, t, 3, heads, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, D) int8
         keys, values = qkv[1], qkv[2]
         if cache is not None:
             keys, values = cache.append(keys, values)
@@ -413,7 +452,7 @@ class W8A8GPT(nn.Module):
             multiplier = block.multiplier[1]
         codes = integer_attention(np.ascontiguousarray(qkv[0]), np.ascontiguousarray(keys),
                                   np.ascontiguousarray(values), scales, out_grid, start, multiplier,
-                                  compiled=not self.simulated)  # (B, H, T, D)
+                                  compiled=not self.simulated, nonlinear=self.w8a8.nonlinear)  # (B, H, T, D)
         merged = np.ascontiguousarray(codes.transpose(0, 2, 1, 3)).reshape(b * t, c)
         return block.c_proj.codes_to_float(merged, out_grid.scale, out_grid.zero).reshape(b, t, c)
 
@@ -422,6 +461,12 @@ class W8A8GPT(nn.Module):
             u = block.c_fc.calibration_forward(h)
             g = ops.GELU.forward(Context(ops.GELU), u, approximate=block.approximate)
             return block.mlp_proj.calibration_forward(g)
+        if h.dtype == np.int8:  # I-BERT: int8 codes of ln_2 -> int32 -> integer GELU -> int8 codes
+            grid, out_grid = block.c_fc.input_qparams(), block.mlp_proj.input_qparams()
+            acc = block.c_fc.accumulate(h.reshape(-1, h.shape[-1]), grid.zero)
+            codes = gelu_codes(acc, grid.scale, block.c_fc.weight_scale_array(), block.c_fc.float_bias(), out_grid)
+            y = block.mlp_proj.codes_to_float(codes, out_grid.scale, out_grid.zero)
+            return y.reshape(h.shape[:-1] + (-1,))
         u = block.c_fc.float_output(h)
         g = ops.GELU.forward(Context(ops.GELU), u, approximate=block.approximate)
         return block.mlp_proj.float_output(g)
@@ -435,13 +480,18 @@ class W8A8GPT(nn.Module):
                              f"{self.config.block_size}")
         x = self.wte[ids] + self.wpe[start:start + t]  # (B, T, C) float32
         for i, block in enumerate(self.blocks):
-            x = x + self._attention(block, _layer_norm(block.ln_1, x), None if caches is None else caches[i])
-            x = x + self._mlp(block, _layer_norm(block.ln_2, x))
+            h = self._norm(block.ln_1, block.norm_1, x, block.c_attn)
+            x = x + self._attention(block, h, None if caches is None else caches[i])
+            x = x + self._mlp(block, self._norm(block.ln_2, block.norm_2, x, block.c_fc))
         if last_only:
             x = x[:, -1:]
-        h = _layer_norm(self.ln_f, x)
+        h = self._norm(self.ln_f, self.norm_f, x, self.lm_head)
         if self.calibrating:
             return self.lm_head.calibration_forward(h)
+        if h.dtype == np.int8:
+            grid = self.lm_head.input_qparams()
+            return self.lm_head.codes_to_float(h.reshape(-1, h.shape[-1]), grid.scale, grid.zero).reshape(
+                h.shape[:-1] + (-1,))
         return self.lm_head.float_output(h)
 
     def forward(self, idx: Any) -> Tensor:
@@ -453,6 +503,9 @@ class W8A8GPT(nn.Module):
         return Tensor(self.logits(ids))
 
     def _check_calibrated(self) -> None:
+        for norm in [self.norm_f] + [n for block in self.blocks for n in (block.norm_1, block.norm_2)]:
+            if norm is not None:
+                norm.grid_scale()
         for block in self.blocks:
             block.c_proj.input_qparams()
             block.c_attn.qkv_qparams()
@@ -495,24 +548,29 @@ class W8A8GPT(nn.Module):
                              f"got shape {ids.shape}, {max_new_tokens} and {temperature}")
         if self.simulated:
             self._check_calibrated()
-        from nanoopt.random import get_rng
-
         rng = get_rng() if rng is None else rng
         block = self.config.block_size
         out = np.empty((ids.shape[0], ids.shape[1] + max_new_tokens), dtype=np.int64)
         out[:, :ids.shape[1]] = ids
         length, caches = ids.shape[1], None
+        # batch 1 with the cache: one compiled call per token, the same logits (nanoopt/quant/w8a8_decode.py)
+        fused = None
+        if use_cache and ids.shape[0] == 1 and max_new_tokens > 1 and length < block:
+            fused = FusedDecoder.for_model(self, PROB_SCALE, PROB_ZERO)
         with no_grad():
             for _ in range(max_new_tokens):
                 window = out[:, max(0, length - block):length]
                 if use_cache and caches is not None and length <= block:
-                    logits = self.logits(window[:, -1:], caches, last_only=True)
+                    if fused is None:
+                        logits = self.logits(window[:, -1:], caches, last_only=True)
+                    else:
+                        logits = fused.step(window[0, -1], caches)
                 elif use_cache and length <= block:
-                    caches = self._new_caches(ids.shape[0])
+                    caches = self._new_caches(ids.shape[0]) if fused is None else fused.new_caches()
                     logits = self.logits(window, caches, last_only=True)
                 else:
                     logits = self.logits(window, None, last_only=True)
-                out[:, length] = _sample(logits[:, -1], temperature, top_k, rng)
+                out[:, length] = sample_tokens(logits[:, -1], temperature, top_k, rng)
                 length += 1
         return out
 
@@ -533,12 +591,14 @@ def prepare_w8a8(model: GPT, config: W8A8Config | None = None) -> W8A8GPT:
             "mlp_proj": SimulatedW8A8Linear(block.mlp.c_proj, f"{prefix}.mlp.c_proj", per_token, False,
                                             not per_token),
         }
+        norms = (IBertNorm(f"{prefix}.ln_1"), IBertNorm(f"{prefix}.ln_2")) if config.nonlinear == "ibert" else None
         blocks.append(W8A8Block(copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2), linears,
-                                block.mlp.gelu.approximate))
+                                block.mlp.gelu.approximate, norms))
     head = SimulatedW8A8Linear(model.lm_head, "lm_head", per_token, False, not per_token)
     return W8A8GPT(model.config, model.transformer["wte"].weight.data.copy(),
                    model.transformer["wpe"].weight.data.copy(), blocks, copy.deepcopy(model.transformer["ln_f"]),
-                   head, config, simulated=True)
+                   head, config, simulated=True,
+                   norm_f=IBertNorm("transformer.ln_f") if config.nonlinear == "ibert" else None)
 
 
 def calibrate_w8a8(prepared: W8A8GPT, calibration: Any, batch_size: int = 32) -> W8A8GPT:
@@ -555,16 +615,17 @@ def convert_w8a8(prepared: W8A8GPT) -> W8A8GPT:
     blocks = []
     for block in prepared.blocks:
         linears = {name: QuantizedW8A8Linear(getattr(block, name)) for name in _LINEARS}
-        blocks.append(W8A8Block(copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2), linears, block.approximate))
+        norms = None if block.norm_1 is None else (block.norm_1.frozen(), block.norm_2.frozen())
+        blocks.append(W8A8Block(copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2), linears, block.approximate,
+                                norms))
     return W8A8GPT(prepared.config, prepared.wte.copy(), prepared.wpe.copy(), blocks, copy.deepcopy(prepared.ln_f),
-                   QuantizedW8A8Linear(prepared.lm_head), prepared.w8a8, simulated=False).eval()
+                   QuantizedW8A8Linear(prepared.lm_head), prepared.w8a8, simulated=False,
+                   norm_f=None if prepared.norm_f is None else prepared.norm_f.frozen()).eval()
 
 
 def quantize_w8a8(model: GPT, calibration: Any, alpha: float | None = 0.5, config: W8A8Config | None = None,
                   batch_size: int = 32) -> W8A8GPT:
     """SmoothQuant (``alpha``; None skips it), then prepare, calibrate and convert: the integer W8A8 GPT."""
     if alpha is not None:
-        from nanoopt.quant.algorithms.smoothquant import smooth_quant
-
         model = smooth_quant(model, calibration, alpha=alpha, batch_size=batch_size)
     return convert_w8a8(prepare_w8a8(model, config).calibrate(calibration, batch_size))

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nanoopt.kernels import nm_sparse, sparse, sparse_avx2
 from nanoopt.kernels import reference as ref
-from nanoopt.kernels import sparse, sparse_avx2
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.description import Step
 from nanoopt.runtime.steps import (
@@ -267,7 +267,8 @@ class CsrLinear(_SparseLinear):
 
 
 class NmLinear(_SparseLinear):
-    """Float linear layer with an N:M weight (:mod:`nanoopt.kernels.sparse`)."""
+    """Float linear layer with an N:M weight (stored as :class:`nanoopt.kernels.sparse.NMMatrix`, run by the
+    slot-major kernel :func:`nanoopt.kernels.nm_sparse.nm_linear`, as ``SparseLinear`` runs it)."""
 
     def __init__(self, step: Step) -> None:
         super().__init__(step)
@@ -280,15 +281,11 @@ class NmLinear(_SparseLinear):
             raise _fail(step, str(error)) from error
         _finite(step, self.matrix.values)
         self.rows, self.cols = shape
-        self.group_start = (np.arange(self.matrix.values.shape[1], dtype=np.uint32) // n) * np.uint32(m)
+        self.weight = nm_sparse.prepare_nm(self.matrix)  # slot-major, laid out once
         self._finish(step, self.rows)
 
     def bind(self, inputs):
         x = inputs[0]
         out = self._check(x)
-        m = self.matrix
-        if x.shape[0] == 1:
-            calls: list[Call] = [(sparse._nm_matvec, (x[0], m.values, m.offsets, self.group_start, out[0]))]
-        else:
-            calls = [_copy_result(out, lambda: sparse.nm_matmul(x, m))]
+        calls: list[Call] = [(nm_sparse.nm_linear, (x, self.weight, None, None, False, out))]
         return out, calls + [(fk.bias_act_rows, (out, self.bias, self.relu))]

@@ -71,10 +71,10 @@ def test_integer_gpt_holds_int8_weights_and_an_int8_cache():
     assert all(cache.keys.dtype == np.int8 for cache in integer._new_caches(1))
 
 
-@pytest.mark.parametrize("per_token", [False, True])
-def test_generation_with_the_cache_equals_generation_without_and_the_simulation(per_token):
+@pytest.mark.parametrize("config", [W8A8Config(), W8A8Config(per_token=True), W8A8Config(nonlinear="ibert")])
+def test_generation_with_the_cache_equals_generation_without_and_the_simulation(config):
     model = trained_like_gpt(3)
-    prepared = prepare_w8a8(model, W8A8Config(per_token=per_token)).calibrate(windows(3))
+    prepared = prepare_w8a8(model, config).calibrate(windows(3))
     integer = convert_w8a8(prepared)
     prompt = windows(4, n=2, t=3)
     cached = integer.generate(prompt, 9, temperature=0.0)  # crosses block_size = 8: the window slides
@@ -170,3 +170,57 @@ def test_integer_gpt_state_dict_round_trip():
     assert state["blocks.0.c_attn.weight"].dtype == np.int8 and state["lm_head.weight"].dtype == np.int8
     second.load_state_dict(state)
     np.testing.assert_array_equal(second(ids).data, first(ids).data)
+
+
+# --------------------------------------------------------------------------------------------- I-BERT nonlinears
+IBERT = W8A8Config(nonlinear="ibert")
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 8))
+def test_ibert_simulated_gpt_equals_integer_gpt_bit_for_bit(seed, t):
+    model = trained_like_gpt(seed % 5)
+    prepared = prepare_w8a8(model, IBERT).calibrate(windows(seed))
+    integer = convert_w8a8(prepared)
+    ids = windows(seed + 1, n=3, t=t)
+    simulated, converted = prepared(ids).data, integer(ids).data
+    np.testing.assert_array_equal(simulated, converted)
+    # a quantization of the float model (same bar as the float-nonlinear mode) ...
+    expected = model(ids).data
+    assert np.sqrt(np.mean((converted - expected) ** 2)) < 0.3 * np.sqrt(np.mean(expected ** 2))
+    # ... whose nonlinears are not the float ones: the float-nonlinear W8A8 GPT of the same grids differs
+    float_nonlinear = convert_w8a8(prepare_w8a8(model).calibrate(windows(seed)))(ids).data
+    assert not np.array_equal(converted, float_nonlinear)
+
+
+def test_ibert_layer_norms_give_int8_codes_on_the_next_linears_grid():
+    prepared = prepare_w8a8(trained_like_gpt(2), IBERT).calibrate(windows(2))
+    integer = convert_w8a8(prepared)
+    block = integer.blocks[0]
+    x = np.random.default_rng(0).normal(0, 1, (2, 8, 16)).astype(np.float32)
+    codes = block.norm_1.codes(x, block.ln_1, block.c_attn.input_qparams())
+    assert codes.dtype == np.int8 and codes.shape == x.shape
+    assert np.array_equal(codes, prepared.blocks[0].norm_1.codes(x, prepared.blocks[0].ln_1,
+                                                                 prepared.blocks[0].c_attn.input_qparams()))
+    assert integer.norm_f.input_scale.dtype == np.float32 and integer.blocks[1].norm_2.observer is None
+
+
+def test_ibert_integer_gpt_state_dict_round_trip():
+    ids = windows(8)
+    first = convert_w8a8(prepare_w8a8(trained_like_gpt(8), IBERT).calibrate(ids))
+    second = convert_w8a8(prepare_w8a8(trained_like_gpt(9), IBERT).calibrate(windows(9)))
+    second(ids)  # constants computed for the old grids and weights
+    state = first.state_dict()
+    assert "blocks.0.norm_1.input_scale" in state and "norm_f.input_scale" in state
+    second.load_state_dict(state)
+    np.testing.assert_array_equal(second(ids).data, first(ids).data)
+
+
+def test_ibert_bad_configuration_and_uncalibrated_layer_norms_are_refused():
+    with pytest.raises(ValueError, match="nonlinear must be 'float' or 'ibert', got 'int'"):
+        W8A8Config(nonlinear="int")
+    with pytest.raises(ValueError, match="per_token=True is not supported"):
+        W8A8Config(per_token=True, nonlinear="ibert")
+    prepared = prepare_w8a8(trained_like_gpt(0), IBERT)
+    with pytest.raises(ValueError, match="layer .transformer.ln_f.: the LayerNorm input grid is not calibrated"):
+        convert_w8a8(prepared)
