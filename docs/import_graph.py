@@ -48,6 +48,7 @@ COMPONENTS = {
     "nanoopt.interop": ("face", 6),
     "nanoopt.onnx": ("face", 6),
     "nanoopt.deploy": ("face", 6),
+    "nanoopt.demo": ("face", 6),
     "nanoopt": ("nanoopt (root)", 6),
 }
 

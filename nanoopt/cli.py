@@ -1,8 +1,10 @@
 """The ``nanoopt`` command.
 
-``nanoopt demo`` trains small models on the bundled 8x8 digits (offline, well under a minute on 2 cores) and
-prints one table: accuracy, parameters, stored size, sparsity and latency of each model. Each technique of the
-library adds its rows to the demo as it lands; every number is measured in the run that prints it.
+``nanoopt demo`` trains small models on the bundled 8x8 digits (offline, under a minute on 2 cores) and
+prints one table: accuracy, parameters, stored size, sparsity and latency of each model, for every technique and
+one combined recipe (:mod:`nanoopt.demo`); every number is measured in the run that prints it.
+``--dataset fashion-mnist`` is the full-size version, ``--model gpt`` the transformer one (a small GPT trained
+briefly on Shakespeare, then GPTQ, SmoothQuant W8A8, SparseGPT and head removal, by validation loss).
 
 ``nanoopt compress --recipe FILE`` runs a compression recipe (:mod:`nanoopt.pipeline`) and ``nanoopt plot REPORT``
 draws its plots.
@@ -22,7 +24,6 @@ process that loads the same plan on this machine (same CPU, Python, NumPy, Numba
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import sys
@@ -34,99 +35,11 @@ import numba
 import numpy as np
 
 import nanoopt as no
-from nanoopt import data, kernels, models, nn, prune, quant, report, runtime
-from nanoopt.distill.demo import demo_rows as distill_demo_rows
+from nanoopt import kernels, report, runtime
+from nanoopt.demo import GPT_SIZES, demo, demo_data, gpt_demo
 from nanoopt.interop.inspection import format_inspection, inspect_file
 from nanoopt.kernels.choices import kernel_choices
 from nanoopt.pipeline.cli import compress_command, plot_command
-
-
-def _train(model: nn.Module, train_set: tuple, epochs: int, lr: float, progress: bool) -> float:
-    start = time.perf_counter()
-    no.fit(model, train_set, epochs=epochs, lr=lr, momentum=0.9, batch_size=32, progress=progress)
-    return time.perf_counter() - start
-
-
-def demo(seed: int = 0, epochs: int = 20, progress: bool = False) -> list[report.Row]:
-    """Train the float baselines on the bundled digits, compress them, and return the measured rows."""
-    train_set, test_set = data.load_digits("train"), data.load_digits("test")
-    rows = []
-    baselines = {}
-    for name, build in (("LeNet-300-100 float32", lambda: models.lenet_300_100(in_features=64)),
-                        ("LeNet-5 (8x8) float32", lambda: models.lenet5(input_size=8))):
-        no.manual_seed(seed)
-        model = build()
-        seconds = _train(model, train_set, epochs, 0.05, progress)
-        rows.append(report.measure(name, model, test_set, note=f"trained {epochs} epochs in {seconds:.1f} s"))
-        baselines[name] = model
-    rows += _pruning_rows(baselines["LeNet-300-100 float32"], train_set, test_set, seed, progress)
-    rows += _quantization_rows(baselines, train_set, test_set)
-    rows += _qat_rows(baselines["LeNet-5 (8x8) float32"], train_set, test_set, seed, progress)
-    rows += distill_demo_rows(baselines["LeNet-5 (8x8) float32"], train_set, test_set, seed=seed, epochs=epochs,
-                              progress=progress)
-    return rows
-
-
-def _qat_rows(trained: nn.Module, train_set: tuple, test_set: tuple, seed: int, progress: bool) -> list[report.Row]:
-    """Two epochs of quantization-aware training (int8, and 4-bit weights) from the float LeNet-5, converted."""
-    rows = []
-    batch = 32
-    steps_per_epoch = -(-len(train_set[1]) // batch)
-    for label, config in (("int8", None), ("W4A8", quant.qat_config(weight=quant.weight_spec(4)))):
-        no.manual_seed(seed)
-        prepared = quant.prepare_qat(copy.deepcopy(trained), config, example_input=train_set[0][:1])
-        start = time.perf_counter()
-        no.fit(prepared, train_set, epochs=2, lr=0.01, batch_size=batch, progress=progress,
-               callbacks=[quant.QATSchedule(freeze_observers_after=steps_per_epoch)])
-        seconds = time.perf_counter() - start
-        rows.append(report.measure(f"LeNet-5 (8x8) {label} QAT", quant.convert(prepared), test_set,
-                                   note=f"+2 QAT epochs in {seconds:.1f} s, then converted to integers"))
-    return rows
-
-
-def _quantization_rows(baselines: dict[str, nn.Module], train_set: tuple, test_set: tuple) -> list[report.Row]:
-    """int8 post-training quantization of both baselines (256 calibration images), and 4-bit weight-only."""
-    rows = []
-    calibration = train_set[0][:256]
-    for name, model in baselines.items():
-        start = time.perf_counter()
-        integer_model = quant.quantize_static(model, calibration, progress=False)
-        quant.tune_backends(integer_model, test_set[0][:256])
-        seconds = time.perf_counter() - start
-        short = name.replace(" float32", "")
-        rows.append(report.measure(f"{short} int8 PTQ (static, per-channel)", integer_model, test_set,
-                                   note=f"calibrated + converted in {seconds:.1f} s; integer kernels"))
-    model = baselines["LeNet-300-100 float32"]
-    rows.append(report.measure("LeNet-300-100 4-bit weights (groups of 16)",
-                               quant.quantize_weights(model, bits=4, group_size=16), test_set,
-                               note="weight-only; int4 packed two per byte"))
-    return rows
-
-
-def _pruning_rows(trained: nn.Module, train_set: tuple, test_set: tuple, seed: int,
-                  progress: bool) -> list[report.Row]:
-    """Global magnitude pruning to 90% with a short finetune, and 50% of the hidden neurons removed physically."""
-    finetune = 3
-    rows = []
-    no.manual_seed(seed)
-    model = copy.deepcopy(trained)
-    prune.global_unstructured(prune.prunable_parameters(model), amount=0.9)
-    seconds = _train(model, train_set, finetune, 0.01, progress)
-    prune.remove_all(model)
-    rows.append(report.measure("LeNet-300-100 pruned 90% (global L1)", model, test_set,
-                               note=f"+{finetune} finetune epochs in {seconds:.1f} s; zeros stored densely"))
-    no.manual_seed(seed)
-    model = copy.deepcopy(trained)
-    for index in (1, 3):  # the two hidden Linear layers
-        prune.ln_structured(model[index], "weight", amount=0.5, n=1, dim=0)
-    seconds = _train(model, train_set, finetune, 0.01, progress)
-    prune.shrink(model, test_set[0][:32])
-    prune.remove_all(model)
-    widths = "-".join(str(model[i].out_features) for i in (1, 3))
-    rows.append(report.measure(f"LeNet-300-100 50% neurons removed ({widths})", model, test_set,
-                               note=f"+{finetune} finetune epochs in {seconds:.1f} s; physically smaller"))
-    return rows
-
 
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512vnni", "avxvnni")  # the ones nanoopt's kernels can use
 
@@ -190,6 +103,38 @@ def _precompile(path: str, batch_sizes: list[int], parser: argparse.ArgumentPars
     return 0
 
 
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    progress = sys.stderr.isatty() if args.progress is None else args.progress and sys.stderr.isatty()
+    start = time.perf_counter()
+    if args.model == "gpt":
+        if args.iters < 1:
+            parser.error(f"--iters must be >= 1, got {args.iters}")
+        if args.dataset != "digits" or args.epochs is not None:
+            parser.error("--model gpt trains on Shakespeare for --iters steps; --dataset and --epochs are for the "
+                         "image models")
+        sizes = ", ".join(f"{key} {value}" for key, value in GPT_SIZES.items())
+        print(f"nanoopt demo --model gpt: a character-level GPT ({sizes}) trained {args.iters} steps on "
+              "Shakespeare (bundled)\n")
+        rows = gpt_demo(seed=args.seed, iters=args.iters, progress=progress)
+        print(report.format_table(rows))
+        print(f"\n(total {time.perf_counter() - start:.1f} s; validation loss in nats per character on "
+              "256 fixed windows of the last 10% of the text; tokens/s: greedy generation, batch 1, KV cache)")
+        return 0
+    epochs = args.epochs if args.epochs is not None else (20 if args.dataset == "digits" else 5)
+    if epochs < 1:
+        parser.error(f"--epochs must be >= 1, got {epochs}")
+    try:
+        dataset = demo_data(args.dataset)
+    except FileNotFoundError as error:
+        print(f"nanoopt demo: {error}", file=sys.stderr)
+        return 2
+    print(f"nanoopt demo: {dataset.description}\n")
+    rows = demo(seed=args.seed, epochs=epochs, progress=progress, dataset=dataset)
+    print(report.format_table(rows))
+    print(f"\n(total {time.perf_counter() - start:.1f} s; latency per batch of 256 test images, 1 process)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # run as a command (not called from Python)
         _single_threaded_blas()
@@ -198,8 +143,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="train and compress small models on the bundled digits")
     demo_parser.add_argument("--seed", type=_seed, default=0, help="random seed (an integer >= 0)")
-    demo_parser.add_argument("--epochs", type=int, default=20)
-    demo_parser.add_argument("--progress", action="store_true", help="show progress bars")
+    demo_parser.add_argument("--epochs", type=int, default=None,
+                             help="training epochs (default: 20 on digits, 5 on fashion-mnist)")
+    demo_parser.add_argument("--dataset", choices=("digits", "fashion-mnist"), default="digits",
+                             help="digits: bundled 8x8 (default); fashion-mnist: the full-size version (Debian's "
+                                  "dataset-fashion-mnist)")
+    demo_parser.add_argument("--model", choices=("cnn", "gpt"), default="cnn",
+                             help="cnn: the image models (default); gpt: a character-level GPT on Shakespeare")
+    demo_parser.add_argument("--iters", type=int, default=300, help="--model gpt: training steps (default 300)")
+    demo_parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                             help="progress bars (default: only when the output is a terminal)")
     commands.add_parser("info", help="versions, CPU features and the kernel chosen for each operation")
     inspect_parser = commands.add_parser("inspect", help="layers, sizes, sparsity and bit-widths stored in a file")
     inspect_parser.add_argument("file", help=".npz, .safetensors, .pth/.pt or .onnx")
@@ -228,15 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _precompile(args.plan, args.batch_sizes, parser)
     if args.command in ("compress", "plot"):
         return compress_command(args) if args.command == "compress" else plot_command(args)
-    if args.epochs < 1:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
-    start = time.perf_counter()
-    train_count, test_count = len(data.load_digits("train")[1]), len(data.load_digits("test")[1])
-    print(f"nanoopt demo: 8x8 handwritten digits ({train_count:,} train / {test_count} test images, bundled)\n")
-    rows = demo(seed=args.seed, epochs=args.epochs, progress=args.progress)
-    print(report.format_table(rows))
-    print(f"\n(total {time.perf_counter() - start:.1f} s; latency per batch of 256 test images, 1 process)")
-    return 0
+    return _demo(args, parser)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,7 @@ from nanoopt.nn import Module
 from nanoopt.nn.graph import hooks
 from nanoopt.tensor import Tensor, no_grad
 from nanoopt.train import evaluate
+from nanoopt.train_lm import evaluate_lm
 
 
 def stored_bytes(model: Module) -> int:
@@ -101,12 +102,14 @@ class Row:
     """One line of the comparison table."""
 
     name: str
-    accuracy: float          # fraction in [0, 1]
+    accuracy: float | None   # fraction in [0, 1] (None for a language model)
     parameters: int
     size_bytes: int
     sparsity: float = 0.0
     latency_ms: float | None = None
     note: str = ""
+    val_loss: float | None = None       # language models: mean token cross-entropy on validation windows (nats)
+    tokens_per_s: float | None = None   # language models: generated tokens per second (batch 1, KV cache)
 
 
 def measure(name: str, model: Module, test_data: tuple[np.ndarray, np.ndarray], batch_size: int = 256,
@@ -118,8 +121,53 @@ def measure(name: str, model: Module, test_data: tuple[np.ndarray, np.ndarray], 
                latency_ms(model, images[:batch_size]), note)
 
 
+def generation_tokens_per_s(model: Module, prompt: np.ndarray, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Tokens per second of ``model.generate(prompt, new_tokens, temperature=0)`` (the best of ``repeats`` runs
+    after a warm-up; the model's own KV cache when it has one).
+
+    >>> import numpy as np, nanoopt as no
+    >>> generation_tokens_per_s(no.models.gpt(5, 8, 1, 1, 8), np.zeros((1, 1), np.int64), 4, 1) > 0
+    True
+    """
+    model.generate(prompt, 2, temperature=0.0)
+    best = min(_seconds(lambda: model.generate(prompt, new_tokens, temperature=0.0)) for _ in range(repeats))
+    return prompt.shape[0] * new_tokens / best
+
+
+def _seconds(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure_lm(name: str, model: Module, validation: tuple[np.ndarray, np.ndarray], note: str = "",
+               new_tokens: int = 32) -> Row:
+    """A language model's row: validation loss on windows (x, y) (N, T), parameters, size, sparsity and the
+    tokens per second of greedy generation at batch 1 from a one-token prompt.
+
+    >>> import numpy as np, nanoopt as no
+    >>> x = np.zeros((2, 8), np.int64)
+    >>> row = measure_lm("gpt", no.models.gpt(5, 8, 1, 1, 8), (x, x), new_tokens=4)
+    >>> bool(abs(row.val_loss - np.log(5)) < 0.2), row.accuracy      # about log V at initialisation
+    (True, None)
+    """
+    loss = evaluate_lm(model, *validation)
+    speed = generation_tokens_per_s(model, np.asarray(validation[0][:1, :1]), new_tokens)
+    return Row(name, None, count_parameters(model), stored_bytes(model), weight_sparsity(model), None, note,
+               loss, speed)
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """A Markdown table of the rows."""
+    """A Markdown table of the rows (language models: validation loss and generation speed)."""
+    if any(row.val_loss is not None for row in rows):
+        lines = ["| model | validation loss | parameters | size | sparsity | tokens/s | note |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        for row in rows:
+            loss = f"{row.val_loss:.4f}" if row.val_loss is not None else "-"
+            speed = f"{row.tokens_per_s:,.0f}" if row.tokens_per_s is not None else "-"
+            lines.append(f"| {row.name} | {loss} | {row.parameters:,} | {row.size_bytes / 1024:.1f} KiB | "
+                         f"{100 * row.sparsity:.1f}% | {speed} | {row.note} |")
+        return "\n".join(lines)
     lines = ["| model | accuracy | parameters | size | sparsity | latency / batch | note |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
@@ -249,7 +297,7 @@ class Measurement:
     """Everything the report says about one model, measured."""
 
     name: str
-    accuracy: float                      # fraction in [0, 1]
+    accuracy: float | None               # fraction in [0, 1] (None for a language model)
     stored_bytes: int | None             # size of the file written (None: not saved)
     sparsity: float                      # fraction of zero weights over all weighted layers
     bits: dict[str, int]                 # weight bit-width per layer
@@ -259,14 +307,18 @@ class Measurement:
     latency_ms_batch: float              # median, batch ``batch``, 1 thread
     batch: int
     layers: list[dict[str, Any]] = field(default_factory=list)
+    val_loss: float | None = None        # language models: mean token cross-entropy on the validation windows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def measure_model(name: str, model: Module, test_data: tuple[np.ndarray, np.ndarray], path: str | None = None,
-                  batch: int = 256, repeats: int = 20) -> Measurement:
+                  batch: int = 256, repeats: int = 20, language_model: bool = False) -> Measurement:
     """Accuracy, the real size of the file at ``path``, sparsity, bit-widths, MACs and median latencies.
+
+    A ``language_model`` is scored by its validation loss on ``test_data`` = windows (x, y), each (N, T), instead
+    of accuracy; its latencies are those of a forward pass over 1 and ``batch`` windows.
 
     >>> import numpy as np, nanoopt as no
     >>> x, y = no.data.load_digits("test")
@@ -275,7 +327,8 @@ def measure_model(name: str, model: Module, test_data: tuple[np.ndarray, np.ndar
     (2368, {'1': 32, '3': 32})
     """
     images, labels = test_data
-    accuracy = evaluate(model, (images, labels))["accuracy"]
+    val_loss = evaluate_lm(model, images, labels) if language_model else None
+    accuracy = None if language_model else evaluate(model, (images, labels))["accuracy"]
     infos = layer_infos(model, images[:1])
     size = sum(info.size for info in infos)
     nonzero = sum(info.nonzero for info in infos)
@@ -284,7 +337,7 @@ def measure_model(name: str, model: Module, test_data: tuple[np.ndarray, np.ndar
         {info.name: info.bits for info in infos}, sum(info.macs for info in infos),
         sum(info.nonzero_macs for info in infos), median_latency_ms(model, images[:1], repeats),
         median_latency_ms(model, images[:batch], repeats), min(batch, len(images)),
-        [{**asdict(info), "sparsity": info.sparsity} for info in infos])
+        [{**asdict(info), "sparsity": info.sparsity} for info in infos], val_loss)
 
 
 def _ratio(base: float | None, value: float | None) -> str:
@@ -300,14 +353,21 @@ def comparison_table(baseline: Measurement, others: Sequence[Measurement]) -> st
     >>> print(comparison_table(base, [small]).splitlines()[-1])
     | pruned | 89.00% | -1.00 | 100 | 10.00x | 90.0% | 4 | 100 | 10 | 1.000 (1.00x) | 1.000 (2.00x) |
     """
-    lines = ["| model | accuracy | change (points) | stored bytes | compression | sparsity | weight bits | MACs | "
+    language_model = baseline.val_loss is not None   # validation loss (lower is better) instead of accuracy
+    metric = "validation loss | change" if language_model else "accuracy | change (points)"
+    lines = [f"| model | {metric} | stored bytes | compression | sparsity | weight bits | MACs | "
              f"non-zero MACs | latency batch 1, ms | latency batch {baseline.batch}, ms |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for row in [baseline, *others]:
-        change = "" if row is baseline else f"{100 * (row.accuracy - baseline.accuracy):+.2f}"
+        if language_model:
+            score = f"{row.val_loss:.4f}"
+            change = "" if row is baseline else f"{row.val_loss - baseline.val_loss:+.4f}"
+        else:
+            score = f"{100 * row.accuracy:.2f}%"
+            change = "" if row is baseline else f"{100 * (row.accuracy - baseline.accuracy):+.2f}"
         bits = "/".join(str(b) for b in dict.fromkeys(row.bits.values())) or "-"
         stored = f"{row.stored_bytes:,}" if row.stored_bytes is not None else "-"
-        lines.append(f"| {row.name} | {100 * row.accuracy:.2f}% | {change} | {stored} | "
+        lines.append(f"| {row.name} | {score} | {change} | {stored} | "
                      f"{_ratio(baseline.stored_bytes, row.stored_bytes) if row is not baseline else '1.00x'} | "
                      f"{100 * row.sparsity:.1f}% | {bits} | {row.macs:,} | {row.nonzero_macs:,} | "
                      f"{row.latency_ms_1:.3f} ({_ratio(baseline.latency_ms_1, row.latency_ms_1)}) | "

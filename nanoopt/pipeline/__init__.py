@@ -5,6 +5,8 @@ nothing below imports it.
 
 * :mod:`~nanoopt.pipeline.recipe`: :class:`Recipe` from TOML/JSON, checked whole before any work starts;
 * :mod:`~nanoopt.pipeline.steps`: the step registry (:func:`register_step`), one small function per kind;
+  :mod:`~nanoopt.pipeline.steps_calibrated`: the one-shot steps from calibration data (GPTQ, AWQ, RTN,
+  SmoothQuant and W8A8, Wanda, SparseGPT, heads, blocks), for the image classifiers and the GPT on Shakespeare;
 * :mod:`~nanoopt.pipeline.runner`: :func:`run_recipe`, :func:`load_model`;
 * :mod:`~nanoopt.pipeline.storage`: sparse, entropy-coded, lossless storage (Deep Compression's last stage);
 * :mod:`~nanoopt.pipeline.sweep`: grids of configurations through any ``concurrent.futures.Executor``;

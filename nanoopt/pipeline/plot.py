@@ -4,6 +4,8 @@ From a recipe's ``report.json``:
 
 * ``size_accuracy.png``: accuracy against stored bytes (log scale) for the float baseline, the model after each
   step and the compressed file, with the Pareto front (no other point is both smaller and more accurate) marked;
+  for a language model, validation loss against stored bytes (the front: no other point is smaller with a lower
+  loss);
 * ``sensitivity.png``: per layer, the accuracy with only that layer pruned to the recipe's sparsity, and the
   SQNR of its weights on the recipe's weight grid;
 * ``histograms.png``: per layer, the float weights' histogram, the compressed model's surviving weights, and
@@ -49,39 +51,42 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def _size_accuracy(labels: list[str], sizes: list[float], accuracies: list[float], title: str, path: Path) -> Path:
+def _size_accuracy(labels: list[str], sizes: list[float], accuracies: list[float], title: str, path: Path,
+                   loss: bool = False) -> Path:
+    """Accuracy (or, with ``loss``, validation loss: lower is better) against size, with the Pareto front."""
     figure, axis = plt.subplots(figsize=(8, 5.5), dpi=120)
-    axis.scatter(sizes, [100 * a for a in accuracies], color="tab:blue", zorder=3, label="models")
-    front = pareto_front(list(zip(sizes, accuracies, strict=True)))
-    axis.plot([sizes[i] for i in front], [100 * accuracies[i] for i in front], color="tab:red", marker="o",
+    shown = list(accuracies) if loss else [100 * a for a in accuracies]
+    axis.scatter(sizes, shown, color="tab:blue", zorder=3, label="models")
+    front = pareto_front(list(zip(sizes, [-a if loss else a for a in accuracies], strict=True)))
+    axis.plot([sizes[i] for i in front], [shown[i] for i in front], color="tab:red", marker="o",
               markerfacecolor="none", markersize=12, linewidth=1.5, zorder=2, label="Pareto front")
-    for index, (label, size, accuracy) in enumerate(zip(labels, sizes, accuracies, strict=True)):
+    for index, (label, size, value) in enumerate(zip(labels, sizes, shown, strict=True)):
         offset = (6, 6) if index % 2 == 0 else (6, -14)     # alternate above/below: close points stay readable
-        axis.annotate(label, (size, 100 * accuracy), textcoords="offset points", xytext=offset, fontsize=8)
+        axis.annotate(label, (size, value), textcoords="offset points", xytext=offset, fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("stored bytes (log scale)")
-    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylabel("validation loss (nats per token)" if loss else "test accuracy (%)")
     axis.set_title(title)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="best" if loss else "lower right")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path
 
 
-def _report_points(report: dict[str, Any]) -> tuple[list[str], list[float], list[float]]:
+def _report_points(report: dict[str, Any], key: str = "accuracy") -> tuple[list[str], list[float], list[float]]:
     labels = ["float32 (.npz)"]
-    sizes, accuracies = [report["baseline"]["stored_bytes"]], [report["baseline"]["accuracy"]]
+    sizes, accuracies = [report["baseline"]["stored_bytes"]], [report["baseline"][key]]
     for step in report["steps"]:
-        if "compact_bytes_raw" in step and "accuracy" in step and step["kind"] != "train":
+        if "compact_bytes_raw" in step and key in step and step["kind"] not in ("train", "train_lm"):
             labels.append(f"after {step['kind']} (no entropy coding)")
             sizes.append(step["compact_bytes_raw"])
-            accuracies.append(step["accuracy"])
+            accuracies.append(step[key])
     if report["compressed"]["stored_bytes"]:
         labels.append(f"{report['recipe']['name']} (file)")
         sizes.append(report["compressed"]["stored_bytes"])
-        accuracies.append(report["compressed"]["accuracy"])
+        accuracies.append(report["compressed"][key])
     return labels, sizes, accuracies
 
 
@@ -176,9 +181,11 @@ def plot_report(report_path: str | os.PathLike, output: str | os.PathLike | None
                                "sweep: accuracy vs stored size", folder / "size_accuracy.png")]
     if not isinstance(report, dict) or "compressed" not in report:
         raise ValueError(f"{report_path}: not a nanoopt report (no 'compressed' entry) nor a sweep table")
-    labels, sizes, accuracies = _report_points(report)
-    paths = [_size_accuracy(labels, sizes, accuracies, f"{report['recipe']['name']}: accuracy vs stored size",
-                            folder / "size_accuracy.png")]
+    loss = report["baseline"].get("val_loss") is not None   # a language model
+    labels, sizes, accuracies = _report_points(report, "val_loss" if loss else "accuracy")
+    what = "validation loss" if loss else "accuracy"
+    paths = [_size_accuracy(labels, sizes, accuracies, f"{report['recipe']['name']}: {what} vs stored size",
+                            folder / "size_accuracy.png", loss)]
     if "analysis" in report:
         paths += [_sensitivity(report, folder / "sensitivity.png"), _histograms(report, folder / "histograms.png")]
     paths.append(_sparsity(report, folder / "sparsity.png"))

@@ -9,7 +9,7 @@ A recipe file (TOML; the same keys in JSON)::
     args = { in_features = 784 }        # its keyword arguments
     file = "float.npz"                  # optional: start from this checkpoint (relative to the recipe file)
     [data]
-    dataset = "fashion-mnist"           # "digits", "fashion-mnist" or "idx" (then four IDX paths)
+    dataset = "fashion-mnist"           # "digits", "fashion-mnist", "idx" (then four IDX paths) or "shakespeare"
     [run]
     seed = 0
     output = "out"                      # the folder for the model, report.json and report.md
@@ -21,7 +21,9 @@ A recipe file (TOML; the same keys in JSON)::
     kind = "save"
 
 Refused before anything runs, naming the key or the step: unknown keys, wrong types, values out of range,
-missing files, an unknown architecture or argument, and impossible orders (a step whose model state it cannot
+missing files, an unknown architecture or argument, a step for the other kind of model (the image classifiers
+vs the GPT, ``architecture = "gpt"`` with ``dataset = "shakespeare"``: a language model, scored by validation
+loss), a step whose optional extra is not installed, and impossible orders (a step whose model state it cannot
 start from: QAT or pruning after convert, convert without QAT, anything after save).
 
 >>> recipe = Recipe.from_dict({"model": {"architecture": "tiny_mlp"}, "data": {"dataset": "digits"},
@@ -38,6 +40,8 @@ steps[0] (convert): cannot run on a float model (the model is float at the start
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import inspect
 import json
 import os
@@ -47,10 +51,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanoopt import data, models
+from nanoopt.pipeline import steps_calibrated  # noqa: F401  (registers the one-shot steps)
 from nanoopt.pipeline.schema import RecipeError, build
 from nanoopt.pipeline.steps import STEPS
 
-__all__ = ["DataSpec", "ModelSpec", "Recipe", "RecipeError", "RunSpec", "Step"]
+LANGUAGE_MODELS = ("gpt",)           # architectures that are language models (dataset "shakespeare")
+TRAINING_KINDS = ("train", "train_lm")
+
+__all__ = ["DataSpec", "ModelSpec", "Recipe", "RecipeError", "RunSpec", "Step", "shakespeare_tokenizer"]
+
+
+@functools.cache
+def shakespeare_tokenizer() -> data.CharTokenizer:
+    """The character tokenizer of the whole bundled Shakespeare text (84 characters)."""
+    return data.CharTokenizer.from_text(data.load_shakespeare())
 
 
 @dataclass
@@ -70,17 +84,23 @@ class ModelSpec:
             if key not in parameters:
                 raise ValueError(f"args: {self.architecture} takes no argument {key!r} (it takes "
                                  f"{', '.join(parameters)})")
+        supplied = ("vocab_size",) if self.architecture in LANGUAGE_MODELS else ()   # from the text's characters
+        for key, parameter in parameters.items():
+            if parameter.default is inspect.Parameter.empty and key not in self.args and key not in supplied:
+                raise ValueError(f"args: {self.architecture} needs the argument {key!r}")
 
 
 @dataclass
 class DataSpec:
-    dataset: Literal["digits", "fashion-mnist", "idx"] = "digits"   # bundled digits, Fashion-MNIST, or IDX files
+    dataset: Literal["digits", "fashion-mnist", "idx", "shakespeare"] = "digits"   # bundled digits, Fashion-MNIST,
+    #   IDX files, or the bundled Shakespeare text (character-level, for the GPT)
     path: str | None = None               # fashion-mnist: the folder (default: Debian's)
     train_images: str | None = None       # idx: the four files
     train_labels: str | None = None
     test_images: str | None = None
     test_labels: str | None = None
-    train_limit: int | None = None        # use only the first N training images (quick runs, tests)
+    train_limit: int | None = None        # use only the first N training images (characters of the text)
+    validation_windows: int = 256         # shakespeare: fixed windows of the last 10% that score validation loss
 
     def check(self) -> None:
         idx_keys = ("train_images", "train_labels", "test_images", "test_labels")
@@ -94,6 +114,8 @@ class DataSpec:
             raise ValueError(f"path is for dataset = 'fashion-mnist', not {self.dataset!r}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"train_limit must be >= 1, got {self.train_limit}")
+        if self.validation_windows < 1:
+            raise ValueError(f"validation_windows must be >= 1, got {self.validation_windows}")
 
 
 @dataclass
@@ -169,7 +191,9 @@ class Recipe:
             params = build(STEPS[kind].schema, {k: v for k, v in raw.items() if k != "kind"}, f"{where} ({kind})")
             steps.append(Step(kind, params))
         recipe = cls(model, data_spec, run, steps, name, os.fspath(base))
+        recipe.check_task()
         recipe.check_order()
+        recipe.check_extras()
         recipe.check_files()
         return recipe
 
@@ -192,6 +216,33 @@ class Recipe:
         return cls.from_dict(table, base=path.parent)
 
     # ------------------------------------------------------------------ checks
+    @property
+    def task(self) -> str:
+        """``"lm"`` for a language model on text, ``"classify"`` for an image classifier."""
+        return "lm" if self.data.dataset == "shakespeare" else "classify"
+
+    def check_task(self) -> None:
+        """The model fits the data, and every step serves this kind of model."""
+        language_model = self.model.architecture in LANGUAGE_MODELS
+        if language_model != (self.task == "lm"):
+            raise RecipeError(f"model.architecture: {self.model.architecture!r} does not fit data.dataset = "
+                              f"{self.data.dataset!r} (the language models {', '.join(LANGUAGE_MODELS)} train on "
+                              "'shakespeare'; the image classifiers on 'digits', 'fashion-mnist' or 'idx')")
+        what = {"lm": "a language model (the GPT on Shakespeare)", "classify": "an image classifier"}
+        for index, step in enumerate(self.steps):
+            tasks = STEPS[step.kind].tasks
+            if self.task not in tasks:
+                serves = " or ".join(what[task] for task in sorted(tasks))
+                raise RecipeError(f"steps[{index}] ({step.kind}): runs on {serves}, not on {what[self.task]}")
+
+    def check_extras(self) -> None:
+        """Steps that need an optional package are refused before any work when it is missing."""
+        for index, step in enumerate(self.steps):
+            requires = STEPS[step.kind].requires
+            if requires is not None and importlib.util.find_spec(requires[0]) is None:
+                raise RecipeError(f"steps[{index}] ({step.kind}): needs the optional extra {requires[1]!r} (the "
+                                  f"{requires[0]} package is not installed): pip install 'nanoopt[{requires[1]}]'")
+
     def check_order(self) -> None:
         """Walk the model states through the steps; refuse the first step that cannot start from its state."""
         state, previous = "float", None
@@ -204,10 +255,14 @@ class Recipe:
                 article = "an" if state[0] in "aeiou" else "a"
                 raise RecipeError(f"steps[{index}] ({step.kind}): cannot run on {article} {state} model ({after}); "
                                   f"{step.kind} needs a {needs} model")
-            if step.kind == "train" and previous not in (None, "train"):
-                raise RecipeError(f"steps[{index}] (train): train comes before compression starts; after "
+            for earlier in self.steps[:index]:
+                if earlier.kind in kind.not_after:
+                    raise RecipeError(f"steps[{index}] ({step.kind}): cannot follow {earlier.kind} "
+                                      f"({kind.not_after[earlier.kind]})")
+            if step.kind in TRAINING_KINDS and previous not in (None, *TRAINING_KINDS):
+                raise RecipeError(f"steps[{index}] ({step.kind}): {step.kind} comes before compression starts; after "
                                   f"steps[{index - 1}] ({previous}) use finetune")
-            state = kind.produces or state
+            state = kind.state_after(step.params, state)
             previous = step.kind
         if state == "qat":
             raise RecipeError(f"steps[{len(self.steps) - 1}] ({previous}): the recipe ends with a QAT model; "
@@ -228,6 +283,12 @@ class Recipe:
             if not data.fashion_mnist_available(folder):
                 where = folder or "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)"
                 raise RecipeError(f"data.dataset: Fashion-MNIST is not in {where}")
+        if self.task == "lm":
+            vocab = shakespeare_tokenizer().vocab_size
+            given = self.model.args.get("vocab_size", vocab)
+            if given != vocab:
+                raise RecipeError(f"model.args.vocab_size: the Shakespeare text has {vocab} distinct characters, got "
+                                  f"{given!r} (leave it out: it is taken from the text)")
 
     def as_dict(self) -> dict[str, Any]:
         """The recipe as plain data (what the report records)."""

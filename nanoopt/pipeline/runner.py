@@ -28,16 +28,27 @@ import nanoopt as no
 from nanoopt import data, io, models, nn, optim, prune, report
 from nanoopt.pipeline import storage
 from nanoopt.pipeline.analysis import layer_analysis
-from nanoopt.pipeline.recipe import Recipe
+from nanoopt.pipeline.recipe import LANGUAGE_MODELS, Recipe, shakespeare_tokenizer
 from nanoopt.pipeline.steps import STEPS, Context
 from nanoopt.quant.packing import pack_int4
+from nanoopt.train_lm import evaluate_lm
 
 __all__ = ["load_data", "load_model", "run_recipe"]
 
 
 def load_data(recipe: Recipe) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """(train, test) arrays of the recipe's dataset (images (N, C, H, W) float32 in [0, 1], labels int64)."""
+    """(train, test) arrays of the recipe's dataset (images (N, C, H, W) float32 in [0, 1], labels int64); for the
+    text, train = (ids[:-1], ids[1:]) of the first 90% (inputs and next characters) and test = the fixed
+    validation windows (x, y) of the last 10%, each (validation_windows, block_size)."""
     spec = recipe.data
+    if spec.dataset == "shakespeare":
+        tokenizer = shakespeare_tokenizer()
+        ids = tokenizer.encode(data.load_shakespeare("train"))
+        if spec.train_limit is not None:
+            ids = ids[:spec.train_limit]
+        validation = data.validation_windows(tokenizer.encode(data.load_shakespeare("val")),
+                                             recipe.model.args["block_size"], count=spec.validation_windows)
+        return (ids[:-1], ids[1:]), validation
     if spec.dataset == "digits":
         train, test = data.load_digits("train"), data.load_digits("test")
     elif spec.dataset == "fashion-mnist":
@@ -59,7 +70,16 @@ def load_data(recipe: Recipe) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.n
 
 
 def _build(architecture: str, args: dict[str, Any]) -> nn.Module:
+    if architecture in LANGUAGE_MODELS and "vocab_size" not in args:
+        args = {"vocab_size": shakespeare_tokenizer().vocab_size, **args}
     return getattr(models, architecture)(**args)
+
+
+def _score(context: Context) -> dict[str, float]:
+    """Accuracy on the test images, or the validation loss of a language model."""
+    if context.task == "lm":
+        return {"val_loss": evaluate_lm(context.model, *context.test_set)}
+    return {"accuracy": no.evaluate(context.model, context.test_set)["accuracy"]}
 
 
 def _baked_state(model: nn.Module) -> Any:
@@ -68,12 +88,20 @@ def _baked_state(model: nn.Module) -> Any:
 
 
 def _info(recipe: Recipe, context: Context, structure: list[dict[str, Any]]) -> dict[str, Any]:
+    if context.task == "lm":   # token windows of the model's block size
+        args = {"vocab_size": shakespeare_tokenizer().vocab_size, **recipe.model.args}
+        return {"architecture": recipe.model.architecture, "args": args, "task": "lm",
+                "input_shape": [args["block_size"]], "structure": structure}
     return {"architecture": recipe.model.architecture, "args": recipe.model.args,
             "input_shape": list(context.train_set[0].shape[1:]), "structure": structure}
 
 
-def _example(input_shape: list[int]) -> np.ndarray:
-    return np.random.default_rng(0).uniform(size=(4, *input_shape)).astype(np.float32)
+def _example(info: dict[str, Any]) -> np.ndarray:
+    """A batch of inputs to rebuild a model with: uniform images, or token windows."""
+    rng = np.random.default_rng(0)
+    if info.get("task") == "lm":
+        return rng.integers(0, info["args"]["vocab_size"], size=(4, *info["input_shape"]))
+    return rng.uniform(size=(4, *info["input_shape"])).astype(np.float32)
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
@@ -92,7 +120,7 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     if "architecture" not in info:
         raise ValueError(f"{os.fspath(path)}: this compact file does not say how to rebuild its model")
     model = _build(info["architecture"], info["args"])
-    example = _example(info["input_shape"])
+    example = _example(info)
     for entry in info["structure"]:
         kind = STEPS.get(entry["kind"])
         if kind is None:
@@ -155,9 +183,10 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
     if recipe.model.file is not None:
         io.load_into(model, recipe.resolve(recipe.model.file))
     show = _progress(recipe.run.progress if progress is None else progress)
-    context = Context(model, train_set, test_set, recipe.run.seed, recipe.run.batch_size, show)
-    structure: list[dict[str, Any]] = []
     files: dict[str, str] = {}
+    context = Context(model, train_set, test_set, recipe.run.seed, recipe.run.batch_size, show, task=recipe.task,
+                      output=str(output), files=files)
+    structure: list[dict[str, Any]] = []
     context.saver = lambda ctx, step: _save(recipe, ctx, step, structure, output, files)
     log: list[dict[str, Any]] = []
     float_bytes = None
@@ -172,14 +201,14 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
         seconds = time.perf_counter() - began
         record = context.records[-1] if len(context.records) > records_before else {}
         structure.append({"kind": step.kind, "params": asdict(step.params), "record": record})
-        context.state = kind.produces or context.state
+        context.state = kind.state_after(step.params, context.state)
         entry: dict[str, Any] = {"index": index, "kind": step.kind, "seconds": round(seconds, 2)}
         if context.state in ("float", "integer"):
             state = _baked_state(context.model)
             entry["compact_bytes_raw"] = len(storage.encode_state(state, entropy=False))
-            entry["accuracy"] = no.evaluate(context.model, test_set)["accuracy"]
+            entry.update(_score(context))
         elif context.state == "qat":
-            entry["accuracy"] = no.evaluate(context.model, test_set)["accuracy"]
+            entry.update(_score(context))
         log.append(entry)
     # the float baseline: the model before the first compression step (after any train steps)
     baseline_model = context.teacher if context.teacher is not None else context.model
@@ -187,17 +216,19 @@ def run_recipe(recipe: Recipe, output: str | os.PathLike | None = None, progress
     io.save(prune.remove_all(copy.deepcopy(baseline_model)), float_path)
     float_bytes = report.file_bytes(float_path)
     run = recipe.run
+    language_model = recipe.task == "lm"
     baseline = report.measure_model("float32 baseline", baseline_model, test_set, str(float_path),
-                                    run.large_batch, run.latency_repeats)
+                                    run.large_batch, run.latency_repeats, language_model=language_model)
     compressed = report.measure_model(recipe.name, context.model, test_set, files.get("model"), run.large_batch,
-                                      run.latency_repeats)
+                                      run.latency_repeats, language_model=language_model)
     result: dict[str, Any] = {"recipe": recipe.as_dict(), "baseline": baseline.as_dict(),
                               "compressed": compressed.as_dict(), "steps": log, "files": dict(files)}
     compression_epochs = context.epochs_trained - teacher_epochs
     if run.reference and compression_epochs > 0:
         result["reference"] = _reference(recipe, baseline_model, train_set, test_set, teacher_epochs,
                                          compression_epochs, show)
-    result["analysis"] = layer_analysis(baseline_model, context.model, test_set, result["recipe"]["steps"])
+    if not language_model:   # per-layer sensitivity by accuracy (the plots)
+        result["analysis"] = layer_analysis(baseline_model, context.model, test_set, result["recipe"]["steps"])
     result["attribution"] = _attribution(float_bytes, log, compressed.stored_bytes, files.get("model", ""))
     if files.get("model", "").endswith(".nnz"):
         with open(files["model"], "rb") as handle:
@@ -246,7 +277,7 @@ def _attribution(float_bytes: int, log: list[dict[str, Any]], final_bytes: int |
     rows, previous = [], float_bytes
     for entry in log:
         size = entry.get("compact_bytes_raw")
-        if size is None or entry["kind"] in ("save", "train"):   # training does not change the size
+        if size is None or entry["kind"] in ("save", "train", "train_lm"):   # training does not change the size
             continue
         rows.append({"step": f"{entry['index']}: {entry['kind']}", "bytes": size, "factor": previous / size})
         previous = size
@@ -263,17 +294,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Compression report: {result['recipe']['name']}", "",
              f"Model {result['recipe']['model']['architecture']} on {result['recipe']['data']['dataset']}; "
              f"{len(result['steps'])} steps in {result['seconds']} s. Sizes are the bytes of the files written; "
-             "latencies are medians on 1 thread.", "",
+             "latencies are medians on 1 thread."
+             + (" Validation loss: mean cross-entropy per character (nats) on the fixed validation windows."
+                if base.val_loss is not None else ""), "",
              report.comparison_table(base, [compressed]), ""]
     if "reference" in result:
         reference = result["reference"]
         drop = 100 * (reference["accuracy"] - compressed.accuracy)
         lines += [f"Float reference ({reference['note']}): {100 * reference['accuracy']:.2f}%; the compressed model "
                   f"is {abs(drop):.2f} points {'below' if drop > 0 else 'above'} it.", ""]
-    lines += ["## Steps", "", "| step | kind | accuracy after | compact bytes (no entropy coding) | seconds |",
+    metric = "validation loss" if base.val_loss is not None else "accuracy"
+    lines += ["## Steps", "", f"| step | kind | {metric} after | compact bytes (no entropy coding) | seconds |",
               "|---:|---|---:|---:|---:|"]
     for entry in result["steps"]:
         accuracy = f"{100 * entry['accuracy']:.2f}%" if "accuracy" in entry else "-"
+        if "val_loss" in entry:
+            accuracy = f"{entry['val_loss']:.4f}"
         size = f"{entry['compact_bytes_raw']:,}" if "compact_bytes_raw" in entry else "-"
         lines.append(f"| {entry['index']} | {entry['kind']} | {accuracy} | {size} | {entry['seconds']} |")
     lines += ["", "## Where the compression ratio comes from", "",

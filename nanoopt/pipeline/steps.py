@@ -2,18 +2,21 @@
 
 A step kind is registered with :func:`register_step`: its schema (a dataclass, checked by
 :func:`nanoopt.pipeline.schema.build`), the model states it can start from (``accepts``), the state it leaves
-(``produces``; ``None``: unchanged), the function that does the work ``run(context, step)``, and, for steps that
-change the model's structure, ``rebuild(model, step, record, example)``: the same structural change without
-training, used to make an empty model of the right kind when a saved file is loaded.
+(``produces``; ``None``: unchanged), the tasks it serves (``"classify"``: the image classifiers; ``"lm"``: the GPT
+on Shakespeare), an optional extra it needs (``requires``: module and extra name, checked before any work), the
+function that does the work ``run(context, step)``, and, for steps that change the model's structure,
+``rebuild(model, step, record, example)``: the same structural change without training, used to make an empty
+model of the right kind when a saved file is loaded.
 
 Model states: ``"float"`` (masks allowed), ``"qat"`` (prepared for quantization-aware training),
 ``"integer"`` (converted, weight-only or sparse: no more training), ``"saved"`` (nothing may follow).
 So QAT after convert, prune after convert and convert without QAT are refused by the order check, naming the step.
 
-Other kinds (GPTQ, SmoothQuant, ONNX export ...) register the same way from their own modules.
+The one-shot steps from calibration data (GPTQ, AWQ, RTN, SmoothQuant and W8A8, Wanda, SparseGPT, heads, blocks)
+register the same way in :mod:`nanoopt.pipeline.steps_calibrated`.
 
->>> sorted(STEPS)[:4]
-['convert', 'finetune', 'prune', 'ptq']
+>>> [name for name in ("train", "prune", "qat", "convert", "save") if name in STEPS]
+['train', 'prune', 'qat', 'convert', 'save']
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ from typing import Any, Literal
 import numpy as np
 
 import nanoopt as no
-from nanoopt import distill, nn, optim, prune, quant
+from nanoopt import data, distill, nn, onnx, optim, prune, quant
 from nanoopt.prune.sparse import SparseLinear
+from nanoopt.train_lm import LMTrainConfig, train_lm
 
 __all__ = ["STEPS", "Context", "StepKind", "register_step"]
 
 
 @dataclass
 class Context:
-    """What the steps share while a recipe runs."""
+    """What the steps share while a recipe runs.
+
+    For a language model (``task == "lm"``) ``train_set`` is (ids[:-1], ids[1:]) of the training text (inputs and
+    next tokens) and ``test_set`` the fixed validation windows (x, y), each (N, block_size).
+    """
 
     model: nn.Module                       # the model being compressed
     train_set: tuple[np.ndarray, np.ndarray]
@@ -48,6 +56,24 @@ class Context:
     epochs_trained: int = 0                # training epochs run by the steps (for the float reference)
     records: list[dict[str, Any]] = field(default_factory=list)   # structural changes, for rebuilding
     saver: Callable[[Context, Any], None] | None = None           # the runner's save function
+    task: str = "classify"                 # classify (images, labels) | lm (token ids, next tokens)
+    output: str = "."                      # the folder the files go to
+    files: dict[str, str] = field(default_factory=dict)           # files written by the steps, by kind
+
+
+def calibration_inputs(context: Context, count: int) -> np.ndarray:
+    """``count`` model inputs for calibration: the first training images, or random windows of the training text
+    (seeded by the run's seed), each (count, block_size)."""
+    return calibration_pairs(context, count)[0]
+
+
+def calibration_pairs(context: Context, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` (inputs, targets) for calibration: training images and labels, or random windows of the training
+    text and their next tokens."""
+    if context.task == "lm":
+        block = context.model.config.block_size
+        return data.sample_windows(context.train_set[0], block, count, np.random.default_rng(context.seed))
+    return context.train_set[0][:count], context.train_set[1][:count]
 
 
 @dataclass(frozen=True)
@@ -56,16 +82,26 @@ class StepKind:
     schema: type
     run: Callable[[Context, Any], None]
     accepts: frozenset[str]
-    produces: str | None = None
+    produces: str | Callable[[Any], str] | None = None    # the state after it (or a function of its parameters)
     rebuild: Callable[[nn.Module, Any, dict[str, Any], np.ndarray], nn.Module] | None = None
     help: str = ""
+    tasks: frozenset[str] = frozenset({"classify"})
+    requires: tuple[str, str] | None = None    # (module, extra): an optional package the step needs
+    not_after: dict[str, str] = field(default_factory=dict)   # earlier step kinds it cannot follow, and why
+
+    def state_after(self, params: Any, state: str) -> str:
+        """The model state after this step with these parameters, starting from ``state``."""
+        produced = self.produces(params) if callable(self.produces) else self.produces
+        return produced or state
 
 
 STEPS: dict[str, StepKind] = {}
 
 
-def register_step(name: str, schema: type, accepts: tuple[str, ...], produces: str | None = None,
-                  rebuild: Callable[..., nn.Module] | None = None) -> Callable[[Callable], Callable]:
+def register_step(name: str, schema: type, accepts: tuple[str, ...], produces: str | Callable[[Any], str] | None = None,
+                  rebuild: Callable[..., nn.Module] | None = None, tasks: tuple[str, ...] = ("classify",),
+                  requires: tuple[str, str] | None = None, not_after: dict[str, str] | None = None
+                  ) -> Callable[[Callable], Callable]:
     """Register ``run(context, step)`` as the step kind ``name`` (a decorator).
 
     >>> @dataclass
@@ -82,7 +118,8 @@ def register_step(name: str, schema: type, accepts: tuple[str, ...], produces: s
 
     def decorate(run: Callable[[Context, Any], None]) -> Callable[[Context, Any], None]:
         STEPS[name] = StepKind(name, schema, run, frozenset(accepts), produces, rebuild,
-                               (run.__doc__ or "").strip().split("\n")[0])
+                               (run.__doc__ or "").strip().split("\n")[0], frozenset(tasks), requires,
+                               dict(not_after or {}))
         return run
     return decorate
 
@@ -156,6 +193,33 @@ def train(context: Context, step: TrainStep) -> None:
     if context.teacher is not None:
         raise ValueError("a train step after compression began; use finetune")
     _train(context, context.model, step.epochs, step.lr, False, 2.0, [], step.cosine)
+
+
+@dataclass
+class TrainLMStep:
+    iters: int = 1000                 # AdamW steps on random windows of the training text (nanoGPT's recipe)
+    batch_size: int = 12              # windows per step
+    lr: float = 1e-3                  # peak learning rate (linear warmup, then cosine decay to lr / 10)
+    warmup: int = 100                 # warmup steps (at most iters / 2 are used)
+
+    def check(self) -> None:
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        _check_positive(lr=self.lr)
+        if self.batch_size < 1 or self.warmup < 0:
+            raise ValueError(f"batch_size must be >= 1 and warmup >= 0, got {self.batch_size} and {self.warmup}")
+
+
+@register_step("train_lm", TrainLMStep, accepts=("float",), tasks=("lm",))
+def train_language_model(context: Context, step: TrainLMStep) -> None:
+    """Train the language model (before any compression) with :func:`nanoopt.train_lm.train_lm`."""
+    if context.teacher is not None:
+        raise ValueError("a train_lm step after compression began")
+    config = LMTrainConfig(max_iters=step.iters, batch_size=step.batch_size, learning_rate=step.lr,
+                           min_lr=step.lr / 10, warmup_iters=min(step.warmup, step.iters // 2),
+                           lr_decay_iters=step.iters, seed=context.seed)
+    no.manual_seed(context.seed)
+    train_lm(context.model, context.train_set[0], config, progress=context.progress)
 
 
 # ============================================================================ pruning
@@ -389,10 +453,29 @@ class SaveStep:
             raise ValueError(f"name must be a plain file name, got {self.name!r}")
 
 
-@register_step("save", SaveStep, accepts=("float", "integer"), produces="saved")
+@register_step("save", SaveStep, accepts=("float", "integer"), produces="saved", tasks=("classify", "lm"))
 def save(context: Context, step: SaveStep) -> None:
     """Write the model (pruning masks baked in) to the output folder."""
     if context.state == "float":
         context.model = prune.remove_all(context.model)
     assert context.saver is not None
     context.saver(context, step)
+
+
+# ============================================================================ ONNX export
+@dataclass
+class ExportStep:
+    quant_format: Literal["qdq", "qoperator"] = "qdq"   # integer models: QDQ, or integer operators (exact)
+    name: str = "model"                                 # file name (without .onnx) in the output folder
+
+    def check(self) -> None:
+        SaveStep(name=self.name).check()
+
+
+@register_step("export", ExportStep, accepts=("float", "integer"), requires=("onnx", "onnx"))
+def export(context: Context, step: ExportStep) -> None:
+    """Write the model as ONNX (float, or integer as QDQ / integer operators; needs the optional extra onnx)."""
+    model = prune.remove_all(copy.deepcopy(context.model)) if context.state == "float" else context.model
+    path = f"{context.output}/{step.name}.onnx"
+    onnx.export(model, path, context.train_set[0][:1], quant_format=step.quant_format)
+    context.files["onnx"] = path

@@ -75,7 +75,10 @@ def _compress(data: bytes, codec: str) -> bytes:
         return data
     if codec == "zlib":
         return zlib.compress(data, 9)
-    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    # the same preset with a dictionary no larger than the data: the same bytes (a match cannot reach further back
+    # than the data's start), without preparing preset 9's 64 MiB dictionary for a stream of a few kilobytes
+    fitted = [{**_LZMA_FILTERS[0], "dict_size": max(4096, 1 << max(len(data) - 1, 1).bit_length())}]
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=fitted)
 
 
 def _decompress(data: bytes, codec: str) -> bytes:
