@@ -91,3 +91,21 @@ def git_revision() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def torch_lenet(name: str):
+    """PyTorch's ``"LeNet-300-100"`` or ``"LeNet-5"`` with the layer order and state_dict keys of
+    ``nanoopt.models.lenet_300_100()`` / ``lenet5()``, freshly initialised, with torch on one thread; None where
+    torch is not installed (it is optional: the ``bench`` extra)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    nn = torch.nn
+    if name == "LeNet-300-100":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                             nn.Linear(100, 10))
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
