@@ -93,6 +93,18 @@ def git_revision() -> str:
         return "unknown"
 
 
+def fashion_mnist(split: str):
+    """``nanoopt.data.load_fashion_mnist(split)`` (images, labels), or exit saying how to install the data set.
+
+    nanoopt is imported here, not at the top: this module is imported before :func:`pin_environment` has run."""
+    from nanoopt import data
+
+    if not data.fashion_mnist_available():
+        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
+                         "(or see nanoopt.data.load_fashion_mnist)")
+    return data.load_fashion_mnist(split)
+
+
 def torch_lenet(name: str):
     """PyTorch's ``"LeNet-300-100"`` or ``"LeNet-5"`` with the layer order and state_dict keys of
     ``nanoopt.models.lenet_300_100()`` / ``lenet5()``, freshly initialised, with torch on one thread; None where

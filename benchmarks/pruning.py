@@ -39,8 +39,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
-from nanoopt import data, models, optim, prune  # noqa: E402
+from benchmarks.common import best_seconds, fashion_mnist, git_revision, machine_description  # noqa: E402
+from nanoopt import models, optim, prune  # noqa: E402
 from nanoopt.tensor import Tensor, no_grad  # noqa: E402
 
 BASE_EPOCHS, EXTRA_EPOCHS = 10, 3
@@ -212,10 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     example = test[0][:64]
     rows: dict[str, list[tuple[float, float]]] = {}
     timing: dict[str, tuple[float, float, int]] = {}

@@ -19,7 +19,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description, torch_lenet  # noqa: E402
+from benchmarks.common import fashion_mnist, git_revision, machine_description, torch_lenet  # noqa: E402
 from nanoopt import data, models  # noqa: E402
 
 BATCH = 128
@@ -61,10 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=1, help="epochs per framework; the best epoch is reported")
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    images, labels = data.load_fashion_mnist("train")
+    images, labels = fashion_mnist("train")
     print(f"## Training speed (one epoch, Fashion-MNIST 60k, batch {BATCH}, SGD, 1 thread)\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     print("| model | nanoopt s/epoch | nanoopt images/s | PyTorch s/epoch | PyTorch time / nanoopt time |")
