@@ -121,3 +121,25 @@ def torch_lenet(name: str):
     return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
                          nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def torch_sgd_epochs(model, images, labels, epochs: int, lr: float, rng, momentum: float = 0.9, batch: int = 128,
+                     on_step: Callable[[int], object] | None = None):
+    """Train a PyTorch ``model`` in place (and return it): SGD with momentum on cross-entropy, ``epochs`` passes
+    over the tensors ``images``/``labels`` in an order drawn from the NumPy generator ``rng``, calling
+    ``on_step(step)`` after every optimiser step."""
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    step = 0
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(labels)))
+        for begin in range(0, len(labels), batch):
+            index = order[begin:begin + batch]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+            step += 1
+    return model
