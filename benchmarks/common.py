@@ -93,6 +93,18 @@ def git_revision() -> str:
         return "unknown"
 
 
+def generation_speed(model, prompt, new_tokens: int = 63, repeats: int = 5) -> float:
+    """Tokens per second of the fastest of ``repeats`` greedy ``model.generate(prompt, new_tokens)`` runs (the
+    one least disturbed by other work), after a 4-token warm-up (compilation, packing)."""
+    model.generate(prompt, 4, temperature=0.0)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompt, new_tokens, temperature=0.0)
+        best = min(best, time.perf_counter() - start)
+    return new_tokens / best
+
+
 def fashion_mnist(split: str):
     """``nanoopt.data.load_fashion_mnist(split)`` (images, labels), or exit saying how to install the data set.
 

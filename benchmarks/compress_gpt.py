@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
 from benchmarks.chargpt import SIZES, prepare  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import generation_speed, git_revision, machine_description  # noqa: E402
 from nanoopt import data, models, nn, prune, quant  # noqa: E402
 from nanoopt.train_lm import LMTrainConfig, evaluate_lm, train_lm  # noqa: E402
 
@@ -117,17 +117,6 @@ def stored_bytes(model: nn.Module) -> int:
         path = os.path.join(folder, "model.npz")
         no.io.save(model, path)
         return os.path.getsize(path)
-
-
-def generation_speed(model: models.GPT, prompt: np.ndarray, new_tokens: int = 63, repeats: int = 5) -> float:
-    """Tokens per second of the fastest of ``repeats`` generations (the one least disturbed by other work)."""
-    model.generate(prompt, 4, temperature=0.0)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0.0)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
 
 
 def torch_dynamic_int8(gpt: models.GPT, validation: tuple[np.ndarray, np.ndarray]) -> tuple[float, float] | None:
