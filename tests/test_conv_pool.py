@@ -1,6 +1,6 @@
 """conv2d, max_pool2d, avg_pool2d and adaptive_avg_pool2d forward against plain nested-loop NumPy references.
 
-The references below are the definitions written out index by index (PyTorch's semantics: cross-correlation,
+The references below are the definitions written out output by output (PyTorch's semantics: cross-correlation,
 output size floor((H + 2p - d (k - 1) - 1) / s) + 1, max pooling pads with -inf, average pooling counts the zero
 padding in the divisor, adaptive bins [floor(i H / out), ceil((i + 1) H / out))). Hypothesis draws batch, channels,
 size, kernel, stride, padding, dilation and groups; in float64 the results must agree to ~1e-12.
@@ -27,6 +27,7 @@ def out_size(size, kernel, stride, padding, dilation=1):
 
 
 def conv2d_loops(x, weight, bias, stride, padding, dilation, groups):
+    """Output by output: bias + the sum of the weights times their group's (dilated, zero-padded) input window."""
     n, c, h, w = x.shape
     oc, cg, kh, kw = weight.shape
     padded = np.zeros((n, c, h + 2 * padding[0], w + 2 * padding[1]))
@@ -34,19 +35,12 @@ def conv2d_loops(x, weight, bias, stride, padding, dilation, groups):
     oh = out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = out_size(w, kw, stride[1], padding[1], dilation[1])
     out = np.zeros((n, oc, oh, ow))
-    per_group = oc // groups
-    for b in range(n):
-        for o in range(oc):
-            g = o // per_group
-            for y in range(oh):
-                for x_ in range(ow):
-                    total = 0.0 if bias is None else bias[o]
-                    for ch in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                total += weight[o, ch, i, j] * padded[b, g * cg + ch, y * stride[0] + i * dilation[0],
-                                                                      x_ * stride[1] + j * dilation[1]]
-                    out[b, o, y, x_] = total
+    for b, o, y, x_ in np.ndindex(n, oc, oh, ow):
+        g = o // (oc // groups)
+        top, left = y * stride[0], x_ * stride[1]
+        window = padded[b, g * cg:(g + 1) * cg, top:top + dilation[0] * (kh - 1) + 1:dilation[0],
+                        left:left + dilation[1] * (kw - 1) + 1:dilation[1]]  # (cg, kh, kw)
+        out[b, o, y, x_] = (0.0 if bias is None else bias[o]) + float(np.sum(weight[o] * window))
     return out
 
 
