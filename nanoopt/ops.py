@@ -7,6 +7,9 @@ A primitive is a :class:`Function` subclass with two static methods:
 * ``backward(ctx, grad) -> tuple`` receives d(loss)/d(output) and returns d(loss)/d(input) for every tensor
   input (``None`` where no gradient is needed), i.e. the vector-Jacobian product.
 
+A unary elementwise primitive (``Exp``, ``Log``, ...) gives only ``f`` and its ``vjp`` in one line each; the
+forward and backward above are written once, in ``_Elementwise``.
+
 Everything else (variance, MSE, KL divergence, dropout, ...) is composed from these, and gets its gradient for
 free. Broadcasting is undone in exactly one place, :func:`unbroadcast`. The design follows early tinygrad's
 ``Function`` / ``ctx.save_for_backward`` and HIPS/autograd's one-VJP-per-primitive layout.
