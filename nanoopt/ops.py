@@ -842,9 +842,10 @@ class Conv2d(Function):
         grad_mat = np.ascontiguousarray(grad).reshape(n, groups, oc // groups, oh * ow)  # (N, G, OCg, OH*OW)
         grad_weight = grad_x = None
         if ctx.needs_input_grad[1]:  # sum over images of grad[n, g] @ cols[n, g]^T
-            if oh * ow >= 2 * cg * kh * kw:  # long products (LeNet-5's first layer): 0.5 ms vs 1.3 ms
+            # which operand order is faster depends on the shape (timings: docs/measurements.md)
+            if oh * ow >= 2 * cg * kh * kw:  # long products (e.g. LeNet-5's first layer)
                 per_image = np.matmul(grad_mat, cols.transpose(0, 1, 3, 2))
-            else:  # short ones (its second layer): BLAS is 2.7x faster on C-ordered operands, 0.7 ms vs 1.9 ms
+            else:  # short ones (its second layer): C-ordered operands for BLAS
                 per_image = np.matmul(cols, np.ascontiguousarray(grad_mat.transpose(0, 1, 3, 2))).transpose(0, 1, 3, 2)
             # the sum over images in float64: the per-image products are float32 sums over OH*OW terms only
             grad_weight = per_image.sum(axis=0, dtype=np.float64).astype(per_image.dtype).reshape(weight.shape)

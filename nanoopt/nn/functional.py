@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import ops
+from nanoopt.nn.attention_functional import embedding, scaled_dot_product_attention  # noqa: F401 (PyTorch's F names)
 from nanoopt.ops import _pair, conv_output_size
 from nanoopt.tensor import Tensor
 
@@ -260,6 +261,3 @@ def _reduce(values: Tensor, reduction: str, function: str, choices: tuple[str, .
         raise ValueError(f"{function}: reduction must be {listed} or {choices[-1]!r}, got {reduction!r}")
     return _REDUCTIONS[reduction](values)
 
-
-# transformer pieces live in their own module (nanoopt.nn.attention); re-exported here under PyTorch's names
-from nanoopt.nn.attention import embedding, scaled_dot_product_attention  # noqa: E402, F401
