@@ -91,3 +91,76 @@ def git_revision() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def generation_speeds(candidates, prompt, new_tokens: int = 63, repeats: int = 5) -> list[float]:
+    """Tokens per second of the fastest of ``repeats`` greedy ``generate(prompt, new_tokens)`` runs (the one
+    least disturbed by other work) of each model in ``candidates``, after a 4-token warm-up (compilation,
+    packing). The models run interleaved, run by run, so that a passing disturbance slows all of them and their
+    ratios hold."""
+    for model in candidates:
+        model.generate(prompt, 4, temperature=0.0)
+    best = [float("inf")] * len(candidates)
+    for _ in range(repeats):
+        for index, model in enumerate(candidates):
+            start = time.perf_counter()
+            model.generate(prompt, new_tokens, temperature=0.0)
+            best[index] = min(best[index], time.perf_counter() - start)
+    return [new_tokens / seconds for seconds in best]
+
+
+def generation_speed(model, prompt, new_tokens: int = 63, repeats: int = 5) -> float:
+    """:func:`generation_speeds` of one model."""
+    return generation_speeds([model], prompt, new_tokens, repeats)[0]
+
+
+def fashion_mnist(split: str):
+    """``nanoopt.data.load_fashion_mnist(split)`` (images, labels), or exit saying how to install the data set.
+
+    nanoopt is imported here, not at the top: this module is imported before :func:`pin_environment` has run."""
+    from nanoopt import data
+
+    if not data.fashion_mnist_available():
+        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
+                         "(or see nanoopt.data.load_fashion_mnist)")
+    return data.load_fashion_mnist(split)
+
+
+def torch_lenet(name: str):
+    """PyTorch's ``"LeNet-300-100"`` or ``"LeNet-5"`` with the layer order and state_dict keys of
+    ``nanoopt.models.lenet_300_100()`` / ``lenet5()``, freshly initialised, with torch on one thread; None where
+    torch is not installed (it is optional: the ``bench`` extra)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    nn = torch.nn
+    if name == "LeNet-300-100":
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                             nn.Linear(100, 10))
+    return nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
+                         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def torch_sgd_epochs(model, images, labels, epochs: int, lr: float, rng, momentum: float = 0.9, batch: int = 128,
+                     on_step: Callable[[int], object] | None = None):
+    """Train a PyTorch ``model`` in place (and return it): SGD with momentum on cross-entropy, ``epochs`` passes
+    over the tensors ``images``/``labels`` in an order drawn from the NumPy generator ``rng``, calling
+    ``on_step(step)`` after every optimiser step."""
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    step = 0
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(labels)))
+        for begin in range(0, len(labels), batch):
+            index = order[begin:begin + batch]
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step)
+            step += 1
+    return model

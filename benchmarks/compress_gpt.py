@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
 from benchmarks.chargpt import SIZES, prepare  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import generation_speed, generation_speeds, git_revision, machine_description  # noqa: E402
 from nanoopt import data, models, nn, prune, quant  # noqa: E402
 from nanoopt.train_lm import LMTrainConfig, evaluate_lm, train_lm  # noqa: E402
 
@@ -136,23 +136,6 @@ def stored_bytes(model: nn.Module) -> int:
         return os.path.getsize(path)
 
 
-def generation_speed(model: models.GPT, prompt: np.ndarray, new_tokens: int = 63, repeats: int = 5,
-                     baseline: models.GPT | None = None) -> tuple[float, float]:
-    """Tokens per second of the fastest of ``repeats`` generations (the one least disturbed by other work) of
-    ``model`` and of ``baseline`` (default: ``model``), the two interleaved run by run, so that a passing
-    disturbance slows both and their ratio holds."""
-    baseline = model if baseline is None else baseline
-    best = {id(model): float("inf"), id(baseline): float("inf")}
-    for candidate in (model, baseline):
-        candidate.generate(prompt, 4, temperature=0.0)  # warm-up
-    for _ in range(repeats):
-        for candidate in (model, baseline) if baseline is not model else (model,):
-            start = time.perf_counter()
-            candidate.generate(prompt, new_tokens, temperature=0.0)
-            best[id(candidate)] = min(best[id(candidate)], time.perf_counter() - start)
-    return new_tokens / best[id(model)], new_tokens / best[id(baseline)]
-
-
 def torch_dynamic_int8(gpt: models.GPT, validation: tuple[np.ndarray, np.ndarray]) -> tuple[float, float] | None:
     """PyTorch's float and dynamic-int8 validation loss of the same weights, or None without torch."""
     try:
@@ -193,7 +176,7 @@ def main() -> None:
     calibration = calibration_batches(train_ids)
     prompt = tokenizer.encode("\n")[None]
     float_loss = evaluate_lm(gpt, *validation)
-    float_bytes, float_speed = stored_bytes(gpt), generation_speed(gpt, prompt)[0]
+    float_bytes, float_speed = stored_bytes(gpt), generation_speed(gpt, prompt)
     print(f"## Compressing the character-level GPT ({args.iters} training steps, seed 0, 1 thread)\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     print(f"Model {SIZES}; {CALIBRATION_WINDOWS} calibration windows from the training split; the head (tied to "
@@ -210,7 +193,7 @@ def main() -> None:
         model = method().eval()
         seconds = time.perf_counter() - start
         loss, size = evaluate_lm(model, *validation), stored_bytes(model)
-        speed, float_now = generation_speed(model, prompt, baseline=gpt)  # float interleaved: a robust ratio
+        speed, float_now = generation_speeds([model, gpt], prompt)  # float interleaved: a robust ratio
         print(f"| {name} | {loss:.4f} | {loss - float_loss:+.4f} | {size:,} | {float_bytes / size:.2f}x | "
               f"{speed:,.0f} | {speed / float_now:.2f}x | {seconds:.1f} |", flush=True)
     reference = torch_dynamic_int8(gpt, validation)

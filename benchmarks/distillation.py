@@ -29,7 +29,7 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import fashion_mnist, git_revision, machine_description  # noqa: E402
 from nanoopt import data, distill, models, nn, optim, prune, quant  # noqa: E402
 from nanoopt.nn import functional as F  # noqa: E402
 from nanoopt.tensor import Tensor, no_grad  # noqa: E402
@@ -395,11 +395,8 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=30, help="epochs of the CNN teacher")
     parser.add_argument("--section", choices=("all", "main", "study"), default="all")
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
     start = time.perf_counter()
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     print("## Knowledge distillation (Fashion-MNIST, MLP 784-64-10 student)\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     print("Teachers (seed 0, trained once in this run):\n")

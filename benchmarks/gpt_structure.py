@@ -60,6 +60,22 @@ def speed(model: models.GPT, windows: np.ndarray) -> tuple[float, float]:
     return seconds, 63 / (time.perf_counter() - start)
 
 
+def heal_and_compare(part: str, model: models.GPT, float_model: models.GPT, train_ids: np.ndarray,
+                     validation: tuple[np.ndarray, np.ndarray], iters: int, base: float, control: float) -> None:
+    """Finetune the pruned ``model`` with :func:`heal_config`, print its validation loss against the float
+    model's (``base``) and the float control's, finetuned with the same recipe (``control``), then its
+    :func:`speed` on 64 validation windows against ``float_model``'s, measured now."""
+    train_lm(model, train_ids, heal_config(iters), progress=False)
+    healed = evaluate_lm(model, *validation)
+    print(f"{part}: after {iters} healing steps {healed:.4f} ({healed - base:+.4f} vs float, "
+          f"{healed - control:+.4f} vs the finetuned float control)")
+    windows = validation[0][:64]
+    f_fwd, f_gen = speed(float_model, windows)
+    p_fwd, p_gen = speed(model, windows)
+    print(f"{part}: forward of 64 windows {1000 * f_fwd:.1f} ms -> {1000 * p_fwd:.1f} ms ({f_fwd / p_fwd:.2f}x); "
+          f"generation {f_gen:.0f} -> {p_gen:.0f} tokens/s ({p_gen / f_gen:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="chargpt.npz")
@@ -106,15 +122,7 @@ def main() -> None:
         print(f"heads: importance {({k[-1]: np.round(v, 3).tolist() for k, v in scores.items()})}")
         print(f"heads: removed {heads} ({seconds:.1f} s); per block {[b.attn.n_head for b in model.transformer['h']]}"
               f", {model.num_parameters():,} parameters; validation loss {pruned:.4f} ({pruned - base:+.4f})")
-        train_lm(model, train_ids, heal_config(args.heal_iters), progress=False)
-        healed = evaluate_lm(model, *validation)
-        print(f"heads: after {args.heal_iters} healing steps {healed:.4f} ({healed - base:+.4f} vs float, "
-              f"{healed - control:+.4f} vs the finetuned float control)")
-        windows = validation[0][:64]
-        f_fwd, f_gen = speed(fresh(), windows)
-        p_fwd, p_gen = speed(model, windows)
-        print(f"heads: forward of 64 windows {1000 * f_fwd:.1f} ms -> {1000 * p_fwd:.1f} ms ({f_fwd / p_fwd:.2f}x); "
-              f"generation {f_gen:.0f} -> {p_gen:.0f} tokens/s ({p_gen / f_gen:.2f}x)")
+        heal_and_compare("heads", model, fresh(), train_ids, validation, args.heal_iters, base, control)
 
     if "blocks" not in skip:
         model = fresh()
@@ -123,14 +131,7 @@ def main() -> None:
         cut = evaluate_lm(model, *validation)
         print(f"blocks: angular distances {({k: round(v, 4) for k, v in distances.items()})}; removed {removed}, "
               f"validation loss {cut:.4f} ({cut - base:+.4f})")
-        train_lm(model, train_ids, heal_config(args.heal_iters), progress=False)
-        healed = evaluate_lm(model, *validation)
-        print(f"blocks: after {args.heal_iters} healing steps {healed:.4f} ({healed - base:+.4f} vs float, "
-              f"{healed - control:+.4f} vs the finetuned float control)")
-        windows = validation[0][:64]
-        f_fwd, _ = speed(fresh(), windows)
-        p_fwd, _ = speed(model, windows)
-        print(f"blocks: forward of 64 windows {1000 * f_fwd:.1f} ms -> {1000 * p_fwd:.1f} ms ({f_fwd / p_fwd:.2f}x)")
+        heal_and_compare("blocks", model, fresh(), train_ids, validation, args.heal_iters, base, control)
 
     if "distill" not in skip:
         teacher = fresh()

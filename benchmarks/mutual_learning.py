@@ -28,9 +28,9 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import fashion_mnist, git_revision, machine_description  # noqa: E402
 from benchmarks.distillation import Schedule, summary, train_run  # noqa: E402
-from nanoopt import data, distill, models, nn  # noqa: E402
+from nanoopt import distill, models, nn  # noqa: E402
 from nanoopt.nn import functional as F  # noqa: E402
 from nanoopt.train import predict  # noqa: E402
 
@@ -86,11 +86,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
     begin = time.perf_counter()
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     schedule, seeds = Schedule(epochs=args.epochs), list(range(args.seeds))
     late = args.epochs // 2
     defaults = distill.DistillConfig()

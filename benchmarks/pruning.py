@@ -39,8 +39,9 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
-from nanoopt import data, models, optim, prune  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import best_seconds, fashion_mnist, git_revision, machine_description  # noqa: E402
+from nanoopt import models, optim, prune  # noqa: E402
 from nanoopt.tensor import Tensor, no_grad  # noqa: E402
 
 BASE_EPOCHS, EXTRA_EPOCHS = 10, 3
@@ -147,19 +148,7 @@ def torch_accuracies(seeds: int, train, test) -> dict[str, list[float]] | None:
                              nn.Linear(100, 10))
 
     def train_epochs(model, epochs, lr, rng, on_step=None):
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM)
-        step = 0
-        for _ in range(epochs):
-            order = torch.from_numpy(rng.permutation(len(labels)))
-            for begin in range(0, len(labels), BATCH):
-                index = order[begin:begin + BATCH]
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
-                optimizer.step()
-                if on_step is not None:
-                    on_step(step)
-                step += 1
-        return model
+        return common.torch_sgd_epochs(model, images, labels, epochs, lr, rng, MOMENTUM, BATCH, on_step)
 
     def accuracy(model):
         with torch.no_grad():
@@ -212,10 +201,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     example = test[0][:64]
     rows: dict[str, list[tuple[float, float]]] = {}
     timing: dict[str, tuple[float, float, int]] = {}

@@ -37,8 +37,9 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
-from nanoopt import data, models, quant  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks.common import best_seconds, fashion_mnist, git_revision, machine_description  # noqa: E402
+from nanoopt import models, quant  # noqa: E402
 from nanoopt.quant.algorithms import adaround, bias_correction, cross_layer_equalization  # noqa: E402
 from nanoopt.quant.config import weight_spec  # noqa: E402
 from nanoopt.quant.observers import MinMaxObserver  # noqa: E402
@@ -132,14 +133,7 @@ def torch_rows(name, seeds, epochs, train, test, calibration_indices):
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         model = Net()
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-        for _ in range(epochs):
-            order = torch.from_numpy(rng.permutation(len(labels)))
-            for begin in range(0, len(labels), BATCH):
-                index = order[begin:begin + BATCH]
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
-                optimizer.step()
+        common.torch_sgd_epochs(model, images, labels, epochs, LR, rng, MOMENTUM, BATCH)
         model.eval()
         results["float"].append(accuracy(model))
         quantized = copy.deepcopy(model)
@@ -165,10 +159,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=1024)
     parser.add_argument("--adaround-iterations", type=int, default=1000)
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     started = time.perf_counter()
     calibration_indices = [np.random.default_rng(1000 + seed).choice(len(train[1]), args.calibration, replace=False)
                            for seed in range(args.seeds)]

@@ -35,8 +35,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
-from nanoopt import data, models  # noqa: E402
+from benchmarks.common import fashion_mnist, git_revision, machine_description  # noqa: E402
+from nanoopt import models  # noqa: E402
 from nanoopt.quant.config import QuantConfig, weight_spec  # noqa: E402
 from nanoopt.quant.observers import PerChannelMSEObserver  # noqa: E402
 from nanoopt.quant.ptq import convert, quantize_static  # noqa: E402
@@ -119,10 +119,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", nargs="+", choices=sorted(BUILDERS), default=["lenet5", "lenet_300_100"])
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    train, test = data.load_fashion_mnist("train"), data.load_fashion_mnist("test")
+    train, test = fashion_mnist("train"), fashion_mnist("test")
     start = time.perf_counter()
     print(f"## Quantization-aware training on Fashion-MNIST ({args.seeds} seeds, mean; float {BASE_EPOCHS} epochs "
           f"SGD lr {LR} momentum {MOMENTUM} batch {BATCH}, then {QAT_EPOCHS} epochs at lr {FINETUNE_LR} as float, "

@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import git_revision, machine_description, torch_lenet  # noqa: E402
 from nanoopt import models, prune, quant, runtime  # noqa: E402
 
 BATCHES = (1, 256)
@@ -75,19 +75,11 @@ def build(name: str):
 # ------------------------------------------------------------------------------------------------- PyTorch
 def torch_twin(name: str, model):
     """The PyTorch model with nanoopt's weights (same layer order, same state_dict keys), or None."""
-    try:
-        import torch
-    except ImportError:
+    twin = torch_lenet(name)
+    if twin is None:
         return None
-    torch.set_num_threads(1)
-    nn = torch.nn
-    if name == "LeNet-300-100":
-        twin = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                             nn.Linear(100, 10))
-    else:
-        twin = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
-                             nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    import torch  # installed: torch_lenet built the twin
+
     twin.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in model.state_dict().items()})
     return twin.eval()
 

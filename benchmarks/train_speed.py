@@ -19,7 +19,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import fashion_mnist, git_revision, machine_description, torch_lenet  # noqa: E402
 from nanoopt import data, models  # noqa: E402
 
 BATCH = 128
@@ -38,16 +38,8 @@ def torch_epoch_seconds(name: str, images: np.ndarray, labels: np.ndarray, epoch
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    nn = torch.nn
-    if name == "LeNet-300-100":
-        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
-                              nn.Linear(100, 10))
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
-                              nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(),
-                              nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    model = torch_lenet(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x_all, y_all = torch.from_numpy(images.copy()), torch.from_numpy(labels.copy())
     best = float("inf")
@@ -58,7 +50,7 @@ def torch_epoch_seconds(name: str, images: np.ndarray, labels: np.ndarray, epoch
         for begin in range(0, len(labels), BATCH):
             index = order[begin:begin + BATCH]
             optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x_all[index]), y_all[index])
+            loss = torch.nn.functional.cross_entropy(model(x_all[index]), y_all[index])
             loss.backward()
             optimizer.step()
         best = min(best, time.perf_counter() - start)
@@ -69,10 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=1, help="epochs per framework; the best epoch is reported")
     args = parser.parse_args()
-    if not data.fashion_mnist_available():
-        raise SystemExit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist "
-                         "(or see nanoopt.data.load_fashion_mnist)")
-    images, labels = data.load_fashion_mnist("train")
+    images, labels = fashion_mnist("train")
     print(f"## Training speed (one epoch, Fashion-MNIST 60k, batch {BATCH}, SGD, 1 thread)\n")
     print(f"Machine: {machine_description()}; commit {git_revision()}\n")
     print("| model | nanoopt s/epoch | nanoopt images/s | PyTorch s/epoch | PyTorch time / nanoopt time |")

@@ -25,20 +25,11 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
+from benchmarks.common import generation_speed  # noqa: E402
 from nanoopt import data, models  # noqa: E402
 from nanoopt.quant.smoothquant import smooth_quant  # noqa: E402
 from nanoopt.quant.transformer import W8A8Config, convert_w8a8, prepare_w8a8  # noqa: E402
 from nanoopt.train_lm import evaluate_lm  # noqa: E402
-
-
-def tokens_per_second(model, prompt: np.ndarray, new_tokens: int, repeats: int) -> float:
-    model.generate(prompt, 4, temperature=0.0)  # warm-up (compilation, packing)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(prompt, new_tokens, temperature=0.0)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
 
 
 def main() -> None:
@@ -82,10 +73,10 @@ def main() -> None:
 
     prompt = tokenizer.encode("\n")[None]
     new_tokens = block - 1
-    float_speed = tokens_per_second(model, prompt, new_tokens, args.repeats)
+    float_speed = generation_speed(model, prompt, new_tokens, args.repeats)
     print(f"generation, batch 1, KV cache, {new_tokens} tokens: float {float_speed:.0f} tok/s")
     for name, integer in integers.items():
-        speed = tokens_per_second(integer, prompt, new_tokens, args.repeats)
+        speed = generation_speed(integer, prompt, new_tokens, args.repeats)
         print(f"  {name:<40} {speed:.0f} tok/s  ({speed / float_speed:.2f}x float)")
 
 

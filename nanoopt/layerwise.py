@@ -12,6 +12,8 @@ into an accumulator (``add_batch``), then hands the accumulator to the method, w
 * :func:`calibration_batches` -- the batches as a list (an array or Tensor is one batch; ``(x, y)`` pairs give x);
 * :func:`select_linears` -- the Linear layers to compress, by dotted-name patterns (``targets=``, ``ignore=``);
 * :func:`execution_order` -- the selected layers in the order the model calls them;
+* :func:`layers_to_calibrate` -- all of the above (and :func:`check_untied`) for a method that changes weights in
+  place;
 * :class:`LayerHessian` -- ``H = (2 / n) sum_rows x x^T`` accumulated batch by batch (GPTQ's ``add_batch``);
 * :func:`inverse_hessian_cholesky` -- the upper Cholesky factor of ``(H + lambda I)^-1`` with GPTQ's damping.
 
@@ -43,7 +45,7 @@ from nanoopt.tensor import Tensor, no_grad
 
 __all__ = [
     "LayerHessian", "calibration_batches", "check_untied", "execution_order", "inverse_hessian_cholesky",
-    "select_linears", "sequential",
+    "layers_to_calibrate", "select_linears", "sequential",
 ]
 
 
@@ -170,6 +172,28 @@ def execution_order(model: Module, layers: Sequence[tuple[str, Module]], batch: 
         raise ValueError(f"{what}: Linear layer(s) {missing} are not called on the calibration input, so they "
                          "have no inputs to calibrate on; leave them out with ignore=")
     return sorted(layers, key=lambda item: first_call[item[0]])
+
+
+def layers_to_calibrate(model: Module, calibration: Any, targets: Sequence[str] | None, ignore: Sequence[str],
+                        what: str, check: Callable[[str, Linear], None]) -> tuple[list[Any], list[tuple[str, Linear]]]:
+    """The calibration batches and the ``(name, layer)`` of the Linear layers a method that changes weights in
+    place compresses, in the order the model calls them: :func:`calibration_batches`, :func:`select_linears` by
+    ``targets`` / ``ignore``, :func:`check_untied`, the method's own ``check(name, layer)`` on each, then
+    :func:`execution_order` on the first batch.
+
+    >>> from nanoopt import models
+    >>> model = models.mlp(8, (16,), num_classes=4)
+    >>> batches, layers = layers_to_calibrate(model, np.zeros((2, 8), np.float32), None, ["1"], "example",
+    ...                                       lambda name, layer: None)
+    >>> len(batches), [name for name, _ in layers]
+    (1, ['3'])
+    """
+    batches = calibration_batches(calibration, what)
+    layers = select_linears(model, targets, ignore, what)
+    check_untied(model, layers, what)
+    for name, layer in layers:
+        check(name, layer)
+    return batches, execution_order(model, layers, batches[0], what)
 
 
 def sequential(model: Module, layers: Sequence[tuple[str, Module]], batches: Sequence[Any],

@@ -7,6 +7,9 @@ A primitive is a :class:`Function` subclass with two static methods:
 * ``backward(ctx, grad) -> tuple`` receives d(loss)/d(output) and returns d(loss)/d(input) for every tensor
   input (``None`` where no gradient is needed), i.e. the vector-Jacobian product.
 
+A unary elementwise primitive (``Exp``, ``Log``, ...) gives only ``f`` and its ``vjp`` in one line each; the
+forward and backward above are written once, in ``_Elementwise``.
+
 Everything else (variance, MSE, KL divergence, dropout, ...) is composed from these, and gets its gradient for
 free. Broadcasting is undone in exactly one place, :func:`unbroadcast`. The design follows early tinygrad's
 ``Function`` / ``ctx.save_for_backward`` and HIPS/autograd's one-VJP-per-primitive layout.
@@ -258,82 +261,74 @@ class Where(Function):
 
 
 # ===================================================================== elementwise functions
-class Exp(Function):
+class _Elementwise(Function):
+    """A unary elementwise primitive ``y = f(a)``. Its backward is ``vjp(grad, saved)``, the incoming gradient
+    times f'(a), where ``saved`` is the output ``y`` or the input ``a`` (``saves``), whichever f' is written in."""
+
+    saves = "output"
+
     @staticmethod
-    def forward(ctx, a):
-        out = np.exp(a)
-        ctx.save_for_backward(out)
+    def f(a: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def vjp(grad: np.ndarray, saved: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @classmethod
+    def forward(cls, ctx, a):
+        out = cls.f(a)
+        ctx.save_for_backward(out if cls.saves == "output" else a)
         return out
 
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved
-        return (grad * out,)
+    @classmethod
+    def backward(cls, ctx, grad):
+        (saved,) = ctx.saved
+        return (cls.vjp(grad, saved),)
 
 
-class Log(Function):
-    @staticmethod
-    def forward(ctx, a):
-        ctx.save_for_backward(a)
-        return np.log(a)
+class Exp(_Elementwise):
+    """exp(a); d/da = exp(a), the output."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        (a,) = ctx.saved
-        return (grad / a,)
+    f = staticmethod(np.exp)
+    vjp = staticmethod(lambda grad, out: grad * out)
 
 
-class Sqrt(Function):
-    @staticmethod
-    def forward(ctx, a):
-        out = np.sqrt(a)
-        ctx.save_for_backward(out)
-        return out
+class Log(_Elementwise):
+    """log(a); d/da = 1 / a."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved
-        return (grad / (2 * out),)
+    saves = "input"
+    f = staticmethod(np.log)
+    vjp = staticmethod(lambda grad, a: grad / a)
 
 
-class Abs(Function):
+class Sqrt(_Elementwise):
+    """sqrt(a); d/da = 1 / (2 sqrt(a))."""
+
+    f = staticmethod(np.sqrt)
+    vjp = staticmethod(lambda grad, out: grad / (2 * out))
+
+
+class Abs(_Elementwise):
     """|a|; the subgradient at 0 is 0 (as PyTorch)."""
 
-    @staticmethod
-    def forward(ctx, a):
-        ctx.save_for_backward(a)
-        return np.abs(a)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (a,) = ctx.saved
-        return (grad * np.sign(a),)
+    saves = "input"
+    f = staticmethod(np.abs)
+    vjp = staticmethod(lambda grad, a: grad * np.sign(a))
 
 
-class Tanh(Function):
-    @staticmethod
-    def forward(ctx, a):
-        out = np.tanh(a)
-        ctx.save_for_backward(out)
-        return out
+class Tanh(_Elementwise):
+    """tanh(a); d/da = 1 - tanh(a)^2."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved
-        return (grad * (1 - out * out),)
+    f = staticmethod(np.tanh)
+    vjp = staticmethod(lambda grad, out: grad * (1 - out * out))
 
 
-class Sigmoid(Function):
-    @staticmethod
-    def forward(ctx, a):
-        out = special.expit(a)
-        ctx.save_for_backward(out)
-        return out
+class Sigmoid(_Elementwise):
+    """sigma(a) = 1 / (1 + exp(-a)); d/da = sigma(a) (1 - sigma(a))."""
 
-    @staticmethod
-    def backward(ctx, grad):
-        (out,) = ctx.saved
-        return (grad * out * (1 - out),)
+    f = staticmethod(special.expit)
+    vjp = staticmethod(lambda grad, out: grad * out * (1 - out))
 
 
 class ReLU(Function):
@@ -407,12 +402,20 @@ class GELU(Function):
 
 
 # ===================================================================== reductions
+def _save_reduction(ctx: Context, a: np.ndarray, axis: int | Sequence[int] | None, keepdims: bool
+                    ) -> tuple[int, ...]:
+    """The normalised ``axes`` of a sum or mean of ``a``, recorded as the node's attribute and saved, with the
+    input shape and ``keepdims``, for the backward (which broadcasts the gradient back over them)."""
+    axes = _normalise_axis(axis, a.ndim)
+    ctx.attributes["axes"] = axes
+    ctx.save_for_backward(a.shape, axes, keepdims)
+    return axes
+
+
 class Sum(Function):
     @staticmethod
     def forward(ctx, a, axis=None, keepdims=False):
-        axes = _normalise_axis(axis, a.ndim)
-        ctx.attributes["axes"] = axes
-        ctx.save_for_backward(a.shape, axes, keepdims)
+        axes = _save_reduction(ctx, a, axis, keepdims)
         return np.asarray(a.sum(axis=axes, keepdims=keepdims))
 
     @staticmethod
@@ -424,9 +427,7 @@ class Sum(Function):
 class Mean(Function):
     @staticmethod
     def forward(ctx, a, axis=None, keepdims=False):
-        axes = _normalise_axis(axis, a.ndim)
-        ctx.attributes["axes"] = axes
-        ctx.save_for_backward(a.shape, axes, keepdims)
+        axes = _save_reduction(ctx, a, axis, keepdims)
         return np.asarray(a.mean(axis=axes, keepdims=keepdims), dtype=a.dtype)
 
     @staticmethod

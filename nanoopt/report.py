@@ -85,6 +85,12 @@ def latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int =
 
     The minimum is the least disturbed by other processes on a shared machine (the usual micro-benchmark rule);
     compare latencies measured in the same run."""
+    return float(np.min(_run_seconds(model, batch, repeats)) * 1e3)
+
+
+def _run_seconds(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` runs of ``model(batch)`` after one warm-up run, in eval mode, without
+    gradients (a Module is left in eval mode)."""
     if isinstance(model, Module):
         model.eval()
     times = []
@@ -94,7 +100,7 @@ def latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats: int =
             start = time.perf_counter()
             model(Tensor(batch))
             times.append(time.perf_counter() - start)
-    return float(np.min(times) * 1e3)
+    return times
 
 
 @dataclass
@@ -280,15 +286,8 @@ def median_latency_ms(model: Callable[[Tensor], Any], batch: np.ndarray, repeats
     >>> median_latency_ms(no.models.tiny_mlp(), np.zeros((1, 64), np.float32), repeats=3) > 0
     True
     """
-    if isinstance(model, Module):
-        model.eval()
-    times = []
-    with single_thread(), no_grad():
-        model(Tensor(batch))
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(Tensor(batch))
-            times.append(time.perf_counter() - start)
+    with single_thread():
+        times = _run_seconds(model, batch, repeats)
     return float(np.median(times) * 1e3)
 
 

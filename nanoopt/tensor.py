@@ -23,32 +23,33 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-_grad_enabled = True
+_grad_mode = threading.local()  # per thread, as in PyTorch: each thread starts with recording on
 
 
 def is_grad_enabled() -> bool:
-    """Whether operations currently record the graph for backward."""
-    return _grad_enabled
+    """Whether operations currently record the graph for backward (in the calling thread)."""
+    return getattr(_grad_mode, "enabled", True)
 
 
 class _GradMode(contextlib.ContextDecorator):
+    """Switches recording for the calling thread; the previous states are kept per thread, so one instance
+    (e.g. a ``@no_grad()`` decorator) may be entered from several threads at once."""
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.previous: list[bool] = []
 
     def __enter__(self) -> None:
-        global _grad_enabled
-        self.previous.append(_grad_enabled)
-        _grad_enabled = self.enabled
+        _grad_mode.__dict__.setdefault("previous", []).append(is_grad_enabled())
+        _grad_mode.enabled = self.enabled
 
     def __exit__(self, *exc: object) -> None:
-        global _grad_enabled
-        _grad_enabled = self.previous.pop()
+        _grad_mode.enabled = _grad_mode.previous.pop()
 
 
 def no_grad() -> _GradMode:

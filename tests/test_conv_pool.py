@@ -1,6 +1,6 @@
 """conv2d, max_pool2d, avg_pool2d and adaptive_avg_pool2d forward against plain nested-loop NumPy references.
 
-The references below are the definitions written out index by index (PyTorch's semantics: cross-correlation,
+The references below are the definitions written out output by output (PyTorch's semantics: cross-correlation,
 output size floor((H + 2p - d (k - 1) - 1) / s) + 1, max pooling pads with -inf, average pooling counts the zero
 padding in the divisor, adaptive bins [floor(i H / out), ceil((i + 1) H / out))). Hypothesis draws batch, channels,
 size, kernel, stride, padding, dilation and groups; in float64 the results must agree to ~1e-12.
@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import pytest
+from conv_strategies import conv_cases, pool_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ def out_size(size, kernel, stride, padding, dilation=1):
 
 
 def conv2d_loops(x, weight, bias, stride, padding, dilation, groups):
+    """Output by output: bias + the sum of the weights times their group's (dilated, zero-padded) input window."""
     n, c, h, w = x.shape
     oc, cg, kh, kw = weight.shape
     padded = np.zeros((n, c, h + 2 * padding[0], w + 2 * padding[1]))
@@ -33,19 +35,12 @@ def conv2d_loops(x, weight, bias, stride, padding, dilation, groups):
     oh = out_size(h, kh, stride[0], padding[0], dilation[0])
     ow = out_size(w, kw, stride[1], padding[1], dilation[1])
     out = np.zeros((n, oc, oh, ow))
-    per_group = oc // groups
-    for b in range(n):
-        for o in range(oc):
-            g = o // per_group
-            for y in range(oh):
-                for x_ in range(ow):
-                    total = 0.0 if bias is None else bias[o]
-                    for ch in range(cg):
-                        for i in range(kh):
-                            for j in range(kw):
-                                total += weight[o, ch, i, j] * padded[b, g * cg + ch, y * stride[0] + i * dilation[0],
-                                                                      x_ * stride[1] + j * dilation[1]]
-                    out[b, o, y, x_] = total
+    for b, o, y, x_ in np.ndindex(n, oc, oh, ow):
+        g = o // (oc // groups)
+        top, left = y * stride[0], x_ * stride[1]
+        window = padded[b, g * cg:(g + 1) * cg, top:top + dilation[0] * (kh - 1) + 1:dilation[0],
+                        left:left + dilation[1] * (kw - 1) + 1:dilation[1]]  # (cg, kh, kw)
+        out[b, o, y, x_] = (0.0 if bias is None else bias[o]) + float(np.sum(weight[o] * window))
     return out
 
 
@@ -91,35 +86,6 @@ def adaptive_avg_pool2d_loops(x, output_size):
 seeds = st.integers(0, 2**32 - 1)
 
 
-@st.composite
-def conv_cases(draw):
-    groups = draw(st.integers(1, 3))
-    depthwise = draw(st.booleans())
-    in_per_group = 1 if depthwise else draw(st.integers(1, 3))
-    out_per_group = draw(st.integers(1, 2))
-    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    min_h = max(1, dilation[0] * (kernel[0] - 1) + 1 - 2 * padding[0])
-    min_w = max(1, dilation[1] * (kernel[1] - 1) + 1 - 2 * padding[1])
-    size = (draw(st.integers(min_h, min_h + 5)), draw(st.integers(min_w, min_w + 5)))
-    x_shape = (draw(st.integers(1, 3)), groups * in_per_group, *size)
-    weight_shape = (groups * out_per_group, in_per_group, *kernel)
-    return x_shape, weight_shape, draw(st.booleans()), dict(stride=stride, padding=padding, dilation=dilation,
-                                                            groups=groups)
-
-
-@st.composite
-def pool_cases(draw):
-    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    stride = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
-    h = draw(st.integers(max(1, kernel[0] - 2 * padding[0]), 9))
-    w = draw(st.integers(max(1, kernel[1] - 2 * padding[1]), 9))
-    return (draw(st.integers(1, 3)), draw(st.integers(1, 3)), h, w), kernel, stride, padding
-
-
 # ===================================================================== forward against the loops
 @EXAMPLES
 @given(conv_cases(), seeds)
@@ -146,22 +112,15 @@ def test_conv2d_float32_stays_float32_and_close(case, seed):
     np.testing.assert_allclose(out.data, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind, pool, tolerance", [("max", F.max_pool2d, dict(rtol=0, atol=0)),  # exact: a pick
+                                                    ("avg", F.avg_pool2d, TIGHT)])
 @EXAMPLES
 @given(pool_cases(), seeds)
-def test_max_pool2d_matches_the_loop_reference(case, seed):
+def test_pool2d_matches_the_loop_reference(kind, pool, tolerance, case, seed):
     shape, kernel, stride, padding = case
     x = np.random.default_rng(seed).standard_normal(shape)
-    out = F.max_pool2d(no.Tensor(x), kernel, stride, padding)
-    np.testing.assert_array_equal(out.data, pool2d_loops(x, kernel, stride, padding, "max"))
-
-
-@EXAMPLES
-@given(pool_cases(), seeds)
-def test_avg_pool2d_matches_the_loop_reference(case, seed):
-    shape, kernel, stride, padding = case
-    x = np.random.default_rng(seed).standard_normal(shape)
-    out = F.avg_pool2d(no.Tensor(x), kernel, stride, padding)
-    np.testing.assert_allclose(out.data, pool2d_loops(x, kernel, stride, padding, "avg"), **TIGHT)
+    out = pool(no.Tensor(x), kernel, stride, padding)
+    np.testing.assert_allclose(out.data, pool2d_loops(x, kernel, stride, padding, kind), **tolerance)
 
 
 @EXAMPLES

@@ -1,12 +1,14 @@
 """Every differentiable primitive: reverse mode against central finite differences in float64 (check_grads).
 
-One test per op, each one line of checking. Hypothesis draws the shapes (broadcasting included) and a seed for the
-values; values are kept away from the points where an op is not differentiable (|x| near 0 for abs and relu, ties
-for max and maximum, the bounds of clip), since a finite difference straddling a kink measures neither side.
+One test case per op (the ops of one family share a parametrized test), each one line of checking. Hypothesis
+draws the shapes (broadcasting included) and a seed for the values; values are kept away from the points where an
+op is not differentiable (|x| near 0 for abs and relu, ties for max and maximum, the bounds of clip), since a finite
+difference straddling a kink measures neither side.
 """
 
 import numpy as np
 import pytest
+from conv_strategies import conv_cases, pool_cases
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, basic_indices, mutually_broadcastable_shapes
@@ -21,6 +23,10 @@ seeds = st.integers(0, 2**32 - 1)
 shapes = array_shapes(min_dims=0, max_dims=4, min_side=1, max_side=4)
 pairs = mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=4, min_side=1, max_side=4)
 triples = mutually_broadcastable_shapes(num_shapes=3, min_dims=0, max_dims=3, min_side=1, max_side=4)
+# a finite difference costs a forward per input element: smaller geometries than test_conv_pool.py's
+small_convolutions = conv_cases(max_kernel=3, max_stride=2, max_dilation=2, max_in_per_group=2, max_extra=4,
+                                max_batch=2)
+small_pools = pool_cases(max_kernel=3, max_stride=3, max_size=6, max_batch=2)
 
 
 def normal(seed, *shape_list):
@@ -56,35 +62,13 @@ def axes_for(draw, shape):
 
 
 # ===================================================================== elementwise arithmetic (broadcasting)
+@pytest.mark.parametrize("op, divisor", [(ops.add, False), (ops.sub, False), (ops.mul, False), (ops.div, True)],
+                         ids=["add", "sub", "mul", "div"])
 @FEW
 @given(pairs, seeds)
-def test_add(s, seed):
-    check_grads(ops.add, normal(seed, *s.input_shapes))
-
-
-@FEW
-@given(pairs, seeds)
-def test_sub(s, seed):
-    check_grads(ops.sub, normal(seed, *s.input_shapes))
-
-
-@FEW
-@given(pairs, seeds)
-def test_mul(s, seed):
-    check_grads(ops.mul, normal(seed, *s.input_shapes))
-
-
-@FEW
-@given(pairs, seeds)
-def test_div(s, seed):
+def test_add_sub_mul_div(op, divisor, s, seed):
     a, b = normal(seed, *s.input_shapes)
-    check_grads(ops.div, [a, away_from_zero(b, 0.5)])
-
-
-@FEW
-@given(shapes, seeds)
-def test_neg(shape, seed):
-    check_grads(ops.neg, normal(seed, shape))
+    check_grads(op, [a, away_from_zero(b, 0.5) if divisor else b])
 
 
 @FEW
@@ -137,46 +121,25 @@ def test_ties_share_the_gradient_equally_and_kinks_take_subgradient_zero():
 
 
 # ===================================================================== elementwise functions
+# each op with how its standard-normal inputs are moved off its poles and kinks (and out of sigmoid's flat tails)
+ELEMENTWISE = {
+    "neg": (ops.neg, lambda x: x),
+    "exp": (ops.exp, lambda x: x),
+    "log": (ops.log, lambda x: np.abs(x) + 0.1),
+    "sqrt": (ops.sqrt, lambda x: np.abs(x) + 0.1),
+    "abs": (ops.abs, away_from_zero),
+    "tanh": (ops.tanh, lambda x: x),
+    "sigmoid": (ops.sigmoid, lambda x: 3 * x),
+    "relu": (ops.relu, away_from_zero),
+}
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
 @FEW
 @given(shapes, seeds)
-def test_exp(shape, seed):
-    check_grads(ops.exp, normal(seed, shape))
-
-
-@FEW
-@given(shapes, seeds)
-def test_log(shape, seed):
-    check_grads(ops.log, [np.abs(x) + 0.1 for x in normal(seed, shape)])
-
-
-@FEW
-@given(shapes, seeds)
-def test_sqrt(shape, seed):
-    check_grads(ops.sqrt, [np.abs(x) + 0.1 for x in normal(seed, shape)])
-
-
-@FEW
-@given(shapes, seeds)
-def test_abs(shape, seed):
-    check_grads(ops.abs, [away_from_zero(x) for x in normal(seed, shape)])
-
-
-@FEW
-@given(shapes, seeds)
-def test_tanh(shape, seed):
-    check_grads(ops.tanh, normal(seed, shape))
-
-
-@FEW
-@given(shapes, seeds)
-def test_sigmoid(shape, seed):
-    check_grads(ops.sigmoid, [3 * x for x in normal(seed, shape)])
-
-
-@FEW
-@given(shapes, seeds)
-def test_relu(shape, seed):
-    check_grads(ops.relu, [away_from_zero(x) for x in normal(seed, shape)])
+def test_elementwise(name, shape, seed):
+    op, inputs = ELEMENTWISE[name]
+    check_grads(op, [inputs(x) for x in normal(seed, shape)])
 
 
 @FEW
@@ -196,25 +159,14 @@ def test_gelu(shape, seed, approximate):
 
 
 # ===================================================================== reductions
+@pytest.mark.parametrize("op, values", [(ops.sum, normal), (ops.mean, normal),
+                                        (ops.max, lambda seed, shape: [distinct(seed, shape)])],  # max: no ties
+                         ids=["sum", "mean", "max"])
 @FEW
 @given(st.data(), shapes, seeds, st.booleans())
-def test_sum(data, shape, seed, keepdims):
+def test_sum_mean_max(op, values, data, shape, seed, keepdims):
     axis = data.draw(axes_for(shape))
-    check_grads(lambda a: ops.sum(a, axis=axis, keepdims=keepdims), normal(seed, shape))
-
-
-@FEW
-@given(st.data(), shapes, seeds, st.booleans())
-def test_mean(data, shape, seed, keepdims):
-    axis = data.draw(axes_for(shape))
-    check_grads(lambda a: ops.mean(a, axis=axis, keepdims=keepdims), normal(seed, shape))
-
-
-@FEW
-@given(st.data(), shapes, seeds, st.booleans())
-def test_max(data, shape, seed, keepdims):
-    axis = data.draw(axes_for(shape))
-    check_grads(lambda a: ops.max(a, axis=axis, keepdims=keepdims), [distinct(seed, shape)])
+    check_grads(lambda a: op(a, axis=axis, keepdims=keepdims), values(seed, shape))
 
 
 @FEW
@@ -423,28 +375,8 @@ def test_layer_norm(normalized, batch, seed):
 
 
 # ===================================================================== convolution and pooling
-@st.composite
-def conv_cases(draw):
-    groups = draw(st.integers(1, 3))
-    depthwise = draw(st.booleans())
-    in_per_group = 1 if depthwise else draw(st.integers(1, 2))
-    out_per_group = draw(st.integers(1, 2))
-    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    min_h = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0])
-    min_w = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1])
-    h, w = draw(st.integers(min_h, min_h + 4)), draw(st.integers(min_w, min_w + 4))
-    n = draw(st.integers(1, 2))
-    x_shape = (n, groups * in_per_group, h, w)
-    weight_shape = (groups * out_per_group, in_per_group, kh, kw)
-    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-    return x_shape, weight_shape, draw(st.booleans()), options
-
-
 @FEW
-@given(conv_cases(), seeds)
+@given(small_convolutions, seeds)
 def test_conv2d(case, seed):
     x_shape, weight_shape, bias, options = case
     x, weight, b = normal(seed, x_shape, weight_shape, weight_shape[:1])
@@ -454,25 +386,15 @@ def test_conv2d(case, seed):
         check_grads(lambda a, w: F.conv2d(a, w, None, **options), [x, weight])
 
 
-@st.composite
-def pool_cases(draw):
-    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    padding = (draw(st.integers(0, kernel[0] // 2)), draw(st.integers(0, kernel[1] // 2)))
-    h = draw(st.integers(max(1, kernel[0] - 2 * padding[0]), 6))
-    w = draw(st.integers(max(1, kernel[1] - 2 * padding[1]), 6))
-    return (draw(st.integers(1, 2)), draw(st.integers(1, 2)), h, w), kernel, stride, padding
-
-
 @FEW
-@given(pool_cases(), seeds)
+@given(small_pools, seeds)
 def test_max_pool2d(case, seed):
     shape, kernel, stride, padding = case
     check_grads(lambda a: F.max_pool2d(a, kernel, stride, padding), [distinct(seed, shape)])
 
 
 @FEW
-@given(pool_cases(), seeds)
+@given(small_pools, seeds)
 def test_avg_pool2d(case, seed):
     shape, kernel, stride, padding = case
     check_grads(lambda a: F.avg_pool2d(a, kernel, stride, padding), normal(seed, shape))

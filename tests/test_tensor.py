@@ -291,3 +291,32 @@ def test_tensor_indices_must_be_whole_numbers():
     assert x[no.Tensor([2, 0])].data.tolist() == [[4.0, 5.0], [0.0, 1.0]]
     with pytest.raises(TypeError, match="whole numbers"):
         x[no.Tensor([0.7])]
+
+
+def test_grad_mode_is_per_thread():
+    """no_grad in one thread leaves recording on in another, and every thread ends where it started."""
+    import threading
+
+    from nanoopt.tensor import is_grad_enabled, no_grad
+
+    inside, barrier = [], threading.Barrier(2)
+
+    def worker(use_no_grad: bool) -> None:
+        for _ in range(200):
+            if use_no_grad:
+                with no_grad():
+                    barrier.wait()
+                    inside.append(("off", is_grad_enabled()))
+                    barrier.wait()
+            else:
+                barrier.wait()
+                inside.append(("on", is_grad_enabled()))
+                barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(flag,)) for flag in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(inside)) == [("off", False), ("on", True)]
+    assert is_grad_enabled()

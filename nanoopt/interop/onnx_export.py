@@ -47,19 +47,8 @@ from nanoopt.interop import onnx_modules as om
 from nanoopt.interop.onnx_import import require_onnx
 from nanoopt.kernels.reference import add_multipliers
 from nanoopt.nn.graph import hooks
+from nanoopt.quant import qmodules as qm
 from nanoopt.quant.dynamic import WeightOnlyConv2d, WeightOnlyLinear, _WeightOnly
-from nanoopt.quant.qmodules import (
-    FloatFallback,
-    QuantizedAdd,
-    QuantizedAvgPool2d,
-    QuantizedConv2d,
-    QuantizedFlatten,
-    QuantizedLinear,
-    QuantizedMaxPool2d,
-    QuantizedModel,
-    QuantizedModule,
-    QuantizedReLU,
-)
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = ["OnnxExportError", "compare", "export"]
@@ -72,7 +61,7 @@ class OnnxExportError(ValueError):
 
 
 def _is_leaf(module: nn.Module) -> bool:
-    return isinstance(module, QuantizedModule | _WeightOnly) or not list(module.children())
+    return isinstance(module, qm.QuantizedModule | _WeightOnly) or not list(module.children())
 
 
 def _trace(model: nn.Module, example: Any) -> tuple[list[tuple[str, nn.Module, list[int], Any]], Any]:
@@ -230,10 +219,7 @@ def _emit_float(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[tu
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return _adaptive_pool(g, x, module.output_size, shapes[0], name)
     if isinstance(module, nn.Flatten):
-        if module.start_dim == 1:
-            return g.node("Flatten", [x], name, axis=1)
-        return g.node("Reshape", [x, g.const(np.array([0] * module.start_dim + [-1], np.int64), f"{name}.shape")],
-                      name)
+        return _flatten(g, x, module.start_dim, name)
     if isinstance(module, nn.Add):
         return g.node("Add", inputs[:2], name)
     return _emit_imported(g, module, inputs, shapes, name)
@@ -330,17 +316,26 @@ def _weight(g: _Graph, codes: np.ndarray, scale: np.ndarray, name: str) -> str:
                   f"{name}_weight", axis=0)
 
 
+def _flatten(g: _Graph, x: str, start_dim: int, name: str) -> str:
+    """``Flatten`` merges the axes from 1 on; from another ``start_dim``, a ``Reshape`` to ``[0] * start_dim + [-1]``
+    (0 keeps an axis as it is)."""
+    if start_dim == 1:
+        return g.node("Flatten", [x], name, axis=1)
+    return g.node("Reshape", [x, g.const(np.array([0] * start_dim + [-1], np.int64), f"{name}.shape")], name)
+
+
 def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[tuple], name: str) -> str:
     """One module of a converted model: codes in, codes out."""
     x = inputs[0] if inputs else ""
-    if g.quant_format == "qoperator" or isinstance(module, QuantizedAvgPool2d) and module.input_spec.dtype == np.int8:
+    int8_average = isinstance(module, qm.QuantizedAvgPool2d) and module.input_spec.dtype == np.int8
+    if g.quant_format == "qoperator" or int8_average:
         # average pooling is written exactly in both forms: DequantizeLinear -> AveragePool -> QuantizeLinear would
         # round a window mean ending in .5 to even, nanoopt (and TFLite) away from zero: a step off for a quarter
         # of the outputs of a 2x2 pool
         written = _emit_integer_operator(g, module, inputs, shapes, name)
         if written is not None:
             return written
-    if isinstance(module, QuantizedLinear | QuantizedConv2d):
+    if isinstance(module, qm.QuantizedLinear | qm.QuantizedConv2d):
         ispec, ospec = module.input_spec, module.output_spec
         xf = _dequantize(g, x, module.input_scale, module.input_zero_point, ispec.dtype, f"{name}.input")
         weight = _weight(g, module.weight, module.weight_scale, name)
@@ -354,7 +349,7 @@ def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[
                                                            f"{name}.bias_zero_point")], f"{name}_bias", axis=0)
             else:  # 64-bit bias (16x8 mode): ONNX DequantizeLinear has no int64 input; store the real values
                 bias = g.const((module.bias.astype(np.float64) * bias_scale).astype(np.float32), f"{name}.bias")
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, qm.QuantizedLinear):
             y = _linear(g, xf, weight, bias, len(shapes[0]), name)
         else:
             y = g.node("Conv", [xf, weight] + ([bias] if bias else []), name,
@@ -362,7 +357,7 @@ def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[
         if module.relu:
             y = g.node("Relu", [y], f"{name}_relu")
         return _quantize(g, y, module.output_scale, module.output_zero_point, ospec.dtype, f"{name}.output")
-    if isinstance(module, QuantizedAdd):
+    if isinstance(module, qm.QuantizedAdd):
         a = _dequantize(g, inputs[0], module.first_scale, module.first_zero_point, module.first_spec.dtype,
                         f"{name}.first")
         b = _dequantize(g, inputs[1], module.second_scale, module.second_zero_point, module.second_spec.dtype,
@@ -372,10 +367,10 @@ def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[
             y = g.node("Relu", [y], f"{name}_relu")
         return _quantize(g, y, module.output_scale, module.output_zero_point, module.output_spec.dtype,
                          f"{name}.output")
-    if isinstance(module, QuantizedMaxPool2d):  # on codes: max commutes with a monotone dequantization
+    if isinstance(module, qm.QuantizedMaxPool2d):  # on codes: max commutes with a monotone dequantization
         return g.node("MaxPool", [x], name, kernel_shape=list(module.kernel_size), strides=list(module.stride),
                       pads=[*module.padding, *module.padding])
-    if isinstance(module, QuantizedAvgPool2d):
+    if isinstance(module, qm.QuantizedAvgPool2d):
         xf = _dequantize(g, x, module.input_scale, module.input_zero_point, module.input_spec.dtype, f"{name}.input")
         if module.output_size is not None:
             y = _adaptive_pool(g, xf, module.output_size, shapes[0], name)
@@ -383,16 +378,13 @@ def _emit_integer(g: _Graph, module: nn.Module, inputs: list[str], shapes: list[
             y = g.node("AveragePool", [xf], name, kernel_shape=list(module.kernel_size),
                        strides=list(module.stride), pads=[*module.padding, *module.padding], count_include_pad=1)
         return _quantize(g, y, module.input_scale, module.input_zero_point, module.input_spec.dtype, f"{name}.output")
-    if isinstance(module, QuantizedReLU):  # max(q, zero_point), on codes
+    if isinstance(module, qm.QuantizedReLU):  # max(q, zero_point), on codes
         zero = g.const(np.asarray(module.input_zero_point).astype(module.input_spec.dtype).reshape(()),
                        f"{name}.zero_point")
         return g.node("Max", [x, zero], name)
-    if isinstance(module, QuantizedFlatten):
-        if module.start_dim == 1:
-            return g.node("Flatten", [x], name, axis=1)
-        return g.node("Reshape", [x, g.const(np.array([0] * module.start_dim + [-1], np.int64), f"{name}.shape")],
-                      name)
-    if isinstance(module, FloatFallback):
+    if isinstance(module, qm.QuantizedFlatten):
+        return _flatten(g, x, module.start_dim, name)
+    if isinstance(module, qm.FloatFallback):
         floats = [_dequantize(g, value, getattr(module, f"input{i}_scale"), getattr(module, f"input{i}_zero_point"),
                               getattr(module, f"input{i}_spec").dtype, f"{name}.input{i}")
                   for i, value in enumerate(inputs)]
@@ -482,10 +474,10 @@ def _emit_integer_operator(g: _Graph, module: nn.Module, inputs: list[str], shap
     """
     x = inputs[0] if inputs else ""
     cast64 = dict(to=g.onnx.TensorProto.INT64)
-    if isinstance(module, QuantizedLinear | QuantizedConv2d):
+    if isinstance(module, qm.QuantizedLinear | qm.QuantizedConv2d):
         _check_int8([module.input_spec, module.output_spec], name)
         zero_in = g.const(np.int8(int(module.input_zero_point)), f"{name}.input_zero_point")
-        if isinstance(module, QuantizedConv2d):
+        if isinstance(module, qm.QuantizedConv2d):
             acc = g.node("ConvInteger", [x, g.const(module.weight.astype(np.int8), f"{name}.weight_q"), zero_in],
                          f"{name}_acc", **_conv_attributes(module.stride, module.padding, module.dilation,
                                                            module.groups))
@@ -499,7 +491,7 @@ def _emit_integer_operator(g: _Graph, module: nn.Module, inputs: list[str], shap
             acc = g.node("Add", [acc, _i64(g, module.bias.reshape(channel_shape), f"{name}.bias_q")], f"{name}_biased")
         scaled = _multiply_by_quantized_multiplier(g, acc, module.m0, module.shift, channel_shape, name)
         return _to_codes(g, scaled, int(module.output_zero_point), module.relu, f"{name}.output")
-    if isinstance(module, QuantizedAvgPool2d):
+    if isinstance(module, qm.QuantizedAvgPool2d):
         _check_int8([module.input_spec], name)
         channels = shapes[0][1]
         if module.output_size is not None:
@@ -521,7 +513,7 @@ def _emit_integer_operator(g: _Graph, module: nn.Module, inputs: list[str], shap
         mean = g.node("Where", [g.node("GreaterOrEqual", [total, _i64(g, 0, f"{name}.zero")], f"{name}_nonneg"),
                                 positive, negative], f"{name}_mean")
         return _to_codes(g, mean, zp, False, f"{name}.output")
-    if isinstance(module, QuantizedAdd):
+    if isinstance(module, qm.QuantizedAdd):
         _check_int8([module.first_spec, module.second_spec, module.output_spec], name)
         left, (m_a, s_a), (m_b, s_b), (m_out, s_out) = add_multipliers(
             module.first_scale, module.second_scale, module.output_scale, module.output_spec)
@@ -604,7 +596,7 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: Any, opset:
     g = _Graph(opset, quant_format)
     model.eval()
     x = np.asarray(example_input.data if isinstance(example_input, Tensor) else example_input, np.float32)
-    if isinstance(model, QuantizedModel):
+    if isinstance(model, qm.QuantizedModel):
         codes = model.quantize_input(x)
         q_in = _quantize(g, input_name, model.input_scale, model.input_zero_point, model.input_spec.dtype, "input")
         last, output = _walk(g, model.model, codes, _emit_integer, q_in)
@@ -669,7 +661,7 @@ def compare(model: nn.Module, path: str | os.PathLike, inputs: np.ndarray, batch
         "argmax_agree": float((a.reshape(len(a), -1).argmax(1) == b.reshape(len(b), -1).argmax(1)).mean()),
         "elements": int(a.size),
     }
-    if isinstance(model, QuantizedModel):
+    if isinstance(model, qm.QuantizedModel):
         steps = np.rint(np.abs(a.astype(np.float64) - b) / float(model.output_scale))
         report["max_steps"] = int(steps.max(initial=0))
         report["differing"] = int((steps > 0).sum())

@@ -16,7 +16,7 @@ These check their inputs (shapes, dtypes, ranges) and then call one primitive or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -224,14 +224,7 @@ def mse_loss(prediction: Any, target: Any, reduction: str = "mean") -> Tensor:
     prediction, target = _tensor(prediction), _tensor(target)
     if prediction.shape != target.shape:
         raise ValueError(f"mse_loss: prediction shape {prediction.shape} differs from target shape {target.shape}")
-    squared = (prediction - target) ** 2
-    if reduction == "mean":
-        return squared.mean()
-    if reduction == "sum":
-        return squared.sum()
-    if reduction == "none":
-        return squared
-    raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    return _reduce((prediction - target) ** 2, reduction, "mse_loss", ("mean", "sum", "none"))
 
 
 def kl_div(input: Any, target: Any, reduction: str = "batchmean", log_target: bool = False) -> Tensor:  # noqa: A002
@@ -250,12 +243,21 @@ def kl_div(input: Any, target: Any, reduction: str = "batchmean", log_target: bo
         positive = target.data > 0
         safe_log = ops.where(positive, target, 1.0).log()  # a graph, so a target that requires grad gets one
         pointwise = ops.where(positive, target * (safe_log - input), 0.0)
-    if reduction == "batchmean":
-        return pointwise.sum() / input.shape[0]
-    if reduction == "sum":
-        return pointwise.sum()
-    if reduction == "mean":
-        return pointwise.mean()
-    if reduction == "none":
-        return pointwise
-    raise ValueError(f"kl_div: reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+    return _reduce(pointwise, reduction, "kl_div", ("batchmean", "sum", "mean", "none"))
+
+
+_REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "mean": lambda values: values.mean(),                          # over every element
+    "sum": lambda values: values.sum(),
+    "batchmean": lambda values: values.sum() / values.shape[0],    # the sum over the batch size
+    "none": lambda values: values,
+}
+
+
+def _reduce(values: Tensor, reduction: str, function: str, choices: tuple[str, ...]) -> Tensor:
+    """The pointwise loss ``values`` reduced as ``reduction`` says, one of the ``choices`` that ``function`` takes."""
+    if reduction not in choices:
+        listed = ", ".join(repr(choice) for choice in choices[:-1])
+        raise ValueError(f"{function}: reduction must be {listed} or {choices[-1]!r}, got {reduction!r}")
+    return _REDUCTIONS[reduction](values)
+

@@ -180,6 +180,12 @@ def _what(method: str, module: Module, name: str) -> str:
     return f"{method}({module_label(module)}, {name!r})"
 
 
+def _parameter_along(module: Module, name: str, dim: int, what: str) -> tuple[Any, int]:
+    """``module.<name>`` (the original under a mask) and ``dim`` checked against its rank, as an index >= 0."""
+    parameter = get_parameter(module, name)
+    return parameter, _check_dim(dim, parameter.ndim, what)
+
+
 def _check_dim(dim: int, ndim: int, what: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or not -ndim <= dim < ndim:
         raise ValueError(f"{what}: dim must be an int in [{-ndim}, {ndim - 1}] for a {ndim}-D parameter, got {dim!r}")
@@ -240,8 +246,7 @@ def ln_structured(module: Module, name: str, amount: Amount, n: int | float | st
     3
     """
     what = _what("ln_structured", module, name)
-    parameter = get_parameter(module, name)
-    dim = _check_dim(dim, parameter.ndim, what)
+    parameter, dim = _parameter_along(module, name, dim, what)
     valid_norm = n == "fro" or (isinstance(n, numbers.Real) and not isinstance(n, bool) and not np.isnan(n))
     if not valid_norm:
         raise ValueError(f"{what}: n must be a number (the L_n norm; inf allowed) or 'fro', got {n!r}")
@@ -263,8 +268,7 @@ def random_structured(module: Module, name: str, amount: Amount, dim: int, seed:
     2
     """
     what = _what("random_structured", module, name)
-    parameter = get_parameter(module, name)
-    dim = _check_dim(dim, parameter.ndim, what)
+    parameter, dim = _parameter_along(module, name, dim, what)
     per_slice = random_scores((parameter.shape[dim],), seed)   # one uniform number per slice: all equally likely
     return apply_mask(module, name, slices_mask(per_slice, get_mask(module, name), amount, dim, what))
 

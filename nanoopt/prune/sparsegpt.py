@@ -38,15 +38,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.layerwise import (
-    LayerHessian,
-    calibration_batches,
-    check_untied,
-    execution_order,
-    inverse_hessian_cholesky,
-    select_linears,
-    sequential,
-)
+from nanoopt.layerwise import LayerHessian, inverse_hessian_cholesky, layers_to_calibrate, sequential
 from nanoopt.prune.calibrated import (
     Pattern,
     apply_pruned_weight,
@@ -126,12 +118,8 @@ def sparsegpt(model: nn.Module, calibration: Any, sparsity: float | None = None,
     """
     pattern = check_pattern(sparsity, n, m, "sparsegpt")
     _check_options(blocksize, percdamp, pattern, "sparsegpt")
-    batches = calibration_batches(calibration, "sparsegpt")
-    layers = select_linears(model, targets, ignore, "sparsegpt")
-    check_untied(model, layers, "sparsegpt")
-    for name, layer in layers:
-        check_layer(name, layer, pattern, "sparsegpt")
-    layers = execution_order(model, layers, batches[0], "sparsegpt")
+    batches, layers = layers_to_calibrate(model, calibration, targets, ignore, "sparsegpt",
+                                          lambda name, layer: check_layer(name, layer, pattern, "sparsegpt"))
 
     def start(name: str, layer: nn.Linear) -> LayerHessian:
         return LayerHessian(layer.in_features)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn
-from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
+from nanoopt.layerwise import layers_to_calibrate, sequential
 from nanoopt.prune.calibrated import apply_pruned_weight, check_layer, check_pattern, pattern_mask
 
 __all__ = ["InputNorms", "wanda", "wanda_scores"]
@@ -77,12 +77,8 @@ def wanda(model: nn.Module, calibration: Any, sparsity: float | None = None, *, 
     iterable of batches; ``targets`` / ``ignore``: Linear layer names or ``fnmatch`` patterns.
     """
     pattern = check_pattern(sparsity, n, m, "wanda")
-    batches = calibration_batches(calibration, "wanda")
-    layers = select_linears(model, targets, ignore, "wanda")
-    check_untied(model, layers, "wanda")
-    for name, layer in layers:
-        check_layer(name, layer, pattern, "wanda")
-    layers = execution_order(model, layers, batches[0], "wanda")
+    batches, layers = layers_to_calibrate(model, calibration, targets, ignore, "wanda",
+                                          lambda name, layer: check_layer(name, layer, pattern, "wanda"))
 
     def start(name: str, layer: nn.Linear) -> InputNorms:
         return InputNorms(layer.in_features)

@@ -41,7 +41,7 @@ from nanoopt.spec import QuantSpec
 
 __all__ = [
     "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig", "bias_dtype",
-    "weight_spec",
+    "config_or_default", "weight_spec",
 ]
 
 INT8_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=False)
@@ -174,6 +174,18 @@ class QuantConfig:
         """4-bit weights (``[-7, 7]``, range by the per-channel L2 search) with int8 activations ("W4A8")."""
         observer = PerChannelMSEObserver if per_channel else MinMaxObserver
         return cls(**{"weight": weight_spec(4, per_channel), "weight_observer": observer, **changes})
+
+
+def config_or_default(config: Any, default: Callable[[], QuantConfig]) -> QuantConfig:
+    """``config``, or ``default()`` where it is None; a ``TypeError`` where it is not a :class:`QuantConfig`.
+
+    >>> config_or_default(None, QuantConfig.int16_activations).activation.bits
+    16
+    """
+    config = default() if config is None else config
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    return config
 
 
 def bias_dtype(input_spec: QuantSpec) -> np.dtype:

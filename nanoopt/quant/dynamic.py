@@ -25,6 +25,7 @@ True
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -119,13 +120,21 @@ def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
         raise ValueError(f"quantize_dynamic: bits must be an int in [2, 8], got {bits!r}")
     require_float_model(model, "quantize_dynamic")
     check_finite_parameters(model, "quant.quantize_dynamic")
+    return _converted_copy(model, lambda module: DynamicQuantizedLinear(module, bits)
+                           if isinstance(module, nn.Linear) else None)
+
+
+def _converted_copy(model: nn.Module, replacement: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """A copy of ``model`` with every module for which ``replacement(module)`` gives a module replaced by it (the
+    replacement itself where that module is the model)."""
     converted = copy.deepcopy(model)
     for name, module in list(converted.named_modules()):
-        if isinstance(module, nn.Linear):
-            replacement = DynamicQuantizedLinear(module, bits)
-            if name == "":
-                return replacement
-            converted.set_submodule(name, replacement)
+        new = replacement(module)
+        if new is None:
+            continue
+        if name == "":
+            return new
+        converted.set_submodule(name, new)
     return converted
 
 
@@ -323,15 +332,12 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: int | None = N
         raise ValueError(f"quantize_weights: group_size must be a positive int or None, got {group_size!r}")
     require_float_model(model, "quantize_weights")
     check_finite_parameters(model, "quant.quantize_weights")
-    converted = copy.deepcopy(model)
-    for name, module in list(converted.named_modules()):
+
+    def weight_only(module: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Linear):
-            replacement: nn.Module = WeightOnlyLinear(module, bits, group_size)
-        elif isinstance(module, nn.Conv2d):
-            replacement = WeightOnlyConv2d(module, bits, group_size)
-        else:
-            continue
-        if name == "":
-            return replacement
-        converted.set_submodule(name, replacement)
-    return converted
+            return WeightOnlyLinear(module, bits, group_size)
+        if isinstance(module, nn.Conv2d):
+            return WeightOnlyConv2d(module, bits, group_size)
+        return None
+
+    return _converted_copy(model, weight_only)

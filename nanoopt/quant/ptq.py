@@ -47,7 +47,7 @@ from nanoopt.nn.graph import INPUT, Graph, trace
 from nanoopt.nn.names import check_layer_names
 from nanoopt.quant.bn_fold import fold_batchnorm
 from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
-from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.config import QuantConfig, config_or_default
 from nanoopt.quant.fake_quant import FakeQuantize
 from nanoopt.quant.qmodules import (
     FloatFallback,
@@ -199,9 +199,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     if isinstance(model, PreparedModel | QuantizedModel):
         raise TypeError(f"prepare expects a float model, got a {type(model).__name__}")
     require_float_model(model, "quant.prepare")
-    config = QuantConfig() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    config = config_or_default(config, QuantConfig)
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
     _check_float_model(model, example_input, "quant.prepare")

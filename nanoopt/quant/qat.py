@@ -65,7 +65,7 @@ from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
 from nanoopt.quant.bn_fold import batchnorm_pairs
 from nanoopt.quant.checks import check_finite_array, check_finite_parameters
-from nanoopt.quant.config import QuantConfig
+from nanoopt.quant.config import QuantConfig, config_or_default
 from nanoopt.quant.fake_quant import FakeQuantize, LSQQuantizer, PACTQuantizer, WeightFakeQuantize
 from nanoopt.quant.lowering import IntegerLayer, integer_layer
 from nanoopt.quant.observers import MovingAverageMinMaxObserver
@@ -288,9 +288,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare_qat expects an nn.Module, got {type(model).__name__}")
     require_float_model(model, "prepare_qat")
-    config = qat_config() if config is None else config
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
+    config = config_or_default(config, qat_config)
     if example_input is not None and not isinstance(example_input, Tensor):
         example_input = np.asarray(example_input, dtype=np.float32)
     check_finite_parameters(model, "quant.prepare_qat")

@@ -75,7 +75,9 @@ class _Simulated(nn.Module):
         return self.sources[index].qparams()
 
     def own_quantizers(self) -> list[FakeQuantize]:
-        return []
+        """The quantizers this layer owns: its output quantizer (weighted layers add their weight quantizer; the
+        pass-through layers, which stay on their input's grid, own none)."""
+        return [self.output_quantizer]
 
     def integer_mode(self) -> bool:
         """Eval mode with every own quantizer frozen and rounding: run the integer path."""
@@ -187,9 +189,6 @@ class SimulatedAdd(_Simulated):
         self.output_quantizer = output_quantizer
         self.relu = relu
 
-    def own_quantizers(self) -> list[FakeQuantize]:
-        return [self.output_quantizer]
-
     def forward(self, a: Any, b: Any) -> Tensor:
         a, b = _as_tensor(a), _as_tensor(b)
         if a.shape != b.shape:
@@ -213,17 +212,17 @@ class SimulatedAdd(_Simulated):
 
 # ------------------------------------------------------------------------------------------- pass-through
 class _SimulatedSameGrid(_Simulated):
-    """A layer whose output stays on its input's grid (pools, ReLU): integer path on the source's codes."""
+    """A layer whose output stays on its input's grid (pools, ReLU): integer path on the source's codes.
+
+    A subclass defines ``float_op(x: Tensor) -> Tensor`` and ``integer_op(x_q, params: QParams) -> ndarray``
+    (codes in, codes on the same grid out)."""
+
+    def own_quantizers(self) -> list[FakeQuantize]:
+        return []
 
     def integer_mode(self) -> bool:
         source = self.sources[0]
         return not self.training and source.frozen and source.fake_quant_enabled and source.is_calibrated
-
-    def float_op(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def integer_op(self, x_q: np.ndarray, params: QParams) -> np.ndarray:
-        raise NotImplementedError
 
     def forward(self, x: Any) -> Tensor:
         x = _as_tensor(x)
@@ -307,9 +306,6 @@ class SimulatedFloat(_Simulated):
         super().__init__(name, sources)
         self.float_module = layer
         self.output_quantizer = output_quantizer
-
-    def own_quantizers(self) -> list[FakeQuantize]:
-        return [self.output_quantizer]
 
     def forward(self, *inputs: Any) -> Tensor:
         return self.output_quantizer(self.float_module(*inputs))

@@ -224,12 +224,17 @@ def test_attention_transfer_matches_reference_and_ignores_scale(seed, scale):
 embeddings = st.tuples(seeds, st.integers(3, 7), st.integers(1, 5), st.integers(1, 5))
 
 
+def embedding_pair(case):
+    """The generator of the case's seed, then from it student and teacher embeddings of the same samples."""
+    seed, count, student_width, teacher_width = case
+    rng = np.random.default_rng(seed)
+    return rng, rng.normal(size=(count, student_width)), rng.normal(size=(count, teacher_width))
+
+
 @FEW
 @given(embeddings)
 def test_relation_losses_match_their_definitions(case):
-    seed, count, student_width, teacher_width = case
-    rng = np.random.default_rng(seed)
-    s, t = rng.normal(size=(count, student_width)), rng.normal(size=(count, teacher_width))
+    rng, s, t = embedding_pair(case)
     pairs = ((distill.rkd_distance_loss, rkd_distance_reference), (distill.rkd_angle_loss, rkd_angle_reference),
              (distill.similarity_preserving_loss, sp_reference))
     for loss, reference in pairs:
@@ -241,9 +246,7 @@ def test_relation_losses_match_their_definitions(case):
 @FEW
 @given(embeddings, st.floats(1e-2, 1e2), st.floats(1e-2, 1e2))
 def test_relation_losses_are_invariant_to_a_global_scale(case, student_scale, teacher_scale):
-    seed, count, student_width, teacher_width = case
-    rng = np.random.default_rng(seed)
-    s, t = rng.normal(size=(count, student_width)), rng.normal(size=(count, teacher_width))
+    rng, s, t = embedding_pair(case)
     for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss, distill.similarity_preserving_loss):
         base = loss(no.Tensor(s), no.Tensor(t)).item()
         scaled = loss(no.Tensor(s * student_scale), no.Tensor(t * teacher_scale)).item()
@@ -251,7 +254,7 @@ def test_relation_losses_are_invariant_to_a_global_scale(case, student_scale, te
         # and zero when the student is a scaled copy of the teacher
         assert loss(no.Tensor(t * student_scale), no.Tensor(t)).item() == pytest.approx(0.0, abs=1e-12)
     # the angle loss is also invariant to a translation
-    shift = rng.normal(size=(1, student_width)) * 10
+    shift = rng.normal(size=(1, s.shape[1])) * 10
     assert distill.rkd_angle_loss(no.Tensor(s + shift), no.Tensor(t)).item() == pytest.approx(
         distill.rkd_angle_loss(no.Tensor(s), no.Tensor(t)).item(), rel=1e-6, abs=1e-12)
 
@@ -259,11 +262,9 @@ def test_relation_losses_are_invariant_to_a_global_scale(case, student_scale, te
 @FEW
 @given(embeddings)
 def test_relation_loss_gradients_match_finite_differences(case):
-    seed, count, student_width, teacher_width = case
-    rng = np.random.default_rng(seed)
-    s, t = rng.normal(size=(count, student_width)), rng.normal(size=(count, teacher_width))
+    _, s, t = embedding_pair(case)
     for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss, distill.similarity_preserving_loss):
-        check_grads(loss, [s, t], seed=seed, rtol=1e-4)
+        check_grads(loss, [s, t], seed=case[0], rtol=1e-4)
 
 
 def test_rkd_gradients_stay_finite_for_coincident_embeddings():

@@ -28,11 +28,20 @@ COUNTS = {"l1_unstructured": 16, "random_unstructured": 16, "ln_structured": 4, 
           "global_unstructured": 16, "prune_channels": 4}
 
 
+# a float out of [0, 1] (ValueError, naming the range and the value) or an amount of the wrong type (TypeError,
+# naming what is accepted)
+BAD_AMOUNTS = [pytest.param(amount, ValueError, rf"a float amount is a fraction in \[0, 1\], got "
+                                                rf"{re.escape(str(float(amount)))}", id=repr(amount))
+               for amount in FLOAT_OUT_OF_RANGE] + [
+               pytest.param(amount, TypeError, rf"amount must be a float in \[0, 1\] or an int count, got "
+                                               rf"{re.escape(repr(amount))}", id=repr(amount))
+               for amount in WRONG_TYPE]
+
+
 @pytest.mark.parametrize("method", sorted(UNSTRUCTURED))
-@pytest.mark.parametrize("amount", FLOAT_OUT_OF_RANGE, ids=repr)
-def test_a_float_amount_outside_0_1_names_the_call_the_range_and_the_value(method, amount):
-    with pytest.raises(ValueError, match=rf"{method}.*a float amount is a fraction in \[0, 1\], got "
-                                         rf"{re.escape(str(float(amount)))}"):
+@pytest.mark.parametrize("amount, error, message", BAD_AMOUNTS)
+def test_a_bad_amount_names_the_call_what_is_accepted_and_the_value(method, amount, error, message):
+    with pytest.raises(error, match=rf"{method}.*{message}"):
         UNSTRUCTURED[method](amount)
 
 
@@ -43,14 +52,6 @@ def test_an_int_amount_beyond_the_candidates_names_the_count(method):
         with pytest.raises(ValueError, match=rf"{method}.*amount={amount} entries to prune, but there are only "
                                              rf"{count} candidates \(an int amount must be in \[0, {count}\]\)"):
             UNSTRUCTURED[method](amount)
-
-
-@pytest.mark.parametrize("method", sorted(UNSTRUCTURED))
-@pytest.mark.parametrize("amount", WRONG_TYPE, ids=repr)
-def test_an_amount_of_the_wrong_type_names_what_is_accepted(method, amount):
-    with pytest.raises(TypeError, match=rf"{method}.*amount must be a float in \[0, 1\] or an int count, got "
-                                        rf"{re.escape(repr(amount))}"):
-        UNSTRUCTURED[method](amount)
 
 
 SPARSITIES = {

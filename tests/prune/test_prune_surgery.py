@@ -2,23 +2,13 @@
 
 import numpy as np
 import pytest
+from batchnorm_testing import randomise_batchnorm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nanoopt as no
 from nanoopt import models, nn, prune
 from nanoopt.train import predict
-
-
-def randomise_batchnorm(model, seed):
-    rng = np.random.default_rng(seed)
-    for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = module.num_features
-            module.running_mean[...] = rng.normal(0, 0.5, c)
-            module.running_var[...] = rng.uniform(0.5, 2.0, c)
-            module.weight.data[...] = rng.normal(1, 0.3, c)
-            module.bias.data[...] = rng.normal(0, 0.3, c)
 
 
 def assert_same_outputs(model, x, expected):
@@ -91,7 +81,7 @@ def test_a_nonzero_constant_entering_a_padded_convolution_is_kept_and_explained(
 def test_resnet_with_batchnorm_and_residuals_shrinks_with_equal_outputs(seed, amount, criterion):
     no.manual_seed(seed % 1000)
     model = models.small_resnet(widths=(4, 8), blocks_per_stage=2)
-    randomise_batchnorm(model, seed)
+    randomise_batchnorm(model, np.random.default_rng(seed))
     x = np.random.default_rng(seed).random((2, 1, 8, 8)).astype(np.float32)
     prune.prune_channels(model, x, amount=amount, criterion=criterion)
     expected = predict(model, x)

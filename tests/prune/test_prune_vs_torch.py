@@ -85,6 +85,14 @@ def distinct_weights(draw, shape, count=1):
     return [values[i * size:(i + 1) * size].reshape(shape) for i in range(count)]
 
 
+def twins_and_scores(data):
+    """A drawn shape, twins holding one weight of that shape as ``weight0``, and importance scores for it (weight
+    and scores with no ties in magnitude)."""
+    shape = data.draw(shapes())
+    weight, scores = data.draw(distinct_weights(shape, count=2))
+    return (shape, *twins([weight]), scores)
+
+
 @st.composite
 def tied_weights(draw, shape):
     values = draw(st.lists(st.sampled_from([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0]), min_size=int(np.prod(shape)),
@@ -215,9 +223,7 @@ def test_ln_structured_with_separated_norms_equals_torch_exactly(data):
 @given(st.data())
 def test_ln_structured_with_importance_scores_after_l1_equals_torch(data):
     """PyTorch ranks the alive channels by the norm of the raw ``importance_scores`` (pruned entries included)."""
-    shape = data.draw(shapes())
-    weight, scores = data.draw(distinct_weights(shape, count=2))
-    ours, theirs = twins([weight])
+    shape, ours, theirs, scores = twins_and_scores(data)
     first = data.draw(st.floats(0.0, 1.0))
     prune.l1_unstructured(ours, "weight0", amount=first)
     tprune.l1_unstructured(theirs, "weight0", amount=first)
@@ -234,9 +240,7 @@ def test_ln_structured_with_importance_scores_after_l1_equals_torch(data):
 @SETTINGS
 @given(st.data())
 def test_l1_unstructured_with_importance_scores_equals_torch(data):
-    shape = data.draw(shapes())
-    weight, scores = data.draw(distinct_weights(shape, count=2))
-    ours, theirs = twins([weight])
+    _, ours, theirs, scores = twins_and_scores(data)
     for _ in range(data.draw(st.integers(1, 3))):
         value = amount(data.draw, int(our_mask(ours, "weight0").sum()))
         prune.l1_unstructured(ours, "weight0", amount=value, importance_scores=scores)

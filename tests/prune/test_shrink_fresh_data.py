@@ -8,6 +8,7 @@ shrinks with one small batch of [0, 1) inputs and compares on a fresh batch of a
 import copy
 
 import numpy as np
+from batchnorm_testing import randomise_batchnorm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,14 +20,9 @@ from nanoopt.train import predict
 def randomise(model, rng, positive_bias):
     """BatchNorm statistics and affine parameters off their defaults; biases > 0 where asked, so that pruned
     neurons/filters output the nonzero constant relu(b) that shrink must fold into the next layer."""
+    randomise_batchnorm(model, rng)
     for module in model.modules():
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = module.num_features
-            module.running_mean[...] = rng.normal(0, 0.5, c)
-            module.running_var[...] = rng.uniform(0.5, 2.0, c)
-            module.weight.data[...] = rng.normal(1, 0.3, c)
-            module.bias.data[...] = rng.normal(0, 0.3, c)
-        elif positive_bias and isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
+        if positive_bias and isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is not None:
             module.bias.data[...] = rng.uniform(0.1, 1.0, module.bias.shape)
 
 

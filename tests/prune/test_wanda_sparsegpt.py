@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from layerwise_testing import ResidualMLP, correlated_inputs, error, outputs
 
 import nanoopt as no
 from nanoopt import models, nn, prune
@@ -29,18 +30,6 @@ from nanoopt.tensor import Tensor
 SETTINGS = settings(max_examples=25, deadline=None)
 
 
-def correlated_inputs(seed: int, rows: int = 512, features: int = 64, noise: float = 0.1) -> np.ndarray:
-    """Rows ``z A + noise e`` with a random mixing ``A``: strongly correlated input channels (float64)."""
-    rng = np.random.default_rng(seed)
-    mixing = rng.normal(size=(features, features)) / np.sqrt(features)
-    return rng.normal(size=(rows, features)) @ mixing + noise * rng.normal(size=(rows, features))
-
-
-def error(weight: np.ndarray, approximation: np.ndarray, inputs: np.ndarray) -> float:
-    difference = np.asarray(weight, np.float64) - np.asarray(approximation, np.float64)
-    return float(np.sum((inputs @ difference.T) ** 2))
-
-
 def magnitude_mask(weight: np.ndarray, sparsity: float | None = None, n: int | None = None, m: int | None = None
                    ) -> np.ndarray:
     """Magnitude pruning per row (independent of the code under test: argsort of |w| in each row)."""
@@ -51,33 +40,6 @@ def magnitude_mask(weight: np.ndarray, sparsity: float | None = None, n: int | N
     for row, values in enumerate(np.abs(weight)):
         mask[row, np.argsort(values, kind="stable")[:pruned]] = 0
     return mask
-
-
-class ResidualMLP(nn.Module):
-    """Linear layers with residual connections and no LayerNorm: ``h = stem(x)``, per block
-    ``h = h + down(relu(up(h)))``, ``head(h)`` (a functional ``+``)."""
-
-    def __init__(self, in_features: int = 16, width: int = 32, hidden: int = 64) -> None:
-        super().__init__()
-        self.stem = nn.Linear(in_features, width)
-        self.blocks = nn.ModuleList()
-        for _ in range(2):
-            block = nn.Module()
-            block.up, block.act, block.down = nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, width)
-            self.blocks.append(block)
-        self.head = nn.Linear(width, 8)
-
-    def forward(self, x: Any) -> Tensor:
-        h = self.stem(x)
-        for block in self.blocks:
-            h = h + block.down(block.act(block.up(h)))
-        return self.head(h)
-
-
-def outputs(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    model.eval()
-    with no.no_grad():
-        return model(Tensor(x.astype(np.float32))).data
 
 
 PATTERNS = st.one_of(st.builds(dict, sparsity=st.floats(0.0, 0.95)),

@@ -485,25 +485,30 @@ def assert_lowered(qlayer, lowered: Lowered, bits: int) -> None:
         np.testing.assert_array_equal(qlayer.bias.astype(np.int64), lowered.bias)
 
 
-# ================================================================== 1. fake quantization off = the float model
-@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
-@SETTINGS
-@given(data=st.data())
-def test_fake_quant_off_gives_the_float_model_bit_for_bit(kind, config, data):
+def every_kind_and_config(test):
+    """Run ``test(kind, config, data)`` for every layer kind and activation config, on hypothesis-drawn cases."""
+    return pytest.mark.parametrize("kind, config", KIND_CONFIGS)(SETTINGS(given(data=st.data())(test)))
+
+
+def draw_converted(data, kind: str, config: str):
+    """A drawn case of ``kind`` under ``config``, its prepared (calibrated) model and its converted model."""
     case = data.draw(cases(kind, config))
-    prepared, _ = prepared_and_converted(case)
+    return (case, *prepared_and_converted(case))
+
+
+# ================================================================== 1. fake quantization off = the float model
+@every_kind_and_config
+def test_fake_quant_off_gives_the_float_model_bit_for_bit(kind, config, data):
+    case, prepared, _ = draw_converted(data, kind, config)
     set_fake_quant(prepared, False)
     for x in case.calibration + [case.test]:
         np.testing.assert_array_equal(prepared(Tensor(x)).data, case.model(Tensor(x)).data)
 
 
 # ================================================================== 2. integer parameters, derived independently
-@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
-@SETTINGS
-@given(data=st.data())
+@every_kind_and_config
 def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
-    case = data.draw(cases(kind, config))
-    _, qmodel = prepared_and_converted(case)
+    case, _, qmodel = draw_converted(data, kind, config)
     bits = ACTIVATION_BITS[case.config]
     grids = derived_grids(case)
     assert_grid(qmodel, "input", grids["input"])
@@ -534,12 +539,9 @@ def test_integer_parameters_equal_an_independent_derivation(kind, config, data):
 
 
 # ================================================================== 3. the integer output against float, bounded
-@pytest.mark.parametrize("kind, config", KIND_CONFIGS)
-@SETTINGS
-@given(data=st.data())
+@every_kind_and_config
 def test_integer_output_is_within_the_scale_bound_of_float(kind, config, data):
-    case = data.draw(cases(kind, config))
-    _, qmodel = prepared_and_converted(case)
+    case, _, qmodel = draw_converted(data, kind, config)
     grids = derived_grids(case)
     for x in case.calibration + [case.test]:
         if kind in ("linear", "conv2d"):

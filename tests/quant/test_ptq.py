@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_testing import build_model, randomise_batchnorms
 
-import nanoopt as no
 from nanoopt import kernels, models, nn
 from nanoopt.quant.config import QuantConfig, weight_spec
 from nanoopt.quant.fake_quant import NotCalibratedError
@@ -53,27 +53,15 @@ class Residual(nn.Module):
 
 
 def build(architecture, seed):
-    no.manual_seed(seed)
-    if architecture == "mlp":
-        return models.mlp(12, (7, 5), 3), (3, 2, 2)
-    if architecture == "lenet5":
-        return models.lenet5(input_size=8), (1, 8, 8)
-    if architecture == "resnet":
-        return models.small_resnet(widths=(4, 8), blocks_per_stage=1, num_classes=5), (1, 8, 8)
-    if architecture == "depthwise":  # grouped, strided, dilated and padded convolutions, a max pool with padding
-        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.ReLU(),
-                             nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
-                             nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 7, 7)
-    return Residual(), (2, 4, 4)
-
-
-def randomise_batchnorms(model, rng):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean[...] = rng.normal(scale=0.3, size=module.num_features)
-            module.running_var[...] = rng.uniform(0.5, 2.0, size=module.num_features)
-            module.weight.data[...] = rng.uniform(0.5, 1.5, size=module.num_features)
+    return build_model(architecture, seed, {
+        # grouped, strided, dilated and padded convolutions, a max pool with padding
+        "depthwise": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                                            nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.ReLU(),
+                                            nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
+                                            nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)),
+                              (2, 7, 7)),
+        "residual": lambda: (Residual(), (2, 4, 4)),
+    })
 
 
 CONFIGS = {

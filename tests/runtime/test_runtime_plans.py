@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_testing import build_model, randomise_batchnorms
 
 import nanoopt as no
 from nanoopt import models, nn, prune, runtime
@@ -28,31 +29,18 @@ from nanoopt.runtime import PlanFormatError
 
 
 def build(architecture, seed):
-    no.manual_seed(seed)
-    if architecture == "mlp":
-        return models.mlp(12, (7, 5), 3), (3, 2, 2)
-    if architecture == "lenet5":
-        return models.lenet5(input_size=8), (1, 8, 8)
-    if architecture == "resnet":  # BatchNorm, residual adds, adaptive average pool
-        return models.small_resnet(widths=(4, 8), blocks_per_stage=1, num_classes=5), (1, 8, 8)
-    if architecture == "convs":  # grouped, strided, dilated and padded convolutions, a max pool with padding
-        return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
-                             nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(),
-                             nn.Conv2d(8, 4, 3, stride=1, padding=1, groups=4), nn.ReLU(),
-                             nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
-                             nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)), (2, 7, 7)
-    if architecture == "pools":  # average pools with and without padding, dropout, an unfused ReLU
-        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, stride=1, padding=1), nn.Dropout(0.3),
-                             nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 4)), (1, 8, 8)
-    raise AssertionError(architecture)
-
-
-def randomise_batchnorms(model, rng):
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean[...] = rng.normal(scale=0.3, size=module.num_features)
-            module.running_var[...] = rng.uniform(0.5, 2.0, size=module.num_features)
-            module.weight.data[...] = rng.uniform(0.5, 1.5, size=module.num_features)
+    return build_model(architecture, seed, {
+        # grouped, strided, dilated and padded convolutions, a max pool with padding
+        "convs": lambda: (nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(),
+                                        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(),
+                                        nn.Conv2d(8, 4, 3, stride=1, padding=1, groups=4), nn.ReLU(),
+                                        nn.Conv2d(4, 6, 3, padding=2, dilation=2, bias=False),
+                                        nn.MaxPool2d(3, stride=2, padding=1), nn.Flatten(), nn.Linear(24, 3)),
+                          (2, 7, 7)),
+        # average pools with and without padding, dropout, an unfused ReLU
+        "pools": lambda: (nn.Sequential(nn.Conv2d(1, 4, 3), nn.AvgPool2d(3, stride=1, padding=1), nn.Dropout(0.3),
+                                        nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 4)), (1, 8, 8)),
+    })
 
 
 CONFIGS = {"int8": QuantConfig(), "16x8": QuantConfig.int16_activations(), "w4a8": QuantConfig.weights4()}

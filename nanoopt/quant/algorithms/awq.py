@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn, ops
-from nanoopt.layerwise import calibration_batches, check_untied, execution_order, select_linears, sequential
+from nanoopt.layerwise import calibration_batches, execution_order, layers_to_calibrate, select_linears, sequential
 from nanoopt.nn.graph import INPUT, trace
 from nanoopt.prune.masks import get_parameter, is_pruned, set_effective
 from nanoopt.quant.algorithms.gptq import check_options, quantize_layers
@@ -318,12 +318,8 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
         raise ValueError(f"awq: rounding must be 'rtn' or 'gptq', got {rounding!r}")
     work = copy.deepcopy(model)
     check_finite_parameters(work, "awq")
-    batches = calibration_batches(calibration, "awq")
-    layers = select_linears(work, targets, ignore, "awq")
-    check_untied(work, layers, "awq")
-    for name, layer in layers:
-        check_layer_groups(name, layer, group_size, "awq")
-    layers = execution_order(work, layers, batches[0], "awq")
+    batches, layers = layers_to_calibrate(work, calibration, targets, ignore, "awq",
+                                          lambda name, layer: check_layer_groups(name, layer, group_size, "awq"))
     groups = _plan(work, [name for name, _ in layers], batches[0], fold)
     by_first = {group.layers[0]: group for group in groups}
     modules = dict(layers)
