@@ -148,8 +148,9 @@ S16_BLOCK_K = 510  # K values per int32 partial sum of the int16 kernel: 510 * 3
 ROW_BLOCK = 252  # rows of A per cache block (a multiple of 4 and 6; 252 x 4096 bytes fit L2)
 MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-int8 sum fits int32
 
-# Which multiply-add a register tile runs (the first argument of _tile / _tile_step).
+# Which multiply-add a register tile runs (the first argument of _tile / _tile_step), and its name.
 SIGN_TRICK, VNNI, S16 = 0, 1, 2
+TILE_KINDS = {SIGN_TRICK: "avx2", VNNI: "vnni", S16: "s16"}
 
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics: each emits a few LLVM instructions inline. Offsets count elements of the array's dtype.
@@ -810,7 +811,7 @@ def gemm_s16s8s64_into_reference(a: np.ndarray, panels: np.ndarray, n: int, k: i
 # ``panels = pack_weights_s8(W).panels``. Both kernels give the same, exact result; check available() first.
 # Jitted code must call one of the two kernels by its own name, never this alias: Numba's cache does not
 # record which function a global named at compile time, so a cached caller would keep the kernel of the
-# process that compiled it (nanoopt.kernels.numba_cpu has one driver per kernel for that reason).
+# process that compiled it (nanoopt.kernels.x86_glue has one driver per kernel for that reason).
 KERNEL_S8 = "avx-vnni" if target_has_avx_vnni() and not switched_on(DISABLE_VNNI_ENV) else "avx2"
 gemm_s8s8s32_into = gemm_s8s8s32_vnni_into if KERNEL_S8 == "avx-vnni" else gemm_s8s8s32_avx2_into
 

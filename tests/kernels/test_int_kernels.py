@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nanoopt.kernels as kernels
-from nanoopt.kernels import numba_cpu
+from nanoopt.kernels import numba_conv, numba_cpu, numba_gemm
 from nanoopt.kernels import reference as ref
 from nanoopt.spec import QuantSpec, quantize_multiplier
 
@@ -302,8 +302,8 @@ def test_disabled_avx2_falls_back_in_a_fresh_process():
 @given(values=st.lists(st.integers(-32768, 32767), min_size=1, max_size=50))
 def test_split_bytes_recombines(values):
     array = np.array(values, dtype=np.int16)
-    high, low = numba_cpu.split_bytes(array)
-    np.testing.assert_array_equal(256 * high.astype(np.int64) + low + numba_cpu.BYTE_OFFSET, array)
+    high, low = numba_gemm.split_bytes(array)
+    np.testing.assert_array_equal(256 * high.astype(np.int64) + low + numba_gemm.BYTE_OFFSET, array)
 
 
 @SETTINGS
@@ -341,5 +341,5 @@ def test_conv_im2col_rows_match_reference(data):
         block = expected[:, group * channels : (group + 1) * channels]  # (N, c, kh, kw, OH, OW)
         for n in range(batch):
             cols = np.empty((out_h * out_w, plan.depth), np.int8)
-            numba_cpu._im2col_rows(padded, 0, n, group * channels, channels, conv, 0, out_h * out_w, cols)
+            numba_conv.im2col_rows(padded, 0, n, group * channels, channels, conv, 0, out_h * out_w, cols)
             np.testing.assert_array_equal(cols, block[n].transpose(3, 4, 1, 2, 0).reshape(cols.shape))
