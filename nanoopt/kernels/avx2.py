@@ -33,7 +33,7 @@ How it is fast (all in this file, top to bottom):
   bytes of a row of A feeds every lane.
 * **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
   that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
-  A use a one-row tile.
+  A use tiles of 4, 2 and 1 rows.
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values and rows into blocks of ``ROW_BLOCK``
   (one panel block and one A block fit L2); the int32 tile is added to ``out`` after each K block.
 
@@ -58,7 +58,7 @@ functions must check :func:`available` first.
 
 Register tiles are generated, not written out: :func:`_tile` takes the multiply-add (sign trick, VNNI, int16) and
 the number of rows as compile-time constants and Numba compiles one specialization per pair (6, 4, 2 and 1 rows
-for VNNI; 4 and 1 for the others). Every kernel is module-level code with ``cache=True``: the first call compiles
+for VNNI; 4, 2 and 1 for the others), all driven by one blocked loop nest, :func:`_blocked_product`. Every kernel is module-level code with ``cache=True``: the first call compiles
 (a few seconds), later processes load the machine code from Numba's cache.
 """
 
@@ -98,7 +98,6 @@ from nanoopt.kernels.llvm_intrinsics import (
     element_pointer,
     int32x8,
     is_c_array,
-    lanewise,
     load_vector,
     splat_constant,
 )
@@ -158,7 +157,6 @@ TILE_KINDS = {SIGN_TRICK: "avx2", VNNI: "vnni", S16: "s16"}
 _zero = splat_constant("_zero", int32x8, I32X8, 0, "An int32x8 of zeros.")
 _load = load_vector("_load", int32x8, I32X8, (types.int8, types.int16, types.int32), 1,
                     "The 32 bytes starting at element ``offset`` of an int8/int16/int32 C array (unaligned load).")
-_add = lanewise("_add", int32x8, ir.IRBuilder.add, "Lane-wise int32 sum, modulo 2**32.")
 
 
 def _emit_broadcast4(context, builder, array_type, array, offset):
@@ -264,47 +262,39 @@ def _tile_step(typingctx, kind, tile, a, a_abs, a_offset, a_stride, panels, w_of
 
 
 @intrinsic
-def _times_minus_128(typingctx, x):
-    """Lane-wise ``-128 * x``, modulo 2**32."""
-    if x != int32x8:
+def _times(typingctx, x, factor):
+    """Lane-wise ``factor * x`` for an integer ``factor``, modulo 2**32."""
+    if not (x == int32x8 and isinstance(factor, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.mul(args[0], ir.Constant(I32X8, [-128] * LANES))
+        scalar = context.cast(builder, args[1], signature.args[1], types.int32)
+        vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
+        return builder.mul(args[0], vector)
 
-    return int32x8(x), codegen
+    return int32x8(x, factor), codegen
 
 
 @intrinsic
-def _store_i32(typingctx, array, offset, vector):
-    """Write the 8 lanes to elements ``offset .. offset + 7`` of an int32 C array."""
-    if not (is_c_array(array, types.int32) and isinstance(offset, types.Integer) and vector == int32x8):
+def _store_lanes(typingctx, array, offset, vector, accumulate):
+    """``array[offset : offset + 8] (+)= vector`` for an int32 C array (sums modulo 2**32) or an int64 one (the
+    lanes sign-extended first); ``accumulate`` False overwrites."""
+    if not (isinstance(array, types.Array) and array.layout == "C" and array.dtype in (types.int32, types.int64)):
         return None
+    if not (isinstance(offset, types.Integer) and vector == int32x8 and isinstance(accumulate, types.Boolean)):
+        return None
+    wide = array.dtype == types.int64
 
     def codegen(context, builder, signature, args):
+        vector_type = I64X8 if wide else I32X8
         pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        builder.store(args[2], builder.bitcast(pointer, I32X8.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.none(array, offset, vector), codegen
-
-
-@intrinsic
-def _add_widened_i64(typingctx, array, offset, vector, accumulate):
-    """Sign-extend the 8 lanes to int64 and write (or add, if ``accumulate``) them to an int64 C array."""
-    if not (is_c_array(array, types.int64) and isinstance(offset, types.Integer) and vector == int32x8):
-        return None
-    if not isinstance(accumulate, types.Boolean):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        pointer = builder.bitcast(pointer, I64X8.as_pointer())
-        wide = builder.sext(args[2], I64X8)
+        pointer = builder.bitcast(pointer, vector_type.as_pointer())
+        value = builder.sext(args[2], I64X8) if wide else args[2]
         old = builder.load(pointer, align=1)
         flag = context.cast(builder, args[3], signature.args[3], types.boolean)
-        kept = builder.select(flag, old, ir.Constant(I64X8, [0] * LANES))
-        builder.store(builder.add(wide, kept), pointer, align=1)
+        kept = builder.select(flag, old, ir.Constant(vector_type, [0] * LANES))
+        builder.store(builder.add(value, kept), pointer, align=1)
         return context.get_dummy_value()
 
     return types.none(array, offset, vector, accumulate), codegen
@@ -352,30 +342,14 @@ def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, sta
 
 
 @numba.njit(cache=True)
-def _write_s32(out, row, col, n, vector, accumulate):
-    """``out[row, col:col+8] (+)= vector``, clipped at column ``n`` (``out`` is int32, C order, n columns)."""
+def _write_vector(out, row, col, n, vector, accumulate):
+    """``out[row, col:col+8] (+)= vector``, clipped at column ``n`` (``out`` int32, sums wrapping as the vector
+    path does, or int64; C order, n columns)."""
     if col + LANES <= n:
-        offset = row * n + col
-        if accumulate:
-            vector = _add(vector, _load(out, offset))
-        _store_i32(out, offset, vector)
+        _store_lanes(out, row * n + col, vector, accumulate)
     else:
         for lane in range(max(n - col, 0)):
             value = _lane(vector, lane)
-            if accumulate:
-                out[row, col + lane] += value  # int32 wrap-around, as the vector path
-            else:
-                out[row, col + lane] = value
-
-
-@numba.njit(cache=True)
-def _write_s64(out, row, col, n, vector, accumulate):
-    """``out[row, col:col+8] (+)= int64(vector)``, clipped at column ``n`` (``out`` is int64, C order)."""
-    if col + LANES <= n:
-        _add_widened_i64(out, row * n + col, vector, accumulate)
-    else:
-        for lane in range(max(n - col, 0)):
-            value = np.int64(_lane(vector, lane))
             if accumulate:
                 out[row, col + lane] += value
             else:
@@ -383,19 +357,59 @@ def _write_s64(out, row, col, n, vector, accumulate):
 
 
 @numba.njit(cache=True)
-def _write_tile_s32(out, row, col, n, tile, accumulate):
-    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int32)."""
+def _write_tile(out, row, col, n, tile, accumulate):
+    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]``."""
     for r in range(len(tile) // VECTORS_PER_TILE):
-        _write_s32(out, row + r, col, n, tile[2 * r], accumulate)
-        _write_s32(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
+        _write_vector(out, row + r, col, n, tile[2 * r], accumulate)
+        _write_vector(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
 
 
 @numba.njit(cache=True)
-def _write_tile_s64(out, row, col, n, tile, accumulate):
-    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int64)."""
-    for r in range(len(tile) // VECTORS_PER_TILE):
-        _write_s64(out, row + r, col, n, tile[2 * r], accumulate)
-        _write_s64(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
+def _blocked_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, out):
+    """``out = a @ W.T`` by cache blocks (K blocks x row blocks x panels) of ``kind`` register tiles: ``rows``-row
+    tiles, then 4, 2 and 1 rows for what is left. ``a`` (and ``a_abs``, see :func:`_tile`) are padded to
+    ``padded_k = groups * group`` columns. The first K block's accumulators start at ``footer_scale`` times the
+    panel's row-sum footer (VNNI: -128; 0: from zero)."""
+    numba.literally(kind)
+    numba.literally(rows)
+    group = S16_GROUP if kind == S16 else S8_GROUP
+    step_elements = S16_STEP if kind == S16 else S8_STEP
+    block_groups = (S16_BLOCK_K if kind == S16 else S8_BLOCK_K) // group
+    panel_size = (groups + (0 if kind == S16 else 1)) * step_elements  # int8 panels end with the row-sum footer
+    zero = _zero()
+    for g0 in range(0, groups, block_groups):
+        steps = min(block_groups, groups - g0)
+        accumulate = g0 > 0
+        for i0 in range(0, a.shape[0], ROW_BLOCK):
+            i1 = min(a.shape[0], i0 + ROW_BLOCK)
+            for p in range(panels.shape[0]):
+                col = p * PANEL_COLUMNS
+                w_offset = p * panel_size + g0 * step_elements
+                start0 = start1 = zero
+                if footer_scale != 0 and not accumulate:
+                    footer = p * panel_size + groups * step_elements
+                    start0 = _times(_load(panels, footer), footer_scale)
+                    start1 = _times(_load(panels, footer + 32), footer_scale)
+                i = i0
+                while i + rows <= i1:
+                    tile = _tile(kind, rows, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                 start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile, accumulate)
+                    i += rows
+                if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
+                    tile4 = _tile(kind, 4, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile4, accumulate)
+                    i += 4
+                if i + 2 <= i1:
+                    tile2 = _tile(kind, 2, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile2, accumulate)
+                    i += 2
+                if i < i1:
+                    tile1 = _tile(kind, 1, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile1, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -422,7 +436,8 @@ def _require_types_typing(a, a_dtype, panels, panel_dtype, out, out_dtype):
 
 @numba.njit(cache=True)
 def _check_s8_arguments(a, panels, n, k, out):
-    """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``."""
+    """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``; return
+    the number of 4-value groups of K (for K = 0, ``out`` is zeroed)."""
     _require_types(a, np.int8, panels, np.int8, out, np.int32)
     if n < 0 or k < 0:
         raise ValueError("gemm_s8s8s32_into: n and k must be >= 0")
@@ -437,6 +452,9 @@ def _check_s8_arguments(a, panels, n, k, out):
     if (panels.shape[0] != n_panels or panels.shape[1] != groups + 1 or panels.shape[2] != VECTORS_PER_TILE
             or panels.shape[3] != LANES or panels.shape[4] != S8_GROUP):
         raise ValueError("gemm_s8s8s32_into: panels must have shape (ceil(n/16), ceil(k/4) + 1, 2, 8, 4)")
+    if groups == 0:
+        _fill_zero(out)  # the empty product
+    return groups
 
 
 @numba.njit(cache=True)
@@ -478,39 +496,11 @@ def gemm_s8s8s32_avx2_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, ou
     >>> out.tolist()
     [[-390]]
     """
-    _check_s8_arguments(a, panels, n, k, out)
-    m = a.shape[0]
-    groups = (k + S8_GROUP - 1) // S8_GROUP
-    if groups == 0:
-        _fill_zero(out)
-        return
-    padded_k = groups * S8_GROUP
-    a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 4)
-    a_abs = np.abs(a_padded)  # (M, K padded); |-128| wraps to -128, the byte 0x80 = 128 read unsigned
-    zero = _zero()
-    panel_size = (groups + 1) * S8_STEP  # int8 elements per panel, the row-sum footer included
-    block_groups = S8_BLOCK_K // S8_GROUP
-    for g0 in range(0, groups, block_groups):
-        steps = min(block_groups, groups - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(panels.shape[0]):
-                col = p * PANEL_COLUMNS
-                w_offset = p * panel_size + g0 * S8_STEP
-                i = i0
-                while i + AVX2_ROWS <= i1:
-                    a_offset = i * padded_k + g0 * S8_GROUP
-                    tile = _tile(SIGN_TRICK, AVX2_ROWS, a_padded, a_abs, a_offset, padded_k, panels, w_offset, steps,
-                                 zero, zero)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += AVX2_ROWS
-                while i < i1:
-                    a_offset = i * padded_k + g0 * S8_GROUP
-                    tile = _tile(SIGN_TRICK, 1, a_padded, a_abs, a_offset, padded_k, panels, w_offset, steps, zero,
-                                 zero)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += 1
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        a_padded = _pad_columns(a, groups * S8_GROUP)  # (M, K rounded up to 4)
+        a_abs = np.abs(a_padded)  # (M, K padded); |-128| wraps to -128, the byte 0x80 = 128 read unsigned
+        _blocked_product(SIGN_TRICK, AVX2_ROWS, a_padded, a_abs, panels, n, groups, groups * S8_GROUP, 0, out)
 
 
 @numba.njit(cache=True)
@@ -541,51 +531,10 @@ def gemm_s8s8s32_vnni_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, ou
     >>> out.tolist()
     [[-390]]
     """
-    _check_s8_arguments(a, panels, n, k, out)
-    m = a.shape[0]
-    groups = (k + S8_GROUP - 1) // S8_GROUP
-    if groups == 0:
-        _fill_zero(out)
-        return
-    padded_k = groups * S8_GROUP
-    ua = _offset_binary(a, padded_k)  # (M, K padded), a + 128 as unsigned bytes
-    panel_size = (groups + 1) * S8_STEP
-    block_groups = S8_BLOCK_K // S8_GROUP
-    for g0 in range(0, groups, block_groups):
-        steps = min(block_groups, groups - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(panels.shape[0]):
-                col = p * PANEL_COLUMNS
-                w_offset = p * panel_size + g0 * S8_STEP
-                if accumulate:
-                    start0 = _zero()
-                    start1 = _zero()
-                else:  # the first K block starts at -128 * sum_k W[n, k], read from the panel's footer
-                    footer = p * panel_size + groups * S8_STEP
-                    start0 = _times_minus_128(_load(panels, footer))
-                    start1 = _times_minus_128(_load(panels, footer + 32))
-                i = i0
-                while i + VNNI_ROWS <= i1:
-                    a_offset = i * padded_k + g0 * S8_GROUP
-                    tile = _tile(VNNI, VNNI_ROWS, ua, ua, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += VNNI_ROWS
-                a_offset = i * padded_k + g0 * S8_GROUP
-                if i + 4 <= i1:  # the 0-5 rows left: 4 + 1, 4, 2 + 1, 2, 1
-                    tile4 = _tile(VNNI, 4, ua, ua, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile4, accumulate)
-                    i += 4
-                    a_offset += 4 * padded_k
-                if i + 2 <= i1:
-                    tile2 = _tile(VNNI, 2, ua, ua, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile2, accumulate)
-                    i += 2
-                    a_offset += 2 * padded_k
-                if i < i1:
-                    tile1 = _tile(VNNI, 1, ua, ua, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile1, accumulate)
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        shifted = _offset_binary(a, groups * S8_GROUP)  # (M, K padded), a + 128 as unsigned bytes
+        _blocked_product(VNNI, VNNI_ROWS, shifted, shifted, panels, n, groups, groups * S8_GROUP, -128, out)
 
 
 @numba.njit(cache=True)
@@ -621,30 +570,8 @@ def gemm_s16s8s64_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: n
     if pairs == 0:
         _fill_zero(out)
         return
-    padded_k = pairs * S16_GROUP
-    a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 2)
-    zero = _zero()
-    block_pairs = S16_BLOCK_K // S16_GROUP
-    for g0 in range(0, pairs, block_pairs):
-        steps = min(block_pairs, pairs - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(n_panels):
-                col = p * PANEL_COLUMNS
-                w_offset = (p * pairs + g0) * S16_STEP
-                i = i0
-                while i + AVX2_ROWS <= i1:
-                    a_offset = i * padded_k + g0 * S16_GROUP
-                    tile = _tile(S16, AVX2_ROWS, a_padded, a_padded, a_offset, padded_k, panels, w_offset, steps, zero,
-                                 zero)
-                    _write_tile_s64(out, i, col, n, tile, accumulate)
-                    i += AVX2_ROWS
-                while i < i1:
-                    a_offset = i * padded_k + g0 * S16_GROUP
-                    tile = _tile(S16, 1, a_padded, a_padded, a_offset, padded_k, panels, w_offset, steps, zero, zero)
-                    _write_tile_s64(out, i, col, n, tile, accumulate)
-                    i += 1
+    a_padded = _pad_columns(a, pairs * S16_GROUP)  # (M, K rounded up to 2)
+    _blocked_product(S16, AVX2_ROWS, a_padded, a_padded, panels, n, pairs, pairs * S16_GROUP, 0, out)
 
 
 # ---------------------------------------------------------------------------------------------------------

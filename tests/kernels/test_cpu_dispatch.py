@@ -127,15 +127,16 @@ results["sparse"] = sparse.csr_matmul(rng.standard_normal((5, 90)).astype(np.flo
                                       "reference" if backend == "reference" else "auto")
 
 
-def compiled(module):  # names of the compiled functions; the generated register tiles as _tile_vnni_6x2 ...
+def compiled(module):  # names of the compiled functions; the generated ones by kind and rows: _tile_vnni_6x2 ...
     names = set()
     for name, value in vars(module).items():
         if isinstance(value, numba.core.dispatcher.Dispatcher):
             for signature in value.signatures:
-                if name == "_tile":
+                if name in ("_tile", "_blocked_product"):
                     kind, rows = signature[0].literal_value, signature[1].literal_value
-                    name = f"_tile_{avx2.TILE_KINDS[kind]}_{rows}x2"
-                names.add(name)
+                    names.add(f"{name}_{avx2.TILE_KINDS[kind]}_{rows}x2")
+                else:
+                    names.add(name)
     return sorted(names)
 
 
