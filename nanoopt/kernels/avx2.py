@@ -58,8 +58,9 @@ functions must check :func:`available` first.
 
 Register tiles are generated, not written out: :func:`_tile` takes the multiply-add (sign trick, VNNI, int16) and
 the number of rows as compile-time constants and Numba compiles one specialization per pair (6, 4, 2 and 1 rows
-for VNNI; 4, 2 and 1 for the others), all driven by one blocked loop nest, :func:`_blocked_product`. Every kernel is module-level code with ``cache=True``: the first call compiles
-(a few seconds), later processes load the machine code from Numba's cache.
+for VNNI; 4, 2 and 1 for the others), all driven by one blocked loop nest, :func:`_blocked_product`. Every
+kernel is module-level code with ``cache=True``: the first call compiles (a few seconds), later processes load
+the machine code from Numba's cache.
 """
 
 from __future__ import annotations
