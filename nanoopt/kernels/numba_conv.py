@@ -91,7 +91,7 @@ def im2col_rows(padded, part, n, c_lo, channels, conv, p_lo, rows, cols):
     depth = kh * kw * channels
     run = kw * channels
     contiguous = channels == total_channels and dw == 1
-    # Unsigned offsets: Numba then skips its negative-index fix-up and LLVM vectorises the copies (~25x).
+    # Unsigned offsets: Numba then skips its negative-index fix-up and LLVM vectorises the copies (docs/kernels.md).
     for r in range(rows):
         y0 = (p_lo + r) // out_w * sh
         x0 = (p_lo + r) % out_w * sw

@@ -140,11 +140,9 @@ class Conv2dPlan:
         self.offsets = offsets + channel_correction(self.a_split, w_split, self.packed.row_sums, self.depth)
         self.direct_offsets = offsets  # the direct kernel reads whole values: no byte-split terms
         self.passes = byte_passes(2 if self.a_split else 1, self.packed.parts.shape[1])
-        # The direct thin loop (int8 activations and weights; int32 sums are exact as depth <= MAX_FUSED_K):
-        # depthwise-like layers (too few channels per group for the 4x4 tiles; 3-12x faster than the direct
-        # loop it replaced) and unit-stride layers with few taps, where im2col costs more than the products
-        # (measured on Zen 5, 1 thread, batch 64-256: 1->6 5x5 on 28x28 2.0 ms vs 7.8 ms tiles, 17.6 ms AVX2;
-        # 3->16 3x3 0.9 vs 4.1 ms; 8->8 3x3 0.3 vs 0.7 ms; it loses from depth ~150 and at stride 2).
+        # The direct thin loop (int8 activations and weights; int32 sums are exact as depth <= MAX_FUSED_K) runs
+        # depthwise-like layers (too few channels per group for the 4x4 tiles) and unit-stride layers with few
+        # taps, where im2col costs more than the products (timings: docs/kernels.md).
         per_group = out_channels // groups
         few_taps = self.depth <= THIN_MAX_DEPTH and self.stride == (1, 1)
         int8 = self.x_dtype == np.int8 and self.packed.weight.dtype == np.int8

@@ -64,7 +64,7 @@ PANEL = 8  # weights are padded to a multiple of this many rows (two 4x4 tiles o
 BLOCK_ROWS = 64  # rows of A per cache block / parallel work item
 BLOCK_COLUMNS = 64  # output channels per cache block / parallel work item
 MAX_FUSED_K = 131071  # longest reduction of the compiled tiles: 131071 * 128 * 128 < 2^31
-PARALLEL_MIN_OPS = 2**23  # 2*M*N*K below this runs single-threaded (a parallel launch costs ~20-50 us)
+PARALLEL_MIN_OPS = 2**23  # 2*M*N*K below this runs single-threaded (a parallel launch's cost: docs/kernels.md)
 BYTE_OFFSET = 128  # low bytes are stored minus 128 so that they fit int8
 
 

@@ -15,21 +15,16 @@ The eight partial sums of a row are the eight lanes of one 256-bit register: a b
 vector add do the work of eight scalar ones. The product is rounded before the sum (a multiply, then an add;
 never a fused multiply-add), as the specification says. A batch runs one pass over W per row of x.
 
-How it is fast. Measured on an AMD EPYC (Zen 5, 4.3 GHz), W 1024 x 1024 at 90 % sparsity (~105 k stored
-weights), batch 1, one thread: the kernel takes ~16.7 us (0.69 cycles per weight), a call of
-:func:`nanoopt.kernels.sparse.csr_matmul` ~17.8 us, the portable Numba kernel ~27.5 us and dense BLAS
-``x @ W.T`` ~37-40 us (``python -m benchmarks.sparse_kernels`` measures them side by side).
+How it is fast (the timings, and the variants tried and dropped: ``docs/kernels.md``):
 
-* **No hardware gather.** ``vgatherdps`` (``llvm.x86.avx2.gather.d.ps.256``) takes about 8.5 cycles per 8 lanes
-  on this CPU, ~1 cycle per weight: 26.5 us, no better than the scalar loop. Instead the eight values
-  ``x[indices[k + j]]`` are loaded one by one into the register (``vmovss`` / ``vinsertps``).
+* **No hardware gather.** The eight values ``x[indices[k + j]]`` are loaded one by one into the register
+  (``vmovss`` / ``vinsertps``); ``vgatherdps`` is no faster than the scalar loop.
 * **Index pairs as one word.** Two consecutive int32 column indices are read as one 64-bit load and split
-  with a shift: 4 index loads per block instead of 8 (19.3 us with eight 32-bit loads).
-* **Balancing the load pipes.** On this CPU the vector side takes about two loads per cycle, the integer side
-  more. Lanes 0-5 are loaded as floats straight into the vector register; lanes 6-7 are loaded as two 32-bit
-  integers, packed into one 64-bit integer and moved over in one instruction (``vpbroadcastq`` + ``vblendps``):
-  7 instead of 9 vector loads per block, ~6 % faster (four lanes this way: slower again, two register
-  transfers per block). The bits are moved, not converted, so the values are exactly those of x.
+  with a shift: 4 index loads per block instead of 8.
+* **Balancing the load pipes.** Lanes 0-5 are loaded as floats straight into the vector register; lanes 6-7 are
+  loaded as two 32-bit integers, packed into one 64-bit integer and moved over in one instruction
+  (``vpbroadcastq`` + ``vblendps``): 7 instead of 9 vector loads per block. The bits are moved, not converted, so
+  the values are exactly those of x.
 * **Row tails without a second loop.** A row's last ``r = length mod 8`` entries (0 < r < 8) are read as a
   whole block of 8 (the extra entries belong to the following rows, so their column indices are valid and
   every load stays inside the arrays), and the products of lanes r..7 are replaced by +0.0 (a bitwise and
@@ -37,20 +32,11 @@ weights), batch 1, one thread: the kernel takes ~16.7 us (0.69 cycles per weight
   round-to-nearest, and ``s + (+0.0) = s`` for every other s, infinities and NaN included. Only a block that
   would run past the end of the arrays (the last rows) uses masked loads (``vmaskmovps``) and a masked
   ``vgatherdps``, which touch the row's own entries only.
-* **One pass per row, no calls.** The row loop is a single jitted function (a jitted helper per row would
-  cost reference counting of its array arguments: twice as slow); one ``vaddps`` per block, then a fixed tree
-  of 7 scalar additions for the output.
-
-Measured and dropped: two rows interleaved to hide the latency of the gathers (27.3 us: the gather is bound by
-throughput, not latency) or of the additions (no gain in a C prototype: the loop is bound by loads); a blend
-tree of broadcast loads (LLVM turns it back into ``vinsertps``); all eight lanes through integer registers
-(~0.9 cycles per weight: the register transfers dominate); unrolling the block loop twice, or counting blocks
-instead of comparing offsets (slightly slower). Not tried: the horizontal sums of 8 rows at once with
-``vhaddps`` (it needs 8 row loops written side by side, and the per-row tree costs ~2 of ~70 cycles per row).
+* **One pass per row, no calls.** The row loop is a single jitted function; one ``vaddps`` per block, then a
+  fixed tree of 7 scalar additions for the output.
 
 Batches. One pass over W per row of x is linear in B; the portable kernel's batch-inner loop wins beyond a few
-rows. At 90 % sparsity: B = 8 takes 140 us here against 173 us, B = 16 283 us against 207 us (95 % and 99 %
-sparsity cross over at the same place), hence ``nanoopt.kernels.sparse.AVX2_MAX_BATCH = 8``.
+rows, hence ``nanoopt.kernels.sparse.AVX2_MAX_BATCH = 8``.
 
 Safety. The intrinsics read raw memory without bounds checks. :func:`csr_matmul_avx2` checks shapes, dtypes,
 contiguity, ``indptr[0] == 0`` and ``indptr[-1] == nnz`` in O(1), and the kernel checks that ``indptr`` never
@@ -59,11 +45,11 @@ decreases (one comparison per row), so every data and index load is inside the a
 :class:`~nanoopt.kernels.sparse.CSRMatrix` guarantees on construction; :func:`nanoopt.kernels.sparse.csr_matmul`
 passes only validated matrices.
 
-Availability. As for :mod:`nanoopt.kernels.avx2` (whose checks this module reuses): LLVM aborts the process if
-it compiles an x86 intrinsic for a target without it, so :func:`available` first checks the CPU and Numba's
-target for AVX2 (:func:`nanoopt.kernels.avx2.target_has_avx2`, no compilation; it honours ``NANOOPT_CPU_FEATURES``),
-honours ``NANOOPT_DISABLE_AVX2=1``, and only then compiles the kernel and checks one small exact product. The kernel is
-module-level code with ``cache=True``.
+Availability. As for :mod:`nanoopt.kernels.avx2`: LLVM aborts the process if it compiles an x86 intrinsic for a
+target without it, so :func:`available` first asks :mod:`nanoopt.kernels.cpu_features` (no compilation; it honours
+``NANOOPT_CPU_FEATURES`` and ``NANOOPT_DISABLE_AVX2=1``), and only then compiles the kernel and checks one small
+exact product. The register types and intrinsic helpers are those of :mod:`nanoopt.kernels.llvm_intrinsics`. The
+kernel is module-level code with ``cache=True``.
 
 >>> import numpy as np
 >>> from nanoopt.kernels.sparse import CSRMatrix
