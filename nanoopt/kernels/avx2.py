@@ -82,6 +82,7 @@ from nanoopt.kernels.cpu_features import (
     DISABLE_VNNI_ENV,
     FEATURES_ENV,
     allowed_features,
+    avx2_kernel_works,
     kernel_s8_for,
     select_features,
     switched_on,
@@ -760,22 +761,14 @@ def _self_test() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True if the AVX2 kernels can run here: the CPU and Numba's target have AVX2 and a test product is exact.
-
-    False (never an exception) on other CPUs, under ``NUMBA_CPU_NAME=generic``, with ``NUMBA_ENABLE_AVX=0``,
-    or when the environment variable ``NANOOPT_DISABLE_AVX2`` is set to anything but ``""`` or ``"0"``.
-    The answer is computed once per process (``available.cache_clear()`` forgets it); the first True
-    answer compiles the int8 kernel (a few seconds, or a cache load).
+    """True if the int8 and int16 GEMMs can run here (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`:
+    AVX2 usable, ``NANOOPT_DISABLE_AVX2`` off, the self-test exact). Checked once per process;
+    ``available.cache_clear()`` forgets the answer.
 
     >>> isinstance(available(), bool)
     True
     """
-    if switched_on(DISABLE_ENV):
-        return False
-    try:
-        return target_has_avx2() and _self_test()
-    except Exception:  # any failure to type or compile the kernels means: use the portable path
-        return False
+    return avx2_kernel_works(_self_test)
 
 
 def _require_available(name: str) -> None:

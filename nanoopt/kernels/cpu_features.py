@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 
 import llvmlite.binding
 from numba.core import codegen, config
@@ -31,6 +32,7 @@ __all__ = [
     "DISABLE_VNNI_ENV",
     "FEATURES_ENV",
     "allowed_features",
+    "avx2_kernel_works",
     "kernel_s8_for",
     "select_features",
     "switched_on",
@@ -149,3 +151,20 @@ def target_has_avx_vnni() -> bool:
     True
     """
     return kernel_s8_for(usable_features()) == "avx-vnni"
+
+
+def avx2_kernel_works(self_test: Callable[[], bool]) -> bool:
+    """The availability rule of every AVX2 kernel module: False when ``NANOOPT_DISABLE_AVX2`` is on or the target
+    has no usable AVX2 (both checked without compiling), else whether ``self_test()`` -- which compiles the kernel
+    and compares a small product with NumPy -- passes. Never an exception: any failure means "use the portable
+    kernels".
+
+    >>> avx2_kernel_works(lambda: True) == target_has_avx2() and not switched_on(DISABLE_ENV)
+    True
+    """
+    if switched_on(DISABLE_ENV):
+        return False
+    try:
+        return target_has_avx2() and self_test()
+    except Exception:  # any failure to type or compile the kernels means: use the portable path
+        return False

@@ -22,7 +22,7 @@ from nanoopt.kernels import reference as ref
 from nanoopt.kernels.requant import multiply_int32
 from nanoopt.spec import QuantSpec
 
-__all__ = ["add", "add_into", "avg_pool2d", "avg_pool_into", "max_pool2d", "max_pool_into"]
+__all__ = ["add", "add_arguments", "add_into", "avg_pool2d", "avg_pool_into", "max_pool2d", "max_pool_into"]
 
 @njit(cache=True)
 def max_pool_into(x, kernel, stride, padding, out):
@@ -108,18 +108,24 @@ def add_into(a, b, left_shift, a_params, b_params, out_params, out):
         out[index] = min(max(value, low), high)
 
 
-def add(
-    a_q: np.ndarray,
-    a_scale,
-    a_zp: int,
-    b_q: np.ndarray,
-    b_scale,
-    b_zp: int,
-    out_scale,
-    out_zp: int,
-    spec: QuantSpec,
-    relu: bool = False,
-) -> np.ndarray:
+def add_arguments(a_scale, b_scale, out_scale, a_zp: int, b_zp: int, out_zp: int, spec: QuantSpec,
+                  relu: bool = False) -> tuple:  # fmt: skip
+    """The constant arguments of :func:`add_into` after the two inputs, for checked zero points: ``(left_shift,
+    (a_zp, m_a, s_a), (b_zp, m_b, s_b), (out_zp, m_out, s_out, low, high))`` as int64 (the multipliers of
+    :func:`nanoopt.kernels.reference.add_multipliers`; ReLU raises ``low`` to the output zero point).
+
+    >>> add_arguments(0.5, 0.25, 0.5, 0, 0, 0, QuantSpec())[0]
+    np.int64(20)
+    """
+    left_shift, (m_a, s_a), (m_b, s_b), (m_out, s_out) = ref.add_multipliers(a_scale, b_scale, out_scale, spec)
+    low = max(spec.qmin, out_zp) if relu else spec.qmin
+    return (np.int64(left_shift), (np.int64(a_zp), np.int64(m_a), np.int64(s_a)),
+            (np.int64(b_zp), np.int64(m_b), np.int64(s_b)),
+            (np.int64(out_zp), np.int64(m_out), np.int64(s_out), np.int64(low), np.int64(spec.qmax)))  # fmt: skip
+
+
+def add(a_q: np.ndarray, a_scale, a_zp: int, b_q: np.ndarray, b_scale, b_zp: int, out_scale, out_zp: int,
+        spec: QuantSpec, relu: bool = False) -> np.ndarray:  # fmt: skip
     """The Numba backend of :func:`nanoopt.kernels.quantized_add` (the dispatcher; call that).
 
     >>> a = np.array([10, -20], np.int8); b = np.array([4, 4], np.int8)
@@ -127,12 +133,7 @@ def add(
     array([ 12, -18], dtype=int8)
     """
     a_zp, b_zp, out_zp = ref.check_add_args(a_q, a_zp, b_q, b_zp, out_zp, spec)
-    left_shift, (m_a, s_a), (m_b, s_b), (m_out, s_out) = ref.add_multipliers(a_scale, b_scale, out_scale, spec)
-    low = max(spec.qmin, out_zp) if relu else spec.qmin
     out = np.empty(a_q.shape, dtype=spec.dtype)
-    add_into(a_q.reshape(-1), b_q.reshape(-1), np.int64(left_shift), (np.int64(a_zp), np.int64(m_a), np.int64(s_a)),
-         (np.int64(b_zp), np.int64(m_b), np.int64(s_b)),
-         (np.int64(out_zp), np.int64(m_out), np.int64(s_out), np.int64(low), np.int64(spec.qmax)),
-         out.reshape(-1))  # fmt: skip
+    arguments = add_arguments(a_scale, b_scale, out_scale, a_zp, b_zp, out_zp, spec, relu)
+    add_into(a_q.reshape(-1), b_q.reshape(-1), *arguments, out.reshape(-1))
     return out
-

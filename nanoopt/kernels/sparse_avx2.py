@@ -69,7 +69,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from nanoopt.kernels.cpu_features import DISABLE_ENV, switched_on, target_has_avx2
+from nanoopt.kernels.cpu_features import DISABLE_ENV, avx2_kernel_works
 from nanoopt.kernels.llvm_intrinsics import (
     F32X8,
     I32X8,
@@ -294,21 +294,14 @@ def _self_test() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True if the AVX2 kernel runs here: the CPU and Numba's target have AVX2 and a test product is exact.
-
-    False (never an exception) on other CPUs, under ``NUMBA_CPU_NAME=generic``, with ``NUMBA_ENABLE_AVX=0``, or
-    when ``NANOOPT_DISABLE_AVX2`` is set to anything but ``""`` or ``"0"``. Computed once per process
-    (``available.cache_clear()`` forgets it); the first True answer compiles the kernel (or loads it from cache).
+    """True if the CSR kernel can run here (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`: AVX2 usable,
+    ``NANOOPT_DISABLE_AVX2`` off, the self-test exact). Checked once per process; ``available.cache_clear()``
+    forgets the answer.
 
     >>> isinstance(available(), bool)
     True
     """
-    if switched_on(DISABLE_ENV):
-        return False
-    try:
-        return target_has_avx2() and _self_test()
-    except Exception:  # any failure to type or compile the kernel means: use the portable path
-        return False
+    return avx2_kernel_works(_self_test)
 
 
 def require_available(what: str) -> None:

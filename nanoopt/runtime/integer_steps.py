@@ -212,14 +212,9 @@ class AddQ(Op):
         try:
             probe = np.zeros(1, self.spec.dtype)
             ref.check_add_args(probe, zero_points[0], probe, zero_points[1], zero_points[2], self.spec)
-            left_shift, (m_a, s_a), (m_b, s_b), (m_out, s_out) = ref.add_multipliers(*scales, self.spec)
+            self.arguments = numba_pointwise.add_arguments(*scales, *zero_points, self.spec, relu)
         except (TypeError, ValueError) as error:
             raise _fail(step, str(error)) from error
-        low = max(self.spec.qmin, zero_points[2]) if relu else self.spec.qmin
-        self.arguments = (np.int64(left_shift), (np.int64(zero_points[0]), np.int64(m_a), np.int64(s_a)),
-                          (np.int64(zero_points[1]), np.int64(m_b), np.int64(s_b)),
-                          (np.int64(zero_points[2]), np.int64(m_out), np.int64(s_out), np.int64(low),
-                           np.int64(self.spec.qmax)))
 
     def bind(self, inputs):
         a, b = inputs
