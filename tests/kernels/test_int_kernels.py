@@ -59,13 +59,22 @@ shapes = st.tuples(
 )
 
 
+def seeded(data) -> np.random.Generator:
+    return np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+
+
+def linear_input(data, shape, low: int, high: int, dtype):
+    """``(rng, x, m, k, n)``: a generator seeded by hypothesis and the input ``x (M, K)`` of a drawn linear case."""
+    m, k, n = shape
+    rng = seeded(data)
+    return rng, draw_array(data, rng, (m, k), low, high, dtype), m, k, n
+
+
 class TestBackendMatchesReference:
     @BACKEND_SETTINGS
     @given(shape=shapes, data=st.data())
     def test_int8_linear(self, backend, shape, data):
-        m, k, n = shape
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        x = draw_array(data, rng, (m, k), -128, 127, np.int8)
+        rng, x, m, k, n = linear_input(data, shape, -128, 127, np.int8)
         weight_low = -127 if backend == "avx2" else -128
         w = draw_array(data, rng, (n, k), weight_low, 127, np.int8)
         bias = rng.integers(-(2**20), 2**20, size=n).astype(np.int32) if data.draw(st.booleans()) else None
@@ -85,9 +94,7 @@ class TestBackendMatchesReference:
     @BACKEND_SETTINGS
     @given(shape=shapes, data=st.data())
     def test_int16_linear_and_gemms(self, backend, shape, data):
-        m, k, n = shape
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        x = draw_array(data, rng, (m, k), -32768, 32767, np.int16)
+        rng, x, m, k, n = linear_input(data, shape, -32768, 32767, np.int16)
         w8 = draw_array(data, rng, (n, k), -128, 127, np.int8)
         w16 = draw_array(data, rng, (n, k), -32768, 32767, np.int16)
         bias = rng.integers(-(2**40), 2**40, size=n).astype(np.int64)
