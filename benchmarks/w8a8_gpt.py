@@ -5,7 +5,8 @@ int8 activations, per-token dynamic scales, and without SmoothQuant; 128 calibra
 training split (seed 0), the validation loss is ``evaluate_lm`` on ``validation_windows(val_ids, 64, count)``.
 The simulated model is checked against the integer model bit for bit on the validation windows. Generation: one
 character prompt, temperature 0, 63 new tokens (inside the 64-token context: the KV cache's regime), batch 1, one
-thread, best of ``--repeats``; float is the nanoopt GPT's own fast array path with its KV cache.
+thread, best of ``--repeats``; float is the nanoopt GPT's own fast array path with its KV cache, int8 the W8A8
+GPT's fused decode step (one compiled call per token, :mod:`nanoopt.quant.w8a8_decode`).
 
     python -m benchmarks.w8a8_gpt --checkpoint /path/to/chargpt.npz
 """
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
 from nanoopt import data, models  # noqa: E402
-from nanoopt.quant.algorithms.smoothquant import smooth_quant  # noqa: E402
+from nanoopt.quant.smoothquant import smooth_quant  # noqa: E402
 from nanoopt.quant.transformer import W8A8Config, convert_w8a8, prepare_w8a8  # noqa: E402
 from nanoopt.train_lm import evaluate_lm  # noqa: E402
 

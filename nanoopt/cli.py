@@ -29,11 +29,16 @@ import sys
 import time
 from collections.abc import Sequence
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
 
 import nanoopt as no
-from nanoopt import data, models, nn, prune, quant, report
+from nanoopt import data, kernels, models, nn, prune, quant, report, runtime
 from nanoopt.distill.demo import demo_rows as distill_demo_rows
+from nanoopt.interop.inspection import format_inspection, inspect_file
+from nanoopt.kernels.choices import kernel_choices
+from nanoopt.pipeline.cli import compress_command, plot_command
 
 
 def _train(model: nn.Module, train_set: tuple, epochs: int, lr: float, progress: bool) -> float:
@@ -130,18 +135,12 @@ def _info() -> str:
     lines = [f"nanoopt {no.__version__}", f"python {platform.python_version()} on {platform.machine()}",
              f"numpy {np.__version__}"]
     try:
-        import llvmlite.binding as llvm
-        import numba
-
         features = llvm.get_host_cpu_features()
         flags = ", ".join(f"{name}={'yes' if features.get(name) else 'no'}" for name in CPU_FEATURES)
         lines.append(f"numba {numba.__version__}; CPU {llvm.get_host_cpu_name()}; {flags}")
     except Exception as error:  # pragma: no cover - information only
         lines.append(f"numba unavailable: {error}")
         return "\n".join(lines)
-    from nanoopt import kernels
-    from nanoopt.kernels.choices import kernel_choices
-
     disabled = os.environ.get("NANOOPT_DISABLE_AVX2", "")
     lines.append(f"kernel backend: {kernels.get_backend()}"
                  + (f" (NANOOPT_DISABLE_AVX2={disabled})" if disabled not in ("", "0") else ""))
@@ -177,8 +176,6 @@ def _single_threaded_blas() -> None:
 
 
 def _precompile(path: str, batch_sizes: list[int], parser: argparse.ArgumentParser) -> int:
-    from nanoopt import runtime
-
     if min(batch_sizes) < 1:
         parser.error(f"--batch-sizes must be >= 1, got {batch_sizes}")
     start = time.perf_counter()
@@ -223,8 +220,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_info())
         return 0
     if args.command == "inspect":
-        from nanoopt.interop.inspection import format_inspection, inspect_file
-
         if not os.path.isfile(args.file):
             parser.error(f"inspect: no such file: {args.file}")
         print(format_inspection(inspect_file(args.file), tensors=args.tensors))
@@ -232,8 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "precompile":
         return _precompile(args.plan, args.batch_sizes, parser)
     if args.command in ("compress", "plot"):
-        from nanoopt.pipeline.cli import compress_command, plot_command
-
         return compress_command(args) if args.command == "compress" else plot_command(args)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanoopt import nn
+from nanoopt.models_gpt import GPT, GPTConfig, gpt  # noqa: F401 (the GPT lives in its own module)
 from nanoopt.tensor import Tensor
 
 
@@ -141,6 +142,3 @@ def small_resnet(in_channels: int = 1, num_classes: int = 10, widths: Sequence[i
     """A small CIFAR-style ResNet with BatchNorm and projection shortcuts where shapes change."""
     return ResNet(in_channels, num_classes, widths, blocks_per_stage)
 
-
-# the GPT lives in its own module; re-exported here as models.gpt / models.GPT
-from nanoopt.models_gpt import GPT, GPTConfig, gpt  # noqa: E402, F401

@@ -41,8 +41,9 @@ from typing import Any
 import numpy as np
 
 from nanoopt import nn, ops
+from nanoopt.data.text import CharTokenizer
 from nanoopt.nn import init
-from nanoopt.nn.attention import causal_bias, check_indices
+from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
 from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
 from nanoopt.random import get_rng
@@ -335,7 +336,7 @@ class GPT(nn.Module):
                         caches = self._new_caches(ids.shape[0])
                         logits = self._array_logits(window, caches) if plain else self._logits_with_cache(window,
                                                                                                            caches)
-                    out[:, length] = _sample(logits, temperature, top_k, rng)
+                    out[:, length] = sample_tokens(logits, temperature, top_k, rng)
                     length += 1
         finally:
             self.train(was_training)
@@ -364,8 +365,6 @@ class GPT(nn.Module):
     @classmethod
     def from_checkpoint_state(cls, state: dict[str, np.ndarray]) -> tuple[GPT, Any]:
         """Inverse of :meth:`checkpoint_state`: ``(model, tokenizer or None)``."""
-        from nanoopt.data.text import CharTokenizer
-
         state = dict(state)
         if "_gpt.config" not in state:
             raise KeyError("GPT.from_checkpoint_state: no '_gpt.config' entry (not saved by checkpoint_state)")
@@ -415,8 +414,16 @@ def _array_linear(module: nn.Module) -> bool:
     return callable(getattr(type(module), "forward_array", None)) and not isinstance(module, nn.Linear)
 
 
-def _sample(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
-    """One token per row of ``logits`` (B, V): argmax at temperature 0, else softmax(logits / T) over the top k."""
+def sample_tokens(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
+    """One token per row of ``logits`` (B, V): argmax at temperature 0, else softmax(logits / T) over the top k
+    (the sampling step of :meth:`GPT.generate` and of the quantized GPTs).
+
+    >>> logits = np.array([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    >>> sample_tokens(logits, 0.0, None, np.random.default_rng(0)).tolist()
+    [1, 0]
+    >>> sample_tokens(logits, 1.0, 1, np.random.default_rng(0)).tolist()    # top-1: the argmax again
+    [1, 0]
+    """
     if temperature == 0:
         return logits.argmax(axis=-1)
     z = logits.astype(np.float64) / temperature

@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
 
 from nanoopt.nn import Module
 from nanoopt.nn.graph import hooks
 from nanoopt.tensor import Tensor, no_grad
+from nanoopt.train import evaluate
 
 
 def stored_bytes(model: Module) -> int:
@@ -110,8 +112,6 @@ class Row:
 def measure(name: str, model: Module, test_data: tuple[np.ndarray, np.ndarray], batch_size: int = 256,
             note: str = "") -> Row:
     """Evaluate ``model`` and measure its size, sparsity and the latency of one batch."""
-    from nanoopt.train import evaluate
-
     images, labels = test_data
     accuracy = evaluate(model, (images, labels), batch_size=batch_size)["accuracy"]
     return Row(name, accuracy, count_parameters(model), stored_bytes(model), weight_sparsity(model),
@@ -217,8 +217,6 @@ def layer_infos(model: Module, example: np.ndarray | None = None) -> list[LayerI
 def single_thread() -> Iterator[None]:
     """Run the Numba kernels on one thread inside the block (BLAS threads are set by the environment:
     ``nanoopt`` commands start with ``OPENBLAS_NUM_THREADS=1``)."""
-    import numba
-
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
@@ -276,8 +274,6 @@ def measure_model(name: str, model: Module, test_data: tuple[np.ndarray, np.ndar
     >>> m.macs, m.bits
     (2368, {'1': 32, '3': 32})
     """
-    from nanoopt.train import evaluate
-
     images, labels = test_data
     accuracy = evaluate(model, (images, labels))["accuracy"]
     infos = layer_infos(model, images[:1])

@@ -22,8 +22,8 @@ Every strategy is a :class:`~nanoopt.nn.Module` whose ``forward`` is the model b
 The trainable parameters are the student's plus the adapters' or auxiliary heads'; teachers are not children,
 so they are neither trained nor saved.
 
-Why the defaults are what they are (``DistillConfig``): the measurements are in ``docs/distillation.md`` and
-``python -m benchmarks.distillation``; the short version is in :class:`DistillConfig`.
+Why the defaults are what they are (:class:`DistillConfig`): the measurements are in ``docs/distillation.md``
+(``python -m benchmarks.distillation``).
 """
 
 from __future__ import annotations
@@ -48,28 +48,21 @@ from nanoopt.train import Callback, History, fit
 # ===================================================================== configuration
 @dataclass
 class DistillConfig:
-    """Weights and temperature of the distillation objective (see :class:`Distiller`).
+    """Weights and temperature of the distillation objective (see :class:`Distiller`):
 
-    The defaults (0.5 CE + 0.5 KD at T = 2) are a recipe measured to help on Fashion-MNIST, not the textbook
-    ``(1 - alpha) CE + alpha T^2 KD`` with alpha = 0.9, T = 4, which lost to training from scratch there with every
-    teacher we tried (``python -m benchmarks.distillation``; the study is in ``docs/distillation.md``). In order
-    of importance:
+        ``loss = hard_weight * CE(student, labels) + soft_weight * T^2 KL(softmax(t / T) || softmax(s / T))``
 
-    1. **The teacher must beat what the student reaches alone with a full schedule.** A LeNet-5 at 89.5 % teaches
-       nothing to an MLP-64 that reaches 88.9 % by itself; a CNN at 92 % (trained with shifts and flips, so that
-       its outputs on the training set are not just the labels) does.
-    2. **Train the student to convergence, and then longer**: a decaying learning rate and enough epochs. The
-       gain of KD over the same schedule from scratch grows with the schedule (the student keeps matching the
-       teacher after cross-entropy alone has saturated), while a short, constant-rate schedule flatters KD by
-       comparing it with an under-trained baseline.
-    3. **Do not let the soft term dominate**: keep ``hard_weight + soft_weight = 1`` and T small. The gradient
-       of T^2 KD with respect to a fresh student's logits is larger than that of cross-entropy (measured: 1.7x
-       at T = 2, 2.3x at T = 4), so adding KD on top of CE (1 + 1) raises the effective learning rate, and
-       alpha = 0.9 at T = 4 makes the student spend its capacity on matching the teacher's small probabilities of
-       wrong classes, with a tenth of the label signal.
-    4. If you port a recipe from PyTorch, average the KL over the batch only (``reduction="batchmean"``, as
-       :func:`~nanoopt.distill.kd_loss` does): ``nn.KLDivLoss()``'s default ``"mean"`` also divides by the
-       number of classes, which shrinks the soft term tenfold and, with alpha = 0.9, the whole gradient.
+    (Hinton et al. 2015; with ``response="dkd"`` the soft term is decoupled KD, Zhao et al. 2022). The defaults,
+    0.5 CE + 0.5 KD at T = 2, keep ``hard_weight + soft_weight = 1`` and T small: the gradient of T^2 KD with
+    respect to a fresh student's logits grows with T, so a larger soft weight or T raises the effective learning
+    rate and spends the student's capacity on the teacher's small probabilities of wrong classes. They replace
+    the textbook ``(1 - alpha) CE + alpha T^2 KD`` with alpha = 0.9, T = 4; why, with the measurements (what the
+    teacher must reach, the schedule, the gradient scales), is in ``docs/distillation.md``
+    (``python -m benchmarks.distillation``).
+
+    Porting a recipe from PyTorch: average the KL over the batch only (``reduction="batchmean"``, as
+    :func:`~nanoopt.distill.kd_loss` does); ``nn.KLDivLoss()``'s default ``"mean"`` also divides by the number of
+    classes, which shrinks the soft term by that factor.
     """
 
     temperature: float = 2.0            # T of the soft targets; kd_loss multiplies by T^2
@@ -562,9 +555,8 @@ class MutualLearning(nn.Module):
     all peers step on the same batch (one backward through the sum, each peer's term reaching only its own
     parameters). The default config is the paper's: T = 1 and unit weights.
     ``forward`` returns the peers' mean logits (their ensemble); ``peers[k]`` is peer k alone.
-    On Fashion-MNIST MLPs each peer gains one to two tenths of a point over the same initial weights trained
-    alone, most reliably with the KL switched on at half time (:class:`SoftWeightSchedule`); the measurements
-    and why they are small are in ``docs/distillation.md`` (``python -m benchmarks.mutual_learning``).
+    What it gains, and with which schedule (:class:`SoftWeightSchedule`): ``docs/distillation.md``
+    (``python -m benchmarks.mutual_learning``).
 
     >>> import numpy as np
     >>> from nanoopt import models
@@ -622,11 +614,9 @@ class SoftWeightSchedule(Callback):
     It works with any strategy that has a ``config`` (:class:`Distiller`, :class:`DeepSupervision`,
     :class:`MutualLearning`): at the start of every epoch it sets ``model.config`` to a copy of the configuration
     seen at the start of training with ``soft_weight = w(e)``; the last epoch's value stays in place afterwards.
-    For deep mutual learning it is the variant that gained on every seed in
-    ``python -m benchmarks.mutual_learning`` (two MLP-64 peers on Fashion-MNIST, KL switched on at half time): the
-    peers first learn apart, so that each knows something the other does not (they disagree on more test images
-    than peers coupled from the start), and then learn from each other. The paper's coupling from the first step
-    makes the peers agree early, which leaves less to pass on.
+    For deep mutual learning, switching the KL on late lets the peers first learn apart, so that each knows
+    something the other does not, and then learn from each other; the measurements are in
+    ``docs/distillation.md`` (``python -m benchmarks.mutual_learning``).
 
     >>> import numpy as np, nanoopt as no
     >>> from nanoopt import distill, models

@@ -26,6 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt import io
+from nanoopt.interop.onnx_import import require_onnx
+from nanoopt.interop.safetensors_io import load_safetensors
+from nanoopt.interop.torch_pickle import load_torch, load_torch_checkpoint
+from nanoopt.quant.packing import unpack_int4
+
 __all__ = ["format_inspection", "inspect_file", "tensor_bits"]
 
 # integer tensors that parametrise a grid rather than hold codes on it: their width is what their values need
@@ -68,8 +74,6 @@ def _read(path: str) -> tuple[str, OrderedDict[str, tuple[np.ndarray, int, int]]
     tensors: OrderedDict[str, tuple[np.ndarray, int, int]] = OrderedDict()
     extra: dict[str, Any] = {}
     if extension == ".onnx":
-        from nanoopt.interop.onnx_import import require_onnx
-
         onnx = require_onnx()
         from onnx import numpy_helper
 
@@ -84,14 +88,10 @@ def _read(path: str) -> tuple[str, OrderedDict[str, tuple[np.ndarray, int, int]]
         extra["opset"] = {o.domain or "ai.onnx": o.version for o in model.opset_import}
         return "ONNX", tensors, extra
     if extension == ".safetensors":
-        from nanoopt.interop.safetensors_io import load_safetensors
-
         arrays: OrderedDict[str, np.ndarray] = load_safetensors(path)
         kind = "safetensors"
     elif zipfile.is_zipfile(path) and any(n.endswith("data.pkl") for n in zipfile.ZipFile(path).namelist()) \
             or extension in (".pth", ".pt", ".bin", ".ckpt"):
-        from nanoopt.interop.torch_pickle import load_torch, load_torch_checkpoint
-
         kind = "PyTorch checkpoint"
         try:
             arrays = load_torch(path)               # the state dict, unwrapped from {"state_dict": ...} & co.
@@ -101,8 +101,6 @@ def _read(path: str) -> tuple[str, OrderedDict[str, tuple[np.ndarray, int, int]]
             arrays = OrderedDict()
             _flatten(load_torch_checkpoint(path), "", arrays)
     else:
-        from nanoopt import io
-
         try:
             arrays, kind = io.load(path), "nanoopt .npz"
         except ValueError as error:
@@ -115,8 +113,6 @@ def _read(path: str) -> tuple[str, OrderedDict[str, tuple[np.ndarray, int, int]]
         description = descriptions.get(name, {})
         values = array
         if name.endswith("_packed") and array.dtype == np.uint8 and array.ndim == 1:  # two 4-bit codes per byte
-            from nanoopt.quant.packing import unpack_int4
-
             shape = description.get("weight_shape")
             count = int(np.prod(shape)) if shape else 2 * array.size
             values = unpack_int4(array, min(count, 2 * array.size))

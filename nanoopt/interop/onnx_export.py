@@ -45,6 +45,7 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.interop import onnx_modules as om
 from nanoopt.interop.onnx_import import require_onnx
+from nanoopt.kernels.reference import add_multipliers
 from nanoopt.nn.graph import hooks
 from nanoopt.quant.dynamic import WeightOnlyConv2d, WeightOnlyLinear, _WeightOnly
 from nanoopt.quant.qmodules import (
@@ -521,8 +522,6 @@ def _emit_integer_operator(g: _Graph, module: nn.Module, inputs: list[str], shap
                                 positive, negative], f"{name}_mean")
         return _to_codes(g, mean, zp, False, f"{name}.output")
     if isinstance(module, QuantizedAdd):
-        from nanoopt.kernels.reference import add_multipliers
-
         _check_int8([module.first_spec, module.second_spec, module.output_spec], name)
         left, (m_a, s_a), (m_b, s_b), (m_out, s_out) = add_multipliers(
             module.first_scale, module.second_scale, module.output_scale, module.output_spec)

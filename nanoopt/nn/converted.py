@@ -1,16 +1,22 @@
-"""Which models are still float: the transforms that need float layers refuse converted models by name.
+"""Which models are still float: the transforms that need float layers refuse converted models.
 
 Quantization and sparse conversion replace float layers by modules that hold integer codes or packed weights
-(``quant.convert``, ``quantize_dynamic``, ``quantize_weights``, ``prune.to_sparse``) or by simulated layers
-(``quant.prepare``, ``prepare_qat``). A float transform (``prepare_qat``, ``cross_layer_equalization``,
-``prune.shrink``, ``prune.to_sparse``, ``quantize_weights`` ...) finds no float layer in such a model and would
-return it unchanged; :func:`require_float_model` makes that a ``TypeError`` naming the converted layers.
+(``quant.convert``, ``quantize_dynamic``, ``quantize_weights``, ``rtn`` / ``gptq`` / ``awq``, ``quantize_w8a8``,
+``prune.to_sparse``) or by simulated layers and quantizers (``quant.prepare``, ``prepare_qat``,
+``prepare_w8a8``). A float transform (``prepare_qat``, ``cross_layer_equalization``, ``prune.shrink``,
+``prune.to_sparse``, ``quantize_weights`` ...) finds no float layer in such a model and would return it unchanged;
+:func:`require_float_model` makes that a ``TypeError`` naming the converted layers.
 
-Converted modules are recognised by the module that defines their class (:data:`CONVERTED_IN`), so this file
-imports nothing from the techniques above it.
+A converted module says so itself: its class sets the class attribute ``converted_by`` (:data:`MARKER`) to the
+function that makes it, and subclasses inherit it. No list of classes or modules is kept here, so this file
+imports nothing from the techniques above it and a new converted layer cannot be missed by a stale registry.
 
 >>> from nanoopt import nn
 >>> require_float_model(nn.Sequential(nn.Linear(2, 2)), "prune.shrink")     # float: nothing to say
+>>> class Packed(nn.Module):
+...     converted_by = "my_packer"
+>>> converted_layers(nn.Sequential(nn.Linear(2, 2), Packed()))
+[('1', 'Packed', 'my_packer')]
 """
 
 from __future__ import annotations
@@ -19,21 +25,24 @@ from collections.abc import Sequence
 
 from nanoopt.nn.module import Module
 
-__all__ = ["CONVERTED_IN", "converted_layers", "require_float_model"]
+__all__ = ["MARKER", "converted_by", "converted_layers", "require_float_model"]
 
-CONVERTED_IN = {  # module of the class -> what made it
-    "nanoopt.quant.qmodules": "quant.convert",
-    "nanoopt.quant.dynamic": "quant.quantize_dynamic / quantize_weights",
-    "nanoopt.quant.ptq": "quant.prepare",
-    "nanoopt.quant.simulate": "quant.prepare",
-    "nanoopt.quant.qat": "quant.prepare_qat",
-    "nanoopt.prune.sparse": "prune.to_sparse",
-}
+MARKER = "converted_by"  # the class attribute of converted modules: what made them (e.g. "quant.convert")
 
 
-def converted_layers(model: Module, allow: Sequence[str] = ()) -> list[tuple[str, str, str]]:
-    """``(name, class name, what made it)`` for every converted module of ``model`` (classes defined in the
-    modules of :data:`CONVERTED_IN`, except those listed in ``allow``).
+def converted_by(module: Module) -> str | None:
+    """What made ``module`` (its class's ``converted_by``), or None for a float module.
+
+    >>> from nanoopt import nn, quant, models
+    >>> converted_by(nn.Linear(2, 2)), converted_by(quant.quantize_dynamic(models.tiny_mlp())[1])
+    (None, 'quant.quantize_dynamic / quantize_weights')
+    """
+    return getattr(type(module), MARKER, None)
+
+
+def converted_layers(model: Module, allow: Sequence[type] = ()) -> list[tuple[str, str, str]]:
+    """``(name, class name, what made it)`` for every converted module of ``model``, except instances of the
+    classes in ``allow``.
 
     >>> from nanoopt import nn
     >>> converted_layers(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
@@ -41,14 +50,15 @@ def converted_layers(model: Module, allow: Sequence[str] = ()) -> list[tuple[str
     """
     found = []
     for name, module in model.named_modules():
-        where = type(module).__module__
-        if where in CONVERTED_IN and where not in allow:
-            found.append((name or "(the model)", type(module).__name__, CONVERTED_IN[where]))
+        made_by = converted_by(module)
+        if made_by is not None and not isinstance(module, tuple(allow)):
+            found.append((name or "(the model)", type(module).__name__, made_by))
     return found
 
 
-def require_float_model(model: Module, function: str, allow: Sequence[str] = ()) -> None:
-    """``TypeError`` if ``model`` is not a Module or holds converted layers (module docstring).
+def require_float_model(model: Module, function: str, allow: Sequence[type] = ()) -> None:
+    """``TypeError`` if ``model`` is not a Module or holds converted layers (module docstring); instances of the
+    classes in ``allow`` are accepted.
 
     >>> from nanoopt import models, quant
     >>> import numpy as np

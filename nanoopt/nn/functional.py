@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from nanoopt import ops
+from nanoopt.nn.attention_functional import embedding, scaled_dot_product_attention  # noqa: F401 (PyTorch's F names)
 from nanoopt.ops import _pair, conv_output_size
 from nanoopt.tensor import Tensor
 
@@ -258,7 +259,3 @@ def kl_div(input: Any, target: Any, reduction: str = "batchmean", log_target: bo
     if reduction == "none":
         return pointwise
     raise ValueError(f"kl_div: reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
-
-
-# transformer pieces live in their own module (nanoopt.nn.attention); re-exported here under PyTorch's names
-from nanoopt.nn.attention import embedding, scaled_dot_product_attention  # noqa: E402, F401

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from nanoopt.pipeline.recipe import Recipe
+from nanoopt.pipeline.runner import run_recipe
 from nanoopt.pipeline.schema import RecipeError
 
 
@@ -16,8 +17,6 @@ def compress_command(args: argparse.Namespace) -> int:
     except (RecipeError, FileNotFoundError) as error:
         print(f"nanoopt compress: {error}", file=sys.stderr)
         return 2
-    from nanoopt.pipeline.runner import run_recipe
-
     result = run_recipe(recipe, output=args.output, progress=args.progress)
     with open(result["files"]["report_md"]) as handle:
         print(handle.read())
@@ -27,7 +26,7 @@ def compress_command(args: argparse.Namespace) -> int:
 
 def plot_command(args: argparse.Namespace) -> int:
     """Draw every plot the report supports; print the PNG paths."""
-    try:
+    try:  # pipeline.plot needs the optional extra matplotlib when imported
         from nanoopt.pipeline.plot import plot_report
     except ImportError as error:  # matplotlib missing
         print(f"nanoopt plot: {error}", file=sys.stderr)

@@ -27,6 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from nanoopt.pipeline.recipe import Recipe
+from nanoopt.pipeline.runner import run_recipe
 
 __all__ = ["SweepPoint", "format_sweep", "grid", "point_recipe", "process_pool", "run_point", "sweep"]
 
@@ -64,8 +65,6 @@ def run_point(table: dict[str, Any], base: str = ".") -> dict[str, Any]:
     """Run one point's recipe in a temporary folder; the reproducible part of its report (a top-level function,
     so process pools and Dask can send it to workers)."""
     recipe = Recipe.from_dict(table, base=base)
-    from nanoopt.pipeline.runner import run_recipe
-
     with tempfile.TemporaryDirectory() as folder:
         result = run_recipe(recipe, output=folder, progress=False)
     compressed, baseline = result["compressed"], result["baseline"]

@@ -28,7 +28,6 @@ from nanoopt.prune.criteria import (
     snip,
     taylor,
 )
-from nanoopt.prune.gpt import remove_gpt_blocks, shrink_gpt
 from nanoopt.prune.heads import dead_heads, head_importance, mask_heads, prune_heads, select_heads
 from nanoopt.prune.masks import (
     apply_mask,
@@ -69,7 +68,9 @@ from nanoopt.prune.surgery import (
     prune_blocks,
     prune_channels,
     remove_blocks,
+    remove_gpt_blocks,
     shrink,
+    shrink_gpt,
 )
 from nanoopt.prune.wanda import wanda  # the function (the module is nanoopt.prune.wanda)
 

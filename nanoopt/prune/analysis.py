@@ -29,6 +29,7 @@ from nanoopt.nn import Module
 from nanoopt.nn import layers as L
 from nanoopt.prune.masks import get_mask, get_parameter, pruned_names
 from nanoopt.prune.methods import l1_unstructured
+from nanoopt.train import evaluate
 
 
 @dataclass
@@ -95,8 +96,6 @@ def layer_sensitivity(model: Module, test_data: tuple[np.ndarray, np.ndarray],
     >>> sorted(result)
     ['(none)', '1', '3']
     """
-    from nanoopt.train import evaluate
-
     modules = dict(model.named_modules())
     if layers is None:
         layers = [name for name, module in modules.items() if isinstance(module, (L.Linear, L.Conv2d))]

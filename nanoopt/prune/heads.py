@@ -49,6 +49,7 @@ from nanoopt.nn.graph import evaluating
 from nanoopt.prune.masks import get_mask, get_parameter
 from nanoopt.prune.methods import count_to_prune, custom_from_mask
 from nanoopt.tensor import Tensor
+from nanoopt.train_lm import lm_loss
 
 
 def gpt_blocks(model: Module, function: str) -> dict[str, Block]:
@@ -99,8 +100,6 @@ def head_importance(model: Module, calibration: tuple[np.ndarray, np.ndarray], b
     >>> round(float(np.linalg.norm(scores["transformer.h.0"])), 6)
     1.0
     """
-    from nanoopt.train_lm import lm_loss
-
     blocks = gpt_blocks(model, "head_importance")
     x, y = _calibration(calibration, "head_importance")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

@@ -47,6 +47,8 @@ class SparseLinear(Module):
     [[2.0, 3.0]]
     """
 
+    converted_by = "prune.to_sparse"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, weight: CSRMatrix | NMMatrix, bias: np.ndarray | None = None) -> None:
         super().__init__()
         if not isinstance(weight, (CSRMatrix, NMMatrix)):
@@ -167,7 +169,7 @@ def to_sparse(model: Module, min_sparsity: float = 0.5, format: str = "csr", n: 
     """
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"to_sparse: min_sparsity must be in [0, 1], got {min_sparsity}")
-    require_float_model(model, "prune.to_sparse", allow=("nanoopt.prune.sparse",))  # sparse layers stay as they are
+    require_float_model(model, "prune.to_sparse", allow=(SparseLinear,))  # sparse layers stay as they are
     replaced = []
     for name, module in list(model.named_modules()):
         if not name or not isinstance(module, L.Linear):

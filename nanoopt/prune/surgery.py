@@ -20,10 +20,20 @@ real, as DepGraph does (Fang et al. 2023, "DepGraph: Towards any structural prun
    keeps the outputs equal to the masked model's, up to float rounding. Where that is impossible (``v != 0``
    entering a zero-padded convolution, whose border windows see fewer copies of ``v``) the channel is kept and
    the report says why. Removing every channel of a group is refused.
+
+   **A GPT** (:func:`shrink_gpt`) has (B, T, C) activations with channels last and a pinned residual stream
+   (every block reads it through a LayerNorm): what can shrink is inside the blocks. A block's MLP,
+   ``c_proj(GELU(c_fc(x)))``, acts on every token alone, so it is shrunk as a model of its own on (tokens, C)
+   rows: a neuron whose ``c_fc`` row is all masked outputs the constant GELU(b_j), folded into ``c_proj``'s bias
+   (mask with e.g. ``prune.ln_structured(block.mlp.c_fc, "weight", 0.25, n=2, dim=0)``). A head whose columns of
+   ``c_proj`` are all zero (:func:`~nanoopt.prune.heads.mask_heads`) contributes nothing and is removed with
+   :func:`~nanoopt.prune.heads.prune_heads`.
 4. **Layers** (Gromov et al. 2024, "The unreasonable ineffectiveness of the deeper layers"; Men et al. 2024,
    ShortGPT): a residual block whose output is close to its input, measured by the angular distance
    d = arccos(<x_in, x_out> / (|x_in| |x_out|)) / pi averaged over samples, can be replaced by the identity;
-   finetuning afterwards ("healing") recovers most of the loss.
+   finetuning afterwards ("healing") recovers most of the loss. On a GPT a block is deleted from
+   ``transformer.h`` (the later blocks move up one index) and ``config.n_layer`` drops, so the KV cache and
+   checkpoints follow (:func:`remove_gpt_blocks`).
 
 Shrinking works on the evaluation-mode model (BatchNorm with running statistics). Masks of the surviving
 channels are kept (sliced), so a shrunk model can go on training with its unstructured masks; other hooks on
@@ -45,6 +55,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +70,7 @@ from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
 from nanoopt.nn.graph import capture, evaluating, hooks, record_calls, walk
 from nanoopt.nn.names import check_layer_names
+from nanoopt.prune.heads import dead_heads, gpt_blocks, prune_heads
 from nanoopt.prune.masks import (
     MASK_SUFFIX,
     apply_mask,
@@ -68,6 +80,7 @@ from nanoopt.prune.masks import (
     module_label,
     pruned_names,
 )
+from nanoopt.prune.methods import count_to_prune
 from nanoopt.tensor import Tensor
 
 FIXED = 0   # the union-find node of channels that can never be removed (model input and output, LayerNorm ...)
@@ -496,7 +509,6 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     """
     require_float_model(model, "prune.shrink")
     if _is_gpt(model):   # channels last and a pinned residual stream: shrink inside the blocks
-        from nanoopt.prune.gpt import shrink_gpt
         return shrink_gpt(model, example_input)
     before = model.num_parameters()
     found = trace(model, example_input)
@@ -587,6 +599,50 @@ def shrink(model: Module, example_input: Any) -> ShrinkReport:
     return ShrinkReport(reports, before, model.num_parameters())
 
 
+# ===================================================================== shrinking a GPT
+def shrink_gpt(model: Module, example_input: Any = None) -> ShrinkReport:
+    """Remove every dead MLP neuron and every dead head of a GPT, in place (see the module docstring).
+
+    ``example_input`` (token ids) is accepted for :func:`~nanoopt.prune.shrink`'s signature and not needed: a
+    dead neuron's output is a constant whatever the input. The report has one group per MLP (``c_fc``'s
+    neurons) and one per attention (its merged heads, in channels).
+
+    >>> import numpy as np, nanoopt as no
+    >>> from nanoopt import models, prune
+    >>> no.manual_seed(0)
+    >>> model = models.gpt(vocab_size=7, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    >>> _ = prune.ln_structured(model.transformer["h"][0].mlp.c_fc, "weight", amount=0.5, n=2, dim=0)
+    >>> x = np.random.default_rng(0).integers(0, 7, (2, 8))
+    >>> expected = model(x).data
+    >>> report = shrink_gpt(model, x)
+    >>> model.transformer["h"][0].mlp.c_fc.out_features, bool(np.allclose(model(x).data, expected, atol=1e-5))
+    (16, True)
+    >>> print(shrink_gpt(models.gpt(5, 4, 1, 2, 8)).groups[0])
+    group transformer.h.0.attn.c_attn -> read by transformer.h.0.attn.c_proj: 8 -> 8 channels
+    """
+    blocks = gpt_blocks(model, "prune.shrink")
+    before = model.num_parameters()
+    reports = []
+    heads = dead_heads(model)
+    for name, block in blocks.items():
+        attn = block.attn
+        inner = attn.inner_dim
+        if name in heads and len(heads[name]) == attn.n_head:
+            raise ValueError(f"prune.shrink refuses to remove every head of block {name!r} (all "
+                             f"{attn.n_head} masked): the attention would be cut out")
+        if name in heads:
+            prune_heads(model, {name: heads[name]})
+        reports.append(GroupReport([f"{name}.attn.c_attn"], [f"{name}.attn.c_proj"], inner, attn.inner_dim))
+        rows = np.zeros((1, block.mlp.c_fc.in_features), dtype=np.float32)
+        mlp_report = shrink(block.mlp, rows)
+        for group in mlp_report.groups:
+            group.producers = [f"{name}.mlp.{p}" for p in group.producers]
+            group.readers = [f"{name}.mlp.{r}" for r in group.readers]
+            if not group.pinned:
+                reports.append(group)
+    return ShrinkReport(reports, before, model.num_parameters())
+
+
 # ===================================================================== group-aware channel pruning
 def channel_importance(model: Module, group: Group, found: Trace, criterion: str = "l2") -> np.ndarray:
     """Importance of each channel of ``group``: the sum over its producers of the channel's weight norm
@@ -638,8 +694,6 @@ def prune_channels(model: Module, example_input: Any, amount: float | int, crite
     >>> report = shrink(model, x); model.stem[0].out_channels
     2
     """
-    from nanoopt.prune.methods import count_to_prune
-
     found = trace(model, example_input)
     pruned = []
     for group in dependency_groups(model, example_input, found):
@@ -720,7 +774,7 @@ def block_angular_distances(model: Module, example_input: Any, candidates: Seque
 def remove_blocks(model: Module, names: Sequence[str], example_input: Any) -> Module:
     """Replace each named block by :class:`~nanoopt.nn.Identity`, after checking on ``example_input`` that its
     output has its input's shape (``ValueError`` naming the block otherwise). On a GPT the blocks are deleted
-    from ``transformer.h`` instead (:func:`nanoopt.prune.gpt.remove_gpt_blocks`: later blocks move up one index
+    from ``transformer.h`` instead (:func:`remove_gpt_blocks`: later blocks move up one index
     and ``config.n_layer`` drops, so the KV cache and checkpoints follow).
 
     >>> import numpy as np
@@ -735,10 +789,29 @@ def remove_blocks(model: Module, names: Sequence[str], example_input: Any) -> Mo
             raise ValueError(f"remove_blocks: block {name!r} changes the shape of its input, so the identity "
                              "cannot replace it")
     if _is_gpt(model):
-        from nanoopt.prune.gpt import remove_gpt_blocks
         return remove_gpt_blocks(model, names)
     for name in names:
         model.set_submodule(name, L.Identity())
+    return model
+
+
+def remove_gpt_blocks(model: GPT, names: Sequence[str]) -> GPT:
+    """Delete the named blocks (``"transformer.h.<i>"``) from a GPT; later blocks move up; ``n_layer`` drops.
+
+    >>> from nanoopt import models
+    >>> model = remove_gpt_blocks(models.gpt(5, 4, 3, 1, 4), ["transformer.h.1"])
+    >>> model.config.n_layer, len(model.transformer["h"])
+    (2, 2)
+    """
+    blocks = gpt_blocks(model, "remove_blocks")
+    missing = [n for n in names if n not in blocks]
+    if missing:
+        raise ValueError(f"remove_blocks: no GPT block {missing[0]!r}; the blocks are {list(blocks)}")
+    if len(set(names)) >= len(blocks):
+        raise ValueError(f"remove_blocks: removing all {len(blocks)} blocks of the GPT is refused")
+    kept = [block for name, block in blocks.items() if name not in set(names)]
+    model.transformer["h"] = L.ModuleList(kept)
+    model.config = dataclasses.replace(model.config, n_layer=len(kept))
     return model
 
 

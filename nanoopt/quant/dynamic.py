@@ -56,6 +56,8 @@ def _per_channel_codes(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.nd
 class DynamicQuantizedLinear(nn.Module):
     """``nn.Linear`` with int8 weights and activations quantized per batch at run time (see module docstring)."""
 
+    converted_by = "quant.quantize_dynamic / quantize_weights"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, layer: nn.Linear, bits: int = 8) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -130,6 +132,8 @@ def quantize_dynamic(model: nn.Module, bits: int = 8) -> nn.Module:
 # ------------------------------------------------------------------------------------------- weight-only
 class _WeightOnly(nn.Module):
     """Stores ``bits``-bit codes of the weight with a scale per (output channel, group of inputs)."""
+
+    converted_by = "quant.quantize_weights / rtn / gptq / awq"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, layer: nn.Module, bits: int, group_size: int | None, codes: np.ndarray | None = None,
                  scale: np.ndarray | None = None, zero_point: np.ndarray | None = None) -> None:
@@ -223,8 +227,7 @@ class _WeightOnly(nn.Module):
 
 
 #: inputs of at most this many rows (all leading axes flattened) run the low-bit kernel; more rows dequantize the
-#: weight and call BLAS (measured on the 4-bit layers of the 128-wide GPT, 1 thread: the kernel is faster up to
-#: 256 rows, e.g. 200 us against 700 us at 64 rows of a 384 x 128 layer, and slower from about 512)
+#: weight and call BLAS (where the two cross over: docs/measurements.md)
 KERNEL_MAX_ROWS = 256
 
 

@@ -332,6 +332,8 @@ class FakeQuantize(nn.Module):
     ``channels`` sizes the buffers of a per-channel spec (one scale per output channel).
     """
 
+    converted_by = "quant.prepare / prepare_qat"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, observer: Observer, channels: int | None = None, owner: str = "") -> None:
         super().__init__()
         if not isinstance(observer, Observer):

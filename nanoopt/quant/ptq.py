@@ -4,7 +4,7 @@ The flow of Jacob et al. 2018 / Krishnamoorthi 2018 ("Quantizing deep convolutio
 inference", section 3.1), in eager mode over the module tree:
 
 1. :func:`prepare` copies the model, folds BatchNorm into the layer before it
-   (:func:`~nanoopt.quant.algorithms.fold_batchnorm`), traces the data flow
+   (:func:`~nanoopt.quant.bn_fold.fold_batchnorm`), traces the data flow
    (:func:`~nanoopt.nn.graph.trace`), fuses each ReLU that alone reads a Linear / Conv2d / Add into it, and
    replaces the leaves by the simulated modules of :mod:`nanoopt.quant.simulate`: a quantizer on the model input,
    one on every layer output that starts a new grid (Linear, Conv2d, Add, float-kept layers), weight quantizers
@@ -41,10 +41,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nanoopt import nn
+from nanoopt.models_gpt import GPT
 from nanoopt.nn.converted import require_float_model
 from nanoopt.nn.graph import INPUT, Graph, trace
 from nanoopt.nn.names import check_layer_names
-from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
+from nanoopt.quant.bn_fold import fold_batchnorm
 from nanoopt.quant.checks import check_calibration_batch, check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import FakeQuantize
@@ -69,6 +70,7 @@ from nanoopt.quant.simulate import (
     SimulatedMaxPool2d,
     SimulatedReLU,
 )
+from nanoopt.quant.transformer import W8A8GPT, convert_w8a8, prepare_w8a8
 from nanoopt.tensor import Tensor, no_grad
 
 __all__ = [
@@ -93,6 +95,8 @@ class PreparedModel(nn.Module):
 
     ``graph`` is the traced data flow, ``output_quantizer`` the quantizer whose grid the output lies on.
     """
+
+    converted_by = "quant.prepare"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, model: nn.Module, input_quantizer: FakeQuantize, output_quantizer: FakeQuantize,
                  graph: Graph) -> None:
@@ -190,11 +194,7 @@ def prepare(model: nn.Module, config: QuantConfig | None = None, example_input: 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare expects an nn.Module, got {type(model).__name__}")
-    from nanoopt.models_gpt import GPT
-
     if isinstance(model, GPT):
-        from nanoopt.quant.transformer import prepare_w8a8
-
         return prepare_w8a8(model, config)
     if isinstance(model, PreparedModel | QuantizedModel):
         raise TypeError(f"prepare expects a float model, got a {type(model).__name__}")
@@ -334,8 +334,6 @@ def calibrate(prepared: PreparedModel, batches: Any, progress: bool = True, max_
     ranges (a zero range, one value dominating by orders of magnitude, an output on one code) give a
     ``UserWarning`` naming each layer and its observed range (:mod:`nanoopt.quant.range_check`).
     """
-    from nanoopt.quant.transformer import W8A8GPT
-
     if isinstance(prepared, W8A8GPT):  # a prepared GPT: windows of token ids
         return prepared.calibrate(batches if isinstance(batches, np.ndarray) else list(batches))
     if not isinstance(prepared, PreparedModel):
@@ -401,8 +399,6 @@ def convert(prepared: PreparedModel) -> QuantizedModel:
     do for QAT). Quantizers still observing (they observe whenever enabled, eval mode too, as in PyTorch) or with
     rounding off are converted with their current grid, with a ``UserWarning`` naming them.
     """
-    from nanoopt.quant.transformer import W8A8GPT, convert_w8a8
-
     if isinstance(prepared, W8A8GPT):
         return convert_w8a8(prepared)
     if not isinstance(prepared, PreparedModel):

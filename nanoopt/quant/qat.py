@@ -62,9 +62,8 @@ import numpy as np
 
 from nanoopt import nn
 from nanoopt.nn.converted import require_float_model
-from nanoopt.nn.graph import trace
 from nanoopt.prune.masks import MASK_SUFFIX, ORIG_SUFFIX, apply_mask, pruned_names, set_effective
-from nanoopt.quant.algorithms.bn_fold import _foldable
+from nanoopt.quant.bn_fold import batchnorm_pairs
 from nanoopt.quant.checks import check_finite_array, check_finite_parameters
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.fake_quant import FakeQuantize, LSQQuantizer, PACTQuantizer, WeightFakeQuantize
@@ -122,6 +121,8 @@ def _adopt_layer(simulated: Any, layer: nn.Module) -> None:
 class QATLinear(SimulatedLinear):
     """The simulated Linear of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
 
+    converted_by = "quant.prepare_qat"  # nanoopt.nn.converted.MARKER
+
     def integer_layer(self) -> IntegerLayer:
         _refresh_pruned(self)
         return super().integer_layer()
@@ -129,6 +130,8 @@ class QATLinear(SimulatedLinear):
 
 class QATConv2d(SimulatedConv2d):
     """The simulated Conv2d of a QAT model (pruning kept, weights read fresh when lowered to integers)."""
+
+    converted_by = "quant.prepare_qat"  # nanoopt.nn.converted.MARKER
 
     def integer_layer(self) -> IntegerLayer:
         _refresh_pruned(self)
@@ -230,22 +233,6 @@ class QATLinearBn1d(_FoldedBatchNorm, QATLinear):
 
 
 # ================================================================================================ prepare
-def _batchnorm_pairs(model: nn.Module, example_input: Any) -> dict[str, str]:
-    """``{layer name: batchnorm name}`` for every BatchNorm that folds into the Conv2d/Linear before it (the
-    conditions of :func:`~nanoopt.quant.algorithms.fold_batchnorm`)."""
-    graph = trace(model, example_input)
-    pairs = {}
-    for node in graph.nodes.values():
-        if not isinstance(node.module, nn.BatchNorm1d | nn.BatchNorm2d):
-            continue
-        producer = graph.nodes.get(node.inputs[0])
-        if producer is None or graph.sole_consumer(producer.name) != node.name:
-            continue
-        if _foldable(producer.module, node.module, producer.output_shape):
-            pairs[producer.name] = node.name
-    return pairs
-
-
 def _replace_quantizer(prepared: PreparedModel, old: FakeQuantize, new: FakeQuantize) -> None:
     """Put ``new`` everywhere ``old`` is referenced: owning attributes and the ``sources`` of its consumers."""
     if prepared.input_quantizer is old:
@@ -315,7 +302,7 @@ def prepare_qat(model: nn.Module, config: QuantConfig | None = None, example_inp
     work = copy.deepcopy(model)
     batchnorms: dict[str, nn.Module] = {}
     if fold_bn:
-        for layer_name, bn_name in _batchnorm_pairs(work, example_input).items():
+        for layer_name, bn_name in batchnorm_pairs(work, example_input).items():
             batchnorms[layer_name] = work.get_submodule(bn_name)
             work.set_submodule(bn_name, nn.Identity())
     prepared = prepare(work, config, example_input, fold_bn=False)

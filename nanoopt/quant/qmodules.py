@@ -82,6 +82,8 @@ def _check_zero_points(module: nn.Module, state: dict[str, np.ndarray]) -> None:
 class QuantizedModule(nn.Module):
     """Base of the converted layers: a name for messages, input checks, and a kernel cache."""
 
+    converted_by = "quant.convert"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, name: str = "") -> None:
         super().__init__()
         self.layer_name = name
@@ -354,6 +356,8 @@ class QuantizedModel(nn.Module):
     :mod:`nanoopt.runtime.boundary` (bit-identical to ``spec.quantize`` / ``spec.dequantize``).
     For deployment, :func:`nanoopt.runtime.compile` runs the same model as a flat plan.
     """
+
+    converted_by = "quant.convert"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, model: nn.Module, input_params: QParams, output_params: QParams,
                  input_shape: tuple[int, ...] | None = None) -> None:

@@ -64,6 +64,8 @@ def _as_tensor(x: Any) -> Tensor:
 class _Simulated(nn.Module):
     """Shared parts: the layer's name and the quantizers that produced its inputs (not registered children)."""
 
+    converted_by = "quant.prepare"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, name: str, sources: Sequence[FakeQuantize]) -> None:
         super().__init__()
         self.layer_name = name

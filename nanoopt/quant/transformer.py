@@ -53,13 +53,18 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn, ops
+from nanoopt.float_kernels import softmax
 from nanoopt.kernels import requant
 from nanoopt.kernels.gemm_plan import GemmPlanS8
-from nanoopt.models_gpt import GPT, KVCache, _sample
-from nanoopt.nn.attention import check_indices
+from nanoopt.models_gpt import GPT, KVCache, sample_tokens
+from nanoopt.nn.attention_functional import check_indices
 from nanoopt.ops import Context
+from nanoopt.ops_transformer import attention_forward
 from nanoopt.quant.lowering import IntegerLayer, QParams, emulate_linear, integer_layer
 from nanoopt.quant.observers import MinMaxObserver, NotFittedError
+from nanoopt.quant.smoothquant import smooth_quant
+from nanoopt.quant.w8a8_decode import FusedDecoder
+from nanoopt.random import get_rng
 from nanoopt.runtime import boundary
 from nanoopt.spec import QuantSpec, qparams, quantize, requantization_multipliers, requantize
 from nanoopt.tensor import Tensor, no_grad
@@ -101,14 +106,6 @@ def exact_integer_matmul(a: np.ndarray, b: np.ndarray, bound_a: int, bound_b: in
     return np.matmul(a.astype(np.int64), b.astype(np.int64))
 
 
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in place (float32); every row has at least one finite score (causal: the diagonal)."""
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores
-
-
 def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple[float, float, float],
                       output: QParams, start: int = 0, multiplier: tuple[int, int] | None = None,
                       compiled: bool = False) -> np.ndarray:
@@ -132,7 +129,8 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     scores = acc.astype(np.float32) * np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(d)))
     if t > 1:
         scores += np.triu(np.full((t, s), -np.inf, np.float32), k=start + 1)
-    probs = _softmax(scores)
+    # every row has a finite score (causal: the diagonal); one fixed exp for both models (float_kernels/softmax.py)
+    probs = softmax.softmax(scores) if compiled else softmax.softmax_reference(scores)
     if compiled:
         codes = np.empty(probs.shape, np.int8)
         low, high = np.float32(ACTIVATION.qmin - PROB_ZERO), np.float32(ACTIVATION.qmax - PROB_ZERO)
@@ -177,6 +175,8 @@ def _float_output(acc: np.ndarray, x_scale: Any, weight_scale: np.ndarray, bias:
 class _W8A8Linear(nn.Module):
     """The interface both models' linears give the skeleton (float or int8 codes in, float or int8 codes out)."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, name: str, per_token: bool, qkv_output: bool) -> None:
         super().__init__()
         self.layer_name, self.per_token, self.qkv_output = name, per_token, qkv_output
@@ -214,6 +214,8 @@ class _W8A8Linear(nn.Module):
 
 class SimulatedW8A8Linear(_W8A8Linear):
     """A Linear of the prepared GPT: float weight, observers; after calibration it emulates the integer layer."""
+
+    converted_by = "quant.prepare_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, layer: nn.Linear, name: str, per_token: bool, qkv_output: bool, observe_input: bool,
                  heads: int = 1) -> None:
@@ -280,6 +282,8 @@ class SimulatedW8A8Linear(_W8A8Linear):
 
 class QuantizedW8A8Linear(_W8A8Linear):
     """A Linear of the integer GPT: int8 weight codes, per-channel scales, packed once for the int8 GEMMs."""
+
+    converted_by = "quant.convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, simulated: SimulatedW8A8Linear) -> None:
         super().__init__(simulated.layer_name, simulated.per_token, simulated.qkv_output)
@@ -358,6 +362,8 @@ def _layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
 class W8A8Block(nn.Module):
     """One GPT block's float LayerNorms and its four W8A8 linears."""
 
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, ln_1: nn.LayerNorm, ln_2: nn.LayerNorm, linears: dict[str, _W8A8Linear],
                  approximate: str) -> None:
         super().__init__()
@@ -373,6 +379,8 @@ class W8A8GPT(nn.Module):
 
     Made by :func:`prepare_w8a8` (``simulated=True``; :meth:`calibrate` it) or :func:`convert_w8a8`.
     """
+
+    converted_by = "quant.prepare_w8a8 / convert_w8a8"  # nanoopt.nn.converted.MARKER
 
     def __init__(self, config: Any, wte: np.ndarray, wpe: np.ndarray, blocks: list[W8A8Block], ln_f: nn.LayerNorm,
                  lm_head: _W8A8Linear, w8a8: W8A8Config, simulated: bool) -> None:
@@ -393,8 +401,6 @@ class W8A8GPT(nn.Module):
         start = 0 if cache is None else cache.length
         if self.calibrating:
             qkv = block.c_attn.calibration_forward(h).reshape(b, t, 3, heads, d).transpose(2, 0, 3, 1, 4)
-            from nanoopt.ops_transformer import attention_forward
-
             bias = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
             out, _, _ = attention_forward(qkv[0], qkv[1], qkv[2], bias, 1.0 / math.sqrt(d), None, True)
             return block.c_proj.calibration_forward(out.transpose(0, 2, 1, 3).reshape(b, t, c))
@@ -495,24 +501,29 @@ class W8A8GPT(nn.Module):
                              f"got shape {ids.shape}, {max_new_tokens} and {temperature}")
         if self.simulated:
             self._check_calibrated()
-        from nanoopt.random import get_rng
-
         rng = get_rng() if rng is None else rng
         block = self.config.block_size
         out = np.empty((ids.shape[0], ids.shape[1] + max_new_tokens), dtype=np.int64)
         out[:, :ids.shape[1]] = ids
         length, caches = ids.shape[1], None
+        # batch 1 with the cache: one compiled call per token, the same logits (nanoopt/quant/w8a8_decode.py)
+        fused = None
+        if use_cache and ids.shape[0] == 1 and max_new_tokens > 1 and length < block:
+            fused = FusedDecoder.for_model(self, PROB_SCALE, PROB_ZERO)
         with no_grad():
             for _ in range(max_new_tokens):
                 window = out[:, max(0, length - block):length]
                 if use_cache and caches is not None and length <= block:
-                    logits = self.logits(window[:, -1:], caches, last_only=True)
+                    if fused is None:
+                        logits = self.logits(window[:, -1:], caches, last_only=True)
+                    else:
+                        logits = fused.step(window[0, -1], caches)
                 elif use_cache and length <= block:
-                    caches = self._new_caches(ids.shape[0])
+                    caches = self._new_caches(ids.shape[0]) if fused is None else fused.new_caches()
                     logits = self.logits(window, caches, last_only=True)
                 else:
                     logits = self.logits(window, None, last_only=True)
-                out[:, length] = _sample(logits[:, -1], temperature, top_k, rng)
+                out[:, length] = sample_tokens(logits[:, -1], temperature, top_k, rng)
                 length += 1
         return out
 
@@ -564,7 +575,5 @@ def quantize_w8a8(model: GPT, calibration: Any, alpha: float | None = 0.5, confi
                   batch_size: int = 32) -> W8A8GPT:
     """SmoothQuant (``alpha``; None skips it), then prepare, calibrate and convert: the integer W8A8 GPT."""
     if alpha is not None:
-        from nanoopt.quant.algorithms.smoothquant import smooth_quant
-
         model = smooth_quant(model, calibration, alpha=alpha, batch_size=batch_size)
     return convert_w8a8(prepare_w8a8(model, config).calibrate(calibration, batch_size))

@@ -11,7 +11,7 @@ import nanoopt as no
 from nanoopt import models
 from nanoopt.distill.gpt import GPTDistillConfig, distill_gpt, minilm_loss
 from nanoopt.gradcheck import check_grads
-from nanoopt.nn.attention import causal_bias
+from nanoopt.nn.attention_functional import causal_bias
 from nanoopt.ops_transformer import attention_forward
 from nanoopt.train_lm import LMTrainConfig
 

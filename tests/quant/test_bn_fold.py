@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import models, nn
 from nanoopt.nn.graph import INPUT, trace
-from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
+from nanoopt.quant.bn_fold import fold_batchnorm
 from nanoopt.tensor import Tensor
 
 SETTINGS = settings(max_examples=30, deadline=None)

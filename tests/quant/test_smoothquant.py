@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import nanoopt as no
 from nanoopt import models, quant
-from nanoopt.quant.algorithms.smoothquant import activation_channel_max, outlier_ratio, smoothing_pairs
+from nanoopt.quant.smoothquant import activation_channel_max, outlier_ratio, smoothing_pairs
 
 SETTINGS = settings(max_examples=20, deadline=None)
 

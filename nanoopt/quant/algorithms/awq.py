@@ -89,6 +89,8 @@ class InputScaled(nn.Module):
     [[4.0]]
     """
 
+    converted_by = "quant.awq"  # nanoopt.nn.converted.MARKER
+
     def __init__(self, layer: nn.Module, input_scale: np.ndarray) -> None:
         super().__init__()
         self.layer = layer

@@ -41,7 +41,7 @@ import numpy as np
 from nanoopt import nn
 from nanoopt.nn.converted import require_float_model
 from nanoopt.nn.graph import Graph, trace
-from nanoopt.quant.algorithms.bn_fold import fold_batchnorm
+from nanoopt.quant.bn_fold import fold_batchnorm
 
 __all__ = ["cross_layer_equalization", "equalization_pairs"]
 

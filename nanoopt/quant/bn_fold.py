@@ -34,7 +34,7 @@ import numpy as np
 from nanoopt.nn import BatchNorm1d, BatchNorm2d, Conv2d, Identity, Linear, Module, Parameter
 from nanoopt.nn.graph import trace
 
-__all__ = ["fold_batchnorm", "fold_bn_parameters"]
+__all__ = ["batchnorm_pairs", "fold_batchnorm", "fold_bn_parameters", "foldable"]
 
 
 def fold_bn_parameters(weight: np.ndarray, bias: np.ndarray | None, running_mean: np.ndarray,
@@ -58,7 +58,15 @@ def fold_bn_parameters(weight: np.ndarray, bias: np.ndarray | None, running_mean
     return folded_weight.astype(weight.dtype), folded_bias.astype(weight.dtype)
 
 
-def _foldable(layer: Module, bn: Module, output_shape: tuple[int, ...] | None) -> bool:
+def foldable(layer: Module, bn: Module, output_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether BatchNorm ``bn`` folds into ``layer`` (whose output, of shape ``output_shape`` if known, it reads):
+    a Conv2d followed by a BatchNorm2d, or a Linear with 2-D output followed by a BatchNorm1d, over the same
+    channels, with running statistics.
+
+    >>> from nanoopt import nn
+    >>> foldable(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), foldable(nn.Linear(3, 2), nn.BatchNorm2d(2))
+    (True, False)
+    """
     if not bn.track_running_stats:
         return False
     if isinstance(layer, Conv2d):
@@ -69,6 +77,27 @@ def _foldable(layer: Module, bn: Module, output_shape: tuple[int, ...] | None) -
     return False
 
 
+def batchnorm_pairs(model: Module, example_input: Any = None) -> dict[str, str]:
+    """``{layer name: BatchNorm name}`` of every BatchNorm of ``model`` that folds into the layer before it: its
+    input comes from a Conv2d / Linear whose output nothing else reads, and :func:`foldable` holds.
+
+    >>> from nanoopt import nn
+    >>> batchnorm_pairs(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.BatchNorm2d(2)))
+    {'0': '1'}
+    """
+    graph = trace(model, example_input)
+    pairs = {}
+    for node in graph.nodes.values():
+        if not isinstance(node.module, BatchNorm1d | BatchNorm2d):
+            continue
+        producer = graph.nodes.get(node.inputs[0])
+        if producer is None or graph.sole_consumer(producer.name) != node.name:
+            continue
+        if foldable(producer.module, node.module, producer.output_shape):
+            pairs[producer.name] = node.name
+    return pairs
+
+
 def fold_batchnorm(model: Module, example_input: Any = None) -> Module:
     """A copy of ``model`` with every foldable BatchNorm folded into the layer before it (see module docstring).
 
@@ -76,21 +105,13 @@ def fold_batchnorm(model: Module, example_input: Any = None) -> Module:
     The original model is not modified.
     """
     folded = copy.deepcopy(model)
-    graph = trace(folded, example_input)
-    for node in list(graph.nodes.values()):
-        if not isinstance(node.module, BatchNorm1d | BatchNorm2d):
-            continue
-        producer = graph.nodes.get(node.inputs[0])
-        if producer is None or graph.sole_consumer(producer.name) != node.name:
-            continue
-        layer, bn = producer.module, node.module
-        if not _foldable(layer, bn, producer.output_shape):
-            continue
+    for layer_name, bn_name in batchnorm_pairs(folded, example_input).items():
+        layer, bn = folded.get_submodule(layer_name), folded.get_submodule(bn_name)
         weight, bias = fold_bn_parameters(
             layer.weight.data, None if layer.bias is None else layer.bias.data, bn.running_mean, bn.running_var,
             None if bn.weight is None else bn.weight.data, None if bn.bias is None else bn.bias.data, bn.eps,
         )
         layer.weight = Parameter(weight)
         layer.bias = Parameter(bias)
-        folded.set_submodule(node.name, Identity())
+        folded.set_submodule(bn_name, Identity())
     return folded

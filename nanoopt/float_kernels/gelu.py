@@ -51,30 +51,35 @@ def gelu_forward_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")  # no zero-division check: Q < 0 on [-4, 4]
+def gelu_scalar(x):  # pragma: no cover - compiled
+    """(GELU(x), Phi(x)) of one float32 value, as float32: the reference's float64 operations in its order."""
+    a = np.float64(x)
+    z = a * _INV_SQRT2
+    z = -4.0 if z < -4.0 else z
+    z = 4.0 if z > 4.0 else z
+    z2 = z * z
+    p = A12 * z2 + A10
+    p = p * z2 + A8
+    p = p * z2 + A6
+    p = p * z2 + A4
+    p = p * z2 + A2
+    p = p * z2 + A0
+    q = B8 * z2 + B6
+    q = q * z2 + B4
+    q = q * z2 + B2
+    q = q * z2 + B0
+    cdf = 0.5 * (1.0 + z * p / q)
+    cdf = 0.0 if z <= -4.0 else cdf  # exactly 0 and 1 beyond the clamp (the error there is below 8e-9)
+    cdf = 1.0 if z >= 4.0 else cdf
+    cdf = 0.0 if cdf < 0.0 else cdf  # and never outside [0, 1]
+    cdf = 1.0 if cdf > 1.0 else cdf
+    return np.float32(a * cdf), np.float32(cdf)
+
+
+@numba.njit(cache=True, nogil=True)
 def _gelu_forward_numba(x, out, cdf_out):
     for i in range(x.size):
-        a = np.float64(x[i])
-        z = a * _INV_SQRT2
-        z = -4.0 if z < -4.0 else z
-        z = 4.0 if z > 4.0 else z
-        z2 = z * z
-        p = A12 * z2 + A10
-        p = p * z2 + A8
-        p = p * z2 + A6
-        p = p * z2 + A4
-        p = p * z2 + A2
-        p = p * z2 + A0
-        q = B8 * z2 + B6
-        q = q * z2 + B4
-        q = q * z2 + B2
-        q = q * z2 + B0
-        cdf = 0.5 * (1.0 + z * p / q)
-        cdf = 0.0 if z <= -4.0 else cdf  # exactly 0 and 1 beyond the clamp (the error there is below 8e-9)
-        cdf = 1.0 if z >= 4.0 else cdf
-        cdf = 0.0 if cdf < 0.0 else cdf  # and never outside [0, 1]
-        cdf = 1.0 if cdf > 1.0 else cdf
-        out[i] = a * cdf
-        cdf_out[i] = cdf
+        out[i], cdf_out[i] = gelu_scalar(x[i])
 
 
 def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
