@@ -1,24 +1,29 @@
 """The AVX2 / AVX-VNNI GEMM inside the portable Numba drivers: threaded row blocks, and convolution blocks
 (Numba im2col -> x86 product -> Numba epilogue into NCHW).
 
-Each driver calls one int8 kernel by its own name -- the plain AVX2 one or the AVX-VNNI one, never the alias
-``avx2.gemm_s8s8s32_into``: Numba's cache keys a function on its own code and the target CPU, not on what the
-globals it names were bound to, so a cached driver that called the alias would keep the kernel of the process that
-compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an argument would defeat
-the cache. The drivers compile only when first called, which the dispatch (:mod:`nanoopt.kernels`) does only where
-``avx2.available()`` (and, for the ``vnni_*`` ones, ``avx2.KERNEL_S8 == "avx-vnni"``): elsewhere they never
-compile. The products are exact, so the results are those of the reference
-(:func:`nanoopt.kernels.reference.gemm_s8s8s32`, ``quantized_conv2d``).
+Each driver takes the kernel as a compile-time constant ``kind`` (``avx2.SIGN_TRICK`` or ``avx2.VNNI``; Numba
+compiles one specialization per value) and calls that kernel by its own name (:func:`_s8_product`), never the alias
+``avx2.gemm_s8s8s32_into``: Numba's cache keys a function on its own code, its argument types and the target CPU,
+not on what the globals it names were bound to, so a cached driver that called the alias would keep the kernel of
+the process that compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an
+argument would defeat the cache. The drivers compile only when first called, which the dispatch
+(:mod:`nanoopt.kernels`) does only where ``avx2.available()`` (and, for ``kind = VNNI``, ``avx2.KERNEL_S8 ==
+"avx-vnni"``): elsewhere they never compile, and a specialization compiles only its own kernel. The products are
+exact, so the results are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`,
+``quantized_conv2d``).
 
->>> external_s8_drivers("avx2")[0] is avx2_s8_rows_parallel
+>>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
 True
 """
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from nanoopt.kernels import avx2
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows
@@ -26,34 +31,43 @@ from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block
 
 __all__ = [
     "AVX2_PARALLEL_MIN_ROWS",
-    "avx2_conv_parallel",
-    "avx2_conv_serial",
-    "avx2_s8_rows_parallel",
     "avx2_s16_rows_parallel",
+    "conv_parallel",
+    "conv_serial",
     "external_s8_drivers",
     "products",
-    "vnni_conv_parallel",
-    "vnni_conv_serial",
-    "vnni_s8_rows_parallel",
+    "s8_rows_parallel",
 ]
 
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
 
 
-@njit(cache=True, parallel=True)
-def avx2_s8_rows_parallel(a, panels, n, k, out, rows_per_item):
-    """The plain AVX2 int8 GEMM on row blocks of ``a`` in parallel (each block is C-contiguous)."""
-    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
-        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
-        avx2.gemm_s8s8s32_avx2_into(a[lo:hi], panels, n, k, out[lo:hi])
+def _s8_product(kind, a, panels, n, k, out):
+    """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_TRICK``: the
+    plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one), chosen when the caller is compiled for that constant: the
+    other kernel is never compiled, and each cached specialization names its own kernel."""
+    raise NotImplementedError("_s8_product is only callable from Numba-compiled code")
+
+
+@overload(_s8_product)
+def _s8_product_typing(kind, a, panels, n, k, out):
+    if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in (avx2.SIGN_TRICK, avx2.VNNI)):
+        return None
+    kernel = avx2.gemm_s8s8s32_vnni_into if kind.literal_value == avx2.VNNI else avx2.gemm_s8s8s32_avx2_into
+
+    def product(kind, a, panels, n, k, out):
+        kernel(a, panels, n, k, out)
+
+    return product
 
 
 @njit(cache=True, parallel=True)
-def vnni_s8_rows_parallel(a, panels, n, k, out, rows_per_item):
-    """The AVX-VNNI int8 GEMM on row blocks of ``a`` in parallel."""
+def s8_rows_parallel(kind, a, panels, n, k, out, rows_per_item):
+    """The int8 GEMM of ``kind`` on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+    numba.literally(kind)
     for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
         lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
-        avx2.gemm_s8s8s32_vnni_into(a[lo:hi], panels, n, k, out[lo:hi])
+        _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
 
 
 @njit(cache=True, parallel=True)
@@ -80,57 +94,42 @@ def _external_conv_block(padded, item, conv):
 
 
 @njit(cache=True)
-def _avx2_conv_item(padded, panels, item, conv, epilogue, out3):
-    """One 256-pixel block of an int8 conv: Numba im2col -> plain AVX2 product -> Numba epilogue into NCHW."""
+def _conv_item(kind, padded, panels, item, conv, epilogue, out3):
+    """One 256-pixel block of an int8 conv: Numba im2col -> the x86 product of ``kind`` -> Numba epilogue (NCHW)."""
+    numba.literally(kind)
     cols, products, group, geometry = _external_conv_block(padded, item, conv)
-    avx2.gemm_s8s8s32_avx2_into(cols, panels[group], products.shape[1], cols.shape[1], products)
+    _s8_product(kind, cols, panels[group], products.shape[1], cols.shape[1], products)
     epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
 
 
 @njit(cache=True)
-def _vnni_conv_item(padded, panels, item, conv, epilogue, out3):
-    """The same block with the AVX-VNNI product."""
-    cols, products, group, geometry = _external_conv_block(padded, item, conv)
-    avx2.gemm_s8s8s32_vnni_into(cols, panels[group], products.shape[1], cols.shape[1], products)
-    epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
-
-
-@njit(cache=True)
-def avx2_conv_serial(padded, panels, items, conv, epilogue, out3):
+def conv_serial(kind, padded, panels, items, conv, epilogue, out3):
+    """Every block of an int8 conv in turn (:func:`_conv_item`)."""
+    numba.literally(kind)
     for item in range(items):
-        _avx2_conv_item(padded, panels, item, conv, epilogue, out3)
+        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
 
 
 @njit(cache=True, parallel=True)
-def avx2_conv_parallel(padded, panels, items, conv, epilogue, out3):
+def conv_parallel(kind, padded, panels, items, conv, epilogue, out3):
+    """The blocks of an int8 conv in parallel."""
+    numba.literally(kind)
     for item in prange(items):
-        _avx2_conv_item(padded, panels, item, conv, epilogue, out3)
-
-
-@njit(cache=True)
-def vnni_conv_serial(padded, panels, items, conv, epilogue, out3):
-    for item in range(items):
-        _vnni_conv_item(padded, panels, item, conv, epilogue, out3)
-
-
-@njit(cache=True, parallel=True)
-def vnni_conv_parallel(padded, panels, items, conv, epilogue, out3):
-    for item in prange(items):
-        _vnni_conv_item(padded, panels, item, conv, epilogue, out3)
+        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
 
 
 def external_s8_drivers(kernel: str) -> tuple:
-    """``(rows_parallel, conv_serial, conv_parallel)``: the drivers around the int8 GEMM ``kernel``
-    (``avx2.KERNEL_S8``: ``"avx2"`` or ``"avx-vnni"``). Nothing is compiled until a driver is called.
+    """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``avx2.KERNEL_S8``:
+    ``"avx2"`` or ``"avx-vnni"``), with the kernel bound: ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
+    ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
 
-    >>> external_s8_drivers("avx2")[0] is avx2_s8_rows_parallel
+    >>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
     True
     """
-    if kernel == "avx2":
-        return avx2_s8_rows_parallel, avx2_conv_serial, avx2_conv_parallel
-    if kernel == "avx-vnni":
-        return vnni_s8_rows_parallel, vnni_conv_serial, vnni_conv_parallel
-    raise ValueError(f"kernel must be 'avx2' or 'avx-vnni', got {kernel!r}")
+    kinds = {"avx2": avx2.SIGN_TRICK, "avx-vnni": avx2.VNNI}
+    if kernel not in kinds:
+        raise ValueError(f"kernel must be 'avx2' or 'avx-vnni', got {kernel!r}")
+    return tuple(functools.partial(driver, kinds[kernel]) for driver in (s8_rows_parallel, conv_serial, conv_parallel))
 
 
 def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16) -> np.ndarray:

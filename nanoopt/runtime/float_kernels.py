@@ -248,7 +248,7 @@ def im2col_image_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, s
         images = min(block, batch - n0)
         for b in range(images):
             target = cols[b].reshape(-1)
-            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in kernels/im2col.py)
+            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in float_kernels/im2col.py)
             for c in range(channels):
                 plane = ((n0 + b) * channels + c) * height * width
                 for i in range(kernel_h):

@@ -182,7 +182,8 @@ class Conv2dQ(_WeightedQ):
             per_block = EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            run = x86_glue.avx2_conv_parallel if use_threads(ops) else x86_glue.avx2_conv_serial
+            _, serial, parallel = x86_glue.external_s8_drivers("avx2")
+            run = parallel if use_threads(ops) else serial
             return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
         if fast and self.backend == "numba" and out_channels // self.groups >= TILE_COLUMNS:
