@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / "nanoopt"
 COMPONENTS = {
     "nanoopt.spec": ("spec", 0),
     "nanoopt.kernels": ("kernels", 1),
+    "nanoopt.float_kernels": ("kernels", 1),
     "nanoopt.runtime": ("runtime", 2),
     "nanoopt.tensor": ("autograd", 3),
     "nanoopt.ops": ("autograd", 3),

@@ -14,10 +14,10 @@ Everything else (variance, MSE, KL divergence, dropout, ...) is composed from th
 free. Broadcasting is undone in exactly one place, :func:`unbroadcast`. The design follows early tinygrad's
 ``Function`` / ``ctx.save_for_backward`` and HIPS/autograd's one-VJP-per-primitive layout.
 
-Convolution uses im2col (:mod:`nanoopt.kernels.im2col`): columns ``(N, G, Cg*KH*KW, OH*OW)``, one BLAS product
-per image and group (already NCHW), and col2im scatters the column gradient back; max pooling runs the kernels of
-:mod:`nanoopt.kernels.pooling`. Average pooling uses :func:`_windows`, a strided view ``(N, C, OH, OW, KH, KW)`` of
-the (padded) input, and its adjoint :func:`_col2im` (``KH * KW`` strided additions).
+Convolution uses im2col (:mod:`nanoopt.float_kernels.im2col`): columns ``(N, G, Cg*KH*KW, OH*OW)``, one BLAS
+product per image and group (already NCHW), and col2im scatters the column gradient back; max pooling runs the
+kernels of :mod:`nanoopt.float_kernels.pooling`. Average pooling uses :func:`_windows`, a strided view ``(N, C, OH,
+OW, KH, KW)`` of the (padded) input, and its adjoint :func:`_col2im` (``KH * KW`` strided additions).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import special
 
-from nanoopt.kernels import gelu as gelu_kernels
-from nanoopt.kernels import im2col, pooling
+from nanoopt.float_kernels import gelu as gelu_kernels
+from nanoopt.float_kernels import im2col, pooling
 from nanoopt.random import get_rng
 from nanoopt.tensor import Tensor, is_grad_enabled
 
@@ -815,7 +815,7 @@ class Conv2d(Function):
 
     out[n, o, y, x] = bias[o] + sum_{c, i, j} w[o, c, i, j] * in_pad[n, g*Cg + c, y*s + i*d, x*s + j*d]
 
-    The column layout and its adjoint are the Numba kernels of :mod:`nanoopt.kernels.im2col`.
+    The column layout and its adjoint are the Numba kernels of :mod:`nanoopt.float_kernels.im2col`.
     """
 
     @staticmethod
@@ -862,7 +862,7 @@ class Conv2d(Function):
 class MaxPool2d(Function):
     """Max over each window (padding counts as -inf); the gradient goes to the first maximum of each window.
 
-    Runs the Numba kernels of :mod:`nanoopt.kernels.pooling` (bit-identical to their NumPy references there).
+    Runs the Numba kernels of :mod:`nanoopt.float_kernels.pooling` (bit-identical to their NumPy references there).
     """
 
     @staticmethod

@@ -5,22 +5,25 @@ Backends, all bit-identical (tested against each other):
 * ``"reference"`` -- :mod:`nanoopt.kernels.reference`, pure NumPy in int64: the executable specification;
 * ``"numba"`` -- :mod:`nanoopt.kernels.numba_cpu`, portable compiled kernels (any CPU LLVM targets);
 * ``"avx2"`` -- the int8 GEMM of :mod:`nanoopt.kernels.avx2` (``vpmaddubsw`` / AVX-VNNI ``vpdpbusd``
-  intrinsics), with the Numba epilogue (zero-point fold, bias, requantization, ReLU) around it.
+  intrinsics), with the Numba epilogue (zero-point fold, bias, requantization, ReLU) around it
+  (:mod:`nanoopt.kernels.x86_glue`).
 
 ``"auto"`` (the default) runs a layer on ``"avx2"`` when the CPU has it and the layer fits it (int8
 activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
 kernel), else on ``"numba"``; int8 convolutions with few taps or few channels per group run Numba's direct
-"thin" loop, faster there than im2col + any GEMM (:class:`numba_cpu.Conv2dPlan`). Choose with
+"thin" loop, faster there than im2col + any GEMM (:mod:`nanoopt.kernels.thin_conv`). Choose with
 :func:`set_backend` or, for a block of code, :func:`use_backend`. "The CPU has it" is decided at run time,
 without compiling anything, from the CPU, Numba's target and the ``NANOOPT_CPU_FEATURES`` override
-(:func:`avx2.usable_features`): e.g. ``NANOOPT_CPU_FEATURES=avx2`` runs the AVX2 kernel where the CPU also has
-AVX-VNNI, ``NANOOPT_CPU_FEATURES=none`` the portable kernels only.
+(:func:`nanoopt.kernels.cpu_features.usable_features`): e.g. ``NANOOPT_CPU_FEATURES=avx2`` runs the AVX2
+kernel where the CPU also has AVX-VNNI, ``NANOOPT_CPU_FEATURES=none`` the portable kernels only.
 
 Layers prepare their constant operands once: :func:`prepare_linear` / :func:`prepare_conv2d` validate the
 parameters, pack the weights (for every backend that may run them) and return a callable; calling it with
-the integer input checks only that input. The functions with the reference's signatures
-(:func:`quantized_linear`, :func:`quantized_conv2d`, ...) dispatch the same way and accept either plain
-weights or a :class:`PreparedWeights`.
+the integer input checks only that input; :func:`prepare_gemm` does the same for a raw integer GEMM. The
+functions with the reference's signatures (:func:`gemm_s8s8s32`, :func:`quantized_linear`,
+:func:`quantized_conv2d`, ...) are the one entry point for each operation: they validate, then dispatch the same
+way, and accept either plain weights or a :class:`PreparedWeights`. This module only chooses and dispatches; the
+kernels live in the modules named above, each of which imports only from below it.
 
 >>> import numpy as np
 >>> from nanoopt.spec import QuantSpec
@@ -33,50 +36,39 @@ array([[  9, -11]], dtype=int8)
 from __future__ import annotations
 
 import contextlib
-import functools
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-import numba
 import numpy as np
 
-if TYPE_CHECKING:
-    from nanoopt.spec import QuantSpec
-
-# The kernel modules are imported on first use, inside the functions below: they import nanoopt.quant,
-# whose package imports nanoopt.nn, which imports this package (for im2col/pooling) -- importing them here
-# would close that cycle.
-_REFERENCE_NAMES = ("AccumulatorOverflowError", "accumulator_bound", "int32_accumulation_is_safe")
-
-
-def __getattr__(name: str):
-    if name in _REFERENCE_NAMES:
-        from nanoopt.kernels import reference
-
-        return getattr(reference, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from nanoopt.kernels import avx2, numba_cpu, numba_pointwise, reference, x86_glue
+from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_products, pack_weights, use_threads
+from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
+from nanoopt.kernels.x86_glue import AVX2_PARALLEL_MIN_ROWS
+from nanoopt.spec import QuantSpec
 
 BACKENDS = ("auto", "avx2", "numba", "reference")
-AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
 
 _state = threading.local()
 
 __all__ = [
+    "AVX2_PARALLEL_MIN_ROWS",
     "BACKENDS",
     "AccumulatorOverflowError",
     "PreparedConv2d",
+    "PreparedGemm",
     "PreparedLinear",
     "PreparedWeights",
     "accumulator_bound",
     "avx2_available",
+    "avx2_obstacle",
     "gemm_s8s8s32",
     "gemm_s16s8s64",
     "gemm_s16s16s64",
     "get_backend",
     "int32_accumulation_is_safe",
     "prepare_conv2d",
+    "prepare_gemm",
     "prepare_linear",
     "prepare_weights",
     "quantized_add",
@@ -130,29 +122,21 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-@functools.cache
-def _avx2_module():
-    """:mod:`nanoopt.kernels.avx2` if its kernels run here (checked once: compiles its int8 kernel), else
-    ``None``. Nothing of it is compiled before this says yes."""
-    from nanoopt.kernels import avx2
-
-    return avx2 if avx2.available() else None
-
-
 def avx2_available() -> bool:
-    """True when the AVX2 GEMM compiles and is exact on this machine (checked once per process).
+    """True when the AVX2 GEMM compiles and is exact on this machine (checked once per process: compiles its int8
+    kernel where :mod:`~nanoopt.kernels.cpu_features` allows AVX2; nothing x86 is compiled before that says yes).
 
     >>> isinstance(avx2_available(), bool)
     True
     """
-    return _avx2_module() is not None
+    return avx2.available()
 
 
 # ------------------------------------------------------------------------------------------ weights
 class PreparedWeights:
     """Integer weights ``(N, K)`` packed once for every backend that may multiply them.
 
-    ``numba``: :class:`nanoopt.kernels.numba_cpu.PackedWeights` (always); the AVX2 packings are made on
+    ``numba``: :class:`nanoopt.kernels.numba_gemm.PackedWeights` (always); the AVX2 packings are made on
     first use.
 
     >>> weights = prepare_weights(np.array([[1, -128]], np.int8))
@@ -161,9 +145,7 @@ class PreparedWeights:
     """
 
     def __init__(self, w_q: np.ndarray):
-        from nanoopt.kernels import numba_cpu
-
-        self.numba = numba_cpu.pack_weights(w_q)
+        self.numba = pack_weights(w_q)
         self.weight = w_q
         self.narrow_range = w_q.dtype == np.int8 and not (w_q.size and int(w_q.min()) < -127)
         self._avx2_s8 = None
@@ -177,16 +159,16 @@ class PreparedWeights:
             return "weights use -128 (the AVX2 int8 kernel needs narrow-range [-127, 127])"
         return None
 
-    def avx2_s8(self):
+    def avx2_s8(self) -> avx2.PackedWeightsS8:
         """The int8 AVX2 packing (``avx2.PackedWeightsS8``), made on first use."""
         if self._avx2_s8 is None:
-            self._avx2_s8 = _avx2_module().pack_weights_s8(self.weight)
+            self._avx2_s8 = avx2.pack_weights_s8(self.weight)
         return self._avx2_s8
 
-    def avx2_s16(self):
+    def avx2_s16(self) -> avx2.PackedWeightsS16:
         """The 16x8 AVX2 packing (``avx2.PackedWeightsS16``), made on first use."""
         if self._avx2_s16 is None:
-            self._avx2_s16 = _avx2_module().pack_weights_s16(self.weight)
+            self._avx2_s16 = avx2.pack_weights_s16(self.weight)
         return self._avx2_s16
 
 
@@ -199,15 +181,19 @@ def prepare_weights(w_q: np.ndarray) -> PreparedWeights:
     return w_q if isinstance(w_q, PreparedWeights) else PreparedWeights(w_q)
 
 
-def _avx2_obstacle(weights: PreparedWeights, x_dtype) -> str | None:
-    """Why the AVX2 path cannot run this product (``None`` if it can)."""
-    if _avx2_module() is None:
+def avx2_obstacle(weights: PreparedWeights, x_dtype) -> str | None:
+    """Why the AVX2 kernels cannot multiply ``x_dtype`` activations by ``weights`` here (``None`` if they can).
+
+    >>> avx2_obstacle(prepare_weights(np.ones((2, 3), np.int16)), np.int16) is not None
+    True
+    """
+    if not avx2.available():
         return "the AVX2 kernels are not available on this CPU/target (or NANOOPT_DISABLE_AVX2 is set)"
     reason = weights.avx2_reason(x_dtype)
     if reason is not None:
         return reason
-    if np.dtype(x_dtype) == np.int8 and weights.numba.k > _avx2_module().MAX_K_S8:
-        return f"K = {weights.numba.k} exceeds the AVX2 int32 limit {_avx2_module().MAX_K_S8}"
+    if np.dtype(x_dtype) == np.int8 and weights.numba.k > avx2.MAX_K_S8:
+        return f"K = {weights.numba.k} exceeds the AVX2 int32 limit {avx2.MAX_K_S8}"
     return None
 
 
@@ -215,9 +201,9 @@ def _resolve(weights: PreparedWeights, x_dtype) -> str:
     """The backend that runs a product of ``x_dtype`` activations with ``weights`` now."""
     backend = get_backend()
     if backend == "auto":
-        return "numba" if _avx2_obstacle(weights, x_dtype) else "avx2"
+        return "numba" if avx2_obstacle(weights, x_dtype) else "avx2"
     if backend == "avx2":
-        obstacle = _avx2_obstacle(weights, x_dtype)
+        obstacle = avx2_obstacle(weights, x_dtype)
         if obstacle:
             raise RuntimeError(f"backend 'avx2' was forced but cannot run this layer: {obstacle}")
     return backend
@@ -225,50 +211,90 @@ def _resolve(weights: PreparedWeights, x_dtype) -> str:
 
 def _avx2_products(weights: PreparedWeights, a: np.ndarray) -> np.ndarray:
     """Exact ``a @ w.T`` with the AVX2 kernels: int32 for int8 ``a``, int64 for int16 ``a``."""
-    from nanoopt.kernels import numba_cpu
-
-    avx2 = _avx2_module()
-    if a.dtype == np.int8:
-        packed, out_dtype = weights.avx2_s8(), np.int32
-    else:
-        packed, out_dtype = weights.avx2_s16(), np.int64
-    threads = numba.get_num_threads()
-    if threads > 1 and a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
-        out = np.empty((a.shape[0], packed.n), out_dtype)
-        rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        if a.dtype == np.int8:
-            parallel = numba_cpu.external_s8_drivers(avx2.KERNEL_S8)[0]
-        else:
-            parallel = numba_cpu.avx2_s16_rows_parallel
-        parallel(a, packed.panels, packed.n, packed.k, out, rows)
-        return out
-    if a.dtype == np.int8:
-        return avx2.gemm_s8s8s32_packed(a, packed)
-    return avx2.gemm_s16s8s64_packed(a, packed)
+    return x86_glue.products(a, weights.avx2_s8() if a.dtype == np.int8 else weights.avx2_s16())
 
 
 # ------------------------------------------------------------------------------------------------ GEMMs
+class PreparedGemm:
+    """``a -> sum_k (a[m, k] - a_zero_point) w[n, k]`` with ``w`` and the zero point validated once.
+
+    int8 ``a`` and int8 ``w``: int32 results (:func:`reference.gemm_s8s8s32`; the int32 bound
+    ``max |a - z| * sum_k |w_nk| < 2^31`` is checked here, once); int16 ``a`` with int8 or int16 ``w``: int64
+    (:func:`reference.gemm_s16s8s64` / :func:`reference.gemm_s16s16s64`, zero point 0). Per call only ``a`` is
+    checked (dtype, two dimensions, K columns; it is made C-contiguous) and the backend is chosen then
+    (:func:`get_backend`): the cheap entry for products repeated with the same weights, e.g. one token at a time.
+    Made by :func:`prepare_gemm`.
+    """
+
+    def __init__(self, w, a_dtype=np.int8, a_zero_point: int = 0) -> None:
+        self.weights = prepare_weights(w)
+        self.a_dtype = np.dtype(a_dtype)
+        packed = self.weights.numba
+        self.k, self.n = packed.k, packed.n
+        empty = np.zeros((0, self.k), self.a_dtype)
+        if self.a_dtype == np.int8:
+            reference.check_gemm_args(empty, self.weights.weight, (np.int8,), (np.int8,))
+            self.zero_point = reference.check_int(a_zero_point, "a_zero_point", *reference.INT8_RANGE)
+            if not reference.int32_safe_from_sign_sums(packed.positive_sums, packed.negative_sums,
+                                                       *reference.INT8_RANGE, self.zero_point):  # fmt: skip
+                raise AccumulatorOverflowError(f"int8 GEMM with K={self.k} could overflow int32; use "
+                                               "quantized_linear (widens) or split K")  # fmt: skip
+            self.correction = np.int32(self.zero_point) * packed.row_sums.astype(np.int32)  # fits: bound checked
+        elif self.a_dtype == np.int16:
+            reference.check_gemm_args(empty, self.weights.weight, (np.int16,), (np.int8, np.int16))
+            self.zero_point = reference.check_int(a_zero_point, "a_zero_point", 0, 0)
+        else:
+            raise TypeError(f"a_dtype must be int8 or int16, got {self.a_dtype}")
+        self.out_dtype = np.dtype(np.int32 if self.a_dtype == np.int8 else np.int64)
+
+    def backend_for(self) -> str:
+        """The backend a call would use now."""
+        return _resolve(self.weights, self.a_dtype)
+
+    def __call__(self, a: np.ndarray) -> np.ndarray:
+        if not isinstance(a, np.ndarray) or a.dtype != self.a_dtype or a.ndim != 2 or a.shape[1] != self.k:
+            raise TypeError(f"{type(self).__name__} takes {self.a_dtype} codes (M, {self.k}), got "
+                            f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")  # fmt: skip
+        a = np.ascontiguousarray(a)
+        backend = self.backend_for()
+        weight = self.weights.weight
+        if backend == "reference" or (backend == "numba" and self.a_dtype == np.int16 and self.k > MAX_FUSED_K):
+            if self.a_dtype == np.int8:
+                return reference.gemm_s8s8s32(a, weight, self.zero_point)
+            if weight.dtype == np.int8:
+                return reference.gemm_s16s8s64(a, weight)
+            return reference.gemm_s16s16s64(a, weight)
+        if backend == "numba":  # int32-safe int8 sums imply every tile sum fits int32
+            return gemm_products(a, self.weights.numba, self.zero_point, self.out_dtype)
+        products = _avx2_products(self.weights, a)
+        return products - self.correction if self.a_dtype == np.int8 else products
+
+
+def prepare_gemm(w, a_dtype=np.int8, a_zero_point: int = 0) -> PreparedGemm:
+    """Validate ``w`` (or a :class:`PreparedWeights`) and the activations' zero point once for repeated GEMMs.
+
+    >>> gemm = prepare_gemm(np.array([[3, 4], [-1, 0]], np.int8), np.int8, 1)
+    >>> gemm(np.array([[1, 2]], np.int8))
+    array([[4, 0]], dtype=int32)
+    """
+    return PreparedGemm(w, a_dtype, a_zero_point)
+
+
+def _gemm(a: np.ndarray, w, a_dtype, w_dtypes: tuple, a_zero_point: int = 0) -> np.ndarray:
+    """One checked product: the backend first (a forced ``"avx2"`` that cannot run says why), then the arrays."""
+    weights = prepare_weights(w)
+    _resolve(weights, a_dtype)
+    reference.check_gemm_args(a, weights.weight, (a_dtype,), w_dtypes)
+    return PreparedGemm(weights, a_dtype, a_zero_point)(a)
+
+
 def gemm_s8s8s32(a: np.ndarray, w, a_zero_point: int) -> np.ndarray:
     """``sum_k (a - a_zp) w`` as int32 on the current backend (see :func:`reference.gemm_s8s8s32`).
 
     >>> gemm_s8s8s32(np.array([[1, 2]], np.int8), np.array([[3, 4], [-1, 0]], np.int8), 1)
     array([[4, 0]], dtype=int32)
     """
-    from nanoopt.kernels import numba_cpu, reference
-
-    weights = prepare_weights(w)
-    backend = _resolve(weights, np.int8)
-    if backend == "reference":
-        return reference.gemm_s8s8s32(a, weights.weight, a_zero_point)
-    if backend == "numba":
-        return numba_cpu.gemm_s8s8s32(a, weights.numba, a_zero_point)
-    reference.check_gemm_args(a, weights.weight, (np.int8,), (np.int8,))
-    zero_point = reference.check_int(a_zero_point, "a_zero_point", *reference.INT8_RANGE)
-    sums = weights.numba.positive_sums, weights.numba.negative_sums
-    if not reference.int32_safe_from_sign_sums(*sums, *reference.INT8_RANGE, zero_point):
-        raise reference.AccumulatorOverflowError(f"int8 GEMM with K={weights.numba.k} could overflow int32")
-    products = _avx2_products(weights, a)
-    return products - np.int32(zero_point) * weights.numba.row_sums.astype(np.int32)  # fits: checked above
+    return _gemm(a, w, np.int8, (np.int8,), a_zero_point)
 
 
 def gemm_s16s8s64(a: np.ndarray, w) -> np.ndarray:
@@ -277,16 +303,7 @@ def gemm_s16s8s64(a: np.ndarray, w) -> np.ndarray:
     >>> gemm_s16s8s64(np.array([[32767, -32768]], np.int16), np.array([[127, 127]], np.int8))
     array([[-127]])
     """
-    from nanoopt.kernels import numba_cpu, reference
-
-    weights = prepare_weights(w)
-    backend = _resolve(weights, np.int16)
-    if backend == "reference":
-        return reference.gemm_s16s8s64(a, weights.weight)
-    if backend == "numba":
-        return numba_cpu.gemm_s16s8s64(a, weights.numba)
-    reference.check_gemm_args(a, weights.weight, (np.int16,), (np.int8,))
-    return _avx2_products(weights, a)
+    return _gemm(a, w, np.int16, (np.int8,))
 
 
 def gemm_s16s16s64(a: np.ndarray, w) -> np.ndarray:
@@ -295,12 +312,7 @@ def gemm_s16s16s64(a: np.ndarray, w) -> np.ndarray:
     >>> gemm_s16s16s64(np.array([[-32768]], np.int16), np.array([[-32768]], np.int16))
     array([[1073741824]])
     """
-    from nanoopt.kernels import numba_cpu, reference
-
-    weights = prepare_weights(w)
-    if _resolve(weights, np.int16) == "reference":
-        return reference.gemm_s16s16s64(a, weights.weight)
-    return numba_cpu.gemm_s16s16s64(a, weights.numba)
+    return _gemm(a, w, np.int16, (np.int16,))
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -313,8 +325,6 @@ class PreparedLinear:
 
     def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
                  relu: bool = False, x_dtype=np.int8):  # fmt: skip
-        from nanoopt.kernels import numba_cpu
-
         self.weights = prepare_weights(w_q)
         self.plan = numba_cpu.LinearPlan(
             self.weights.numba, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_dtype
@@ -326,8 +336,6 @@ class PreparedLinear:
         return _resolve(self.weights, self.plan.x_dtype)
 
     def __call__(self, x_q: np.ndarray) -> np.ndarray:
-        from nanoopt.kernels import reference
-
         backend = self.backend_for()
         if backend == "reference":
             self.plan.check_input(x_q)
@@ -364,8 +372,6 @@ class PreparedConv2d:
 
     def __init__(self, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec, stride=1,
                  padding=0, dilation=1, groups: int = 1, relu: bool = False, x_dtype=np.int8):  # fmt: skip
-        from nanoopt.kernels import numba_cpu
-
         self.plan = numba_cpu.Conv2dPlan(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, stride,
                                          padding, dilation, groups, relu, x_dtype)  # fmt: skip
         self.weight = self.plan.packed.weight
@@ -398,27 +404,24 @@ class PreparedConv2d:
             return backend
         if backend == "auto" and self.plan.thin:
             return "numba"  # the direct thin loop beats im2col + GEMM on these layers (numba_cpu.Conv2dPlan)
-        obstacle = self._avx2_obstacle()
+        obstacle = self.avx2_obstacle()
         if obstacle is None:
             return "avx2"
         if backend == "avx2":
             raise RuntimeError(f"backend 'avx2' was forced but cannot run this layer: {obstacle}")
         return "numba"
 
-    def _avx2_obstacle(self) -> str | None:
-        from nanoopt.kernels import numba_cpu
-
+    def avx2_obstacle(self) -> str | None:
+        """Why the AVX2 conv path cannot run this layer here (``None`` if it can)."""
         if self.plan.x_dtype != np.int8:
             return "int16 activations (the AVX2 conv path is int8)"
-        if self.per_group < numba_cpu.TILE_COLUMNS:
+        if self.per_group < TILE_COLUMNS:
             return "fewer than 4 output channels per group (depthwise runs the direct Numba loop)"
-        if self.plan.depth > numba_cpu.MAX_FUSED_K:
-            return f"reduction depth {self.plan.depth} exceeds {numba_cpu.MAX_FUSED_K}"
-        return next(filter(None, (_avx2_obstacle(weights, np.int8) for weights in self.group_weights())), None)
+        if self.plan.depth > MAX_FUSED_K:
+            return f"reduction depth {self.plan.depth} exceeds {MAX_FUSED_K}"
+        return next(filter(None, (avx2_obstacle(weights, np.int8) for weights in self.group_weights())), None)
 
     def __call__(self, x_q: np.ndarray) -> np.ndarray:
-        from nanoopt.kernels import numba_cpu, reference
-
         backend = self.backend_for()
         if backend == "reference":
             self.plan.output_shape(x_q)
@@ -428,8 +431,8 @@ class PreparedConv2d:
         padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
         arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
-        _, serial, parallel = numba_cpu.external_s8_drivers(_avx2_module().KERNEL_S8)
-        if numba_cpu._use_threads(2 * out.size * self.plan.depth):
+        _, serial, parallel = x86_glue.external_s8_drivers(avx2.KERNEL_S8)
+        if use_threads(2 * out.size * self.plan.depth):
             parallel(*arguments)
         else:
             serial(*arguments)
@@ -462,8 +465,6 @@ def quantized_linear(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
     ...                  np.array([1, 0], np.int32), 0, 2**30, 0, 0, QuantSpec())
     array([[  9, -11]], dtype=int8)
     """
-    from nanoopt.kernels import reference
-
     if get_backend() == "reference":
         weight = w_q.weight if isinstance(w_q, PreparedWeights) else w_q
         return reference.quantized_linear(x_q, weight, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
@@ -484,8 +485,6 @@ def quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
     ...                  QuantSpec(), padding=1)[0, 0, 0]
     array([2, 3, 2], dtype=int8)
     """
-    from nanoopt.kernels import reference
-
     if get_backend() == "reference":
         return reference.quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec,
                                           stride, padding, dilation, groups, relu)  # fmt: skip
@@ -497,21 +496,19 @@ def quantized_conv2d(x_q, w_q, bias_q, x_zero_point, m0, shift, out_zero_point, 
     return layer(x_q)
 
 
-def _elementwise(name: str):
-    """Dispatch an elementwise/pool kernel: the reference when forced, else the Numba one."""
+def _pointwise(name: str, numba_version):
+    """Dispatch a pooling/add/ReLU kernel: the reference when forced, else the Numba one."""
+    reference_version = getattr(reference, name)
 
     def run(*args, **kwargs):
-        from nanoopt.kernels import numba_cpu, reference
-
-        module = reference if get_backend() == "reference" else numba_cpu
-        return getattr(module, name)(*args, **kwargs)
+        return (reference_version if get_backend() == "reference" else numba_version)(*args, **kwargs)
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = f":func:`reference.{name}` on the current backend (Numba unless ``'reference'`` is forced)."
     return run
 
 
-quantized_max_pool2d = _elementwise("quantized_max_pool2d")
-quantized_avg_pool2d = _elementwise("quantized_avg_pool2d")
-quantized_add = _elementwise("quantized_add")
-quantized_relu = _elementwise("quantized_relu")
+quantized_max_pool2d = _pointwise("quantized_max_pool2d", numba_pointwise.max_pool2d)
+quantized_avg_pool2d = _pointwise("quantized_avg_pool2d", numba_pointwise.avg_pool2d)
+quantized_add = _pointwise("quantized_add", numba_pointwise.add)
+quantized_relu = _pointwise("quantized_relu", reference.quantized_relu)  # NumPy's maximum: one vectorised pass

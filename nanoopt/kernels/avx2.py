@@ -8,13 +8,12 @@ entry point does the TFLite "16x8" product: int16 activations x int8 weights -> 
 
 How it is fast (all in this file, top to bottom):
 
-* **Instructions.** ``numba.extending.intrinsic`` lets jitted code emit LLVM IR. We call ``vpmaddubsw``
+* **Instructions.** Intrinsics (:mod:`nanoopt.kernels.llvm_intrinsics`) emit LLVM IR. We call ``vpmaddubsw``
   (``llvm.x86.avx2.pmadd.ub.sw``: u8 x s8, adjacent pairs summed to s16 with saturation), ``vpmaddwd``
   (``llvm.x86.avx2.pmadd.wd``: s16 x s16, adjacent pairs summed to s32), ``vpsignb``
   (``llvm.x86.avx2.psign.b``) and, where the CPU has AVX-VNNI, ``vpdpbusd``
   (``llvm.x86.avx512.vpdpbusd.256``: u8 x s8, groups of 4 summed into an s32 accumulator, wrapping,
-  no saturation). A 256-bit register is a small Numba type, :data:`int32x8`, whose data model is the LLVM
-  vector ``<8 x i32>``, so values of that type stay in registers across calls and loop iterations.
+  no saturation), on 256-bit registers typed :data:`~nanoopt.kernels.llvm_intrinsics.int32x8`.
 * **AVX2: the sign trick.** ``vpmaddubsw`` wants an unsigned operand. For int8 ``a`` and ``w``,
   ``a * w = |a| * (sign(a) * w)`` where ``|a|`` in [0, 128] is read as u8 (``|-128|`` wraps to the byte
   0x80 = 128 unsigned) and ``sign(a) * w`` stays in int8 because weights are narrow range [-127, 127].
@@ -25,7 +24,8 @@ How it is fast (all in this file, top to bottom):
   ``a + 128`` in [0, 255] as the unsigned operand, ``sum_k (a_k + 128) w_k = sum_k a_k w_k + 128 sum_k w_k``.
   The row sums ``sum_k W[n, k]`` are stored with the packed weights; the kernel starts its accumulators at
   ``-128 * sum_k W[n, k]``. All int32 additions wrap modulo 2**32 and the true result fits int32, so the
-  wrapped result is the exact one. One instruction per 32 products instead of three: about twice as fast.
+  wrapped result is the exact one. One instruction per 32 products instead of three (speed:
+  ``docs/kernels.md``).
 * **Packing** (Goto & van de Geijn 2008, "Anatomy of high-performance matrix multiplication"). Weights
   are constant, so they are reordered once into column panels of ``PANEL_COLUMNS = 8 * VECTORS_PER_TILE``
   output channels (layout in :class:`PackedWeightsS8`). One 32-byte load then holds 4 consecutive K values
@@ -33,7 +33,7 @@ How it is fast (all in this file, top to bottom):
   bytes of a row of A feeds every lane.
 * **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
   that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
-  A use a one-row tile.
+  A use tiles of 4, 2 and 1 rows.
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values and rows into blocks of ``ROW_BLOCK``
   (one panel block and one A block fit L2); the int32 tile is added to ``out`` after each K block.
 
@@ -48,39 +48,66 @@ validates the shapes of its arguments before the first load, inputs are zero-pad
 output columns past N are written lane by lane, and the intrinsics accept only C-contiguous arrays of
 the expected dtype (anything else is a typing error at compile time).
 
-Availability. The x86 intrinsics compile only when LLVM targets a CPU that has them; for any other
-target LLVM aborts the whole process, which no ``try`` can catch. So the CPU features Numba compiles for
-are checked *before* anything is compiled. :func:`available` then compiles and checks one small product.
-``gemm_s8s8s32_into`` is bound at import to :func:`gemm_s8s8s32_vnni_into` when the target has AVX-VNNI,
-else to :func:`gemm_s8s8s32_avx2_into` (:data:`KERNEL_S8` says which). Environment switches, read at
-import: ``NANOOPT_DISABLE_AVX2=1`` makes :func:`available` False (to exercise the portable fallback);
-``NANOOPT_DISABLE_AVX_VNNI=1`` keeps the plain AVX2 kernel; ``NANOOPT_CPU_FEATURES`` lists the features the
-kernels may use, as if the CPU had no others (``avx2``: the AVX2 kernel, never VNNI; ``none``: the portable
-kernels; see :func:`allowed_features`). A feature the CPU lacks is never used, whatever the variable says;
-a kernel needing a feature that is not usable is never compiled. Callers of the jitted ``*_into`` functions
-must check :func:`available` first.
+Availability. The x86 intrinsics compile only when LLVM targets a CPU that has them (else LLVM aborts the
+process), so :mod:`nanoopt.kernels.cpu_features` is asked first, without compiling anything; :func:`available`
+then compiles and checks one small product. ``gemm_s8s8s32_into`` is bound at import to
+:func:`gemm_s8s8s32_vnni_into` when the target has AVX-VNNI, else to :func:`gemm_s8s8s32_avx2_into`
+(:data:`KERNEL_S8` says which; ``NANOOPT_DISABLE_AVX_VNNI=1`` keeps the plain AVX2 kernel, ``NANOOPT_DISABLE_AVX2=1``
+makes :func:`available` False, ``NANOOPT_CPU_FEATURES`` narrows the features). Callers of the jitted ``*_into``
+functions must check :func:`available` first.
 
-Every kernel is module-level code with ``cache=True``: the first call compiles (a few seconds), later
-processes load the machine code from Numba's cache.
+Register tiles are generated, not written out: :func:`_tile` takes the multiply-add (sign trick, VNNI, int16) and
+the number of rows as compile-time constants and Numba compiles one specialization per pair (6, 4, 2 and 1 rows
+for VNNI; 4, 2 and 1 for the others), all driven by one blocked loop nest, :func:`_blocked_product`. Every
+kernel is module-level code with ``cache=True``: the first call compiles (a few seconds), later processes load
+the machine code from Numba's cache.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import platform
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import intrinsic, models, overload, register_model
+from numba.extending import intrinsic, overload
+
+# The feature checks live in cpu_features; their names stay importable from here.
+from nanoopt.kernels.cpu_features import (
+    CPU_FEATURES,
+    DISABLE_ENV,
+    DISABLE_VNNI_ENV,
+    FEATURES_ENV,
+    allowed_features,
+    avx2_kernel_works,
+    kernel_s8_for,
+    select_features,
+    switched_on,
+    target_has_avx2,
+    target_has_avx_vnni,
+    usable_features,
+)
+from nanoopt.kernels.llvm_intrinsics import (
+    I8X32,
+    I16X16,
+    I32X8,
+    I64X8,
+    LANES,
+    declare,
+    element_pointer,
+    int32x8,
+    is_c_array,
+    load_vector,
+    splat_constant,
+)
 
 __all__ = [
     "CPU_FEATURES",
+    "DISABLE_ENV",
+    "DISABLE_VNNI_ENV",
     "FEATURES_ENV",
     "KERNEL_S8",
     "MAX_K_S8",
@@ -109,7 +136,6 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------------
 # Tiling constants (the packed layout depends on VECTORS_PER_TILE; the rest only on speed).
 
-LANES = 8  # int32 lanes in one 256-bit register
 VECTORS_PER_TILE = 2  # weight vectors per register tile (NR)
 PANEL_COLUMNS = LANES * VECTORS_PER_TILE  # output channels per packed panel (NC = 16)
 S8_GROUP = 4  # K values per int8 vector step (4 bytes per int32 lane)
@@ -118,212 +144,159 @@ S8_STEP = 32 * VECTORS_PER_TILE  # int8 elements of one panel step (two 32-byte 
 S16_STEP = 16 * VECTORS_PER_TILE  # int16 elements of one panel step
 AVX2_ROWS = 4  # rows of A per register tile, AVX2 kernels (8 accumulators)
 VNNI_ROWS = 6  # rows of A per register tile, AVX-VNNI kernel (12 accumulators)
-S8_BLOCK_K = 4096  # K values per cache block of the int8 kernels (64 KiB of one panel: L2; measured best)
+S8_BLOCK_K = 4096  # K values per cache block of the int8 kernels (64 KiB of one panel: L2; docs/kernels.md)
 S16_BLOCK_K = 510  # K values per int32 partial sum of the int16 kernel: 510 * 32768 * 128 < 2**31
 ROW_BLOCK = 252  # rows of A per cache block (a multiple of 4 and 6; 252 x 4096 bytes fit L2)
 MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-int8 sum fits int32
 
-DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1: available() returns False
-DISABLE_VNNI_ENV = "NANOOPT_DISABLE_AVX_VNNI"  # set to 1: gemm_s8s8s32_into is the plain AVX2 kernel
-FEATURES_ENV = "NANOOPT_CPU_FEATURES"  # e.g. "avx2" or "none": the CPU features the kernels may use (unset: all)
-CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl")  # the x86 features these kernels can use
-
-# ---------------------------------------------------------------------------------------------------------
-# A 256-bit register as a Numba type.
-
-_I8X32 = ir.VectorType(ir.IntType(8), 32)
-_I16X16 = ir.VectorType(ir.IntType(16), 16)
-_I32X8 = ir.VectorType(ir.IntType(32), 8)
-_I64X8 = ir.VectorType(ir.IntType(64), 8)
-
-
-class Int32x8Type(types.Type):
-    """Numba type of one AVX2 register, viewed as eight int32 lanes (``<8 x i32>`` in LLVM)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="int32x8")
-
-
-int32x8 = Int32x8Type()
-
-
-@register_model(Int32x8Type)
-class _Int32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _I32X8)
-
-
-def _is_c_array(array_type, dtype) -> bool:
-    return isinstance(array_type, types.Array) and array_type.dtype == dtype and array_type.layout == "C"
-
-
-def _element_pointer(context, builder, array_type, array_value, offset_type, offset_value):
-    """Pointer to element ``offset`` (in elements, counted in C order) of a C-contiguous array."""
-    array = context.make_array(array_type)(context, builder, array_value)
-    offset = context.cast(builder, offset_value, offset_type, types.intp)
-    return builder.gep(array.data, [offset])
-
-
-def _declare(builder, name: str, return_type, argument_types):
-    function_type = ir.FunctionType(return_type, argument_types)
-    return cgutils.get_or_insert_function(builder.module, function_type, name)
-
+# Which multiply-add a register tile runs (the first argument of _tile / _tile_step), and its name.
+SIGN_TRICK, VNNI, S16 = 0, 1, 2
+TILE_KINDS = {SIGN_TRICK: "avx2", VNNI: "vnni", S16: "s16"}
 
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics: each emits a few LLVM instructions inline. Offsets count elements of the array's dtype.
 
-
-@intrinsic
-def _zero(typingctx):
-    """An int32x8 of zeros."""
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(_I32X8, [0] * LANES)
-
-    return int32x8(), codegen
+_zero = splat_constant("_zero", int32x8, I32X8, 0, "An int32x8 of zeros.")
+_load = load_vector("_load", int32x8, I32X8, (types.int8, types.int16, types.int32), 1,
+                    "The 32 bytes starting at element ``offset`` of an int8/int16/int32 C array (unaligned load).")
 
 
-@intrinsic
-def _load(typingctx, array, offset):
-    """The 32 bytes starting at element ``offset`` of an int8/int16/int32 C array (unaligned load)."""
-    if not (isinstance(offset, types.Integer) and isinstance(array, types.Array) and array.layout == "C"):
-        return None
-    if array.dtype not in (types.int8, types.int16, types.int32):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        return builder.load(builder.bitcast(pointer, _I32X8.as_pointer()), align=1)
-
-    return int32x8(array, offset), codegen
+def _emit_broadcast4(context, builder, array_type, array, offset):
+    """The 4 bytes at element ``offset`` (an intp) of an int8/int16 C array, in all 8 lanes (vpbroadcastd)."""
+    pointer = element_pointer(context, builder, array_type, array, types.intp, offset)
+    word = builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1)
+    vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
 
 
-@intrinsic
-def _broadcast4(typingctx, array, offset):
-    """The 4 bytes at element ``offset`` of an int8/int16 C array, repeated in all 8 lanes (vpbroadcastd)."""
-    if not (isinstance(offset, types.Integer) and isinstance(array, types.Array) and array.layout == "C"):
-        return None
-    if array.dtype not in (types.int8, types.int16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        word = builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1)
-        vector = builder.insert_element(ir.Constant(_I32X8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(vector, ir.Constant(_I32X8, ir.Undefined), ir.Constant(_I32X8, [0] * LANES))
-
-    return int32x8(array, offset), codegen
-
-
-@intrinsic
-def _madd_s8(typingctx, accumulator, a_bytes, a_abs, w_bytes):
+def _emit_madd_s8(builder, accumulator, a_bytes, a_abs, w_bytes):
     """``accumulator + sum_t a[t] * w[j, t]`` per int32 lane j, over its 4 bytes t, via the sign trick.
 
-    ``vpsignb(w, a)`` gives ``sign(a) * w`` (exact for |w| <= 127), ``vpmaddubsw(|a|, sign(a) * w)`` the
-    exact s16 pair sums (<= 32512), ``vpmaddwd(., 1)`` the s32 sum of the two pairs.
+    ``vpsignb(w, a)`` gives ``sign(a) * w`` (exact for |w| <= 127), ``vpmaddubsw(|a|, sign(a) * w)`` the exact
+    s16 pair sums (<= 32512), ``vpmaddwd(., 1)`` the s32 sum of the two pairs.
     """
-    if not (accumulator == int32x8 and a_bytes == int32x8 and a_abs == int32x8 and w_bytes == int32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        accumulator, a_bytes, a_abs, w_bytes = args
-        sign = _declare(builder, "llvm.x86.avx2.psign.b", _I8X32, [_I8X32, _I8X32])
-        madd_bytes = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16X16, [_I8X32, _I8X32])
-        madd_words = _declare(builder, "llvm.x86.avx2.pmadd.wd", _I32X8, [_I16X16, _I16X16])
-        signed_w = builder.call(sign, [builder.bitcast(w_bytes, _I8X32), builder.bitcast(a_bytes, _I8X32)])
-        pairs = builder.call(madd_bytes, [builder.bitcast(a_abs, _I8X32), signed_w])
-        quads = builder.call(madd_words, [pairs, ir.Constant(_I16X16, [1] * 16)])
-        return builder.add(accumulator, quads)
-
-    return int32x8(accumulator, a_bytes, a_abs, w_bytes), codegen
+    sign = declare(builder, "llvm.x86.avx2.psign.b", I8X32, [I8X32, I8X32])
+    madd_bytes = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", I16X16, [I8X32, I8X32])
+    madd_words = declare(builder, "llvm.x86.avx2.pmadd.wd", I32X8, [I16X16, I16X16])
+    signed_w = builder.call(sign, [builder.bitcast(w_bytes, I8X32), builder.bitcast(a_bytes, I8X32)])
+    pairs = builder.call(madd_bytes, [builder.bitcast(a_abs, I8X32), signed_w])
+    quads = builder.call(madd_words, [pairs, ir.Constant(I16X16, [1] * 16)])
+    return builder.add(accumulator, quads)
 
 
-@intrinsic
-def _dot_u8s8(typingctx, accumulator, a_unsigned, w_bytes):
-    """``accumulator + sum_t a[t] * w[j, t]`` per lane j, ``a`` bytes read as u8, ``w`` as s8 (vpdpbusd).
-
-    No saturation: the 4 products and the accumulator are summed modulo 2**32. Needs AVX-VNNI.
-    """
-    if not (accumulator == int32x8 and a_unsigned == int32x8 and w_bytes == int32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        accumulator, a_unsigned, w_bytes = args
-        dot = _declare(builder, "llvm.x86.avx512.vpdpbusd.256", _I32X8, [_I32X8, _I8X32, _I8X32])
-        return builder.call(dot, [accumulator, builder.bitcast(a_unsigned, _I8X32), builder.bitcast(w_bytes, _I8X32)])
-
-    return int32x8(accumulator, a_unsigned, w_bytes), codegen
+def _emit_dot_u8s8(builder, accumulator, a_unsigned, a_abs, w_bytes):
+    """``accumulator + sum_t a[t] * w[j, t]`` per lane j, ``a`` bytes read as u8, ``w`` as s8 (vpdpbusd; needs
+    AVX-VNNI). No saturation: the 4 products and the accumulator are summed modulo 2**32. ``a_abs`` is unused."""
+    dot = declare(builder, "llvm.x86.avx512.vpdpbusd.256", I32X8, [I32X8, I8X32, I8X32])
+    return builder.call(dot, [accumulator, builder.bitcast(a_unsigned, I8X32), builder.bitcast(w_bytes, I8X32)])
 
 
-@intrinsic
-def _madd_s16(typingctx, accumulator, a_words, w_words):
-    """``accumulator + a[2j] * w[2j] + a[2j+1] * w[2j+1]`` per int32 lane j (vpmaddwd, s16 x s16)."""
-    if not (accumulator == int32x8 and a_words == int32x8 and w_words == int32x8):
-        return None
+def _emit_madd_s16(builder, accumulator, a_words, a_abs, w_words):
+    """``accumulator + a[2j] * w[2j] + a[2j+1] * w[2j+1]`` per int32 lane j (vpmaddwd, s16 x s16; ``a_abs``
+    unused)."""
+    madd_words = declare(builder, "llvm.x86.avx2.pmadd.wd", I32X8, [I16X16, I16X16])
+    pairs = builder.call(madd_words, [builder.bitcast(a_words, I16X16), builder.bitcast(w_words, I16X16)])
+    return builder.add(accumulator, pairs)
 
-    def codegen(context, builder, signature, args):
-        accumulator, a_words, w_words = args
-        madd_words = _declare(builder, "llvm.x86.avx2.pmadd.wd", _I32X8, [_I16X16, _I16X16])
-        pairs = builder.call(madd_words, [builder.bitcast(a_words, _I16X16), builder.bitcast(w_words, _I16X16)])
-        return builder.add(accumulator, pairs)
 
-    return int32x8(accumulator, a_words, w_words), codegen
+# kind -> (multiply-add, elements between the two weight vectors of a panel step, the activations' dtype)
+_PRODUCTS = {
+    SIGN_TRICK: (_emit_madd_s8, 32, types.int8),
+    VNNI: (_emit_dot_u8s8, 32, types.int8),
+    S16: (_emit_madd_s16, 16, types.int16),
+}
+
+
+def _literal(value):
+    return value.literal_value if isinstance(value, types.IntegerLiteral) else None
 
 
 @intrinsic
-def _add(typingctx, x, y):
-    """Lane-wise int32 sum, modulo 2**32."""
-    if not (x == int32x8 and y == int32x8):
+def _tile_start(typingctx, rows, start0, start1):
+    """A register tile of ``rows`` (a compile-time constant) x 16 channels: ``(start0, start1)`` per row."""
+    if _literal(rows) is None or not (start0 == int32x8 and start1 == int32x8):
         return None
+    count = _literal(rows)
 
     def codegen(context, builder, signature, args):
-        return builder.add(args[0], args[1])
+        return context.make_tuple(builder, signature.return_type, [args[1], args[2]] * count)
 
-    return int32x8(x, y), codegen
+    return types.UniTuple(int32x8, 2 * count)(rows, start0, start1), codegen
 
 
 @intrinsic
-def _times_minus_128(typingctx, x):
-    """Lane-wise ``-128 * x``, modulo 2**32."""
-    if x != int32x8:
+def _tile_step(typingctx, kind, tile, a, a_abs, a_offset, a_stride, panels, w_offset):
+    """One K step of a register tile: two weight vectors from ``panels[w_offset:]``, and per row ``r`` a 4-byte
+    broadcast of ``a[a_offset + r a_stride]`` (and of ``a_abs`` for the sign trick) multiplied into accumulators
+    ``2 r`` (channels 0-7) and ``2 r + 1`` (channels 8-15). ``kind``: SIGN_TRICK, VNNI or S16 (a constant)."""
+    if _literal(kind) not in _PRODUCTS or not (isinstance(tile, types.UniTuple) and tile.dtype == int32x8):
+        return None
+    product, second_vector, dtype = _PRODUCTS[_literal(kind)]
+    if not (is_c_array(a, dtype) and is_c_array(a_abs, dtype) and is_c_array(panels, dtype)):
+        return None
+    if not all(isinstance(value, types.Integer) for value in (a_offset, a_stride, w_offset)):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.mul(args[0], ir.Constant(_I32X8, [-128] * LANES))
+        _, tile_value, a_value, abs_value, offset, stride, panels_value, w_start = args
+        _, tile_type, a_type, abs_type, offset_type, stride_type, panels_type, w_type = signature.args
+        offset = context.cast(builder, offset, offset_type, types.intp)
+        stride = context.cast(builder, stride, stride_type, types.intp)
+        w_start = context.cast(builder, w_start, w_type, types.intp)
+        vectors = []
+        for shift in (0, second_vector):
+            where = builder.add(w_start, ir.Constant(w_start.type, shift))
+            pointer = element_pointer(context, builder, panels_type, panels_value, types.intp, where)
+            vectors.append(builder.load(builder.bitcast(pointer, I32X8.as_pointer()), align=1))
+        values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
+        for row in range(tile_type.count // VECTORS_PER_TILE):
+            row_offset = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, row)))
+            x = _emit_broadcast4(context, builder, a_type, a_value, row_offset)
+            x_abs = x
+            if product is _emit_madd_s8:
+                x_abs = _emit_broadcast4(context, builder, abs_type, abs_value, row_offset)
+            for column, w in enumerate(vectors):
+                index = VECTORS_PER_TILE * row + column
+                values[index] = product(builder, values[index], x, x_abs, w)
+        return context.make_tuple(builder, tile_type, values)
 
-    return int32x8(x), codegen
+    return tile(kind, tile, a, a_abs, a_offset, a_stride, panels, w_offset), codegen
 
 
 @intrinsic
-def _store_i32(typingctx, array, offset, vector):
-    """Write the 8 lanes to elements ``offset .. offset + 7`` of an int32 C array."""
-    if not (_is_c_array(array, types.int32) and isinstance(offset, types.Integer) and vector == int32x8):
+def _times(typingctx, x, factor):
+    """Lane-wise ``factor * x`` for an integer ``factor``, modulo 2**32."""
+    if not (x == int32x8 and isinstance(factor, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        builder.store(args[2], builder.bitcast(pointer, _I32X8.as_pointer()), align=1)
-        return context.get_dummy_value()
+        scalar = context.cast(builder, args[1], signature.args[1], types.int32)
+        vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
+        return builder.mul(args[0], vector)
 
-    return types.none(array, offset, vector), codegen
+    return int32x8(x, factor), codegen
 
 
 @intrinsic
-def _add_widened_i64(typingctx, array, offset, vector, accumulate):
-    """Sign-extend the 8 lanes to int64 and write (or add, if ``accumulate``) them to an int64 C array."""
-    if not (_is_c_array(array, types.int64) and isinstance(offset, types.Integer) and vector == int32x8):
+def _store_lanes(typingctx, array, offset, vector, accumulate):
+    """``array[offset : offset + 8] (+)= vector`` for an int32 C array (sums modulo 2**32) or an int64 one (the
+    lanes sign-extended first); ``accumulate`` False overwrites."""
+    if not (isinstance(array, types.Array) and array.layout == "C" and array.dtype in (types.int32, types.int64)):
         return None
-    if not isinstance(accumulate, types.Boolean):
+    if not (isinstance(offset, types.Integer) and vector == int32x8 and isinstance(accumulate, types.Boolean)):
         return None
+    wide = array.dtype == types.int64
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        pointer = builder.bitcast(pointer, _I64X8.as_pointer())
-        wide = builder.sext(args[2], _I64X8)
+        vector_type = I64X8 if wide else I32X8
+        pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        pointer = builder.bitcast(pointer, vector_type.as_pointer())
+        value = builder.sext(args[2], I64X8) if wide else args[2]
         old = builder.load(pointer, align=1)
         flag = context.cast(builder, args[3], signature.args[3], types.boolean)
-        kept = builder.select(flag, old, ir.Constant(_I64X8, [0] * LANES))
-        builder.store(builder.add(wide, kept), pointer, align=1)
+        kept = builder.select(flag, old, ir.Constant(vector_type, [0] * LANES))
+        builder.store(builder.add(value, kept), pointer, align=1)
         return context.get_dummy_value()
 
     return types.none(array, offset, vector, accumulate), codegen
@@ -343,222 +316,27 @@ def _lane(typingctx, vector, index):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Register tiles: the innermost loops. Each returns its int32x8 accumulators for one K block, row-major:
-# (row 0 channels 0-7, row 0 channels 8-15, row 1 channels 0-7, ...). Row r of A starts at flat element
-# ``a_offset + r * a_stride``; the panel block at ``w_offset``.
+# Register tiles: the innermost loops, one compiled specialization per (kind, rows). Each returns its int32x8
+# accumulators for one K block, row-major: (row 0 channels 0-7, row 0 channels 8-15, row 1 channels 0-7, ...).
+# Row r of A starts at flat element ``a_offset + r * a_stride``; the panel block at ``w_offset``.
 
 
 @numba.njit(cache=True)
-def _tile_avx2_4x2(a, a_abs, a_offset, a_stride, panels, w_offset, groups):
-    """4 rows x 16 channels with the sign trick; ``a_abs`` is ``|a|`` laid out like ``a``.
+def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, start0, start1):
+    """``rows`` x 16 channels of ``kind`` products over ``steps`` K steps, accumulators starting at ``start0/1``.
 
-    Each step consumes 4 K values: two 32-byte weight vectors and two 4-byte broadcasts per row.
+    SIGN_TRICK: int8 ``a`` with ``a_abs = |a|`` laid out like it (4 K values per step); VNNI: ``a + 128`` as
+    bytes (``a_abs`` unused, pass ``a``); S16: int16 ``a`` and int16 panels (2 K values per step).
     """
-    c00 = _zero()
-    c01 = _zero()
-    c10 = _zero()
-    c11 = _zero()
-    c20 = _zero()
-    c21 = _zero()
-    c30 = _zero()
-    c31 = _zero()
-    row1 = a_offset + a_stride
-    row2 = a_offset + 2 * a_stride
-    row3 = a_offset + 3 * a_stride
-    for step in range(groups):
-        w0 = _load(panels, w_offset + step * S8_STEP)
-        w1 = _load(panels, w_offset + step * S8_STEP + 32)
-        k = step * S8_GROUP
-        x = _broadcast4(a, a_offset + k)
-        x_abs = _broadcast4(a_abs, a_offset + k)
-        c00 = _madd_s8(c00, x, x_abs, w0)
-        c01 = _madd_s8(c01, x, x_abs, w1)
-        x = _broadcast4(a, row1 + k)
-        x_abs = _broadcast4(a_abs, row1 + k)
-        c10 = _madd_s8(c10, x, x_abs, w0)
-        c11 = _madd_s8(c11, x, x_abs, w1)
-        x = _broadcast4(a, row2 + k)
-        x_abs = _broadcast4(a_abs, row2 + k)
-        c20 = _madd_s8(c20, x, x_abs, w0)
-        c21 = _madd_s8(c21, x, x_abs, w1)
-        x = _broadcast4(a, row3 + k)
-        x_abs = _broadcast4(a_abs, row3 + k)
-        c30 = _madd_s8(c30, x, x_abs, w0)
-        c31 = _madd_s8(c31, x, x_abs, w1)
-    return c00, c01, c10, c11, c20, c21, c30, c31
-
-
-@numba.njit(cache=True)
-def _tile_avx2_1x2(a, a_abs, a_offset, panels, w_offset, groups):
-    """One row x 16 channels with the sign trick."""
-    c0 = _zero()
-    c1 = _zero()
-    for step in range(groups):
-        k = step * S8_GROUP
-        x = _broadcast4(a, a_offset + k)
-        x_abs = _broadcast4(a_abs, a_offset + k)
-        c0 = _madd_s8(c0, x, x_abs, _load(panels, w_offset + step * S8_STEP))
-        c1 = _madd_s8(c1, x, x_abs, _load(panels, w_offset + step * S8_STEP + 32))
-    return c0, c1
-
-
-@numba.njit(cache=True)
-def _tile_vnni_6x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
-    """6 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd, accumulators starting at ``start0/1``."""
-    a = a_offset_binary
-    c00 = start0
-    c01 = start1
-    c10 = start0
-    c11 = start1
-    c20 = start0
-    c21 = start1
-    c30 = start0
-    c31 = start1
-    c40 = start0
-    c41 = start1
-    c50 = start0
-    c51 = start1
-    row1 = a_offset + a_stride
-    row2 = a_offset + 2 * a_stride
-    row3 = a_offset + 3 * a_stride
-    row4 = a_offset + 4 * a_stride
-    row5 = a_offset + 5 * a_stride
-    for step in range(groups):
-        w0 = _load(panels, w_offset + step * S8_STEP)
-        w1 = _load(panels, w_offset + step * S8_STEP + 32)
-        k = step * S8_GROUP
-        x = _broadcast4(a, a_offset + k)
-        c00 = _dot_u8s8(c00, x, w0)
-        c01 = _dot_u8s8(c01, x, w1)
-        x = _broadcast4(a, row1 + k)
-        c10 = _dot_u8s8(c10, x, w0)
-        c11 = _dot_u8s8(c11, x, w1)
-        x = _broadcast4(a, row2 + k)
-        c20 = _dot_u8s8(c20, x, w0)
-        c21 = _dot_u8s8(c21, x, w1)
-        x = _broadcast4(a, row3 + k)
-        c30 = _dot_u8s8(c30, x, w0)
-        c31 = _dot_u8s8(c31, x, w1)
-        x = _broadcast4(a, row4 + k)
-        c40 = _dot_u8s8(c40, x, w0)
-        c41 = _dot_u8s8(c41, x, w1)
-        x = _broadcast4(a, row5 + k)
-        c50 = _dot_u8s8(c50, x, w0)
-        c51 = _dot_u8s8(c51, x, w1)
-    return c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51
-
-
-@numba.njit(cache=True)
-def _tile_vnni_4x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
-    """4 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd (rows left over by the 6-row tiles)."""
-    a = a_offset_binary
-    c00 = start0
-    c01 = start1
-    c10 = start0
-    c11 = start1
-    c20 = start0
-    c21 = start1
-    c30 = start0
-    c31 = start1
-    row1 = a_offset + a_stride
-    row2 = a_offset + 2 * a_stride
-    row3 = a_offset + 3 * a_stride
-    for step in range(groups):
-        w0 = _load(panels, w_offset + step * S8_STEP)
-        w1 = _load(panels, w_offset + step * S8_STEP + 32)
-        k = step * S8_GROUP
-        x = _broadcast4(a, a_offset + k)
-        c00 = _dot_u8s8(c00, x, w0)
-        c01 = _dot_u8s8(c01, x, w1)
-        x = _broadcast4(a, row1 + k)
-        c10 = _dot_u8s8(c10, x, w0)
-        c11 = _dot_u8s8(c11, x, w1)
-        x = _broadcast4(a, row2 + k)
-        c20 = _dot_u8s8(c20, x, w0)
-        c21 = _dot_u8s8(c21, x, w1)
-        x = _broadcast4(a, row3 + k)
-        c30 = _dot_u8s8(c30, x, w0)
-        c31 = _dot_u8s8(c31, x, w1)
-    return c00, c01, c10, c11, c20, c21, c30, c31
-
-
-@numba.njit(cache=True)
-def _tile_vnni_2x2(a_offset_binary, a_offset, a_stride, panels, w_offset, groups, start0, start1):
-    """2 rows x 16 channels of ``sum (a + 128) w`` with vpdpbusd."""
-    a = a_offset_binary
-    c00 = start0
-    c01 = start1
-    c10 = start0
-    c11 = start1
-    row1 = a_offset + a_stride
-    for step in range(groups):
-        w0 = _load(panels, w_offset + step * S8_STEP)
-        w1 = _load(panels, w_offset + step * S8_STEP + 32)
-        k = step * S8_GROUP
-        x = _broadcast4(a, a_offset + k)
-        c00 = _dot_u8s8(c00, x, w0)
-        c01 = _dot_u8s8(c01, x, w1)
-        x = _broadcast4(a, row1 + k)
-        c10 = _dot_u8s8(c10, x, w0)
-        c11 = _dot_u8s8(c11, x, w1)
-    return c00, c01, c10, c11
-
-
-@numba.njit(cache=True)
-def _tile_vnni_1x2(a_offset_binary, a_offset, panels, w_offset, groups, start0, start1):
-    """One row x 16 channels of ``sum (a + 128) w`` with vpdpbusd."""
-    c0 = start0
-    c1 = start1
-    for step in range(groups):
-        x = _broadcast4(a_offset_binary, a_offset + step * S8_GROUP)
-        c0 = _dot_u8s8(c0, x, _load(panels, w_offset + step * S8_STEP))
-        c1 = _dot_u8s8(c1, x, _load(panels, w_offset + step * S8_STEP + 32))
-    return c0, c1
-
-
-@numba.njit(cache=True)
-def _tile_s16_4x2(a, a_offset, a_stride, panels, w_offset, pairs):
-    """4 int16 rows x 16 channels from int16 panels: 2 K values per step, one vpmaddwd each."""
-    c00 = _zero()
-    c01 = _zero()
-    c10 = _zero()
-    c11 = _zero()
-    c20 = _zero()
-    c21 = _zero()
-    c30 = _zero()
-    c31 = _zero()
-    row1 = a_offset + a_stride
-    row2 = a_offset + 2 * a_stride
-    row3 = a_offset + 3 * a_stride
-    for step in range(pairs):
-        w0 = _load(panels, w_offset + step * S16_STEP)
-        w1 = _load(panels, w_offset + step * S16_STEP + 16)
-        k = step * S16_GROUP
-        x = _broadcast4(a, a_offset + k)
-        c00 = _madd_s16(c00, x, w0)
-        c01 = _madd_s16(c01, x, w1)
-        x = _broadcast4(a, row1 + k)
-        c10 = _madd_s16(c10, x, w0)
-        c11 = _madd_s16(c11, x, w1)
-        x = _broadcast4(a, row2 + k)
-        c20 = _madd_s16(c20, x, w0)
-        c21 = _madd_s16(c21, x, w1)
-        x = _broadcast4(a, row3 + k)
-        c30 = _madd_s16(c30, x, w0)
-        c31 = _madd_s16(c31, x, w1)
-    return c00, c01, c10, c11, c20, c21, c30, c31
-
-
-@numba.njit(cache=True)
-def _tile_s16_1x2(a, a_offset, panels, w_offset, pairs):
-    """One int16 row x 16 channels from int16 panels."""
-    c0 = _zero()
-    c1 = _zero()
-    for step in range(pairs):
-        x = _broadcast4(a, a_offset + step * S16_GROUP)
-        c0 = _madd_s16(c0, x, _load(panels, w_offset + step * S16_STEP))
-        c1 = _madd_s16(c1, x, _load(panels, w_offset + step * S16_STEP + 16))
-    return c0, c1
+    numba.literally(kind)
+    numba.literally(rows)
+    group = S16_GROUP if kind == S16 else S8_GROUP
+    step_elements = S16_STEP if kind == S16 else S8_STEP
+    accumulators = _tile_start(rows, start0, start1)
+    for step in range(steps):
+        accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+                                  w_offset + step * step_elements)  # fmt: skip
+    return accumulators
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -566,30 +344,14 @@ def _tile_s16_1x2(a, a_offset, panels, w_offset, pairs):
 
 
 @numba.njit(cache=True)
-def _write_s32(out, row, col, n, vector, accumulate):
-    """``out[row, col:col+8] (+)= vector``, clipped at column ``n`` (``out`` is int32, C order, n columns)."""
+def _write_vector(out, row, col, n, vector, accumulate):
+    """``out[row, col:col+8] (+)= vector``, clipped at column ``n`` (``out`` int32, sums wrapping as the vector
+    path does, or int64; C order, n columns)."""
     if col + LANES <= n:
-        offset = row * n + col
-        if accumulate:
-            vector = _add(vector, _load(out, offset))
-        _store_i32(out, offset, vector)
+        _store_lanes(out, row * n + col, vector, accumulate)
     else:
         for lane in range(max(n - col, 0)):
             value = _lane(vector, lane)
-            if accumulate:
-                out[row, col + lane] += value  # int32 wrap-around, as the vector path
-            else:
-                out[row, col + lane] = value
-
-
-@numba.njit(cache=True)
-def _write_s64(out, row, col, n, vector, accumulate):
-    """``out[row, col:col+8] (+)= int64(vector)``, clipped at column ``n`` (``out`` is int64, C order)."""
-    if col + LANES <= n:
-        _add_widened_i64(out, row * n + col, vector, accumulate)
-    else:
-        for lane in range(max(n - col, 0)):
-            value = np.int64(_lane(vector, lane))
             if accumulate:
                 out[row, col + lane] += value
             else:
@@ -597,19 +359,59 @@ def _write_s64(out, row, col, n, vector, accumulate):
 
 
 @numba.njit(cache=True)
-def _write_tile_s32(out, row, col, n, tile, accumulate):
-    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int32)."""
+def _write_tile(out, row, col, n, tile, accumulate):
+    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]``."""
     for r in range(len(tile) // VECTORS_PER_TILE):
-        _write_s32(out, row + r, col, n, tile[2 * r], accumulate)
-        _write_s32(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
+        _write_vector(out, row + r, col, n, tile[2 * r], accumulate)
+        _write_vector(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
 
 
 @numba.njit(cache=True)
-def _write_tile_s64(out, row, col, n, tile, accumulate):
-    """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]`` (int64)."""
-    for r in range(len(tile) // VECTORS_PER_TILE):
-        _write_s64(out, row + r, col, n, tile[2 * r], accumulate)
-        _write_s64(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
+def _blocked_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, out):
+    """``out = a @ W.T`` by cache blocks (K blocks x row blocks x panels) of ``kind`` register tiles: ``rows``-row
+    tiles, then 4, 2 and 1 rows for what is left. ``a`` (and ``a_abs``, see :func:`_tile`) are padded to
+    ``padded_k = groups * group`` columns. The first K block's accumulators start at ``footer_scale`` times the
+    panel's row-sum footer (VNNI: -128; 0: from zero)."""
+    numba.literally(kind)
+    numba.literally(rows)
+    group = S16_GROUP if kind == S16 else S8_GROUP
+    step_elements = S16_STEP if kind == S16 else S8_STEP
+    block_groups = (S16_BLOCK_K if kind == S16 else S8_BLOCK_K) // group
+    panel_size = (groups + (0 if kind == S16 else 1)) * step_elements  # int8 panels end with the row-sum footer
+    zero = _zero()
+    for g0 in range(0, groups, block_groups):
+        steps = min(block_groups, groups - g0)
+        accumulate = g0 > 0
+        for i0 in range(0, a.shape[0], ROW_BLOCK):
+            i1 = min(a.shape[0], i0 + ROW_BLOCK)
+            for p in range(panels.shape[0]):
+                col = p * PANEL_COLUMNS
+                w_offset = p * panel_size + g0 * step_elements
+                start0 = start1 = zero
+                if footer_scale != 0 and not accumulate:
+                    footer = p * panel_size + groups * step_elements
+                    start0 = _times(_load(panels, footer), footer_scale)
+                    start1 = _times(_load(panels, footer + 32), footer_scale)
+                i = i0
+                while i + rows <= i1:
+                    tile = _tile(kind, rows, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                 start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile, accumulate)
+                    i += rows
+                if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
+                    tile4 = _tile(kind, 4, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile4, accumulate)
+                    i += 4
+                if i + 2 <= i1:
+                    tile2 = _tile(kind, 2, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile2, accumulate)
+                    i += 2
+                if i < i1:
+                    tile1 = _tile(kind, 1, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1)  # fmt: skip
+                    _write_tile(out, i, col, n, tile1, accumulate)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -627,7 +429,7 @@ def _require_types_typing(a, a_dtype, panels, panel_dtype, out, out_dtype):
     expected = [(a, a_dtype, 2, "a"), (panels, panel_dtype, 5, "panels"), (out, out_dtype, 2, "out")]
     for given, dtype, ndim, label in expected:
         wanted = dtype.dtype  # a NumberClass such as types.NumberClass(int8)
-        if not (_is_c_array(given, wanted) and given.ndim == ndim):
+        if not (is_c_array(given, wanted) and given.ndim == ndim):
             raise TypingError(
                 f"AVX2 GEMM kernel: {label} must be a C-contiguous {ndim}-d {wanted} array, got {given}"
             )
@@ -636,7 +438,8 @@ def _require_types_typing(a, a_dtype, panels, panel_dtype, out, out_dtype):
 
 @numba.njit(cache=True)
 def _check_s8_arguments(a, panels, n, k, out):
-    """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``."""
+    """Raise ValueError unless the shapes fit ``out (M, n) = a (M, k) @ W.T`` with W packed in ``panels``; return
+    the number of 4-value groups of K (for K = 0, ``out`` is zeroed)."""
     _require_types(a, np.int8, panels, np.int8, out, np.int32)
     if n < 0 or k < 0:
         raise ValueError("gemm_s8s8s32_into: n and k must be >= 0")
@@ -651,6 +454,9 @@ def _check_s8_arguments(a, panels, n, k, out):
     if (panels.shape[0] != n_panels or panels.shape[1] != groups + 1 or panels.shape[2] != VECTORS_PER_TILE
             or panels.shape[3] != LANES or panels.shape[4] != S8_GROUP):
         raise ValueError("gemm_s8s8s32_into: panels must have shape (ceil(n/16), ceil(k/4) + 1, 2, 8, 4)")
+    if groups == 0:
+        _fill_zero(out)  # the empty product
+    return groups
 
 
 @numba.njit(cache=True)
@@ -692,35 +498,11 @@ def gemm_s8s8s32_avx2_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, ou
     >>> out.tolist()
     [[-390]]
     """
-    _check_s8_arguments(a, panels, n, k, out)
-    m = a.shape[0]
-    groups = (k + S8_GROUP - 1) // S8_GROUP
-    if groups == 0:
-        _fill_zero(out)
-        return
-    padded_k = groups * S8_GROUP
-    a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 4)
-    a_abs = np.abs(a_padded)  # (M, K padded); |-128| wraps to -128, the byte 0x80 = 128 read unsigned
-    panel_size = (groups + 1) * S8_STEP  # int8 elements per panel, the row-sum footer included
-    block_groups = S8_BLOCK_K // S8_GROUP
-    for g0 in range(0, groups, block_groups):
-        steps = min(block_groups, groups - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(panels.shape[0]):
-                col = p * PANEL_COLUMNS
-                w_offset = p * panel_size + g0 * S8_STEP
-                i = i0
-                while i + AVX2_ROWS <= i1:
-                    a_offset = i * padded_k + g0 * S8_GROUP
-                    tile = _tile_avx2_4x2(a_padded, a_abs, a_offset, padded_k, panels, w_offset, steps)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += AVX2_ROWS
-                while i < i1:
-                    tile = _tile_avx2_1x2(a_padded, a_abs, i * padded_k + g0 * S8_GROUP, panels, w_offset, steps)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += 1
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        a_padded = _pad_columns(a, groups * S8_GROUP)  # (M, K rounded up to 4)
+        a_abs = np.abs(a_padded)  # (M, K padded); |-128| wraps to -128, the byte 0x80 = 128 read unsigned
+        _blocked_product(SIGN_TRICK, AVX2_ROWS, a_padded, a_abs, panels, n, groups, groups * S8_GROUP, 0, out)
 
 
 @numba.njit(cache=True)
@@ -751,51 +533,10 @@ def gemm_s8s8s32_vnni_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, ou
     >>> out.tolist()
     [[-390]]
     """
-    _check_s8_arguments(a, panels, n, k, out)
-    m = a.shape[0]
-    groups = (k + S8_GROUP - 1) // S8_GROUP
-    if groups == 0:
-        _fill_zero(out)
-        return
-    padded_k = groups * S8_GROUP
-    a_unsigned = _offset_binary(a, padded_k)  # (M, K padded), a + 128
-    panel_size = (groups + 1) * S8_STEP
-    block_groups = S8_BLOCK_K // S8_GROUP
-    for g0 in range(0, groups, block_groups):
-        steps = min(block_groups, groups - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(panels.shape[0]):
-                col = p * PANEL_COLUMNS
-                w_offset = p * panel_size + g0 * S8_STEP
-                if accumulate:
-                    start0 = _zero()
-                    start1 = _zero()
-                else:  # the first K block starts at -128 * sum_k W[n, k], read from the panel's footer
-                    footer = p * panel_size + groups * S8_STEP
-                    start0 = _times_minus_128(_load(panels, footer))
-                    start1 = _times_minus_128(_load(panels, footer + 32))
-                i = i0
-                while i + VNNI_ROWS <= i1:
-                    a_offset = i * padded_k + g0 * S8_GROUP
-                    tile = _tile_vnni_6x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile, accumulate)
-                    i += VNNI_ROWS
-                a_offset = i * padded_k + g0 * S8_GROUP
-                if i + 4 <= i1:  # the 0-5 rows left: 4 + 1, 4, 2 + 1, 2, 1
-                    tile4 = _tile_vnni_4x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile4, accumulate)
-                    i += 4
-                    a_offset += 4 * padded_k
-                if i + 2 <= i1:
-                    tile2 = _tile_vnni_2x2(a_unsigned, a_offset, padded_k, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile2, accumulate)
-                    i += 2
-                    a_offset += 2 * padded_k
-                if i < i1:
-                    tile1 = _tile_vnni_1x2(a_unsigned, a_offset, panels, w_offset, steps, start0, start1)
-                    _write_tile_s32(out, i, col, n, tile1, accumulate)
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        shifted = _offset_binary(a, groups * S8_GROUP)  # (M, K padded), a + 128 as unsigned bytes
+        _blocked_product(VNNI, VNNI_ROWS, shifted, shifted, panels, n, groups, groups * S8_GROUP, -128, out)
 
 
 @numba.njit(cache=True)
@@ -831,26 +572,8 @@ def gemm_s16s8s64_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: n
     if pairs == 0:
         _fill_zero(out)
         return
-    padded_k = pairs * S16_GROUP
-    a_padded = _pad_columns(a, padded_k)  # (M, K rounded up to 2)
-    block_pairs = S16_BLOCK_K // S16_GROUP
-    for g0 in range(0, pairs, block_pairs):
-        steps = min(block_pairs, pairs - g0)
-        accumulate = g0 > 0
-        for i0 in range(0, m, ROW_BLOCK):
-            i1 = min(m, i0 + ROW_BLOCK)
-            for p in range(n_panels):
-                col = p * PANEL_COLUMNS
-                w_offset = (p * pairs + g0) * S16_STEP
-                i = i0
-                while i + AVX2_ROWS <= i1:
-                    tile = _tile_s16_4x2(a_padded, i * padded_k + g0 * S16_GROUP, padded_k, panels, w_offset, steps)
-                    _write_tile_s64(out, i, col, n, tile, accumulate)
-                    i += AVX2_ROWS
-                while i < i1:
-                    tile = _tile_s16_1x2(a_padded, i * padded_k + g0 * S16_GROUP, panels, w_offset, steps)
-                    _write_tile_s64(out, i, col, n, tile, accumulate)
-                    i += 1
+    a_padded = _pad_columns(a, pairs * S16_GROUP)  # (M, K rounded up to 2)
+    _blocked_product(S16, AVX2_ROWS, a_padded, a_padded, panels, n, pairs, pairs * S16_GROUP, 0, out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1007,117 +730,9 @@ def gemm_s16s8s64_into_reference(a: np.ndarray, panels: np.ndarray, n: int, k: i
     out[...] = a.astype(np.int64) @ _unpack(panels, n, k).T.astype(np.int64)
 
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Availability and the Python entry points.
-
-
-def _switched_on(variable: str) -> bool:
-    """True if the environment variable is set to anything but ``""`` or ``"0"``."""
-    return os.environ.get(variable, "").strip() not in ("", "0")
-
-
-def allowed_features(value: str | None = None) -> frozenset[str] | None:
-    """The CPU features that ``NANOOPT_CPU_FEATURES`` (or ``value``) lets the kernels use; ``None``: no limit.
-
-    The variable is a comma-separated list of names from :data:`CPU_FEATURES` (LLVM's spelling, any case), or
-    ``none`` for none of them (the portable kernels); unset or empty means every feature the CPU and Numba's
-    target have. It can only take features away: a feature it names that the CPU lacks is still not used.
-    Anything else is a ``ValueError`` naming the variable, the word it did not know and the names it takes.
-
-    >>> sorted(allowed_features("avx2, AVX512VNNI"))
-    ['avx2', 'avx512vnni']
-    >>> allowed_features("none"), allowed_features("") is None
-    (frozenset(), True)
-    """
-    value = os.environ.get(FEATURES_ENV, "") if value is None else value
-    if not value.strip():
-        return None
-    names = [name.strip().lower() for name in value.split(",")]
-    if names == ["none"]:
-        return frozenset()
-    for name in names:
-        if name not in CPU_FEATURES:
-            raise ValueError(f"{FEATURES_ENV} must be a comma-separated list of {', '.join(CPU_FEATURES)} (or "
-                             f"'none'), got {value!r} (unknown: {name!r})")
-    return frozenset(names)
-
-
-def select_features(host: dict[str, bool], target: str, allowed: frozenset[str] | None) -> frozenset[str]:
-    """The features of :data:`CPU_FEATURES` the kernels may use: those the CPU executes (``host``, as
-    ``llvmlite.binding.get_host_cpu_features()``), LLVM compiles for (``target``, Numba's feature string
-    ``"+avx2,-avx512f,..."``; empty for the generic target) and ``allowed`` permits (:func:`allowed_features`).
-
-    >>> sorted(select_features({"avx2": True, "avxvnni": True}, "+avx2,+avxvnni,-avx512vnni", None))
-    ['avx2', 'avxvnni']
-    >>> sorted(select_features({"avx2": True, "avxvnni": False}, "+avx2,+avxvnni", frozenset({"avx2", "avxvnni"})))
-    ['avx2']
-    """
-    enabled = {item[1:] for item in target.split(",") if item.startswith("+")}
-    return frozenset(feature for feature in CPU_FEATURES if host.get(feature, False) and feature in enabled
-                     and (allowed is None or feature in allowed))
-
-
-def kernel_s8_for(features: frozenset[str]) -> str:
-    """The int8 GEMM that runs with these usable features: ``"avx-vnni"`` (256-bit ``vpdpbusd``: AVX-VNNI, or
-    AVX512-VNNI with AVX512-VL, and AVX2), ``"avx2"``, or ``"portable"`` (the Numba kernels, no intrinsics).
-
-    >>> kernel_s8_for(frozenset({"avx2", "avx512vnni"})), kernel_s8_for(frozenset({"avxvnni"}))
-    ('avx2', 'portable')
-    """
-    if "avx2" not in features:
-        return "portable"
-    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
-        return "avx-vnni"
-    return "avx2"
-
-
-def usable_features() -> frozenset[str]:
-    """:func:`select_features` for this process, checked without compiling anything.
-
-    Numba's JIT target is the host CPU unless ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` say otherwise
-    (``generic`` means no features); ``NUMBA_ENABLE_AVX=0`` removes the AVX features from the host's list;
-    ``NANOOPT_CPU_FEATURES`` narrows the result (a malformed value raises ``ValueError``). Off x86-64, or if
-    llvmlite cannot say, the answer is no feature.
-
-    >>> usable_features() <= set(CPU_FEATURES)
-    True
-    """
-    allowed = allowed_features()  # outside the try: a malformed variable is an error, not "no features"
-    try:
-        import llvmlite.binding
-        from numba.core import codegen, config
-
-        if platform.machine().lower() not in ("x86_64", "amd64"):
-            return frozenset()
-        host = dict(llvmlite.binding.get_host_cpu_features())
-        if str(config.CPU_NAME).lower() == "generic":
-            target = ""
-        else:
-            target = config.CPU_FEATURES if config.CPU_FEATURES is not None else codegen.get_host_cpu_features()
-        return select_features(host, target, allowed)
-    except Exception:  # an unusual llvmlite/Numba: no AVX2 kernels rather than a crash
-        return frozenset()
-
-
-def target_has_avx2() -> bool:
-    """True if this CPU executes AVX2, Numba compiles for a target with AVX2 and ``NANOOPT_CPU_FEATURES`` allows
-    it (checked without compiling).
-
-    The first half of :func:`available`; the second half compiles and tests the kernel.
-
-    >>> isinstance(target_has_avx2(), bool)
-    True
-    """
-    return "avx2" in usable_features()
-
-
-def target_has_avx_vnni() -> bool:
-    """True if AVX2 and 256-bit ``vpdpbusd`` are usable: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
-
-    >>> isinstance(target_has_avx_vnni(), bool)
-    True
-    """
-    return kernel_s8_for(usable_features()) == "avx-vnni"
 
 
 # The int8 kernel of the Python entry points, fixed at import: ``gemm_s8s8s32_into(a, panels, n, k, out)``
@@ -1125,8 +740,8 @@ def target_has_avx_vnni() -> bool:
 # ``panels = pack_weights_s8(W).panels``. Both kernels give the same, exact result; check available() first.
 # Jitted code must call one of the two kernels by its own name, never this alias: Numba's cache does not
 # record which function a global named at compile time, so a cached caller would keep the kernel of the
-# process that compiled it (nanoopt.kernels.numba_cpu has one driver per kernel for that reason).
-KERNEL_S8 = "avx-vnni" if target_has_avx_vnni() and not _switched_on(DISABLE_VNNI_ENV) else "avx2"
+# process that compiled it (nanoopt.kernels.x86_glue has one driver per kernel for that reason).
+KERNEL_S8 = "avx-vnni" if target_has_avx_vnni() and not switched_on(DISABLE_VNNI_ENV) else "avx2"
 gemm_s8s8s32_into = gemm_s8s8s32_vnni_into if KERNEL_S8 == "avx-vnni" else gemm_s8s8s32_avx2_into
 
 
@@ -1146,22 +761,14 @@ def _self_test() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True if the AVX2 kernels can run here: the CPU and Numba's target have AVX2 and a test product is exact.
-
-    False (never an exception) on other CPUs, under ``NUMBA_CPU_NAME=generic``, with ``NUMBA_ENABLE_AVX=0``,
-    or when the environment variable ``NANOOPT_DISABLE_AVX2`` is set to anything but ``""`` or ``"0"``.
-    The answer is computed once per process (``available.cache_clear()`` forgets it); the first True
-    answer compiles the int8 kernel (a few seconds, or a cache load).
+    """True if the int8 and int16 GEMMs can run here (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`:
+    AVX2 usable, ``NANOOPT_DISABLE_AVX2`` off, the self-test exact). Checked once per process;
+    ``available.cache_clear()`` forgets the answer.
 
     >>> isinstance(available(), bool)
     True
     """
-    if _switched_on(DISABLE_ENV):
-        return False
-    try:
-        return target_has_avx2() and _self_test()
-    except Exception:  # any failure to type or compile the kernels means: use the portable path
-        return False
+    return avx2_kernel_works(_self_test)
 
 
 def _require_available(name: str) -> None:

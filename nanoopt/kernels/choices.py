@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanoopt import kernels
+from nanoopt.kernels import sparse, sparse_avx2
+from nanoopt.spec import QuantSpec
+
 __all__ = ["KernelChoice", "kernel_choices"]
 
 
@@ -33,10 +37,6 @@ class KernelChoice:
 def kernel_choices() -> list[KernelChoice]:
     """The backend of each integer operation on this machine under the current backend setting (see the module
     docstring)."""
-    from nanoopt import kernels
-    from nanoopt.kernels import sparse, sparse_avx2
-    from nanoopt.spec import QuantSpec
-
     forced = kernels.get_backend()
     int8, int16 = QuantSpec(), QuantSpec(bits=16, symmetric=True)
     weights8 = np.ones((8, 64), np.int8)
@@ -56,14 +56,14 @@ def kernel_choices() -> list[KernelChoice]:
         choices.append(KernelChoice(operation, backend, reason or ""))
 
     linear = kernels.prepare_linear(weights8, None, 0, 2**30, 0, 0, int8)
-    add("int8 linear", linear, kernels._avx2_obstacle(linear.weights, np.int8))
+    add("int8 linear", linear, kernels.avx2_obstacle(linear.weights, np.int8))
     linear16 = kernels.prepare_linear(weights8, None, 0, 2**30, 0, 0, int16, x_dtype=np.int16)
-    add("16x8 linear (int16 activations)", linear16, kernels._avx2_obstacle(linear16.weights, np.int16))
+    add("16x8 linear (int16 activations)", linear16, kernels.avx2_obstacle(linear16.weights, np.int16))
     wide = kernels.prepare_linear(np.ones((8, 64), np.int16), None, 0, 2**30, 0, 0, int16, x_dtype=np.int16)
     add("16x16 linear", wide, "the AVX2 kernels multiply int8 weights")
     conv = kernels.prepare_conv2d(np.ones((64, 32, 3, 3), np.int8), None, 0, 2**30, 0, 0, int8, padding=1)
     add("int8 conv2d (3x3, 32 -> 64 channels)", conv,
-        "the direct Numba loop is faster on few taps or channels" if conv.plan.thin else conv._avx2_obstacle())
+        "the direct Numba loop is faster on few taps or channels" if conv.plan.thin else conv.avx2_obstacle())
     depthwise = kernels.prepare_conv2d(np.ones((32, 1, 3, 3), np.int8), None, 0, 2**30, 0, 0, int8, padding=1,
                                        groups=32)
     add("int8 depthwise conv2d (3x3, 32 channels)", depthwise,

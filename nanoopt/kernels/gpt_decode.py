@@ -16,11 +16,11 @@ and the fixed-point requantization). For each block ``l``, on the float32 residu
   (:func:`nanoopt.spec.qparams`), and ``c_attn``'s dequantized output is rounded onto the q, k, v grids:
   ``clip(rint(y_n / s_n), -127, 127)``;
 * per head: ``scores_s = float32(q . k_s) * (s_q s_k / sqrt(D))`` for ``s <= pos``, ``p = softmax(scores)``
-  (:mod:`~nanoopt.kernels.softmax`), ``c_s = clip(rint(p_s / s_p), qmin - z_p, qmax - z_p)`` (0..255),
+  (:mod:`~nanoopt.float_kernels.softmax`), ``c_s = clip(rint(p_s / s_p), qmin - z_p, qmax - z_p)`` (0..255),
   ``o_d = clip(M(sum_s c_s v_sd; m0, shift) + z_o, qmin, qmax)``, the input codes of ``c_proj``;
 * ``x += float32(sum_k (o_k - z_o) W_nk) * (s_x s_w)_n + b_n`` (``c_proj``); then
   ``x += mlp.c_proj(GELU(c_fc(LayerNorm(x))))`` with the same dequantized linears and the float32 GELU of
-  :mod:`~nanoopt.kernels.gelu`;
+  :mod:`~nanoopt.float_kernels.gelu`;
 
 then ``logits = lm_head(LayerNorm_f(x))``. Every float32 operation is the model's, in its order; every integer
 sum is exact (int64; the int32 bound of each product is checked once by the caller). The kernel returns False
@@ -46,9 +46,9 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 
-from nanoopt.kernels.gelu import gelu_forward_reference, gelu_scalar
-from nanoopt.kernels.numba_cpu import _multiply_wide
-from nanoopt.kernels.softmax import pairwise_sum, softmax_reference, softmax_row
+from nanoopt.float_kernels.gelu import gelu_forward_reference, gelu_scalar
+from nanoopt.float_kernels.softmax import pairwise_sum, softmax_reference, softmax_row
+from nanoopt.kernels.requant import multiply_wide
 from nanoopt.spec import QuantSpec, qparams, quantize, requantize
 
 __all__ = ["ACTIVATION", "QKV", "TOKEN", "DecodeArrays", "DecodeBuffers", "decode_step", "decode_step_reference",
@@ -220,7 +220,7 @@ def _attention(p, b, layer, pos, prob_scale, prob_zero):  # pragma: no cover - c
             for d in range(head_dim):
                 b.head_acc[d] += weight * b.values[layer, head, s, d]
         for d in range(head_dim):
-            code = min(max(_multiply_wide(b.head_acc[d], p.pv_m0[layer], p.pv_shift[layer]) + zero_out, _ACT_MIN),
+            code = min(max(multiply_wide(b.head_acc[d], p.pv_m0[layer], p.pv_shift[layer]) + zero_out, _ACT_MIN),
                        _ACT_MAX)
             b.attended[base + d] = code - zero_out
 
@@ -248,7 +248,7 @@ def decode_step(p, b, token, pos, prob_scale, prob_zero):  # pragma: no cover - 
                 acc = np.int64(p.attn_bias[layer, n])
                 for k in range(width):
                     acc += np.int32(a[k]) * np.int32(p.w_attn[layer, n, k])
-                b.qkv[n] = min(max(_multiply_wide(acc, p.attn_m0[layer, n], p.attn_shift[layer, n]), _QKV_MIN),
+                b.qkv[n] = min(max(multiply_wide(acc, p.attn_m0[layer, n], p.attn_shift[layer, n]), _QKV_MIN),
                                _QKV_MAX)
         _attention(p, b, layer, pos, np.float32(prob_scale), prob_zero)
         _dequantized_linear(b.attended, p.w_proj[layer], width, width, p.input_scale[layer, 1],

@@ -305,17 +305,8 @@ def _epilogue(acc, bias, m0, shift, out_zp, out_spec, relu, channel_axis):
     return out
 
 
-def quantized_linear(
-    x_q: np.ndarray,
-    w_q: np.ndarray,
-    bias_q: np.ndarray | None,
-    x_zero_point: int,
-    m0,
-    shift,
-    out_zero_point: int,
-    out_spec: QuantSpec,
-    relu: bool = False,
-) -> np.ndarray:
+def quantized_linear(x_q: np.ndarray, w_q: np.ndarray, bias_q: np.ndarray | None, x_zero_point: int, m0, shift,
+                     out_zero_point: int, out_spec: QuantSpec, relu: bool = False) -> np.ndarray:  # fmt: skip
     """Fused quantized linear: ``out = clip(requant(sum_k (x - x_zp) w[n, k] + bias[n]) + out_zp)``.
 
     ``x_q (M, K)`` int8 or int16, ``w_q (N, K)``, ``bias_q (N,)`` int32 (int8 mode) / int64 (16-bit) or
@@ -391,21 +382,9 @@ def im2col(x: np.ndarray, kernel: tuple[int, int], stride, padding, dilation, pa
     return cols
 
 
-def quantized_conv2d(
-    x_q: np.ndarray,
-    w_q: np.ndarray,
-    bias_q: np.ndarray | None,
-    x_zero_point: int,
-    m0,
-    shift,
-    out_zero_point: int,
-    out_spec: QuantSpec,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    relu: bool = False,
-) -> np.ndarray:
+def quantized_conv2d(x_q: np.ndarray, w_q: np.ndarray, bias_q: np.ndarray | None, x_zero_point: int, m0, shift,
+                     out_zero_point: int, out_spec: QuantSpec, stride=1, padding=0, dilation=1, groups: int = 1,
+                     relu: bool = False) -> np.ndarray:  # fmt: skip
     """Fused quantized 2-D convolution (cross-correlation, PyTorch semantics) in NCHW.
 
     ``acc[n, o, y, x] = sum_{c, i, j} (xpad[n, g*C_g + c, y*sh + i*dh, x*sw + j*dw] - x_zp) w[o, c, i, j]``

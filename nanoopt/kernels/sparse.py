@@ -56,7 +56,7 @@ from nanoopt.kernels import sparse_avx2
 
 PARTIAL_SUMS = 8   # number of interleaved partial sums per output (see the module docstring)
 AVX2_MAX_BATCH = 8  # "auto" runs the AVX2 kernel (one pass per row of x) up to this batch size; beyond it
-                    # the portable batch-inner loop is faster (measured: module docstring of sparse_avx2)
+                    # the portable batch-inner loop is faster (measured: docs/kernels.md)
 CSR_BACKENDS = ("auto", "avx2", "numba", "reference")
 NM_BACKENDS = ("auto", "numba", "reference")
 

@@ -15,21 +15,16 @@ The eight partial sums of a row are the eight lanes of one 256-bit register: a b
 vector add do the work of eight scalar ones. The product is rounded before the sum (a multiply, then an add;
 never a fused multiply-add), as the specification says. A batch runs one pass over W per row of x.
 
-How it is fast. Measured on an AMD EPYC (Zen 5, 4.3 GHz), W 1024 x 1024 at 90 % sparsity (~105 k stored
-weights), batch 1, one thread: the kernel takes ~16.7 us (0.69 cycles per weight), a call of
-:func:`nanoopt.kernels.sparse.csr_matmul` ~17.8 us, the portable Numba kernel ~27.5 us and dense BLAS
-``x @ W.T`` ~37-40 us (``python -m benchmarks.sparse_kernels`` measures them side by side).
+How it is fast (the timings, and the variants tried and dropped: ``docs/kernels.md``):
 
-* **No hardware gather.** ``vgatherdps`` (``llvm.x86.avx2.gather.d.ps.256``) takes about 8.5 cycles per 8 lanes
-  on this CPU, ~1 cycle per weight: 26.5 us, no better than the scalar loop. Instead the eight values
-  ``x[indices[k + j]]`` are loaded one by one into the register (``vmovss`` / ``vinsertps``).
+* **No hardware gather.** The eight values ``x[indices[k + j]]`` are loaded one by one into the register
+  (``vmovss`` / ``vinsertps``); ``vgatherdps`` is no faster than the scalar loop.
 * **Index pairs as one word.** Two consecutive int32 column indices are read as one 64-bit load and split
-  with a shift: 4 index loads per block instead of 8 (19.3 us with eight 32-bit loads).
-* **Balancing the load pipes.** On this CPU the vector side takes about two loads per cycle, the integer side
-  more. Lanes 0-5 are loaded as floats straight into the vector register; lanes 6-7 are loaded as two 32-bit
-  integers, packed into one 64-bit integer and moved over in one instruction (``vpbroadcastq`` + ``vblendps``):
-  7 instead of 9 vector loads per block, ~6 % faster (four lanes this way: slower again, two register
-  transfers per block). The bits are moved, not converted, so the values are exactly those of x.
+  with a shift: 4 index loads per block instead of 8.
+* **Balancing the load pipes.** Lanes 0-5 are loaded as floats straight into the vector register; lanes 6-7 are
+  loaded as two 32-bit integers, packed into one 64-bit integer and moved over in one instruction
+  (``vpbroadcastq`` + ``vblendps``): 7 instead of 9 vector loads per block. The bits are moved, not converted, so
+  the values are exactly those of x.
 * **Row tails without a second loop.** A row's last ``r = length mod 8`` entries (0 < r < 8) are read as a
   whole block of 8 (the extra entries belong to the following rows, so their column indices are valid and
   every load stays inside the arrays), and the products of lanes r..7 are replaced by +0.0 (a bitwise and
@@ -37,20 +32,11 @@ weights), batch 1, one thread: the kernel takes ~16.7 us (0.69 cycles per weight
   round-to-nearest, and ``s + (+0.0) = s`` for every other s, infinities and NaN included. Only a block that
   would run past the end of the arrays (the last rows) uses masked loads (``vmaskmovps``) and a masked
   ``vgatherdps``, which touch the row's own entries only.
-* **One pass per row, no calls.** The row loop is a single jitted function (a jitted helper per row would
-  cost reference counting of its array arguments: twice as slow); one ``vaddps`` per block, then a fixed tree
-  of 7 scalar additions for the output.
-
-Measured and dropped: two rows interleaved to hide the latency of the gathers (27.3 us: the gather is bound by
-throughput, not latency) or of the additions (no gain in a C prototype: the loop is bound by loads); a blend
-tree of broadcast loads (LLVM turns it back into ``vinsertps``); all eight lanes through integer registers
-(~0.9 cycles per weight: the register transfers dominate); unrolling the block loop twice, or counting blocks
-instead of comparing offsets (slightly slower). Not tried: the horizontal sums of 8 rows at once with
-``vhaddps`` (it needs 8 row loops written side by side, and the per-row tree costs ~2 of ~70 cycles per row).
+* **One pass per row, no calls.** The row loop is a single jitted function; one ``vaddps`` per block, then a
+  fixed tree of 7 scalar additions for the output.
 
 Batches. One pass over W per row of x is linear in B; the portable kernel's batch-inner loop wins beyond a few
-rows. At 90 % sparsity: B = 8 takes 140 us here against 173 us, B = 16 283 us against 207 us (95 % and 99 %
-sparsity cross over at the same place), hence ``nanoopt.kernels.sparse.AVX2_MAX_BATCH = 8``.
+rows, hence ``nanoopt.kernels.sparse.AVX2_MAX_BATCH = 8``.
 
 Safety. The intrinsics read raw memory without bounds checks. :func:`csr_matmul_avx2` checks shapes, dtypes,
 contiguity, ``indptr[0] == 0`` and ``indptr[-1] == nnz`` in O(1), and the kernel checks that ``indptr`` never
@@ -59,11 +45,11 @@ decreases (one comparison per row), so every data and index load is inside the a
 :class:`~nanoopt.kernels.sparse.CSRMatrix` guarantees on construction; :func:`nanoopt.kernels.sparse.csr_matmul`
 passes only validated matrices.
 
-Availability. As for :mod:`nanoopt.kernels.avx2` (whose checks this module reuses): LLVM aborts the process if
-it compiles an x86 intrinsic for a target without it, so :func:`available` first checks the CPU and Numba's
-target for AVX2 (:func:`nanoopt.kernels.avx2.target_has_avx2`, no compilation; it honours ``NANOOPT_CPU_FEATURES``),
-honours ``NANOOPT_DISABLE_AVX2=1``, and only then compiles the kernel and checks one small exact product. The kernel is
-module-level code with ``cache=True``.
+Availability. As for :mod:`nanoopt.kernels.avx2`: LLVM aborts the process if it compiles an x86 intrinsic for a
+target without it, so :func:`available` first asks :mod:`nanoopt.kernels.cpu_features` (no compilation; it honours
+``NANOOPT_CPU_FEATURES`` and ``NANOOPT_DISABLE_AVX2=1``), and only then compiles the kernel and checks one small
+exact product. The register types and intrinsic helpers are those of :mod:`nanoopt.kernels.llvm_intrinsics`. The
+kernel is module-level code with ``cache=True``.
 
 >>> import numpy as np
 >>> from nanoopt.kernels.sparse import CSRMatrix
@@ -81,77 +67,41 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, models, register_model
+from numba.extending import intrinsic
 
-# Shared with the int8 GEMM: the availability checks, the int32x8 register type and three small helpers (is a
-# Numba type a C array of a dtype; pointer to an element of a C array; declaration of an LLVM intrinsic).
-from nanoopt.kernels.avx2 import (
-    DISABLE_ENV,
-    _declare,
-    _element_pointer,
-    _is_c_array,
-    _switched_on,
+from nanoopt.kernels.cpu_features import DISABLE_ENV, avx2_kernel_works
+from nanoopt.kernels.llvm_intrinsics import (
+    F32X8,
+    I32X8,
+    LANES,
+    declare,
+    element_pointer,
+    float32x8,
     int32x8,
-    target_has_avx2,
+    is_c_array,
+    lanewise,
+    load_vector,
+    splat_constant,
 )
 
 __all__ = ["LANES", "available", "csr_matmul_avx2", "csr_matvec_into", "require_available"]
 
-LANES = 8  # float32 lanes of one 256-bit register = partial sums per output (the specification's 8)
-
-# ---------------------------------------------------------------------------------------------------------
-# A 256-bit register of eight float32 lanes as a Numba type (the int32 view, int32x8, comes from avx2).
-
-_F32X8 = ir.VectorType(ir.FloatType(), LANES)
-_I32X8 = ir.VectorType(ir.IntType(32), LANES)
+# LANES: float32 lanes of one 256-bit register = partial sums per output (the specification's 8)
 _I64X4 = ir.VectorType(ir.IntType(64), 4)
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
 _LOW_HALF = ir.Constant(_I64, 0xFFFFFFFF)
 _HALF_SHIFT = ir.Constant(_I64, 32)
 
-
-class Float32x8Type(types.Type):
-    """Numba type of one AVX register viewed as eight float32 lanes (``<8 x float>`` in LLVM)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="float32x8")
-
-
-float32x8 = Float32x8Type()
-
-
-@register_model(Float32x8Type)
-class _Float32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _F32X8)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics. Offsets count elements of the array's dtype, in C order.
 
-
-@intrinsic
-def _zeros(typingctx):
-    """Eight lanes of +0.0."""
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(_F32X8, [0.0] * LANES)
-
-    return float32x8(), codegen
-
-
-@intrinsic
-def _load_values(typingctx, data, offset):
-    """``data[offset : offset + 8]`` of a float32 C array (unaligned load)."""
-    if not (_is_c_array(data, types.float32) and isinstance(offset, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        return builder.load(builder.bitcast(pointer, _F32X8.as_pointer()), align=4)
-
-    return float32x8(data, offset), codegen
+_zeros = splat_constant("_zeros", float32x8, F32X8, 0.0, "Eight lanes of +0.0.")
+_load_values = load_vector("_load_values", float32x8, F32X8, (types.float32,), 4,
+                           "``data[offset : offset + 8]`` of a float32 C array (unaligned load).")
+_multiply = lanewise("_multiply", float32x8, ir.IRBuilder.fmul,
+                     "Lane-wise ``fl(a * b)`` (a rounded product: ``fmul``, never fused with a following add).")
+_add = lanewise("_add", float32x8, ir.IRBuilder.fadd, "Lane-wise ``fl(a + b)``.")
 
 
 @intrinsic
@@ -162,19 +112,19 @@ def _load_x(typingctx, x, indices, k):
     indices are non-negative int32). Pairs 0-2 load floats into lanes 0-5; pair 3 loads the two values as
     32-bit integers, joins them into one 64-bit word and writes it over lanes 6-7 (a bit copy).
     """
-    if not (_is_c_array(x, types.float32) and _is_c_array(indices, types.int32) and isinstance(k, types.Integer)):
+    if not (is_c_array(x, types.float32) and is_c_array(indices, types.int32) and isinstance(k, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
         x_values = context.make_array(signature.args[0])(context, builder, args[0]).data
         x_bits = builder.bitcast(x_values, _I32.as_pointer())
-        entries = _element_pointer(context, builder, signature.args[1], args[1], signature.args[2], args[2])
+        entries = element_pointer(context, builder, signature.args[1], args[1], signature.args[2], args[2])
         pairs = builder.bitcast(entries, _I64.as_pointer())
         columns = []
         for pair in range(4):
             word = builder.load(builder.gep(pairs, [ir.Constant(_I64, pair)]), align=4)
             columns.append((builder.and_(word, _LOW_HALF), builder.lshr(word, _HALF_SHIFT)))
-        vector = ir.Constant(_F32X8, ir.Undefined)
+        vector = ir.Constant(F32X8, ir.Undefined)
         for pair in range(3):
             for half in range(2):
                 value = builder.load(builder.gep(x_values, [columns[pair][half]]), align=4)
@@ -183,7 +133,7 @@ def _load_x(typingctx, x, indices, k):
         high = builder.zext(builder.load(builder.gep(x_bits, [columns[3][1]]), align=4), _I64)
         word = builder.or_(low, builder.shl(high, _HALF_SHIFT))  # little endian: lane 6 low, lane 7 high
         quads = builder.insert_element(builder.bitcast(vector, _I64X4), word, ir.Constant(_I32, 3))
-        return builder.bitcast(quads, _F32X8)
+        return builder.bitcast(quads, F32X8)
 
     return float32x8(x, indices, k), codegen
 
@@ -196,10 +146,10 @@ def _lanes_below(typingctx, count):
 
     def codegen(context, builder, signature, args):
         count = context.cast(builder, args[0], signature.args[0], types.int32)
-        vector = builder.insert_element(ir.Constant(_I32X8, ir.Undefined), count, ir.Constant(_I32, 0))
-        vector = builder.shuffle_vector(vector, ir.Constant(_I32X8, ir.Undefined), ir.Constant(_I32X8, [0] * LANES))
-        below = builder.icmp_signed("<", ir.Constant(_I32X8, list(range(LANES))), vector)
-        return builder.sext(below, _I32X8)
+        vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), count, ir.Constant(_I32, 0))
+        vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
+        below = builder.icmp_signed("<", ir.Constant(I32X8, list(range(LANES))), vector)
+        return builder.sext(below, I32X8)
 
     return int32x8(count), codegen
 
@@ -211,7 +161,7 @@ def _keep(typingctx, vector, mask):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.and_(builder.bitcast(args[0], _I32X8), args[1]), _F32X8)
+        return builder.bitcast(builder.and_(builder.bitcast(args[0], I32X8), args[1]), F32X8)
 
     return float32x8(vector, mask), codegen
 
@@ -219,13 +169,13 @@ def _keep(typingctx, vector, mask):
 @intrinsic
 def _load_values_masked(typingctx, data, offset, mask):
     """``data[offset + j]`` in the lanes j of ``mask``, +0.0 elsewhere; other lanes touch no memory."""
-    if not (_is_c_array(data, types.float32) and isinstance(offset, types.Integer) and mask == int32x8):
+    if not (is_c_array(data, types.float32) and isinstance(offset, types.Integer) and mask == int32x8):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
         byte_pointer = ir.IntType(8).as_pointer()
-        load = _declare(builder, "llvm.x86.avx.maskload.ps.256", _F32X8, [byte_pointer, _I32X8])
+        load = declare(builder, "llvm.x86.avx.maskload.ps.256", F32X8, [byte_pointer, I32X8])
         return builder.call(load, [builder.bitcast(pointer, byte_pointer), args[2]])
 
     return float32x8(data, offset, mask), codegen
@@ -237,7 +187,7 @@ def _load_x_masked(typingctx, x, indices, k, mask):
 
     Lanes outside the mask read neither ``indices`` nor ``x``: safe at the very end of the arrays.
     """
-    if not (_is_c_array(x, types.float32) and _is_c_array(indices, types.int32) and isinstance(k, types.Integer)):
+    if not (is_c_array(x, types.float32) and is_c_array(indices, types.int32) and isinstance(k, types.Integer)):
         return None
     if mask != int32x8:
         return None
@@ -245,40 +195,16 @@ def _load_x_masked(typingctx, x, indices, k, mask):
     def codegen(context, builder, signature, args):
         byte_pointer = ir.IntType(8).as_pointer()
         x_values = context.make_array(signature.args[0])(context, builder, args[0]).data
-        entries = _element_pointer(context, builder, signature.args[1], args[1], signature.args[2], args[2])
-        load = _declare(builder, "llvm.x86.avx2.maskload.d.256", _I32X8, [byte_pointer, _I32X8])
+        entries = element_pointer(context, builder, signature.args[1], args[1], signature.args[2], args[2])
+        load = declare(builder, "llvm.x86.avx2.maskload.d.256", I32X8, [byte_pointer, I32X8])
         columns = builder.call(load, [builder.bitcast(entries, byte_pointer), args[3]])
-        gather = _declare(builder, "llvm.x86.avx2.gather.d.ps.256", _F32X8,
-                          [_F32X8, byte_pointer, _I32X8, _F32X8, ir.IntType(8)])
-        arguments = [ir.Constant(_F32X8, [0.0] * LANES), builder.bitcast(x_values, byte_pointer), columns,
-                     builder.bitcast(args[3], _F32X8), ir.Constant(ir.IntType(8), 4)]  # scale: 4 bytes per float
+        gather = declare(builder, "llvm.x86.avx2.gather.d.ps.256", F32X8,
+                          [F32X8, byte_pointer, I32X8, F32X8, ir.IntType(8)])
+        arguments = [ir.Constant(F32X8, [0.0] * LANES), builder.bitcast(x_values, byte_pointer), columns,
+                     builder.bitcast(args[3], F32X8), ir.Constant(ir.IntType(8), 4)]  # scale: 4 bytes per float
         return builder.call(gather, arguments)
 
     return float32x8(x, indices, k, mask), codegen
-
-
-@intrinsic
-def _multiply(typingctx, a, b):
-    """Lane-wise ``fl(a * b)`` (a rounded product: ``fmul``, never fused with a following add)."""
-    if not (a == float32x8 and b == float32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fmul(args[0], args[1])
-
-    return float32x8(a, b), codegen
-
-
-@intrinsic
-def _add(typingctx, a, b):
-    """Lane-wise ``fl(a + b)``."""
-    if not (a == float32x8 and b == float32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.fadd(args[0], args[1])
-
-    return float32x8(a, b), codegen
 
 
 @intrinsic
@@ -368,21 +294,14 @@ def _self_test() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True if the AVX2 kernel runs here: the CPU and Numba's target have AVX2 and a test product is exact.
-
-    False (never an exception) on other CPUs, under ``NUMBA_CPU_NAME=generic``, with ``NUMBA_ENABLE_AVX=0``, or
-    when ``NANOOPT_DISABLE_AVX2`` is set to anything but ``""`` or ``"0"``. Computed once per process
-    (``available.cache_clear()`` forgets it); the first True answer compiles the kernel (or loads it from cache).
+    """True if the CSR kernel can run here (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`: AVX2 usable,
+    ``NANOOPT_DISABLE_AVX2`` off, the self-test exact). Checked once per process; ``available.cache_clear()``
+    forgets the answer.
 
     >>> isinstance(available(), bool)
     True
     """
-    if _switched_on(DISABLE_ENV):
-        return False
-    try:
-        return target_has_avx2() and _self_test()
-    except Exception:  # any failure to type or compile the kernel means: use the portable path
-        return False
+    return avx2_kernel_works(_self_test)
 
 
 def require_available(what: str) -> None:

@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 
 from nanoopt import kernels, nn, ops
-from nanoopt.kernels import requant, softmax
+from nanoopt.float_kernels import softmax
+from nanoopt.kernels import requant
 from nanoopt.kernels.gemm_plan import GemmPlanS8
 from nanoopt.models_gpt import GPT, KVCache, sample_tokens
 from nanoopt.nn.attention_functional import check_indices
@@ -145,7 +146,7 @@ def integer_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scales: tuple
     scores = acc.astype(np.float32) * np.float32(np.float32(s_q) * np.float32(s_k) * np.float32(1.0 / math.sqrt(d)))
     if t > 1:
         scores += np.triu(np.full((t, s), -np.inf, np.float32), k=start + 1)
-    # every row has a finite score (causal: the diagonal); one fixed exp for both models (kernels/softmax.py)
+    # every row has a finite score (causal: the diagonal); one fixed exp for both models (float_kernels/softmax.py)
     probs = softmax.softmax(scores) if compiled else softmax.softmax_reference(scores)
     if compiled:
         codes = np.empty(probs.shape, np.int8)

@@ -248,7 +248,7 @@ def im2col_image_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, s
         images = min(block, batch - n0)
         for b in range(images):
             target = cols[b].reshape(-1)
-            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in kernels/im2col.py)
+            at = np.uint64(0)  # unsigned offsets: no negative-index wraparound checks (as in float_kernels/im2col.py)
             for c in range(channels):
                 plane = ((n0 + b) * channels + c) * height * width
                 for i in range(kernel_h):
@@ -266,7 +266,7 @@ def im2col_image_gemm_conv(padded, weight, bias, kernel_h, kernel_w, stride_h, s
 @numba.njit(cache=True, nogil=True)
 def max_pool(x, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out):  # pragma: no cover - compiled
     """Max pooling of NCHW ``x`` (any dtype) into ``out``; padded cells never win. Non-overlapping windows without
-    padding (the usual 2x2, stride 2) take a row-at-a-time path that LLVM vectorises (1.5-2.5x faster)."""
+    padding (the usual 2x2, stride 2) take a row-at-a-time path that LLVM vectorises (timing: docs/kernels.md)."""
     height, width = x.shape[2], x.shape[3]
     if stride_h == kernel_h and stride_w == kernel_w and pad_h == 0 and pad_w == 0:
         for n in range(out.shape[0]):

@@ -78,12 +78,9 @@ class Linear(Op):
 
 # Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
 # loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
-# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Measured on Zen 4,
-# 1 thread, batch 256, CPU time (best of 10, loaded machine): LeNet-5's 1->6 5x5 on 28x28, direct 2.8 ms, im2col
-# + BLAS 2.7 ms; 6->16 5x5 on 14x14 (depth 150), im2col + BLAS 3.5 ms (blocks of 2 images) vs direct 5.7 ms.
-# Ungrouped layers take per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed
-# and dropped): LeNet-5's second layer at batch 256 in 2.4 ms against 3.8 ms (blocks of images, padded-width
-# rows), at batch 1 in 11 us against 16 us (same run, loaded machine); blocks of 2 to 32 images timed alike.
+# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Ungrouped layers take
+# per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed and dropped). The
+# timings behind these thresholds: docs/kernels.md.
 DIRECT_MAX_DEPTH = 32
 IM2COL_BLOCK_BYTES = 192 * 1024
 IMAGE_BLOCK_BYTES = 512 * 1024

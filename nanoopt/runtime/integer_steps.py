@@ -22,8 +22,12 @@ import numba
 import numpy as np
 
 from nanoopt import kernels
-from nanoopt.kernels import avx2, numba_cpu
+from nanoopt.kernels import avx2, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
+from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parallel, conv_serial, pad_nhwc
+from nanoopt.kernels.numba_epilogue import LINEAR, finish_run
+from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_parallel, gemm_serial, use_threads
+from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial, thin_conv_taps
 from nanoopt.runtime.description import Step, spec_from_json
 from nanoopt.runtime.steps import (
     Op,
@@ -73,11 +77,11 @@ def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cove
     """One int8 linear layer: the AVX2 (or AVX-VNNI) product into ``products`` (M, N) int32, then the Numba
     epilogue (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N), in one
     call; as :class:`kernels.PreparedLinear` on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), whose
-    per-element epilogue (``numba_cpu._finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
+    per-element epilogue (``numba_epilogue.finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
     avx2.gemm_s8s8s32_into(x, panels, n, k, products)
     offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
     for r in range(x.shape[0]):
-        numba_cpu._finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
+        finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
 
 
 class LinearQ(_WeightedQ):
@@ -109,17 +113,17 @@ class LinearQ(_WeightedQ):
         out2 = out.reshape(-1, self.n)
         m = rows.shape[0]
         plan = self.plan
-        if self.avx2 and not numba_cpu._use_threads(2 * m * self.n * self.k):
+        if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
             return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
         if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
-                and out.dtype == np.int8 and self.k <= numba_cpu.MAX_FUSED_K):
+                and out.dtype == np.int8 and self.k <= MAX_FUSED_K):
             operands = (rows[None], plan.packed.parts, plan.passes)
             epilogue = (plan.offsets, np.zeros(m, np.int64)) + plan.tail
-            parallel = numba_cpu._use_threads(2 * m * plan.packed.parts.shape[1] * self.k)
-            gemm = numba_cpu._gemm_parallel if parallel else numba_cpu._gemm_serial
-            return out, [(gemm, (operands, epilogue, (0, 0, self.n, 0, numba_cpu.LINEAR), out2.reshape(m, self.n, 1)))]
+            parallel = use_threads(2 * m * plan.packed.parts.shape[1] * self.k)
+            gemm = gemm_parallel if parallel else gemm_serial
+            return out, [(gemm, (operands, epilogue, (0, 0, self.n, 0, LINEAR), out2.reshape(m, self.n, 1)))]
         prepared, backend = self.prepared, self.backend
         return out, [_copy_result(out2, lambda: _with_backend(prepared, rows, backend))]
 
@@ -159,35 +163,36 @@ class Conv2dQ(_WeightedQ):
         except ValueError as error:
             raise ValueError(f"conv step {self.step.name!r}: {error}") from error
         batch, out_channels, out_h, out_w = shape
-        fast = (self.x_dtype == np.int8 and self.out_spec.dtype == np.int8 and plan.depth <= numba_cpu.MAX_FUSED_K)
+        fast = (self.x_dtype == np.int8 and self.out_spec.dtype == np.int8 and plan.depth <= MAX_FUSED_K)
         out = np.empty(shape, self.out_spec.dtype)
         ops = 2 * out.size * plan.depth
         (ph, pw), (sh, sw), (dh, dw) = plan.padding, plan.stride, plan.dilation
         if fast and self.backend == "numba" and plan.thin:
             padded_h, padded_w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
-            offsets, weights = numba_cpu.thin_conv_taps(plan.packed.weight, padded_h, padded_w, (dh, dw))
+            offsets, weights = thin_conv_taps(plan.packed.weight, padded_h, padded_w, (dh, dw))
             slack = (plan.packed.weight.shape[3] - 1) * dw
             geometry = (ph, pw, sh, sw, out_channels // self.groups, slack)
             epilogue = (plan.direct_offsets, np.zeros(1, np.int64)) + plan.tail
-            run = numba_cpu._thin_conv_parallel if numba_cpu._use_threads(ops) else numba_cpu._thin_conv_serial
+            run = thin_conv_parallel if use_threads(ops) else thin_conv_serial
             return out, [(run, (x, np.int64(plan.x_zero_point), geometry, offsets, weights, epilogue, out))]
         pixels = out_h * out_w
         out3 = out.reshape(batch, out_channels, pixels)
         if fast and self.backend == "avx2":
             padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
-            per_block = numba_cpu.EXTERNAL_PIXELS
+            per_block = EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            run = numba_cpu.avx2_conv_parallel if numba_cpu._use_threads(ops) else numba_cpu.avx2_conv_serial
-            return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+            _, serial, parallel = x86_glue.external_s8_drivers("avx2")
+            run = parallel if use_threads(ops) else serial
+            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
-        if fast and self.backend == "numba" and out_channels // self.groups >= numba_cpu.TILE_COLUMNS:
+        if fast and self.backend == "numba" and out_channels // self.groups >= TILE_COLUMNS:
             padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
-            items = batch * self.groups * ((pixels + numba_cpu.CONV_PIXELS - 1) // numba_cpu.CONV_PIXELS)
+            items = batch * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)
             epilogue = (plan.offsets, np.zeros(0, np.int64)) + plan.tail
             ops *= plan.passes.shape[0]
-            run = numba_cpu._conv_parallel if numba_cpu._use_threads(ops) else numba_cpu._conv_serial
-            return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+            run = conv_parallel if use_threads(ops) else conv_serial
+            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, plan.packed.parts, plan.passes, items, plan.conv_tuple(out_h, out_w),
                                 epilogue, out3))]
         prepared, backend = self.prepared, self.backend
@@ -208,14 +213,9 @@ class AddQ(Op):
         try:
             probe = np.zeros(1, self.spec.dtype)
             ref.check_add_args(probe, zero_points[0], probe, zero_points[1], zero_points[2], self.spec)
-            left_shift, (m_a, s_a), (m_b, s_b), (m_out, s_out) = ref.add_multipliers(*scales, self.spec)
+            self.arguments = numba_pointwise.add_arguments(*scales, *zero_points, self.spec, relu)
         except (TypeError, ValueError) as error:
             raise _fail(step, str(error)) from error
-        low = max(self.spec.qmin, zero_points[2]) if relu else self.spec.qmin
-        self.arguments = (np.int64(left_shift), (np.int64(zero_points[0]), np.int64(m_a), np.int64(s_a)),
-                          (np.int64(zero_points[1]), np.int64(m_b), np.int64(s_b)),
-                          (np.int64(zero_points[2]), np.int64(m_out), np.int64(s_out), np.int64(low),
-                           np.int64(self.spec.qmax)))
 
     def bind(self, inputs):
         a, b = inputs
@@ -224,7 +224,7 @@ class AddQ(Op):
             raise ValueError(f"add step {self.step.name!r}: both inputs need the same shape and dtype, got "
                              f"{a.shape} {a.dtype} and {b.shape} {b.dtype}")
         out = np.empty(a.shape, self.spec.dtype)
-        return out, [(numba_cpu._add, (a.reshape(-1), b.reshape(-1), *self.arguments, out.reshape(-1)))]
+        return out, [(numba_pointwise.add_into, (a.reshape(-1), b.reshape(-1), *self.arguments, out.reshape(-1)))]
 
 
 class AvgPoolQ(_Pool):
@@ -242,7 +242,8 @@ class AvgPoolQ(_Pool):
         ref.check_int(self.zero_point, "zero_point", *ref.activation_range(x.dtype))
         out_h, out_w = _pool_geometry(self.step, x, kernel, stride, padding)
         out = np.empty(x.shape[:2] + (out_h, out_w), x.dtype)
-        return out, [(numba_cpu._avg_pool, (x, np.int64(self.zero_point), kernel, stride, padding, True, out))]
+        arguments = (x, np.int64(self.zero_point), kernel, stride, padding, True, out)
+        return out, [(numba_pointwise.avg_pool_into, arguments)]
 
     def _geometry(self, x):
         if self.output_size is None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(require_avx2_kernel):
     """The module, or a skip when this machine (or Numba's target) cannot run the AVX2 kernels.
 
     A failed self-test on an AVX2 target is a failure, not a skip: a wrong kernel must not hide.
     """
-    if not avx2.available():
-        if avx2.target_has_avx2() and os.environ.get(avx2.DISABLE_ENV, "").strip() in ("", "0"):
-            pytest.fail("the target has AVX2 but the AVX2 kernel failed its self-test (wrong result or no compile)")
-        pytest.skip("AVX2 kernels not available here (CPU or NUMBA_CPU_NAME/FEATURES without avx2, "
-                    f"or {avx2.DISABLE_ENV} set)")
+    require_avx2_kernel(avx2.available(), "the AVX2 GEMM")
     return avx2
 
 
@@ -256,25 +249,13 @@ def test_gemm_rejects_bad_activations():
 # --- availability ----------------------------------------------------------------------------------------
 
 
-def test_disable_switch_makes_it_unavailable(monkeypatch):
-    avx2.available.cache_clear()
-    try:
-        monkeypatch.setenv(avx2.DISABLE_ENV, "1")
-        assert avx2.available() is False
-        packed = avx2.pack_weights_s8(np.ones((3, 4), np.int8))
-        with pytest.raises(RuntimeError, match="not available"):
-            avx2.gemm_s8s8s32_packed(np.zeros((2, 4), np.int8), packed)
-    finally:
-        monkeypatch.delenv(avx2.DISABLE_ENV)
-        avx2.available.cache_clear()
+def test_disable_switch_makes_it_unavailable(avx2_switched_off):
+    assert avx2.available() is False
+    packed = avx2.pack_weights_s8(np.ones((3, 4), np.int8))
+    with pytest.raises(RuntimeError, match="not available"):
+        avx2.gemm_s8s8s32_packed(np.zeros((2, 4), np.int8), packed)
 
 
-def test_generic_numba_target_reports_unavailable_without_crashing():
+def test_generic_numba_target_reports_unavailable_without_crashing(on_generic_target):
     """Under NUMBA_CPU_NAME=generic LLVM would abort on the x86 intrinsics: available() must say False first."""
-    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PYTHONPATH=str(REPO_ROOT))
-    environment.pop(avx2.DISABLE_ENV, None)
-    code = "from nanoopt.kernels import avx2; print(avx2.available())"
-    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert on_generic_target("from nanoopt.kernels import avx2; print(avx2.available())", 120).strip() == "False"

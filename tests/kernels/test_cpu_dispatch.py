@@ -86,7 +86,7 @@ import json, sys
 import numba
 import numpy as np
 import nanoopt.kernels as kernels
-from nanoopt.kernels import avx2, numba_cpu, sparse, sparse_avx2
+from nanoopt.kernels import avx2, sparse, sparse_avx2, x86_glue
 from nanoopt.spec import QuantSpec, quantize_multiplier
 
 backend = sys.argv[1]
@@ -127,9 +127,19 @@ results["sparse"] = sparse.csr_matmul(rng.standard_normal((5, 90)).astype(np.flo
                                       "reference" if backend == "reference" else "auto")
 
 
-def compiled(module):
-    return sorted(name for name, value in vars(module).items()
-                  if isinstance(value, numba.core.dispatcher.Dispatcher) and value.signatures)
+def compiled(module):  # names of the compiled functions; the generated ones by kind and rows: _tile_vnni_6x2 ...
+    names = set()
+    for name, value in vars(module).items():
+        if isinstance(value, numba.core.dispatcher.Dispatcher):
+            for signature in value.signatures:
+                if name in ("_tile", "_blocked_product"):
+                    kind, rows = signature[0].literal_value, signature[1].literal_value
+                    names.add(f"{name}_{avx2.TILE_KINDS[kind]}_{rows}x2")
+                elif signature and isinstance(signature[0], numba.types.IntegerLiteral):  # the x86_glue drivers
+                    names.add(f"{name}_{avx2.TILE_KINDS[signature[0].literal_value]}")
+                else:
+                    names.add(name)
+    return sorted(names)
 
 
 print(json.dumps({
@@ -142,7 +152,7 @@ print(json.dumps({
     "threads": numba.get_num_threads(),
     "compiled_avx2": compiled(avx2),
     "compiled_sparse_avx2": compiled(sparse_avx2),
-    "compiled_numba_cpu": compiled(numba_cpu),
+    "compiled_x86_glue": compiled(x86_glue),
 }))
 """
 
@@ -166,7 +176,7 @@ def reference_results():
 
 
 def vnni_functions(report: dict) -> list[str]:
-    return [name for key in ("compiled_avx2", "compiled_numba_cpu") for name in report[key] if "vnni" in name]
+    return [name for key in ("compiled_avx2", "compiled_x86_glue") for name in report[key] if "vnni" in name]
 
 
 def expected_kernel(override: str | None) -> str:
@@ -205,17 +215,17 @@ def test_forced_feature_sets_run_a_kernel_the_cpu_has_and_agree(reference_result
         assert report["linear_backend"] == report["conv_backend"] == "numba"
         # nothing with an x86 intrinsic was compiled: no kernel of the AVX2 modules, no driver around them
         assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == []
-        assert not [name for name in report["compiled_numba_cpu"] if name.startswith(("avx2_", "vnni_"))]
+        assert report["compiled_x86_glue"] == []
         return
     assert report["available"] is True and report["kernel"] == choice
     assert report["linear_backend"] == report["conv_backend"] == "avx2"
-    drivers = {"avx2_s8_rows_parallel", "avx2_conv_serial", "avx2_conv_parallel"}
+    drivers = {"s8_rows_parallel_avx2", "conv_serial_avx2", "conv_parallel_avx2"}
     if choice == "avx2":
         assert vnni_functions(report) == []  # the VNNI kernel, its tiles and its drivers never compiled
-        assert drivers & set(report["compiled_numba_cpu"])  # the plain AVX2 drivers ran instead
+        assert drivers & set(report["compiled_x86_glue"])  # the plain AVX2 drivers ran instead
     else:
-        assert {"vnni_s8_rows_parallel"} <= set(report["compiled_numba_cpu"])
-        assert not drivers & set(report["compiled_numba_cpu"])
+        assert {"s8_rows_parallel_vnni"} <= set(report["compiled_x86_glue"])
+        assert not drivers & set(report["compiled_x86_glue"])
 
 
 def test_generic_llvm_target_runs_the_portable_kernels(reference_results):

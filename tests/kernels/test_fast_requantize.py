@@ -1,4 +1,4 @@
-"""The branch-free int32 requantization of the Numba epilogue (``numba_cpu._requantize`` with ``fast``) equals
+"""The branch-free int32 requantization of the Numba epilogue (``requantize_value`` with ``fast``) equals
 the integer specification (``spec.requantize``) bit for bit on its whole domain: int32 accumulators, multipliers
 ``m0`` in ``[2^30, 2^31)`` and right shifts ``0..30`` (the range ``_layer_epilogue`` sends it), with the extremes
 drawn on purpose -- INT32_MIN/MAX accumulators, m0 at both ends, exact half-way products, both clip bounds.
@@ -10,7 +10,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.kernels import numba_cpu
+from nanoopt.kernels.numba_epilogue import finish_products
+from nanoopt.kernels.requant import requantize_value
 from nanoopt.spec import INT32_MAX, INT32_MIN, QuantSpec, requantize
 
 SPECS = [QuantSpec(), QuantSpec(bits=16), QuantSpec(bits=8, signed=False), QuantSpec(bits=4)]
@@ -28,9 +29,9 @@ def test_fast_requantize_equals_the_spec(value, m0, shift, spec, data):
     low = max(spec.qmin, zero_point) if relu else spec.qmin
     expected = int(np.clip(requantize(np.array([value], np.int32), m0, shift, zero_point, spec).astype(np.int64),
                            low, spec.qmax)[0])
-    fast = numba_cpu._requantize(np.int64(value), np.int64(m0), np.int64(shift), np.int64(zero_point),
+    fast = requantize_value(np.int64(value), np.int64(m0), np.int64(shift), np.int64(zero_point),
                                  np.int64(low), np.int64(spec.qmax), True)
-    wide = numba_cpu._requantize(np.int64(value), np.int64(m0), np.int64(shift), np.int64(zero_point),
+    wide = requantize_value(np.int64(value), np.int64(m0), np.int64(shift), np.int64(zero_point),
                                  np.int64(low), np.int64(spec.qmax), False)
     assert int(fast) == expected == int(wide)
 
@@ -43,7 +44,7 @@ def test_fast_requantize_at_exact_halves(m0, shift, sign, data):
     target = sign * (2 * top + 1) * 2**30  # value * m0 = target +- m0 around a half of 2^31
     value = int(np.clip(target // m0 + data.draw(st.integers(-1, 1)), INT32_MIN, INT32_MAX))
     expected = int(requantize(np.array([value], np.int32), m0, shift, 0, QuantSpec(bits=16))[0])
-    got = numba_cpu._requantize(np.int64(value), np.int64(m0), np.int64(shift), np.int64(0), np.int64(-32768),
+    got = requantize_value(np.int64(value), np.int64(m0), np.int64(shift), np.int64(0), np.int64(-32768),
                                 np.int64(32767), True)
     assert int(got) == expected
 
@@ -65,7 +66,7 @@ def test_the_vectorised_epilogue_equals_the_reference_on_extremes():
     out = np.empty((rows, columns), np.int8)
     epilogue = (offsets, row_offsets, m0, shift, np.int64(5), np.int64(-128), np.int64(127), False,
                 True)
-    numba_cpu.finish_products(products, epilogue, out)
+    finish_products(products, epilogue, out)
     total = products + offsets + row_offsets[:, None]
     assert total.min() == INT32_MIN and total.max() == INT32_MAX
     expected = requantize(total.astype(np.int32), m0, shift, 5, QuantSpec())

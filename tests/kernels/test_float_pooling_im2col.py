@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.kernels import im2col, pooling
+from nanoopt.float_kernels import im2col, pooling
 
 
 @st.composite

@@ -8,7 +8,7 @@ from hypothesis.extra.numpy import array_shapes, arrays
 from scipy import special
 
 import nanoopt as no
-from nanoopt.kernels import gelu
+from nanoopt.float_kernels import gelu
 
 float32s = st.floats(-1e6, 1e6, width=32, allow_nan=False)
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nanoopt.kernels as kernels
-from nanoopt.kernels import numba_cpu
+from nanoopt.kernels import numba_conv, numba_cpu, numba_gemm
 from nanoopt.kernels import reference as ref
 from nanoopt.spec import QuantSpec, quantize_multiplier
 
@@ -59,13 +59,22 @@ shapes = st.tuples(
 )
 
 
+def seeded(data) -> np.random.Generator:
+    return np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+
+
+def linear_input(data, shape, low: int, high: int, dtype):
+    """``(rng, x, m, k, n)``: a generator seeded by hypothesis and the input ``x (M, K)`` of a drawn linear case."""
+    m, k, n = shape
+    rng = seeded(data)
+    return rng, draw_array(data, rng, (m, k), low, high, dtype), m, k, n
+
+
 class TestBackendMatchesReference:
     @BACKEND_SETTINGS
     @given(shape=shapes, data=st.data())
     def test_int8_linear(self, backend, shape, data):
-        m, k, n = shape
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        x = draw_array(data, rng, (m, k), -128, 127, np.int8)
+        rng, x, m, k, n = linear_input(data, shape, -128, 127, np.int8)
         weight_low = -127 if backend == "avx2" else -128
         w = draw_array(data, rng, (n, k), weight_low, 127, np.int8)
         bias = rng.integers(-(2**20), 2**20, size=n).astype(np.int32) if data.draw(st.booleans()) else None
@@ -85,9 +94,7 @@ class TestBackendMatchesReference:
     @BACKEND_SETTINGS
     @given(shape=shapes, data=st.data())
     def test_int16_linear_and_gemms(self, backend, shape, data):
-        m, k, n = shape
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
-        x = draw_array(data, rng, (m, k), -32768, 32767, np.int16)
+        rng, x, m, k, n = linear_input(data, shape, -32768, 32767, np.int16)
         w8 = draw_array(data, rng, (n, k), -128, 127, np.int8)
         w16 = draw_array(data, rng, (n, k), -32768, 32767, np.int16)
         bias = rng.integers(-(2**40), 2**40, size=n).astype(np.int64)
@@ -302,8 +309,8 @@ def test_disabled_avx2_falls_back_in_a_fresh_process():
 @given(values=st.lists(st.integers(-32768, 32767), min_size=1, max_size=50))
 def test_split_bytes_recombines(values):
     array = np.array(values, dtype=np.int16)
-    high, low = numba_cpu.split_bytes(array)
-    np.testing.assert_array_equal(256 * high.astype(np.int64) + low + numba_cpu.BYTE_OFFSET, array)
+    high, low = numba_gemm.split_bytes(array)
+    np.testing.assert_array_equal(256 * high.astype(np.int64) + low + numba_gemm.BYTE_OFFSET, array)
 
 
 @SETTINGS
@@ -341,5 +348,5 @@ def test_conv_im2col_rows_match_reference(data):
         block = expected[:, group * channels : (group + 1) * channels]  # (N, c, kh, kw, OH, OW)
         for n in range(batch):
             cols = np.empty((out_h * out_w, plan.depth), np.int8)
-            numba_cpu._im2col_rows(padded, 0, n, group * channels, channels, conv, 0, out_h * out_w, cols)
+            numba_conv.im2col_rows(padded, 0, n, group * channels, channels, conv, 0, out_h * out_w, cols)
             np.testing.assert_array_equal(cols, block[n].transpose(3, 4, 1, 2, 0).reshape(cols.shape))

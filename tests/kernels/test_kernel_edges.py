@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 import nanoopt.kernels as kernels
 from nanoopt import models, quant
-from nanoopt.kernels import avx2, numba_cpu
+from nanoopt.kernels import avx2, numba_gemm, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.spec import INT32_MAX, QuantSpec, quantize_multiplier
 
@@ -59,15 +59,15 @@ def threads_and_split(threads: int, force_split: bool):
     """Run with ``threads`` Numba threads; with ``force_split`` every product goes to the parallel drivers and
     the AVX2 row split takes blocks of 3 rows (so small products cross the split as well)."""
     threads = min(threads, MAX_THREADS)
-    previous = (numba.get_num_threads(), numba_cpu.PARALLEL_MIN_OPS, kernels.AVX2_PARALLEL_MIN_ROWS)
+    previous = (numba.get_num_threads(), numba_gemm.PARALLEL_MIN_OPS, x86_glue.AVX2_PARALLEL_MIN_ROWS)
     numba.set_num_threads(threads)
     if force_split:
-        numba_cpu.PARALLEL_MIN_OPS, kernels.AVX2_PARALLEL_MIN_ROWS = 0, 3
+        numba_gemm.PARALLEL_MIN_OPS, x86_glue.AVX2_PARALLEL_MIN_ROWS = 0, 3
     try:
         yield
     finally:
         numba.set_num_threads(previous[0])
-        numba_cpu.PARALLEL_MIN_OPS, kernels.AVX2_PARALLEL_MIN_ROWS = previous[1:]
+        numba_gemm.PARALLEL_MIN_OPS, x86_glue.AVX2_PARALLEL_MIN_ROWS = previous[1:]
 
 
 def values(rng, shape, low, high, dtype, style="random"):
@@ -197,7 +197,7 @@ def test_raw_int8_kernels_and_their_thread_drivers_cross_row_blocks(kernel_name,
     out = np.full((m, n), -1, np.int32)
     kernel(a, panels, n, k, out)
     np.testing.assert_array_equal(out, exact)
-    driver = numba_cpu.external_s8_drivers(kernel_name)[0]
+    driver = x86_glue.external_s8_drivers(kernel_name)[0]
     out = np.full((m, n), -1, np.int32)
     with threads_and_split(2, False):
         driver(a, panels, n, k, out, rows_per_item)
@@ -350,7 +350,7 @@ def test_raw_gemm_refuses_exactly_past_the_int32_limit(backend, k, x_zp, weight,
             kernels.gemm_s8s8s32(x, w, x_zp)
 
 
-@pytest.mark.parametrize("k", [numba_cpu.MAX_FUSED_K, numba_cpu.MAX_FUSED_K + 1, avx2.MAX_K_S8, avx2.MAX_K_S8 + 1])
+@pytest.mark.parametrize("k", [numba_gemm.MAX_FUSED_K, numba_gemm.MAX_FUSED_K + 1, avx2.MAX_K_S8, avx2.MAX_K_S8 + 1])
 def test_k_fallbacks_past_the_avx2_and_numba_limits(backend, k):
     """int8 layers: AVX2 up to MAX_K_S8 (auto falls back to Numba past it, forced AVX2 refuses naming K), Numba's
     fused tiles up to MAX_FUSED_K (the int64 reference past it); 16x8 layers: exact for any K everywhere."""
@@ -380,7 +380,7 @@ def test_k_fallbacks_past_the_avx2_and_numba_limits(backend, k):
 
 
 def test_conv_depth_past_the_fused_limit(backend):
-    channels = -(-(numba_cpu.MAX_FUSED_K + 1) // 9)  # 3x3 taps: depth 9 * channels > MAX_FUSED_K
+    channels = -(-(numba_gemm.MAX_FUSED_K + 1) // 9)  # 3x3 taps: depth 9 * channels > MAX_FUSED_K
     rng = np.random.default_rng(1)
     x = values(rng, (1, channels, 3, 4), -128, 127, np.int8, "extremes")
     w = values(rng, (5, channels, 3, 3), -127, 127, np.int8, "extremes")
@@ -388,7 +388,7 @@ def test_conv_depth_past_the_fused_limit(backend):
     args = (None, -1, m0, shift, 0, INT8, 1, 0, 1, 1, False)
     layer = kernels.prepare_conv2d(w, *args[:-2])
     if backend == "avx2":
-        with pytest.raises(RuntimeError, match=f"reduction depth {9 * channels} exceeds {numba_cpu.MAX_FUSED_K}"):
+        with pytest.raises(RuntimeError, match=f"reduction depth {9 * channels} exceeds {numba_gemm.MAX_FUSED_K}"):
             layer(x)
         return
     assert layer.backend_for() == "numba"

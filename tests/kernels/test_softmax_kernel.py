@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from nanoopt.kernels import softmax
+from nanoopt.float_kernels import softmax
 
 finite32 = st.floats(-1e4, 1e4, width=32, allow_nan=False)
 

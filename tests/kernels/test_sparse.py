@@ -2,9 +2,6 @@
 all equal a dense product to float tolerance; formats round-trip and interoperate with scipy.sparse; the AVX2 path
 is used only where it can run."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,7 @@ import scipy.sparse
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.kernels import avx2, sparse, sparse_avx2
+from nanoopt.kernels import sparse, sparse_avx2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = settings(max_examples=50, deadline=None)
@@ -66,19 +63,23 @@ def csr_cases(draw):
     return sparse.CSRMatrix(data, indices, indptr, (rows, cols)), x, kind
 
 
-def csr_backend(name):
-    """The backend ``name``, or a skip when it is AVX2 and this machine cannot run it (a failure if it should)."""
-    if name in ("avx2", "avx2-raw") and not sparse_avx2.available():
-        if avx2.target_has_avx2() and os.environ.get(avx2.DISABLE_ENV, "").strip() in ("", "0"):
-            pytest.fail("the target has AVX2 but the sparse AVX2 kernel failed its self-test")
-        pytest.skip(f"no AVX2 here (CPU or Numba target), or {avx2.DISABLE_ENV} is set")
-    return name
+@pytest.fixture(scope="session")
+def csr_backend(require_avx2_kernel):
+    """``csr_backend(name)``: the backend ``name``, or a skip when it is AVX2 and this machine cannot run it (a
+    failure if it should)."""
+
+    def check(name):
+        if name in ("avx2", "avx2-raw"):
+            require_avx2_kernel(sparse_avx2.available(), "the sparse AVX2 kernel")
+        return name
+
+    return check
 
 
 @pytest.mark.parametrize("backend", ["numba", "avx2", "avx2-raw", "auto"])
 @SETTINGS
 @given(case=csr_cases())
-def test_csr_backends_equal_the_reference_bit_for_bit(backend, case):
+def test_csr_backends_equal_the_reference_bit_for_bit(csr_backend, backend, case):
     matrix, x, kind = case
     csr_backend(backend)
     with np.errstate(over="ignore", invalid="ignore"):  # extreme values overflow: inf and NaN are results too
@@ -106,7 +107,7 @@ def test_the_reference_sums_eight_lanes_in_the_fixed_tree():
         assert sparse.csr_matmul(x, matrix, backend=backend).tolist() == [[7.0]]
 
 
-def test_avx2_tails_ignore_the_entries_of_the_next_row():
+def test_avx2_tails_ignore_the_entries_of_the_next_row(csr_backend):
     """A row tail reads a whole block of 8 (into the next row) and must drop the extra lanes, even when those
     products are inf or NaN; the last row's tail (past the end of the arrays) takes the masked path."""
     csr_backend("avx2")
@@ -124,7 +125,7 @@ def test_avx2_tails_ignore_the_entries_of_the_next_row():
         assert_same_bits(got, sparse.csr_matmul(x, matrix, backend="reference"))
 
 
-def test_avx2_handles_matrices_with_fewer_than_eight_entries_and_empty_ones():
+def test_avx2_handles_matrices_with_fewer_than_eight_entries_and_empty_ones(csr_backend):
     csr_backend("avx2")
     for weight in (np.zeros((4, 5), np.float32), np.diag(np.arange(1.0, 4.0, dtype=np.float32))):
         matrix = sparse.CSRMatrix.from_dense(weight)
@@ -143,7 +144,7 @@ def test_auto_uses_avx2_for_small_batches_only_and_both_give_the_same_bits():
 
 
 @pytest.mark.parametrize("backend", ["numba", "avx2", "auto"])
-def test_inputs_in_any_memory_layout_give_the_same_bits(backend):
+def test_inputs_in_any_memory_layout_give_the_same_bits(csr_backend, backend):
     csr_backend(backend)
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((20, 40)).astype(np.float32)
@@ -155,34 +156,23 @@ def test_inputs_in_any_memory_layout_give_the_same_bits(backend):
         assert_same_bits(sparse.csr_matmul(x, matrix, backend=backend), expected[: x.shape[0]])
 
 
-def test_disable_switch_turns_the_avx2_path_off(monkeypatch):
+def test_disable_switch_turns_the_avx2_path_off(avx2_switched_off):
     matrix = sparse.CSRMatrix.from_dense(np.eye(3, dtype=np.float32))
     x = np.ones((1, 3), np.float32)
-    sparse_avx2.available.cache_clear()
-    try:
-        monkeypatch.setenv(avx2.DISABLE_ENV, "1")
-        assert sparse_avx2.available() is False
-        assert sparse.csr_matmul(x, matrix).tolist() == [[1.0, 1.0, 1.0]]   # "auto" falls back to Numba
-        with pytest.raises(RuntimeError, match="not available"):
-            sparse.csr_matmul(x, matrix, backend="avx2")
-        with pytest.raises(RuntimeError, match="not available"):
-            sparse_avx2.csr_matmul_avx2(x, matrix.data, matrix.indices, matrix.indptr, 3)
-    finally:
-        monkeypatch.delenv(avx2.DISABLE_ENV)
-        sparse_avx2.available.cache_clear()
+    assert sparse_avx2.available() is False
+    assert sparse.csr_matmul(x, matrix).tolist() == [[1.0, 1.0, 1.0]]   # "auto" falls back to Numba
+    with pytest.raises(RuntimeError, match="not available"):
+        sparse.csr_matmul(x, matrix, backend="avx2")
+    with pytest.raises(RuntimeError, match="not available"):
+        sparse_avx2.csr_matmul_avx2(x, matrix.data, matrix.indices, matrix.indptr, 3)
 
 
-def test_generic_numba_target_runs_the_portable_kernel_without_crashing():
+def test_generic_numba_target_runs_the_portable_kernel_without_crashing(on_generic_target):
     """Under NUMBA_CPU_NAME=generic LLVM would abort on x86 intrinsics: the AVX2 path must say no first."""
-    environment = dict(os.environ, NUMBA_CPU_NAME="generic", PYTHONPATH=str(REPO_ROOT))
-    environment.pop(avx2.DISABLE_ENV, None)
     code = ("import numpy as np; from nanoopt.kernels import sparse, sparse_avx2; "
             "m = sparse.CSRMatrix.from_dense(np.eye(9, dtype=np.float32)); "
             "print(sparse_avx2.available(), sparse.csr_matmul(np.ones((1, 9), np.float32), m).sum())")
-    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "9.0"]
+    assert on_generic_target(code).split() == ["False", "9.0"]
 
 
 def test_avx2_entry_point_refuses_bad_arrays():

@@ -48,7 +48,7 @@ def max_pool2d_backward_reference(grad: np.ndarray, argmax: np.ndarray, padded_s
 
 
 # Flat views with unsigned offsets: a 4-D index with signed integers costs a negative-index wraparound check per
-# subscript (the same finding as in kernels/im2col.py); with them the forward pass ran about 1.7x slower (measured).
+# subscript (the same finding as in float_kernels/im2col.py; timings in docs/kernels.md).
 @numba.njit(cache=True, nogil=True)
 def _max_pool2d_forward_numba(x, kernel_h, kernel_w, stride_h, stride_w, out, argmax):
     n, c, oh, ow = out.shape

@@ -62,52 +62,36 @@ def col2im_reference(cols: np.ndarray, padded_shape: tuple[int, int, int, int], 
 
 
 # The kernels walk flat views with unsigned offsets: a 4-D index with signed integers costs a negative-index
-# wraparound check per subscript, which made the copy loops about twice as slow (measured). The (g, c) pair of
+# wraparound check per subscript, which slows the copy loops (docs/kernels.md). The (g, c) pair of
 # the column layout is the input channel g*Cg + c, so both kernels loop over channels directly.
 @numba.njit(cache=True, nogil=True)
-def _im2col_numba(x, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols):
-    n, c, h, w = x.shape
+def _walk(image, cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, add_back):
+    """The walk both Numba kernels share, one run of OW cells per (plane, i, j, y): im2col fills the next column
+    entries from the image cells (``add_back`` False); col2im adds them back onto their cells (True), per cell in
+    kernel position order (i, j), the reference's order."""
+    n, c, h, w = image.shape
     oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
-    ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
-    source, target = x.reshape(-1), cols.reshape(-1)
-    at = np.uint64(0)
-    one, step = np.uint64(1), np.uint64(stride_w)
+    ow = np.uint64((w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1)
+    cells, entries = image.reshape(-1), cols.reshape(-1)
+    at, step = np.uint64(0), np.uint64(stride_w)
     for plane in range(n * c):
         for i in range(kernel_h):
             for j in range(kernel_w):
                 for y in range(oh):
                     start = np.uint64(plane * h * w + (y * stride_h + i * dilation_h) * w + j * dilation_w)
-                    if stride_w == 1:
+                    if stride_w == 1 and add_back:
                         for xo in range(ow):
-                            target[at + np.uint64(xo)] = source[start + np.uint64(xo)]
-                        at += np.uint64(ow)
+                            cells[start + xo] += entries[at + xo]
+                    elif stride_w == 1:
+                        for xo in range(ow):
+                            entries[at + xo] = cells[start + xo]
+                    elif add_back:
+                        for xo in range(ow):
+                            cells[start + xo * step] += entries[at + xo]
                     else:
                         for xo in range(ow):
-                            target[at] = source[start + np.uint64(xo) * step]
-                            at += one
-
-
-@numba.njit(cache=True, nogil=True)
-def _col2im_numba(cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out):
-    n, c, h, w = out.shape
-    oh = (h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
-    ow = (w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
-    source, target = cols.reshape(-1), out.reshape(-1)
-    at = np.uint64(0)
-    one, step = np.uint64(1), np.uint64(stride_w)
-    for plane in range(n * c):  # per cell, additions in kernel position order (i, j): the reference's order
-        for i in range(kernel_h):
-            for j in range(kernel_w):
-                for y in range(oh):
-                    cell = np.uint64(plane * h * w + (y * stride_h + i * dilation_h) * w + j * dilation_w)
-                    if stride_w == 1:
-                        for xo in range(ow):
-                            target[cell + np.uint64(xo)] += source[at + np.uint64(xo)]
-                        at += np.uint64(ow)
-                    else:
-                        for xo in range(ow):
-                            target[cell + np.uint64(xo) * step] += source[at]
-                            at += one
+                            entries[at + xo] = cells[start + xo * step]
+                    at += ow
 
 
 def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
@@ -117,7 +101,7 @@ def im2col(x: np.ndarray, groups: int, kernel_h: int, kernel_w: int, stride_h: i
     n, c, h, w = x.shape
     oh, ow = output_size(h, kernel_h, stride_h, dilation_h), output_size(w, kernel_w, stride_w, dilation_w)
     cols = np.empty((n, groups, (c // groups) * kernel_h * kernel_w, oh * ow), dtype=x.dtype)
-    _im2col_numba(x, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, cols)
+    _walk(x, cols, kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, False)
     return cols
 
 
@@ -125,5 +109,5 @@ def col2im(cols: np.ndarray, padded_shape: tuple[int, int, int, int], kernel_h: 
            stride_h: int, stride_w: int, dilation_h: int, dilation_w: int) -> np.ndarray:
     """Numba version of :func:`col2im_reference` (bit-identical output)."""
     out = np.zeros(padded_shape, dtype=cols.dtype)
-    _col2im_numba(np.ascontiguousarray(cols), kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, out)
+    _walk(out, np.ascontiguousarray(cols), kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w, True)
     return out

@@ -1,0 +1,153 @@
+"""The AVX2 / AVX-VNNI GEMM inside the portable Numba drivers: threaded row blocks, and convolution blocks
+(Numba im2col -> x86 product -> Numba epilogue into NCHW).
+
+Each driver takes the kernel as a compile-time constant ``kind`` (``avx2.SIGN_TRICK`` or ``avx2.VNNI``; Numba
+compiles one specialization per value) and calls that kernel by its own name (:func:`_s8_product`), never the alias
+``avx2.gemm_s8s8s32_into``: Numba's cache keys a function on its own code, its argument types and the target CPU,
+not on what the globals it names were bound to, so a cached driver that called the alias would keep the kernel of
+the process that compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an
+argument would defeat the cache. The drivers compile only when first called, which the dispatch
+(:mod:`nanoopt.kernels`) does only where ``avx2.available()`` (and, for ``kind = VNNI``, ``avx2.KERNEL_S8 ==
+"avx-vnni"``): elsewhere they never compile, and a specialization compiles only its own kernel. The products are
+exact, so the results are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`,
+``quantized_conv2d``).
+
+>>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
+True
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from nanoopt.kernels import avx2
+from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows
+from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block
+
+__all__ = [
+    "AVX2_PARALLEL_MIN_ROWS",
+    "avx2_s16_rows_parallel",
+    "conv_parallel",
+    "conv_serial",
+    "external_s8_drivers",
+    "products",
+    "s8_rows_parallel",
+]
+
+AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
+
+
+def _s8_product(kind, a, panels, n, k, out):
+    """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_TRICK``: the
+    plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one), chosen when the caller is compiled for that constant: the
+    other kernel is never compiled, and each cached specialization names its own kernel."""
+    raise NotImplementedError("_s8_product is only callable from Numba-compiled code")
+
+
+@overload(_s8_product)
+def _s8_product_typing(kind, a, panels, n, k, out):
+    if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in (avx2.SIGN_TRICK, avx2.VNNI)):
+        return None
+    kernel = avx2.gemm_s8s8s32_vnni_into if kind.literal_value == avx2.VNNI else avx2.gemm_s8s8s32_avx2_into
+
+    def product(kind, a, panels, n, k, out):
+        kernel(a, panels, n, k, out)
+
+    return product
+
+
+@njit(cache=True, parallel=True)
+def s8_rows_parallel(kind, a, panels, n, k, out, rows_per_item):
+    """The int8 GEMM of ``kind`` on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+    numba.literally(kind)
+    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+        _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
+
+
+@njit(cache=True, parallel=True)
+def avx2_s16_rows_parallel(a, panels, n, k, out, rows_per_item):
+    """The AVX2 int16 x int8 GEMM on row blocks of ``a`` in parallel."""
+    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+        avx2.gemm_s16s8s64_into(a[lo:hi], panels, n, k, out[lo:hi])
+
+
+@njit(cache=True)
+def _external_conv_block(padded, item, conv):
+    """The im2col rows of one 256-pixel work item of an int8 conv, an int32 buffer for their products, the
+    item's group and its epilogue geometry."""
+    groups, channels, per_group, pixels = conv[0], conv[1], conv[2], conv[10]
+    blocks = (pixels + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS
+    n, group = item // (groups * blocks), (item // blocks) % groups
+    p_lo = (item % blocks) * EXTERNAL_PIXELS
+    rows = min(p_lo + EXTERNAL_PIXELS, pixels) - p_lo
+    cols = np.empty((rows, conv[3] * conv[4] * channels), dtype=np.int8)
+    im2col_rows(padded, 0, n, group * channels, channels, conv, p_lo, rows, cols)
+    products = np.empty((rows, per_group), dtype=np.int32)
+    return cols, products, group, (n, group * per_group, per_group, p_lo, CONV_PIXEL_MAJOR)
+
+
+@njit(cache=True)
+def _conv_item(kind, padded, panels, item, conv, epilogue, out3):
+    """One 256-pixel block of an int8 conv: Numba im2col -> the x86 product of ``kind`` -> Numba epilogue (NCHW)."""
+    numba.literally(kind)
+    cols, products, group, geometry = _external_conv_block(padded, item, conv)
+    _s8_product(kind, cols, panels[group], products.shape[1], cols.shape[1], products)
+    epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
+
+
+@njit(cache=True)
+def conv_serial(kind, padded, panels, items, conv, epilogue, out3):
+    """Every block of an int8 conv in turn (:func:`_conv_item`)."""
+    numba.literally(kind)
+    for item in range(items):
+        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+
+
+@njit(cache=True, parallel=True)
+def conv_parallel(kind, padded, panels, items, conv, epilogue, out3):
+    """The blocks of an int8 conv in parallel."""
+    numba.literally(kind)
+    for item in prange(items):
+        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+
+
+def external_s8_drivers(kernel: str) -> tuple:
+    """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``avx2.KERNEL_S8``:
+    ``"avx2"`` or ``"avx-vnni"``), with the kernel bound: ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
+    ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
+
+    >>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
+    True
+    """
+    kinds = {"avx2": avx2.SIGN_TRICK, "avx-vnni": avx2.VNNI}
+    if kernel not in kinds:
+        raise ValueError(f"kernel must be 'avx2' or 'avx-vnni', got {kernel!r}")
+    return tuple(functools.partial(driver, kinds[kernel]) for driver in (s8_rows_parallel, conv_serial, conv_parallel))
+
+
+def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16) -> np.ndarray:
+    """Exact ``a @ W.T`` with the x86 kernels: int32 for int8 ``a`` (``packed = avx2.pack_weights_s8(W)``), int64
+    for int16 ``a`` (``avx2.pack_weights_s16``); split over threads by row blocks when ``a`` is tall enough.
+    Call only where ``avx2.available()`` (and ``K <= avx2.MAX_K_S8`` for int8).
+
+    >>> w = np.array([[1, 2], [-127, 127]], np.int8)
+    >>> a = np.array([[-128, 1]], np.int8)
+    >>> products(a, avx2.pack_weights_s8(w)).tolist() if avx2.available() else [[-126, 16383]]
+    [[-126, 16383]]
+    """
+    int8 = a.dtype == np.int8
+    if a.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS and numba.get_num_threads() > 1:  # short rows: no thread query
+        threads = numba.get_num_threads()
+        out = np.empty((a.shape[0], packed.n), np.int32 if int8 else np.int64)
+        rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
+        parallel = external_s8_drivers(avx2.KERNEL_S8)[0] if int8 else avx2_s16_rows_parallel
+        parallel(a, packed.panels, packed.n, packed.k, out, rows)
+        return out
+    return avx2.gemm_s8s8s32_packed(a, packed) if int8 else avx2.gemm_s16s8s64_packed(a, packed)
