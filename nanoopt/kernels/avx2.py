@@ -126,7 +126,8 @@ MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-i
 DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1: available() returns False
 DISABLE_VNNI_ENV = "NANOOPT_DISABLE_AVX_VNNI"  # set to 1: gemm_s8s8s32_into is the plain AVX2 kernel
 FEATURES_ENV = "NANOOPT_CPU_FEATURES"  # e.g. "avx2" or "none": the CPU features the kernels may use (unset: all)
-CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl")  # the x86 features these kernels can use
+CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl", "avx512f", "avx512bw")  # the x86 features the
+# kernels can use (the last two, with avx512vnni, by the 512-bit kernels of nanoopt.kernels.avx512)
 
 # ---------------------------------------------------------------------------------------------------------
 # A 256-bit register as a Numba type.

@@ -49,8 +49,4 @@ class GemmPlanS8:
             return reference.gemm_s8s8s32(a, self.weights.weight, self.zero_point)
         if backend == "numba":
             return numba_cpu._raw_gemm(a, self.weights.numba, self.zero_point, np.int32)
-        if a.shape[0] < 2 * kernels.AVX2_PARALLEL_MIN_ROWS:  # one thread: skip the thread-count query
-            products = kernels._avx2_module().gemm_s8s8s32_packed(a, self.weights.avx2_s8())
-        else:
-            products = kernels._avx2_products(self.weights, a)
-        return products - self.correction
+        return kernels._avx2_products(self.weights, a) - self.correction

@@ -2,8 +2,8 @@
 
 Each runs the kernels of :mod:`nanoopt.kernels` -- the ones the converted modules run, so the plan is bit-identical
 to the integer model -- with every constant validated and the weights packed when the step is built; the backend
-(AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on: the thread's
-choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
+(AVX-512 VNNI / AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on:
+the thread's choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
 The common int8 paths bind the compiled kernels directly to the buffers; rarer ones (16-bit activations, very long
 reductions) call the prepared layer and copy its result.
 
@@ -98,6 +98,8 @@ class LinearQ(_WeightedQ):
         self.avx2 = self.backend == "avx2" and self.x_dtype == np.int8 and out_spec.dtype == np.int8
         if self.avx2:
             self.panels = self.prepared.weights.avx2_s8().panels
+        # AVX-512 VNNI: the 512-bit kernel that requantizes in registers (None where it does not run this layer)
+        self.requant_s8 = self.prepared.requant_s8() if self.avx2 else None
 
     def bind(self, inputs):
         x = inputs[0]
@@ -109,6 +111,10 @@ class LinearQ(_WeightedQ):
         out2 = out.reshape(-1, self.n)
         m = rows.shape[0]
         plan = self.plan
+        if self.requant_s8 is not None and not numba_cpu._use_threads(2 * m * self.n * self.k):
+            products = np.empty((m, self.n), np.int32)  # scratch, used only when K spans several K blocks
+            arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2)
+            return out, [(kernels._avx512_module().linear_s8_into, arguments)]
         if self.avx2 and not numba_cpu._use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
@@ -178,7 +184,8 @@ class Conv2dQ(_WeightedQ):
             per_block = numba_cpu.EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            run = numba_cpu.avx2_conv_parallel if numba_cpu._use_threads(ops) else numba_cpu.avx2_conv_serial
+            _, serial, parallel = kernels._s8_drivers()  # around the int8 GEMM of kernels.int8_gemm_kernel()
+            run = parallel if numba_cpu._use_threads(ops) else serial
             return out, [(numba_cpu._pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
         if fast and self.backend == "numba" and out_channels // self.groups >= numba_cpu.TILE_COLUMNS:
