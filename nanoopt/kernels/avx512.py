@@ -719,12 +719,14 @@ def _self_test() -> bool:
 @functools.cache
 def available() -> bool:
     """True if the 512-bit kernels run here: :func:`target_has_avx512_vnni`, the AVX2 kernels are available
-    (:func:`nanoopt.kernels.avx2.available`, which also honours ``NANOOPT_DISABLE_AVX2``) and a test product is
-    exact. Computed once per process; never an exception.
+    (:func:`nanoopt.kernels.avx2.available`, which also honours ``NANOOPT_DISABLE_AVX2``), ``NANOOPT_DISABLE_AVX_VNNI``
+    is not set and a test product is exact. Computed once per process; never an exception.
 
     >>> isinstance(available(), bool)
     True
     """
+    if avx2._switched_on(avx2.DISABLE_VNNI_ENV):  # NANOOPT_DISABLE_AVX_VNNI=1: no vpdpbusd of any width
+        return False
     try:
         return target_has_avx512_vnni() and avx2.available() and _self_test()
     except Exception:  # any failure to type or compile the kernels means: use the 256-bit path

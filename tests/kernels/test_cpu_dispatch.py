@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoopt.kernels import avx2
+from nanoopt.kernels import avx2, avx512
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,8 @@ AVX2_ONLY = {"avx2": True, "avxvnni": False, "avx512vnni": False, "avx512vl": Fa
 ICELAKE = {"avx2": True, "avxvnni": False, "avx512vnni": True, "avx512vl": True}
 ALDER_LAKE = {"avx2": True, "avxvnni": True, "avx512vnni": False, "avx512vl": False}
 NO_AVX2 = {"avx2": False, "sse4.2": True}
-ALL_TARGET = "+avx2,+avxvnni,+avx512vnni,+avx512vl"
+ZEN4 = {"avx2": True, "avxvnni": False, "avx512vnni": True, "avx512vl": True, "avx512f": True, "avx512bw": True}
+ALL_TARGET = "+avx2,+avxvnni,+avx512vnni,+avx512vl,+avx512f,+avx512bw"
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,25 @@ def test_kernel_choice_under_forced_feature_sets(host, target, override, expecte
     features = avx2.select_features(host, target, allowed)
     assert features <= {name for name, present in host.items() if present}  # never a feature the CPU lacks
     assert avx2.kernel_s8_for(features) == expected
+    assert not avx512.FEATURES <= features  # none of these machines / masks may run the 512-bit kernels
+
+
+@pytest.mark.parametrize(
+    "host, target, override, expected",
+    [
+        (ZEN4, ALL_TARGET, None, True),
+        (ZEN4, ALL_TARGET, "avx2,avx512f,avx512bw,avx512vnni", True),
+        (ZEN4, ALL_TARGET, "avx2", False),  # NANOOPT_CPU_FEATURES=avx2: the AVX2 kernel
+        (ZEN4, ALL_TARGET, "avx2,avx512vnni,avx512vl", False),  # 256-bit vpdpbusd only
+        (ZEN4, ALL_TARGET, "avx512f,avx512bw,avx512vnni", False),  # the rest of the x86 path needs AVX2
+        (ZEN4, "+avx2,+avx512vnni,+avx512vl,-avx512f,-avx512bw", None, False),  # Numba's target without 512-bit
+        (ZEN4, "", None, False),  # NUMBA_CPU_NAME=generic
+        (ICELAKE, ALL_TARGET, None, False),  # the host dict lacks avx512f/bw: never assumed
+    ],
+)
+def test_512_bit_choice_under_forced_feature_sets(host, target, override, expected):
+    allowed = None if override is None else avx2.allowed_features(override)
+    assert (avx512.FEATURES <= avx2.select_features(host, target, allowed)) is expected
 
 
 @pytest.mark.parametrize("value", ["avx-vnni", "avx2,fma", "avx2;avxvnni", "all", "avx2,,avxvnni"])
@@ -86,7 +106,7 @@ import json, sys
 import numba
 import numpy as np
 import nanoopt.kernels as kernels
-from nanoopt.kernels import avx2, numba_cpu, sparse, sparse_avx2
+from nanoopt.kernels import avx2, avx512, numba_cpu, sparse, sparse_avx2
 from nanoopt.spec import QuantSpec, quantize_multiplier
 
 backend = sys.argv[1]
@@ -137,10 +157,12 @@ print(json.dumps({
                 for name, value in results.items()},
     "available": kernels.avx2_available(),
     "kernel": avx2.KERNEL_S8,
+    "int8_kernel": kernels.int8_gemm_kernel(),
     "linear_backend": linear.backend_for(),
     "conv_backend": conv.backend_for(),
     "threads": numba.get_num_threads(),
     "compiled_avx2": compiled(avx2),
+    "compiled_avx512": compiled(avx512),
     "compiled_sparse_avx2": compiled(sparse_avx2),
     "compiled_numba_cpu": compiled(numba_cpu),
 }))
@@ -174,6 +196,11 @@ def expected_kernel(override: str | None) -> str:
     return avx2.kernel_s8_for(avx2.select_features(*_host_and_target(), avx2.allowed_features(override or "")))
 
 
+def expected_512_bit(override: str | None) -> bool:
+    """Whether this machine should run the 512-bit kernels under ``override``."""
+    return avx512.FEATURES <= avx2.select_features(*_host_and_target(), avx2.allowed_features(override or ""))
+
+
 def _host_and_target():
     import llvmlite.binding
     from numba.core import codegen
@@ -186,30 +213,42 @@ def _host_and_target():
     [
         ({}, None),
         ({"NANOOPT_CPU_FEATURES": "avx2,avxvnni,avx512vnni,avx512vl"}, "avx2,avxvnni,avx512vnni,avx512vl"),
+        ({"NANOOPT_CPU_FEATURES": "avx2,avx512f,avx512bw,avx512vnni"}, "avx2,avx512f,avx512bw,avx512vnni"),
         ({"NANOOPT_CPU_FEATURES": "avx2"}, "avx2"),
         ({"NANOOPT_DISABLE_AVX_VNNI": "1"}, "avx2"),
         ({"NANOOPT_CPU_FEATURES": "none"}, "none"),
         ({"NANOOPT_DISABLE_AVX2": "1"}, "none"),
     ],
-    ids=["host", "all-allowed", "avx2-only", "disable-vnni", "none", "disable-avx2"],
+    ids=["host", "256-bit-vnni", "512-bit-vnni", "avx2-only", "disable-vnni", "none", "disable-avx2"],
 )
 def test_forced_feature_sets_run_a_kernel_the_cpu_has_and_agree(reference_results, variables, override):
     report = run_workload(variables)
     assert report["threads"] == 2
     assert report["results"] == reference_results  # every choice gives the same integers (and sparse floats)
     choice = expected_kernel(override)
+    wide = expected_512_bit(override)
     if variables.get("NANOOPT_DISABLE_AVX2"):
-        choice = "portable"
+        choice, wide = "portable", False
     if choice == "portable":
-        assert report["available"] is False
+        assert report["available"] is False and report["int8_kernel"] == "none"
         assert report["linear_backend"] == report["conv_backend"] == "numba"
         # nothing with an x86 intrinsic was compiled: no kernel of the AVX2 modules, no driver around them
         assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == []
+        assert report["compiled_avx512"] == []
         assert not [name for name in report["compiled_numba_cpu"] if name.startswith(("avx2_", "vnni_"))]
         return
     assert report["available"] is True and report["kernel"] == choice
     assert report["linear_backend"] == report["conv_backend"] == "avx2"
     drivers = {"avx2_s8_rows_parallel", "avx2_conv_serial", "avx2_conv_parallel"}
+    if wide:  # the 512-bit kernels ran every int8 product (fused linear, raw GEMM, conv); no 256-bit driver did
+        assert report["int8_kernel"] == "avx512-vnni"
+        assert {"linear_s8_rows_parallel", "avx512_s8_rows_parallel"} <= set(report["compiled_avx512"])
+        assert {"avx512_conv_serial", "avx512_conv_parallel"} & set(report["compiled_avx512"])
+        assert not (drivers | {"vnni_s8_rows_parallel", "vnni_conv_serial", "vnni_conv_parallel"}) & set(
+            report["compiled_numba_cpu"])
+        return
+    assert report["int8_kernel"] == choice
+    assert report["compiled_avx512"] == []  # masked: the 512-bit kernels never compiled
     if choice == "avx2":
         assert vnni_functions(report) == []  # the VNNI kernel, its tiles and its drivers never compiled
         assert drivers & set(report["compiled_numba_cpu"])  # the plain AVX2 drivers ran instead
@@ -223,7 +262,7 @@ def test_generic_llvm_target_runs_the_portable_kernels(reference_results):
     report = run_workload({"NUMBA_CPU_NAME": "generic"})
     assert report["results"] == reference_results
     assert report["available"] is False and report["linear_backend"] == "numba"
-    assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == []
+    assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == [] and report["compiled_avx512"] == []
 
 
 def test_reference_results_are_not_trivial(reference_results):
