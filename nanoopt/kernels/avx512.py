@@ -82,26 +82,20 @@ STEP = avx2.S8_STEP  # int8 elements of one panel step: 64 bytes, one zmm
 GROUP = avx2.S8_GROUP  # K values per step
 ROW_BLOCK = 256  # rows of A per cache block (a multiple of TILE_ROWS)
 
-_I8X16 = ir.VectorType(ir.IntType(8), 16)
-_I8X64 = ir.VectorType(ir.IntType(8), 64)
-_I32X16 = ir.VectorType(ir.IntType(32), 16)
-_I64X16 = ir.VectorType(ir.IntType(64), 16)
+_I8X16, _I8X64, _I32X16, _I64X16 = (ir.VectorType(ir.IntType(bits), lanes) for bits, lanes in
+                                     ((8, 16), (8, 64), (32, 16), (64, 16)))
 
 
 class Int32x16Type(types.Type):
-    """Numba type of one AVX-512 register, viewed as sixteen int32 lanes (``<16 x i32>`` in LLVM)."""
+    """Numba type of one AVX-512 register, viewed as sixteen int32 lanes (``<16 x i32>`` in LLVM): values of it stay
+    in registers across calls and loop iterations."""
 
     def __init__(self) -> None:
         super().__init__(name="int32x16")
 
 
 int32x16 = Int32x16Type()
-
-
-@register_model(Int32x16Type)
-class _Int32x16Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _I32X16)
+register_model(Int32x16Type)(functools.partial(models.PrimitiveModel, be_type=_I32X16))
 
 
 def _pointer(context, builder, signature, args, vector_type):
@@ -126,106 +120,86 @@ def _splat(builder, value, vector_type):
 # Intrinsics. Offsets count elements of the array's dtype; no bounds checks (the drivers check shapes).
 
 
-@intrinsic
-def _zero(typingctx):
-    """An int32x16 of zeros."""
-
-    def codegen(context, builder, signature, args):
-        return ir.Constant(_I32X16, [0] * LANES)
-
-    return int32x16(), codegen
+def _named(definition, name: str, doc: str):
+    definition.__name__ = definition.__qualname__ = name
+    definition.__doc__ = doc
+    return intrinsic(definition)
 
 
-@intrinsic
-def _load(typingctx, array, offset):
-    """The 64 bytes at element ``offset`` of an int8/int32 C array (unaligned)."""
-    if not (_c_array(array, (types.int8, types.int32)) and isinstance(offset, types.Integer)):
+def _vector_signature(operands: tuple, emit):
+    """The typing answer of a lane-wise intrinsic: int32x16 ``emit(builder, *operands)``, or None if an operand is
+    not an int32x16."""
+    if any(operand != int32x16 for operand in operands):
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.load(_pointer(context, builder, signature, args, _I32X16), align=1)
+        return emit(builder, *args)
 
-    return int32x16(array, offset), codegen
+    return int32x16(*operands), codegen
 
 
-@intrinsic
-def _broadcast4(typingctx, array, offset):
-    """The 4 bytes at element ``offset`` of an int8 C array, repeated in all 16 lanes (vpbroadcastd)."""
-    if not (_c_array(array, (types.int8,)) and isinstance(offset, types.Integer)):
+def _lanewise(name: str, arity: int, emit, doc: str):
+    """An intrinsic of ``arity`` (0 to 3) int32x16 operands returning the int32x16 ``emit(builder, *operands)``
+    (Numba's intrinsics take no ``*args``, hence one definition per arity)."""
+    definitions = (lambda typingctx: _vector_signature((), emit),
+                   lambda typingctx, x: _vector_signature((x,), emit),
+                   lambda typingctx, x, y: _vector_signature((x, y), emit),
+                   lambda typingctx, x, y, z: _vector_signature((x, y, z), emit))
+    return _named(definitions[arity], name, doc)
+
+
+def _memory_signature(array, offset, vector: tuple, dtypes: tuple, emit):
+    """The typing answer of a load (``vector == ()``) or a store (``vector == (int32x16,)``)."""
+    if not (_c_array(array, dtypes) and isinstance(offset, types.Integer)):
+        return None
+    if vector and vector[0] != int32x16:
         return None
 
     def codegen(context, builder, signature, args):
-        word = builder.load(_pointer(context, builder, signature, args, ir.IntType(32)), align=1)
-        return _splat(builder, word, _I32X16)
+        value = emit(context, builder, signature, args)
+        return context.get_dummy_value() if vector else value
 
-    return int32x16(array, offset), codegen
-
-
-@intrinsic
-def _dot(typingctx, accumulator, a_unsigned, w_bytes):
-    """``accumulator + sum_t a[t] * w[j, t]`` per lane j over its 4 bytes, ``a`` as u8, ``w`` as s8 (vpdpbusd zmm).
-
-    No saturation: the 4 products and the accumulator are summed modulo 2**32.
-    """
-    if not (accumulator == int32x16 and a_unsigned == int32x16 and w_bytes == int32x16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        accumulator, a_unsigned, w_bytes = args
-        dot = avx2._declare(builder, "llvm.x86.avx512.vpdpbusd.512", _I32X16, [_I32X16, _I8X64, _I8X64])
-        return builder.call(dot, [accumulator, builder.bitcast(a_unsigned, _I8X64), builder.bitcast(w_bytes, _I8X64)])
-
-    return int32x16(accumulator, a_unsigned, w_bytes), codegen
+    return (types.none(array, offset, *vector) if vector else int32x16(array, offset)), codegen
 
 
-@intrinsic
-def _add(typingctx, x, y):
-    """Lane-wise int32 sum, modulo 2**32."""
-    if not (x == int32x16 and y == int32x16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.add(args[0], args[1])
-
-    return int32x16(x, y), codegen
+def _memory(name: str, dtypes: tuple, emit, doc: str, stores: bool = False):
+    """An intrinsic ``(array, offset)`` -> int32x16 (a load), or ``(array, offset, vector)`` -> None (a store), on a
+    C array of one of ``dtypes``; ``emit(context, builder, signature, args)`` makes the LLVM value."""
+    if stores:
+        return _named(lambda typingctx, array, offset, vector: _memory_signature(array, offset, (vector,), dtypes,
+                                                                                 emit), name, doc)
+    return _named(lambda typingctx, array, offset: _memory_signature(array, offset, (), dtypes, emit), name, doc)
 
 
-@intrinsic
-def _times_minus_128(typingctx, x):
-    """Lane-wise ``-128 * x``, modulo 2**32."""
-    if x != int32x16:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.mul(args[0], ir.Constant(_I32X16, [-128] * LANES))
-
-    return int32x16(x), codegen
+def _vpdpbusd(builder, accumulator, a_unsigned, w_bytes):
+    dot = avx2._declare(builder, "llvm.x86.avx512.vpdpbusd.512", _I32X16, [_I32X16, _I8X64, _I8X64])
+    return builder.call(dot, [accumulator, builder.bitcast(a_unsigned, _I8X64), builder.bitcast(w_bytes, _I8X64)])
 
 
-@intrinsic
-def _store(typingctx, array, offset, vector):
-    """Write the 16 lanes to elements ``offset .. offset + 15`` of an int32 C array."""
-    if not (_c_array(array, (types.int32,)) and isinstance(offset, types.Integer) and vector == int32x16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        builder.store(args[2], _pointer(context, builder, signature, args, _I32X16), align=1)
-        return context.get_dummy_value()
-
-    return types.none(array, offset, vector), codegen
-
-
-@intrinsic
-def _store_s8(typingctx, array, offset, vector):
-    """Write the 16 lanes, truncated to int8 (the values are already in [-128, 127]), to an int8 C array."""
-    if not (_c_array(array, (types.int8,)) and isinstance(offset, types.Integer) and vector == int32x16):
-        return None
-
-    def codegen(context, builder, signature, args):
-        builder.store(builder.trunc(args[2], _I8X16), _pointer(context, builder, signature, args, _I8X16), align=1)
-        return context.get_dummy_value()
-
-    return types.none(array, offset, vector), codegen
+_zero = _lanewise("_zero", 0, lambda builder: ir.Constant(_I32X16, [0] * LANES), "An int32x16 of zeros.")
+_add = _lanewise("_add", 2, lambda builder, x, y: builder.add(x, y), "Lane-wise int32 sum, modulo 2**32.")
+_times_minus_128 = _lanewise("_times_minus_128", 1,
+                             lambda builder, x: builder.mul(x, ir.Constant(_I32X16, [-128] * LANES)),
+                             "Lane-wise ``-128 * x``, modulo 2**32.")
+_dot = _lanewise("_dot", 3, _vpdpbusd, "``accumulator + sum_t a[t] * w[j, t]`` per lane j over its 4 bytes, ``a`` as "
+                 "u8, ``w`` as s8 (vpdpbusd zmm); no saturation, the sum wraps modulo 2**32.")
+_load = _memory("_load", (types.int8, types.int32),
+                lambda context, builder, signature, args: builder.load(
+                    _pointer(context, builder, signature, args, _I32X16), align=1),
+                "The 64 bytes at element ``offset`` of an int8/int32 C array (unaligned).")
+_broadcast4 = _memory("_broadcast4", (types.int8,),
+                      lambda context, builder, signature, args: _splat(builder, builder.load(
+                          _pointer(context, builder, signature, args, ir.IntType(32)), align=1), _I32X16),
+                      "The 4 bytes at element ``offset`` of an int8 C array, repeated in all 16 lanes (vpbroadcastd).")
+_store = _memory("_store", (types.int32,),
+                 lambda context, builder, signature, args: builder.store(
+                     args[2], _pointer(context, builder, signature, args, _I32X16), align=1),
+                 "Write the 16 lanes to elements ``offset .. offset + 15`` of an int32 C array.", stores=True)
+_store_s8 = _memory("_store_s8", (types.int8,),
+                    lambda context, builder, signature, args: builder.store(
+                        builder.trunc(args[2], _I8X16), _pointer(context, builder, signature, args, _I8X16), align=1),
+                    "Write the 16 lanes, truncated to int8 (values already in [-128, 127]), to an int8 C array.",
+                    stores=True)
 
 
 @intrinsic
@@ -280,85 +254,42 @@ def _requantize(typingctx, value, offset, m0, shift, zero_point, low, high):
 # panel 0, ...). Row r of A starts at ``a_offset + r * a_stride`` in the offset-binary copy; panels at ``w0``/``w1``.
 
 
+@numba.njit(cache=True, inline="always")
+def _dot2(c0, c1, x, v0, v1):
+    """One broadcast row step against two panels: ``(c0 + x . v0, c1 + x . v1)``."""
+    return _dot(c0, x, v0), _dot(c1, x, v1)
+
+
 @numba.njit(cache=True)
 def _tile_8x2(a, a_offset, a_stride, panels, w0, w1, steps, s0, s1):
     """8 rows x 32 channels (two panels) of ``sum (a + 128) w``, accumulators starting at ``s0``/``s1``."""
-    c00 = s0
-    c01 = s1
-    c10 = s0
-    c11 = s1
-    c20 = s0
-    c21 = s1
-    c30 = s0
-    c31 = s1
-    c40 = s0
-    c41 = s1
-    c50 = s0
-    c51 = s1
-    c60 = s0
-    c61 = s1
-    c70 = s0
-    c71 = s1
-    r1 = a_offset + a_stride
-    r2 = a_offset + 2 * a_stride
-    r3 = a_offset + 3 * a_stride
-    r4 = a_offset + 4 * a_stride
-    r5 = a_offset + 5 * a_stride
-    r6 = a_offset + 6 * a_stride
-    r7 = a_offset + 7 * a_stride
+    c00, c01, c10, c11, c20, c21, c30, c31 = s0, s1, s0, s1, s0, s1, s0, s1
+    c40, c41, c50, c51, c60, c61, c70, c71 = s0, s1, s0, s1, s0, s1, s0, s1
     for step in range(steps):
-        v0 = _load(panels, w0 + step * STEP)
-        v1 = _load(panels, w1 + step * STEP)
-        k = step * GROUP
-        x = _broadcast4(a, a_offset + k)
-        c00 = _dot(c00, x, v0)
-        c01 = _dot(c01, x, v1)
-        x = _broadcast4(a, r1 + k)
-        c10 = _dot(c10, x, v0)
-        c11 = _dot(c11, x, v1)
-        x = _broadcast4(a, r2 + k)
-        c20 = _dot(c20, x, v0)
-        c21 = _dot(c21, x, v1)
-        x = _broadcast4(a, r3 + k)
-        c30 = _dot(c30, x, v0)
-        c31 = _dot(c31, x, v1)
-        x = _broadcast4(a, r4 + k)
-        c40 = _dot(c40, x, v0)
-        c41 = _dot(c41, x, v1)
-        x = _broadcast4(a, r5 + k)
-        c50 = _dot(c50, x, v0)
-        c51 = _dot(c51, x, v1)
-        x = _broadcast4(a, r6 + k)
-        c60 = _dot(c60, x, v0)
-        c61 = _dot(c61, x, v1)
-        x = _broadcast4(a, r7 + k)
-        c70 = _dot(c70, x, v0)
-        c71 = _dot(c71, x, v1)
+        v0, v1 = _load(panels, w0 + step * STEP), _load(panels, w1 + step * STEP)
+        k = a_offset + step * GROUP  # row r of this step's A values starts at k + r * a_stride
+        c00, c01 = _dot2(c00, c01, _broadcast4(a, k), v0, v1)
+        c10, c11 = _dot2(c10, c11, _broadcast4(a, k + a_stride), v0, v1)
+        c20, c21 = _dot2(c20, c21, _broadcast4(a, k + 2 * a_stride), v0, v1)
+        c30, c31 = _dot2(c30, c31, _broadcast4(a, k + 3 * a_stride), v0, v1)
+        c40, c41 = _dot2(c40, c41, _broadcast4(a, k + 4 * a_stride), v0, v1)
+        c50, c51 = _dot2(c50, c51, _broadcast4(a, k + 5 * a_stride), v0, v1)
+        c60, c61 = _dot2(c60, c61, _broadcast4(a, k + 6 * a_stride), v0, v1)
+        c70, c71 = _dot2(c70, c71, _broadcast4(a, k + 7 * a_stride), v0, v1)
     return c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71
 
 
 @numba.njit(cache=True)
 def _tile_8x1(a, a_offset, a_stride, panels, w0, steps, s0):
     """8 rows x 16 channels (one panel)."""
-    c0 = s0
-    c1 = s0
-    c2 = s0
-    c3 = s0
-    c4 = s0
-    c5 = s0
-    c6 = s0
-    c7 = s0
+    c0, c1, c2, c3, c4, c5, c6, c7 = s0, s0, s0, s0, s0, s0, s0, s0
     for step in range(steps):
         v0 = _load(panels, w0 + step * STEP)
         k = a_offset + step * GROUP
-        c0 = _dot(c0, _broadcast4(a, k), v0)
-        c1 = _dot(c1, _broadcast4(a, k + a_stride), v0)
-        c2 = _dot(c2, _broadcast4(a, k + 2 * a_stride), v0)
-        c3 = _dot(c3, _broadcast4(a, k + 3 * a_stride), v0)
-        c4 = _dot(c4, _broadcast4(a, k + 4 * a_stride), v0)
-        c5 = _dot(c5, _broadcast4(a, k + 5 * a_stride), v0)
-        c6 = _dot(c6, _broadcast4(a, k + 6 * a_stride), v0)
-        c7 = _dot(c7, _broadcast4(a, k + 7 * a_stride), v0)
+        c0, c1 = _dot(c0, _broadcast4(a, k), v0), _dot(c1, _broadcast4(a, k + a_stride), v0)
+        c2, c3 = _dot(c2, _broadcast4(a, k + 2 * a_stride), v0), _dot(c3, _broadcast4(a, k + 3 * a_stride), v0)
+        c4, c5 = _dot(c4, _broadcast4(a, k + 4 * a_stride), v0), _dot(c5, _broadcast4(a, k + 5 * a_stride), v0)
+        c6, c7 = _dot(c6, _broadcast4(a, k + 6 * a_stride), v0), _dot(c7, _broadcast4(a, k + 7 * a_stride), v0)
     return c0, c1, c2, c3, c4, c5, c6, c7
 
 
@@ -401,50 +332,35 @@ def _tile_1x1(a, a_offset, panels, w0, steps, s0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing: int32 (raw products) or requantized int8; whole vectors where 16 columns remain, lanes at the edge.
+# Writing a tile: raw int32 products, or requantized int8; whole vectors where 16 columns remain, lanes at the edge.
 
 
 @numba.njit(cache=True)
-def _write_s32(out, row, col, n, vector, accumulate):
-    """``out[row, col:col+16] (+)= vector``, clipped at column ``n`` (``out`` int32, C order, n columns)."""
-    if col + LANES <= n:
-        offset = row * n + col
-        if accumulate:
-            vector = _add(vector, _load(out, offset))
-        _store(out, offset, vector)
-    else:
-        for lane in range(max(n - col, 0)):
-            if accumulate:
-                out[row, col + lane] += _lane(vector, lane)  # int32 wrap-around, as the vector path
-            else:
-                out[row, col + lane] = _lane(vector, lane)
-
-
-@numba.njit(cache=True)
-def _write_tile_s32(out, row, col, n, tile, panels_per_row, accumulate):
-    """Write a tile (``len(tile) // panels_per_row`` rows x ``16 panels_per_row`` channels) at ``out[row, col]``."""
-    for t in range(len(tile)):
-        r, p = t // panels_per_row, t % panels_per_row
-        _write_s32(out, row + r, col + p * LANES, n, tile[t], accumulate)
-
-
-@numba.njit(cache=True)
-def _write_s8(out, row, col, n, vector, requant):
-    """Requantize one accumulator vector of channels ``col .. col + 15`` and store it at ``out[row, col:]`` (int8)."""
+def _write_tile(out, out_s8, row, col, n, tile, panels_per_row, accumulate, requant, fused):
+    """Write a tile of ``len(tile) // panels_per_row`` rows x ``16 panels_per_row`` channels at ``[row, col]``: as
+    int32 into ``out`` (added to what is there when ``accumulate``, wrapping as the vector sums do), or, when
+    ``fused``, requantized with ``requant`` (:func:`requant_s8`) into the int8 ``out_s8``; columns past ``n`` are
+    not written. Both outputs are C-contiguous with ``n`` columns."""
     offsets, m0, shift, zero_point, low, high = requant
-    value = _requantize(vector, _load(offsets, col), _load(m0, col), _load(shift, col), zero_point, low, high)
-    if col + LANES <= n:
-        _store_s8(out, row * n + col, value)
-    else:
-        for lane in range(max(n - col, 0)):
-            out[row, col + lane] = _lane(value, lane)
-
-
-@numba.njit(cache=True)
-def _write_tile_s8(out, row, col, n, tile, panels_per_row, requant):
     for t in range(len(tile)):
-        r, p = t // panels_per_row, t % panels_per_row
-        _write_s8(out, row + r, col + p * LANES, n, tile[t], requant)
+        r, c = row + t // panels_per_row, col + (t % panels_per_row) * LANES
+        vector = tile[t]
+        if fused:
+            vector = _requantize(vector, _load(offsets, c), _load(m0, c), _load(shift, c), zero_point, low, high)
+        if c + LANES <= n:
+            if fused:
+                _store_s8(out_s8, r * n + c, vector)
+            else:
+                _store(out, r * n + c, _add(vector, _load(out, r * n + c)) if accumulate else vector)
+        else:
+            for lane in range(max(n - c, 0)):
+                value = _lane(vector, lane)
+                if fused:
+                    out_s8[r, c + lane] = value
+                elif accumulate:
+                    out[r, c + lane] += value
+                else:
+                    out[r, c + lane] = value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,31 +395,19 @@ def _gemm_block(a_unsigned, padded_k, panels, n, groups, g0, steps, i0, i1, out,
             a_offset = i * padded_k + g0 * GROUP
             if pair:
                 tile = _tile_8x2(a_unsigned, a_offset, padded_k, panels, w0, w1, steps, s0, s1)
-                if fused:
-                    _write_tile_s8(out_s8, i, col, n, tile, 2, requant)
-                else:
-                    _write_tile_s32(out, i, col, n, tile, 2, accumulate)
+                _write_tile(out, out_s8, i, col, n, tile, 2, accumulate, requant, fused)
             else:
                 tile1 = _tile_8x1(a_unsigned, a_offset, padded_k, panels, w0, steps, s0)
-                if fused:
-                    _write_tile_s8(out_s8, i, col, n, tile1, 1, requant)
-                else:
-                    _write_tile_s32(out, i, col, n, tile1, 1, accumulate)
+                _write_tile(out, out_s8, i, col, n, tile1, 1, accumulate, requant, fused)
             i += TILE_ROWS
         while i < i1:
             a_offset = i * padded_k + g0 * GROUP
             if pair:
                 row = _tile_1x2(a_unsigned, a_offset, panels, w0, w1, steps, s0, s1)
-                if fused:
-                    _write_tile_s8(out_s8, i, col, n, row, 2, requant)
-                else:
-                    _write_tile_s32(out, i, col, n, row, 2, accumulate)
+                _write_tile(out, out_s8, i, col, n, row, 2, accumulate, requant, fused)
             else:
                 row1 = _tile_1x1(a_unsigned, a_offset, panels, w0, steps, s0)
-                if fused:
-                    _write_tile_s8(out_s8, i, col, n, row1, 1, requant)
-                else:
-                    _write_tile_s32(out, i, col, n, row1, 1, accumulate)
+                _write_tile(out, out_s8, i, col, n, row1, 1, accumulate, requant, fused)
             i += 1
 
 
@@ -582,7 +486,7 @@ def linear_s8_into(x, panels, n, k, requant, products, out):
                 vector = _zero()
                 for lane in range(n - col):  # build the partial vector lane by lane (never read past the row)
                     vector = _with_lane(vector, lane, products[i, col + lane])
-            _write_s8(out, i, col, n, vector, requant)
+            _write_tile(products, out, i, col, n, (vector,), 1, False, requant, True)
 
 
 @intrinsic
