@@ -459,6 +459,14 @@ def linear_s8_into(x, panels, n, k, requant, products, out):
     :func:`gemm_s8s8s32_avx512_into` and requantized by the same vector code). ``out``: int8 (M, N), C order.
     Equals :func:`linear_s8_reference` (and :func:`nanoopt.kernels.reference.quantized_linear`). Call only where
     :func:`available`.
+
+    >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
+    >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
+    >>> out, scratch = np.empty((1, 2), np.int8), np.empty((1, 2), np.int32)
+    >>> if available(): linear_s8_into(x, avx2.pack_weights_s8(w).panels, 2, 2, requant, scratch, out)
+    ... else: out[:] = linear_s8_reference(x, w, requant)
+    >>> out
+    array([[  9, -11]], dtype=int8)
     """
     avx2._check_s8_arguments(x, panels, n, k, products)
     offsets, m0, shift = requant[0], requant[1], requant[2]
