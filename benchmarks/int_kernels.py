@@ -3,9 +3,13 @@
 For each thread count (1, then 2; each in its own pinned process, see ``benchmarks/common.py``):
 
 * **linear** ``(M, K, N)``: a prepared :func:`nanoopt.kernels.prepare_linear` layer -- int8 codes in, int8
-  codes out: GEMM, zero-point fold, int32 bias, per-channel requantization -- on the ``auto`` backend (the
-  AVX2/AVX-VNNI GEMM where the CPU has it) and on the portable ``numba`` backend, against NumPy's
-  ``x @ w.T`` in float32 (the weights pre-transposed, as a float layer would hold them);
+  codes out: GEMM, zero-point fold, int32 bias, per-channel requantization -- on the ``auto`` backend and on the
+  portable ``numba`` backend, against NumPy's ``x @ w.T`` in float32 (the weights pre-transposed, as a float
+  layer would hold them). ``auto`` runs the x86 GEMM chosen at run time (:func:`nanoopt.kernels.int8_gemm_kernel`,
+  printed above the table): where the CPU has AVX-512F/BW/VNNI the 512-bit ``vpdpbusd`` kernel of
+  :mod:`nanoopt.kernels.avx512`, which requantizes in registers and writes int8 directly; else AVX-VNNI or AVX2
+  (:mod:`nanoopt.kernels.avx2`) with the Numba epilogue; ``NANOOPT_CPU_FEATURES=avx2`` (or
+  ``avx2,avx512vnni,avx512vl``) measures the 256-bit kernels on the same machine;
 * **conv2d** N=1 and N=32, C=32, 28x28, 3x3, OC=64, padding 1: a prepared
   :func:`nanoopt.kernels.prepare_conv2d` layer against NumPy float32 im2col (``sliding_window_view`` + one
   copy) + matmul, output NCHW.
@@ -161,8 +165,9 @@ def measure(threads: int) -> None:
 
     rng = np.random.default_rng(0)
     fast = "avx2" if kernels.avx2_available() else "numba"
+    gemm = f" (int8 GEMM: `{kernels.int8_gemm_kernel()}`)" if kernels.avx2_available() else ""
     print(f"### {threads} thread{'s' if threads > 1 else ''}\n")
-    print(f"`auto` runs the `{fast}` backend here. GOP/s, and float32 time / int8 time:\n")
+    print(f"`auto` runs the `{fast}` backend here{gemm}. GOP/s, and float32 time / int8 time:\n")
     print("| linear M x K x N | int8 auto | x f32 | int8 numba | x f32 | NumPy f32 | PyTorch int8 | x f32 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     cases, torch_cases = [], []

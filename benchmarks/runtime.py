@@ -9,7 +9,9 @@ ONNX Runtime float and int8 (the PyTorch twin exported with ``torch.onnx.export`
 batch 256, in blocks of 10 consecutive calls per framework taking turns, so that load on the machine hits every
 column alike. The optional frameworks are measured when installed, else marked.
 
-Then: the plan's kernel-only time (the sum of its kernel calls, timed one by one) and its overhead per layer;
+Then: the plan's kernel-only time (the boundary kernels -- input quantization with its finiteness check, output
+dequantization -- and the layers' kernel calls, each timed by itself inside one call) and its overhead per layer
+(the rest of that call: input checks, buffer lookup, the loop, the output allocation);
 pruned LeNet-300-100 through float plans (90% unstructured on the CSR kernels, 50% of the neurons physically
 removed) against the dense float plan at batch 1; and the runtime's cold start (import, load + first call with an
 empty and a warm Numba cache, in fresh processes).
@@ -196,13 +198,19 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
             for label, plan in (("int8", int8_plan), ("float", float_plan)):
                 profile = plan.profile(x, repeats=calls)
                 layers = sum(1 for calls_of_step in plan._bound[x.shape].per_step if calls_of_step)
-                overhead = profile["whole"] - profile["kernels"]
-                overhead_lines.append(f"- {name}, batch {batch}, {label} plan: {_us(profile['whole'])} per call, of "
-                                      f"which kernels {_us(profile['kernels'])} ({profile['calls']} kernel calls in "
-                                      f"{layers} layers); overhead {overhead * 1e6:.1f} us = "
-                                      f"{overhead * 1e6 / layers:.2f} us per layer (input check, boundary, loop)")
+                edge = "quantize + dequantize" if label == "int8" else "input and output copies"
+                overhead_lines.append(
+                    f"- {name}, batch {batch}, {label} plan: {_us(profile['whole'])} per call; kernels "
+                    f"{_us(profile['kernels'])} ({profile['calls']} layer kernel calls in {layers} layers, plus the "
+                    f"boundary kernels, {edge}: {profile['boundary'] * 1e6:.1f} us); overhead "
+                    f"{profile['overhead'] * 1e6:.1f} us = {profile['overhead'] * 1e6 / layers:.2f} us per layer")
     return lines + ["", "(x): ONNX Runtime's time / nanoopt's, for the same precision (above 1: nanoopt is faster).",
-                    "", "Kernel-only time and the plan's overhead:", "", *overhead_lines]
+                    "", "Kernel-only time and the plan's overhead (`Plan.profile`, medians of instrumented calls): "
+                    "kernels = the boundary kernels (the int8 input quantization, which also checks that every "
+                    "value is finite, in one pass; the output dequantization) plus every layer's kernel calls, "
+                    "each timed by itself inside the call; overhead = that call's time minus its kernels: input "
+                    "type/dtype/shape check, buffer lookup, the loop over the calls, the output allocation and the "
+                    "profiler's clock reads, divided by the layers that run kernels.", "", *overhead_lines]
 
 
 def _caller(plan, x: np.ndarray) -> Callable[[], object]:

@@ -4,9 +4,11 @@ Backends, all bit-identical (tested against each other):
 
 * ``"reference"`` -- :mod:`nanoopt.kernels.reference`, pure NumPy in int64: the executable specification;
 * ``"numba"`` -- :mod:`nanoopt.kernels.numba_cpu`, portable compiled kernels (any CPU LLVM targets);
-* ``"avx2"`` -- the int8 GEMM of :mod:`nanoopt.kernels.avx2` (``vpmaddubsw`` / AVX-VNNI ``vpdpbusd``
-  intrinsics), with the Numba epilogue (zero-point fold, bias, requantization, ReLU) around it
-  (:mod:`nanoopt.kernels.x86_glue`).
+* ``"avx2"`` -- the x86 int8 GEMMs: where the CPU has AVX-512 VNNI (with AVX-512F/BW), the 512-bit ``vpdpbusd``
+  kernel of :mod:`nanoopt.kernels.avx512`, whose int8 linear layers requantize in registers; else the AVX-VNNI
+  (256-bit ``vpdpbusd``) or AVX2 (``vpmaddubsw``) kernel of :mod:`nanoopt.kernels.avx2`; with the Numba
+  epilogue (zero-point fold, bias, requantization, ReLU) around it. :func:`int8_gemm_kernel` says which
+  (:mod:`nanoopt.kernels.x86_glue` holds the drivers around whichever runs).
 
 ``"auto"`` (the default) runs a layer on ``"avx2"`` when the CPU has it and the layer fits it (int8
 activations, narrow-range weights in [-127, 127], ``K <= avx2.MAX_K_S8``; 16x8 layers use its int16
@@ -39,9 +41,10 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import numba
 import numpy as np
 
-from nanoopt.kernels import avx2, numba_cpu, numba_pointwise, reference, x86_glue
+from nanoopt.kernels import avx2, avx512, numba_cpu, numba_pointwise, reference, x86_glue
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_products, pack_weights, use_threads
 from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
 from nanoopt.kernels.x86_glue import AVX2_PARALLEL_MIN_ROWS
@@ -66,6 +69,7 @@ __all__ = [
     "gemm_s16s8s64",
     "gemm_s16s16s64",
     "get_backend",
+    "int8_gemm_kernel",
     "int32_accumulation_is_safe",
     "prepare_conv2d",
     "prepare_gemm",
@@ -120,6 +124,24 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def _avx512_module():
+    """:mod:`nanoopt.kernels.avx512` where the AVX2 kernels run and its 512-bit kernels do too (AVX-512F/BW/VNNI in
+    the CPU, Numba's target and ``NANOOPT_CPU_FEATURES``; checked once: compiles them), else ``None``."""
+    return avx512 if avx2.available() and avx512.available() else None
+
+
+def int8_gemm_kernel() -> str:
+    """The int8 GEMM the ``"avx2"`` backend runs here: ``"avx512-vnni"``, ``"avx-vnni"``, ``"avx2"``, or ``"none"``
+    (the AVX2 kernels are not available: ``"auto"`` runs ``"numba"``). Decided once per process.
+
+    >>> int8_gemm_kernel() in ("avx512-vnni", "avx-vnni", "avx2", "none")
+    True
+    """
+    if not avx2.available():
+        return "none"
+    return "avx512-vnni" if _avx512_module() is not None else avx2.KERNEL_S8
 
 
 def avx2_available() -> bool:
@@ -330,6 +352,20 @@ class PreparedLinear:
             self.weights.numba, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu, x_dtype
         )  # validates every argument
         self.arguments = (bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu)
+        self._requant_s8: tuple | None | bool = False  # the fused AVX-512 epilogue's constants; False: not made yet
+
+    def requant_s8(self) -> tuple | None:
+        """The constants of the AVX-512 int8 layer with requantization in registers (``avx512.requant_s8``), or
+        ``None`` where that kernel does not run this layer (no AVX-512 VNNI, int16 input or output, or an epilogue
+        that needs the wide int64 form). Made on first use."""
+        if self._requant_s8 is False:
+            plan, avx512 = self.plan, _avx512_module()
+            m0, shift, zero_point, low, high, _, fast = plan.tail
+            usable = avx512 is not None and fast and plan.x_dtype == np.int8 and plan.out_dtype == np.int8
+            self._requant_s8 = None
+            if usable:
+                self._requant_s8 = avx512.requant_s8(plan.base_offsets, m0, shift, zero_point, low, high)
+        return self._requant_s8
 
     def backend_for(self, x_q: np.ndarray | None = None) -> str:
         """The backend a call would use now (``x_q`` is not needed: the input dtype is fixed)."""
@@ -343,7 +379,24 @@ class PreparedLinear:
         if backend == "numba":
             return self.plan(x_q)
         self.plan.check_input(x_q)
+        if self.requant_s8() is not None:
+            return _avx512_linear(self, x_q)
         return self.plan.finish(_avx2_products(self.weights, x_q))
+
+
+def _avx512_linear(layer: PreparedLinear, x_q: np.ndarray) -> np.ndarray:
+    """The int8 layer on the AVX-512 kernel that requantizes in registers (rows split over threads when large)."""
+    packed = layer.weights.avx2_s8()
+    out = np.empty((x_q.shape[0], packed.n), np.int8)  # (M, N)
+    products = np.empty((x_q.shape[0], packed.n), np.int32)  # scratch, used only when K spans several K blocks
+    threads = numba.get_num_threads()
+    if threads > 1 and x_q.shape[0] >= 2 * AVX2_PARALLEL_MIN_ROWS:
+        rows = max(AVX2_PARALLEL_MIN_ROWS, -(-x_q.shape[0] // threads))
+        avx512.linear_s8_rows_parallel(x_q, packed.panels, packed.n, packed.k, layer.requant_s8(), products, out,
+                                       rows)
+    else:
+        avx512.linear_s8_into(x_q, packed.panels, packed.n, packed.k, layer.requant_s8(), products, out)
+    return out
 
 
 def prepare_linear(w_q, bias_q, x_zero_point, m0, shift, out_zero_point, out_spec: QuantSpec,
@@ -431,7 +484,7 @@ class PreparedConv2d:
         padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
         arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
-        _, serial, parallel = x86_glue.external_s8_drivers(avx2.KERNEL_S8)
+        _, serial, parallel = x86_glue.external_s8_drivers(int8_gemm_kernel())
         if use_threads(2 * out.size * self.plan.depth):
             parallel(*arguments)
         else:

@@ -44,7 +44,8 @@ __all__ = [
 DISABLE_ENV = "NANOOPT_DISABLE_AVX2"  # set to 1: no AVX2 kernel is available
 DISABLE_VNNI_ENV = "NANOOPT_DISABLE_AVX_VNNI"  # set to 1: the int8 GEMM is the plain AVX2 kernel
 FEATURES_ENV = "NANOOPT_CPU_FEATURES"  # e.g. "avx2" or "none": the CPU features the kernels may use (unset: all)
-CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl")  # the x86 features the kernels can use
+CPU_FEATURES = ("avx2", "avxvnni", "avx512vnni", "avx512vl", "avx512f", "avx512bw")  # the x86 features the
+# kernels can use (the last two, with avx512vnni, by the 512-bit kernels of nanoopt.kernels.avx512)
 
 
 def switched_on(variable: str) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from nanoopt.kernels import avx2
+from nanoopt.kernels import avx2, avx512
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows
 from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block
 
@@ -40,20 +40,24 @@ __all__ = [
 ]
 
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
+AVX512 = 3  # the kind of the 512-bit VNNI GEMM (nanoopt.kernels.avx512), beside avx2.SIGN_TRICK and avx2.VNNI
+KINDS = {"avx2": avx2.SIGN_TRICK, "avx-vnni": avx2.VNNI, "avx512-vnni": AVX512}  # by kernels.int8_gemm_kernel()
 
 
 def _s8_product(kind, a, panels, n, k, out):
     """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_TRICK``: the
-    plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one), chosen when the caller is compiled for that constant: the
-    other kernel is never compiled, and each cached specialization names its own kernel."""
+    plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one, :data:`AVX512`: the 512-bit one), chosen when the caller
+    is compiled for that constant: the other kernels are never compiled, and each cached specialization names
+    its own kernel."""
     raise NotImplementedError("_s8_product is only callable from Numba-compiled code")
 
 
 @overload(_s8_product)
 def _s8_product_typing(kind, a, panels, n, k, out):
-    if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in (avx2.SIGN_TRICK, avx2.VNNI)):
+    if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in KINDS.values()):
         return None
-    kernel = avx2.gemm_s8s8s32_vnni_into if kind.literal_value == avx2.VNNI else avx2.gemm_s8s8s32_avx2_into
+    kernel = {avx2.SIGN_TRICK: avx2.gemm_s8s8s32_avx2_into, avx2.VNNI: avx2.gemm_s8s8s32_vnni_into,
+              AVX512: avx512.gemm_s8s8s32_avx512_into}[kind.literal_value]
 
     def product(kind, a, panels, n, k, out):
         kernel(a, panels, n, k, out)
@@ -119,17 +123,17 @@ def conv_parallel(kind, padded, panels, items, conv, epilogue, out3):
 
 
 def external_s8_drivers(kernel: str) -> tuple:
-    """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``avx2.KERNEL_S8``:
-    ``"avx2"`` or ``"avx-vnni"``), with the kernel bound: ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
+    """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``"avx2"``, ``"avx-vnni"``
+    or ``"avx512-vnni"``, as :func:`nanoopt.kernels.int8_gemm_kernel` names them), with the kernel bound:
+    ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
     ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
 
     >>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
     True
     """
-    kinds = {"avx2": avx2.SIGN_TRICK, "avx-vnni": avx2.VNNI}
-    if kernel not in kinds:
-        raise ValueError(f"kernel must be 'avx2' or 'avx-vnni', got {kernel!r}")
-    return tuple(functools.partial(driver, kinds[kernel]) for driver in (s8_rows_parallel, conv_serial, conv_parallel))
+    if kernel not in KINDS:
+        raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
+    return tuple(functools.partial(driver, KINDS[kernel]) for driver in (s8_rows_parallel, conv_serial, conv_parallel))
 
 
 def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16) -> np.ndarray:
@@ -147,7 +151,16 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
         threads = numba.get_num_threads()
         out = np.empty((a.shape[0], packed.n), np.int32 if int8 else np.int64)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        parallel = external_s8_drivers(avx2.KERNEL_S8)[0] if int8 else avx2_s16_rows_parallel
+        parallel = external_s8_drivers(_s8_kernel())[0] if int8 else avx2_s16_rows_parallel
         parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
+    if int8 and avx512.available():
+        out = np.empty((a.shape[0], packed.n), np.int32)  # (M, N)
+        avx512.gemm_s8s8s32_avx512_into(np.ascontiguousarray(a), packed.panels, packed.n, packed.k, out)
+        return out
     return avx2.gemm_s8s8s32_packed(a, packed) if int8 else avx2.gemm_s16s8s64_packed(a, packed)
+
+
+def _s8_kernel() -> str:
+    """The int8 x86 GEMM that runs here where the AVX2 kernels do: ``"avx512-vnni"`` or ``avx2.KERNEL_S8``."""
+    return "avx512-vnni" if avx512.available() else avx2.KERNEL_S8

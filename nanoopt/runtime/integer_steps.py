@@ -2,8 +2,8 @@
 
 Each runs the kernels of :mod:`nanoopt.kernels` -- the ones the converted modules run, so the plan is bit-identical
 to the integer model -- with every constant validated and the weights packed when the step is built; the backend
-(AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on: the thread's
-choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
+(AVX-512 VNNI / AVX-VNNI / AVX2 / portable Numba / the NumPy reference) is chosen then, on the CPU the plan runs on:
+the thread's choice (:func:`nanoopt.kernels.use_backend`), by default ``"auto"``.
 The common int8 paths bind the compiled kernels directly to the buffers; rarer ones (16-bit activations, very long
 reductions) call the prepared layer and copy its result.
 
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from nanoopt import kernels
-from nanoopt.kernels import avx2, numba_pointwise, x86_glue
+from nanoopt.kernels import avx2, avx512, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parallel, conv_serial, pad_nhwc
 from nanoopt.kernels.numba_epilogue import LINEAR, finish_run
@@ -102,6 +102,8 @@ class LinearQ(_WeightedQ):
         self.avx2 = self.backend == "avx2" and self.x_dtype == np.int8 and out_spec.dtype == np.int8
         if self.avx2:
             self.panels = self.prepared.weights.avx2_s8().panels
+        # AVX-512 VNNI: the 512-bit kernel that requantizes in registers (None where it does not run this layer)
+        self.requant_s8 = self.prepared.requant_s8() if self.avx2 else None
 
     def bind(self, inputs):
         x = inputs[0]
@@ -113,6 +115,10 @@ class LinearQ(_WeightedQ):
         out2 = out.reshape(-1, self.n)
         m = rows.shape[0]
         plan = self.plan
+        if self.requant_s8 is not None and not use_threads(2 * m * self.n * self.k):
+            products = np.empty((m, self.n), np.int32)  # scratch, used only when K spans several K blocks
+            arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2)
+            return out, [(avx512.linear_s8_into, arguments)]
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
@@ -182,7 +188,7 @@ class Conv2dQ(_WeightedQ):
             per_block = EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            _, serial, parallel = x86_glue.external_s8_drivers("avx2")
+            _, serial, parallel = x86_glue.external_s8_drivers(kernels.int8_gemm_kernel())
             run = parallel if use_threads(ops) else serial
             return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
                          (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]

@@ -149,6 +149,16 @@ class Plan:
         bound = self._bound.get(x.shape)
         if bound is None:
             bound = self._bound[x.shape] = self._bind(x.shape)
+        self._enter(x, bound)
+        for function, arguments in bound.calls:
+            function(*arguments)
+        out = np.empty(bound.output.shape, np.float32)
+        self._leave(bound, out)
+        return out
+
+    def _enter(self, x: np.ndarray, bound: _Bound) -> None:
+        """The input boundary kernel: quantize ``x`` into the input codes in one pass that also checks that every
+        value is finite (an integer plan), or copy it into the input buffer (a float plan)."""
         if self.kind == "int":
             flat = x.reshape(-1) if x.dtype == np.float32 and x.flags.c_contiguous else \
                 np.ascontiguousarray(x, np.float32).reshape(-1)
@@ -156,14 +166,13 @@ class Plan:
                 raise ValueError(_not_finite(x))
         else:
             np.copyto(bound.input, x, casting="same_kind")
-        for function, arguments in bound.calls:
-            function(*arguments)
-        out = np.empty(bound.output.shape, np.float32)
+
+    def _leave(self, bound: _Bound, out: np.ndarray) -> None:
+        """The output boundary kernel: dequantize the output codes into ``out`` (or copy the float output)."""
         if self.kind == "int":
             dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
         else:
             np.copyto(out, bound.output)
-        return out
 
     def forward_int(self, x_q: np.ndarray) -> np.ndarray:
         """An integer plan on input codes: codes in, output codes out (a new array)."""
@@ -181,38 +190,48 @@ class Plan:
         return bound.output.copy()
 
     def profile(self, x: np.ndarray, repeats: int = 100) -> dict[str, float]:
-        """Median seconds of a whole call and of its kernel calls alone, each timed by itself and summed, on ``x``.
+        """Where the time of a call on ``x`` goes: median seconds over ``repeats`` calls.
 
-        The kernels are the layers' calls and the boundary: quantizing the input (or copying it into the input
-        buffer) and dequantizing (or copying) the output. ``whole - kernels`` is what the plan adds around them:
-        the input checks, the buffer lookup, the loop over calls and the output allocation.
+        * ``whole``: a plain call, ``plan(x)``, timed from outside;
+        * ``kernels``: inside one instrumented call, the sum of the times of its kernels -- the boundary kernels
+          (the input quantization with its finiteness check, or the copy into the input buffer; the output
+          dequantization or copy) and every layer's calls, each timed by itself;
+        * ``boundary``: the part of ``kernels`` spent in the two boundary kernels;
+        * ``overhead``: in the same instrumented call, its time minus its kernels' time -- what the plan adds around
+          the kernels: the input checks (type, dtype, shape), the buffer lookup, the loop over the calls, the
+          output allocation (and the profiler's own clock reads, about 0.05 us per kernel). Taken from one call at
+          a time (the median of the per-call differences), so that it does not carry the noise of two separately
+          measured totals.
         """
         self(x)
-        bound = self._bound[x.shape]
-        whole, kernel = [], []
+        clock = time.perf_counter
+        whole, kernel, boundary, overhead = [], [], [], []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             self(x)
-            whole.append(time.perf_counter() - start)
-            total = self._boundary_seconds(x, bound)
+            whole.append(clock() - start)
+            begin = clock()
+            checked = self._check(x)
+            bound = self._bound[checked.shape]
+            start = clock()
+            self._enter(checked, bound)
+            edges = clock() - start
+            inside = 0.0
             for function, arguments in bound.calls:
-                start = time.perf_counter()
+                start = clock()
                 function(*arguments)
-                total += time.perf_counter() - start
-            kernel.append(total)
+                inside += clock() - start
+            out = np.empty(bound.output.shape, np.float32)
+            start = clock()
+            self._leave(bound, out)
+            end = clock()
+            edges += end - start
+            kernel.append(edges + inside)
+            boundary.append(edges)
+            overhead.append(end - begin - edges - inside)
         return {"whole": float(np.median(whole)), "kernels": float(np.median(kernel)),
+                "boundary": float(np.median(boundary)), "overhead": float(np.median(overhead)),
                 "steps": len(self.ops), "calls": len(bound.calls)}
-
-    def _boundary_seconds(self, x: np.ndarray, bound: _Bound) -> float:
-        out = np.empty(bound.output.shape, np.float32)
-        start = time.perf_counter()
-        if self.kind == "int":
-            quantize_into(x.reshape(-1), *self._quantize, bound.input.reshape(-1))
-            dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
-        else:
-            np.copyto(bound.input, x)
-            np.copyto(out, bound.output)
-        return time.perf_counter() - start
 
     def __repr__(self) -> str:
         ops = ", ".join(step.op for step in self.description.steps)

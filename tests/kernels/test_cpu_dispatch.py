@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanoopt.kernels import avx2
+from nanoopt.kernels import avx2, avx512
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,8 @@ AVX2_ONLY = {"avx2": True, "avxvnni": False, "avx512vnni": False, "avx512vl": Fa
 ICELAKE = {"avx2": True, "avxvnni": False, "avx512vnni": True, "avx512vl": True}
 ALDER_LAKE = {"avx2": True, "avxvnni": True, "avx512vnni": False, "avx512vl": False}
 NO_AVX2 = {"avx2": False, "sse4.2": True}
-ALL_TARGET = "+avx2,+avxvnni,+avx512vnni,+avx512vl"
+ZEN4 = {"avx2": True, "avxvnni": False, "avx512vnni": True, "avx512vl": True, "avx512f": True, "avx512bw": True}
+ALL_TARGET = "+avx2,+avxvnni,+avx512vnni,+avx512vl,+avx512f,+avx512bw"
 
 
 @pytest.mark.parametrize(
@@ -57,6 +58,25 @@ def test_kernel_choice_under_forced_feature_sets(host, target, override, expecte
     features = avx2.select_features(host, target, allowed)
     assert features <= {name for name, present in host.items() if present}  # never a feature the CPU lacks
     assert avx2.kernel_s8_for(features) == expected
+    assert not avx512.FEATURES <= features  # none of these machines / masks may run the 512-bit kernels
+
+
+@pytest.mark.parametrize(
+    "host, target, override, expected",
+    [
+        (ZEN4, ALL_TARGET, None, True),
+        (ZEN4, ALL_TARGET, "avx2,avx512f,avx512bw,avx512vnni", True),
+        (ZEN4, ALL_TARGET, "avx2", False),  # NANOOPT_CPU_FEATURES=avx2: the AVX2 kernel
+        (ZEN4, ALL_TARGET, "avx2,avx512vnni,avx512vl", False),  # 256-bit vpdpbusd only
+        (ZEN4, ALL_TARGET, "avx512f,avx512bw,avx512vnni", False),  # the rest of the x86 path needs AVX2
+        (ZEN4, "+avx2,+avx512vnni,+avx512vl,-avx512f,-avx512bw", None, False),  # Numba's target without 512-bit
+        (ZEN4, "", None, False),  # NUMBA_CPU_NAME=generic
+        (ICELAKE, ALL_TARGET, None, False),  # the host dict lacks avx512f/bw: never assumed
+    ],
+)
+def test_512_bit_choice_under_forced_feature_sets(host, target, override, expected):
+    allowed = None if override is None else avx2.allowed_features(override)
+    assert (avx512.FEATURES <= avx2.select_features(host, target, allowed)) is expected
 
 
 @pytest.mark.parametrize("value", ["avx-vnni", "avx2,fma", "avx2;avxvnni", "all", "avx2,,avxvnni"])
@@ -86,7 +106,7 @@ import json, sys
 import numba
 import numpy as np
 import nanoopt.kernels as kernels
-from nanoopt.kernels import avx2, sparse, sparse_avx2, x86_glue
+from nanoopt.kernels import avx2, avx512, sparse, sparse_avx2, x86_glue
 from nanoopt.spec import QuantSpec, quantize_multiplier
 
 backend = sys.argv[1]
@@ -136,7 +156,8 @@ def compiled(module):  # names of the compiled functions; the generated ones by 
                     kind, rows = signature[0].literal_value, signature[1].literal_value
                     names.add(f"{name}_{avx2.TILE_KINDS[kind]}_{rows}x2")
                 elif signature and isinstance(signature[0], numba.types.IntegerLiteral):  # the x86_glue drivers
-                    names.add(f"{name}_{avx2.TILE_KINDS[signature[0].literal_value]}")
+                    kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512"}
+                    names.add(f"{name}_{kinds[signature[0].literal_value]}")
                 else:
                     names.add(name)
     return sorted(names)
@@ -147,10 +168,12 @@ print(json.dumps({
                 for name, value in results.items()},
     "available": kernels.avx2_available(),
     "kernel": avx2.KERNEL_S8,
+    "int8_kernel": kernels.int8_gemm_kernel(),
     "linear_backend": linear.backend_for(),
     "conv_backend": conv.backend_for(),
     "threads": numba.get_num_threads(),
     "compiled_avx2": compiled(avx2),
+    "compiled_avx512": compiled(avx512),
     "compiled_sparse_avx2": compiled(sparse_avx2),
     "compiled_x86_glue": compiled(x86_glue),
 }))
@@ -184,6 +207,11 @@ def expected_kernel(override: str | None) -> str:
     return avx2.kernel_s8_for(avx2.select_features(*_host_and_target(), avx2.allowed_features(override or "")))
 
 
+def expected_512_bit(override: str | None) -> bool:
+    """Whether this machine should run the 512-bit kernels under ``override``."""
+    return avx512.FEATURES <= avx2.select_features(*_host_and_target(), avx2.allowed_features(override or ""))
+
+
 def _host_and_target():
     import llvmlite.binding
     from numba.core import codegen
@@ -196,30 +224,42 @@ def _host_and_target():
     [
         ({}, None),
         ({"NANOOPT_CPU_FEATURES": "avx2,avxvnni,avx512vnni,avx512vl"}, "avx2,avxvnni,avx512vnni,avx512vl"),
+        ({"NANOOPT_CPU_FEATURES": "avx2,avx512f,avx512bw,avx512vnni"}, "avx2,avx512f,avx512bw,avx512vnni"),
         ({"NANOOPT_CPU_FEATURES": "avx2"}, "avx2"),
         ({"NANOOPT_DISABLE_AVX_VNNI": "1"}, "avx2"),
         ({"NANOOPT_CPU_FEATURES": "none"}, "none"),
         ({"NANOOPT_DISABLE_AVX2": "1"}, "none"),
     ],
-    ids=["host", "all-allowed", "avx2-only", "disable-vnni", "none", "disable-avx2"],
+    ids=["host", "256-bit-vnni", "512-bit-vnni", "avx2-only", "disable-vnni", "none", "disable-avx2"],
 )
 def test_forced_feature_sets_run_a_kernel_the_cpu_has_and_agree(reference_results, variables, override):
     report = run_workload(variables)
     assert report["threads"] == 2
     assert report["results"] == reference_results  # every choice gives the same integers (and sparse floats)
     choice = expected_kernel(override)
+    wide = expected_512_bit(override)
     if variables.get("NANOOPT_DISABLE_AVX2"):
-        choice = "portable"
+        choice, wide = "portable", False
     if choice == "portable":
-        assert report["available"] is False
+        assert report["available"] is False and report["int8_kernel"] == "none"
         assert report["linear_backend"] == report["conv_backend"] == "numba"
         # nothing with an x86 intrinsic was compiled: no kernel of the AVX2 modules, no driver around them
         assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == []
-        assert report["compiled_x86_glue"] == []
+        assert report["compiled_x86_glue"] == [] and report["compiled_avx512"] == []
         return
     assert report["available"] is True and report["kernel"] == choice
     assert report["linear_backend"] == report["conv_backend"] == "avx2"
     drivers = {"s8_rows_parallel_avx2", "conv_serial_avx2", "conv_parallel_avx2"}
+    if wide:  # the 512-bit kernels ran every int8 product (fused linear, raw GEMM, conv); no 256-bit driver did
+        assert report["int8_kernel"] == "avx512-vnni"
+        assert {"linear_s8_rows_parallel"} <= set(report["compiled_avx512"])
+        assert {"s8_rows_parallel_avx512"} <= set(report["compiled_x86_glue"])
+        assert {"conv_serial_avx512", "conv_parallel_avx512"} & set(report["compiled_x86_glue"])
+        assert not (drivers | {"s8_rows_parallel_vnni", "conv_serial_vnni", "conv_parallel_vnni"}) & set(
+            report["compiled_x86_glue"])
+        return
+    assert report["int8_kernel"] == choice
+    assert report["compiled_avx512"] == []  # masked: the 512-bit kernels never compiled
     if choice == "avx2":
         assert vnni_functions(report) == []  # the VNNI kernel, its tiles and its drivers never compiled
         assert drivers & set(report["compiled_x86_glue"])  # the plain AVX2 drivers ran instead
@@ -233,7 +273,7 @@ def test_generic_llvm_target_runs_the_portable_kernels(reference_results):
     report = run_workload({"NUMBA_CPU_NAME": "generic"})
     assert report["results"] == reference_results
     assert report["available"] is False and report["linear_backend"] == "numba"
-    assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == []
+    assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == [] and report["compiled_avx512"] == []
 
 
 def test_reference_results_are_not_trivial(reference_results):
