@@ -42,6 +42,7 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
+from nanoopt.kernels.layer_norm import layer_norm_rows
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
@@ -247,6 +248,8 @@ class GPT(nn.Module):
 
         def layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
             bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
+            if x.dtype == np.float32 and module.weight.dtype == np.float32 and bias.dtype == np.float32:
+                return layer_norm_rows(x, module.weight.data, bias, module.eps)  # ops.LayerNorm's bits, one pass
             return call(ops.LayerNorm, x, module.weight.data, bias, ndim_normalised=1, eps=module.eps)
 
         def linear(module: nn.Module, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
