@@ -24,7 +24,7 @@ import numpy as np
 
 from nanoopt.kernels.softmax import pairwise_sum
 
-__all__ = ["layer_norm_reference", "layer_norm_rows"]
+__all__ = ["layer_norm_reference", "layer_norm_row", "layer_norm_rows"]
 
 
 def layer_norm_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -40,18 +40,24 @@ def layer_norm_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, ep
 
 
 @numba.njit(cache=True, nogil=True)
-def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover - compiled
-    n = x.shape[1]
+def layer_norm_row(x, weight, bias, eps, out):  # pragma: no cover - compiled
+    """``out = (x - mean) / sqrt(var + eps) * weight + bias`` of one float32 row, as :class:`nanoopt.ops.LayerNorm`
+    computes it (also a step of :mod:`nanoopt.kernels.gpt_decode`)."""
+    n = x.size
     count = np.float32(n)
+    mean = (np.float32(0.0) + pairwise_sum(x, 0, n)) / count  # NumPy's reduction starts from its identity, 0
+    for i in range(n):
+        out[i] = (x[i] - mean) * (x[i] - mean)
+    var = (np.float32(0.0) + pairwise_sum(out, 0, n)) / count
+    inv_std = np.float32(1.0) / np.sqrt(var + eps)
+    for i in range(n):
+        out[i] = ((x[i] - mean) * inv_std) * weight[i] + bias[i]
+
+
+@numba.njit(cache=True, nogil=True)
+def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover - compiled
     for r in range(x.shape[0]):
-        row, dest = x[r], out[r]
-        mean = (np.float32(0.0) + pairwise_sum(row, 0, n)) / count  # NumPy's reduction starts from 0
-        for i in range(n):
-            dest[i] = (row[i] - mean) * (row[i] - mean)
-        var = (np.float32(0.0) + pairwise_sum(dest, 0, n)) / count
-        inv_std = np.float32(1.0) / np.sqrt(var + eps)
-        for i in range(n):
-            dest[i] = ((row[i] - mean) * inv_std) * weight[i] + bias[i]
+        layer_norm_row(x[r], weight, bias, eps, out[r])
 
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
