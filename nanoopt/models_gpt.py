@@ -42,6 +42,7 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
+from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
@@ -233,64 +234,84 @@ class GPT(nn.Module):
         return all((type(m) in stock or _array_linear(m)) and not m._forward_hooks and not m._forward_pre_hooks
                    for m in self.modules())
 
-    def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None) -> np.ndarray:
+    def _array_plan(self) -> tuple:
+        """The arrays :meth:`_array_logits` reads, gathered once per generation (module attribute look-ups cost
+        more than a one-token step's arithmetic): per block (heads, head_dim, ln_1, c_attn, c_proj, ln_2, c_fc,
+        mlp.c_proj, GELU approximation), then (wte, wpe, ln_f, lm_head). A LayerNorm is (weight, bias, eps); a
+        stock Linear is (None, weight, bias), a replaced one with an array forward (module, None, None)."""
+        def norm(module: nn.LayerNorm) -> tuple:
+            bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
+            return module.weight.data, bias, module.eps
+
+        def lin(module: nn.Module) -> tuple:
+            if type(module) is not nn.Linear:  # a replaced layer with an array forward (e.g. weight-only low-bit)
+                return module, None, None
+            return None, module.weight.data, None if module.bias is None else module.bias.data
+
+        blocks = tuple((block.attn.n_head, block.attn.head_dim, norm(block.ln_1), lin(block.attn.c_attn),
+                        lin(block.attn.c_proj), norm(block.ln_2), lin(block.mlp.c_fc), lin(block.mlp.c_proj),
+                        block.mlp.gelu.approximate) for block in self.transformer["h"])
+        return blocks, (self.transformer["wte"].weight.data, self.transformer["wpe"].weight.data,
+                        norm(self.transformer["ln_f"]), lin(self.lm_head))
+
+    def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None,
+                      plan: tuple | None = None) -> np.ndarray:
         """Next-token logits (B, V) after ``ids`` (B, T), from the primitives' forwards called on arrays.
 
         The same primitives as :meth:`forward` (and the module path of :meth:`_logits_with_cache`), without graph,
-        Tensor or module overhead. With ``caches`` the ids continue the cached positions and their keys and values
-        are appended; without, ``ids`` is a whole window. The last block computes keys and values for every
-        position but its query, attention output and MLP for the last position only, the one whose logits are
-        asked for.
+        Tensor or module overhead (``plan``: :meth:`_array_plan`, built here if not given). LayerNorm runs through
+        :func:`nanoopt.float_kernels.layer_norm.layer_norm_rows`, which gives ``ops.LayerNorm``'s bits. With ``caches``
+        the ids continue the cached positions and their keys and values are appended; without, ``ids`` is a whole
+        window. The last block computes keys and values for every position but its query, attention output and MLP
+        for the last position only, the one whose logits are asked for.
         """
         def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
             return function.forward(Context(function), *arrays, **options)
 
-        def layer_norm(module: nn.LayerNorm, x: np.ndarray) -> np.ndarray:
-            bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
-            return call(ops.LayerNorm, x, module.weight.data, bias, ndim_normalised=1, eps=module.eps)
+        def layer_norm(params: tuple, x: np.ndarray) -> np.ndarray:
+            weight, bias, eps = params
+            if x.dtype == np.float32 and weight.dtype == np.float32 and bias.dtype == np.float32:
+                return layer_norm_rows(x, weight, bias, eps)  # ops.LayerNorm's bits in one pass
+            return call(ops.LayerNorm, x, weight, bias, ndim_normalised=1, eps=eps)
 
-        def linear(module: nn.Module, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
-            if type(module) is not nn.Linear:  # a replaced layer with an array forward (e.g. weight-only low-bit)
+        def linear(params: tuple, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
+            module, weight, bias = params
+            if module is not None:
                 return module.forward_array(x, rows)
-            bias = None if module.bias is None else module.bias.data[rows]
-            return call(ops.Linear, x, module.weight.data[rows], bias)
+            return call(ops.Linear, x, weight[rows], None if bias is None else bias[rows])
 
+        blocks, (wte, wpe, ln_f, lm_head) = self._array_plan() if plan is None else plan
         b, t = ids.shape
         start = caches[0].length if caches is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
                              f"{self.config.block_size}")
-        x = self.transformer["wte"].weight.data[ids] + self.transformer["wpe"].weight.data[start:start + t]
-        blocks = list(self.transformer["h"])
-        for i, block in enumerate(blocks):
-            h, d = block.attn.n_head, block.attn.head_dim  # per block: heads may have been pruned
-            c, scale = h * d, 1.0 / math.sqrt(d)
-            hidden = layer_norm(block.ln_1, x)  # (B, T, C)
+        x = wte[ids] + wpe[start:start + t]
+        for i, (h, d, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, approximate) in enumerate(blocks):
+            c, scale = h * d, 1.0 / math.sqrt(d)  # per block: heads may have been pruned
+            hidden = layer_norm(ln_1, x)  # (B, T, C)
             if i == len(blocks) - 1:  # keys and values of every position, everything else for the last one only
-                kv = linear(block.attn.c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
+                kv = linear(c_attn, hidden, slice(c, 3 * c)).reshape(b, t, 2, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = kv[0], kv[1]  # (B, H, T, D)
                 if caches is not None:
                     keys, values = caches[i].append(keys, values)
-                q = linear(block.attn.c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
+                q = linear(c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
                 out, _, _ = attention_forward(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), None,
                                               scale, None, True)  # the last query sees every key: no mask
                 y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
                 x = x[:, -1:]
             elif caches is None:
-                qkv = linear(block.attn.c_attn, hidden)  # (B, T, 3C)
+                qkv = linear(c_attn, hidden)  # (B, T, 3C)
                 y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
             else:
-                heads = linear(block.attn.c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+                heads = linear(c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = caches[i].append(heads[1], heads[2])
                 bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
                 out, _, _ = attention_forward(np.ascontiguousarray(heads[0]), keys, values, bias, scale, None, True)
                 y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
-            x = x + linear(block.attn.c_proj, y)
-            mlp = block.mlp
-            x = x + linear(mlp.c_proj, call(ops.GELU, linear(mlp.c_fc, layer_norm(block.ln_2, x)),
-                                            approximate=mlp.gelu.approximate))
-        x = layer_norm(self.transformer["ln_f"], x[:, -1])  # (B, C)
-        return linear(self.lm_head, x)  # (B, V)
+            x = x + linear(c_proj, y)
+            x = x + linear(mlp_proj, call(ops.GELU, linear(c_fc, layer_norm(ln_2, x)), approximate=approximate))
+        return linear(lm_head, layer_norm(ln_f, x[:, -1]))  # (B, V)
 
     def _new_caches(self, batch: int) -> list[KVCache]:
         dtype = self.transformer["wte"].weight.dtype  # (the head may have been replaced by a quantized layer)
@@ -321,6 +342,7 @@ class GPT(nn.Module):
         length = ids.shape[1]
         caches: list[KVCache] | None = None
         plain = self._plain()
+        plan = self._array_plan() if plain else None  # gathered once: the weights do not change while generating
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
@@ -329,13 +351,14 @@ class GPT(nn.Module):
                         logits = self.forward(window).data[:, -1]
                     elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
                         step = window[:, -1:]
-                        logits = self._array_logits(step, caches) if plain else self._logits_with_cache(step, caches)
+                        logits = (self._array_logits(step, caches, plan) if plain
+                                  else self._logits_with_cache(step, caches))
                     elif length > block and plain:  # the window slid: every position changed, recompute it
-                        logits = self._array_logits(window)
+                        logits = self._array_logits(window, None, plan)
                     else:  # first step (or, with hooks or replaced layers, a slid window): fill the cache anew
                         caches = self._new_caches(ids.shape[0])
-                        logits = self._array_logits(window, caches) if plain else self._logits_with_cache(window,
-                                                                                                           caches)
+                        logits = (self._array_logits(window, caches, plan) if plain
+                                  else self._logits_with_cache(window, caches))
                     out[:, length] = sample_tokens(logits, temperature, top_k, rng)
                     length += 1
         finally:

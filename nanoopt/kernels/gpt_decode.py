@@ -47,7 +47,8 @@ import numba
 import numpy as np
 
 from nanoopt.float_kernels.gelu import gelu_forward_reference, gelu_scalar
-from nanoopt.float_kernels.softmax import pairwise_sum, softmax_reference, softmax_row
+from nanoopt.float_kernels.layer_norm import layer_norm_row as _layer_norm
+from nanoopt.float_kernels.softmax import softmax_reference, softmax_row
 from nanoopt.kernels.requant import multiply_wide
 from nanoopt.spec import QuantSpec, qparams, quantize, requantize
 
@@ -123,20 +124,6 @@ class DecodeBuffers(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------ compiled pieces
-@numba.njit(cache=True, nogil=True)
-def _layer_norm(x, weight, bias, eps, out):  # pragma: no cover - compiled
-    """``out = (x - mean) / sqrt(var + eps) * weight + bias`` as :class:`nanoopt.ops.LayerNorm` computes it."""
-    n = x.size
-    count = np.float32(n)
-    mean = (np.float32(0.0) + pairwise_sum(x, 0, n)) / count
-    for i in range(n):
-        out[i] = (x[i] - mean) * (x[i] - mean)
-    var = (np.float32(0.0) + pairwise_sum(out, 0, n)) / count
-    inv_std = np.float32(1.0) / np.sqrt(var + eps)
-    for i in range(n):
-        out[i] = ((x[i] - mean) * inv_std) * weight[i] + bias[i]
-
-
 @numba.njit(cache=True, nogil=True)
 def _quantize_centred(x, count, scale, zero, qmin, qmax, out):  # pragma: no cover - compiled
     """``out[:count] = clip(rint(x / scale), qmin - zero, qmax - zero)`` (float32 quotient, half to even): the

@@ -1,0 +1,119 @@
+"""Where the time of a slid-window GPT step goes, and how fast it would have to be for issue 17's 2x target.
+
+Issue 17 asks generation with the cache (batch 1, 256 new tokens after a one-token prompt) to reach twice the
+tokens/s of PyTorch's cache-less nanoGPT ``generate``. Positions are absolute, so after 64 tokens every step
+recomputes the whole 64-token window (:meth:`nanoopt.models_gpt.GPT._array_logits`, the last block only for the
+last position). This script times, in one process and one thread, with the chargpt config (n_layer 4, n_head 4,
+n_embd 128, block 64):
+
+* PyTorch's forward (``last_only``, as its ``generate`` calls it) for every context length T = 1..64, so that its
+  256-token generation costs ``sum_i torch(min(i + 1, 64))``;
+* nanoopt's cached steps for the first 63 tokens and its window recompute;
+* the BLAS floor: only the matrix products the window recompute performs (the model's own arrays, NumPy's BLAS);
+
+and prints the window time the 2x target requires, ``(sum torch / 2 - cached part) / 193``, against the floor.
+Times are the 10th percentile of many repeats (the machine may be loaded).
+
+    python -m benchmarks.gpt_window
+"""
+
+from __future__ import annotations
+
+if __name__ == "__main__":
+    from benchmarks.common import pin_environment
+
+    pin_environment(threads=1)
+
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import nanoopt as no  # noqa: E402
+from benchmarks.common import machine_description  # noqa: E402
+from nanoopt import models  # noqa: E402
+
+SIZES = dict(vocab_size=84, block_size=64, n_layer=4, n_head=4, n_embd=128)
+NEW_TOKENS = 256
+
+
+def quantile_ms(fn: Callable[[], object], repeats: int = 200) -> float:
+    """10th percentile of ``repeats`` timings of ``fn()``, in ms (robust to a loaded machine)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.quantile(times, 0.1) * 1e3)
+
+
+def blas_floor(model: models.GPT) -> Callable[[], None]:
+    """The matrix products of one 64-token window recompute, on the model's arrays, and nothing else."""
+    block = model.config.block_size
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((block, model.config.n_embd)).astype(np.float32)
+    blocks = list(model.transformer["h"])
+    h, d = blocks[0].attn.n_head, blocks[0].attn.head_dim
+    q = rng.standard_normal((h, block, d)).astype(np.float32)
+    p = rng.standard_normal((h, block, block)).astype(np.float32)
+    hidden = rng.standard_normal((block, blocks[0].mlp.c_fc.weight.shape[0])).astype(np.float32)
+    head = model.lm_head.weight.data
+
+    def run_products() -> None:
+        last = len(blocks) - 1
+        for i, b in enumerate(blocks):
+            rows = slice(None) if i < last else slice(-1, None)
+            c = b.attn.inner_dim
+            if i < last:
+                np.matmul(x, b.attn.c_attn.weight.data.T)
+            else:
+                np.matmul(x, b.attn.c_attn.weight.data[c:].T)
+                np.matmul(x[rows], b.attn.c_attn.weight.data[:c].T)
+            np.matmul(q[:, rows], np.swapaxes(q, -1, -2))
+            np.matmul(p[:, rows], q)
+            np.matmul(x[rows], b.attn.c_proj.weight.data.T)
+            np.matmul(x[rows], b.mlp.c_fc.weight.data.T)
+            np.matmul(hidden[rows], b.mlp.c_proj.weight.data.T)
+        np.matmul(x[-1:], head.T)
+
+    return run_products
+
+
+def main() -> None:
+    import torch
+
+    from benchmarks.torch_gpt import TorchGPT
+
+    torch.set_num_threads(1)
+    no.manual_seed(0)
+    model = models.gpt(**SIZES).eval()
+    theirs = TorchGPT(**SIZES).eval()
+    block = SIZES["block_size"]
+    ids = np.random.default_rng(1).integers(0, SIZES["vocab_size"], size=(1, block))
+    with torch.no_grad():
+        torch_t = [quantile_ms(lambda t=t: theirs(torch.from_numpy(ids[:, :t]), last_only=True), 60)
+                   for t in range(1, block + 1)]
+    window = quantile_ms(lambda: model._array_logits(ids))
+    floor = quantile_ms(blas_floor(model))
+    prompt = ids[:, :1]
+    cached = quantile_ms(lambda: model.generate(prompt, block - 1, temperature=0.0), 20)  # 63 cached steps
+    torch_total = sum(torch_t[min(i, block - 1)] for i in range(NEW_TOKENS))
+    slid = NEW_TOKENS - (block - 1)
+    ours = cached + slid * window
+    needed = (torch_total / 2 - cached) / slid
+    print(f"## GPT window recompute against PyTorch (1 thread)\n\n{machine_description()}\n")
+    print("| quantity | ms |\n|---|---:|")
+    print(f"| PyTorch forward, T = 1 / 64 | {torch_t[0]:.3f} / {torch_t[-1]:.3f} |")
+    print(f"| PyTorch generate, {NEW_TOKENS} tokens (sum over T) | {torch_total:.1f} |")
+    print(f"| nanoopt: {block - 1} cached steps | {cached:.1f} |")
+    print(f"| nanoopt: one {block}-token window recompute | {window:.3f} |")
+    print(f"| BLAS floor of that window (its matrix products only) | {floor:.3f} |")
+    print(f"| window time needed for 2x | {needed:.3f} |")
+    print(f"\n- estimated ratio: {torch_total / ours:.2f}x (target 2x); the floor is {floor / torch_t[-1]:.2f} of "
+          f"PyTorch's 64-token forward, the window needs to be {needed / torch_t[-1]:.2f} of it; the non-BLAS work "
+          f"now costs {window - floor:.3f} ms per window, the target leaves {needed - floor:.3f} ms for it.")
+
+
+if __name__ == "__main__":
+    main()
