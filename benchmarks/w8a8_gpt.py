@@ -1,14 +1,14 @@
 """W8A8 integer GPT (issue 18, point 2): validation loss against float, and generation speed at batch 1.
 
-The trained character GPT of ``benchmarks/compress_gpt.py`` (2000 steps, seed 0; cached) is quantized with SmoothQuant (alpha 0.5) and static
-int8 activations, per-token dynamic scales, without SmoothQuant, and with I-BERT's integer-only softmax, GELU and
-LayerNorm (``W8A8Config(nonlinear="ibert")``, Kim et al. 2021); 128 calibration windows come from the
-training split (seed 0), the validation loss is ``evaluate_lm`` on the 1,200
-validation windows of ``benchmarks/chargpt.py``.
-The simulated model is checked against the integer model bit for bit on the validation windows. Generation: one
-character prompt, temperature 0, 63 new tokens (inside the 64-token context: the KV cache's regime), batch 1, one
-thread, best of ``--repeats``; float is the nanoopt GPT's own fast array path with its KV cache, int8 the W8A8
-GPT's fused decode step (one compiled call per token, :mod:`nanoopt.quant.w8a8_decode`).
+The trained character GPT of ``benchmarks/compress_gpt.py`` (2000 steps, seed 0; cached) is quantized with
+SmoothQuant (alpha 0.5) and static int8 activations, per-token dynamic scales, without SmoothQuant, and with
+I-BERT's integer-only softmax, GELU and LayerNorm (``W8A8Config(nonlinear="ibert")``, Kim et al. 2021); 128
+calibration windows come from the training split (seed 0), the validation loss is ``evaluate_lm`` on the 1,200
+validation windows of ``benchmarks/chargpt.py``. The simulated model is checked against the integer model bit for
+bit on the validation windows. Generation: one character prompt, temperature 0, 63 new tokens (inside the 64-token
+context: the KV cache's regime), batch 1, one thread, best of ``--repeats``, interleaved with the float model's
+runs; float is the nanoopt GPT's own fast array path with its KV cache, int8 the W8A8 GPT's fused decode step
+(one compiled call per token, :mod:`nanoopt.quant.w8a8_decode`).
 
     python -m benchmarks.w8a8_gpt            # the GPT of benchmarks/compress_gpt.py (trained once, cached)
 """
