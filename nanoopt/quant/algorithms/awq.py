@@ -38,8 +38,7 @@ All scales are searched and folded in float; only then is every layer quantized 
 ``c_attn``'s value rows, never reaches an already rounded weight): round-to-nearest (``rounding="rtn"``, AWQ)
 or GPTQ (``rounding="gptq"``, AWQ followed by GPTQ: the Hessians are collected on the scaled model). The search
 runs on the float model, layer after layer in execution order, each on inputs from the model with the earlier
-scales applied (which does
-not change its function).
+scales applied (which does not change its function).
 
 ``clip=True`` adds the weight-clipping search of the reference code (``auto_clip``; not in the paper's text):
 after scaling, every group of a row is clamped to ``[-m, m]`` with ``m = max|w| (1 - i / 20)``, ``i = 0 .. 9``,
