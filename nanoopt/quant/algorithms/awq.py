@@ -22,14 +22,23 @@ Where ``diag(s)^-1`` goes (stated per layer by :func:`awq_plan`):
   ``ReLU``/``Dropout``/``Identity`` (positively homogeneous: ``relu(z) / s = relu(z / s)`` for ``s > 0``). Layers
   that share the input (e.g. the query, key and value projections after one LayerNorm) share one ``s``, searched
   on their summed error, as in the paper;
+* **in the blocks of** :mod:`nanoopt.models_gpt` (which cannot be traced: their forward calls functional ops),
+  by the rules of :func:`gpt_folds`, the reference code's for its decoder blocks (``auto_scale.py``):
+  ``attn.c_attn``'s ``1 / s`` into ``ln_1``, ``mlp.c_fc``'s into ``ln_2`` and ``lm_head``'s into
+  ``transformer.ln_f``; ``attn.c_proj``'s into the value rows ``[2 C', 3 C')`` of ``attn.c_attn`` (``C'`` the
+  merged head width), because attention is linear in the values, head channel by head channel:
+  ``softmax(Q K^T / sqrt(d)) (V diag(s)^-1) = (softmax(Q K^T / sqrt(d)) V) diag(s)^-1``, and the merged heads
+  are ``c_proj``'s input channels one to one. ``mlp.c_proj`` keeps an explicit scale: its input is
+  ``GELU(z)``, and GELU is not positively homogeneous (``GELU(z / s) != GELU(z) / s``);
 * **kept as an explicit input scale** otherwise (the model input, a residual sum, a model that cannot be traced):
   the layer becomes an :class:`InputScaled` wrapper computing ``layer(x * input_scale)`` with
   ``input_scale = 1 / s`` (float32) around the quantized layer.
 
-Then every layer is quantized: round-to-nearest (``rounding="rtn"``, AWQ) or GPTQ (``rounding="gptq"``, AWQ
-followed by GPTQ: the Hessians are collected on the scaled model). The search runs on the float model,
-layer after layer in execution order, each on inputs from the model with the earlier scales applied (which does
-not change its function).
+All scales are searched and folded in float; only then is every layer quantized (so a fold, e.g. into
+``c_attn``'s value rows, never reaches an already rounded weight): round-to-nearest (``rounding="rtn"``, AWQ)
+or GPTQ (``rounding="gptq"``, AWQ followed by GPTQ: the Hessians are collected on the scaled model). The search
+runs on the float model, layer after layer in execution order, each on inputs from the model with the earlier
+scales applied (which does not change its function).
 
 ``clip=True`` adds the weight-clipping search of the reference code (``auto_clip``; not in the paper's text):
 after scaling, every group of a row is clamped to ``[-m, m]`` with ``m = max|w| (1 - i / 20)``, ``i = 0 .. 9``,
@@ -59,6 +68,7 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.layerwise import calibration_batches, execution_order, layers_to_calibrate, select_linears, sequential
+from nanoopt.models_gpt import GPT, MLP, Block, CausalSelfAttention
 from nanoopt.nn.graph import INPUT, trace
 from nanoopt.prune.masks import get_parameter, is_pruned, set_effective
 from nanoopt.quant.algorithms.gptq import check_options, quantize_layers
@@ -73,7 +83,7 @@ from nanoopt.quant.algorithms.rtn import (
 from nanoopt.quant.checks import check_finite_parameters
 from nanoopt.tensor import Tensor
 
-__all__ = ["InputScaled", "ScaleGroup", "awq", "awq_plan", "search_clip", "search_scale"]
+__all__ = ["InputScaled", "ScaleGroup", "awq", "awq_plan", "gpt_folds", "search_clip", "search_scale"]
 
 FOLD_THROUGH = (nn.ReLU, nn.Dropout, nn.Identity)  # elementwise and positively homogeneous in eval mode
 MIN_SCALE = 1e-4  # the reference code's clamp of s_x^alpha
@@ -119,6 +129,7 @@ class ScaleGroup:
 
     layers: list[str]  # Linear layer names, in execution order
     fold_into: str | None  # the module whose output is divided by s; None: an explicit InputScaled wrapper
+    fold_rows: tuple[int, int] | None = None  # the output channels [start, stop) of fold_into divided (None: all)
     alpha: float | None = None  # the chosen exponent (set by awq; None in awq_plan)
     loss: dict[str, float] = field(default_factory=dict)  # output MSE of RTN at alpha = 0 and at the chosen alpha
 
@@ -140,9 +151,52 @@ def _fold_target(graph: Any, producer: str) -> str | None:
     return None
 
 
+def _affine_norm(module: Any) -> bool:
+    return isinstance(module, nn.LayerNorm) and module.elementwise_affine
+
+
+def gpt_folds(model: nn.Module) -> dict[str, tuple[str | None, tuple[int, int] | None]]:
+    """Where AWQ folds ``1 / s`` of each Linear of the GPTs (:mod:`nanoopt.models_gpt`) in ``model``: layer name
+    -> ``(fold_into, fold_rows)`` (see the module docstring; ``(None, None)``: an explicit scale).
+
+    The rules hold for the stock classes only (``Block``, ``CausalSelfAttention``, ``MLP``, ``GPT``, matched by
+    exact type, since a subclass may change the forward), and a fold needs a float target: a ``LayerNorm`` with
+    weights, or for the value rows an ``nn.Linear`` ``c_attn`` of ``3 x`` ``c_proj``'s input width.
+
+    >>> from nanoopt import models
+    >>> for name, target in gpt_folds(models.gpt(5, 4, 1, 1, 8)).items():
+    ...     print(name, target)
+    lm_head ('transformer.ln_f', None)
+    transformer.h.0.attn.c_attn ('transformer.h.0.ln_1', None)
+    transformer.h.0.attn.c_proj ('transformer.h.0.attn.c_attn', (16, 24))
+    transformer.h.0.mlp.c_fc ('transformer.h.0.ln_2', None)
+    transformer.h.0.mlp.c_proj (None, None)
+    """
+    rules: dict[str, tuple[str | None, tuple[int, int] | None]] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if type(module) is Block and type(module.attn) is CausalSelfAttention and type(module.mlp) is MLP:
+            attn = module.attn
+            rules[f"{prefix}attn.c_attn"] = (f"{prefix}ln_1" if _affine_norm(module.ln_1) else None, None)
+            width = getattr(attn.c_proj, "in_features", None)
+            if isinstance(attn.c_attn, nn.Linear) and width is not None and attn.c_attn.out_features == 3 * width:
+                rules[f"{prefix}attn.c_proj"] = (f"{prefix}attn.c_attn", (2 * width, 3 * width))
+            else:
+                rules[f"{prefix}attn.c_proj"] = (None, None)
+            rules[f"{prefix}mlp.c_fc"] = (f"{prefix}ln_2" if _affine_norm(module.ln_2) else None, None)
+            rules[f"{prefix}mlp.c_proj"] = (None, None)  # after GELU, which is not positively homogeneous
+        elif type(module) is GPT:
+            rules[f"{prefix}lm_head"] = (f"{prefix}transformer.ln_f" if _affine_norm(module.transformer["ln_f"])
+                                         else None, None)
+    return rules
+
+
 def _plan(model: nn.Module, names: list[str], example: Any, fold: bool) -> list[ScaleGroup]:
     """Group the layers (in execution order ``names``) and find where each group's ``1 / s`` can be folded."""
     graph = None
+    rules = gpt_folds(model) if fold else {}
+    if rules:  # a GPT (not traceable): its block rules, every other layer explicit
+        return [ScaleGroup([name], *rules.get(name, (None, None))) for name in names]
     if fold:
         try:
             graph = trace(model, example)
@@ -274,16 +328,18 @@ def _clip_weight(member: nn.Linear, inputs: np.ndarray, bits: int, group_size: i
         set_effective(member, "weight")
 
 
-def _divide_output(module: nn.Module, s: np.ndarray) -> None:
-    """Divide the output channels of a Linear (rows, bias) or a LayerNorm (weight, bias) by ``s``."""
+def _divide_output(module: nn.Module, s: np.ndarray, rows: tuple[int, int] | None = None) -> None:
+    """Divide the output channels ``rows`` (all if None) of a Linear (rows, bias) or a LayerNorm (weight, bias) by
+    ``s``."""
+    part = slice(None) if rows is None else slice(*rows)
     weight = get_parameter(module, "weight")
     if isinstance(module, nn.LayerNorm):
-        weight.data = (weight.data / s).astype(np.float32)
+        weight.data[part] = (weight.data[part] / s).astype(np.float32)
     else:
-        weight.data = (weight.data / s[:, None]).astype(np.float32)
+        weight.data[part] = (weight.data[part] / s[:, None]).astype(np.float32)
     if module.bias is not None:
         bias = get_parameter(module, "bias")
-        bias.data = (bias.data / s).astype(np.float32)
+        bias.data[part] = (bias.data[part] / s).astype(np.float32)
     for name in ("weight", "bias"):
         if is_pruned(module, name):
             set_effective(module, name)
@@ -344,7 +400,7 @@ def awq(model: nn.Module, calibration: Any, bits: int = 4, group_size: int | Non
                 rows = sample[np.linspace(0, len(sample) - 1, min(len(sample), 512)).astype(np.int64)]
                 _clip_weight(member, rows / s, bits, group_size, symmetric)
         if group.fold_into is not None:
-            _divide_output(originals[group.fold_into], s)
+            _divide_output(originals[group.fold_into], s, group.fold_rows)
             return None
         return InputScaled(layer, (1.0 / s).astype(np.float32))
 
