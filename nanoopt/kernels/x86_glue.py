@@ -12,7 +12,7 @@ argument would defeat the cache. The drivers compile only when first called, whi
 exact, so the results are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`,
 ``quantized_conv2d``).
 
->>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
+>>> callable(external_s8_drivers("avx2")[0])
 True
 """
 
@@ -122,18 +122,45 @@ def conv_parallel(kind, padded, panels, items, conv, epilogue, out3):
         _conv_item(kind, padded, panels, item, conv, epilogue, out3)
 
 
+def _rows_parallel_for(kind: int):
+    @njit(cache=True)
+    def rows_parallel(a, panels, n, k, out, rows_per_item):
+        s8_rows_parallel(kind, a, panels, n, k, out, rows_per_item)
+    return rows_parallel
+
+
+def _conv_serial_for(kind: int):
+    @njit(cache=True)
+    def serial(padded, panels, items, conv, epilogue, out3):
+        conv_serial(kind, padded, panels, items, conv, epilogue, out3)
+    return serial
+
+
+def _conv_parallel_for(kind: int):
+    @njit(cache=True)
+    def parallel(padded, panels, items, conv, epilogue, out3):
+        conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
+    return parallel
+
+
+@functools.cache
 def external_s8_drivers(kernel: str) -> tuple:
     """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``"avx2"``, ``"avx-vnni"``
     or ``"avx512-vnni"``, as :func:`nanoopt.kernels.int8_gemm_kernel` names them), with the kernel bound:
     ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
     ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
 
-    >>> external_s8_drivers("avx2")[0].func is s8_rows_parallel
+    Each is a compiled function in which ``kind`` is a constant (a closure variable, part of Numba's cache key),
+    so the drivers above are typed with the literal once, when it compiles. Called from Python with a plain int
+    instead, ``numba.literally`` would make Numba retype the call on every call (about 5 ms each).
+
+    >>> callable(external_s8_drivers("avx2")[0])
     True
     """
     if kernel not in KINDS:
         raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
-    return tuple(functools.partial(driver, KINDS[kernel]) for driver in (s8_rows_parallel, conv_serial, conv_parallel))
+    kind = KINDS[kernel]
+    return _rows_parallel_for(kind), _conv_serial_for(kind), _conv_parallel_for(kind)
 
 
 def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16) -> np.ndarray:

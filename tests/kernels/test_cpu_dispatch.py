@@ -160,6 +160,13 @@ def compiled(module):  # names of the compiled functions; the generated ones by 
                     names.add(f"{name}_{kinds[signature[0].literal_value]}")
                 else:
                     names.add(name)
+    if module is x86_glue:  # the drivers bound to one kernel (closures, cached on their own): by kernel kind
+        kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512"}
+        for kernel, kind in x86_glue.KINDS.items():
+            bound = x86_glue.external_s8_drivers(kernel)
+            for label, driver in zip(("s8_rows_parallel", "conv_serial", "conv_parallel"), bound):
+                if driver.signatures:
+                    names.add(f"{label}_{kinds[kind]}")
     return sorted(names)
 
 
