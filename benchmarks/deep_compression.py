@@ -6,6 +6,7 @@ Target: the file is >= 40x smaller than the float32 checkpoint, and the compress
 float model trained for the same number of epochs (from scratch, same schedule). Prints the recipe's report.
 
     python -m benchmarks.deep_compression
+    python -m benchmarks.deep_compression --output runs/deep_compression   # keep the model, report.json and PNGs
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ if __name__ == "__main__":
 
     pin_environment(threads=1)
 
+import argparse  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,8 +32,17 @@ def main() -> None:
     if not data.fashion_mnist_available():
         print("Fashion-MNIST is not installed (Debian's dataset-fashion-mnist); nothing measured")
         return
-    with tempfile.TemporaryDirectory() as folder:
-        result = run_recipe(Recipe.from_file(RECIPE), output=folder, progress=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=None,
+                        help="folder to keep the compressed model, its report.json and the report's plots in")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.output or Path(scratch)
+        result = run_recipe(Recipe.from_file(RECIPE), output=str(folder), progress=False)
+        if args.output is not None:
+            from nanoopt.pipeline.plot import plot_report  # optional extra "plot" (matplotlib)
+
+            plot_report(folder / "report.json", folder)
     ratio = result["baseline"]["stored_bytes"] / result["compressed"]["stored_bytes"]
     drop = 100 * (result["reference"]["accuracy"] - result["compressed"]["accuracy"])
     print(f"## Deep Compression, LeNet-300-100 on Fashion-MNIST (`{RECIPE.relative_to(RECIPE.parents[2])}`)\n")
