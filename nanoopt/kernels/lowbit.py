@@ -249,6 +249,53 @@ def _lowbit_int8(x, codes, scale, offset, group_size, bias, has_bias, start, sto
     return _interleave(y, bias, has_bias, start, stop, start, 1)
 
 
+@njit(cache=True, nogil=True)
+def _lowbit_packed_row(x, codes, scale, offset, group_size, bias, has_bias, start, stop):  # pragma: no cover
+    """One row ``x (K,)`` (a GEMV, token-by-token generation): :func:`_lowbit_packed` with ``M = 1``, the same
+    operations in the same order per output (``t`` of a group summed over increasing ``k`` from 0, then ``y`` over
+    increasing groups, then the bias) on one-dimensional buffers, the result written interleaved with its bias in
+    one pass. (Fusing the two nibble loops stops LLVM vectorizing them; four inputs per pass gain nothing over two.)"""
+    depth = x.shape[0]
+    first, last = start // 2, (stop + 1) // 2
+    c = last - first
+    y_low, y_high = np.zeros(c, np.float32), np.zeros(c, np.float32)
+    t_low, t_high = np.zeros(c, np.float32), np.zeros(c, np.float32)
+    for g in range(scale.shape[0]):
+        off_low, off_high = offset[g, 0, first:last], offset[g, 1, first:last]
+        k, end = g * group_size, min((g + 1) * group_size, depth)
+        while k + 2 <= end:  # two inputs per pass: t is loaded and stored half as often, in the same order
+            x0, x1, r0, r1 = x[k], x[k + 1], codes[k, first:last], codes[k + 1, first:last]
+            for j in range(c):
+                o = off_low[j]
+                t0 = t_low[j] + x0 * (np.float32((np.int32(r0[j]) & 15) ^ 8) - o)
+                t_low[j] = t0 + x1 * (np.float32((np.int32(r1[j]) & 15) ^ 8) - o)
+            for j in range(c):
+                o = off_high[j]
+                t0 = t_high[j] + x0 * (np.float32((np.int32(r0[j]) >> 4) ^ 8) - o)
+                t_high[j] = t0 + x1 * (np.float32((np.int32(r1[j]) >> 4) ^ 8) - o)
+            k += 2
+        if k < end:
+            row, xi = codes[k, first:last], x[k]
+            for j in range(c):
+                t_low[j] += xi * (np.float32((np.int32(row[j]) & 15) ^ 8) - off_low[j])
+            for j in range(c):
+                t_high[j] += xi * (np.float32((np.int32(row[j]) >> 4) ^ 8) - off_high[j])
+        s_low, s_high = scale[g, 0, first:last], scale[g, 1, first:last]
+        for j in range(c):
+            y_low[j] += s_low[j] * t_low[j]
+            t_low[j] = np.float32(0.0)
+        for j in range(c):
+            y_high[j] += s_high[j] * t_high[j]
+            t_high[j] = np.float32(0.0)
+    out = np.empty((1, stop - start), np.float32)
+    for n in range(start, stop):
+        value = y_high[n // 2 - first] if n & 1 else y_low[n // 2 - first]
+        if has_bias:
+            value += bias[n]
+        out[0, n - start] = value
+    return out
+
+
 _NO_BIAS = np.zeros(0, np.float32)
 
 
@@ -269,6 +316,10 @@ def lowbit_linear(x: np.ndarray, weight: LowBitWeight, bias: np.ndarray | None,
         start, stop = _check_call(x, weight, bias, rows)
     else:
         start, stop = (0, weight.out_features) if rows is None else rows
+    if weight.packed and x.shape[0] == 1:  # one row (generation): the GEMV variant, the same bits
+        return _lowbit_packed_row(x[0] if x.flags.c_contiguous else np.ascontiguousarray(x[0]), weight.codes,
+                                  weight.scale, weight.offset, weight.group_size, _NO_BIAS if bias is None else bias,
+                                  bias is not None, start, stop)
     kernel = _lowbit_packed if weight.packed else _lowbit_int8
     return kernel(np.ascontiguousarray(x), weight.codes, weight.scale, weight.offset, weight.group_size,
                   _NO_BIAS if bias is None else bias, bias is not None, start, stop)

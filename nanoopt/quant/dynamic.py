@@ -238,6 +238,7 @@ class _WeightOnly(nn.Module):
 #: inputs of at most this many rows (all leading axes flattened) run the low-bit kernel; more rows dequantize the
 #: weight and call BLAS (where the two cross over: docs/measurements.md)
 KERNEL_MAX_ROWS = 256
+_ALL_ROWS = slice(None)
 
 
 class _LowBitLinear(Function):
@@ -271,21 +272,24 @@ class WeightOnlyLinear(_WeightOnly):
     def forward_array(self, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
         """``x (..., in) W[rows]^T + b[rows]`` on arrays (no graph): outputs ``rows`` (a slice with step 1, e.g. the
         query rows of a fused QKV projection) only."""
-        depth = self.weight_shape[1]
+        n, depth = self.weight_shape
         if x.ndim < 1 or x.shape[-1] != depth:
             raise ValueError(f"WeightOnlyLinear: expected input (N, {depth}), got shape {x.shape}")
-        start, stop, step = rows.indices(self.weight_shape[0])
+        start, stop, step = (0, n, 1) if rows == _ALL_ROWS else rows.indices(n)
         if step != 1:
             raise ValueError(f"WeightOnlyLinear.forward_array: rows must be a slice with step 1, got {rows}")
         stop = max(start, stop)
+        bias = self._buffers["bias"]  # (not through Module.__getattr__: this runs once per layer and token)
         flat = x.reshape(-1, depth)  # (M, K)
         if x.dtype == np.float32 and flat.shape[0] <= KERNEL_MAX_ROWS:  # (x, bias and rows are checked here)
-            out = lowbit_linear(flat, self.lowbit_weight(), self.bias, (start, stop), validate=False)
+            lowbit = self.__dict__.get("_lowbit")
+            out = lowbit_linear(flat, self.lowbit_weight() if lowbit is None else lowbit, bias, (start, stop),
+                                validate=False)
         else:
             out = flat @ self.dequantized_weight()[start:stop].T
-            if self.bias is not None:
-                out += self.bias[start:stop]
-        return out.reshape(x.shape[:-1] + (stop - start,))
+            if bias is not None:
+                out += bias[start:stop]
+        return out if x.ndim == 2 else out.reshape(x.shape[:-1] + (stop - start,))
 
     def lowbit_weight(self) -> LowBitWeight:
         """The stored codes, scales and zero points laid out for the kernel (made once, kept until a new state is

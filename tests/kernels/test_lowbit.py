@@ -60,6 +60,30 @@ def test_reference_is_the_dequantized_product(problem):
     assert np.all(np.abs(got - expected[:, start:stop]) <= bound[:, start:stop] + 1e-30)
 
 
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 4), st.integers(1, 200), st.integers(1, 300), st.sampled_from([1, 7, 32, 128, 1000]),
+       st.booleans(), st.booleans(), st.integers(0, 2**32 - 1))
+def test_one_row_variant_equals_reference_and_the_batched_kernel(bits, n, k, group_size, with_zero, with_bias,
+                                                                 seed):
+    """One row (token-by-token generation) runs the GEMV variant of the packed kernel: GPT-sized shapes, many
+    groups and a short last group; its bits equal the reference and the same row computed in a batch of three
+    (the multi-row kernel), for every row slice tried."""
+    rng = np.random.default_rng(seed)
+    groups = -(-k // group_size)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = rng.integers(low, high + 1, (n, k)).astype(np.int8)
+    zero_point = rng.integers(low, high + 1, (n, groups)).astype(np.int8) if with_zero else None
+    weight = prepare_lowbit(codes, rng.random((n, groups)).astype(np.float32), zero_point, group_size, bits)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
+    start = int(rng.integers(0, n + 1))
+    for rows in (None, (start, int(rng.integers(start, n + 1)))):
+        one = lowbit_linear(x[1:2], weight, bias, rows)
+        assert_same_bits(one, lowbit_linear_reference(x[1:2], weight, bias, rows))
+        assert_same_bits(one, lowbit_linear(x, weight, bias, rows)[1:2])
+
+
 def test_packed_layout_is_pack_int4_of_the_transposed_codes():
     from nanoopt.quant.packing import pack_int4
 
