@@ -48,6 +48,7 @@ Against a dense float32 ``x @ W.T`` (BLAS, another order) the results agree to f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +56,7 @@ from numba import njit
 
 from nanoopt.kernels.sparse import NMMatrix
 
-__all__ = ["NMWeight", "nm_linear", "nm_linear_reference", "prepare_nm"]
+__all__ = ["NMWeight", "nm_linear", "nm_linear_reference", "nm_row_kernel", "prepare_nm"]
 
 
 class NMWeight(NamedTuple):
@@ -236,6 +237,27 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no c
 
 
 @njit(cache=True, nogil=True)
+def _nm24_row(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
+    """2:4 for one row of inputs: ``x`` and ``out`` C-contiguous of any shape holding ``K`` and ``stop - start``
+    values (a layer's ``(1, 1, K)`` input and output as they come, no reshape in Python). Per output, the sum and
+    its order are those of :func:`_nm24` (both slots of a group per pass, +0.0 first, the bias last)."""
+    xr = x.reshape(x.size)
+    y = out.reshape(out.size)
+    y[:] = 0.0
+    for g in range(values.shape[0] // 2):
+        b = 4 * g
+        a0, a1, a2, a3 = xr[b], xr[b + 1], xr[b + 2], xr[b + 3]
+        v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
+        w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
+        for j in range(stop - start):
+            y[j] = (y[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+    if has_bias:
+        bb = bias[start:stop]
+        for j in range(stop - start):
+            y[j] += bb[j]
+
+
+@njit(cache=True, nogil=True)
 def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """Any m: per slot and row, the input of each output read at its group's start plus its offset."""
     rows = x.shape[0]
@@ -253,6 +275,24 @@ def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop, out):  # prag
 
 
 _NO_BIAS = np.zeros(0, np.float32)
+
+
+def nm_row_kernel(weight: NMWeight) -> Callable | None:
+    """The compiled one-row kernel for ``weight`` (2:4 only; None for other n:m), for a caller that calls it per
+    token and has checked everything itself: ``kernel(x, values, offsets, bias, has_bias, start, stop, out)`` with
+    ``x`` float32 C-contiguous of any shape holding one row of ``K`` inputs, ``out`` float32 C-contiguous of any
+    shape holding ``stop - start`` outputs (written whole), ``bias`` float32 ``(N,)`` (any when ``has_bias`` is
+    false). Bit-identical to :func:`nm_linear` (and so to :func:`nm_linear_reference`) on that row; it saves
+    :func:`nm_linear`'s reshapes and look-ups, which at batch 1 cost more than the product.
+
+    >>> w = prepare_nm(NMMatrix.from_dense(np.array([[1, 0, 0, 2], [0, 3, 4, 0]], np.float32), 2, 4))
+    >>> x, out = np.ones((1, 1, 4), np.float32), np.empty((1, 1, 2), np.float32)
+    >>> nm_row_kernel(w)(x, w.values, w.offsets, np.zeros(2, np.float32), False, 0, 2, out); out.tolist()
+    [[[3.0, 7.0]]]
+    """
+    if not isinstance(weight, NMWeight):
+        raise TypeError(f"nm_row_kernel: weight must be an NMWeight (from prepare_nm), got {type(weight).__name__}")
+    return _nm24_row if (weight.n, weight.m) == (2, 4) else None
 
 
 def nm_linear(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None = None, rows: tuple[int, int] | None = None,
