@@ -74,6 +74,7 @@ class SparseLinear(Module):
             self.register_buffer("weight_offsets", weight.offsets)
             self.register_buffer("weight_nm", np.array([weight.n, weight.m], np.int64))
         self.sparse_weight = weight
+        self._row_call: tuple | None = None  # the one-row kernel's arguments (_row_plan), made at the first call
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float32)
             if bias.shape != (self.out_features,):
@@ -124,7 +125,7 @@ class SparseLinear(Module):
     def _row_plan(self) -> tuple | None:
         """``(kernel, values, offsets)`` of the one-row N:M kernel (2:4), made once with :meth:`nm_weight`; None
         for CSR and other n:m."""
-        if getattr(self, "_row_call", None) is None:
+        if self.__dict__.get("_row_call") is None:
             kernel = None if self.format == "csr" else nm_row_kernel(self.nm_weight())
             self._row_call = (kernel, self._nm_weight.values, self._nm_weight.offsets) if kernel else ()
         return self._row_call or None
@@ -174,7 +175,7 @@ class SparseLinear(Module):
         One row of a C-contiguous float32 input (a token at batch 1) on a 2:4 weight goes straight to the one-row
         kernel (:func:`~nanoopt.kernels.nm_sparse.nm_row_kernel`, the same bits as ``nm_linear``): at that size the
         checks, reshapes and look-ups of the general path cost more than the product."""
-        plan = self._row_plan()
+        plan = self._row_call or self._row_plan()
         if (plan is not None and type(x) is np.ndarray and x.dtype is _FLOAT32 and x.size == self.in_features
                 and x.ndim and x.shape[-1] == self.in_features and x.flags.c_contiguous):
             start, stop, step = rows.indices(self.out_features)
