@@ -199,6 +199,18 @@ def _nm4(x, values, offsets, n, bias, has_bias, start, stop, out):  # pragma: no
         _add_bias(out, bias[start:stop])
 
 
+@njit(inline="always")
+def _add_row24(x0, values, offsets, start, stop, y0):  # pragma: no cover - compiled
+    """``y0 += x0 W[start:stop]^T`` at 2:4 for one row, group by group (both slots per pass over the outputs)."""
+    for g in range(values.shape[0] // 2):
+        b = 4 * g
+        a0, a1, a2, a3 = x0[b], x0[b + 1], x0[b + 2], x0[b + 3]
+        v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
+        w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
+        for j in range(stop - start):
+            y0[j] = (y0[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+
+
 @njit(cache=True, nogil=True)
 def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """2:4 with offsets ascending in each group (:func:`prepare_nm`): slot 0 of a group is column 0, 1 or 2 and
@@ -224,14 +236,7 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no c
                 y2[j] = (y2[j] + vj * _pick3(oj, d0, d1, d2)) + wj * _pick3(pj - 1, d1, d2, d3)
                 y3[j] = (y3[j] + vj * _pick3(oj, e0, e1, e2)) + wj * _pick3(pj - 1, e1, e2, e3)
     for i in range(full, x.shape[0]):
-        y0, x0 = out[i], x[i]
-        for g in range(groups):
-            b = 4 * g
-            a0, a1, a2, a3 = x0[b], x0[b + 1], x0[b + 2], x0[b + 3]
-            v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
-            w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
-            for j in range(stop - start):
-                y0[j] = (y0[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+        _add_row24(x[i], values, offsets, start, stop, out[i])
     if has_bias:
         _add_bias(out, bias[start:stop])
 
@@ -241,20 +246,11 @@ def _nm24_row(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: 
     """2:4 for one row of inputs: ``x`` and ``out`` C-contiguous of any shape holding ``K`` and ``stop - start``
     values (a layer's ``(1, 1, K)`` input and output as they come, no reshape in Python). Per output, the sum and
     its order are those of :func:`_nm24` (both slots of a group per pass, +0.0 first, the bias last)."""
-    xr = x.reshape(x.size)
-    y = out.reshape(out.size)
+    y = out.reshape(1, out.size)
     y[:] = 0.0
-    for g in range(values.shape[0] // 2):
-        b = 4 * g
-        a0, a1, a2, a3 = xr[b], xr[b + 1], xr[b + 2], xr[b + 3]
-        v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
-        w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
-        for j in range(stop - start):
-            y[j] = (y[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+    _add_row24(x.reshape(x.size), values, offsets, start, stop, y[0])
     if has_bias:
-        bb = bias[start:stop]
-        for j in range(stop - start):
-            y[j] += bb[j]
+        _add_bias(y, bias[start:stop])
 
 
 @njit(cache=True, nogil=True)
