@@ -2,7 +2,9 @@
 
 ``y = x W^T + b`` for W (N, K) with 2:4 (50 %) and 1:4 (75 %) sparsity (magnitude N:M of a random normal weight):
 the slot-major kernel :func:`nanoopt.kernels.nm_sparse.nm_linear` (what ``SparseLinear`` and the runtime's N:M step
-run) and the older row-major kernel :func:`nanoopt.kernels.sparse.nm_matmul` (no bias), against the dense float
+run), at 2:4 and batch 1 its one-row kernel :func:`nanoopt.kernels.nm_sparse.nm_row_kernel` (what a
+``SparseLinear`` runs for a token at batch 1), and the older row-major kernel
+:func:`nanoopt.kernels.sparse.nm_matmul` (no bias), against the dense float
 kernel of the runtime (``float_kernels.linear_bias_act``: BLAS into a preallocated output, then the bias) on the same
 masked dense weight, measured in the same run; the ratio in brackets is dense time / N:M time (above 1: the N:M
 kernel is faster). Shapes: the 4-layer 128-wide GPT's c_attn (128 -> 384), attention c_proj (128 -> 128), c_fc
@@ -58,6 +60,19 @@ def layer_cells(rng: np.random.Generator, inputs: dict[int, np.ndarray], bias: n
         for name, function in kernels.items():
             seconds = best_seconds(function, repeats=5, min_time=0.05)
             cells[name].append(f"{seconds * 1e6:,.1f} us ({dense / seconds:.2f}x)")
+        row_kernel = nm_sparse.nm_row_kernel(prepared)
+        if row_kernel is not None:  # 2:4: the one-row kernel a SparseLinear runs for a token at batch 1
+            name = f"{n}:{m} nm_row_kernel (one row, SparseLinear at batch 1)"
+            if b != 1:
+                cells.setdefault(name, []).append("-")
+                continue
+            got = np.empty((1, rows), np.float32)
+            row_kernel(x, prepared.values, prepared.offsets, bias, True, 0, rows, got)
+            np.testing.assert_array_equal(got, nm_sparse.nm_linear(x, prepared, bias))  # the same bits
+            seconds = best_seconds(lambda x=x, out=out, kernel=row_kernel: kernel(x, prepared.values, prepared.offsets,
+                                                                                  bias, True, 0, rows, out),
+                                   repeats=5, min_time=0.05)
+            cells.setdefault(name, []).append(f"{seconds * 1e6:,.1f} us ({dense / seconds:.2f}x)")
     return cells
 
 

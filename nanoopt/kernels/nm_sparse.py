@@ -48,6 +48,7 @@ Against a dense float32 ``x @ W.T`` (BLAS, another order) the results agree to f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +56,7 @@ from numba import njit
 
 from nanoopt.kernels.sparse import NMMatrix
 
-__all__ = ["NMWeight", "nm_linear", "nm_linear_reference", "prepare_nm"]
+__all__ = ["NMWeight", "nm_linear", "nm_linear_reference", "nm_row_kernel", "prepare_nm"]
 
 
 class NMWeight(NamedTuple):
@@ -198,6 +199,18 @@ def _nm4(x, values, offsets, n, bias, has_bias, start, stop, out):  # pragma: no
         _add_bias(out, bias[start:stop])
 
 
+@njit(inline="always")
+def _add_row24(x0, values, offsets, start, stop, y0):  # pragma: no cover - compiled
+    """``y0 += x0 W[start:stop]^T`` at 2:4 for one row, group by group (both slots per pass over the outputs)."""
+    for g in range(values.shape[0] // 2):
+        b = 4 * g
+        a0, a1, a2, a3 = x0[b], x0[b + 1], x0[b + 2], x0[b + 3]
+        v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
+        w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
+        for j in range(stop - start):
+            y0[j] = (y0[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+
+
 @njit(cache=True, nogil=True)
 def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
     """2:4 with offsets ascending in each group (:func:`prepare_nm`): slot 0 of a group is column 0, 1 or 2 and
@@ -223,16 +236,21 @@ def _nm24(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no c
                 y2[j] = (y2[j] + vj * _pick3(oj, d0, d1, d2)) + wj * _pick3(pj - 1, d1, d2, d3)
                 y3[j] = (y3[j] + vj * _pick3(oj, e0, e1, e2)) + wj * _pick3(pj - 1, e1, e2, e3)
     for i in range(full, x.shape[0]):
-        y0, x0 = out[i], x[i]
-        for g in range(groups):
-            b = 4 * g
-            a0, a1, a2, a3 = x0[b], x0[b + 1], x0[b + 2], x0[b + 3]
-            v, o = values[2 * g, start:stop], offsets[2 * g, start:stop]
-            w, p = values[2 * g + 1, start:stop], offsets[2 * g + 1, start:stop]
-            for j in range(stop - start):
-                y0[j] = (y0[j] + v[j] * _pick3(o[j], a0, a1, a2)) + w[j] * _pick3(p[j] - 1, a1, a2, a3)
+        _add_row24(x[i], values, offsets, start, stop, out[i])
     if has_bias:
         _add_bias(out, bias[start:stop])
+
+
+@njit(cache=True, nogil=True)
+def _nm24_row(x, values, offsets, bias, has_bias, start, stop, out):  # pragma: no cover - compiled
+    """2:4 for one row of inputs: ``x`` and ``out`` C-contiguous of any shape holding ``K`` and ``stop - start``
+    values (a layer's ``(1, 1, K)`` input and output as they come, no reshape in Python). Per output, the sum and
+    its order are those of :func:`_nm24` (both slots of a group per pass, +0.0 first, the bias last)."""
+    y = out.reshape(1, out.size)
+    y[:] = 0.0
+    _add_row24(x.reshape(x.size), values, offsets, start, stop, y[0])
+    if has_bias:
+        _add_bias(y, bias[start:stop])
 
 
 @njit(cache=True, nogil=True)
@@ -253,6 +271,24 @@ def _nm_any(x, values, offsets, n, m, bias, has_bias, start, stop, out):  # prag
 
 
 _NO_BIAS = np.zeros(0, np.float32)
+
+
+def nm_row_kernel(weight: NMWeight) -> Callable | None:
+    """The compiled one-row kernel for ``weight`` (2:4 only; None for other n:m), for a caller that calls it per
+    token and has checked everything itself: ``kernel(x, values, offsets, bias, has_bias, start, stop, out)`` with
+    ``x`` float32 C-contiguous of any shape holding one row of ``K`` inputs, ``out`` float32 C-contiguous of any
+    shape holding ``stop - start`` outputs (written whole), ``bias`` float32 ``(N,)`` (any when ``has_bias`` is
+    false). Bit-identical to :func:`nm_linear` (and so to :func:`nm_linear_reference`) on that row; it saves
+    :func:`nm_linear`'s reshapes and look-ups, which at batch 1 cost more than the product.
+
+    >>> w = prepare_nm(NMMatrix.from_dense(np.array([[1, 0, 0, 2], [0, 3, 4, 0]], np.float32), 2, 4))
+    >>> x, out = np.ones((1, 1, 4), np.float32), np.empty((1, 1, 2), np.float32)
+    >>> nm_row_kernel(w)(x, w.values, w.offsets, np.zeros(2, np.float32), False, 0, 2, out); out.tolist()
+    [[[3.0, 7.0]]]
+    """
+    if not isinstance(weight, NMWeight):
+        raise TypeError(f"nm_row_kernel: weight must be an NMWeight (from prepare_nm), got {type(weight).__name__}")
+    return _nm24_row if (weight.n, weight.m) == (2, 4) else None
 
 
 def nm_linear(x: np.ndarray, weight: NMWeight, bias: np.ndarray | None = None, rows: tuple[int, int] | None = None,

@@ -33,13 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from nanoopt.kernels.nm_sparse import NMWeight, nm_linear, prepare_nm
+from nanoopt.kernels.nm_sparse import NMWeight, nm_linear, nm_row_kernel, prepare_nm
 from nanoopt.kernels.sparse import CSRMatrix, NMMatrix, csr_matmul
 from nanoopt.nn import Module
 from nanoopt.nn import layers as L
 from nanoopt.nn.converted import require_float_model
 from nanoopt.prune.masks import get_mask, get_parameter, module_label
 from nanoopt.tensor import Tensor, is_grad_enabled
+
+_FLOAT32 = np.dtype(np.float32)
+_NO_BIAS = np.zeros(0, np.float32)  # the bias argument of a kernel call without bias
 
 
 class SparseLinear(Module):
@@ -71,6 +74,7 @@ class SparseLinear(Module):
             self.register_buffer("weight_offsets", weight.offsets)
             self.register_buffer("weight_nm", np.array([weight.n, weight.m], np.int64))
         self.sparse_weight = weight
+        self._row_call: tuple | None = None  # the one-row kernel's arguments (_row_plan), made at the first call
         if bias is not None:
             bias = np.asarray(bias, dtype=np.float32)
             if bias.shape != (self.out_features,):
@@ -107,6 +111,7 @@ class SparseLinear(Module):
     def after_load(self) -> None:
         self.sparse_weight = self._sparse_from({})
         self._nm_weight = None
+        self._row_call = None
 
     def nm_weight(self) -> NMWeight:
         """The N:M weight laid out for :func:`~nanoopt.kernels.nm_sparse.nm_linear` (made once, kept until a new
@@ -116,6 +121,14 @@ class SparseLinear(Module):
                 raise TypeError(f"{module_label(self)} holds a CSR weight, not an N:M one")
             self._nm_weight = prepare_nm(self.sparse_weight)
         return self._nm_weight
+
+    def _row_plan(self) -> tuple | None:
+        """``(kernel, values, offsets)`` of the one-row N:M kernel (2:4), made once with :meth:`nm_weight`; None
+        for CSR and other n:m."""
+        if self.__dict__.get("_row_call") is None:
+            kernel = None if self.format == "csr" else nm_row_kernel(self.nm_weight())
+            self._row_call = (kernel, self._nm_weight.values, self._nm_weight.offsets) if kernel else ()
+        return self._row_call or None
 
     def describe_state(self) -> dict[str, dict[str, Any]]:
         """The sparse layout (CSR, or N:M with its n and m), recorded with the weight's arrays."""
@@ -157,7 +170,22 @@ class SparseLinear(Module):
 
     def forward_array(self, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
         """``x (..., in) W[rows]^T + b[rows]`` on arrays (no graph): outputs ``rows`` (a slice with step 1, e.g. the
-        query rows of a fused QKV projection) only; the same values as :meth:`forward`'s columns ``rows``."""
+        query rows of a fused QKV projection) only; the same values as :meth:`forward`'s columns ``rows``.
+
+        One row of a C-contiguous float32 input (a token at batch 1) on a 2:4 weight goes straight to the one-row
+        kernel (:func:`~nanoopt.kernels.nm_sparse.nm_row_kernel`, the same bits as ``nm_linear``): at that size the
+        checks, reshapes and look-ups of the general path cost more than the product."""
+        plan = self._row_call or self._row_plan()
+        if (plan is not None and type(x) is np.ndarray and x.dtype is _FLOAT32 and x.size == self.in_features
+                and x.ndim and x.shape[-1] == self.in_features and x.flags.c_contiguous):
+            start, stop, step = rows.indices(self.out_features)
+            bias = self._buffers["bias"]
+            if step == 1 and (bias is None or bias.dtype is _FLOAT32):
+                stop = max(start, stop)
+                out = np.empty(x.shape[:-1] + (stop - start,), _FLOAT32)
+                plan[0](x, plan[1], plan[2], _NO_BIAS if bias is None else bias, bias is not None, start, stop,
+                        out)
+                return out
         if x.ndim < 1 or x.shape[-1] != self.in_features or x.dtype != np.float32:
             raise ValueError(f"{module_label(self)}: expected a float32 input (..., {self.in_features}), got shape "
                              f"{x.shape} dtype {x.dtype}")

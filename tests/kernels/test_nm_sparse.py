@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.kernels.nm_sparse import NMWeight, nm_linear, nm_linear_reference, prepare_nm
+from nanoopt.kernels.nm_sparse import NMWeight, nm_linear, nm_linear_reference, nm_row_kernel, prepare_nm
 from nanoopt.kernels.sparse import NMMatrix
 
 EXAMPLES = settings(max_examples=80, deadline=None)
@@ -100,3 +100,21 @@ def test_bad_arguments_are_refused_by_name():
     unsorted = NMWeight(weight.values, np.array([[1] * 4, [0] * 4], np.uint8), 2, 4, 4, 4)  # 2:4, decreasing
     with pytest.raises(ValueError, match="offsets of each group must be increasing"):
         nm_linear(good, unsorted)
+
+
+@EXAMPLES
+@given(problems(), st.sampled_from([(1, -1), (1, 1, -1), (-1,)]))
+def test_row_kernel_equals_reference_bit_for_bit(problem, shape):
+    """The one-row 2:4 kernel (a layer's batch-1 path) on inputs and outputs of any shape holding one row."""
+    dense, n, m, x, bias, (start, stop) = problem
+    weight = prepare_nm(NMMatrix.from_dense(dense, n, m))
+    kernel = nm_row_kernel(weight)
+    assert (kernel is None) == ((n, m) != (2, 4))
+    if kernel is None or x.shape[0] == 0:
+        return
+    expected = bits(nm_linear_reference(x[:1], weight, bias, (start, stop)))
+    row = np.ascontiguousarray(x[0].reshape(shape[:-1] + (x.shape[1],)))
+    out = np.full(shape[:-1] + (stop - start,), np.nan, np.float32)  # written whole, whatever it held
+    kernel(row, weight.values, weight.offsets, np.zeros(0, np.float32) if bias is None else bias, bias is not None,
+           start, stop, out)
+    np.testing.assert_array_equal(bits(out).reshape(expected.shape), expected, strict=True)

@@ -9,6 +9,7 @@ import pytest
 
 import nanoopt as no
 from nanoopt import models, nn, prune
+from nanoopt.kernels.nm_sparse import nm_linear
 from nanoopt.prune.sparse import SparseLinear
 
 
@@ -77,3 +78,28 @@ def test_forward_array_refuses_bad_input_by_name():
         layer.forward_array(np.ones((1, 16), np.float64))
     with pytest.raises(ValueError, match="rows must be a slice with step 1"):
         layer.forward_array(np.ones((1, 16), np.float32), slice(0, 8, 2))
+
+
+def test_one_row_path_equals_nm_linear_bit_for_bit_and_follows_a_loaded_state():
+    """A token at batch 1 takes the one-row kernel; its outputs are nm_linear's bits for any row slice and shape,
+    a non-contiguous or float64 row takes the general path, and a newly loaded weight is used, not a stale one."""
+    model = nm_pruned(small_gpt(4), 2, 4, "magnitude")
+    prune.to_sparse(model, format="nm")
+    layer = model.transformer["h"][0].attn.c_attn
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    for rows in (slice(None), slice(16, 48), slice(0, 16), slice(30, 20), slice(-8, None)):
+        start, stop, _ = rows.indices(48)
+        expected = nm_linear(x.reshape(1, 16), layer.nm_weight(), layer.bias, (start, max(start, stop)))
+        got = layer.forward_array(x, rows)
+        assert got.shape == (1, 1, expected.shape[1])
+        np.testing.assert_array_equal(got.reshape(expected.shape).view(np.uint32), expected.view(np.uint32))
+    strided = np.repeat(x, 2, axis=-1)[..., ::2]  # the same values, not contiguous
+    np.testing.assert_array_equal(layer.forward_array(strided), layer.forward_array(x))
+    before = layer.forward_array(x)
+    other = nm_pruned(small_gpt(5), 2, 4, "magnitude")
+    prune.to_sparse(other, format="nm")
+    model.load_state_dict(other.state_dict())
+    np.testing.assert_array_equal(layer.forward_array(x),
+                                  other.transformer["h"][0].attn.c_attn.forward_array(x.copy()))
+    assert not np.array_equal(layer.forward_array(x), before)
