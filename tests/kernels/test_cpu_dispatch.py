@@ -149,8 +149,8 @@ results["sparse"] = sparse.csr_matmul(rng.standard_normal((5, 90)).astype(np.flo
 
 def compiled(module):  # names of the compiled functions; the generated ones by kind and rows: _tile_vnni_6x2 ...
     names = set()
-    for name, value in vars(module).items():
-        if isinstance(value, numba.core.dispatcher.Dispatcher):
+    for name, value in vars(module).items():  # the module's own functions, not those it imports by name
+        if isinstance(value, numba.core.dispatcher.Dispatcher) and value.py_func.__module__ == module.__name__:
             for signature in value.signatures:
                 if name in ("_tile", "_blocked_product"):
                     kind, rows = signature[0].literal_value, signature[1].literal_value
