@@ -16,7 +16,7 @@ Starting from a trained 4-layer, 128-wide GPT checkpoint (``examples/chargpt.py`
 
 Every figure is validation loss on fixed windows of the last 10% of the text.
 
-    python -m benchmarks.gpt_structure --checkpoint chargpt.npz [--heal-iters 200] [--distill-iters 600] [--ablation]
+    python -m benchmarks.gpt_structure [--checkpoint chargpt.npz] [--heal-iters 200] [--distill-iters 600] [--ablation]
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
+from benchmarks.chargpt import prepare  # noqa: E402
 from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
+from benchmarks.compress_gpt import trained_gpt  # noqa: E402
 from nanoopt import data, models, prune  # noqa: E402
 from nanoopt.distill.gpt import GPTDistillConfig, distill_gpt  # noqa: E402
 from nanoopt.train_lm import LMTrainConfig, evaluate_lm, train_lm  # noqa: E402
@@ -78,7 +81,9 @@ def heal_and_compare(part: str, model: models.GPT, float_model: models.GPT, trai
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="chargpt.npz")
+    parser.add_argument("--checkpoint", type=Path,
+                        default=Path.home() / ".cache" / "nanoopt" / "chargpt-2000-seed0.npz",
+                        help="the trained GPT (benchmarks/compress_gpt.py's; trained and saved there if absent)")
     parser.add_argument("--heal-iters", type=int, default=200)
     parser.add_argument("--distill-iters", type=int, default=600)
     parser.add_argument("--head-amount", type=float, default=0.25)
@@ -88,7 +93,10 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    state = no.io.load(args.checkpoint)
+    if not args.checkpoint.exists():
+        tokenizer, train_ids, _, _ = prepare()
+        trained_gpt(tokenizer, train_ids, 2000, args.checkpoint)
+    state = no.io.load(str(args.checkpoint))
     float_model, tokenizer = models.GPT.from_checkpoint_state(state)
     block = float_model.config.block_size
     train_ids = tokenizer.encode(data.load_shakespeare("train"))
