@@ -181,6 +181,14 @@ def _interleave(y, bias, has_bias, start, stop, first, planes):  # pragma: no co
     return out
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _close_group(y, t, scale):  # pragma: no cover
+    """End of a group: ``y += scale * t`` per output (float32, in order), and ``t`` back to zero."""
+    for j in range(y.shape[0]):
+        y[j] += scale[j] * t[j]
+        t[j] = np.float32(0.0)
+
+
 @njit(cache=True, nogil=True)
 def _lowbit_packed(x, codes, scale, offset, group_size, bias, has_bias, start, stop):  # pragma: no cover
     m, depth = x.shape
@@ -215,10 +223,7 @@ def _lowbit_packed(x, codes, scale, offset, group_size, bias, has_bias, start, s
                     t_high[j] += xi * high[j]
         for i in range(m):
             for p in range(2):
-                s, tp, yp = scale[g, p, first:last], t[i, p], y[i, p]
-                for j in range(c):
-                    yp[j] += s[j] * tp[j]
-                    tp[j] = np.float32(0.0)
+                _close_group(y[i, p], t[i, p], scale[g, p, first:last])
     return _interleave(y, bias, has_bias, start, stop, first, 2)
 
 
@@ -240,12 +245,8 @@ def _lowbit_int8(x, codes, scale, offset, group_size, bias, has_bias, start, sto
                 tp = t[i, 0]
                 for j in range(c):
                     tp[j] += xi * centred[j]
-        s = scale[g, 0, start:stop]
         for i in range(m):
-            tp, yp = t[i, 0], y[i, 0]
-            for j in range(c):
-                yp[j] += s[j] * tp[j]
-                tp[j] = np.float32(0.0)
+            _close_group(y[i, 0], t[i, 0], scale[g, 0, start:stop])
     return _interleave(y, bias, has_bias, start, stop, start, 1)
 
 
