@@ -139,9 +139,7 @@ def int8_gemm_kernel() -> str:
     >>> int8_gemm_kernel() in ("avx512-vnni", "avx-vnni", "avx2", "none")
     True
     """
-    if not avx2.available():
-        return "none"
-    return "avx512-vnni" if _avx512_module() is not None else avx2.KERNEL_S8
+    return x86_glue.s8_kernel() if avx2.available() else "none"
 
 
 def avx2_available() -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "conv_serial",
     "external_s8_drivers",
     "products",
+    "s8_kernel",
     "s8_rows_parallel",
 ]
 
@@ -178,7 +179,7 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
         threads = numba.get_num_threads()
         out = np.empty((a.shape[0], packed.n), np.int32 if int8 else np.int64)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        parallel = external_s8_drivers(_s8_kernel())[0] if int8 else avx2_s16_rows_parallel
+        parallel = external_s8_drivers(s8_kernel())[0] if int8 else avx2_s16_rows_parallel
         parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
     if int8 and avx512.available():
@@ -188,6 +189,11 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
     return avx2.gemm_s8s8s32_packed(a, packed) if int8 else avx2.gemm_s16s8s64_packed(a, packed)
 
 
-def _s8_kernel() -> str:
-    """The int8 x86 GEMM that runs here where the AVX2 kernels do: ``"avx512-vnni"`` or ``avx2.KERNEL_S8``."""
+def s8_kernel() -> str:
+    """The int8 x86 GEMM that runs here where the AVX2 kernels do: ``"avx512-vnni"`` or ``avx2.KERNEL_S8``
+    (:func:`nanoopt.kernels.int8_gemm_kernel` says ``"none"`` where they do not).
+
+    >>> isinstance(s8_kernel(), str)
+    True
+    """
     return "avx512-vnni" if avx512.available() else avx2.KERNEL_S8
