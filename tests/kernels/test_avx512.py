@@ -144,6 +144,53 @@ def test_fused_linear_across_k_blocks_and_rounding_ties(kernels512):
                                                                       False))
 
 
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(0, 27), k=st.integers(0, 41), seed=st.integers(0, 2**32 - 1))
+def test_pack_rows_equals_its_reference(m, k, seed):
+    """The tile layout of the activations (portable code: runs on every machine): 8-row groups interleaved by
+    4-byte groups, the rest row by row, every byte + 128, K padded to a multiple of 4."""
+    a = np.random.default_rng(seed).integers(-128, 128, size=(m, k)).astype(np.int8)
+    packed = avx512.pack_rows(a, -(-k // 4) * 4)
+    np.testing.assert_array_equal(packed, avx512.pack_rows_reference(a))
+    if m >= 8 and k >= 4:  # row 1's first 4 bytes follow row 0's in the first tile
+        np.testing.assert_array_equal(packed[4:8].view(np.uint8), a[1, :4].astype(np.int16) + 128)
+
+
+int32_sums = st.integers(-(2**31) + 1, 2**31 - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sums=st.lists(int32_sums, min_size=1, max_size=40), seed=st.integers(0, 2**32 - 1), relu=st.booleans())
+def test_fused_epilogue_on_any_int32_sum(kernels512, sums, seed, relu):
+    """The one-step rounding of the epilogue (``(P + add - [P < -2^30] negative) >> (31 + s)``) = the spec's
+    ``multiply_by_quantized_multiplier`` then clamp, on sums anywhere in int32: zero activations make each output
+    channel's sum its offset. Multipliers span [2^30, 2^31), shifts 0..30, zero points the int8 range."""
+    rng = np.random.default_rng(seed)
+    n = len(sums)
+    m0 = rng.integers(2**30, 2**31, n)
+    shift = rng.integers(0, 31, n)
+    zero_point = int(rng.integers(-128, 128))
+    requant = avx512.requant_s8(np.array(sums), m0, shift, zero_point, zero_point if relu else -128, 127)
+    x, w = np.zeros((3, 5), np.int8), rng.integers(-127, 128, size=(n, 5)).astype(np.int8)
+    out = np.full((3, n), 99, np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 5, requant, np.empty((3, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 17, 30])
+def test_fused_epilogue_at_the_rounding_edges(kernels512, shift):
+    """Sums whose product with ``m0`` sits at ``-2^30`` (where the rounding changes side), at ties and at the ends
+    of int32, against the reference."""
+    sums = np.array([-(2**31) + 1, -(2**30), -3, -2, -1, 0, 1, 2, 3, 2**30, 2**31 - 1] * 3)
+    m0 = np.repeat([2**30, 2**30 + 1, 2**31 - 1], 11)
+    n = len(sums)
+    requant = avx512.requant_s8(sums, m0, np.full(n, shift), 5, -128, 127)
+    x, w = np.zeros((9, 4), np.int8), np.ones((n, 4), np.int8)
+    out = np.empty((9, n), np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 4, requant, np.empty((9, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+
+
 def test_requant_constants_refuse_what_the_vector_form_cannot_do():
     ones = np.ones(3, np.int64)
     assert avx512.requant_s8(ones, ones * 2**30, -ones, 0, -128, 127) is None  # a left shift
