@@ -18,8 +18,8 @@ still in registers.
 * **Activations.** One pass (:func:`pack_rows`) adds 128 and lays the rows out for the tiles: each group of 8
   rows interleaved by 4-byte groups, so that an 8-row tile reads one contiguous stream of 32 bytes per K step (the
   broadcasts of a step share a cache line and the hardware prefetcher sees one stream, not eight); rows left
-  after the last group of 8 follow in order. A caller may write its activations in that layout itself
-  (:func:`linear_s8_packed_into`).
+  after the last group of 8 follow in order. A caller that runs a layer again and again passes the buffer
+  (:func:`linear_s8_buffered_into`).
 * **Register tile.** 8 rows of A x 2 panels (32 channels): 16 zmm accumulators, per step of 4 K values two
   64-byte weight loads and 8 four-byte broadcasts for 16 ``vpdpbusd``. An odd last panel uses an 8 x 1 tile;
   rows left over below a multiple of 8 use one-row tiles whose accumulators are split over even and odd K steps
@@ -79,9 +79,13 @@ __all__ = [
     "ROW_BLOCK",
     "available",
     "gemm_s8s8s32_avx512_into",
+    "linear_s8_buffered_into",
     "linear_s8_into",
     "linear_s8_reference",
     "linear_s8_rows_parallel",
+    "pack_rows",
+    "pack_rows_into",
+    "pack_rows_reference",
     "requant_s8",
     "target_has_avx512_vnni",
 ]
@@ -383,6 +387,52 @@ def _emit(typingctx, products, out, offset, count, vector, constants, zero_point
     return types.none(products, out, offset, count, vector, constants, zero_point, low, high, requantize), codegen
 
 
+def _shuffle(builder, a, b, mask):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(ir.IntType(32), len(mask)), mask))
+
+
+@intrinsic
+def _interleave_8x16(typingctx, words, source, stride, target, destination):
+    """Rows ``r = 0..7`` of 16 int32 words at ``words[source + r * stride ..]``, each byte + 128 (``XOR 0x80``),
+    written to ``target[destination .. + 128]`` word-interleaved: ``target[destination + 8 g + r] = words[source + r
+    stride + g] ^ 0x80808080`` (8 loads, 24 two-source shuffles -- pairs of rows, then quads, then all 8 -- and 8
+    stores). Portable LLVM IR: no x86 instruction is named."""
+    if not (_c_array(words, (types.int32,)) and _c_array(target, (types.int32,))
+            and all(isinstance(value, types.Integer) for value in (source, stride, destination))):
+        return None
+
+    def codegen(context, builder, signature, args):
+        words, source, stride, target, destination = args
+        source, stride, destination = (context.cast(builder, value, typ, types.int64) for value, typ in
+                                       ((source, signature.args[1]), (stride, signature.args[2]),
+                                        (destination, signature.args[4])))
+        flip = ir.Constant(_I32X16, [-2139062144] * LANES)  # 0x80808080
+        rows = []
+        for r in range(TILE_ROWS):
+            offset = builder.add(source, builder.mul(stride, ir.Constant(ir.IntType(64), r)))
+            address = element_pointer(context, builder, signature.args[0], words, types.int64, offset)
+            rows.append(builder.xor(builder.load(builder.bitcast(address, _I32X16.as_pointer()), align=1), flip))
+        pairs = {(p, h): _shuffle(builder, rows[2 * p], rows[2 * p + 1],
+                                  [x for g in range(8 * h, 8 * h + 8) for x in (g, 16 + g)])
+                 for p in range(4) for h in range(2)}  # groups 8h..8h+7 x rows 2p, 2p+1
+        quads = {(q, h, part): _shuffle(builder, pairs[(2 * q, h)], pairs[(2 * q + 1, h)],
+                                        [x for g in range(4 * part, 4 * part + 4)
+                                         for x in (2 * g, 2 * g + 1, 16 + 2 * g, 17 + 2 * g)])
+                 for q in range(2) for h in range(2) for part in range(2)}  # 4 groups x rows 4q..4q+3
+        for h in range(2):
+            for part in range(2):
+                for s in range(2):  # 2 groups x all 8 rows: output vector 4 h + 2 part + s
+                    mask = [x for g in (2 * s, 2 * s + 1) for x in [*range(4 * g, 4 * g + 4),
+                                                                       *range(16 + 4 * g, 16 + 4 * g + 4)]]
+                    vector = _shuffle(builder, quads[(0, h, part)], quads[(1, h, part)], mask)
+                    offset = builder.add(destination, ir.Constant(ir.IntType(64), LANES * (4 * h + 2 * part + s)))
+                    address = element_pointer(context, builder, signature.args[3], target, types.int64, offset)
+                    builder.store(vector, builder.bitcast(address, _I32X16.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(words, source, stride, target, destination), codegen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The activations, laid out for the register tiles: one pass that also adds 128.
 
@@ -401,29 +451,49 @@ def pack_rows(a: np.ndarray, padded_k: int) -> np.ndarray:
     >>> pack_rows(np.array([[0, 1, 2, 3, -128]], np.int8), 8)[:5].tolist()
     [-128, -127, -126, -125, 0]
     """
+    packed = np.empty(a.shape[0] * padded_k, np.int8)  # (M * K padded,)
+    pack_rows_into(a, padded_k, packed)
+    return packed
+
+
+@numba.njit(cache=True)
+def pack_rows_into(a: np.ndarray, padded_k: int, packed: np.ndarray) -> None:
+    """:func:`pack_rows` into the first ``M * padded_k`` bytes of the int8 buffer ``packed`` (for a caller that
+    keeps the buffer: a fresh one costs page faults at every call, about 2.6 us for 200 KB).
+
+    >>> buffer = np.zeros(8, np.int8); pack_rows_into(np.array([[0, 1, 2, 3, -128]], np.int8), 8, buffer)
+    >>> buffer[:5].tolist()
+    [-128, -127, -126, -125, 0]
+    """
     m, k = a.shape
     groups = padded_k // GROUP
-    packed = np.empty(m * padded_k, np.int8)  # (M * K padded,)
+    if padded_k % GROUP or padded_k < k or packed.shape[0] < m * padded_k:
+        raise ValueError("pack_rows_into: padded_k must be K rounded up to a multiple of 4 and packed must hold "
+                         "M * padded_k bytes")
     if m == 0 or groups == 0:
-        return packed
+        return
     source = a
     if k != padded_k:  # whole 4-byte groups; the padding is 0 here, 0x80 once offset
         source = np.zeros((m, padded_k), np.int8)  # (M, K padded)
         for i in range(m):
             for j in range(k):
                 source[i, j] = a[i, j]
-    target = packed.view(np.int32)
+    target = packed[: m * padded_k].view(np.int32)
     words = source.reshape(-1).view(np.int32)  # (M * groups,): 4 K values per word
     flip = np.int32(-2139062144)  # 0x80808080: +128 on each byte
     tiles = m // TILE_ROWS
     for t in range(tiles):
         base = t * TILE_ROWS * groups
-        for g in range(groups):
-            for r in range(TILE_ROWS):
-                target[base + g * TILE_ROWS + r] = words[(t * TILE_ROWS + r) * groups + g] ^ flip
+        if groups >= LANES:  # 16 groups of the 8 rows at a time, in registers; the last block may overlap
+            for g in range(0, groups, LANES):
+                g = min(g, groups - LANES)
+                _interleave_8x16(words, base + g, groups, target, base + g * TILE_ROWS)
+        else:
+            for g in range(groups):
+                for r in range(TILE_ROWS):
+                    target[base + g * TILE_ROWS + r] = words[(t * TILE_ROWS + r) * groups + g] ^ flip
     for index in range(tiles * TILE_ROWS * groups, m * groups):
         target[index] = words[index] ^ flip
-    return packed
 
 
 def pack_rows_reference(a: np.ndarray) -> np.ndarray:
@@ -673,13 +743,31 @@ def linear_s8_into(x, panels, n, k, requant, products, out):
     >>> out
     array([[  9, -11]], dtype=int8)
     """
+    padded_k = (max(k, 0) + GROUP - 1) // GROUP * GROUP
+    linear_s8_buffered_into(x, panels, n, k, requant, np.empty(x.shape[0] * padded_k, np.int8), products, out)
+
+
+@numba.njit(cache=True)
+def linear_s8_buffered_into(x, panels, n, k, requant, packed, products, out):
+    """:func:`linear_s8_into` with the buffer of the packed rows supplied: ``packed``, int8, at least ``M *
+    ceil(K / 4) * 4`` bytes, overwritten (a caller that runs the layer again and again keeps it, saving the page
+    faults of a fresh one).
+
+    >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
+    >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
+    >>> out, scratch, packed = np.empty((1, 2), np.int8), np.empty((1, 2), np.int32), np.empty(4, np.int8)
+    >>> if available(): linear_s8_buffered_into(x, avx2.pack_weights_s8(w).panels, 2, 2, requant, packed, scratch, out)
+    ... else: out[:] = linear_s8_reference(x, w, requant)
+    >>> out
+    array([[  9, -11]], dtype=int8)
+    """
     avx2._check_s8_arguments(x, panels, n, k, products)
     _check_requant(requant, n)
     if out.shape[0] != x.shape[0] or out.shape[1] != n:
         raise ValueError("linear_s8_into: out must have shape (x.shape[0], n)")
-    groups = (k + GROUP - 1) // GROUP
-    padded_k = groups * GROUP
-    linear_s8_packed_into(pack_rows(x, padded_k), x.shape[0], padded_k, panels, n, requant, products, out)
+    padded_k = (k + GROUP - 1) // GROUP * GROUP
+    pack_rows_into(x, padded_k, packed)
+    _linear_packed(packed, x.shape[0], padded_k, panels, n, requant, products, out)
 
 
 @numba.njit(cache=True)
@@ -693,9 +781,9 @@ def _check_requant(requant, n):
 
 
 @numba.njit(cache=True)
-def linear_s8_packed_into(packed, m, padded_k, panels, n, requant, products, out):
-    """:func:`linear_s8_into` on rows already packed by :func:`pack_rows` (``m`` rows, ``padded_k`` bytes each):
-    for a caller that writes its activations in that layout directly. Shapes are the caller's to check."""
+def _linear_packed(packed, m, padded_k, panels, n, requant, products, out):
+    """:func:`linear_s8_into` on rows already packed by :func:`pack_rows` (``m`` rows, ``padded_k`` bytes each);
+    shapes checked by the caller."""
     epilogue = _epilogue(requant)
     if padded_k == 0:  # the empty product: the epilogue of the offsets alone
         for i in range(m):

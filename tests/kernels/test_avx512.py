@@ -145,15 +145,45 @@ def test_fused_linear_across_k_blocks_and_rounding_ties(kernels512):
 
 
 @settings(max_examples=80, deadline=None)
-@given(m=st.integers(0, 27), k=st.integers(0, 41), seed=st.integers(0, 2**32 - 1))
-def test_pack_rows_equals_its_reference(m, k, seed):
+@given(m=st.integers(0, 27), k=st.integers(0, 150), seed=st.integers(0, 2**32 - 1), spare=st.integers(0, 9))
+def test_pack_rows_equals_its_reference(m, k, seed, spare):
     """The tile layout of the activations (portable code: runs on every machine): 8-row groups interleaved by
-    4-byte groups, the rest row by row, every byte + 128, K padded to a multiple of 4."""
+    4-byte groups (16 groups at a time in registers from 64 K values on, the last block overlapping), the rest row
+    by row, every byte + 128, K padded to a multiple of 4; into a caller's buffer, whose spare tail stays."""
     a = np.random.default_rng(seed).integers(-128, 128, size=(m, k)).astype(np.int8)
-    packed = avx512.pack_rows(a, -(-k // 4) * 4)
+    padded_k = -(-k // 4) * 4
+    packed = avx512.pack_rows(a, padded_k)
     np.testing.assert_array_equal(packed, avx512.pack_rows_reference(a))
     if m >= 8 and k >= 4:  # row 1's first 4 bytes follow row 0's in the first tile
         np.testing.assert_array_equal(packed[4:8].view(np.uint8), a[1, :4].astype(np.int16) + 128)
+    buffer = np.full(m * padded_k + spare, 7, np.int8)
+    avx512.pack_rows_into(a, padded_k, buffer)
+    np.testing.assert_array_equal(buffer[: m * padded_k], packed)
+    assert (buffer[m * padded_k :] == 7).all()
+
+
+def test_pack_rows_into_refuses_a_short_buffer():
+    with pytest.raises(ValueError, match="M \\* padded_k bytes"):
+        avx512.pack_rows_into(np.zeros((3, 8), np.int8), 8, np.zeros(23, np.int8))
+
+
+def test_buffered_linear_equals_the_plain_one(kernels512):
+    """The layer with a kept buffer for its packed rows (the runtime's form) = the one that allocates it; a
+    buffer reused across calls with other inputs leaves nothing behind."""
+    m, k, n = 21, 300, 100
+    x, w = operands(3, m, k, n, True)
+    layer = kernels.prepare_linear(w, None, 2, np.full(n, 2**30, np.int32), np.full(n, 9, np.int32), -1, QuantSpec(),
+                                   True)
+    panels, requant = layer.weights.avx2_s8().panels, layer.requant_s8()
+    packed, products = np.empty(m * k, np.int8), np.empty((m, n), np.int32)
+    for seed in (3, 4):
+        x, _ = operands(seed, m, k, n, seed == 3)
+        expected, out = np.empty((m, n), np.int8), np.empty((m, n), np.int8)
+        kernels512.linear_s8_into(x, panels, n, k, requant, products, expected)
+        kernels512.linear_s8_buffered_into(x, panels, n, k, requant, packed, products, out)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out, ref.quantized_linear(x, w, None, 2, np.full(n, 2**30), np.full(n, 9), -1,
+                                                                QuantSpec(), True))
 
 
 int32_sums = st.integers(-(2**31) + 1, 2**31 - 1)
