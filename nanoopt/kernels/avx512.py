@@ -34,8 +34,9 @@ still in registers.
   rows; a tile starts from ``-128 * rowsum`` in the first K block and from its stored int32 partial products
   after it.
 * **Fused requantization** (:func:`linear_s8_into`). When the layer's accumulator bound fits int32 and every
-  shift is a right shift of at most 30 (``numba_cpu`` calls this the "fast" epilogue), the accumulators of the
-  last K block get the per-channel offset ``bias - x_zp * rowsum(W)`` added and are requantized in registers --
+  shift is a right shift of at most 30 (``numba_cpu`` calls this the "fast" epilogue), the accumulators start from
+  the per-channel offset ``bias - x_zp * rowsum(W)`` as well, and after the last K block they are requantized in
+  registers --
   :func:`nanoopt.kernels.requant.multiply_fast` (``floor((v m0 + 2^30) / 2^31)``, then gemmlowp's rounding divide
   by ``2^shift``) folded into one rounding shift of the 64-bit product (:func:`_emit` derives it), clamp (ReLU =
   clamp at the zero point), zero point -- and stored as int8; no int32 product matrix is written or read back.
@@ -209,9 +210,9 @@ _broadcast4 = _memory("_broadcast4", (types.int8,),
 def _requantize_ir(builder, value, constants, zero, low, high):
     """LLVM IR of the fused epilogue on one vector (see :func:`_emit`): ``constants`` as LLVM values, ``zero``,
     ``low``, ``high`` splatted int32 vectors."""
-    offset, m0, add_even, add_odd, negative_even, negative_odd, exponent_even, exponent_odd = (
-        builder.bitcast(constant, _I64X8) if i >= 2 else constant for i, constant in enumerate(constants))
-    total = builder.bitcast(builder.add(value, offset), _I64X8)  # wraps; the true sum fits int32
+    m0, add_even, add_odd, negative_even, negative_odd, exponent_even, exponent_odd = (
+        builder.bitcast(constant, _I64X8) if i >= 1 else constant for i, constant in enumerate(constants))
+    total = builder.bitcast(value, _I64X8)  # the sum with the offset (the tile started from it)
     multiplier = builder.bitcast(m0, _I64X8)
     thirty_two = ir.Constant(_I64X8, [32] * 8)
 
@@ -303,18 +304,18 @@ def _begin(typingctx, products, offset, count, first, start):
 
 
 @intrinsic
-def _panel_constants(typingctx, offsets, m0, wide, panel, requantize):
-    """The eight int32x16 of the fused epilogue for panel ``panel`` (:func:`_emit`): its offsets and ``m0`` (16
-    channels), then the six 8-lane int64 vectors of ``wide`` (:func:`requant_s8`); zeros unless ``requantize``
-    (nothing is read then)."""
-    if not (_c_array(offsets, (types.int32,)) and _c_array(m0, (types.int32,)) and _c_array(wide, (types.int64,))
-            and isinstance(panel, types.Integer) and isinstance(requantize, types.Boolean)):
+def _panel_constants(typingctx, m0, wide, panel, requantize):
+    """The seven int32x16 of the fused epilogue for panel ``panel`` (:func:`_emit`): its ``m0`` (16 channels), then
+    the six 8-lane int64 vectors of ``wide`` (:func:`requant_s8`); zeros unless ``requantize`` (nothing is read
+    then)."""
+    if not (_c_array(m0, (types.int32,)) and _c_array(wide, (types.int64,)) and isinstance(panel, types.Integer)
+            and isinstance(requantize, types.Boolean)):
         return None
-    result_type = types.UniTuple(int32x16, 8)
+    result_type = types.UniTuple(int32x16, 7)
 
     def codegen(context, builder, signature, args):
-        offsets, m0, wide, panel, requantize = args
-        panel = context.cast(builder, panel, signature.args[3], types.int64)
+        m0, wide, panel, requantize = args
+        panel = context.cast(builder, panel, signature.args[2], types.int64)
         tuple_type = context.get_value_type(result_type)
 
         def load(array_index, element):
@@ -326,8 +327,8 @@ def _panel_constants(typingctx, offsets, m0, wide, panel, requantize):
             with then:
                 channel = builder.mul(panel, ir.Constant(ir.IntType(64), LANES))
                 base = builder.mul(panel, ir.Constant(ir.IntType(64), 3 * LANES))
-                values = [load(0, channel), load(1, channel)]
-                values += [load(2, builder.add(base, ir.Constant(ir.IntType(64), 8 * i))) for i in range(6)]
+                values = [load(0, channel)]
+                values += [load(1, builder.add(base, ir.Constant(ir.IntType(64), 8 * i))) for i in range(6)]
                 loaded = ir.Constant(tuple_type, ir.Undefined)
                 for i, value in enumerate(values):
                     loaded = builder.insert_value(loaded, value, i)
@@ -339,7 +340,7 @@ def _panel_constants(typingctx, offsets, m0, wide, panel, requantize):
         result.add_incoming(ir.Constant(tuple_type, None), otherwise_block)
         return result
 
-    return result_type(offsets, m0, wide, panel, requantize), codegen
+    return result_type(m0, wide, panel, requantize), codegen
 
 
 @intrinsic
@@ -348,9 +349,9 @@ def _emit(typingctx, products, out, offset, count, vector, constants, zero_point
     when ``requantize``, requantized to int8 into ``out``, else as int32 into ``products``; nothing past them is
     written (masked stores).
 
-    The requantization, lane-wise, is ``clip(rdivpot(floor(((value + offset) m0 + 2^30) / 2^31), shift), low - zp,
-    high - zp) + zp`` in one rounding step on 64-bit products: with ``P = (value + offset) m0`` (exact in int64)
-    and ``T = floor((P + 2^30) / 2^31)`` (:func:`nanoopt.kernels.requant.multiply_fast`), gemmlowp's rounding
+    The requantization, lane-wise, is ``clip(rdivpot(floor((v m0 + 2^30) / 2^31), shift), low - zp, high - zp) +
+    zp`` for the sum ``v`` (offset included) in one rounding step on 64-bit products: with ``P = v m0`` (exact in
+    int64) and ``T = floor((P + 2^30) / 2^31)`` (:func:`nanoopt.kernels.requant.multiply_fast`), gemmlowp's rounding
     divide ``rdivpot(T, s) = floor((T + 2^(s-1) - [T < 0]) / 2^s)`` (s >= 1; ``T`` for s = 0) and nested floors
     ``floor(floor(X / a) / b) = floor(X / (a b))`` give
 
@@ -363,7 +364,7 @@ def _emit(typingctx, products, out, offset, count, vector, constants, zero_point
     """
     if not (_c_array(products, (types.int32,)) and _c_array(out, (types.int8,)) and isinstance(offset, types.Integer)
             and isinstance(count, types.Integer) and vector == int32x16 and isinstance(constants, types.UniTuple)
-            and constants.dtype == int32x16 and constants.count == 8
+            and constants.dtype == int32x16 and constants.count == 7
             and all(isinstance(s, types.Integer) for s in (zero_point, low, high))
             and isinstance(requantize, types.Boolean)):
         return None
@@ -375,7 +376,7 @@ def _emit(typingctx, products, out, offset, count, vector, constants, zero_point
             with then:
                 zero, low, high = (_splat(builder, context.cast(builder, arg, typ, types.int32), _I32X16)
                                    for arg, typ in zip(args[6:9], signature.args[6:9], strict=True))
-                values = [builder.extract_value(constants, i) for i in range(8)]
+                values = [builder.extract_value(constants, i) for i in range(7)]
                 codes = builder.trunc(_requantize_ir(builder, vector, values, zero, low, high), _I8X16)
                 address = element_pointer(context, builder, signature.args[1], out, signature.args[2], offset)
                 _masked_store(builder, codes, builder.bitcast(address, _I8X16.as_pointer()), mask)
@@ -527,7 +528,7 @@ def _dot2(c0, c1, x, v0, v1):
 @numba.njit(cache=True, inline="always")
 def _tile_8x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, col, n, epilogue, requantize):
     """8 packed rows (their block at ``a0``) x 32 channels (panels at ``w0``/``w1``, both with columns left)."""
-    offsets, m0, wide, zero_point, low, high = epilogue
+    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
     c00, c01 = _begin(products, o, left, first, s0), _begin(products, o + LANES, left - LANES, first, s1)
     c10, c11 = _begin(products, o + n, left, first, s0), _begin(products, o + n + LANES, left - LANES, first, s1)
@@ -554,8 +555,8 @@ def _tile_8x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
         c50, c51 = _dot2(c50, c51, _broadcast4(a, k + 20), v0, v1)
         c60, c61 = _dot2(c60, c61, _broadcast4(a, k + 24), v0, v1)
         c70, c71 = _dot2(c70, c71, _broadcast4(a, k + 28), v0, v1)
-    q0 = _panel_constants(offsets, m0, wide, col // LANES, requantize)
-    q1 = _panel_constants(offsets, m0, wide, col // LANES + 1, requantize)
+    q0 = _panel_constants(m0, wide, col // LANES, requantize)
+    q1 = _panel_constants(m0, wide, col // LANES + 1, requantize)
     _emit(products, out, o, left, c00, q0, zero_point, low, high, requantize)
     _emit(products, out, o + LANES, left - LANES, c01, q1, zero_point, low, high, requantize)
     _emit(products, out, o + n, left, c10, q0, zero_point, low, high, requantize)
@@ -577,7 +578,7 @@ def _tile_8x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
 @numba.njit(cache=True, inline="always")
 def _tile_8x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, epilogue, requantize):
     """8 packed rows x 16 channels (one panel)."""
-    offsets, m0, wide, zero_point, low, high = epilogue
+    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
     c0, c1 = _begin(products, o, left, first, s0), _begin(products, o + n, left, first, s0)
     c2, c3 = _begin(products, o + 2 * n, left, first, s0), _begin(products, o + 3 * n, left, first, s0)
@@ -590,7 +591,7 @@ def _tile_8x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, e
         c2, c3 = _dot(c2, _broadcast4(a, k + 8), v0), _dot(c3, _broadcast4(a, k + 12), v0)
         c4, c5 = _dot(c4, _broadcast4(a, k + 16), v0), _dot(c5, _broadcast4(a, k + 20), v0)
         c6, c7 = _dot(c6, _broadcast4(a, k + 24), v0), _dot(c7, _broadcast4(a, k + 28), v0)
-    q0 = _panel_constants(offsets, m0, wide, col // LANES, requantize)
+    q0 = _panel_constants(m0, wide, col // LANES, requantize)
     _emit(products, out, o, left, c0, q0, zero_point, low, high, requantize)
     _emit(products, out, o + n, left, c1, q0, zero_point, low, high, requantize)
     _emit(products, out, o + 2 * n, left, c2, q0, zero_point, low, high, requantize)
@@ -605,7 +606,7 @@ def _tile_8x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, e
 def _tile_1x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, col, n, epilogue, requantize):
     """One row (its bytes from ``a0``, in order) x 32 channels; even and odd K steps in separate accumulators (4
     chains, so that a single row is not bound by the instruction's latency), summed at the end."""
-    offsets, m0, wide, zero_point, low, high = epilogue
+    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
     c0, c1 = _begin(products, o, left, first, s0), _begin(products, o + LANES, left - LANES, first, s1)
     d0 = d1 = _zero()
@@ -619,8 +620,8 @@ def _tile_1x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
     if step < steps:
         x = _broadcast4(a, a0 + step * GROUP)
         c0, c1 = _dot2(c0, c1, x, _load(panels, w0 + step * STEP), _load(panels, w1 + step * STEP))
-    q0 = _panel_constants(offsets, m0, wide, col // LANES, requantize)
-    q1 = _panel_constants(offsets, m0, wide, col // LANES + 1, requantize)
+    q0 = _panel_constants(m0, wide, col // LANES, requantize)
+    q1 = _panel_constants(m0, wide, col // LANES + 1, requantize)
     _emit(products, out, o, left, _add(c0, d0), q0, zero_point, low, high, requantize)
     _emit(products, out, o + LANES, left - LANES, _add(c1, d1), q1, zero_point, low, high, requantize)
 
@@ -628,7 +629,7 @@ def _tile_1x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
 @numba.njit(cache=True, _nrt=False)
 def _tile_1x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, epilogue, requantize):
     """One row x 16 channels, even and odd K steps in separate accumulators."""
-    offsets, m0, wide, zero_point, low, high = epilogue
+    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
     c0 = _begin(products, o, left, first, s0)
     d0 = _zero()
@@ -639,7 +640,7 @@ def _tile_1x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, e
         step += 2
     if step < steps:
         c0 = _dot(c0, _broadcast4(a, a0 + step * GROUP), _load(panels, w0 + step * STEP))
-    q0 = _panel_constants(offsets, m0, wide, col // LANES, requantize)
+    q0 = _panel_constants(m0, wide, col // LANES, requantize)
     _emit(products, out, o, left, _add(c0, d0), q0, zero_point, low, high, requantize)
 
 
@@ -674,8 +675,12 @@ def _product(packed, m, padded_k, panels, n, products, out, epilogue, fused):
                 col = p * LANES
                 w0 = p * panel_size + g0 * STEP
                 s0 = _start(panels, p, panel_size, groups)
+                if fused:  # the layer's offsets too: the epilogue finds the sum it requantizes
+                    s0 = _add(s0, _load(epilogue[0], col))
                 if p + 1 < n_panels:
                     s1 = _start(panels, p + 1, panel_size, groups)
+                    if fused:
+                        s1 = _add(s1, _load(epilogue[0], col + LANES))
                     w1 = w0 + panel_size
                     for i in range(i0, min(i1, full), TILE_ROWS):
                         _tile_8x2(packed, i * padded_k + g0 * TILE_ROWS * GROUP, panels, w0, w1, steps, s0, s1, first,
@@ -788,9 +793,9 @@ def _linear_packed(packed, m, padded_k, panels, n, requant, products, out):
     if padded_k == 0:  # the empty product: the epilogue of the offsets alone
         for i in range(m):
             for col in range(0, n, LANES):
-                constants = _panel_constants(epilogue[0], epilogue[1], epilogue[2], col // LANES, True)
-                _emit(products, out, i * n + col, n - col, _zero(), constants, epilogue[3], epilogue[4], epilogue[5],
-                      True)
+                constants = _panel_constants(epilogue[1], epilogue[2], col // LANES, True)
+                _emit(products, out, i * n + col, n - col, _load(epilogue[0], col), constants, epilogue[3],
+                      epilogue[4], epilogue[5], True)
         return
     _product(packed, m, padded_k, panels, n, products, out, epilogue, True)
 
