@@ -526,24 +526,30 @@ def _dot2(c0, c1, x, v0, v1):
 
 
 @numba.njit(cache=True, inline="always")
+def _begin_pair(products, o, left, first, s0, s1):
+    """:func:`_begin` of a row's two accumulators (panels at columns ``o`` and ``o + 16``, ``left`` columns left)."""
+    return _begin(products, o, left, first, s0), _begin(products, o + LANES, left - LANES, first, s1)
+
+
+@numba.njit(cache=True, inline="always")
+def _emit_pair(products, out, o, left, c0, c1, constants, epilogue, requantize):
+    """:func:`_emit` of a row's two accumulators; ``constants``: the two panels' :func:`_panel_constants`."""
+    _emit(products, out, o, left, c0, constants[0], epilogue[3], epilogue[4], epilogue[5], requantize)
+    _emit(products, out, o + LANES, left - LANES, c1, constants[1], epilogue[3], epilogue[4], epilogue[5], requantize)
+
+
+@numba.njit(cache=True, inline="always")
 def _tile_8x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, col, n, epilogue, requantize):
     """8 packed rows (their block at ``a0``) x 32 channels (panels at ``w0``/``w1``, both with columns left)."""
-    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
-    c00, c01 = _begin(products, o, left, first, s0), _begin(products, o + LANES, left - LANES, first, s1)
-    c10, c11 = _begin(products, o + n, left, first, s0), _begin(products, o + n + LANES, left - LANES, first, s1)
-    c20 = _begin(products, o + 2 * n, left, first, s0)
-    c21 = _begin(products, o + 2 * n + LANES, left - LANES, first, s1)
-    c30 = _begin(products, o + 3 * n, left, first, s0)
-    c31 = _begin(products, o + 3 * n + LANES, left - LANES, first, s1)
-    c40 = _begin(products, o + 4 * n, left, first, s0)
-    c41 = _begin(products, o + 4 * n + LANES, left - LANES, first, s1)
-    c50 = _begin(products, o + 5 * n, left, first, s0)
-    c51 = _begin(products, o + 5 * n + LANES, left - LANES, first, s1)
-    c60 = _begin(products, o + 6 * n, left, first, s0)
-    c61 = _begin(products, o + 6 * n + LANES, left - LANES, first, s1)
-    c70 = _begin(products, o + 7 * n, left, first, s0)
-    c71 = _begin(products, o + 7 * n + LANES, left - LANES, first, s1)
+    c00, c01 = _begin_pair(products, o, left, first, s0, s1)
+    c10, c11 = _begin_pair(products, o + n, left, first, s0, s1)
+    c20, c21 = _begin_pair(products, o + 2 * n, left, first, s0, s1)
+    c30, c31 = _begin_pair(products, o + 3 * n, left, first, s0, s1)
+    c40, c41 = _begin_pair(products, o + 4 * n, left, first, s0, s1)
+    c50, c51 = _begin_pair(products, o + 5 * n, left, first, s0, s1)
+    c60, c61 = _begin_pair(products, o + 6 * n, left, first, s0, s1)
+    c70, c71 = _begin_pair(products, o + 7 * n, left, first, s0, s1)
     for step in range(steps):
         v0, v1 = _load(panels, w0 + step * STEP), _load(panels, w1 + step * STEP)
         k = a0 + step * TILE_ROWS * GROUP  # row r's 4 bytes of this step at k + 4 r
@@ -555,24 +561,16 @@ def _tile_8x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
         c50, c51 = _dot2(c50, c51, _broadcast4(a, k + 20), v0, v1)
         c60, c61 = _dot2(c60, c61, _broadcast4(a, k + 24), v0, v1)
         c70, c71 = _dot2(c70, c71, _broadcast4(a, k + 28), v0, v1)
-    q0 = _panel_constants(m0, wide, col // LANES, requantize)
-    q1 = _panel_constants(m0, wide, col // LANES + 1, requantize)
-    _emit(products, out, o, left, c00, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + LANES, left - LANES, c01, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + n, left, c10, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + n + LANES, left - LANES, c11, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 2 * n, left, c20, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 2 * n + LANES, left - LANES, c21, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 3 * n, left, c30, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 3 * n + LANES, left - LANES, c31, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 4 * n, left, c40, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 4 * n + LANES, left - LANES, c41, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 5 * n, left, c50, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 5 * n + LANES, left - LANES, c51, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 6 * n, left, c60, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 6 * n + LANES, left - LANES, c61, q1, zero_point, low, high, requantize)
-    _emit(products, out, o + 7 * n, left, c70, q0, zero_point, low, high, requantize)
-    _emit(products, out, o + 7 * n + LANES, left - LANES, c71, q1, zero_point, low, high, requantize)
+    q = _panel_constants(epilogue[1], epilogue[2], col // LANES, requantize), \
+        _panel_constants(epilogue[1], epilogue[2], col // LANES + 1, requantize)
+    _emit_pair(products, out, o, left, c00, c01, q, epilogue, requantize)
+    _emit_pair(products, out, o + n, left, c10, c11, q, epilogue, requantize)
+    _emit_pair(products, out, o + 2 * n, left, c20, c21, q, epilogue, requantize)
+    _emit_pair(products, out, o + 3 * n, left, c30, c31, q, epilogue, requantize)
+    _emit_pair(products, out, o + 4 * n, left, c40, c41, q, epilogue, requantize)
+    _emit_pair(products, out, o + 5 * n, left, c50, c51, q, epilogue, requantize)
+    _emit_pair(products, out, o + 6 * n, left, c60, c61, q, epilogue, requantize)
+    _emit_pair(products, out, o + 7 * n, left, c70, c71, q, epilogue, requantize)
 
 
 @numba.njit(cache=True, inline="always")
@@ -606,9 +604,8 @@ def _tile_8x1(a, a0, panels, w0, steps, s0, first, products, out, row, col, n, e
 def _tile_1x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, col, n, epilogue, requantize):
     """One row (its bytes from ``a0``, in order) x 32 channels; even and odd K steps in separate accumulators (4
     chains, so that a single row is not bound by the instruction's latency), summed at the end."""
-    m0, wide, zero_point, low, high = epilogue[1:]
     o, left = row * n + col, n - col
-    c0, c1 = _begin(products, o, left, first, s0), _begin(products, o + LANES, left - LANES, first, s1)
+    c0, c1 = _begin_pair(products, o, left, first, s0, s1)
     d0 = d1 = _zero()
     step = 0
     while step + 1 < steps:
@@ -620,10 +617,9 @@ def _tile_1x2(a, a0, panels, w0, w1, steps, s0, s1, first, products, out, row, c
     if step < steps:
         x = _broadcast4(a, a0 + step * GROUP)
         c0, c1 = _dot2(c0, c1, x, _load(panels, w0 + step * STEP), _load(panels, w1 + step * STEP))
-    q0 = _panel_constants(m0, wide, col // LANES, requantize)
-    q1 = _panel_constants(m0, wide, col // LANES + 1, requantize)
-    _emit(products, out, o, left, _add(c0, d0), q0, zero_point, low, high, requantize)
-    _emit(products, out, o + LANES, left - LANES, _add(c1, d1), q1, zero_point, low, high, requantize)
+    q = _panel_constants(epilogue[1], epilogue[2], col // LANES, requantize), \
+        _panel_constants(epilogue[1], epilogue[2], col // LANES + 1, requantize)
+    _emit_pair(products, out, o, left, _add(c0, d0), _add(c1, d1), q, epilogue, requantize)
 
 
 @numba.njit(cache=True, _nrt=False)
