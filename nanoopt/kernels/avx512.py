@@ -19,7 +19,7 @@ still in registers.
   rows interleaved by 4-byte groups, so that an 8-row tile reads one contiguous stream of 32 bytes per K step (the
   broadcasts of a step share a cache line and the hardware prefetcher sees one stream, not eight); rows left
   after the last group of 8 follow in order. A caller that runs a layer again and again passes the buffer
-  (:func:`linear_s8_buffered_into`).
+  (``linear_s8_into(..., packed)``).
 * **Register tile.** 8 rows of A x 2 panels (32 channels): 16 zmm accumulators, per step of 4 K values two
   64-byte weight loads and 8 four-byte broadcasts for 16 ``vpdpbusd``. An odd last panel uses an 8 x 1 tile;
   rows left over below a multiple of 8 use one-row tiles whose accumulators are split over even and odd K steps
@@ -80,7 +80,6 @@ __all__ = [
     "ROW_BLOCK",
     "available",
     "gemm_s8s8s32_avx512_into",
-    "linear_s8_buffered_into",
     "linear_s8_into",
     "linear_s8_reference",
     "linear_s8_rows_parallel",
@@ -728,13 +727,15 @@ def gemm_s8s8s32_avx512_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, 
 
 
 @numba.njit(cache=True)
-def linear_s8_into(x, panels, n, k, requant, products, out):
+def linear_s8_into(x, panels, n, k, requant, products, out, packed=None):
     """One int8 linear layer: ``out = requantize(x @ W.T + offsets)`` as int8 (M, N), exact.
 
     ``requant``: the constants from :func:`requant_s8`; ``products``: an int32 (M, N) scratch array, used only
     when K spans more than one K block (the partial products between blocks). ``out``: int8 (M, N), C order.
-    Equals :func:`linear_s8_reference` (and :func:`nanoopt.kernels.reference.quantized_linear`). Call only where
-    :func:`available`.
+    ``packed``: optional int8 buffer of at least ``M * ceil(K / 4) * 4`` bytes for the rows as the tiles read them
+    (:func:`pack_rows_into`), overwritten; a caller that runs the layer again and again keeps one (a fresh buffer
+    costs page faults at every call), else one is allocated. Equals :func:`linear_s8_reference` (and
+    :func:`nanoopt.kernels.reference.quantized_linear`). Call only where :func:`available`.
 
     >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
     >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
@@ -744,31 +745,17 @@ def linear_s8_into(x, panels, n, k, requant, products, out):
     >>> out
     array([[  9, -11]], dtype=int8)
     """
-    padded_k = (max(k, 0) + GROUP - 1) // GROUP * GROUP
-    linear_s8_buffered_into(x, panels, n, k, requant, np.empty(x.shape[0] * padded_k, np.int8), products, out)
-
-
-@numba.njit(cache=True)
-def linear_s8_buffered_into(x, panels, n, k, requant, packed, products, out):
-    """:func:`linear_s8_into` with the buffer of the packed rows supplied: ``packed``, int8, at least ``M *
-    ceil(K / 4) * 4`` bytes, overwritten (a caller that runs the layer again and again keeps it, saving the page
-    faults of a fresh one).
-
-    >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
-    >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
-    >>> out, scratch, packed = np.empty((1, 2), np.int8), np.empty((1, 2), np.int32), np.empty(4, np.int8)
-    >>> if available(): linear_s8_buffered_into(x, avx2.pack_weights_s8(w).panels, 2, 2, requant, packed, scratch, out)
-    ... else: out[:] = linear_s8_reference(x, w, requant)
-    >>> out
-    array([[  9, -11]], dtype=int8)
-    """
     avx2._check_s8_arguments(x, panels, n, k, products)
     _check_requant(requant, n)
     if out.shape[0] != x.shape[0] or out.shape[1] != n:
         raise ValueError("linear_s8_into: out must have shape (x.shape[0], n)")
     padded_k = (k + GROUP - 1) // GROUP * GROUP
-    pack_rows_into(x, padded_k, packed)
-    _linear_packed(packed, x.shape[0], padded_k, panels, n, requant, products, out)
+    if packed is None:
+        rows = np.empty(x.shape[0] * padded_k, np.int8)  # (M * K padded,)
+    else:
+        rows = packed
+    pack_rows_into(x, padded_k, rows)
+    _linear_packed(rows, x.shape[0], padded_k, panels, n, requant, products, out)
 
 
 @numba.njit(cache=True)

@@ -180,7 +180,7 @@ def test_buffered_linear_equals_the_plain_one(kernels512):
         x, _ = operands(seed, m, k, n, seed == 3)
         expected, out = np.empty((m, n), np.int8), np.empty((m, n), np.int8)
         kernels512.linear_s8_into(x, panels, n, k, requant, products, expected)
-        kernels512.linear_s8_buffered_into(x, panels, n, k, requant, packed, products, out)
+        kernels512.linear_s8_into(x, panels, n, k, requant, products, out, packed)
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(out, ref.quantized_linear(x, w, None, 2, np.full(n, 2**30), np.full(n, 9), -1,
                                                                 QuantSpec(), True))
