@@ -12,8 +12,9 @@ defeat the cache. The drivers compile only when first called, which the dispatch
 only for the kind :func:`s8_kernel` names: elsewhere they never compile, and a specialization compiles only its
 own kernel. Each driver holds its loop itself (the conv block is inlined before typing) instead of calling a
 compiled function that takes ``kind``: Numba links and optimises every callee again into each compiled caller, so
-a level less is a re-optimisation of the whole GEMM less on an empty cache. The products are exact, so the results are those of the reference
-(:func:`nanoopt.kernels.reference.gemm_s8s8s32`, ``quantized_linear``, ``quantized_conv2d``).
+a level less is a re-optimisation of the whole GEMM less on an empty cache. The products are exact, so the results
+are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`, ``quantized_linear``,
+``quantized_conv2d``).
 
 >>> callable(external_s8_drivers("avx2")[0])
 True
@@ -99,32 +100,29 @@ def _conv_item(kind, padded, panels, item, conv, epilogue, out3):
     epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
 
 
-def _rows_parallel_for(kind: int):
+def _drivers_for(kind: int) -> tuple:
+    """The three drivers of :func:`external_s8_drivers` around the kernel ``kind``."""
+
     @njit(cache=True, parallel=True)
     def rows_parallel(a, panels, n, k, out, rows_per_item):
         """The int8 GEMM of ``kind`` on row blocks of ``a`` in parallel (each block is C-contiguous)."""
         for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
             lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
             _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
-    return rows_parallel
 
-
-def _conv_serial_for(kind: int):
     @njit(cache=True)
     def conv_serial(padded, panels, items, conv, epilogue, out3):
         """Every block of an int8 conv in turn (:func:`_conv_item`)."""
         for item in range(items):
             _conv_item(kind, padded, panels, item, conv, epilogue, out3)
-    return conv_serial
 
-
-def _conv_parallel_for(kind: int):
     @njit(cache=True, parallel=True)
     def conv_parallel(padded, panels, items, conv, epilogue, out3):
         """The blocks of an int8 conv in parallel."""
         for item in prange(items):
             _conv_item(kind, padded, panels, item, conv, epilogue, out3)
-    return conv_parallel
+
+    return rows_parallel, conv_serial, conv_parallel
 
 
 def _linear_for(kind: int):
@@ -156,7 +154,7 @@ def external_s8_drivers(kernel: str) -> tuple:
     if kernel not in KINDS:
         raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
     kind = KINDS[kernel]
-    return _rows_parallel_for(kind), _conv_serial_for(kind), _conv_parallel_for(kind)
+    return _drivers_for(kind)
 
 
 @functools.cache
