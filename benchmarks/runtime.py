@@ -292,7 +292,7 @@ def cold_start(calibration: np.ndarray, folder: Path, feature_sets: list[str]) -
         for label, out in runs:
             seconds = [float(value) for value in out[:4]]
             rows.append(f"| {label} | {features or 'unset'} ({out[4]}) | {seconds[0]:.2f} s | "
-                        f"{seconds[1] * 1e3:.0f} ms | {seconds[2]:.2f} s | {_us(seconds[3])} |")
+                        f"{seconds[1]:.2f} s | {seconds[2]:.2f} s | {_us(seconds[3])} |")
     rows += ["", "`nanoopt precompile plan.npz` runs a saved plan once per batch size so that a deployed process "
              "starts with the warm cache. Python's own bytecode cache is warm in every row."]
     return rows
