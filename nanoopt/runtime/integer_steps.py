@@ -18,14 +18,13 @@ array([-3,  4], dtype=int8)
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from nanoopt import kernels
-from nanoopt.kernels import avx2, avx512, numba_pointwise, x86_glue
+from nanoopt.kernels import avx512, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parallel, conv_serial, pad_nhwc
-from nanoopt.kernels.numba_epilogue import LINEAR, finish_run
+from nanoopt.kernels.numba_epilogue import LINEAR
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_parallel, gemm_serial, use_threads
 from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial, thin_conv_taps
 from nanoopt.runtime.description import Step, spec_from_json
@@ -42,7 +41,7 @@ from nanoopt.runtime.steps import (
     _pool_geometry,
 )
 
-__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ", "linear_s8_avx2"]
+__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ"]
 
 
 def _out_spec(step: Step):
@@ -70,18 +69,6 @@ class _WeightedQ(Op):
         self.out_spec = _out_spec(step)
         return (weight, bias, _attr(step, "x_zero_point", int), m0, shift, _attr(step, "out_zero_point", int),
                 self.out_spec)
-
-
-@numba.njit(cache=True, nogil=True)
-def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cover - compiled
-    """One int8 linear layer: the AVX2 (or AVX-VNNI) product into ``products`` (M, N) int32, then the Numba
-    epilogue (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N), in one
-    call; as :class:`kernels.PreparedLinear` on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), whose
-    per-element epilogue (``numba_epilogue.finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
-    avx2.gemm_s8s8s32_into(x, panels, n, k, products)
-    offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
-    for r in range(x.shape[0]):
-        finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
 
 
 class LinearQ(_WeightedQ):
@@ -123,7 +110,8 @@ class LinearQ(_WeightedQ):
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
-            return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
+            linear = x86_glue.linear_s8_driver(kernels.int8_gemm_kernel())  # the x86 product, then the epilogue
+            return out, [(linear, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
         if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
                 and out.dtype == np.int8 and self.k <= MAX_FUSED_K):
             operands = (rows[None], plan.packed.parts, plan.passes)
