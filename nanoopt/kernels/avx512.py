@@ -876,7 +876,8 @@ def _self_test() -> bool:
                          -128, 127)
     small = a[:, :100].copy()
     fused = np.empty((m, n), np.int8)
-    linear_s8_into(small, avx2.pack_weights_s8(w[:, :100].copy()).panels, n, 100, requant, out, fused)
+    rows = np.empty(m * 100, np.int8)  # the packed rows' buffer, as the runtime's int8 linear step passes one
+    linear_s8_into(small, avx2.pack_weights_s8(w[:, :100].copy()).panels, n, 100, requant, out, fused, rows)
     return exact and bool(np.array_equal(fused, linear_s8_reference(small, w[:, :100], requant)))
 
 
