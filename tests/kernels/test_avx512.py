@@ -221,6 +221,18 @@ def test_fused_epilogue_at_the_rounding_edges(kernels512, shift):
     np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
 
 
+def test_fused_linear_with_no_inputs_requantizes_the_offsets(kernels512):
+    """K = 0: every output is its channel's offset requantized (an N with a partial last panel)."""
+    n = 21
+    requant = avx512.requant_s8(np.arange(n) * 1000 - 5000, np.full(n, 2**30 + 12345), np.arange(n) % 5, 3, -128,
+                                127)
+    x, w = np.zeros((5, 0), np.int8), np.zeros((n, 0), np.int8)
+    out = np.empty((5, n), np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 0, requant, np.empty((5, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+    assert len(np.unique(out[0])) > 10  # the offsets differ, and so do the outputs
+
+
 def test_requant_constants_refuse_what_the_vector_form_cannot_do():
     ones = np.ones(3, np.int64)
     assert avx512.requant_s8(ones, ones * 2**30, -ones, 0, -128, 127) is None  # a left shift
