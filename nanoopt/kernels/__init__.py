@@ -395,7 +395,8 @@ def _avx512_linear(layer: PreparedLinear, x_q: np.ndarray) -> np.ndarray:
         avx512.linear_s8_rows_parallel(x_q, packed.panels, packed.n, packed.k, layer.requant_s8(), products, out,
                                        rows)
     else:
-        avx512.linear_s8_into(x_q, packed.panels, packed.n, packed.k, layer.requant_s8(), products, out)
+        rows = np.empty(x_q.shape[0] * -(-packed.k // 4) * 4, np.int8)  # the packed rows (the runtime's signature)
+        avx512.linear_s8_into(x_q, packed.panels, packed.n, packed.k, layer.requant_s8(), products, out, rows)
     return out
 
 

@@ -104,7 +104,8 @@ class LinearQ(_WeightedQ):
         plan = self.plan
         if self.requant_s8 is not None and not use_threads(2 * m * self.n * self.k):
             products = np.empty((m, self.n), np.int32)  # scratch, used only when K spans several K blocks
-            arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2)
+            packed = np.empty(m * (-(-self.k // 4) * 4), np.int8)  # the rows as the tiles read them, kept
+            arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2, packed)
             return out, [(avx512.linear_s8_into, arguments)]
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail

@@ -144,6 +144,95 @@ def test_fused_linear_across_k_blocks_and_rounding_ties(kernels512):
                                                                       False))
 
 
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(0, 27), k=st.integers(0, 150), seed=st.integers(0, 2**32 - 1), spare=st.integers(0, 9))
+def test_pack_rows_equals_its_reference(m, k, seed, spare):
+    """The tile layout of the activations (portable code: runs on every machine): 8-row groups interleaved by
+    4-byte groups (16 groups at a time in registers from 64 K values on, the last block overlapping), the rest row
+    by row, every byte + 128, K padded to a multiple of 4; into a caller's buffer, whose spare tail stays."""
+    a = np.random.default_rng(seed).integers(-128, 128, size=(m, k)).astype(np.int8)
+    padded_k = -(-k // 4) * 4
+    packed = avx512.pack_rows(a, padded_k)
+    np.testing.assert_array_equal(packed, avx512.pack_rows_reference(a))
+    if m >= 8 and k >= 4:  # row 1's first 4 bytes follow row 0's in the first tile
+        np.testing.assert_array_equal(packed[4:8].view(np.uint8), a[1, :4].astype(np.int16) + 128)
+    buffer = np.full(m * padded_k + spare, 7, np.int8)
+    avx512.pack_rows_into(a, padded_k, buffer)
+    np.testing.assert_array_equal(buffer[: m * padded_k], packed)
+    assert (buffer[m * padded_k :] == 7).all()
+
+
+def test_pack_rows_into_refuses_a_short_buffer():
+    with pytest.raises(ValueError, match="M \\* padded_k bytes"):
+        avx512.pack_rows_into(np.zeros((3, 8), np.int8), 8, np.zeros(23, np.int8))
+
+
+def test_buffered_linear_equals_the_plain_one(kernels512):
+    """The layer with a kept buffer for its packed rows (the runtime's form) = the one that allocates it; a
+    buffer reused across calls with other inputs leaves nothing behind."""
+    m, k, n = 21, 300, 100
+    x, w = operands(3, m, k, n, True)
+    layer = kernels.prepare_linear(w, None, 2, np.full(n, 2**30, np.int32), np.full(n, 9, np.int32), -1, QuantSpec(),
+                                   True)
+    panels, requant = layer.weights.avx2_s8().panels, layer.requant_s8()
+    packed, products = np.empty(m * k, np.int8), np.empty((m, n), np.int32)
+    for seed in (3, 4):
+        x, _ = operands(seed, m, k, n, seed == 3)
+        expected, out = np.empty((m, n), np.int8), np.empty((m, n), np.int8)
+        kernels512.linear_s8_into(x, panels, n, k, requant, products, expected)
+        kernels512.linear_s8_into(x, panels, n, k, requant, products, out, packed)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(out, ref.quantized_linear(x, w, None, 2, np.full(n, 2**30), np.full(n, 9), -1,
+                                                                QuantSpec(), True))
+
+
+int32_sums = st.integers(-(2**31) + 1, 2**31 - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sums=st.lists(int32_sums, min_size=1, max_size=40), seed=st.integers(0, 2**32 - 1), relu=st.booleans())
+def test_fused_epilogue_on_any_int32_sum(kernels512, sums, seed, relu):
+    """The one-step rounding of the epilogue (``(P + add - [P < -2^30] negative) >> (31 + s)``) = the spec's
+    ``multiply_by_quantized_multiplier`` then clamp, on sums anywhere in int32: zero activations make each output
+    channel's sum its offset. Multipliers span [2^30, 2^31), shifts 0..30, zero points the int8 range."""
+    rng = np.random.default_rng(seed)
+    n = len(sums)
+    m0 = rng.integers(2**30, 2**31, n)
+    shift = rng.integers(0, 31, n)
+    zero_point = int(rng.integers(-128, 128))
+    requant = avx512.requant_s8(np.array(sums), m0, shift, zero_point, zero_point if relu else -128, 127)
+    x, w = np.zeros((3, 5), np.int8), rng.integers(-127, 128, size=(n, 5)).astype(np.int8)
+    out = np.full((3, n), 99, np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 5, requant, np.empty((3, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+
+
+@pytest.mark.parametrize("shift", [0, 1, 2, 17, 30])
+def test_fused_epilogue_at_the_rounding_edges(kernels512, shift):
+    """Sums whose product with ``m0`` sits at ``-2^30`` (where the rounding changes side), at ties and at the ends
+    of int32, against the reference."""
+    sums = np.array([-(2**31) + 1, -(2**30), -3, -2, -1, 0, 1, 2, 3, 2**30, 2**31 - 1] * 3)
+    m0 = np.repeat([2**30, 2**30 + 1, 2**31 - 1], 11)
+    n = len(sums)
+    requant = avx512.requant_s8(sums, m0, np.full(n, shift), 5, -128, 127)
+    x, w = np.zeros((9, 4), np.int8), np.ones((n, 4), np.int8)
+    out = np.empty((9, n), np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 4, requant, np.empty((9, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+
+
+def test_fused_linear_with_no_inputs_requantizes_the_offsets(kernels512):
+    """K = 0: every output is its channel's offset requantized (an N with a partial last panel)."""
+    n = 21
+    requant = avx512.requant_s8(np.arange(n) * 40 - 400, np.full(n, 2**30 + 12345), np.arange(n) % 2, 3, -128,
+                                127)
+    x, w = np.zeros((5, 0), np.int8), np.zeros((n, 0), np.int8)
+    out = np.empty((5, n), np.int8)
+    kernels512.linear_s8_into(x, avx2.pack_weights_s8(w).panels, n, 0, requant, np.empty((5, n), np.int32), out)
+    np.testing.assert_array_equal(out, avx512.linear_s8_reference(x, w, requant))
+    assert len(np.unique(out[0])) > 10  # the offsets differ, and so do the outputs
+
+
 def test_requant_constants_refuse_what_the_vector_form_cannot_do():
     ones = np.ones(3, np.int64)
     assert avx512.requant_s8(ones, ones * 2**30, -ones, 0, -128, 127) is None  # a left shift
