@@ -186,6 +186,45 @@ def test_wrong_input_is_refused_before_any_kernel(int_plan):
     assert int_plan(good[:0]).shape == (0, 10)  # no samples: no rows, as the models return
 
 
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_every_call_returns_a_new_array_that_no_later_call_touches(kind):
+    """The outputs handed out are allocated ahead, in runs: each is the caller's own (owns its memory, shares none
+    with the plan's buffers or with another output), and later calls -- more than one run of them -- leave it
+    alone."""
+    model, shape = build("lenet5", 3)
+    model.eval()
+    rng = np.random.default_rng(4)
+    plan = runtime.compile(converted(model, shape, "int8", 3)) if kind == "int" else runtime.compile(model)
+    inputs = [rng.normal(size=(2,) + shape).astype(np.float32) for _ in range(3)]
+    expected = [plan(x).copy() for x in inputs]
+    bound = plan._bound[inputs[0].shape]
+    buffers = [bound.input, bound.output, *(a for _, arguments in bound.calls for a in arguments
+                                             if isinstance(a, np.ndarray))]
+    outputs = [plan(inputs[i % 3]) for i in range(2 * bound.refill + 3)]
+    for i, out in enumerate(outputs):
+        assert out.flags.owndata and out.base is None and out.dtype == np.float32
+        np.testing.assert_array_equal(out, expected[i % 3])  # not overwritten by the calls after it
+        assert not any(np.shares_memory(out, other) for other in outputs[:i] + buffers)
+
+
+class Subclass(np.ndarray):
+    pass
+
+
+def test_inputs_off_the_fast_path_give_the_same_bits(int_plan):
+    """A call on a plain float32 array of a known shape skips the full check; every other input (float64,
+    big-endian float32, strided views, a subclass) takes it and gives the same result."""
+    rng = np.random.default_rng(7)
+    wide = rng.normal(size=(3, 1, 8, 16)).astype(np.float32)
+    x = np.ascontiguousarray(wide[..., ::2])
+    expected = int_plan(x)
+    for variant in (wide[..., ::2], x.astype(np.float64), x.astype(">f4"), x.view(Subclass), np.asfortranarray(x)):
+        np.testing.assert_array_equal(int_plan(variant), expected)
+    float_plan = runtime.compile(build("lenet5", 0)[0].eval())
+    np.testing.assert_array_equal(float_plan(wide[..., ::2]), float_plan(x))
+    np.testing.assert_array_equal(float_plan(x.astype(np.float64)), float_plan(x))
+
+
 def test_files_of_another_version_or_damaged_are_refused(int_plan, tmp_path):
     runtime.save(int_plan, tmp_path / "plan.bin")  # saved under exactly the name given
     np.testing.assert_array_equal(runtime.load(tmp_path / "plan.bin")(np.ones((1, 1, 8, 8), np.float32)),
