@@ -82,8 +82,9 @@ class _Bound:
     fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
 
     def __post_init__(self) -> None:
-        self.input_flat = self.input.reshape(-1)  # flat views for the boundary kernels
-        self.output_flat = self.output.reshape(-1)
+        # flat views for the boundary kernels of an integer plan (whose buffers are contiguous)
+        self.input_flat = self.input.reshape(-1) if self.input.flags.c_contiguous else None
+        self.output_flat = self.output.reshape(-1) if self.output.flags.c_contiguous else None
         self.refill = max(1, min(FRESH_MAX, FRESH_BYTES // max(1, 4 * self.output.size)))
 
     def new_output(self) -> np.ndarray:
@@ -140,7 +141,9 @@ class Plan:
     # ---------------------------------------------------------------------------------------- binding
     def _bind(self, shape: tuple[int, ...]) -> _Bound:
         dtype = self.input_dtype if self.kind == "int" else np.dtype(np.float32)
-        values = [np.empty(shape, dtype)]
+        readers = [op for op, step in zip(self.ops, self.description.steps, strict=True) if 0 in step.inputs]
+        view = readers[0].input_view(shape) if len(readers) == 1 and self.kind == "float" else None
+        values = [np.empty(shape, dtype) if view is None else view]  # (a view: the input is written in place)
         calls: list[Call] = []
         per_step = []
         for op, step in zip(self.ops, self.description.steps, strict=True):

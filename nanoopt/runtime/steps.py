@@ -95,6 +95,12 @@ class Op:
     def bind(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[Call]]:
         raise NotImplementedError
 
+    def input_view(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A float32 view of ``shape`` into a buffer of this operation that the plan may use as the plan's input
+        buffer when this is the only step reading the input, so that the input is written where the kernel reads
+        it (the interior of a convolution's zero-padded input); ``None``: no such buffer."""
+        return None
+
 
 def _copy_result(out: np.ndarray, compute: Callable[[], np.ndarray]) -> Call:
     """A call that writes ``compute()`` into ``out`` (for the rarer paths that allocate their result)."""

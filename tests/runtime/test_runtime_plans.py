@@ -207,6 +207,26 @@ def test_every_call_returns_a_new_array_that_no_later_call_touches(kind):
         assert not any(np.shares_memory(out, other) for other in outputs[:i] + buffers)
 
 
+def test_a_padded_first_conv_reads_the_input_where_the_plan_writes_it():
+    """The float plan copies its input straight into the zero-padded buffer of a first conv with padding (no
+    buffer of its own, no second copy); its border stays zero over calls, and the results are the model's."""
+    model, shape = build("lenet5", 2)
+    model.eval()
+    plan = runtime.compile(model)
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        x = rng.normal(size=(3,) + shape).astype(np.float32) + 5.0  # no zeros: a border written would show
+        with no.no_grad():
+            expected = model(x).data
+        np.testing.assert_allclose(plan(x), expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
+    bound = plan._bound[x.shape]
+    padded = plan.ops[0].padded_inputs[x.shape]
+    assert bound.input.base is padded and padded[:, :, 0].max() == 0 and padded[:, :, :, -1].max() == 0
+    first = [function for function, _ in bound.per_step[0]]
+    assert np.copyto not in first and len(first) == 1  # the conv itself, no copy before it
+    assert np.copyto in [function for function, _ in bound.per_step[1]]  # the second conv reads a step's output
+
+
 class Subclass(np.ndarray):
     pass
 
