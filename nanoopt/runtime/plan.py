@@ -69,6 +69,7 @@ def _not_finite(x: np.ndarray) -> str:
 FRESH_BYTES = 256 * 1024
 FRESH_MAX = 16
 _FLOAT32 = np.dtype(np.float32)
+_NDARRAY = np.ndarray
 
 
 @dataclass
@@ -88,11 +89,11 @@ class _Bound:
         self.refill = max(1, min(FRESH_MAX, FRESH_BYTES // max(1, 4 * self.output.size)))
 
     def new_output(self) -> np.ndarray:
-        """A new float32 array of the output's shape, owned by the caller (allocated ahead in runs of
-        ``refill``)."""
+        """A new float32 array of the output's shape, owned by the caller: the next of a run of ``refill``
+        allocated together, after allocating a run if the last one is used up."""
         if not self.fresh:
             shape = self.output.shape
-            self.fresh = [np.empty(shape, _FLOAT32) for _ in range(self.refill)]
+            self.fresh.extend([np.empty(shape, _FLOAT32) for _ in range(self.refill)])
         return self.fresh.pop()
 
 
@@ -114,6 +115,7 @@ class Plan:
             self.ops.append(OPS[step.op](step))
         self.input_shape = description.input_shape
         self._bound: dict[tuple[int, ...], _Bound] = {}
+        self._int = description.kind == "int"
         if description.kind == "int":
             self._boundary()
 
@@ -172,7 +174,7 @@ class Plan:
     # ------------------------------------------------------------------------------------------- calls
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the plan on a float batch ``x`` (N, ...) and return a new float32 array."""
-        bound = self._bound.get(x.shape) if type(x) is np.ndarray and x.dtype is _FLOAT32 else None
+        bound = self._bound.get(x.shape) if type(x) is _NDARRAY and x.dtype is _FLOAT32 else None
         if bound is None:  # not a plain float32 array of a shape bound before: the full check (and binding)
             x, bound = self._checked_bound(x)
             if bound is None:
@@ -180,7 +182,10 @@ class Plan:
         self._enter(x, bound)
         for function, arguments in bound.calls:
             function(*arguments)
-        out = bound.fresh.pop() if bound.fresh else bound.new_output()
+        try:
+            out = bound.fresh.pop()
+        except IndexError:  # the run of new outputs is used up
+            out = bound.new_output()
         self._leave(bound, out)
         return out
 
@@ -205,7 +210,7 @@ class Plan:
     def _enter(self, x: np.ndarray, bound: _Bound) -> None:
         """The input boundary kernel: quantize ``x`` into the input codes in one pass that also checks that every
         value is finite (an integer plan), or copy it into the input buffer (a float plan)."""
-        if self.kind == "int":
+        if self._int:
             flat = x.reshape(-1) if x.dtype is _FLOAT32 else np.ascontiguousarray(x, np.float32).reshape(-1)
             if not quantize_into(flat, *self._quantize, bound.input_flat):  # (reshape copies a strided x)
                 raise ValueError(_not_finite(x))
@@ -214,7 +219,7 @@ class Plan:
 
     def _leave(self, bound: _Bound, out: np.ndarray) -> None:
         """The output boundary kernel: dequantize the output codes into ``out`` (or copy the float output)."""
-        if self.kind == "int":
+        if self._int:
             dequantize_into(bound.output_flat, *self._dequantize, out.reshape(-1))
         else:
             np.copyto(out, bound.output)
@@ -259,7 +264,7 @@ class Plan:
             self(x)
             whole.append(clock() - start)
             begin = clock()
-            bound = self._bound.get(x.shape) if type(x) is np.ndarray and x.dtype is _FLOAT32 else None
+            bound = self._bound.get(x.shape) if type(x) is _NDARRAY and x.dtype is _FLOAT32 else None
             checked = x
             if bound is None:
                 checked, bound = self._checked_bound(x)
@@ -271,7 +276,10 @@ class Plan:
                 start = clock()
                 function(*arguments)
                 inside += clock() - start
-            out = bound.fresh.pop() if bound.fresh else bound.new_output()
+            try:
+                out = bound.fresh.pop()
+            except IndexError:
+                out = bound.new_output()
             start = clock()
             self._leave(bound, out)
             end = clock()
