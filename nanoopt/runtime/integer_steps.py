@@ -18,6 +18,8 @@ array([-3,  4], dtype=int8)
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
@@ -28,6 +30,8 @@ from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parall
 from nanoopt.kernels.numba_epilogue import LINEAR, finish_run
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_parallel, gemm_serial, use_threads
 from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial, thin_conv_taps
+from nanoopt.kernels.x86_glue import conv_parallel as x86_conv_parallel
+from nanoopt.kernels.x86_glue import conv_serial as x86_conv_serial
 from nanoopt.runtime.description import Step, spec_from_json
 from nanoopt.runtime.steps import (
     Op,
@@ -82,6 +86,37 @@ def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cove
     offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
     for r in range(x.shape[0]):
         finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
+
+
+def _pad_then_conv_serial_for(kind: int):
+    @numba.njit(cache=True, nogil=True)
+    def pad_then_conv(x, zero_point, pad_h, pad_w, padded, panels, items, conv, epilogue, out3):  # pragma: no cover
+        pad_nhwc(x, zero_point, pad_h, pad_w, padded)
+        x86_conv_serial(kind, padded, panels, items, conv, epilogue, out3)
+    return pad_then_conv
+
+
+def _pad_then_conv_parallel_for(kind: int):
+    @numba.njit(cache=True, nogil=True)
+    def pad_then_conv(x, zero_point, pad_h, pad_w, padded, panels, items, conv, epilogue, out3):  # pragma: no cover
+        pad_nhwc(x, zero_point, pad_h, pad_w, padded)
+        x86_conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
+    return pad_then_conv
+
+
+@functools.cache
+def pad_then_conv_s8(kernel: str, parallel: bool):
+    """An int8 conv on the x86 GEMM ``kernel`` in one compiled call: ``pad_nhwc`` (the NCHW codes into the
+    zero-point-padded NHWC buffer) and then the conv driver of :func:`nanoopt.kernels.x86_glue.external_s8_drivers`
+    -- the same two functions in the same order, without a return to Python between them (each return costs a
+    Numba dispatch and the interpreter's cold caches after milliseconds of kernels). ``kind`` is a closure constant,
+    as in ``x86_glue``: the drivers are typed with the literal once, when this compiles.
+
+    >>> pad_then_conv_s8("avx2", False) is pad_then_conv_s8("avx2", False)
+    True
+    """
+    kind = x86_glue.KINDS[kernel]
+    return _pad_then_conv_parallel_for(kind) if parallel else _pad_then_conv_serial_for(kind)
 
 
 class LinearQ(_WeightedQ):
@@ -188,10 +223,9 @@ class Conv2dQ(_WeightedQ):
             per_block = EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            _, serial, parallel = x86_glue.external_s8_drivers(kernels.int8_gemm_kernel())
-            run = parallel if use_threads(ops) else serial
-            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
-                         (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
+            run = pad_then_conv_s8(kernels.int8_gemm_kernel(), use_threads(ops))
+            return out, [(run, (x, plan.x_zero_point, ph, pw, padded, self.panels, items,
+                                plan.conv_tuple(out_h, out_w), epilogue, out3))]
         if fast and self.backend == "numba" and out_channels // self.groups >= TILE_COLUMNS:
             padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
             items = batch * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)
