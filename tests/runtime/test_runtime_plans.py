@@ -227,6 +227,19 @@ def test_a_padded_first_conv_reads_the_input_where_the_plan_writes_it():
     assert np.copyto in [function for function, _ in bound.per_step[1]]  # the second conv reads a step's output
 
 
+def test_profile_reports_every_part_of_a_call(int_plan):
+    """``profile`` times plain and instrumented calls; it names its parts (no wall-clock bounds asserted) and leaves
+    the outputs handed out before it untouched."""
+    x = np.random.default_rng(5).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    before = int_plan(x)
+    kept = before.copy()
+    profile = int_plan.profile(x, repeats=3)
+    assert set(profile) == {"whole", "kernels", "boundary", "overhead", "overhead_mean", "steps", "calls"}
+    assert 0 < profile["boundary"] < profile["kernels"] and profile["whole"] > 0
+    assert profile["calls"] == len(int_plan._bound[x.shape].calls) and profile["steps"] == len(int_plan.ops)
+    np.testing.assert_array_equal(before, kept)
+
+
 class Subclass(np.ndarray):
     pass
 
