@@ -78,8 +78,8 @@ class _Bound:
 
     input: np.ndarray  # value 0's buffer (codes for an integer plan, float32 otherwise)
     output: np.ndarray  # the buffer of the output value
-    calls: list[Call]
-    per_step: list[list[Call]]  # the same calls, grouped by step (for profiling)
+    calls: list[Call]  # what a call runs: the steps' calls in order, consecutive float linear ones merged
+    per_step: list[list[Call]]  # each step's calls as it bound them (for profiling)
     fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
 
     def __post_init__(self) -> None:
@@ -153,6 +153,8 @@ class Plan:
             values.append(out)
             calls.extend(step_calls)
             per_step.append(step_calls)
+        if self.kind == "float":
+            calls = F.chain_linears(calls)  # (per_step keeps each step's own calls)
         output = values[self.description.output]
         if self.kind == "int" and output.dtype != self.output_dtype:
             raise PlanFormatError(f"the plan's output value has dtype {output.dtype}, its output grid expects "

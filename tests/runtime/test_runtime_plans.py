@@ -26,6 +26,8 @@ from nanoopt.prune.sparse import to_sparse
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.ptq import calibrate, convert, prepare
 from nanoopt.runtime import PlanFormatError
+from nanoopt.runtime import float_kernels as fk
+from nanoopt.runtime.float_steps import chain_linears
 
 
 def build(architecture, seed):
@@ -238,6 +240,34 @@ def test_profile_reports_every_part_of_a_call(int_plan):
     assert 0 < profile["boundary"] < profile["kernels"] and profile["whole"] > 0
     assert profile["calls"] == len(int_plan._bound[x.shape].calls) and profile["steps"] == len(int_plan.ops)
     np.testing.assert_array_equal(before, kept)
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "lenet5"])
+def test_consecutive_linear_layers_run_as_one_call_with_the_same_bits(architecture):
+    """A float plan runs consecutive linear layers in one compiled call; its output has the bits of the steps'
+    own calls run one by one."""
+    model, shape = build(architecture, 6)
+    plan = runtime.compile(model.eval())
+    x = np.random.default_rng(6).normal(size=(5,) + shape).astype(np.float32)
+    out = plan(x)
+    bound = plan._bound[x.shape]
+    names = [function.__name__ for function, _ in bound.calls]
+    assert names.count("linear_chain") == 1 and "linear_bias_act" not in names
+    np.copyto(bound.input, x)
+    for calls in bound.per_step:
+        for function, arguments in calls:
+            function(*arguments)
+    np.testing.assert_array_equal(bound.output, out)
+
+
+def test_linear_calls_of_other_numba_types_are_not_chained():
+    x, bias = np.ones((2, 3), np.float32), np.zeros(4, np.float32)
+    hidden, out = np.empty((2, 4), np.float32), np.empty((2, 1), np.float32)
+    wide, narrow = np.ones((4, 3), np.float32).T, np.ones((1, 4), np.float32).T  # layouts F and C (one column)
+    calls = [(fk.linear_bias_act, (x, wide, bias, True, hidden)), (fk.linear_bias_act, (hidden, narrow, bias[:1],
+                                                                                       False, out))]
+    assert [function for function, _ in chain_linears(calls)] == [fk.linear_bias_act] * 2
+    assert [function for function, _ in chain_linears(calls[:1] * 2)] == [fk.linear_chain]
 
 
 class Subclass(np.ndarray):
