@@ -55,13 +55,13 @@ def linear_bias_act(x, weight_t, bias, relu, out):  # pragma: no cover - compile
 
 
 @numba.njit(cache=True, nogil=True)
-def linear_chain(xs, weights_t, biases, relus, outs):  # pragma: no cover - compiled
-    """Consecutive float linear layers in one call: :func:`linear_bias_act` ``(xs[i], weights_t[i], biases[i],
-    relus[i], outs[i])`` for ``i = 0, 1, ...`` in turn (``xs[i + 1]`` a view of ``outs[i]``): the same products and
-    epilogues in the same order as separate calls, so the same bits, without a return to Python between layers.
-    Each argument is a tuple of one Numba type (arrays of one dtype, rank and layout)."""
-    for i in range(len(xs)):
-        linear_bias_act(xs[i], weights_t[i], biases[i], relus[i], outs[i])
+def linear_chain(arguments):  # pragma: no cover - compiled
+    """Consecutive float linear layers in one call: :func:`linear_bias_act` ``(*arguments[i])`` for ``i = 0, 1,
+    ...`` in turn (each ``(x, weight_t, bias, relu, out)``, the next layer's ``x`` a view of this one's ``out``):
+    the same products and epilogues in the same order as separate calls, so the same bits, without a return to
+    Python between layers. The argument tuples are all of one Numba type."""
+    for i in range(len(arguments)):
+        linear_bias_act(*arguments[i])
 
 
 def linear_chain_reference(x: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],

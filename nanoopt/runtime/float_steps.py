@@ -15,7 +15,6 @@ array([0., 2.], dtype=float32)
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from nanoopt.kernels import nm_sparse, sparse, sparse_avx2
@@ -36,7 +35,7 @@ from nanoopt.runtime.steps import (
     _pool_geometry,
 )
 
-__all__ = ["Add", "AvgPool", "ChannelAffine", "Conv2d", "CsrLinear", "Linear", "NmLinear", "Relu", "chain_linears"]
+__all__ = ["Add", "AvgPool", "ChannelAffine", "Conv2d", "CsrLinear", "Linear", "NmLinear", "Relu"]
 
 
 def _float_bias(step: Step, channels: int) -> np.ndarray:
@@ -75,40 +74,6 @@ class Linear(Op):
         out = np.empty(x.shape[:-1] + (self.n,), np.float32)
         out2 = out.reshape(-1, self.n)
         return out, [(fk.linear_bias_act, (rows, self.weight_t, self.bias, self.relu, out2))]
-
-
-def chain_linears(calls: list[Call]) -> list[Call]:
-    """``calls`` with every run of two or more consecutive float linear calls (:func:`fk.linear_bias_act`, arguments
-    of the same Numba types) made one :func:`fk.linear_chain` call: the same kernels in the same order, one return
-    to Python per run instead of one per layer (each costs a Numba dispatch and the interpreter's cold caches after
-    the products; measured: about 1 us of the plan's overhead per call at batch 256, docs/runtime.md).
-
-    >>> x, w = np.ones((1, 2), np.float32), np.ones((2, 2), np.float32)
-    >>> h, y, b = np.empty((1, 2), np.float32), np.empty((1, 2), np.float32), np.zeros(2, np.float32)
-    >>> [f.__name__ for f, _ in chain_linears([(fk.linear_bias_act, (x, w.T, b, True, h)),
-    ...                                        (fk.linear_bias_act, (h, w.T, b, False, y))])]
-    ['linear_chain']
-    """
-    merged: list[Call] = []
-    run: list[tuple] = []
-
-    def close() -> None:
-        if len(run) > 1:
-            merged.append((fk.linear_chain, tuple(zip(*run, strict=True))))
-        else:
-            merged.extend((fk.linear_bias_act, arguments) for arguments in run)
-        run.clear()
-
-    for function, arguments in calls:
-        if function is not fk.linear_bias_act:
-            close()
-            merged.append((function, arguments))
-            continue
-        if run and [numba.typeof(a) for a in arguments] != [numba.typeof(a) for a in run[0]]:
-            close()
-        run.append(arguments)
-    close()
-    return merged
 
 
 # Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct

@@ -46,7 +46,8 @@ from nanoopt.runtime.steps import (
     _pool_geometry,
 )
 
-__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ", "linear_s8_avx2"]
+__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ", "linear_s8_avx2", "linear_s8_avx2_chain",
+           "linear_s8_avx512_chain", "pad_then_conv_s8"]
 
 
 def _out_spec(step: Step):
@@ -117,6 +118,22 @@ def pad_then_conv_s8(kernel: str, parallel: bool):
     """
     kind = x86_glue.KINDS[kernel]
     return _pad_then_conv_parallel_for(kind) if parallel else _pad_then_conv_serial_for(kind)
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_s8_avx2_chain(arguments):  # pragma: no cover - compiled
+    """Consecutive int8 linear layers on the AVX2 path in one call: :func:`linear_s8_avx2` ``(*arguments[i])`` in
+    turn (:func:`nanoopt.runtime.steps.chain_calls`)."""
+    for i in range(len(arguments)):
+        linear_s8_avx2(*arguments[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_s8_avx512_chain(arguments):  # pragma: no cover - compiled
+    """Consecutive int8 linear layers on the AVX-512 kernel that requantizes in registers, in one call:
+    :func:`nanoopt.kernels.avx512.linear_s8_into` ``(*arguments[i])`` in turn."""
+    for i in range(len(arguments)):
+        avx512.linear_s8_into(*arguments[i])
 
 
 class LinearQ(_WeightedQ):

@@ -33,14 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt.kernels import avx512
+from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
 from nanoopt.runtime.description import PlanDescription, PlanFormatError
-from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op
+from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op, chain_calls
 from nanoopt.spec import check_scale, check_zero_point
 
-__all__ = ["FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
+__all__ = ["CHAINS", "FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
 
 OPS: dict[str, type[Op]] = {
     "linear_q": Q.LinearQ, "conv2d_q": Q.Conv2dQ, "add_q": Q.AddQ, "avg_pool_q": Q.AvgPoolQ, "relu_q": Q.ReluQ,
@@ -51,6 +53,9 @@ OPS: dict[str, type[Op]] = {
 SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
 INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
 FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
+# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the linear layers'.
+CHAINS = {fk.linear_bias_act: fk.linear_chain, Q.linear_s8_avx2: Q.linear_s8_avx2_chain,
+          avx512.linear_s8_into: Q.linear_s8_avx512_chain}
 
 
 def _not_finite(x: np.ndarray) -> str:
@@ -153,8 +158,7 @@ class Plan:
             values.append(out)
             calls.extend(step_calls)
             per_step.append(step_calls)
-        if self.kind == "float":
-            calls = F.chain_linears(calls)  # (per_step keeps each step's own calls)
+        calls = chain_calls(calls, CHAINS)  # (per_step keeps each step's own calls)
         output = values[self.description.output]
         if self.kind == "int" and output.dtype != self.output_dtype:
             raise PlanFormatError(f"the plan's output value has dtype {output.dtype}, its output grid expects "

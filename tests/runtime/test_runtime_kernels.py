@@ -115,15 +115,15 @@ def test_epilogues_and_affine_are_exact(products, relu):
 def test_linear_chain_equals_its_layers_one_by_one(batch, widths, seed):
     """One call over consecutive linear layers gives the bits of the separate calls, close to NumPy's products.
     (Widths from 2: a weight with one row or column is both C- and F-contiguous, another Numba type, which
-    ``float_steps.chain_linears`` leaves out of a chain.)"""
+    ``steps.chain_calls`` leaves out of a chain.)"""
     rng = np.random.default_rng(seed)
     weights = [rng.normal(size=(n, k)).astype(np.float32) for k, n in zip(widths, widths[1:], strict=False)]
     biases = [rng.normal(size=w.shape[0]).astype(np.float32) for w in weights]
     relus = [bool(r) for r in rng.integers(0, 2, len(weights))]
     x = rng.normal(size=(batch, widths[0])).astype(np.float32)
     chained, alone = ([np.empty((batch, w.shape[0]), np.float32) for w in weights] for _ in range(2))
-    fk.linear_chain(tuple([x, *chained[:-1]]), tuple(w.T for w in weights), tuple(biases), tuple(relus),
-                    tuple(chained))
+    fk.linear_chain(tuple((x if i == 0 else chained[i - 1], w.T, b, r, chained[i])
+                          for i, (w, b, r) in enumerate(zip(weights, biases, relus, strict=True))))
     for i, (w, b, r) in enumerate(zip(weights, biases, relus, strict=True)):
         fk.linear_bias_act(x if i == 0 else alone[i - 1], w.T, b, r, alone[i])
     for a, b in zip(chained, alone, strict=True):

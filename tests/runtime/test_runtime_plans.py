@@ -27,7 +27,8 @@ from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.ptq import calibrate, convert, prepare
 from nanoopt.runtime import PlanFormatError
 from nanoopt.runtime import float_kernels as fk
-from nanoopt.runtime.float_steps import chain_linears
+from nanoopt.runtime.plan import CHAINS
+from nanoopt.runtime.steps import chain_calls
 
 
 def build(architecture, seed):
@@ -242,22 +243,29 @@ def test_profile_reports_every_part_of_a_call(int_plan):
     np.testing.assert_array_equal(before, kept)
 
 
+@pytest.mark.parametrize("kind", ["float", "int"])
 @pytest.mark.parametrize("architecture", ["mlp", "lenet5"])
-def test_consecutive_linear_layers_run_as_one_call_with_the_same_bits(architecture):
-    """A float plan runs consecutive linear layers in one compiled call; its output has the bits of the steps'
-    own calls run one by one."""
+def test_consecutive_linear_layers_run_as_one_call_with_the_same_bits(architecture, kind):
+    """A plan runs consecutive linear layers in one compiled call (where the layers' kernel has a chain: always for
+    float, on the AVX2 and AVX-512 int8 kernels); its output has the bits of the steps' own calls run one by one."""
     model, shape = build(architecture, 6)
-    plan = runtime.compile(model.eval())
+    model.eval()
+    qmodel = converted(model, shape, "int8", 6) if kind == "int" else None
+    plan = runtime.compile(model if qmodel is None else qmodel)
     x = np.random.default_rng(6).normal(size=(5,) + shape).astype(np.float32)
-    out = plan(x)
+    if qmodel is not None:  # codes in, codes out
+        x = qmodel.quantize_input(x)
+    expected = plan(x) if qmodel is None else plan.forward_int(x)
     bound = plan._bound[x.shape]
-    names = [function.__name__ for function, _ in bound.calls]
-    assert names.count("linear_chain") == 1 and "linear_bias_act" not in names
+    own = [function for calls in bound.per_step for function, _ in calls]
+    if kind == "float" or any(function in CHAINS for function in own):
+        assert [function for function, _ in bound.calls].count(CHAINS[own[-1]]) == 1
+        assert len(bound.calls) == len(own) - 2  # three layers, one call
     np.copyto(bound.input, x)
     for calls in bound.per_step:
         for function, arguments in calls:
             function(*arguments)
-    np.testing.assert_array_equal(bound.output, out)
+    np.testing.assert_array_equal(bound.output, expected)
 
 
 def test_linear_calls_of_other_numba_types_are_not_chained():
@@ -266,8 +274,8 @@ def test_linear_calls_of_other_numba_types_are_not_chained():
     wide, narrow = np.ones((4, 3), np.float32).T, np.ones((1, 4), np.float32).T  # layouts F and C (one column)
     calls = [(fk.linear_bias_act, (x, wide, bias, True, hidden)), (fk.linear_bias_act, (hidden, narrow, bias[:1],
                                                                                        False, out))]
-    assert [function for function, _ in chain_linears(calls)] == [fk.linear_bias_act] * 2
-    assert [function for function, _ in chain_linears(calls[:1] * 2)] == [fk.linear_chain]
+    assert [function for function, _ in chain_calls(calls, CHAINS)] == [fk.linear_bias_act] * 2
+    assert [function for function, _ in chain_calls(calls[:1] * 2, CHAINS)] == [fk.linear_chain]
 
 
 class Subclass(np.ndarray):
