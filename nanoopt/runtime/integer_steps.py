@@ -89,19 +89,14 @@ def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cove
         finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
 
 
-def _pad_then_conv_serial_for(kind: int):
+def _pad_then_conv_for(kind: int, parallel: bool):
     @numba.njit(cache=True, nogil=True)
     def pad_then_conv(x, zero_point, pad_h, pad_w, padded, panels, items, conv, epilogue, out3):  # pragma: no cover
         pad_nhwc(x, zero_point, pad_h, pad_w, padded)
-        x86_conv_serial(kind, padded, panels, items, conv, epilogue, out3)
-    return pad_then_conv
-
-
-def _pad_then_conv_parallel_for(kind: int):
-    @numba.njit(cache=True, nogil=True)
-    def pad_then_conv(x, zero_point, pad_h, pad_w, padded, panels, items, conv, epilogue, out3):  # pragma: no cover
-        pad_nhwc(x, zero_point, pad_h, pad_w, padded)
-        x86_conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
+        if parallel:  # a closure constant: Numba prunes the other branch (and never compiles its driver)
+            x86_conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
+        else:
+            x86_conv_serial(kind, padded, panels, items, conv, epilogue, out3)
     return pad_then_conv
 
 
@@ -110,14 +105,14 @@ def pad_then_conv_s8(kernel: str, parallel: bool):
     """An int8 conv on the x86 GEMM ``kernel`` in one compiled call: ``pad_nhwc`` (the NCHW codes into the
     zero-point-padded NHWC buffer) and then the conv driver of :func:`nanoopt.kernels.x86_glue.external_s8_drivers`
     -- the same two functions in the same order, without a return to Python between them (each return costs a
-    Numba dispatch and the interpreter's cold caches after milliseconds of kernels). ``kind`` is a closure constant,
-    as in ``x86_glue``: the drivers are typed with the literal once, when this compiles.
+    Numba dispatch and the interpreter's cold caches after milliseconds of kernels). ``kind`` and ``parallel`` are
+    closure constants, as in ``x86_glue`` (part of Numba's cache key): the driver is typed with the literal once,
+    when this compiles.
 
     >>> pad_then_conv_s8("avx2", False) is pad_then_conv_s8("avx2", False)
     True
     """
-    kind = x86_glue.KINDS[kernel]
-    return _pad_then_conv_parallel_for(kind) if parallel else _pad_then_conv_serial_for(kind)
+    return _pad_then_conv_for(x86_glue.KINDS[kernel], parallel)
 
 
 @numba.njit(cache=True, nogil=True)
