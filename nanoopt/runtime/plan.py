@@ -69,8 +69,8 @@ def _not_finite(x: np.ndarray) -> str:
 # Fresh output arrays are allocated ahead, several in one go, up to this many bytes (at most FRESH_MAX arrays): at
 # batch 256 a call runs for milliseconds, long enough for its kernels (and, on a shared machine, other processes) to
 # evict the few pages of interpreter, NumPy and allocator state that one np.empty walks; a lone allocation after the
-# kernels then costs 8-20 us of cache misses (measured on LeNet-5, docs/runtime.md), a run of them about 0.5 us
-# each after the first. Each array is handed out once and never touched by the plan again.
+# kernels then costs 8-20 us of cache misses (measured on LeNet-5 on a loaded machine, docs/runtime.md), a run of
+# them about 0.5 us each after the first. Each array is handed out once and never touched by the plan again.
 FRESH_BYTES = 256 * 1024
 FRESH_MAX = 16
 _FLOAT32 = np.dtype(np.float32)
