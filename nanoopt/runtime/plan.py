@@ -83,7 +83,7 @@ class _Bound:
 
     input: np.ndarray  # value 0's buffer (codes for an integer plan, float32 otherwise)
     output: np.ndarray  # the buffer of the output value
-    calls: list[Call]  # what a call runs: the steps' calls in order, consecutive float linear ones merged
+    calls: list[Call]  # what a call runs: the steps' calls in order, runs of one chained kernel merged (CHAINS)
     per_step: list[list[Call]]  # each step's calls as it bound them (for profiling)
     fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
 
