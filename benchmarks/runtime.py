@@ -13,10 +13,12 @@ Then: the plan's kernel-only time (the boundary kernels -- input quantization wi
 dequantization -- and the layers' kernel calls, each timed by itself inside one call) and its overhead per layer
 (the rest of that call: input checks, buffer lookup, the loop, the output allocation, median and mean);
 pruned LeNet-300-100 through float plans (90% unstructured on the CSR kernels, 50% of the neurons physically
-removed) against the dense float plan at batch 1; and the runtime's cold start (import, load + first call with an
-empty and a warm Numba cache, in fresh processes).
+removed) against the dense float plan at batch 1; and the runtime's cold start (import, load + first call of the
+int8 LeNet-5 plan in fresh interpreters: with an empty Numba cache, warm, and after ``nanoopt precompile``; on the
+CPU's own features and with ``NANOOPT_CPU_FEATURES=avx2`` where that changes the int8 kernel, as on an AVX2-only
+machine).
 
-    python -m benchmarks.runtime [--no-cold-start]
+    python -m benchmarks.runtime [--no-cold-start | --cold-start-only] [--cold-start-features avx2]
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 import nanoopt as no  # noqa: E402
 from benchmarks.common import git_revision, machine_description, torch_lenet  # noqa: E402
 from nanoopt import models, prune, quant, runtime  # noqa: E402
+from nanoopt.kernels import cpu_features  # noqa: E402
 
 BATCHES = (1, 256)
 CALLS = {1: 300, 256: 30}
@@ -254,32 +257,69 @@ plan(np.zeros((1, 1, 28, 28), np.float32))
 first = time.perf_counter()
 plan(np.zeros((1, 1, 28, 28), np.float32))
 second = time.perf_counter()
-print(imported - start, loaded - imported, first - loaded, second - first)
+from nanoopt import kernels
+print(imported - start, loaded - imported, first - loaded, second - first, kernels.int8_gemm_kernel())
 """
 
 
-def cold_start(calibration: np.ndarray, folder: Path) -> list[str]:
+def _fresh_process(path: Path, features: str, cache: Path, precompile: bool = False) -> list[str]:
+    """One row: a new interpreter with ``NANOOPT_CPU_FEATURES=features`` ("" for all the CPU has) and Numba's cache
+    in ``cache`` imports the runtime, loads the plan, calls it twice (after ``nanoopt precompile`` in another new
+    interpreter, if asked)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NANOOPT_")}
+    env.update(NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    if features:
+        env["NANOOPT_CPU_FEATURES"] = features
+    if precompile:
+        subprocess.run([sys.executable, "-m", "nanoopt.cli", "precompile", str(path), "--batch-sizes", "1"],
+                       env=env, capture_output=True, text=True, check=True)
+    return subprocess.run([sys.executable, "-c", COLD.format(path=str(path))], env=env, capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
+def cold_start(calibration: np.ndarray, folder: Path, feature_sets: list[str]) -> list[str]:
+    """Import, load and first calls of the int8 LeNet-5 plan in fresh interpreters, per CPU feature set: with an
+    empty Numba cache (a new directory), then warm (the same directory, after that run), then with a cache that
+    only ``nanoopt precompile`` filled."""
     qmodel = quant.quantize_static(build("LeNet-5"), calibration, progress=False)
     path = folder / "lenet5.int8.plan.npz"
     runtime.save(runtime.compile(qmodel), path)
-    cache = folder / "numba-cache"
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    rows = ["| int8 LeNet-5 plan, fresh process | import nanoopt.runtime | load plan | first call (batch 1) | "
-            "second call |", "|---|---:|---:|---:|---:|"]
-    for label in ("empty Numba cache", "warm Numba cache (after the run above)"):
-        out = subprocess.run([sys.executable, "-c", COLD.format(path=str(path))], env=env, capture_output=True,
-                             text=True, check=True).stdout.split()
-        seconds = [float(value) for value in out]
-        rows.append(f"| {label} | {seconds[0]:.2f} s | {seconds[1] * 1e3:.0f} ms | {seconds[2]:.2f} s | "
-                    f"{_us(seconds[3])} |")
+    rows = ["| int8 LeNet-5 plan, fresh process | NANOOPT_CPU_FEATURES (int8 GEMM) | import nanoopt.runtime | "
+            "load plan | first call (batch 1) | second call |", "|---|---|---:|---:|---:|---:|"]
+    for number, features in enumerate(feature_sets):
+        cache, precompiled = folder / f"numba-cache-{number}", folder / f"numba-cache-{number}-precompiled"
+        runs = [("empty Numba cache", _fresh_process(path, features, cache)),
+                ("warm Numba cache (after the run above)", _fresh_process(path, features, cache)),
+                ("after `nanoopt precompile` (empty cache before)",
+                 _fresh_process(path, features, precompiled, precompile=True))]
+        for label, out in runs:
+            seconds = [float(value) for value in out[:4]]
+            rows.append(f"| {label} | {features or 'unset'} ({out[4]}) | {seconds[0]:.2f} s | "
+                        f"{seconds[1]:.2f} s | {seconds[2]:.2f} s | {_us(seconds[3])} |")
     rows += ["", "`nanoopt precompile plan.npz` runs a saved plan once per batch size so that a deployed process "
-             "starts with the warm cache."]
+             "starts with the warm cache. Python's own bytecode cache is warm in every row."]
     return rows
+
+
+def _feature_sets(requested: str) -> list[str]:
+    """The NANOOPT_CPU_FEATURES values to measure: "" (all the CPU has), then each requested one that the CPU has
+    and that changes the int8 kernel (e.g. ``avx2`` on an AVX-512 or AVX-VNNI machine)."""
+    usable = cpu_features.usable_features()
+    sets = [""]
+    for features in filter(None, requested.split(";")):
+        wanted = cpu_features.allowed_features(features)
+        if wanted and wanted <= usable and wanted != usable:
+            sets.append(features)
+    return sets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-cold-start", action="store_true", help="skip the cold-start measurements")
+    parser.add_argument("--cold-start-only", action="store_true", help="only the cold-start measurements")
+    parser.add_argument("--cold-start-features", default="avx2",
+                        help="NANOOPT_CPU_FEATURES values (';'-separated) measured besides the CPU's own features, "
+                             "where the CPU has them and they change the kernel (default: avx2)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(256, 1, 28, 28)).astype(np.float32)
@@ -287,12 +327,13 @@ def main() -> None:
     print("## Deployment runtime (1 thread; latency per call, median)\n")
     print(f"Machine: {machine_description()}; git {git_revision()}\n")
     with tempfile.TemporaryDirectory() as folder:
-        print("\n".join(latency_table(images, calibration, Path(folder))))
-        print("\n### Pruned models through the plan\n")
-        print("\n".join(pruned_table(images)))
+        if not args.cold_start_only:
+            print("\n".join(latency_table(images, calibration, Path(folder))))
+            print("\n### Pruned models through the plan\n")
+            print("\n".join(pruned_table(images)))
         if not args.no_cold_start:
             print("\n### Cold start\n")
-            print("\n".join(cold_start(calibration, Path(folder))))
+            print("\n".join(cold_start(calibration, Path(folder), _feature_sets(args.cold_start_features))))
 
 
 if __name__ == "__main__":

@@ -127,29 +127,31 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def _avx512_module():
-    """:mod:`nanoopt.kernels.avx512` where the AVX2 kernels run and its 512-bit kernels do too (AVX-512F/BW/VNNI in
-    the CPU, Numba's target and ``NANOOPT_CPU_FEATURES``; checked once: compiles them), else ``None``."""
-    return avx512 if avx2.available() and avx512.available() else None
+    """:mod:`nanoopt.kernels.avx512` where its 512-bit kernels run (AVX2 and AVX-512F/BW/VNNI in the CPU, Numba's
+    target and ``NANOOPT_CPU_FEATURES``; checked once: compiles them), else ``None``."""
+    return avx512 if avx512.available() else None
 
 
 def int8_gemm_kernel() -> str:
     """The int8 GEMM the ``"avx2"`` backend runs here: ``"avx512-vnni"``, ``"avx-vnni"``, ``"avx2"``, or ``"none"``
-    (the AVX2 kernels are not available: ``"auto"`` runs ``"numba"``). Decided once per process.
+    (no x86 int8 kernel is available: ``"auto"`` runs ``"numba"``). Decided once per process, by the self-test of
+    the kernel that would run (:func:`nanoopt.kernels.x86_glue.s8_kernel`).
 
     >>> int8_gemm_kernel() in ("avx512-vnni", "avx-vnni", "avx2", "none")
     True
     """
-    return x86_glue.s8_kernel() if avx2.available() else "none"
+    return x86_glue.s8_kernel()
 
 
 def avx2_available() -> bool:
-    """True when the AVX2 GEMM compiles and is exact on this machine (checked once per process: compiles its int8
-    kernel where :mod:`~nanoopt.kernels.cpu_features` allows AVX2; nothing x86 is compiled before that says yes).
+    """True when the ``"avx2"`` backend's int8 GEMM (:func:`int8_gemm_kernel`) compiles and is exact on this machine
+    (checked once per process: compiles that kernel where :mod:`~nanoopt.kernels.cpu_features` allows it; nothing
+    x86 is compiled before that says yes). The 16x8 layers also need ``avx2.available()`` (asked when one runs).
 
     >>> isinstance(avx2_available(), bool)
     True
     """
-    return avx2.available()
+    return int8_gemm_kernel() != "none"
 
 
 # ------------------------------------------------------------------------------------------ weights
@@ -207,7 +209,7 @@ def avx2_obstacle(weights: PreparedWeights, x_dtype) -> str | None:
     >>> avx2_obstacle(prepare_weights(np.ones((2, 3), np.int16)), np.int16) is not None
     True
     """
-    if not avx2.available():
+    if not (avx2_available() if np.dtype(x_dtype) == np.int8 else avx2.available()):
         return "the AVX2 kernels are not available on this CPU/target (or NANOOPT_DISABLE_AVX2 is set)"
     reason = weights.avx2_reason(x_dtype)
     if reason is not None:
@@ -443,9 +445,12 @@ class PreparedConv2d:
         return self._group_weights
 
     def avx2_panels(self) -> np.ndarray:
-        """The AVX2 int8 packings of every group, stacked: ``(groups, ...)``, made on first use."""
+        """The AVX2 int8 packings of every group, stacked: ``(groups, ...)``, made on first use; read-only, as each
+        packing is (so the kernels compile at the signature their self-tests compiled, not a second time)."""
         if self._avx2_panels is None:
-            self._avx2_panels = np.stack([weights.avx2_s8().panels for weights in self.group_weights()])
+            panels = np.stack([weights.avx2_s8().panels for weights in self.group_weights()])
+            panels.flags.writeable = False
+            self._avx2_panels = panels
         return self._avx2_panels
 
     def backend_for(self, x_q: np.ndarray | None = None) -> str:

@@ -58,7 +58,7 @@ from numba import prange, types
 from numba.extending import intrinsic, models, register_model
 
 from nanoopt.kernels import avx2
-from nanoopt.kernels.cpu_features import DISABLE_VNNI_ENV, switched_on, usable_features
+from nanoopt.kernels.cpu_features import DISABLE_VNNI_ENV, avx2_kernel_works, switched_on, usable_features
 from nanoopt.kernels.llvm_intrinsics import declare, element_pointer
 from nanoopt.spec import multiply_by_quantized_multiplier
 
@@ -599,16 +599,15 @@ def _self_test() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """True if the 512-bit kernels run here: :func:`target_has_avx512_vnni`, the AVX2 kernels are available
-    (:func:`nanoopt.kernels.avx2.available`, which also honours ``NANOOPT_DISABLE_AVX2``), ``NANOOPT_DISABLE_AVX_VNNI``
-    is not set and a test product is exact. Computed once per process; never an exception.
+    """True if the 512-bit kernels run here: :func:`target_has_avx512_vnni`, neither ``NANOOPT_DISABLE_AVX2`` nor
+    ``NANOOPT_DISABLE_AVX_VNNI`` is set, and this module's self-test is exact (it compiles the GEMM and the fused
+    layer at the signatures the runtime calls them with -- read-only packed panels, C-contiguous int8 rows -- so
+    on an empty cache nothing is compiled twice; the 256-bit kernels of :mod:`nanoopt.kernels.avx2`, which do not
+    run where these do, are not compiled for it). Computed once per process; never an exception.
 
     >>> isinstance(available(), bool)
     True
     """
-    if switched_on(DISABLE_VNNI_ENV):  # NANOOPT_DISABLE_AVX_VNNI=1: no vpdpbusd of any width
+    if switched_on(DISABLE_VNNI_ENV) or not target_has_avx512_vnni():  # checked without compiling anything
         return False
-    try:
-        return target_has_avx512_vnni() and avx2.available() and _self_test()
-    except Exception:  # any failure to type or compile the kernels means: use the 256-bit path
-        return False
+    return avx2_kernel_works(_self_test)  # NANOOPT_DISABLE_AVX2, then the self-test; any failure: the 256-bit path

@@ -1,15 +1,19 @@
-"""The AVX2 / AVX-VNNI GEMM inside the portable Numba drivers: threaded row blocks, and convolution blocks
-(Numba im2col -> x86 product -> Numba epilogue into NCHW).
+"""The x86 int8 GEMMs (AVX2, AVX-VNNI, AVX-512 VNNI) inside the portable Numba drivers: threaded row blocks, an
+int8 linear layer (product, then the Numba epilogue), and convolution blocks (Numba im2col -> x86 product -> Numba
+epilogue into NCHW); and which of the int8 GEMMs runs here (:func:`s8_kernel`).
 
-Each driver takes the kernel as a compile-time constant ``kind`` (``avx2.SIGN_TRICK`` or ``avx2.VNNI``; Numba
-compiles one specialization per value) and calls that kernel by its own name (:func:`_s8_product`), never the alias
-``avx2.gemm_s8s8s32_into``: Numba's cache keys a function on its own code, its argument types and the target CPU,
-not on what the globals it names were bound to, so a cached driver that called the alias would keep the kernel of
-the process that compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an
-argument would defeat the cache. The drivers compile only when first called, which the dispatch
-(:mod:`nanoopt.kernels`) does only where ``avx2.available()`` (and, for ``kind = VNNI``, ``avx2.KERNEL_S8 ==
-"avx-vnni"``): elsewhere they never compile, and a specialization compiles only its own kernel. The products are
-exact, so the results are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`,
+Each driver is a compiled closure over the kernel's compile-time constant ``kind`` (``avx2.SIGN_TRICK``,
+``avx2.VNNI`` or :data:`AVX512`), made once per kind by :func:`external_s8_drivers` / :func:`linear_s8_driver`,
+and calls that kernel by its own name (:func:`_s8_product`), never the alias ``avx2.gemm_s8s8s32_into``: Numba's
+cache keys a function on its own code, its closure variables, its argument types and the target CPU, not on what
+the globals it names were bound to, so a cached driver that called the alias would keep the kernel of the process
+that compiled it (and a process with VNNI masked would run VNNI code). A dispatcher passed as an argument would
+defeat the cache. The drivers compile only when first called, which the dispatch (:mod:`nanoopt.kernels`) does
+only for the kind :func:`s8_kernel` names: elsewhere they never compile, and a specialization compiles only its
+own kernel. Each driver holds its loop itself (the conv block is inlined before typing) instead of calling a
+compiled function that takes ``kind``: Numba links and optimises every callee again into each compiled caller, so
+a level less is a re-optimisation of the whole GEMM less on an empty cache. The products are exact, so the results
+are those of the reference (:func:`nanoopt.kernels.reference.gemm_s8s8s32`, ``quantized_linear``,
 ``quantized_conv2d``).
 
 >>> callable(external_s8_drivers("avx2")[0])
@@ -27,17 +31,15 @@ from numba.extending import overload
 
 from nanoopt.kernels import avx2, avx512
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows
-from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block
+from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run
 
 __all__ = [
     "AVX2_PARALLEL_MIN_ROWS",
     "avx2_s16_rows_parallel",
-    "conv_parallel",
-    "conv_serial",
     "external_s8_drivers",
+    "linear_s8_driver",
     "products",
     "s8_kernel",
-    "s8_rows_parallel",
 ]
 
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
@@ -67,15 +69,6 @@ def _s8_product_typing(kind, a, panels, n, k, out):
 
 
 @njit(cache=True, parallel=True)
-def s8_rows_parallel(kind, a, panels, n, k, out, rows_per_item):
-    """The int8 GEMM of ``kind`` on row blocks of ``a`` in parallel (each block is C-contiguous)."""
-    numba.literally(kind)
-    for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
-        lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
-        _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
-
-
-@njit(cache=True, parallel=True)
 def avx2_s16_rows_parallel(a, panels, n, k, out, rows_per_item):
     """The AVX2 int16 x int8 GEMM on row blocks of ``a`` in parallel."""
     for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
@@ -98,50 +91,50 @@ def _external_conv_block(padded, item, conv):
     return cols, products, group, (n, group * per_group, per_group, p_lo, CONV_PIXEL_MAJOR)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _conv_item(kind, padded, panels, item, conv, epilogue, out3):
-    """One 256-pixel block of an int8 conv: Numba im2col -> the x86 product of ``kind`` -> Numba epilogue (NCHW)."""
-    numba.literally(kind)
+    """One 256-pixel block of an int8 conv: Numba im2col -> the x86 product of ``kind`` -> Numba epilogue (NCHW).
+    Inlined into the drivers (before typing, so ``kind`` is their closure's constant there)."""
     cols, products, group, geometry = _external_conv_block(padded, item, conv)
     _s8_product(kind, cols, panels[group], products.shape[1], cols.shape[1], products)
     epilogue_block(products.reshape(-1), products.shape[0], products.shape[1], 0, 0, epilogue, geometry, out3)
 
 
-@njit(cache=True)
-def conv_serial(kind, padded, panels, items, conv, epilogue, out3):
-    """Every block of an int8 conv in turn (:func:`_conv_item`)."""
-    numba.literally(kind)
-    for item in range(items):
-        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+def _drivers_for(kind: int) -> tuple:
+    """The three drivers of :func:`external_s8_drivers` around the kernel ``kind``."""
 
-
-@njit(cache=True, parallel=True)
-def conv_parallel(kind, padded, panels, items, conv, epilogue, out3):
-    """The blocks of an int8 conv in parallel."""
-    numba.literally(kind)
-    for item in prange(items):
-        _conv_item(kind, padded, panels, item, conv, epilogue, out3)
-
-
-def _rows_parallel_for(kind: int):
-    @njit(cache=True)
+    @njit(cache=True, parallel=True)
     def rows_parallel(a, panels, n, k, out, rows_per_item):
-        s8_rows_parallel(kind, a, panels, n, k, out, rows_per_item)
-    return rows_parallel
+        """The int8 GEMM of ``kind`` on row blocks of ``a`` in parallel (each block is C-contiguous)."""
+        for item in prange((a.shape[0] + rows_per_item - 1) // rows_per_item):
+            lo, hi = item * rows_per_item, min((item + 1) * rows_per_item, a.shape[0])
+            _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
 
-
-def _conv_serial_for(kind: int):
     @njit(cache=True)
-    def serial(padded, panels, items, conv, epilogue, out3):
-        conv_serial(kind, padded, panels, items, conv, epilogue, out3)
-    return serial
+    def conv_serial(padded, panels, items, conv, epilogue, out3):
+        """Every block of an int8 conv in turn (:func:`_conv_item`)."""
+        for item in range(items):
+            _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+
+    @njit(cache=True, parallel=True)
+    def conv_parallel(padded, panels, items, conv, epilogue, out3):
+        """The blocks of an int8 conv in parallel."""
+        for item in prange(items):
+            _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+
+    return rows_parallel, conv_serial, conv_parallel
 
 
-def _conv_parallel_for(kind: int):
-    @njit(cache=True)
-    def parallel(padded, panels, items, conv, epilogue, out3):
-        conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
-    return parallel
+def _linear_for(kind: int):
+    @njit(cache=True, nogil=True)
+    def linear(x, panels, n, k, products, epilogue, out):
+        """One int8 linear layer: the product of ``kind`` into ``products`` (M, N) int32, then the Numba epilogue
+        (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N)."""
+        _s8_product(kind, x, panels, n, k, products)
+        offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
+        for r in range(x.shape[0]):
+            finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
+    return linear
 
 
 @functools.cache
@@ -152,8 +145,8 @@ def external_s8_drivers(kernel: str) -> tuple:
     ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
 
     Each is a compiled function in which ``kind`` is a constant (a closure variable, part of Numba's cache key),
-    so the drivers above are typed with the literal once, when it compiles. Called from Python with a plain int
-    instead, ``numba.literally`` would make Numba retype the call on every call (about 5 ms each).
+    so the kernel is chosen once, when the driver compiles. (A driver called from Python with ``kind`` as a plain
+    int argument would need ``numba.literally``, which makes Numba retype the call on every call: about 5 ms each.)
 
     >>> callable(external_s8_drivers("avx2")[0])
     True
@@ -161,17 +154,34 @@ def external_s8_drivers(kernel: str) -> tuple:
     if kernel not in KINDS:
         raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
     kind = KINDS[kernel]
-    return _rows_parallel_for(kind), _conv_serial_for(kind), _conv_parallel_for(kind)
+    return _drivers_for(kind)
+
+
+@functools.cache
+def linear_s8_driver(kernel: str):
+    """``linear(x, panels, n, k, products, epilogue, out)``: one int8 linear layer on the int8 GEMM ``kernel`` (as
+    :func:`external_s8_drivers`), the product into the int32 (M, N) ``products``, then the Numba epilogue
+    (:meth:`nanoopt.kernels.numba_cpu.LinearPlan.finish`'s per-element ``numba_epilogue.finish_run``, on contiguous
+    rows so that LLVM vectorises it) into the int8 (M, N) ``out``; ``epilogue = (base_offsets, row_offsets) +
+    plan.tail``. Nothing is compiled until it is called.
+
+    >>> callable(linear_s8_driver("avx2"))
+    True
+    """
+    if kernel not in KINDS:
+        raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
+    return _linear_for(KINDS[kernel])
 
 
 def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16) -> np.ndarray:
     """Exact ``a @ W.T`` with the x86 kernels: int32 for int8 ``a`` (``packed = avx2.pack_weights_s8(W)``), int64
     for int16 ``a`` (``avx2.pack_weights_s16``); split over threads by row blocks when ``a`` is tall enough.
-    Call only where ``avx2.available()`` (and ``K <= avx2.MAX_K_S8`` for int8).
+    Call only where the kernel runs (``s8_kernel() != "none"`` for int8 ``a``, with ``K <= avx2.MAX_K_S8``;
+    ``avx2.available()`` for int16).
 
     >>> w = np.array([[1, 2], [-127, 127]], np.int8)
     >>> a = np.array([[-128, 1]], np.int8)
-    >>> products(a, avx2.pack_weights_s8(w)).tolist() if avx2.available() else [[-126, 16383]]
+    >>> products(a, avx2.pack_weights_s8(w)).tolist() if s8_kernel() != "none" else [[-126, 16383]]
     [[-126, 16383]]
     """
     int8 = a.dtype == np.int8
@@ -190,10 +200,16 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
 
 
 def s8_kernel() -> str:
-    """The int8 x86 GEMM that runs here where the AVX2 kernels do: ``"avx512-vnni"`` or ``avx2.KERNEL_S8``
-    (:func:`nanoopt.kernels.int8_gemm_kernel` says ``"none"`` where they do not).
+    """The int8 x86 GEMM that runs here: ``"avx512-vnni"`` where :func:`nanoopt.kernels.avx512.available`, else
+    ``avx2.KERNEL_S8`` (``"avx-vnni"`` or ``"avx2"``) where :func:`nanoopt.kernels.avx2.available`, else ``"none"``.
 
-    >>> isinstance(s8_kernel(), str)
+    Each answer rests on the self-test of the kernel that runs (compiled at the signature the runtime then calls,
+    so its compilation is not wasted): where the 512-bit kernels pass theirs, the 256-bit int8 kernel is neither
+    tested nor compiled (a process that needs the int16 kernel asks ``avx2.available()`` itself).
+
+    >>> s8_kernel() in ("avx512-vnni", "avx-vnni", "avx2", "none")
     True
     """
-    return "avx512-vnni" if avx512.available() else avx2.KERNEL_S8
+    if avx512.available():
+        return "avx512-vnni"
+    return avx2.KERNEL_S8 if avx2.available() else "none"

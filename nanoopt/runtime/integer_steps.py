@@ -18,20 +18,15 @@ array([-3,  4], dtype=int8)
 
 from __future__ import annotations
 
-import functools
-
-import numba
 import numpy as np
 
 from nanoopt import kernels
-from nanoopt.kernels import avx2, avx512, numba_pointwise, x86_glue
+from nanoopt.kernels import avx512, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parallel, conv_serial, pad_nhwc
-from nanoopt.kernels.numba_epilogue import LINEAR, finish_run
+from nanoopt.kernels.numba_epilogue import LINEAR
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_parallel, gemm_serial, use_threads
 from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial, thin_conv_taps
-from nanoopt.kernels.x86_glue import conv_parallel as x86_conv_parallel
-from nanoopt.kernels.x86_glue import conv_serial as x86_conv_serial
 from nanoopt.runtime.description import Step, spec_from_json
 from nanoopt.runtime.steps import (
     Op,
@@ -46,8 +41,7 @@ from nanoopt.runtime.steps import (
     _pool_geometry,
 )
 
-__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ", "linear_s8_avx2", "linear_s8_avx2_chain",
-           "linear_s8_avx512_chain", "pad_then_conv_s8"]
+__all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ"]
 
 
 def _out_spec(step: Step):
@@ -75,60 +69,6 @@ class _WeightedQ(Op):
         self.out_spec = _out_spec(step)
         return (weight, bias, _attr(step, "x_zero_point", int), m0, shift, _attr(step, "out_zero_point", int),
                 self.out_spec)
-
-
-@numba.njit(cache=True, nogil=True)
-def linear_s8_avx2(x, panels, n, k, products, epilogue, out):  # pragma: no cover - compiled
-    """One int8 linear layer: the AVX2 (or AVX-VNNI) product into ``products`` (M, N) int32, then the Numba
-    epilogue (zero-point fold, bias, requantization, ReLU) row by row into the C-contiguous ``out`` (M, N), in one
-    call; as :class:`kernels.PreparedLinear` on ``"avx2"`` (:meth:`numba_cpu.LinearPlan.finish`), whose
-    per-element epilogue (``numba_epilogue.finish_run``) this runs on contiguous rows, so that LLVM vectorises it."""
-    avx2.gemm_s8s8s32_into(x, panels, n, k, products)
-    offsets, row_offsets, m0, shift = epilogue[0], epilogue[1], epilogue[2], epilogue[3]
-    for r in range(x.shape[0]):
-        finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
-
-
-def _pad_then_conv_for(kind: int, parallel: bool):
-    @numba.njit(cache=True, nogil=True)
-    def pad_then_conv(x, zero_point, pad_h, pad_w, padded, panels, items, conv, epilogue, out3):  # pragma: no cover
-        pad_nhwc(x, zero_point, pad_h, pad_w, padded)
-        if parallel:  # a closure constant: Numba prunes the other branch (and never compiles its driver)
-            x86_conv_parallel(kind, padded, panels, items, conv, epilogue, out3)
-        else:
-            x86_conv_serial(kind, padded, panels, items, conv, epilogue, out3)
-    return pad_then_conv
-
-
-@functools.cache
-def pad_then_conv_s8(kernel: str, parallel: bool):
-    """An int8 conv on the x86 GEMM ``kernel`` in one compiled call: ``pad_nhwc`` (the NCHW codes into the
-    zero-point-padded NHWC buffer) and then the conv driver of :func:`nanoopt.kernels.x86_glue.external_s8_drivers`
-    -- the same two functions in the same order, without a return to Python between them (each return costs a
-    Numba dispatch and the interpreter's cold caches after milliseconds of kernels). ``kind`` and ``parallel`` are
-    closure constants, as in ``x86_glue`` (part of Numba's cache key): the driver is typed with the literal once,
-    when this compiles.
-
-    >>> pad_then_conv_s8("avx2", False) is pad_then_conv_s8("avx2", False)
-    True
-    """
-    return _pad_then_conv_for(x86_glue.KINDS[kernel], parallel)
-
-
-@numba.njit(cache=True, nogil=True)
-def linear_s8_avx2_chain(arguments):  # pragma: no cover - compiled
-    """Consecutive int8 linear layers on the AVX2 path in one call: :func:`linear_s8_avx2` ``(*arguments[i])`` in
-    turn (:func:`nanoopt.runtime.steps.chain_calls`)."""
-    for i in range(len(arguments)):
-        linear_s8_avx2(*arguments[i])
-
-
-@numba.njit(cache=True, nogil=True)
-def linear_s8_avx512_chain(arguments):  # pragma: no cover - compiled
-    """Consecutive int8 linear layers on the AVX-512 kernel that requantizes in registers, in one call:
-    :func:`nanoopt.kernels.avx512.linear_s8_into` ``(*arguments[i])`` in turn."""
-    for i in range(len(arguments)):
-        avx512.linear_s8_into(*arguments[i])
 
 
 class LinearQ(_WeightedQ):
@@ -169,7 +109,8 @@ class LinearQ(_WeightedQ):
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
-            return out, [(linear_s8_avx2, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
+            linear = x86_glue.linear_s8_driver(kernels.int8_gemm_kernel())  # the x86 product, then the epilogue
+            return out, [(linear, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
         if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
                 and out.dtype == np.int8 and self.k <= MAX_FUSED_K):
             operands = (rows[None], plan.packed.parts, plan.passes)
@@ -235,9 +176,10 @@ class Conv2dQ(_WeightedQ):
             per_block = EXTERNAL_PIXELS
             items = batch * self.groups * ((pixels + per_block - 1) // per_block)
             epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
-            run = pad_then_conv_s8(kernels.int8_gemm_kernel(), use_threads(ops))
-            return out, [(run, (x, plan.x_zero_point, ph, pw, padded, self.panels, items,
-                                plan.conv_tuple(out_h, out_w), epilogue, out3))]
+            _, serial, parallel = x86_glue.external_s8_drivers(kernels.int8_gemm_kernel())
+            run = parallel if use_threads(ops) else serial
+            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+                         (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
         if fast and self.backend == "numba" and out_channels // self.groups >= TILE_COLUMNS:
             padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
             items = batch * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)

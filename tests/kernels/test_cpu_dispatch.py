@@ -163,8 +163,8 @@ def compiled(module):  # names of the compiled functions; the generated ones by 
     if module is x86_glue:  # the drivers bound to one kernel (closures, cached on their own): by kernel kind
         kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512"}
         for kernel, kind in x86_glue.KINDS.items():
-            bound = x86_glue.external_s8_drivers(kernel)
-            for label, driver in zip(("s8_rows_parallel", "conv_serial", "conv_parallel"), bound):
+            bound = (*x86_glue.external_s8_drivers(kernel), x86_glue.linear_s8_driver(kernel))
+            for label, driver in zip(("s8_rows_parallel", "conv_serial", "conv_parallel", "linear_s8"), bound):
                 if driver.signatures:
                     names.add(f"{label}_{kinds[kind]}")
     return sorted(names)
@@ -256,14 +256,14 @@ def test_forced_feature_sets_run_a_kernel_the_cpu_has_and_agree(reference_result
         return
     assert report["available"] is True and report["kernel"] == choice
     assert report["linear_backend"] == report["conv_backend"] == "avx2"
-    drivers = {"s8_rows_parallel_avx2", "conv_serial_avx2", "conv_parallel_avx2"}
+    drivers = {"s8_rows_parallel_avx2", "conv_serial_avx2", "conv_parallel_avx2", "linear_s8_avx2"}
     if wide:  # the 512-bit kernels ran every int8 product (fused linear, raw GEMM, conv); no 256-bit driver did
         assert report["int8_kernel"] == "avx512-vnni"
         assert {"linear_s8_rows_parallel"} <= set(report["compiled_avx512"])
         assert {"s8_rows_parallel_avx512"} <= set(report["compiled_x86_glue"])
         assert {"conv_serial_avx512", "conv_parallel_avx512"} & set(report["compiled_x86_glue"])
-        assert not (drivers | {"s8_rows_parallel_vnni", "conv_serial_vnni", "conv_parallel_vnni"}) & set(
-            report["compiled_x86_glue"])
+        vnni_drivers = {"s8_rows_parallel_vnni", "conv_serial_vnni", "conv_parallel_vnni", "linear_s8_vnni"}
+        assert not (drivers | vnni_drivers) & set(report["compiled_x86_glue"])
         return
     assert report["int8_kernel"] == choice
     assert report["compiled_avx512"] == []  # masked: the 512-bit kernels never compiled

@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from nanoopt import kernels
-from nanoopt.kernels import reference
+from nanoopt.kernels import avx512, cpu_features, reference, x86_glue
 from nanoopt.runtime import boundary
 from nanoopt.runtime import float_kernels as fk
-from nanoopt.runtime.integer_steps import linear_s8_avx2
 from nanoopt.spec import QuantSpec
 
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -51,12 +50,21 @@ def test_dequantize_into_equals_spec_dequantize(codes, scale, zero_point):
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
 
 
+def runnable_s8_kernels() -> list[str]:
+    """The int8 x86 GEMMs this process may run (features of the CPU, Numba's target and NANOOPT_CPU_FEATURES)."""
+    if not kernels.avx2_available():
+        return []
+    names = ["avx2"] + (["avx-vnni"] if cpu_features.target_has_avx_vnni() else [])
+    return names + (["avx512-vnni"] if avx512.available() else [])
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "avx-vnni", "avx512-vnni"])
 @SETTINGS
 @given(st.integers(1, 9), st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**16), st.booleans(),
        st.booleans())
-def test_fused_int8_linear_step_equals_reference(m, k, n, seed, relu, with_bias):
-    if not kernels.avx2_available():
-        pytest.skip("the AVX2 int8 kernels do not run on this CPU")
+def test_int8_linear_driver_equals_reference(kernel, m, k, n, seed, relu, with_bias):
+    if kernel not in runnable_s8_kernels():
+        pytest.skip(f"the {kernel} int8 kernel does not run on this CPU/target")
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     w = rng.integers(-127, 128, (n, k)).astype(np.int8)
@@ -68,7 +76,8 @@ def test_fused_int8_linear_step_equals_reference(m, k, n, seed, relu, with_bias)
     plan = layer.plan
     out = np.empty((m, n), np.int8)
     epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
-    linear_s8_avx2(x, layer.weights.avx2_s8().panels, n, k, np.empty((m, n), np.int32), epilogue, out)
+    linear = x86_glue.linear_s8_driver(kernel)  # the runtime's int8 linear step (product + Numba epilogue)
+    linear(x, layer.weights.avx2_s8().panels, n, k, np.empty((m, n), np.int32), epilogue, out)
     np.testing.assert_array_equal(out, reference.quantized_linear(x, w, bias, x_zp, m0, shift, out_zp, QuantSpec(),
                                                                   relu))
 

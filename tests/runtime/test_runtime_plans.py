@@ -9,9 +9,11 @@ size and for inputs far outside the calibrated range, and so does the plan saved
 
 import io
 import json
+import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,6 +371,65 @@ def test_precompile_command_runs_a_saved_plan(int_plan, tmp_path, capsys):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     assert cli.main(["precompile", str(tmp_path / "bad.npz")]) == 1
     assert "not a readable nanoopt plan" in capsys.readouterr().err
+
+
+FIRST_CALLS = r"""
+import json, sys
+import numba
+import numpy as np
+from numba.core import event
+import nanoopt.runtime as runtime
+
+compiled = []  # every function Numba compiles (not loads from its cache) in this process, in order
+
+
+class Recorder(event.Listener):
+    def on_start(self, happening):
+        function = happening.data["dispatcher"].py_func
+        compiled.append(f"{function.__module__}.{function.__qualname__}")
+
+    def on_end(self, happening):
+        pass
+
+
+event.register("numba:compile", Recorder())
+plan = runtime.load(sys.argv[1])
+for size in json.loads(sys.argv[2]):
+    plan(np.zeros((size, *plan.input_shape), np.float32))
+by_plan = list(compiled)
+
+
+@numba.njit
+def probe(x):  # not cached: it compiles here, which shows that the recorder sees a compilation
+    return x + 1
+
+
+probe(1)
+print(json.dumps({"compiled": by_plan, "probe_seen": len(compiled) > len(by_plan)}))
+"""
+
+
+@pytest.mark.parametrize("features", [None, "avx2", "none"])
+def test_a_precompiled_plan_compiles_nothing_in_a_fresh_process(int_plan, tmp_path, features):
+    """``nanoopt precompile`` leaves nothing for a fresh process to compile: loading the plan (the kernel
+    self-tests included) and its first calls at the precompiled batch sizes only load from Numba's cache, on this
+    CPU and with its features masked (NANOOPT_CPU_FEATURES=avx2 for an AVX2-only machine, none for the portable
+    kernels). Counted on Numba's compile events, never timed."""
+    path = tmp_path / "plan.npz"
+    runtime.save(int_plan, path)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("NANOOPT_")}
+    environment["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    if features is not None:
+        environment["NANOOPT_CPU_FEATURES"] = features
+    sizes = [1, 70]  # batch 70 crosses the thresholds of the threaded drivers where NUMBA_NUM_THREADS > 1
+    subprocess.run([sys.executable, "-m", "nanoopt.cli", "precompile", str(path), "--batch-sizes",
+                    *map(str, sizes)], env=environment, capture_output=True, text=True, check=True, timeout=900)
+    result = subprocess.run([sys.executable, "-c", FIRST_CALLS, str(path), json.dumps(sizes)], env=environment,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["probe_seen"]  # the recorder works: this check could fail
+    assert report["compiled"] == []
 
 
 def test_constants_are_validated_once_not_per_call(int_plan, monkeypatch):
