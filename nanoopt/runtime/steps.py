@@ -109,7 +109,7 @@ def chain_calls(calls: list[Call], chains: dict[Callable, Callable]) -> list[Cal
     arguments of the same Numba types, made one call of that chain: ``chain(arguments)`` runs ``kernel(
     *arguments[i])`` for each call of the run in turn -- the same kernels in the same order, so the same results,
     with one return to Python per run instead of one per call (each return costs a Numba dispatch and, after
-    milliseconds of kernels, the interpreter's cold caches: about 1 us of a plan's overhead per call at batch 256,
+    milliseconds of kernels, the interpreter's cold caches: 0.5-1 us of a plan's overhead per return at batch 256,
     docs/runtime.md).
 
     >>> @numba.njit
