@@ -11,7 +11,7 @@ column alike. The optional frameworks are measured when installed, else marked.
 
 Then: the plan's kernel-only time (the boundary kernels -- input quantization with its finiteness check, output
 dequantization -- and the layers' kernel calls, each timed by itself inside one call) and its overhead per layer
-(the rest of that call: input checks, buffer lookup, the loop, the output allocation);
+(the rest of that call: input checks, buffer lookup, the loop, the output allocation, median and mean);
 pruned LeNet-300-100 through float plans (90% unstructured on the CSR kernels, 50% of the neurons physically
 removed) against the dense float plan at batch 1; and the runtime's cold start (import, load + first call of the
 int8 LeNet-5 plan in fresh interpreters: with an empty Numba cache, warm, and after ``nanoopt precompile``; on the
@@ -206,14 +206,17 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
                     f"- {name}, batch {batch}, {label} plan: {_us(profile['whole'])} per call; kernels "
                     f"{_us(profile['kernels'])} ({profile['calls']} layer kernel calls in {layers} layers, plus the "
                     f"boundary kernels, {edge}: {profile['boundary'] * 1e6:.1f} us); overhead "
-                    f"{profile['overhead'] * 1e6:.1f} us = {profile['overhead'] * 1e6 / layers:.2f} us per layer")
+                    f"{profile['overhead'] * 1e6:.1f} us = {profile['overhead'] * 1e6 / layers:.2f} us per layer "
+                    f"(mean {profile['overhead_mean'] * 1e6 / layers:.2f})")
     return lines + ["", "(x): ONNX Runtime's time / nanoopt's, for the same precision (above 1: nanoopt is faster).",
                     "", "Kernel-only time and the plan's overhead (`Plan.profile`, medians of instrumented calls): "
                     "kernels = the boundary kernels (the int8 input quantization, which also checks that every "
                     "value is finite, in one pass; the output dequantization) plus every layer's kernel calls, "
                     "each timed by itself inside the call; overhead = that call's time minus its kernels: input "
-                    "type/dtype/shape check, buffer lookup, the loop over the calls, the output allocation and the "
-                    "profiler's clock reads, divided by the layers that run kernels.", "", *overhead_lines]
+                    "type/dtype/shape check, buffer lookup, the loop over the calls, taking a new output array and "
+                    "the profiler's clock reads, divided by the layers that run kernels; median, and in brackets the "
+                    "mean, which includes the output arrays' allocation (in runs, one call in several).", "",
+                    *overhead_lines]
 
 
 def _caller(plan, x: np.ndarray) -> Callable[[], object]:

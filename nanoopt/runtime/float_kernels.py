@@ -4,7 +4,8 @@ Each has a NumPy reference beside it (``*_reference``), equal to float tolerance
 differs (the direct conv and the average pools add in a fixed loop order; the epilogues and max pool are exact).
 
 * :func:`bias_act_rows` -- ``out[m, n] = max?(out[m, n] + bias[n], 0)`` in place (a linear layer's epilogue), and
-  :func:`linear_bias_act` -- a whole float linear layer (BLAS product and that epilogue) in one call;
+  :func:`linear_bias_act` -- a whole float linear layer (BLAS product and that epilogue) in one call, and
+  :func:`linear_chain` -- consecutive ones in one call;
 * :func:`channel_affine` -- ``out = x * scale[c] + shift[c]`` (an unfolded BatchNorm in eval mode);
 * :func:`avg_pool` -- average pooling, padded zeros counted in the divisor (PyTorch's default), and
   :func:`adaptive_avg_pool` with PyTorch's bins ``[floor(i H / OH), ceil((i + 1) H / OH))``;
@@ -30,7 +31,8 @@ import numpy as np
 
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
            "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
-           "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "max_pool", "max_pool_reference"]
+           "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "linear_chain", "linear_chain_reference",
+           "max_pool", "max_pool_reference"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -50,6 +52,31 @@ def linear_bias_act(x, weight_t, bias, relu, out):  # pragma: no cover - compile
     by BLAS (``np.dot`` inside Numba; ``weight_t`` is the transposed view of the C-ordered ``(N, K)`` weight)."""
     np.dot(x, weight_t, out)
     bias_act_rows(out, bias, relu)
+
+
+@numba.njit(cache=True, nogil=True)
+def linear_chain(arguments):  # pragma: no cover - compiled
+    """Consecutive float linear layers in one call: :func:`linear_bias_act` ``(*arguments[i])`` for ``i = 0, 1,
+    ...`` in turn (each ``(x, weight_t, bias, relu, out)``, the next layer's ``x`` a view of this one's ``out``):
+    the same products and epilogues in the same order as separate calls, so the same bits, without a return to
+    Python between layers. The argument tuples are all of one Numba type."""
+    for i in range(len(arguments)):
+        linear_bias_act(*arguments[i])
+
+
+def linear_chain_reference(x: np.ndarray, weights: list[np.ndarray], biases: list[np.ndarray],
+                           relus: list[bool]) -> np.ndarray:
+    """NumPy: ``x <- max?(x W_i^T + b_i, 0)`` for each layer in turn (float32; equal to :func:`linear_chain` to
+    float tolerance: NumPy's product may block the sums differently from the BLAS call inside Numba).
+
+    >>> linear_chain_reference(np.ones((1, 2), np.float32), [np.ones((1, 2), np.float32), np.full((1, 1), -2.0,
+    ...                        np.float32)], [np.zeros(1, np.float32)] * 2, [True, False])
+    array([[-4.]], dtype=float32)
+    """
+    for weight, bias, relu in zip(weights, biases, relus, strict=True):
+        x = x @ weight.T + bias
+        x = np.maximum(x, np.float32(0)) if relu else x
+    return x
 
 
 @numba.njit(cache=True, nogil=True)

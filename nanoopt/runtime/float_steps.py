@@ -105,6 +105,26 @@ class Conv2d(Op):
         self.depth = group_channels * kh * kw
         self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
         self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
+        self.padded_inputs: dict[tuple[int, ...], np.ndarray] = {}  # input shape -> zero-padded buffer
+
+    def _padded(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The zero-padded input buffer for an input of ``shape`` (one per shape; its border stays zero)."""
+        if shape not in self.padded_inputs:
+            ph, pw = self.padding
+            self.padded_inputs[shape] = np.zeros((shape[0], shape[1], shape[2] + 2 * ph, shape[3] + 2 * pw),
+                                                 np.float32)
+        return self.padded_inputs[shape]
+
+    def _interior(self, padded: np.ndarray) -> np.ndarray:
+        ph, pw = self.padding
+        return padded[:, :, ph:padded.shape[2] - ph, pw:padded.shape[3] - pw]
+
+    def input_view(self, shape):
+        """The interior of the padded input buffer (a padded layer reading the plan's input: the input is copied
+        there directly, not into a buffer of its own and then into this one)."""
+        if len(shape) != 4 or self.padding == (0, 0):
+            return None
+        return self._interior(self._padded(shape))
 
     def bind(self, inputs):
         x = inputs[0]
@@ -122,9 +142,9 @@ class Conv2d(Op):
         batch = x.shape[0]
         calls: list[Call] = []
         if ph or pw:
-            padded = np.zeros((batch, x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw), np.float32)
-            interior = padded[:, :, ph:ph + x.shape[2], pw:pw + x.shape[3]]
-            calls.append((np.copyto, (interior, x)))
+            padded = self._padded(x.shape)
+            if x.base is not padded:  # (else x is its interior, written by the step before: nothing to copy)
+                calls.append((np.copyto, (self._interior(padded), x)))
         else:
             padded = x
         pool_h, pool_w = self.pool

@@ -8,6 +8,11 @@ code and the integer models refuse +-inf rather than saturate it silently), writ
 into the first buffer (quantizing it, for an integer plan), runs the calls, and returns the output (dequantized,
 for an integer plan) as a new array. No autograd, no module dispatch, no validation of constants per call.
 
+A plain float32 array of a shape seen before is checked by its type, its dtype and the lookup of its shape among
+the bound ones (every bound shape passed the full check once); any other input takes the full check. The new
+output arrays are allocated ahead, several at a time (:data:`FRESH_BYTES`): each is handed out once, owned by the
+caller, and never touched by the plan again.
+
 Buffers are reused across calls, so a plan is not re-entrant: use one plan per thread.
 
 >>> import numpy as np
@@ -23,19 +28,20 @@ array([[2.],
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
 from nanoopt.runtime.description import PlanDescription, PlanFormatError
-from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op
+from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op, chain_calls
 from nanoopt.spec import check_scale, check_zero_point
 
-__all__ = ["FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
+__all__ = ["CHAINS", "FLOAT_OPS", "INT_OPS", "OPS", "Plan"]
 
 OPS: dict[str, type[Op]] = {
     "linear_q": Q.LinearQ, "conv2d_q": Q.Conv2dQ, "add_q": Q.AddQ, "avg_pool_q": Q.AvgPoolQ, "relu_q": Q.ReluQ,
@@ -46,6 +52,10 @@ OPS: dict[str, type[Op]] = {
 SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
 INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
 FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
+# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the float linear layers'. (An
+# int8 chain around avx512.linear_s8_into measured 1.4 s more compilation on an empty Numba cache, for LeNet-300-100,
+# against 0.25 s for the float one: not taken.)
+CHAINS = {fk.linear_bias_act: fk.linear_chain}
 
 
 def _not_finite(x: np.ndarray) -> str:
@@ -56,14 +66,40 @@ def _not_finite(x: np.ndarray) -> str:
             "integer plan needs finite inputs (NaN has no code, and infinities are refused rather than saturated)")
 
 
+# Fresh output arrays are allocated ahead, several in one go, up to this many bytes (at most FRESH_MAX arrays): at
+# batch 256 a call runs for milliseconds, long enough for its kernels (and, on a shared machine, other processes) to
+# evict the few pages of interpreter, NumPy and allocator state that one np.empty walks; a lone allocation after the
+# kernels then costs 8-20 us of cache misses (measured on LeNet-5 on a loaded machine, docs/runtime.md), a run of
+# them about 0.5 us each after the first. Each array is handed out once and never touched by the plan again.
+FRESH_BYTES = 256 * 1024
+FRESH_MAX = 16
+_FLOAT32 = np.dtype(np.float32)
+_NDARRAY = np.ndarray
+
+
 @dataclass
 class _Bound:
     """The calls and buffers of one input shape."""
 
     input: np.ndarray  # value 0's buffer (codes for an integer plan, float32 otherwise)
     output: np.ndarray  # the buffer of the output value
-    calls: list[Call]
-    per_step: list[list[Call]]  # the same calls, grouped by step (for profiling)
+    calls: list[Call]  # what a call runs: the steps' calls in order, runs of one chained kernel merged (CHAINS)
+    per_step: list[list[Call]]  # each step's calls as it bound them (for profiling)
+    fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
+
+    def __post_init__(self) -> None:
+        # flat views for the boundary kernels of an integer plan (whose buffers are contiguous)
+        self.input_flat = self.input.reshape(-1) if self.input.flags.c_contiguous else None
+        self.output_flat = self.output.reshape(-1) if self.output.flags.c_contiguous else None
+        self.refill = max(1, min(FRESH_MAX, FRESH_BYTES // max(1, 4 * self.output.size)))
+
+    def new_output(self) -> np.ndarray:
+        """A new float32 array of the output's shape, owned by the caller: the next of a run of ``refill``
+        allocated together, after allocating a run if the last one is used up."""
+        if not self.fresh:
+            shape = self.output.shape
+            self.fresh.extend([np.empty(shape, _FLOAT32) for _ in range(self.refill)])
+        return self.fresh.pop()
 
 
 class Plan:
@@ -84,6 +120,7 @@ class Plan:
             self.ops.append(OPS[step.op](step))
         self.input_shape = description.input_shape
         self._bound: dict[tuple[int, ...], _Bound] = {}
+        self._int = description.kind == "int"
         if description.kind == "int":
             self._boundary()
 
@@ -111,7 +148,9 @@ class Plan:
     # ---------------------------------------------------------------------------------------- binding
     def _bind(self, shape: tuple[int, ...]) -> _Bound:
         dtype = self.input_dtype if self.kind == "int" else np.dtype(np.float32)
-        values = [np.empty(shape, dtype)]
+        readers = [op for op, step in zip(self.ops, self.description.steps, strict=True) if 0 in step.inputs]
+        view = readers[0].input_view(shape) if len(readers) == 1 and self.kind == "float" else None
+        values = [np.empty(shape, dtype) if view is None else view]  # (a view: the input is written in place)
         calls: list[Call] = []
         per_step = []
         for op, step in zip(self.ops, self.description.steps, strict=True):
@@ -119,6 +158,7 @@ class Plan:
             values.append(out)
             calls.extend(step_calls)
             per_step.append(step_calls)
+        calls = chain_calls(calls, CHAINS)  # (per_step keeps each step's own calls)
         output = values[self.description.output]
         if self.kind == "int" and output.dtype != self.output_dtype:
             raise PlanFormatError(f"the plan's output value has dtype {output.dtype}, its output grid expects "
@@ -140,37 +180,53 @@ class Plan:
     # ------------------------------------------------------------------------------------------- calls
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the plan on a float batch ``x`` (N, ...) and return a new float32 array."""
-        x = self._check(x)
-        if x.shape[0] == 0:  # no samples: no rows, with the output shape of one sample
-            single = (1, *x.shape[1:])
-            if single not in self._bound:
-                self._bound[single] = self._bind(single)
-            return np.empty((0, *self._bound[single].output.shape[1:]), np.float32)
-        bound = self._bound.get(x.shape)
-        if bound is None:
-            bound = self._bound[x.shape] = self._bind(x.shape)
+        bound = self._bound.get(x.shape) if type(x) is _NDARRAY and x.dtype is _FLOAT32 else None
+        if bound is None:  # not a plain float32 array of a shape bound before: the full check (and binding)
+            x, bound = self._checked_bound(x)
+            if bound is None:
+                return self._no_rows(x)
         self._enter(x, bound)
         for function, arguments in bound.calls:
             function(*arguments)
-        out = np.empty(bound.output.shape, np.float32)
+        try:
+            out = bound.fresh.pop()
+        except IndexError:  # the run of new outputs is used up
+            out = bound.new_output()
         self._leave(bound, out)
         return out
+
+    def _checked_bound(self, x: Any) -> tuple[np.ndarray, _Bound | None]:
+        """The input checked in full, with the calls bound to its shape (binding them on first sight); ``None``
+        for a batch of no samples."""
+        x = self._check(x)
+        if x.shape[0] == 0:
+            return x, None
+        bound = self._bound.get(x.shape)
+        if bound is None:
+            bound = self._bound[x.shape] = self._bind(x.shape)
+        return x, bound
+
+    def _no_rows(self, x: np.ndarray) -> np.ndarray:
+        """No samples: no rows, with the output shape of one sample."""
+        single = (1, *x.shape[1:])
+        if single not in self._bound:
+            self._bound[single] = self._bind(single)
+        return np.empty((0, *self._bound[single].output.shape[1:]), np.float32)
 
     def _enter(self, x: np.ndarray, bound: _Bound) -> None:
         """The input boundary kernel: quantize ``x`` into the input codes in one pass that also checks that every
         value is finite (an integer plan), or copy it into the input buffer (a float plan)."""
-        if self.kind == "int":
-            flat = x.reshape(-1) if x.dtype == np.float32 and x.flags.c_contiguous else \
-                np.ascontiguousarray(x, np.float32).reshape(-1)
-            if not quantize_into(flat, *self._quantize, bound.input.reshape(-1)):
+        if self._int:
+            flat = x.reshape(-1) if x.dtype is _FLOAT32 else np.ascontiguousarray(x, np.float32).reshape(-1)
+            if not quantize_into(flat, *self._quantize, bound.input_flat):  # (reshape copies a strided x)
                 raise ValueError(_not_finite(x))
         else:
             np.copyto(bound.input, x, casting="same_kind")
 
     def _leave(self, bound: _Bound, out: np.ndarray) -> None:
         """The output boundary kernel: dequantize the output codes into ``out`` (or copy the float output)."""
-        if self.kind == "int":
-            dequantize_into(bound.output.reshape(-1), *self._dequantize, out.reshape(-1))
+        if self._int:
+            dequantize_into(bound.output_flat, *self._dequantize, out.reshape(-1))
         else:
             np.copyto(out, bound.output)
 
@@ -198,10 +254,13 @@ class Plan:
           dequantization or copy) and every layer's calls, each timed by itself;
         * ``boundary``: the part of ``kernels`` spent in the two boundary kernels;
         * ``overhead``: in the same instrumented call, its time minus its kernels' time -- what the plan adds around
-          the kernels: the input checks (type, dtype, shape), the buffer lookup, the loop over the calls, the
-          output allocation (and the profiler's own clock reads, about 0.05 us per kernel). Taken from one call at
-          a time (the median of the per-call differences), so that it does not carry the noise of two separately
-          measured totals.
+          the kernels: the input checks (type, dtype, shape), the buffer lookup, the loop over the calls, taking
+          a new output array (and the profiler's own clock reads, about 0.05 us per kernel when the caches are
+          warm). Taken from one call at a time (the median of the per-call differences), so that it does not carry
+          the noise of two separately measured totals;
+        * ``overhead_mean``: the mean of the same differences. The output arrays are allocated in runs (one call
+          in ``refill`` allocates them), which the median passes over; the mean spreads that allocation over the
+          calls.
         """
         self(x)
         clock = time.perf_counter
@@ -211,8 +270,10 @@ class Plan:
             self(x)
             whole.append(clock() - start)
             begin = clock()
-            checked = self._check(x)
-            bound = self._bound[checked.shape]
+            bound = self._bound.get(x.shape) if type(x) is _NDARRAY and x.dtype is _FLOAT32 else None
+            checked = x
+            if bound is None:
+                checked, bound = self._checked_bound(x)
             start = clock()
             self._enter(checked, bound)
             edges = clock() - start
@@ -221,7 +282,10 @@ class Plan:
                 start = clock()
                 function(*arguments)
                 inside += clock() - start
-            out = np.empty(bound.output.shape, np.float32)
+            try:
+                out = bound.fresh.pop()
+            except IndexError:
+                out = bound.new_output()
             start = clock()
             self._leave(bound, out)
             end = clock()
@@ -231,6 +295,7 @@ class Plan:
             overhead.append(end - begin - edges - inside)
         return {"whole": float(np.median(whole)), "kernels": float(np.median(kernel)),
                 "boundary": float(np.median(boundary)), "overhead": float(np.median(overhead)),
+                "overhead_mean": float(np.mean(overhead)),
                 "steps": len(self.ops), "calls": len(bound.calls)}
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numba
 import numpy as np
 
 from nanoopt.kernels import reference as ref
@@ -33,7 +34,8 @@ from nanoopt.runtime.description import PlanFormatError, Step
 
 Call = tuple[Callable[..., Any], tuple]
 
-__all__ = ["Call", "Flatten", "Identity", "MaxPool", "Op"]  # the _helpers are shared with integer_steps, float_steps
+# (the _helpers are shared with integer_steps, float_steps)
+__all__ = ["Call", "Flatten", "Identity", "MaxPool", "Op", "chain_calls"]
 
 
 def _fail(step: Step, message: str) -> PlanFormatError:
@@ -94,6 +96,60 @@ class Op:
 
     def bind(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[Call]]:
         raise NotImplementedError
+
+    def input_view(self, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A float32 view of ``shape`` into a buffer of this operation that the plan may use as the plan's input
+        buffer when this is the only step reading the input, so that the input is written where the kernel reads
+        it (the interior of a convolution's zero-padded input); ``None``: no such buffer."""
+        return None
+
+
+def chain_calls(calls: list[Call], chains: dict[Callable, Callable]) -> list[Call]:
+    """``calls`` with every run of two or more consecutive calls of one kernel that has a chain in ``chains``, with
+    arguments of the same Numba types, made one call of that chain: ``chain(arguments)`` runs ``kernel(
+    *arguments[i])`` for each call of the run in turn -- the same kernels in the same order, so the same results,
+    with one return to Python per run instead of one per call (each return costs a Numba dispatch and, after
+    milliseconds of kernels, the interpreter's cold caches: 0.5-1 us of a plan's overhead per return at batch 256,
+    docs/runtime.md).
+
+    >>> @numba.njit
+    ... def add_one(x):
+    ...     x += 1
+    >>> @numba.njit
+    ... def add_ones(arguments):
+    ...     for i in range(len(arguments)):
+    ...         add_one(*arguments[i])
+    >>> x = np.zeros(2)
+    >>> calls = chain_calls([(add_one, (x,)), (add_one, (x,))], {add_one: add_ones})
+    >>> [function.__name__ for function, _ in calls], [len(arguments[0]) for _, arguments in calls]
+    (['add_ones'], [2])
+    >>> for function, arguments in calls: function(*arguments)
+    >>> x
+    array([2., 2.])
+    """
+    merged: list[Call] = []
+    run: list[Call] = []
+
+    def close() -> None:
+        if len(run) > 1:
+            merged.append((chains[run[0][0]], (tuple(arguments for _, arguments in run),)))
+        else:
+            merged.extend(run)
+        run.clear()
+
+    for function, arguments in calls:
+        if run and (function is not run[0][0] or _types(arguments) != _types(run[0][1])):
+            close()
+        if function in chains:
+            run.append((function, arguments))
+        else:
+            merged.append((function, arguments))
+    close()
+    return merged
+
+
+def _types(arguments: tuple) -> list:
+    return [numba.typeof(argument) for argument in arguments]
 
 
 def _copy_result(out: np.ndarray, compute: Callable[[], np.ndarray]) -> Call:

@@ -119,6 +119,28 @@ def test_epilogues_and_affine_are_exact(products, relu):
         np.testing.assert_array_equal(affine, x * scale[None, :, None] + shift[None, :, None])
 
 
+@SETTINGS
+@given(st.integers(1, 5), st.lists(st.integers(2, 24), min_size=3, max_size=5), st.integers(0, 2**16))
+def test_linear_chain_equals_its_layers_one_by_one(batch, widths, seed):
+    """One call over consecutive linear layers gives the bits of the separate calls, close to NumPy's products.
+    (Widths from 2: a weight with one row or column is both C- and F-contiguous, another Numba type, which
+    ``steps.chain_calls`` leaves out of a chain.)"""
+    rng = np.random.default_rng(seed)
+    weights = [rng.normal(size=(n, k)).astype(np.float32) for k, n in zip(widths, widths[1:], strict=False)]
+    biases = [rng.normal(size=w.shape[0]).astype(np.float32) for w in weights]
+    relus = [bool(r) for r in rng.integers(0, 2, len(weights))]
+    x = rng.normal(size=(batch, widths[0])).astype(np.float32)
+    chained, alone = ([np.empty((batch, w.shape[0]), np.float32) for w in weights] for _ in range(2))
+    fk.linear_chain(tuple((x if i == 0 else chained[i - 1], w.T, b, r, chained[i])
+                          for i, (w, b, r) in enumerate(zip(weights, biases, relus, strict=True))))
+    for i, (w, b, r) in enumerate(zip(weights, biases, relus, strict=True)):
+        fk.linear_bias_act(x if i == 0 else alone[i - 1], w.T, b, r, alone[i])
+    for a, b in zip(chained, alone, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(chained[-1], fk.linear_chain_reference(x, weights, biases, relus), rtol=1e-4,
+                               atol=1e-4 * max(1.0, float(np.abs(chained[-1]).max())))
+
+
 def expected_conv(padded, weight, bias, groups, stride, dilation, relu, pool):
     out = fk.direct_conv_reference(padded, weight, bias, groups, (stride,) * 2, (dilation,) * 2, relu)
     return fk.max_pool_reference(out, pool, pool, (0, 0)) if pool != (1, 1) else out

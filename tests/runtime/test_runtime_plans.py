@@ -28,6 +28,9 @@ from nanoopt.prune.sparse import to_sparse
 from nanoopt.quant.config import QuantConfig
 from nanoopt.quant.ptq import calibrate, convert, prepare
 from nanoopt.runtime import PlanFormatError
+from nanoopt.runtime import float_kernels as fk
+from nanoopt.runtime.plan import CHAINS
+from nanoopt.runtime.steps import chain_calls
 
 
 def build(architecture, seed):
@@ -186,6 +189,113 @@ def test_wrong_input_is_refused_before_any_kernel(int_plan):
             int_plan(bad)
     np.testing.assert_array_equal(int_plan(good.astype(np.float64)), int_plan(good))
     assert int_plan(good[:0]).shape == (0, 10)  # no samples: no rows, as the models return
+
+
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_every_call_returns_a_new_array_that_no_later_call_touches(kind):
+    """The outputs handed out are allocated ahead, in runs: each is the caller's own (owns its memory, shares none
+    with the plan's buffers or with another output), and later calls -- more than one run of them -- leave it
+    alone."""
+    model, shape = build("lenet5", 3)
+    model.eval()
+    rng = np.random.default_rng(4)
+    plan = runtime.compile(converted(model, shape, "int8", 3)) if kind == "int" else runtime.compile(model)
+    inputs = [rng.normal(size=(2,) + shape).astype(np.float32) for _ in range(3)]
+    expected = [plan(x).copy() for x in inputs]
+    bound = plan._bound[inputs[0].shape]
+    buffers = [bound.input, bound.output, *(a for _, arguments in bound.calls for a in arguments
+                                             if isinstance(a, np.ndarray))]
+    outputs = [plan(inputs[i % 3]) for i in range(2 * bound.refill + 3)]
+    for i, out in enumerate(outputs):
+        assert out.flags.owndata and out.base is None and out.dtype == np.float32
+        np.testing.assert_array_equal(out, expected[i % 3])  # not overwritten by the calls after it
+        assert not any(np.shares_memory(out, other) for other in outputs[:i] + buffers)
+
+
+def test_a_padded_first_conv_reads_the_input_where_the_plan_writes_it():
+    """The float plan copies its input straight into the zero-padded buffer of a first conv with padding (no
+    buffer of its own, no second copy); its border stays zero over calls, and the results are the model's."""
+    model, shape = build("lenet5", 2)
+    model.eval()
+    plan = runtime.compile(model)
+    rng = np.random.default_rng(2)
+    for _ in range(2):
+        x = rng.normal(size=(3,) + shape).astype(np.float32) + 5.0  # no zeros: a border written would show
+        with no.no_grad():
+            expected = model(x).data
+        np.testing.assert_allclose(plan(x), expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
+    bound = plan._bound[x.shape]
+    padded = plan.ops[0].padded_inputs[x.shape]
+    assert bound.input.base is padded and padded[:, :, 0].max() == 0 and padded[:, :, :, -1].max() == 0
+    first = [function for function, _ in bound.per_step[0]]
+    assert np.copyto not in first and len(first) == 1  # the conv itself, no copy before it
+    assert np.copyto in [function for function, _ in bound.per_step[1]]  # the second conv reads a step's output
+
+
+def test_profile_reports_every_part_of_a_call(int_plan):
+    """``profile`` times plain and instrumented calls; it names its parts (no wall-clock bounds asserted) and leaves
+    the outputs handed out before it untouched."""
+    x = np.random.default_rng(5).normal(size=(4, 1, 8, 8)).astype(np.float32)
+    before = int_plan(x)
+    kept = before.copy()
+    profile = int_plan.profile(x, repeats=3)
+    assert set(profile) == {"whole", "kernels", "boundary", "overhead", "overhead_mean", "steps", "calls"}
+    assert 0 < profile["boundary"] < profile["kernels"] and profile["whole"] > 0
+    assert profile["calls"] == len(int_plan._bound[x.shape].calls) and profile["steps"] == len(int_plan.ops)
+    np.testing.assert_array_equal(before, kept)
+
+
+@pytest.mark.parametrize("kind", ["float", "int"])
+@pytest.mark.parametrize("architecture", ["mlp", "lenet5"])
+def test_consecutive_linear_layers_run_as_one_call_with_the_same_bits(architecture, kind):
+    """A plan runs consecutive linear layers in one compiled call (where the layers' kernel has a chain: always for
+    float, on the AVX2 and AVX-512 int8 kernels); its output has the bits of the steps' own calls run one by one."""
+    model, shape = build(architecture, 6)
+    model.eval()
+    qmodel = converted(model, shape, "int8", 6) if kind == "int" else None
+    plan = runtime.compile(model if qmodel is None else qmodel)
+    x = np.random.default_rng(6).normal(size=(5,) + shape).astype(np.float32)
+    if qmodel is not None:  # codes in, codes out
+        x = qmodel.quantize_input(x)
+    expected = plan(x) if qmodel is None else plan.forward_int(x)
+    bound = plan._bound[x.shape]
+    own = [function for calls in bound.per_step for function, _ in calls]
+    if kind == "float" or any(function in CHAINS for function in own):
+        assert [function for function, _ in bound.calls].count(CHAINS[own[-1]]) == 1
+        assert len(bound.calls) == len(own) - 2  # three layers, one call
+    np.copyto(bound.input, x)
+    for calls in bound.per_step:
+        for function, arguments in calls:
+            function(*arguments)
+    np.testing.assert_array_equal(bound.output, expected)
+
+
+def test_linear_calls_of_other_numba_types_are_not_chained():
+    x, bias = np.ones((2, 3), np.float32), np.zeros(4, np.float32)
+    hidden, out = np.empty((2, 4), np.float32), np.empty((2, 1), np.float32)
+    wide, narrow = np.ones((4, 3), np.float32).T, np.ones((1, 4), np.float32).T  # layouts F and C (one column)
+    calls = [(fk.linear_bias_act, (x, wide, bias, True, hidden)), (fk.linear_bias_act, (hidden, narrow, bias[:1],
+                                                                                       False, out))]
+    assert [function for function, _ in chain_calls(calls, CHAINS)] == [fk.linear_bias_act] * 2
+    assert [function for function, _ in chain_calls(calls[:1] * 2, CHAINS)] == [fk.linear_chain]
+
+
+class Subclass(np.ndarray):
+    pass
+
+
+def test_inputs_off_the_fast_path_give_the_same_bits(int_plan):
+    """A call on a plain float32 array of a known shape skips the full check; every other input (float64,
+    big-endian float32, strided views, a subclass) takes it and gives the same result."""
+    rng = np.random.default_rng(7)
+    wide = rng.normal(size=(3, 1, 8, 16)).astype(np.float32)
+    x = np.ascontiguousarray(wide[..., ::2])
+    expected = int_plan(x)
+    for variant in (wide[..., ::2], x.astype(np.float64), x.astype(">f4"), x.view(Subclass), np.asfortranarray(x)):
+        np.testing.assert_array_equal(int_plan(variant), expected)
+    float_plan = runtime.compile(build("lenet5", 0)[0].eval())
+    np.testing.assert_array_equal(float_plan(wide[..., ::2]), float_plan(x))
+    np.testing.assert_array_equal(float_plan(x.astype(np.float64)), float_plan(x))
 
 
 def test_files_of_another_version_or_damaged_are_refused(int_plan, tmp_path):
