@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt.kernels import avx512
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
@@ -52,10 +53,11 @@ OPS: dict[str, type[Op]] = {
 SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
 INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
 FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
-# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the float linear layers'. (An
-# int8 chain around avx512.linear_s8_into measured 1.4 s more compilation on an empty Numba cache, for LeNet-300-100,
-# against 0.25 s for the float one: not taken.)
-CHAINS = {fk.linear_bias_act: fk.linear_chain}
+# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the float linear layers' and the
+# AVX-512 int8 ones'. Each chain compiles its kernel into itself once more on an empty Numba cache (measured in
+# docs/runtime.md; nothing once `nanoopt precompile` has run); each saves a return to Python per layer, which after
+# milliseconds of kernels costs 0.5-3 us (LeNet-5 at batch 256).
+CHAINS = {fk.linear_bias_act: fk.linear_chain, avx512.linear_s8_into: avx512.linear_s8_chain}
 
 
 def _not_finite(x: np.ndarray) -> str:
@@ -185,13 +187,13 @@ class Plan:
             x, bound = self._checked_bound(x)
             if bound is None:
                 return self._no_rows(x)
-        self._enter(x, bound)
-        for function, arguments in bound.calls:
-            function(*arguments)
-        try:
+        try:  # the output array is taken before the kernels, while the interpreter's state is still in cache
             out = bound.fresh.pop()
         except IndexError:  # the run of new outputs is used up
             out = bound.new_output()
+        self._enter(x, bound)
+        for function, arguments in bound.calls:
+            function(*arguments)
         self._leave(bound, out)
         return out
 
@@ -274,6 +276,10 @@ class Plan:
             checked = x
             if bound is None:
                 checked, bound = self._checked_bound(x)
+            try:
+                out = bound.fresh.pop()
+            except IndexError:
+                out = bound.new_output()
             start = clock()
             self._enter(checked, bound)
             edges = clock() - start
@@ -282,10 +288,6 @@ class Plan:
                 start = clock()
                 function(*arguments)
                 inside += clock() - start
-            try:
-                out = bound.fresh.pop()
-            except IndexError:
-                out = bound.new_output()
             start = clock()
             self._leave(bound, out)
             end = clock()
