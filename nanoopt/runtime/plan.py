@@ -87,7 +87,7 @@ class _Bound:
     output: np.ndarray  # the buffer of the output value
     calls: list[Call]  # what a call runs: the steps' calls in order, runs of one chained kernel merged (CHAINS)
     per_step: list[list[Call]]  # each step's calls as it bound them (for profiling)
-    fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
+    fresh: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # outputs allocated ahead (and flat)
 
     def __post_init__(self) -> None:
         # flat views for the boundary kernels of an integer plan (whose buffers are contiguous)
@@ -95,12 +95,13 @@ class _Bound:
         self.output_flat = self.output.reshape(-1) if self.output.flags.c_contiguous else None
         self.refill = max(1, min(FRESH_MAX, FRESH_BYTES // max(1, 4 * self.output.size)))
 
-    def new_output(self) -> np.ndarray:
-        """A new float32 array of the output's shape, owned by the caller: the next of a run of ``refill``
-        allocated together, after allocating a run if the last one is used up."""
+    def new_output(self) -> tuple[np.ndarray, np.ndarray]:
+        """A new float32 array of the output's shape, owned by the caller, and a flat view of it: the next of a run
+        of ``refill`` allocated together, after allocating a run if the last one is used up."""
         if not self.fresh:
             shape = self.output.shape
-            self.fresh.extend([np.empty(shape, _FLOAT32) for _ in range(self.refill)])
+            arrays = [np.empty(shape, _FLOAT32) for _ in range(self.refill)]
+            self.fresh.extend([(array, array.reshape(-1)) for array in arrays])
         return self.fresh.pop()
 
 
@@ -188,13 +189,21 @@ class Plan:
             if bound is None:
                 return self._no_rows(x)
         try:  # the output array is taken before the kernels, while the interpreter's state is still in cache
-            out = bound.fresh.pop()
+            out, out_flat = bound.fresh.pop()
         except IndexError:  # the run of new outputs is used up
-            out = bound.new_output()
-        self._enter(x, bound)
+            out, out_flat = bound.new_output()
+        if self._int:  # the boundary kernels inline (each Python operation after the kernels costs a cache miss)
+            flat = x.reshape(-1) if x.dtype is _FLOAT32 else np.ascontiguousarray(x, np.float32).reshape(-1)
+            if not quantize_into(flat, *self._quantize, bound.input_flat):  # (reshape copies a strided x)
+                raise ValueError(_not_finite(x))
+            for function, arguments in bound.calls:
+                function(*arguments)
+            dequantize_into(bound.output_flat, *self._dequantize, out_flat)
+            return out
+        np.copyto(bound.input, x, casting="same_kind")
         for function, arguments in bound.calls:
             function(*arguments)
-        self._leave(bound, out)
+        np.copyto(out, bound.output)
         return out
 
     def _checked_bound(self, x: Any) -> tuple[np.ndarray, _Bound | None]:
@@ -277,9 +286,9 @@ class Plan:
             if bound is None:
                 checked, bound = self._checked_bound(x)
             try:
-                out = bound.fresh.pop()
+                out, _ = bound.fresh.pop()
             except IndexError:
-                out = bound.new_output()
+                out, _ = bound.new_output()
             start = clock()
             self._enter(checked, bound)
             edges = clock() - start
