@@ -88,9 +88,10 @@ def finish_pixels(values, offset, row_offsets, m0, shift, epilogue, target):
 @njit(cache=True, inline="always")
 def max_pool_planes(planes, out_w, pool_h, pool_w, target):
     """A fused non-overlapping max pool: ``target[c, y, x] = max(planes[c, (y pool_h + i) out_w + x pool_w + j])``
-    over ``i < pool_h, j < pool_w``, for flat output planes ``planes (C, out_h * out_w)`` of a layer just written
-    (still in cache) and ``target (C, out_h // pool_h, out_w // pool_w)``; the rows and columns past the last
-    whole window are dropped, as PyTorch's floor mode does. Max of codes, so the result equals the layer followed
+    over ``i < pool_h, j < pool_w``, for flat output planes ``planes (C, >= out_h * out_w)`` of a layer just written
+    (still in cache; ``out_w`` is the row stride, which may exceed the conv's width: columns past it are never
+    read) and ``target (C, out_h // pool_h, width // pool_w)``; the rows and columns past the last whole window are
+    dropped, as PyTorch's floor mode does. Max of codes, so the result equals the layer followed
     by :func:`nanoopt.kernels.reference.quantized_max_pool2d` exactly."""
     for c in range(target.shape[0]):
         plane = planes[c]
