@@ -76,3 +76,16 @@ def test_the_int8_lenet5_plan_pools_inside_its_convs_with_the_models_bits():
     assert [step.attrs.get("pool") for step in plan.description.steps if step.op == "conv2d_q"] == [[2, 2], [2, 2]]
     for batch in (1, 3, 64):
         np.testing.assert_array_equal(plan(x[:batch]), qmodel(x[:batch]).data)
+
+
+@pytest.mark.parametrize("pool", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("size", [17, 20])
+def test_a_conv_of_several_pixel_blocks_with_a_fused_pool_equals_the_reference(size, pool):
+    """More than 256 output pixels per image (several blocks of the x86 conv, pooled from the NCHW planes)."""
+    rng = np.random.default_rng(size)
+    step, spec = conv_step(rng, 6, 16, 5, 1, 2, 1, True, pool)
+    x = rng.integers(-128, 128, size=(2, 6, size, size)).astype(np.int8)
+    out, calls = Conv2dQ(step).bind([x])
+    for function, arguments in calls:
+        function(*arguments)
+    np.testing.assert_array_equal(out, reference(step, spec, x))
