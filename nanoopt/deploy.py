@@ -8,8 +8,10 @@ in eval mode and writes a :class:`nanoopt.runtime.PlanDescription` -- plain ops,
   codes; for a float model, :func:`nanoopt.nn.graph.trace`); a chain of layers in nested ``Sequential``\\ s
   needs no example input, nor does an integer model (it records its input shape at conversion).
 * Integer layers are copied as they are (the converted weights, biases, multipliers and grids), so the plan is
-  bit-identical to the model. A layer that runs in float inside the integer model (``FloatFallback``) is refused.
-  Identities (ReLUs fused at conversion, Dropout in eval mode) become no step: their consumers read their input.
+  bit-identical to the model; a max pool with non-overlapping windows that is the only reader of a conv's output
+  is fused into the conv (the maximum of the codes it writes). A layer that runs in float inside the integer
+  model (``FloatFallback``) is refused. Identities (ReLUs fused at conversion, Dropout in eval mode) become no
+  step: their consumers read their input.
 * Float layers: a BatchNorm in eval mode right after a Linear/Conv2d whose only consumer it is is folded into its
   weights (``w' = w gamma / sqrt(var + eps)``, ``b' = (b - mean) gamma / sqrt(var + eps) + beta``), otherwise it
   is a per-channel affine step; a ReLU that is the only consumer of a Linear/Conv2d/sparse layer or an Add is
@@ -133,6 +135,25 @@ def _integer_step(name: str, module: nn.Module, inputs: tuple[int, ...]) -> Step
     raise ValueError(f"to_plan: layer {name!r} ({type(module).__name__}) has no runtime operation")
 
 
+def _fusable_pool(name: str, calls: list[tuple[str, nn.Module, list[str]]], output: str) -> tuple | None:
+    """``(pool name, pool module)`` when the only reader of layer ``name``'s output (not the model's output), after
+    identities, is a max pool with non-overlapping windows and no padding, whose input can then be pooled as it is
+    written."""
+    while True:  # through the identities (a ReLU fused at conversion) that only pass the output on
+        if name == output:
+            return None
+        readers = [(reader, module) for reader, module, sources in calls if name in sources]
+        if len(readers) != 1 or not isinstance(readers[0][1], nn.Identity):
+            break
+        name = readers[0][0]
+    if len(readers) != 1 or not isinstance(readers[0][1], Q.QuantizedMaxPool2d):
+        return None
+    pool = readers[0][1]
+    if tuple(pool.stride) != tuple(pool.kernel_size) or tuple(pool.padding) != (0, 0):
+        return None
+    return readers[0]
+
+
 def _integer_plan(model: Q.QuantizedModel, example_input: Any) -> PlanDescription:
     if example_input is not None:
         codes = model.quantize_input(example_input)
@@ -143,12 +164,20 @@ def _integer_plan(model: Q.QuantizedModel, example_input: Any) -> PlanDescriptio
     calls, output = _trace_codes(model, codes)
     value = {INPUT: 0}
     steps = []
+    fused: set[str] = set()
     for name, module, sources in calls:
+        if name in fused:
+            continue
         if isinstance(module, nn.Identity):  # a ReLU fused away, a Dropout: the value passes through
             value[name] = value[sources[0]]
             continue
         steps.append(_integer_step(name, module, tuple(value[source] for source in sources)))
         value[name] = len(steps)
+        pool = _fusable_pool(name, calls, output) if isinstance(module, Q.QuantizedConv2d) else None
+        if pool is not None:  # written as the conv's output plane is (max of codes: the same codes)
+            steps[-1].attrs["pool"] = list(pool[1].kernel_size)
+            fused.add(pool[0])
+            value[pool[0]] = len(steps)
     grids = [Grid(float(np.float32(getattr(model, f"{p}_scale"))), int(getattr(model, f"{p}_zero_point")),
                   getattr(model, f"{p}_spec")) for p in ("input", "output")]
     shape = None if model.input_shape is None else tuple(int(d) for d in model.input_shape[1:])

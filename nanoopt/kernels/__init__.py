@@ -45,6 +45,7 @@ import numba
 import numpy as np
 
 from nanoopt.kernels import avx2, avx512, numba_cpu, numba_pointwise, reference, x86_glue
+from nanoopt.kernels.numba_epilogue import kernel_dtype
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_products, pack_weights, use_threads
 from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
 from nanoopt.kernels.x86_glue import AVX2_PARALLEL_MIN_ROWS
@@ -485,9 +486,11 @@ class PreparedConv2d:
             return reference.quantized_conv2d(x_q, self.weight, *self.arguments)
         if backend == "numba":
             return self.plan(x_q)
-        padded, items, conv, epilogue, out = self.plan.external_arguments(x_q)
+        out = np.empty(self.plan.output_shape(x_q), dtype=kernel_dtype(self.plan.out_dtype))
+        padded, conv, epilogue = self.plan.external_arguments(x_q.shape)
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
-        arguments = (padded, self.avx2_panels(), items, conv, epilogue, out3)
+        arguments = (x_q, np.int64(self.plan.x_zero_point), padded, self.avx2_panels(), conv, epilogue, out3,
+                     (1, 1), out)  # no pool: out4 is out
         _, serial, parallel = x86_glue.external_s8_drivers(int8_gemm_kernel())
         if use_threads(2 * out.size * self.plan.depth):
             parallel(*arguments)

@@ -80,6 +80,7 @@ __all__ = [
     "ROW_BLOCK",
     "available",
     "gemm_s8s8s32_avx512_into",
+    "linear_s8_chain",
     "linear_s8_into",
     "linear_s8_reference",
     "linear_s8_rows_parallel",
@@ -756,6 +757,27 @@ def linear_s8_into(x, panels, n, k, requant, products, out, packed=None):
         rows = packed
     pack_rows_into(x, padded_k, rows)
     _linear_packed(rows, x.shape[0], padded_k, panels, n, requant, products, out)
+
+
+@numba.njit(cache=True)
+def linear_s8_chain(arguments):
+    """Consecutive int8 linear layers in one call: :func:`linear_s8_into` ``(*arguments[i])`` for ``i = 0, 1, ...``
+    in turn (the next layer's ``x`` a view of this one's ``out``): the same kernels in the same order, so the same
+    integers, without a return to Python between layers (a plan's chain, ``nanoopt.runtime.plan.CHAINS``). The
+    argument tuples are all of one Numba type. Call only where :func:`available`.
+
+    >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
+    >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
+    >>> panels, scratch = avx2.pack_weights_s8(w).panels, np.empty((1, 2), np.int32)
+    >>> middle, out = np.empty((1, 2), np.int8), np.empty((1, 2), np.int8)
+    >>> layers = ((x, panels, 2, 2, requant, scratch, middle), (middle, panels, 2, 2, requant, scratch, out))
+    >>> if available(): linear_s8_chain(layers)
+    ... else: out[:] = linear_s8_reference(linear_s8_reference(x, w, requant), w, requant)
+    >>> out
+    array([[  4, -26]], dtype=int8)
+    """
+    for i in range(len(arguments)):
+        linear_s8_into(*arguments[i])
 
 
 @numba.njit(cache=True)

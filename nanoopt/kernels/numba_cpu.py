@@ -173,37 +173,42 @@ class Conv2dPlan:
         return (self.groups, group_channels, out_channels // self.groups, kh, kw, sh, sw, dh, dw, out_w,
                 out_h * out_w)  # fmt: skip
 
-    def external_arguments(self, x_q: np.ndarray) -> tuple:
-        """For a conv whose products come from another GEMM (the AVX2 one, int8 activations): ``(padded,
-        items, conv, epilogue, out)`` -- the NHWC input, the number of 256-pixel work items, the geometry
-        tuple, the epilogue of exact products and the output to fill (``kernel_dtype``; cast it with
-        :meth:`cast_output`). Each item: :func:`im2col_rows`, the product, :func:`epilogue_block` with
-        the ``CONV_PIXEL_MAJOR`` layout."""
-        batch, out_channels, out_h, out_w = self.output_shape(x_q)
+    def external_arguments(self, x_shape: tuple[int, ...]) -> tuple:
+        """For a conv whose products come from another GEMM (the x86 ones, int8 activations) on an input of
+        ``x_shape``: ``(padded, conv, epilogue)`` -- an NHWC buffer for the zero-point-padded input (the driver,
+        :func:`nanoopt.kernels.x86_glue.external_s8_drivers`, fills it), the geometry tuple and the epilogue of
+        exact products. Each 256-pixel item: :func:`im2col_rows`, the product, :func:`epilogue_block` with the
+        ``CONV_PIXEL_MAJOR`` layout."""
         if self.x_dtype != np.int8:
             raise TypeError("external products need int8 activations")
-        pixels = out_h * out_w
-        items = batch * self.groups * ((pixels + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS)
+        (ph, pw), (batch, channels, height, width) = self.padding, x_shape
+        _, _, out_h, out_w = self.output_shape(np.empty((0, *x_shape[1:]), np.int8))
+        padded = np.empty((1, batch, height + 2 * ph, width + 2 * pw, channels), dtype=np.int8)
         epilogue = (self.direct_offsets, np.zeros(EXTERNAL_PIXELS, np.int64)) + self.tail
-        out = np.empty((batch, out_channels, out_h, out_w), dtype=kernel_dtype(self.out_dtype))
-        return self.pad(x_q), items, self.conv_tuple(out_h, out_w), epilogue, out
+        return padded, self.conv_tuple(out_h, out_w), epilogue
 
     def cast_output(self, out: np.ndarray) -> np.ndarray:
         """``out`` (written as :func:`kernel_dtype`) in the layer's output dtype."""
         return out.astype(self.out_dtype, copy=False)
 
-    def run_thin(self, x_q: np.ndarray, out_shape: tuple[int, int, int, int]) -> np.ndarray:
-        """The direct thin convolution (:func:`_thin_conv_image`) of a checked int8 ``x_q``."""
+    def thin_arguments(self, x_shape: tuple[int, ...], out_h: int, out_w: int, pool: tuple[int, int] = (1, 1)):
+        """``(geometry, offsets, weights, epilogue)`` of :func:`thin_conv_serial` for an int8 input of ``x_shape``
+        whose conv output is ``out_h x out_w`` (then max pooled ``pool_h x pool_w``, non-overlapping, when not 1x1)."""
         (ph, pw), (sh, sw), (dh, dw) = self.padding, self.stride, self.dilation
-        padded_h, padded_w = x_q.shape[2] + 2 * ph, x_q.shape[3] + 2 * pw
+        padded_h, padded_w = x_shape[2] + 2 * ph, x_shape[3] + 2 * pw
         if (padded_h, padded_w) not in self._thin_taps:
             self._thin_taps[padded_h, padded_w] = thin_conv_taps(self.packed.weight, padded_h, padded_w, (dh, dw))
         offsets, weights = self._thin_taps[padded_h, padded_w]
-        batch, out_channels, out_h, out_w = out_shape
-        out = np.empty(out_shape, dtype=kernel_dtype(self.out_dtype))
         slack = (self.packed.weight.shape[3] - 1) * dw
-        geometry = (ph, pw, sh, sw, out_channels // self.groups, slack)
+        per_group = self.packed.weight.shape[0] // self.groups
+        geometry = (ph, pw, sh, sw, per_group, slack, out_h, out_w, int(pool[0]), int(pool[1]))
         epilogue = (self.direct_offsets, np.zeros(1, np.int64)) + self.tail
+        return geometry, offsets, weights, epilogue
+
+    def run_thin(self, x_q: np.ndarray, out_shape: tuple[int, int, int, int]) -> np.ndarray:
+        """The direct thin convolution (:func:`_thin_conv_image`) of a checked int8 ``x_q``."""
+        out = np.empty(out_shape, dtype=kernel_dtype(self.out_dtype))
+        geometry, offsets, weights, epilogue = self.thin_arguments(x_q.shape, out_shape[2], out_shape[3])
         arguments = (x_q, np.int64(self.x_zero_point), geometry, offsets, weights, epilogue, out)
         if use_threads(2 * out.size * self.depth):
             thin_conv_parallel(*arguments)

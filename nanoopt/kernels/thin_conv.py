@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from nanoopt.kernels.numba_epilogue import finish_pixels
+from nanoopt.kernels.numba_epilogue import finish_pixels, max_pool_planes
 
 __all__ = ["THIN_MAX_DEPTH", "THIN_TAPS", "thin_conv_parallel", "thin_conv_serial", "thin_conv_taps"]
 
@@ -75,15 +75,18 @@ def _thin_accumulate(source, base, offsets, weights, o, acc, rows, columns, row_
 
 
 @njit(cache=True)
-def _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, out4):
-    """Image ``n``: its zero-point-padded NCHW copy (plus a tail of ``slack`` zero points read only by the
-    discarded columns of the unit-stride grid), then per output channel the tap sums and the epilogue."""
-    pad_h, pad_w, sh, sw, per_group, slack = geometry
+def _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, source, acc, planes, no_row_offsets,
+                     out4):
+    """Image ``n``: its zero-point-padded NCHW copy in ``source`` (plus a tail of ``slack`` zero points read only
+    by the discarded columns of the unit-stride grid), then per output channel the tap sums into ``acc`` and the
+    epilogue; with a fused ``pool_h x pool_w`` max pool the output planes go to ``planes`` first and are pooled
+    into ``out4`` while they are in cache. The scratch arrays are the caller's, reused from image to image."""
+    pad_h, pad_w, sh, sw, per_group, slack, out_h, out_w, pool_h, pool_w = geometry
     channels, height, width = x.shape[1], x.shape[2], x.shape[3]
-    channels_out, out_h, out_w = out4.shape[1], out4.shape[2], out4.shape[3]
+    channels_out = out4.shape[1]
     padded_h, padded_w = height + 2 * pad_h, width + 2 * pad_w
     plane = padded_h * padded_w
-    source = np.full(channels * plane + slack, np.int8(zero_point), dtype=np.int8)
+    source[:] = np.int8(zero_point)
     for c in range(channels):
         for y in range(height):
             row = c * plane + (y + pad_h) * padded_w + pad_w
@@ -97,31 +100,57 @@ def _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, out
         rows, run, columns = 1, out_h * padded_w, padded_w
     else:
         rows, run, columns = out_h, span, span
-    acc = np.empty(out_h * columns, dtype=np.int32)
-    no_row_offsets = np.zeros(out_w, dtype=np.int64)
     group_channels = channels // (channels_out // per_group)
+    pooled = pool_h > 1 or pool_w > 1
+    whole = pooled and sh == 1 and sw == 1  # the epilogue over the whole flat run, then pooled on padded rows
     for o in range(channels_out):
         base = (o // per_group) * group_channels * plane
         _thin_accumulate(source, base, offsets, weights, o, acc, rows, run, sh * padded_w)
+        if whole:  # one long vectorised epilogue (the discarded columns too) instead of a short one per row
+            finish_pixels(acc[:run], epilogue[0][o], no_row_offsets[:run], epilogue[2][o], epilogue[3][o], epilogue,
+                          planes[o, :run])  # fmt: skip
+            continue
         for y in range(out_h):
+            target = planes[o, y * out_w : (y + 1) * out_w] if pooled else out4[n, o, y]
             if sw == 1:  # a contiguous slice: the epilogue vectorises
                 values = acc[y * columns : y * columns + out_w]
                 finish_pixels(values, epilogue[0][o], no_row_offsets, epilogue[2][o], epilogue[3][o], epilogue,
-                               out4[n, o, y])  # fmt: skip
+                               target)  # fmt: skip
             else:
                 values = acc[y * columns : y * columns + span : sw]
                 finish_pixels(values, epilogue[0][o], no_row_offsets, epilogue[2][o], epilogue[3][o], epilogue,
-                               out4[n, o, y])  # fmt: skip
+                               target)  # fmt: skip
+    if pooled:
+        max_pool_planes(planes, padded_w if whole else out_w, pool_h, pool_w, out4[n])
+
+
+@njit(cache=True, inline="always")
+def _scratch(x, geometry, out4):
+    """The per-image scratch of :func:`_thin_conv_image`: the padded planes, the accumulators, the output planes
+    (on whole padded rows at unit stride) and zero row offsets for the epilogue."""
+    pad_h, pad_w, sh, sw, _, slack, out_h, out_w, _, _ = geometry
+    padded_h, padded_w = x.shape[2] + 2 * pad_h, x.shape[3] + 2 * pad_w
+    columns = padded_w if sh == 1 and sw == 1 else (out_w - 1) * sw + 1
+    source = np.empty(x.shape[1] * padded_h * padded_w + slack, dtype=np.int8)
+    acc = np.empty(out_h * columns, dtype=np.int32)
+    planes = np.empty((out4.shape[1], out_h * max(columns, out_w)), dtype=out4.dtype)
+    no_row_offsets = np.zeros(out_h * max(columns, out_w), dtype=np.int64)
+    return source, acc, planes, no_row_offsets
 
 
 @njit(cache=True)
 def thin_conv_serial(x, zero_point, geometry, offsets, weights, epilogue, out4):
+    """The thin convolution of every image in turn; ``geometry = (pad_h, pad_w, stride_h, stride_w, out channels
+    per group, slack, out_h, out_w, pool_h, pool_w)``, ``out4`` the (pooled, when ``pool_h x pool_w`` is not 1x1)
+    output."""
+    source, acc, planes, zeros = _scratch(x, geometry, out4)
     for n in range(x.shape[0]):
-        _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, out4)
+        _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, source, acc, planes, zeros, out4)
 
 
 @njit(cache=True, parallel=True)
 def thin_conv_parallel(x, zero_point, geometry, offsets, weights, epilogue, out4):
+    """:func:`thin_conv_serial` with the images in parallel (scratch per image)."""
     for n in prange(x.shape[0]):
-        _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, out4)
-
+        source, acc, planes, zeros = _scratch(x, geometry, out4)
+        _thin_conv_image(x, n, zero_point, geometry, offsets, weights, epilogue, source, acc, planes, zeros, out4)

@@ -30,12 +30,14 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from nanoopt.kernels import avx2, avx512
-from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows
-from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run
+from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows, pad_nhwc
+from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run, max_pool_planes
 
 __all__ = [
     "AVX2_PARALLEL_MIN_ROWS",
     "avx2_s16_rows_parallel",
+    "conv_requant_avx512",
+    "conv_requant_scratch",
     "external_s8_drivers",
     "linear_s8_driver",
     "products",
@@ -111,18 +113,99 @@ def _drivers_for(kind: int) -> tuple:
             _s8_product(kind, a[lo:hi], panels, n, k, out[lo:hi])
 
     @njit(cache=True)
-    def conv_serial(padded, panels, items, conv, epilogue, out3):
-        """Every block of an int8 conv in turn (:func:`_conv_item`)."""
-        for item in range(items):
-            _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+    def conv_serial(x, zero_point, padded, panels, conv, epilogue, out3, pool, out4):
+        """A whole int8 conv layer: the zero-point-padded NHWC copy of ``x`` into ``padded``
+        (:func:`~nanoopt.kernels.numba_conv.pad_nhwc`), then image by image every 256-pixel block
+        (:func:`_conv_item`) into ``out3 (N, OC, OH * OW)``, and, when ``pool = (pool_h, pool_w)`` is not 1x1,
+        that image's max pool into ``out4`` while its planes are in cache (else ``out4`` is ``out3``)."""
+        pad_nhwc(x, zero_point, (padded.shape[2] - x.shape[2]) // 2, (padded.shape[3] - x.shape[3]) // 2, padded)
+        per_image = conv[0] * ((conv[10] + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS)
+        for n in range(x.shape[0]):
+            for item in range(n * per_image, (n + 1) * per_image):
+                _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+            if pool[0] > 1 or pool[1] > 1:
+                max_pool_planes(out3[n], conv[9], pool[0], pool[1], out4[n])
 
     @njit(cache=True, parallel=True)
-    def conv_parallel(padded, panels, items, conv, epilogue, out3):
-        """The blocks of an int8 conv in parallel."""
-        for item in prange(items):
+    def conv_parallel(x, zero_point, padded, panels, conv, epilogue, out3, pool, out4):
+        """:func:`conv_serial` with the blocks, then the images' pools, in parallel."""
+        pad_nhwc(x, zero_point, (padded.shape[2] - x.shape[2]) // 2, (padded.shape[3] - x.shape[3]) // 2, padded)
+        per_image = conv[0] * ((conv[10] + EXTERNAL_PIXELS - 1) // EXTERNAL_PIXELS)
+        for item in prange(x.shape[0] * per_image):
             _conv_item(kind, padded, panels, item, conv, epilogue, out3)
+        if pool[0] > 1 or pool[1] > 1:
+            for n in prange(x.shape[0]):
+                max_pool_planes(out3[n], conv[9], pool[0], pool[1], out4[n])
 
     return rows_parallel, conv_serial, conv_parallel
+
+
+@njit(cache=True)
+def conv_requant_avx512(x, zero_point, padded, panels, conv, requant, scratch, out3, pool, out4):
+    """An ungrouped int8 conv layer on the 512-bit layer kernel that requantizes in registers
+    (:func:`nanoopt.kernels.avx512.linear_s8_into`): the zero-point-padded NHWC copy of ``x`` into ``padded``, then
+    per image and block of up to 256 output pixels the im2col rows (``(kh, kw, c)`` order, as the packed weights
+    ``panels``), the layer kernel on them -- int8 codes per (pixel, channel), ``requant`` from
+    ``avx512.requant_s8(bias - x_zp rowsum(W), m0, shift, ...)`` -- and their transpose into the NCHW planes of
+    ``out3 (N, OC, OH * OW)``; when ``pool`` is not 1x1 each image's max pool into ``out4`` while its planes are in
+    cache. ``scratch = (cols (256, K) int8, products (256, OC) int32, codes (256, OC) int8, packed (256 * ceil(K / 4)
+    * 4,) int8)``. The products are exact and the epilogue is the reference's, so this equals
+    :func:`nanoopt.kernels.reference.quantized_conv2d` (then ``quantized_max_pool2d``). Call only where
+    ``avx512.available()`` and the layer's accumulator bound fits int32."""
+    cols, products, codes, packed = scratch
+    channels, per_group, pixels, out_w = conv[1], conv[2], conv[10], conv[9]
+    depth = conv[3] * conv[4] * channels
+    pad_nhwc(x, zero_point, (padded.shape[2] - x.shape[2]) // 2, (padded.shape[3] - x.shape[3]) // 2, padded)
+    pooled = pool[0] > 1 or pool[1] > 1
+    best = np.empty(per_group, np.int8)
+    for n in range(x.shape[0]):
+        for p_lo in range(0, pixels, EXTERNAL_PIXELS):
+            rows = min(p_lo + EXTERNAL_PIXELS, pixels) - p_lo
+            im2col_rows(padded, 0, n, 0, channels, conv, p_lo, rows, cols)
+            avx512.linear_s8_into(cols[:rows], panels, per_group, depth, requant, products[:rows], codes[:rows],
+                                  packed)  # fmt: skip
+            if pooled and rows == pixels:  # the whole image in one block: pooled from the codes directly
+                _pool_pixel_major(codes, out_w, pool[0], pool[1], best, out4[n])
+                continue
+            for c in range(per_group):
+                plane = out3[n, c, p_lo : p_lo + rows]
+                for r in range(rows):
+                    plane[r] = codes[r, c]
+        if pooled and pixels > EXTERNAL_PIXELS:
+            max_pool_planes(out3[n], out_w, pool[0], pool[1], out4[n])
+
+
+@njit(cache=True, inline="always")
+def _pool_pixel_major(codes, out_w, pool_h, pool_w, best, target):
+    """``target[c, y, x] = max(codes[(y pool_h + i) out_w + x pool_w + j, c])`` over the window: a max over the
+    window's rows of channels (contiguous, vectorised), then written to the channels' planes."""
+    channels = target.shape[0]
+    for y in range(target.shape[1]):
+        for x in range(target.shape[2]):
+            corner = y * pool_h * out_w + x * pool_w
+            first = codes[corner]
+            for c in range(channels):
+                best[c] = first[c]
+            for i in range(pool_h):
+                for j in range(pool_w):
+                    row = codes[corner + i * out_w + j]
+                    for c in range(channels):
+                        value = row[c]
+                        best[c] = value if value > best[c] else best[c]
+            for c in range(channels):
+                target[c, y, x] = best[c]
+
+
+def conv_requant_scratch(depth: int, channels: int) -> tuple:
+    """The scratch arrays of :func:`conv_requant_avx512` for a layer of reduction depth ``depth`` and ``channels``
+    output channels.
+
+    >>> [a.shape for a in conv_requant_scratch(150, 16)]
+    [(256, 150), (256, 16), (256, 16), (38912,)]
+    """
+    rows = EXTERNAL_PIXELS
+    return (np.empty((rows, depth), np.int8), np.empty((rows, channels), np.int32),
+            np.empty((rows, channels), np.int8), np.empty(rows * (-(-depth // 4) * 4), np.int8))
 
 
 def _linear_for(kind: int):
@@ -142,7 +225,8 @@ def external_s8_drivers(kernel: str) -> tuple:
     """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``"avx2"``, ``"avx-vnni"``
     or ``"avx512-vnni"``, as :func:`nanoopt.kernels.int8_gemm_kernel` names them), with the kernel bound:
     ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
-    ``conv_serial(padded, panels, items, conv, epilogue, out3)``. Nothing is compiled until a driver is called.
+    ``conv_serial(x, zero_point, padded, panels, conv, epilogue, out3, pool, out4)`` (pads ``x``, then the conv,
+    then an optional fused max pool; see ``_drivers_for``). Nothing is compiled until a driver is called.
 
     Each is a compiled function in which ``kind`` is a constant (a closure variable, part of Numba's cache key),
     so the kernel is chosen once, when the driver compiles. (A driver called from Python with ``kind`` as a plain

@@ -23,10 +23,11 @@ import numpy as np
 from nanoopt import kernels
 from nanoopt.kernels import avx512, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
-from nanoopt.kernels.numba_conv import CONV_PIXELS, EXTERNAL_PIXELS, conv_parallel, conv_serial, pad_nhwc
+from nanoopt.kernels.numba_conv import CONV_PIXELS, conv_parallel, conv_serial, pad_nhwc
 from nanoopt.kernels.numba_epilogue import LINEAR
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_parallel, gemm_serial, use_threads
-from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial, thin_conv_taps
+from nanoopt.kernels.thin_conv import thin_conv_parallel, thin_conv_serial
+from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.description import Step, spec_from_json
 from nanoopt.runtime.steps import (
     Op,
@@ -138,6 +139,7 @@ class Conv2dQ(_WeightedQ):
         self.stride, self.padding = _pair(step, "stride", 1), _pair(step, "padding", 0)
         self.dilation, self.groups = _pair(step, "dilation", 1), _attr(step, "groups", int)
         relu = _attr(step, "relu", bool)
+        self.pool = _pair(step, "pool", 1, (1, 1))  # a fused max pool: window = stride, no padding
         try:
             self.prepared = kernels.prepare_conv2d(weight, bias, x_zp, m0, shift, out_zp, out_spec, self.stride,
                                                    self.padding, self.dilation, self.groups, relu, self.x_dtype)
@@ -146,8 +148,13 @@ class Conv2dQ(_WeightedQ):
         self.plan = self.prepared.plan
         self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
         self.in_channels = weight.shape[1] * self.groups
+        self.requant_s8 = None  # the constants of the AVX-512 conv that requantizes in registers, where it runs
         if self.backend == "avx2":
             self.panels = self.prepared.avx2_panels()
+            m0, shift, out_zp, low, high, _, fast_epilogue = self.plan.tail
+            if (kernels.int8_gemm_kernel() == "avx512-vnni" and fast_epilogue and self.groups == 1
+                    and self.x_dtype == np.int8 and out_spec.dtype == np.int8):
+                self.requant_s8 = avx512.requant_s8(self.plan.direct_offsets, m0, shift, out_zp, low, high)
 
     def bind(self, inputs):
         x = inputs[0]
@@ -158,40 +165,52 @@ class Conv2dQ(_WeightedQ):
         except ValueError as error:
             raise ValueError(f"conv step {self.step.name!r}: {error}") from error
         batch, out_channels, out_h, out_w = shape
+        pool_h, pool_w = self.pool
+        if out_h < pool_h or out_w < pool_w:
+            raise ValueError(f"conv step {self.step.name!r}: its {out_h}x{out_w} output is smaller than the fused "
+                             f"{pool_h}x{pool_w} pool")
+        pooled = pool_h > 1 or pool_w > 1
         fast = (self.x_dtype == np.int8 and self.out_spec.dtype == np.int8 and plan.depth <= MAX_FUSED_K)
-        out = np.empty(shape, self.out_spec.dtype)
-        ops = 2 * out.size * plan.depth
-        (ph, pw), (sh, sw), (dh, dw) = plan.padding, plan.stride, plan.dilation
-        if fast and self.backend == "numba" and plan.thin:
-            padded_h, padded_w = x.shape[2] + 2 * ph, x.shape[3] + 2 * pw
-            offsets, weights = thin_conv_taps(plan.packed.weight, padded_h, padded_w, (dh, dw))
-            slack = (plan.packed.weight.shape[3] - 1) * dw
-            geometry = (ph, pw, sh, sw, out_channels // self.groups, slack)
-            epilogue = (plan.direct_offsets, np.zeros(1, np.int64)) + plan.tail
+        final = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), self.out_spec.dtype)
+        ops = 2 * batch * out_channels * out_h * out_w * plan.depth
+        zero_point = np.int64(plan.x_zero_point)
+        if fast and self.backend == "numba" and plan.thin:  # the pool, if any, fused into the plane's write
+            geometry, offsets, weights, epilogue = plan.thin_arguments(x.shape, out_h, out_w, self.pool)
             run = thin_conv_parallel if use_threads(ops) else thin_conv_serial
-            return out, [(run, (x, np.int64(plan.x_zero_point), geometry, offsets, weights, epilogue, out))]
-        pixels = out_h * out_w
-        out3 = out.reshape(batch, out_channels, pixels)
-        if fast and self.backend == "avx2":
-            padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
-            per_block = EXTERNAL_PIXELS
-            items = batch * self.groups * ((pixels + per_block - 1) // per_block)
-            epilogue = (plan.direct_offsets, np.zeros(per_block, np.int64)) + plan.tail
+            return final, [(run, (x, zero_point, geometry, offsets, weights, epilogue, final))]
+        out = np.empty(shape, self.out_spec.dtype) if pooled else final
+        out3 = out.reshape(batch, out_channels, out_h * out_w)
+        if fast and self.backend == "avx2" and self.requant_s8 is not None and not use_threads(ops):
+            padded, conv, _ = plan.external_arguments(x.shape)  # AVX-512: requantized in registers, then NCHW
+            scratch = x86_glue.conv_requant_scratch(plan.depth, out_channels)
+            arguments = (x, zero_point, padded, self.panels[0], conv, self.requant_s8, scratch, out3, self.pool, final)
+            return final, [(x86_glue.conv_requant_avx512, arguments)]
+        if fast and self.backend == "avx2":  # padding and the pool, if any, inside the driver's call
+            padded, conv, epilogue = plan.external_arguments(x.shape)
             _, serial, parallel = x86_glue.external_s8_drivers(kernels.int8_gemm_kernel())
             run = parallel if use_threads(ops) else serial
-            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
-                         (run, (padded, self.panels, items, plan.conv_tuple(out_h, out_w), epilogue, out3))]
-        if fast and self.backend == "numba" and out_channels // self.groups >= TILE_COLUMNS:
-            padded = np.empty((1, batch, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
-            items = batch * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)
+            return final, [(run, (x, zero_point, padded, self.panels, conv, epilogue, out3, self.pool, final))]
+        calls = self._other_calls(x, out, out3, fast, ops)
+        if pooled:
+            calls.append((fk.max_pool, (out, pool_h, pool_w, pool_h, pool_w, 0, 0, final)))
+        return final, calls
+
+    def _other_calls(self, x, out, out3, fast, ops):
+        """The calls of the portable paths, into the unpooled ``out``."""
+        plan = self.plan
+        (ph, pw) = plan.padding
+        if fast and self.backend == "numba" and out.shape[1] // self.groups >= TILE_COLUMNS:
+            padded = np.empty((1, x.shape[0], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw, x.shape[1]), np.int8)
+            pixels = out.shape[2] * out.shape[3]
+            items = x.shape[0] * self.groups * ((pixels + CONV_PIXELS - 1) // CONV_PIXELS)
             epilogue = (plan.offsets, np.zeros(0, np.int64)) + plan.tail
             ops *= plan.passes.shape[0]
             run = conv_parallel if use_threads(ops) else conv_serial
-            return out, [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
-                         (run, (padded, plan.packed.parts, plan.passes, items, plan.conv_tuple(out_h, out_w),
-                                epilogue, out3))]
+            return [(pad_nhwc, (x, plan.x_zero_point, ph, pw, padded)),
+                    (run, (padded, plan.packed.parts, plan.passes, items, plan.conv_tuple(out.shape[2], out.shape[3]),
+                           epilogue, out3))]
         prepared, backend = self.prepared, self.backend
-        return out, [_copy_result(out, lambda: _with_backend(prepared, x, backend))]
+        return [_copy_result(out, lambda: _with_backend(prepared, x, backend))]
 
 
 class AddQ(Op):

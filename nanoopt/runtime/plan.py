@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from nanoopt.kernels import avx512
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
@@ -52,10 +53,11 @@ OPS: dict[str, type[Op]] = {
 SHARED_OPS = frozenset({"max_pool", "flatten", "identity"})
 INT_OPS = frozenset({"linear_q", "conv2d_q", "add_q", "avg_pool_q", "relu_q"}) | SHARED_OPS
 FLOAT_OPS = frozenset(OPS) - INT_OPS | SHARED_OPS
-# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the float linear layers'. (An
-# int8 chain around avx512.linear_s8_into measured 1.4 s more compilation on an empty Numba cache, for LeNet-300-100,
-# against 0.25 s for the float one: not taken.)
-CHAINS = {fk.linear_bias_act: fk.linear_chain}
+# Kernels whose consecutive calls run as one call of a chain (steps.chain_calls): the float linear layers' and the
+# AVX-512 int8 ones'. Each chain compiles its kernel into itself once more on an empty Numba cache (measured in
+# docs/runtime.md; nothing once `nanoopt precompile` has run); each saves a return to Python per layer, which after
+# milliseconds of kernels costs 0.5-3 us (LeNet-5 at batch 256).
+CHAINS = {fk.linear_bias_act: fk.linear_chain, avx512.linear_s8_into: avx512.linear_s8_chain}
 
 
 def _not_finite(x: np.ndarray) -> str:
@@ -85,7 +87,7 @@ class _Bound:
     output: np.ndarray  # the buffer of the output value
     calls: list[Call]  # what a call runs: the steps' calls in order, runs of one chained kernel merged (CHAINS)
     per_step: list[list[Call]]  # each step's calls as it bound them (for profiling)
-    fresh: list[np.ndarray] = field(default_factory=list)  # output arrays allocated ahead, not yet handed out
+    fresh: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)  # outputs allocated ahead (and flat)
 
     def __post_init__(self) -> None:
         # flat views for the boundary kernels of an integer plan (whose buffers are contiguous)
@@ -93,12 +95,13 @@ class _Bound:
         self.output_flat = self.output.reshape(-1) if self.output.flags.c_contiguous else None
         self.refill = max(1, min(FRESH_MAX, FRESH_BYTES // max(1, 4 * self.output.size)))
 
-    def new_output(self) -> np.ndarray:
-        """A new float32 array of the output's shape, owned by the caller: the next of a run of ``refill``
-        allocated together, after allocating a run if the last one is used up."""
+    def new_output(self) -> tuple[np.ndarray, np.ndarray]:
+        """A new float32 array of the output's shape, owned by the caller, and a flat view of it: the next of a run
+        of ``refill`` allocated together, after allocating a run if the last one is used up."""
         if not self.fresh:
             shape = self.output.shape
-            self.fresh.extend([np.empty(shape, _FLOAT32) for _ in range(self.refill)])
+            arrays = [np.empty(shape, _FLOAT32) for _ in range(self.refill)]
+            self.fresh.extend([(array, array.reshape(-1)) for array in arrays])
         return self.fresh.pop()
 
 
@@ -185,14 +188,22 @@ class Plan:
             x, bound = self._checked_bound(x)
             if bound is None:
                 return self._no_rows(x)
-        self._enter(x, bound)
+        try:  # the output array is taken before the kernels, while the interpreter's state is still in cache
+            out, out_flat = bound.fresh.pop()
+        except IndexError:  # the run of new outputs is used up
+            out, out_flat = bound.new_output()
+        if self._int:  # the boundary kernels inline (each Python operation after the kernels costs a cache miss)
+            flat = x.reshape(-1) if x.dtype is _FLOAT32 else np.ascontiguousarray(x, np.float32).reshape(-1)
+            if not quantize_into(flat, *self._quantize, bound.input_flat):  # (reshape copies a strided x)
+                raise ValueError(_not_finite(x))
+            for function, arguments in bound.calls:
+                function(*arguments)
+            dequantize_into(bound.output_flat, *self._dequantize, out_flat)
+            return out
+        np.copyto(bound.input, x, casting="same_kind")
         for function, arguments in bound.calls:
             function(*arguments)
-        try:
-            out = bound.fresh.pop()
-        except IndexError:  # the run of new outputs is used up
-            out = bound.new_output()
-        self._leave(bound, out)
+        np.copyto(out, bound.output)
         return out
 
     def _checked_bound(self, x: Any) -> tuple[np.ndarray, _Bound | None]:
@@ -274,6 +285,10 @@ class Plan:
             checked = x
             if bound is None:
                 checked, bound = self._checked_bound(x)
+            try:
+                out, _ = bound.fresh.pop()
+            except IndexError:
+                out, _ = bound.new_output()
             start = clock()
             self._enter(checked, bound)
             edges = clock() - start
@@ -282,10 +297,6 @@ class Plan:
                 start = clock()
                 function(*arguments)
                 inside += clock() - start
-            try:
-                out = bound.fresh.pop()
-            except IndexError:
-                out = bound.new_output()
             start = clock()
             self._leave(bound, out)
             end = clock()
