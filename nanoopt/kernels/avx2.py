@@ -33,7 +33,8 @@ How it is fast (all in this file, top to bottom):
   bytes of a row of A feeds every lane.
 * **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
   that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
-  A use tiles of 4, 2 and 1 rows.
+  A use tiles of 4, 2 and 1 rows; the 1-row tile keeps even and odd K steps in two sets of accumulators (4
+  independent chains, so that one row of A is not bound by the latency of the accumulating instruction).
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values and rows into blocks of ``ROW_BLOCK``
   (one panel block and one A block fit L2); the int32 tile is added to ``out`` after each K block.
 
@@ -264,6 +265,21 @@ def _tile_step(typingctx, kind, tile, a, a_abs, a_offset, a_stride, panels, w_of
 
 
 @intrinsic
+def _tile_sum(typingctx, first, second):
+    """Lane-wise ``first + second`` of two register tiles (int32 sums modulo 2**32)."""
+    if not (isinstance(first, types.UniTuple) and first.dtype == int32x8 and first == second):
+        return None
+
+    def codegen(context, builder, signature, args):
+        count = signature.args[0].count
+        values = [builder.add(builder.extract_value(args[0], i), builder.extract_value(args[1], i))
+                  for i in range(count)]
+        return context.make_tuple(builder, signature.return_type, values)
+
+    return first(first, second), codegen
+
+
+@intrinsic
 def _times(typingctx, x, factor):
     """Lane-wise ``factor * x`` for an integer ``factor``, modulo 2**32."""
     if not (x == int32x8 and isinstance(factor, types.Integer)):
@@ -321,7 +337,7 @@ def _lane(typingctx, vector, index):
 # Row r of A starts at flat element ``a_offset + r * a_stride``; the panel block at ``w_offset``.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, start0, start1):
     """``rows`` x 16 channels of ``kind`` products over ``steps`` K steps, accumulators starting at ``start0/1``.
 
@@ -333,6 +349,20 @@ def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, sta
     group = S16_GROUP if kind == S16 else S8_GROUP
     step_elements = S16_STEP if kind == S16 else S8_STEP
     accumulators = _tile_start(rows, start0, start1)
+    if rows == 1:  # even and odd K steps in separate accumulators: 4 chains, not bound by the add's latency
+        zero = _zero()
+        odd = _tile_start(rows, zero, zero)
+        step = 0
+        while step + 1 < steps:
+            accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+                                      w_offset + step * step_elements)  # fmt: skip
+            odd = _tile_step(kind, odd, a, a_abs, a_offset + (step + 1) * group, a_stride, panels,
+                             w_offset + (step + 1) * step_elements)  # fmt: skip
+            step += 2
+        if step < steps:
+            accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+                                      w_offset + step * step_elements)  # fmt: skip
+        return _tile_sum(accumulators, odd)
     for step in range(steps):
         accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
                                   w_offset + step * step_elements)  # fmt: skip
@@ -343,7 +373,7 @@ def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, sta
 # Writing tiles to the output: whole vectors where 8 columns remain, lane by lane at the right edge.
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _write_vector(out, row, col, n, vector, accumulate):
     """``out[row, col:col+8] (+)= vector``, clipped at column ``n`` (``out`` int32, sums wrapping as the vector
     path does, or int64; C order, n columns)."""
@@ -358,7 +388,7 @@ def _write_vector(out, row, col, n, vector, accumulate):
                 out[row, col + lane] = value
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _write_tile(out, row, col, n, tile, accumulate):
     """Write a tile of ``len(tile) // 2`` rows x 16 channels at ``out[row:, col:]``."""
     for r in range(len(tile) // VECTORS_PER_TILE):
@@ -366,7 +396,7 @@ def _write_tile(out, row, col, n, tile, accumulate):
         _write_vector(out, row + r, col + LANES, n, tile[2 * r + 1], accumulate)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _blocked_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, out):
     """``out = a @ W.T`` by cache blocks (K blocks x row blocks x panels) of ``kind`` register tiles: ``rows``-row
     tiles, then 4, 2 and 1 rows for what is left. ``a`` (and ``a_abs``, see :func:`_tile`) are padded to
