@@ -47,7 +47,7 @@ from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
-from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
+from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV
 from nanoopt.random import get_rng
 from nanoopt.tensor import Tensor, no_grad
 
@@ -313,8 +313,8 @@ class GPT(nn.Module):
                 if caches is not None:
                     keys, values = caches[i].append(keys, values)
                 q = linear(c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
-                out, _, _ = attention_forward(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), None,
-                                              scale, None, True)  # the last query sees every key: no mask
+                out = _attend(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), scale, None)  # no mask:
+                # the last query sees every key
                 y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
                 x = x[:, -1:]
             elif caches is None:
@@ -323,7 +323,7 @@ class GPT(nn.Module):
                 heads = linear(c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = caches[i].append(heads[1], heads[2])
                 bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
-                out, _, _ = attention_forward(np.ascontiguousarray(heads[0]), keys, values, bias, scale, None, True)
+                out = _attend(np.ascontiguousarray(heads[0]), keys, values, scale, bias)  # causal
                 y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
             x = x + linear(c_proj, y)
             x = x + linear(mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
@@ -447,19 +447,27 @@ def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
     return block
 
 
-def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
-    """:class:`~nanoopt.ops_transformer.SelfAttentionQKV`'s forward with the causal mask, on arrays: the same
-    operations in the same order (so the same bits), with the scores updated in place and none of the fully-masked-
-    row handling (under a causal mask every row sees its own key). ``qkv (B, T, 3C)`` -> ``(B, T, C)``."""
-    b, t, _ = qkv.shape
-    parts = np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    scores = np.matmul(parts[0], np.swapaxes(parts[1], -1, -2))  # (B, H, T, T)
-    scores *= np.float32(1.0 / np.sqrt(head_dim))
-    scores += causal_bias(t, t, "float32")
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, bias: np.ndarray | None) -> np.ndarray:
+    """:func:`~nanoopt.ops_transformer.attention_forward`'s output without dropout, on arrays: the same operations
+    in the same order (so the same bits), with the scores updated in place and none of the fully-masked-row
+    handling, which changes nothing when every query sees a key (no mask, or a causal one). (..., L, D) -> same."""
+    scores = np.matmul(q, np.swapaxes(k, -1, -2))  # (..., L, S)
+    scores *= np.asarray(scale, dtype=scores.dtype)
+    if bias is not None:
+        scores += bias
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
-    return np.matmul(scores, parts[2]).transpose(0, 2, 1, 3).reshape(b, t, heads * head_dim)
+    return np.matmul(scores, v)
+
+
+def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """:class:`~nanoopt.ops_transformer.SelfAttentionQKV`'s forward with the causal mask (its bits), by
+    :func:`_attend`: ``qkv (B, T, 3C)`` -> ``(B, T, C)``."""
+    b, t, _ = qkv.shape
+    parts = np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
+    out = _attend(parts[0], parts[1], parts[2], 1.0 / np.sqrt(head_dim), causal_bias(t, t, str(qkv.dtype)))
+    return out.transpose(0, 2, 1, 3).reshape(b, t, heads * head_dim)
 
 
 def _array_linear(module: nn.Module) -> bool:

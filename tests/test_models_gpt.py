@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import data, models
 from nanoopt.gradcheck import check_grads
-from nanoopt.models_gpt import _causal_self_attention
+from nanoopt.models_gpt import _attend, _causal_self_attention
 from nanoopt.nn import functional as F
 from nanoopt.nn.attention_functional import causal_bias
 from nanoopt.ops import Context
-from nanoopt.ops_transformer import SelfAttentionQKV
+from nanoopt.ops_transformer import SelfAttentionQKV, attention_forward
 
 
 def small(**kwargs):
@@ -84,6 +84,17 @@ def test_window_attention_gives_the_operator_bits(batch, t, heads, head_dim, see
     qkv = (np.random.default_rng(seed).standard_normal((batch, t, 3 * heads * head_dim)) * 4).astype(np.float32)
     expected = SelfAttentionQKV.forward(Context(SelfAttentionQKV), qkv, num_heads=heads, bias=causal_bias(t, t))
     np.testing.assert_array_equal(_causal_self_attention(qkv, heads, head_dim), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.booleans(), st.integers(0, 2**32 - 1))
+def test_array_attention_gives_attention_forwards_bits(queries, extra, masked, seed):
+    rng = np.random.default_rng(seed)
+    keys = queries + extra
+    q, k, v = ((rng.standard_normal((2, 3, n, 5)) * 4).astype(np.float32) for n in (queries, keys, keys))
+    bias = np.triu(np.full((queries, keys), -np.inf, np.float32), k=extra + 1) if masked else None
+    expected, _, _ = attention_forward(q, k, v, bias, 0.3, None, True)
+    np.testing.assert_array_equal(_attend(q, k, v, 0.3, bias), expected)
 
 
 def test_window_recompute_equals_the_full_forward():
