@@ -58,24 +58,30 @@ def blas_floor(model: models.GPT) -> Callable[[], None]:
     q = rng.standard_normal((h, block, d)).astype(np.float32)
     p = rng.standard_normal((h, block, block)).astype(np.float32)
     hidden = rng.standard_normal((block, blocks[0].mlp.c_fc.weight.shape[0])).astype(np.float32)
-    head = model.lm_head.weight.data
+
+    # the operands in the layout the window recompute uses: W^T stored contiguous (GPT._array_plan)
+    products = []
+    last = len(blocks) - 1
+    for i, b in enumerate(blocks):
+        c = b.attn.inner_dim
+        w_qkv = np.ascontiguousarray(b.attn.c_attn.weight.data.T)
+        products.append((w_qkv if i < last else w_qkv[:, c:], np.ascontiguousarray(b.attn.c_proj.weight.data.T),
+                         np.ascontiguousarray(b.mlp.c_fc.weight.data.T),
+                         np.ascontiguousarray(b.mlp.c_proj.weight.data.T), w_qkv[:, :c]))
+    head_t = np.ascontiguousarray(model.lm_head.weight.data.T)
 
     def run_products() -> None:
-        last = len(blocks) - 1
-        for i, b in enumerate(blocks):
+        for i, (w_qkv, w_proj, w_fc, w_out, w_q) in enumerate(products):
             rows = slice(None) if i < last else slice(-1, None)
-            c = b.attn.inner_dim
-            if i < last:
-                np.matmul(x, b.attn.c_attn.weight.data.T)
-            else:
-                np.matmul(x, b.attn.c_attn.weight.data[c:].T)
-                np.matmul(x[rows], b.attn.c_attn.weight.data[:c].T)
+            np.matmul(x, w_qkv)
+            if i == last:
+                np.matmul(x[rows], w_q)
             np.matmul(q[:, rows], np.swapaxes(q, -1, -2))
             np.matmul(p[:, rows], q)
-            np.matmul(x[rows], b.attn.c_proj.weight.data.T)
-            np.matmul(x[rows], b.mlp.c_fc.weight.data.T)
-            np.matmul(hidden[rows], b.mlp.c_proj.weight.data.T)
-        np.matmul(x[-1:], head.T)
+            np.matmul(x[rows], w_proj)
+            np.matmul(x[rows], w_fc)
+            np.matmul(hidden[rows], w_out)
+        np.matmul(x[-1:], head_t)
 
     return run_products
 
@@ -94,7 +100,8 @@ def main() -> None:
     with torch.no_grad():
         torch_t = [quantile_ms(lambda t=t: theirs(torch.from_numpy(ids[:, :t]), last_only=True), 60)
                    for t in range(1, block + 1)]
-    window = quantile_ms(lambda: model._array_logits(ids))
+    plan = model._array_plan()  # gathered once per generation, as generate does
+    window = quantile_ms(lambda: model._array_logits(ids, None, plan))
     floor = quantile_ms(blas_floor(model))
     prompt = ids[:, :1]
     cached = quantile_ms(lambda: model.generate(prompt, block - 1, temperature=0.0), 20)  # 63 cached steps

@@ -42,11 +42,12 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
+from nanoopt.float_kernels.gelu import bias_gelu_
 from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
-from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV, attention_forward
+from nanoopt.ops_transformer import ScaledDotProductAttention, SelfAttentionQKV
 from nanoopt.random import get_rng
 from nanoopt.tensor import Tensor, no_grad
 
@@ -246,7 +247,10 @@ class GPT(nn.Module):
         def lin(module: nn.Module) -> tuple:
             if type(module) is not nn.Linear:  # a replaced layer with an array forward (e.g. weight-only low-bit)
                 return module, None, None
-            return None, module.weight.data, None if module.bias is None else module.bias.data
+            # W^T stored contiguous (a copy per generation): OpenBLAS multiplies by a row-major (in, out) operand
+            # about a quarter faster than by the transposed view of W at the window's sizes (the same products;
+            # the library may sum them in another order, so equal to the module path to float32 rounding)
+            return None, np.ascontiguousarray(module.weight.data.T), None if module.bias is None else module.bias.data
 
         blocks = tuple((block.attn.n_head, block.attn.head_dim, norm(block.ln_1), lin(block.attn.c_attn),
                         lin(block.attn.c_proj), norm(block.ln_2), lin(block.mlp.c_fc), lin(block.mlp.c_proj),
@@ -260,7 +264,10 @@ class GPT(nn.Module):
 
         The same primitives as :meth:`forward` (and the module path of :meth:`_logits_with_cache`), without graph,
         Tensor or module overhead (``plan``: :meth:`_array_plan`, built here if not given). LayerNorm runs through
-        :func:`nanoopt.float_kernels.layer_norm.layer_norm_rows`, which gives ``ops.LayerNorm``'s bits. With ``caches``
+        :func:`nanoopt.float_kernels.layer_norm.layer_norm_rows`, which gives ``ops.LayerNorm``'s bits; a window's
+        causal attention through :func:`_causal_self_attention` (``SelfAttentionQKV``'s operations with the scores
+        updated in place) and the MLP's bias and GELU through :func:`nanoopt.float_kernels.gelu.bias_gelu_` (the
+        GELU operator's bits in one pass). With ``caches``
         the ids continue the cached positions and their keys and values are appended; without, ``ids`` is a whole
         window. The last block computes keys and values for every position but its query, attention output and MLP
         for the last position only, the one whose logits are asked for.
@@ -275,10 +282,20 @@ class GPT(nn.Module):
             return call(ops.LayerNorm, x, weight, bias, ndim_normalised=1, eps=eps)
 
         def linear(params: tuple, x: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
-            module, weight, bias = params
+            module, weight_t, bias = params
             if module is not None:
                 return module.forward_array(x, rows)
-            return call(ops.Linear, x, weight[rows], None if bias is None else bias[rows])
+            out = np.matmul(x.reshape(-1, x.shape[-1]), weight_t[:, rows])
+            if bias is not None:
+                out += bias[rows]
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        def fc_gelu(params: tuple, x: np.ndarray, approximate: str) -> np.ndarray:
+            module, weight_t, bias = params
+            if module is not None or approximate != "none" or x.dtype != np.float32:
+                return call(ops.GELU, linear(params, x), approximate=approximate)
+            out = np.matmul(x.reshape(-1, x.shape[-1]), weight_t)
+            return bias_gelu_(out, bias).reshape(*x.shape[:-1], out.shape[-1])  # ops.GELU's bits, one pass
 
         blocks, (wte, wpe, ln_f, lm_head) = self._array_plan() if plan is None else plan
         b, t = ids.shape
@@ -296,21 +313,20 @@ class GPT(nn.Module):
                 if caches is not None:
                     keys, values = caches[i].append(keys, values)
                 q = linear(c_attn, hidden[:, -1:], slice(0, c)).reshape(b, 1, h, d).transpose(0, 2, 1, 3)
-                out, _, _ = attention_forward(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), None,
-                                              scale, None, True)  # the last query sees every key: no mask
+                out = _attend(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), scale, None)  # no mask:
+                # the last query sees every key
                 y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
                 x = x[:, -1:]
             elif caches is None:
-                qkv = linear(c_attn, hidden)  # (B, T, 3C)
-                y = call(SelfAttentionQKV, qkv, num_heads=h, bias=causal_bias(t, t, str(x.dtype)))  # (B, T, C)
+                y = _causal_self_attention(linear(c_attn, hidden), h, d)  # (B, T, C)
             else:
                 heads = linear(c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = caches[i].append(heads[1], heads[2])
                 bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
-                out, _, _ = attention_forward(np.ascontiguousarray(heads[0]), keys, values, bias, scale, None, True)
+                out = _attend(np.ascontiguousarray(heads[0]), keys, values, scale, bias)  # causal
                 y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
             x = x + linear(c_proj, y)
-            x = x + linear(mlp_proj, call(ops.GELU, linear(c_fc, layer_norm(ln_2, x)), approximate=approximate))
+            x = x + linear(mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
         return linear(lm_head, layer_norm(ln_f, x[:, -1]))  # (B, V)
 
     def _new_caches(self, batch: int) -> list[KVCache]:
@@ -429,6 +445,29 @@ def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
     block.mlp.c_fc = nn.Linear(c, mlp_hidden, bias=bias)
     block.mlp.c_proj = nn.Linear(mlp_hidden, c, bias=bias)
     return block
+
+
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, bias: np.ndarray | None) -> np.ndarray:
+    """:func:`~nanoopt.ops_transformer.attention_forward`'s output without dropout, on arrays: the same operations
+    in the same order (so the same bits), with the scores updated in place and none of the fully-masked-row
+    handling, which changes nothing when every query sees a key (no mask, or a causal one). (..., L, D) -> same."""
+    scores = np.matmul(q, np.swapaxes(k, -1, -2))  # (..., L, S)
+    scores *= np.asarray(scale, dtype=scores.dtype)
+    if bias is not None:
+        scores += bias
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, v)
+
+
+def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+    """:class:`~nanoopt.ops_transformer.SelfAttentionQKV`'s forward with the causal mask (its bits), by
+    :func:`_attend`: ``qkv (B, T, 3C)`` -> ``(B, T, C)``."""
+    b, t, _ = qkv.shape
+    parts = np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
+    out = _attend(parts[0], parts[1], parts[2], 1.0 / np.sqrt(head_dim), causal_bias(t, t, str(qkv.dtype)))
+    return out.transpose(0, 2, 1, 3).reshape(b, t, heads * head_dim)
 
 
 def _array_linear(module: nn.Module) -> bool:

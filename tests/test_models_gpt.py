@@ -11,7 +11,11 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import data, models
 from nanoopt.gradcheck import check_grads
+from nanoopt.models_gpt import _attend, _causal_self_attention
 from nanoopt.nn import functional as F
+from nanoopt.nn.attention_functional import causal_bias
+from nanoopt.ops import Context
+from nanoopt.ops_transformer import SelfAttentionQKV, attention_forward
 
 
 def small(**kwargs):
@@ -72,6 +76,33 @@ def test_generate_with_cache_gives_the_cacheless_tokens(batch, prompt, new, seed
     plain = model.generate(ids, new, temperature=0.0, use_cache=False)
     assert cached.shape == (batch, prompt + new) and np.array_equal(cached[:, :prompt], ids)
     np.testing.assert_array_equal(cached, plain)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 3), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_window_attention_gives_the_operator_bits(batch, t, heads, head_dim, seed):
+    qkv = (np.random.default_rng(seed).standard_normal((batch, t, 3 * heads * head_dim)) * 4).astype(np.float32)
+    expected = SelfAttentionQKV.forward(Context(SelfAttentionQKV), qkv, num_heads=heads, bias=causal_bias(t, t))
+    np.testing.assert_array_equal(_causal_self_attention(qkv, heads, head_dim), expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 6), st.booleans(), st.integers(0, 2**32 - 1))
+def test_array_attention_gives_attention_forwards_bits(queries, extra, masked, seed):
+    rng = np.random.default_rng(seed)
+    keys = queries + extra
+    q, k, v = ((rng.standard_normal((2, 3, n, 5)) * 4).astype(np.float32) for n in (queries, keys, keys))
+    bias = np.triu(np.full((queries, keys), -np.inf, np.float32), k=extra + 1) if masked else None
+    expected, _, _ = attention_forward(q, k, v, bias, 0.3, None, True)
+    np.testing.assert_array_equal(_attend(q, k, v, 0.3, bias), expected)
+
+
+def test_window_recompute_equals_the_full_forward():
+    model = small()
+    ids = np.random.default_rng(1).integers(0, 13, size=(2, 8))
+    with no.no_grad():
+        full = model(ids).data[:, -1]
+    np.testing.assert_allclose(model._array_logits(ids), full, rtol=1e-5, atol=1e-6)
 
 
 def test_cached_logits_equal_the_full_forward():

@@ -91,3 +91,33 @@ def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     cdf = np.empty_like(flat)
     _gelu_forward_numba(flat, out, cdf)
     return out.reshape(x.shape), cdf.reshape(x.shape)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bias_gelu_rows(x, bias):  # pragma: no cover - compiled
+    for r in range(x.shape[0]):
+        row = x[r]
+        for j in range(row.size):
+            row[j], _ = gelu_scalar(row[j] + bias[j])
+
+
+def bias_gelu_(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``x = GELU(x + bias)`` in place for a C-contiguous float32 ``x (..., n)`` and ``bias (n,)`` (or None): one
+    pass instead of three (the bias addition, GELU and its Phi, which only the backward pass needs), the same bits
+    as ``gelu_forward_reference(x + bias)[0]``. For inference (a linear layer's output followed by GELU).
+
+    >>> x = np.array([[-1.0, 0.0], [1.0, 2.0]], np.float32)
+    >>> [round(v, 5) for v in bias_gelu_(x, np.array([0.0, 1.0], np.float32)).ravel().tolist()]
+    [-0.15866, 0.84134, 0.84134, 2.99595]
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 1 or not x.flags.c_contiguous:
+        raise TypeError(f"bias_gelu_: expected a C-contiguous float32 array, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
+    n = x.shape[-1]
+    if bias is None:
+        bias = np.zeros(n, np.float32)
+    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
+        raise ValueError(f"bias_gelu_: bias must be float32 of shape ({n},), got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {getattr(bias, 'shape', '')}")
+    _bias_gelu_rows(x.reshape(-1, n), bias)
+    return x

@@ -45,3 +45,22 @@ def test_float32_gelu_gradient_matches_the_exact_derivative():
 def test_kernel_refuses_other_dtypes():
     with pytest.raises(TypeError, match="expected a float32 array, got dtype float64"):
         gelu.gelu_forward(np.zeros(3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, array_shapes(min_dims=1, max_dims=3, max_side=9), elements=float32s), st.data())
+def test_fused_bias_gelu_equals_the_reference_of_x_plus_bias_exactly(x, data):
+    bias = data.draw(arrays(np.float32, x.shape[-1:], elements=float32s))
+    expected = gelu.gelu_forward_reference(x + bias)[0]
+    out = gelu.bias_gelu_(x.copy(), bias)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(gelu.bias_gelu_(x.copy(), None), gelu.gelu_forward_reference(x)[0])
+
+
+def test_fused_bias_gelu_refuses_bad_operands_by_name():
+    with pytest.raises(TypeError, match="expected a C-contiguous float32 array, got float64"):
+        gelu.bias_gelu_(np.zeros((2, 3)), None)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        gelu.bias_gelu_(np.zeros((3, 2), np.float32).T, None)
+    with pytest.raises(ValueError, match=r"bias must be float32 of shape \(3,\), got float32 \(2,\)"):
+        gelu.bias_gelu_(np.zeros((2, 3), np.float32), np.zeros(2, np.float32))
