@@ -42,6 +42,7 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
+from nanoopt.float_kernels.causal_softmax import causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_
 from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.nn import init
@@ -322,8 +323,7 @@ class GPT(nn.Module):
             else:
                 heads = linear(c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = caches[i].append(heads[1], heads[2])
-                bias = None if t == 1 else np.triu(np.full((t, start + t), -np.inf, dtype=x.dtype), k=start + 1)
-                out = _attend(np.ascontiguousarray(heads[0]), keys, values, scale, bias)  # causal
+                out = _attend(np.ascontiguousarray(heads[0]), keys, values, scale, start)  # causal
                 y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
             x = x + linear(c_proj, y)
             x = x + linear(mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
@@ -447,17 +447,13 @@ def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
     return block
 
 
-def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, bias: np.ndarray | None) -> np.ndarray:
-    """:func:`~nanoopt.ops_transformer.attention_forward`'s output without dropout, on arrays: the same operations
-    in the same order (so the same bits), with the scores updated in place and none of the fully-masked-row
-    handling, which changes nothing when every query sees a key (no mask, or a causal one). (..., L, D) -> same."""
+def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int | None) -> np.ndarray:
+    """:func:`~nanoopt.ops_transformer.attention_forward`'s output without dropout, on arrays, with no mask
+    (``offset`` None) or the causal one of queries that continue ``offset`` earlier keys: the same operations in the
+    same order, so the same bits, the softmax fused by :func:`~nanoopt.float_kernels.causal_softmax.causal_softmax_`
+    (every query sees a key, so attention_forward's fully-masked-row handling changes nothing). (..., L, D)."""
     scores = np.matmul(q, np.swapaxes(k, -1, -2))  # (..., L, S)
-    scores *= np.asarray(scale, dtype=scores.dtype)
-    if bias is not None:
-        scores += bias
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    causal_softmax_(scores, scale, scores.shape[-1] if offset is None else offset)
     return np.matmul(scores, v)
 
 
@@ -466,7 +462,7 @@ def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int) -> np.nda
     :func:`_attend`: ``qkv (B, T, 3C)`` -> ``(B, T, C)``."""
     b, t, _ = qkv.shape
     parts = np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    out = _attend(parts[0], parts[1], parts[2], 1.0 / np.sqrt(head_dim), causal_bias(t, t, str(qkv.dtype)))
+    out = _attend(parts[0], parts[1], parts[2], 1.0 / np.sqrt(head_dim), 0)
     return out.transpose(0, 2, 1, 3).reshape(b, t, heads * head_dim)
 
 

@@ -94,7 +94,7 @@ def test_array_attention_gives_attention_forwards_bits(queries, extra, masked, s
     q, k, v = ((rng.standard_normal((2, 3, n, 5)) * 4).astype(np.float32) for n in (queries, keys, keys))
     bias = np.triu(np.full((queries, keys), -np.inf, np.float32), k=extra + 1) if masked else None
     expected, _, _ = attention_forward(q, k, v, bias, 0.3, None, True)
-    np.testing.assert_array_equal(_attend(q, k, v, 0.3, bias), expected)
+    np.testing.assert_array_equal(_attend(q, k, v, 0.3, extra if masked else None), expected)
 
 
 def test_window_recompute_equals_the_full_forward():
