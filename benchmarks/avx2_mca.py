@@ -23,6 +23,7 @@ The same Numba target runs the speed benchmarks faithfully on a newer CPU: ``pyt
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -31,12 +32,16 @@ import tempfile
 
 from benchmarks.common import AVX2_TARGET
 
-if __name__ == "__main__" and any(os.environ.get(key) != value for key, value in AVX2_TARGET.items()):
+_TEMPORARY_CACHE = "BENCHMARKS_AVX2_MCA_CACHE"  # set in the re-executed process: its Numba cache, removed at exit
+if __name__ == "__main__" and _TEMPORARY_CACHE not in os.environ:
     # Re-exec on the AVX2 target with an empty Numba cache: inspect_asm needs code compiled in this process.
     if "numpy" in sys.modules:
         raise RuntimeError("benchmarks.avx2_mca must set its target before numpy is imported")
+    cache = tempfile.mkdtemp(prefix="nanoopt-mca-")
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              {**os.environ, **AVX2_TARGET, "NUMBA_CACHE_DIR": tempfile.mkdtemp(prefix="nanoopt-mca-")})
+              {**os.environ, **AVX2_TARGET, "NUMBA_CACHE_DIR": cache, _TEMPORARY_CACHE: cache})
+if __name__ == "__main__":
+    atexit.register(shutil.rmtree, os.environ[_TEMPORARY_CACHE], ignore_errors=True)
 
 import subprocess  # noqa: E402
 
