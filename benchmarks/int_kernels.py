@@ -24,8 +24,9 @@ shapes and thread count as an extra column; ONNX Runtime is not measured here.
 
 With ``--avx2-target`` Numba compiles for an AVX2-only CPU (LLVM CPU ``skylake``, no AVX-512, no VNNI:
 :data:`benchmarks.common.AVX2_TARGET`), so that a newer machine runs the code an AVX2-only one would, EVEX-free,
-with the AVX2 kernels chosen; ``NANOOPT_CPU_FEATURES=avx2`` alone only narrows nanoopt's choice while LLVM still
-uses the host's AVX-512 encodings.
+with the AVX2 kernels chosen, and PyTorch runs its AVX2 kernels (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` and the
+like, :data:`benchmarks.common.AVX2_BASELINES`); ``NANOOPT_CPU_FEATURES=avx2`` alone only narrows nanoopt's
+choice while LLVM still uses the host's AVX-512 encodings.
 
     python -m benchmarks.int_kernels               # both thread counts and the startup times
     python -m benchmarks.int_kernels --threads 2   # one thread count
@@ -41,7 +42,7 @@ _AVX2_TARGET = False  # set by --avx2-target: compile for an AVX2-only CPU
 if __name__ == "__main__":
     import os
 
-    from benchmarks.common import AVX2_TARGET, AVX2_TARGET_OPTION, pin_environment
+    from benchmarks.common import AVX2_BASELINES, AVX2_TARGET, AVX2_TARGET_OPTION, pin_environment
 
     _AVX2_TARGET = AVX2_TARGET_OPTION in sys.argv
     if "--threads" in sys.argv:
@@ -49,6 +50,7 @@ if __name__ == "__main__":
         pin_environment(threads=_THREADS, avx2_target=_AVX2_TARGET)
     elif _AVX2_TARGET:  # before Numba reads its configuration: the startup probes inherit it
         os.environ.update(AVX2_TARGET)
+        os.environ.update(AVX2_BASELINES)
 
 import os  # noqa: E402
 import subprocess  # noqa: E402

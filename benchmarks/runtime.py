@@ -21,8 +21,9 @@ machine).
     python -m benchmarks.runtime [--no-cold-start | --cold-start-only] [--cold-start-features avx2] [--avx2-target]
 
 ``--avx2-target``: Numba compiles for an AVX2-only CPU (``benchmarks.common.AVX2_TARGET``: LLVM CPU ``skylake``, no
-AVX-512, no VNNI), so that a newer machine runs nanoopt's code as an AVX2-only one would (PyTorch and ONNX Runtime
-still use the host's instructions).
+AVX-512, no VNNI), so that a newer machine runs nanoopt's code as an AVX2-only one would, and PyTorch its AVX2
+kernels (``benchmarks.common.AVX2_BASELINES``); ONNX Runtime has no such switch and still uses the host's
+instructions (its columns are then not an AVX2 baseline).
 """
 
 from __future__ import annotations
