@@ -167,12 +167,16 @@ _load = load_vector("_load", int32x8, I32X8, (types.int8, types.int16, types.int
                     "The 32 bytes starting at element ``offset`` of an int8/int16/int32 C array (unaligned load).")
 
 
+def _emit_splat(builder, word):
+    """The int32 ``word`` in all 8 lanes of an int32x8."""
+    vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
+
+
 def _emit_broadcast4(context, builder, array_type, array, offset):
     """The 4 bytes at element ``offset`` (an intp) of an int8/int16 C array, in all 8 lanes (vpbroadcastd)."""
     pointer = element_pointer(context, builder, array_type, array, types.intp, offset)
-    word = builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1)
-    vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
+    return _emit_splat(builder, builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1))
 
 
 def _emit_madd_s8(builder, accumulator, a_mask, a_abs, w_bytes):
@@ -299,9 +303,7 @@ def _tile_add_rows(typingctx, tile, values, row):
         for index in range(tile_type.count):
             where = builder.add(first, ir.Constant(first.type, index // VECTORS_PER_TILE))
             value = builder.load(element_pointer(context, builder, values_type, args[1], types.intp, where))
-            vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-            vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
-            result.append(builder.add(builder.extract_value(args[0], index), vector))
+            result.append(builder.add(builder.extract_value(args[0], index), _emit_splat(builder, value)))
         return context.make_tuple(builder, tile_type, result)
 
     return tile(tile, values, row), codegen
@@ -315,9 +317,7 @@ def _times(typingctx, x, factor):
 
     def codegen(context, builder, signature, args):
         scalar = context.cast(builder, args[1], signature.args[1], types.int32)
-        vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-        vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
-        return builder.mul(args[0], vector)
+        return builder.mul(args[0], _emit_splat(builder, scalar))
 
     return int32x8(x, factor), codegen
 
