@@ -18,10 +18,27 @@ from collections.abc import Callable
 _THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 _REMOVED_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
+# A faithful AVX2-only target on any newer x86 CPU (e.g. Zen 4 or an AVX-512 Xeon): LLVM compiles for Skylake
+# (client: AVX2 and FMA, no AVX-512, no VNNI), so Numba's code has no EVEX instruction and no zmm / ymm16-31 /
+# mask register, as on an AVX2-only machine, and nanoopt's dispatch (which reads Numba's target,
+# nanoopt.kernels.cpu_features) chooses the AVX2 kernels. NANOOPT_CPU_FEATURES=avx2 alone narrows only nanoopt's
+# kernel choice: LLVM would still target the host CPU and use AVX-512VL encodings in "AVX2" code.
+AVX2_TARGET = {"NUMBA_CPU_NAME": "skylake",
+               "NUMBA_CPU_FEATURES": "+avx2,+fma,+bmi,+bmi2,+lzcnt,+popcnt,+movbe,+f16c,-avx512f,-avxvnni"}
+AVX2_TARGET_OPTION = "--avx2-target"  # the command-line switch of the benchmarks that can run on AVX2_TARGET
+# ... which also keeps PyTorch's int8 kernels on AVX2 (FBGEMM's and oneDNN's dispatch, ATen's vector code), so
+# that its column is the AVX2 baseline too. ONNX Runtime (MLAS) has no such switch: it keeps the host's ISA.
+AVX2_BASELINES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
-def pin_environment(threads: int = 1) -> None:
-    """Re-exec this process (once) with a benchmark environment; call before importing numpy."""
+
+def pin_environment(threads: int = 1, avx2_target: bool = False) -> None:
+    """Re-exec this process (once) with a benchmark environment; call before importing numpy. With
+    ``avx2_target``, Numba also compiles for :data:`AVX2_TARGET` (an AVX2-only CPU, emulated faithfully) and
+    PyTorch runs its AVX2 kernels (:data:`AVX2_BASELINES`)."""
     wanted = {name: str(threads) for name in _THREAD_VARIABLES}
+    if avx2_target:
+        wanted.update(AVX2_TARGET)
+        wanted.update(AVX2_BASELINES)
     clean = all(name not in os.environ for name in _REMOVED_VARIABLES)
     pinned = all(os.environ.get(name) == value for name, value in wanted.items())
     if clean and pinned:
@@ -64,6 +81,12 @@ def machine_description() -> str:
         parts.append("BLAS " + "; ".join(blas))
     except ImportError:
         pass
+    if os.environ.get("NUMBA_CPU_NAME"):
+        parts.append(f"Numba target NUMBA_CPU_NAME={os.environ['NUMBA_CPU_NAME']} "
+                     f"NUMBA_CPU_FEATURES={os.environ.get('NUMBA_CPU_FEATURES', '(the CPU name default)')}")
+    limits = [f"{name}={os.environ[name]}" for name in AVX2_BASELINES if name in os.environ]
+    if limits:
+        parts.append("PyTorch limited by " + " ".join(limits))
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     parts.append(f"threads pinned to {threads}")
     return "; ".join(parts)

@@ -2,7 +2,7 @@
 
 For each shape (M, K, N), GOP/s = 2 M K N / seconds (best of several rounds) of:
 
-* ``int8 AVX2``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_into` (sign trick, vpmaddubsw + vpmaddwd),
+* ``int8 AVX2``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_into` (sign mask: vpxor, vpmaddubsw, vpmaddwd),
   int8 (M, K) x packed int8 (N, K) -> int32 into a preallocated output;
 * ``int8 VNNI``: :func:`nanoopt.kernels.avx2.gemm_s8s8s32_vnni_into` (vpdpbusd), when the CPU has AVX-VNNI;
 * ``int16x8``: :func:`nanoopt.kernels.avx2.gemm_s16s8s64_packed`, int16 activations -> int64 (allocates);
@@ -13,14 +13,20 @@ weights are packed once, outside the timing, as a model would. Also reported: th
 with an empty Numba cache and the load time from the cache, each in a fresh process.
 
     python -m benchmarks.gemm_avx2
+    python -m benchmarks.gemm_avx2 --avx2-target   # compiled for an AVX2-only CPU (benchmarks.common.AVX2_TARGET)
+
+``--avx2-target`` makes a newer machine (AVX-512, VNNI) run the code an AVX2-only CPU would: LLVM targets Skylake,
+so no EVEX instruction, and the VNNI column disappears.
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from benchmarks.common import pin_environment
+    import sys
 
-    pin_environment(threads=1)
+    from benchmarks.common import AVX2_TARGET_OPTION, pin_environment
+
+    pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)
 
 import os  # noqa: E402
 import subprocess  # noqa: E402

@@ -22,8 +22,15 @@ When ``torch`` is installed, its int8 layers (``torch.ao.nn.quantized.Linear`` /
 per-channel qint8 weights, requantized quint8 output, the default x86/fbgemm engine) are timed on the same
 shapes and thread count as an extra column; ONNX Runtime is not measured here.
 
+With ``--avx2-target`` Numba compiles for an AVX2-only CPU (LLVM CPU ``skylake``, no AVX-512, no VNNI:
+:data:`benchmarks.common.AVX2_TARGET`), so that a newer machine runs the code an AVX2-only one would, EVEX-free,
+with the AVX2 kernels chosen, and PyTorch runs its AVX2 kernels (``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` and the
+like, :data:`benchmarks.common.AVX2_BASELINES`); ``NANOOPT_CPU_FEATURES=avx2`` alone only narrows nanoopt's
+choice while LLVM still uses the host's AVX-512 encodings.
+
     python -m benchmarks.int_kernels               # both thread counts and the startup times
     python -m benchmarks.int_kernels --threads 2   # one thread count
+    python -m benchmarks.int_kernels --threads 1 --avx2-target   # as on an AVX2-only CPU
 """
 
 from __future__ import annotations
@@ -31,11 +38,19 @@ from __future__ import annotations
 import sys
 
 _THREADS = None  # set when run as `python -m benchmarks.int_kernels --threads T`: measure with T threads
-if __name__ == "__main__" and "--threads" in sys.argv:
-    from benchmarks.common import pin_environment
+_AVX2_TARGET = False  # set by --avx2-target: compile for an AVX2-only CPU
+if __name__ == "__main__":
+    import os
 
-    _THREADS = int(sys.argv[sys.argv.index("--threads") + 1])
-    pin_environment(threads=_THREADS)
+    from benchmarks.common import AVX2_BASELINES, AVX2_TARGET, AVX2_TARGET_OPTION, pin_environment
+
+    _AVX2_TARGET = AVX2_TARGET_OPTION in sys.argv
+    if "--threads" in sys.argv:
+        _THREADS = int(sys.argv[sys.argv.index("--threads") + 1])
+        pin_environment(threads=_THREADS, avx2_target=_AVX2_TARGET)
+    elif _AVX2_TARGET:  # before Numba reads its configuration: the startup probes inherit it
+        os.environ.update(AVX2_TARGET)
+        os.environ.update(AVX2_BASELINES)
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
@@ -45,7 +60,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import best_seconds, git_revision, machine_description  # noqa: E402
+from benchmarks.common import AVX2_TARGET_OPTION, best_seconds, git_revision, machine_description  # noqa: E402
 
 LINEAR_SHAPES = [(1, 1024, 1024), (32, 1024, 1024), (256, 1024, 1024), (1024, 1024, 1024), (64, 4096, 4096)]
 CONV_BATCHES = [1, 32]
@@ -241,7 +256,8 @@ def main() -> None:
         return
     print(f"Machine: {machine_description()}; git {git_revision()}\n")
     for threads in (1, 2):
-        result = subprocess.run([sys.executable, "-m", "benchmarks.int_kernels", "--threads", str(threads)],
+        target = [AVX2_TARGET_OPTION] if _AVX2_TARGET else []
+        result = subprocess.run([sys.executable, "-m", "benchmarks.int_kernels", "--threads", str(threads), *target],
                                 cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
         print(result.stdout, end="")
     with tempfile.TemporaryDirectory() as cache_dir:

@@ -18,15 +18,22 @@ int8 LeNet-5 plan in fresh interpreters: with an empty Numba cache, warm, and af
 CPU's own features and with ``NANOOPT_CPU_FEATURES=avx2`` where that changes the int8 kernel, as on an AVX2-only
 machine).
 
-    python -m benchmarks.runtime [--no-cold-start | --cold-start-only] [--cold-start-features avx2]
+    python -m benchmarks.runtime [--no-cold-start | --cold-start-only] [--cold-start-features avx2] [--avx2-target]
+
+``--avx2-target``: Numba compiles for an AVX2-only CPU (``benchmarks.common.AVX2_TARGET``: LLVM CPU ``skylake``, no
+AVX-512, no VNNI), so that a newer machine runs nanoopt's code as an AVX2-only one would, and PyTorch its AVX2
+kernels (``benchmarks.common.AVX2_BASELINES``); ONNX Runtime has no such switch and still uses the host's
+instructions (its columns are then not an AVX2 baseline).
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from benchmarks.common import pin_environment
+    import sys
 
-    pin_environment(threads=1)
+    from benchmarks.common import AVX2_TARGET_OPTION, pin_environment
+
+    pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)
 
 import argparse  # noqa: E402
 import os  # noqa: E402
@@ -320,6 +327,8 @@ def main() -> None:
     parser.add_argument("--cold-start-features", default="avx2",
                         help="NANOOPT_CPU_FEATURES values (';'-separated) measured besides the CPU's own features, "
                              "where the CPU has them and they change the kernel (default: avx2)")
+    parser.add_argument("--avx2-target", action="store_true",
+                        help="compile nanoopt's kernels for an AVX2-only CPU (benchmarks.common.AVX2_TARGET)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(256, 1, 28, 28)).astype(np.float32)

@@ -2,7 +2,7 @@
 int8 linear layer (product, then the Numba epilogue), and convolution blocks (Numba im2col -> x86 product -> Numba
 epilogue into NCHW); and which of the int8 GEMMs runs here (:func:`s8_kernel`).
 
-Each driver is a compiled closure over the kernel's compile-time constant ``kind`` (``avx2.SIGN_TRICK``,
+Each driver is a compiled closure over the kernel's compile-time constant ``kind`` (``avx2.SIGN_MASK``,
 ``avx2.VNNI`` or :data:`AVX512`), made once per kind by :func:`external_s8_drivers` / :func:`linear_s8_driver`,
 and calls that kernel by its own name (:func:`_s8_product`), never the alias ``avx2.gemm_s8s8s32_into``: Numba's
 cache keys a function on its own code, its closure variables, its argument types and the target CPU, not on what
@@ -45,12 +45,12 @@ __all__ = [
 ]
 
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
-AVX512 = 3  # the kind of the 512-bit VNNI GEMM (nanoopt.kernels.avx512), beside avx2.SIGN_TRICK and avx2.VNNI
-KINDS = {"avx2": avx2.SIGN_TRICK, "avx-vnni": avx2.VNNI, "avx512-vnni": AVX512}  # by kernels.int8_gemm_kernel()
+AVX512 = 3  # the kind of the 512-bit VNNI GEMM (nanoopt.kernels.avx512), beside avx2.SIGN_MASK and avx2.VNNI
+KINDS = {"avx2": avx2.SIGN_MASK, "avx-vnni": avx2.VNNI, "avx512-vnni": AVX512}  # by kernels.int8_gemm_kernel()
 
 
 def _s8_product(kind, a, panels, n, k, out):
-    """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_TRICK``: the
+    """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_MASK``: the
     plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one, :data:`AVX512`: the 512-bit one), chosen when the caller
     is compiled for that constant: the other kernels are never compiled, and each cached specialization names
     its own kernel."""
@@ -61,7 +61,7 @@ def _s8_product(kind, a, panels, n, k, out):
 def _s8_product_typing(kind, a, panels, n, k, out):
     if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in KINDS.values()):
         return None
-    kernel = {avx2.SIGN_TRICK: avx2.gemm_s8s8s32_avx2_into, avx2.VNNI: avx2.gemm_s8s8s32_vnni_into,
+    kernel = {avx2.SIGN_MASK: avx2.gemm_s8s8s32_avx2_into, avx2.VNNI: avx2.gemm_s8s8s32_vnni_into,
               AVX512: avx512.gemm_s8s8s32_avx512_into}[kind.literal_value]
 
     def product(kind, a, panels, n, k, out):

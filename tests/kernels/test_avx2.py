@@ -87,6 +87,34 @@ def test_s8_long_k(kernels, kernel_name, m, k, n, seed):
     np.testing.assert_array_equal(result, exact_product(a, w))
 
 
+A_EXTREMES = [-128, -127, -1, 0, 1, 126, 127]  # |a| = 128 wraps to the byte 0x80; a < 0 flips w to ~w
+W_EXTREMES = [-127, -1, 0, 1, 127]  # ~127 = -128: the pair sum -32768 of the sign mask sits at the s16 limit
+
+
+@pytest.mark.parametrize("kernel_name", S8_KERNELS)
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.sampled_from([1, 2, 3, 4, 5, 7, 9]),  # every tile (4, 2, 1 rows; VNNI 6) and their leftovers
+    k=st.sampled_from([1, 2, 3, 5, 63, 65, 4097]),  # odd K, partial groups of 4, two K blocks
+    n=st.sampled_from([1, 7, 9, 15, 17, 33]),  # partial vectors and panels
+    data=st.data(),
+)
+def test_s8_extreme_values_everywhere(kernels, kernel_name, m, k, n, data):
+    """Every entry of A and W drawn from the extremes (one value everywhere, or a mixture), so that pair sums at
+    the saturation limit of vpmaddubsw (-128 * -128 twice in the sign mask) and all-negative rows (the largest
+    row corrections) occur."""
+    kernel = s8_kernel(kernel_name)
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    a_values = data.draw(st.lists(st.sampled_from(A_EXTREMES), min_size=1, max_size=3, unique=True), label="a")
+    w_values = data.draw(st.lists(st.sampled_from(W_EXTREMES), min_size=1, max_size=3, unique=True), label="w")
+    a = rng.choice(np.array(a_values, np.int8), size=(m, k))
+    w = rng.choice(np.array(w_values, np.int8), size=(n, k))
+    result = np.full((m, n), 7, np.int32)
+    kernel(a, kernels.pack_weights_s8(w).panels, n, k, result)
+    np.testing.assert_array_equal(result, exact_product(a, w))
+
+
 @pytest.mark.parametrize("kernel_name", S8_KERNELS)
 def test_s8_extremes_at_the_int32_limit(kernels, kernel_name):
     kernel = s8_kernel(kernel_name)
