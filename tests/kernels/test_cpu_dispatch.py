@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.common import AVX2_TARGET
 from nanoopt.kernels import avx2, avx512
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -281,6 +282,20 @@ def test_generic_llvm_target_runs_the_portable_kernels(reference_results):
     assert report["results"] == reference_results
     assert report["available"] is False and report["linear_backend"] == "numba"
     assert report["compiled_avx2"] == [] and report["compiled_sparse_avx2"] == [] and report["compiled_avx512"] == []
+
+
+def test_an_avx2_only_llvm_target_compiles_the_avx2_kernels_and_agrees(reference_results):
+    """Compiled for an AVX2-only CPU (LLVM targets Skylake without AVX-512, so no EVEX instruction can appear, as
+    on the machines without AVX-512 where users run nanoopt): the 256-bit kernels run and give the reference's
+    integers. ``NANOOPT_CPU_FEATURES=avx2`` alone narrows the kernel choice but leaves LLVM on the host's CPU."""
+    host = _host_and_target()[0]
+    if not all(host.get(feature) for feature in ("avx2", "fma", "bmi2", "f16c", "movbe")):
+        pytest.skip("this CPU cannot run code compiled for Skylake (it lacks AVX2 or one of its companions)")
+    report = run_workload(dict(AVX2_TARGET))
+    assert report["results"] == reference_results
+    assert report["available"] is True and report["kernel"] == "avx2" and report["int8_kernel"] == "avx2"
+    assert report["linear_backend"] == report["conv_backend"] == "avx2"
+    assert report["compiled_avx512"] == [] and vnni_functions(report) == []
 
 
 def test_reference_results_are_not_trivial(reference_results):
