@@ -269,9 +269,10 @@ class Plan:
           a new output array (and the profiler's own clock reads, about 0.05 us per kernel when the caches are
           warm). Taken from one call at a time (the median of the per-call differences), so that it does not carry
           the noise of two separately measured totals;
-        * ``overhead_mean``: the mean of the same differences. The output arrays are allocated in runs (one call
-          in ``refill`` allocates them), which the median passes over; the mean spreads that allocation over the
-          calls.
+        * ``overhead_mean``: the mean of the same differences, which also carries what the median passes over:
+          the call in ``refill`` that allocates a run of output arrays (a few microseconds for the run) and the
+          machine's interruptions (on a shared machine, a few calls in a few hundred lose tens of microseconds to
+          other processes, which dominate the mean).
         """
         self(x)
         clock = time.perf_counter
