@@ -9,7 +9,8 @@ n_embd 128, block 64):
 * PyTorch's forward (``last_only``, as its ``generate`` calls it) for every context length T = 1..64, so that its
   256-token generation costs ``sum_i torch(min(i + 1, 64))``;
 * nanoopt's cached steps for the first 63 tokens and its window recompute;
-* the BLAS floor: only the matrix products the window recompute performs (the model's own arrays, NumPy's BLAS);
+* the BLAS floor: only the matrix products the window recompute performs, on the operands in the layout it uses
+  (each weight transposed once into a contiguous ``W^T``, as ``GPT._array_plan`` stores it; NumPy's BLAS);
 
 and prints the window time the 2x target requires, ``(sum torch / 2 - cached part) / 193``, against the floor.
 Times are the 10th percentile of many repeats (the machine may be loaded).
