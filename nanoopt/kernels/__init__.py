@@ -491,7 +491,7 @@ class PreparedConv2d:
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
         arguments = (x_q, np.int64(self.plan.x_zero_point), padded, self.avx2_panels(), conv, epilogue, out3,
                      (1, 1), out)  # no pool: out4 is out
-        _, serial, parallel = x86_glue.external_s8_drivers(int8_gemm_kernel())
+        _, serial, parallel = x86_glue.external_s8_drivers(x86_glue.s8_kernel_for_codes(int8_gemm_kernel()))
         if use_threads(2 * out.size * self.plan.depth):
             parallel(*arguments)
         else:
