@@ -25,6 +25,12 @@ How it is fast (all in this file, top to bottom):
   lane). Per 32 products: ``vpxor``, ``vpmaddubsw``, ``vpmaddwd``, ``vpaddd`` -- only two of them on the
   multiply ports of Intel cores (ports 0 and 1), where the ``vpsignb`` of the classic sign trick
   ``|a| * (sign(a) * w)`` made it three (``python -m benchmarks.avx2_mca`` models both).
+* **AVX2, 7-bit activations: three instructions.** When every code of ``a`` lies in [-64, 63] (7-bit activations,
+  PyTorch's ``reduce_range``), ``a + 64`` lies in [0, 127] and ``vpmaddubsw(a + 64, w)`` cannot saturate (a pair sum
+  is at most ``2 * 127 * 127 = 32258`` in magnitude): ``vpmaddubsw``, ``vpmaddwd(., 1)``, ``vpaddd`` per 32
+  products, the accumulators starting at ``-64 sum_k W[n, k]`` (the row sums below). Chosen by the caller from
+  the activation grid (:func:`gemm_s8s8s32_avx2_7bit_into`, which still refuses a code outside) or per call
+  (:func:`gemm_s8s8s32_avx2_auto_into`: the range check is fused into the pass that adds 64).
 * **AVX-VNNI: the offset trick.** ``vpdpbusd`` does not saturate, so no sign juggling is needed: with
   ``a + 128`` in [0, 255] as the unsigned operand, ``sum_k (a_k + 128) w_k = sum_k a_k w_k + 128 sum_k w_k``.
   The row sums ``sum_k W[n, k]`` are stored with the packed weights; the kernel starts its accumulators at
