@@ -725,13 +725,12 @@ def gemm_s8s8s32_avx2_7bit_into(a: np.ndarray, panels: np.ndarray, n: int, k: in
     int32 (:data:`MAX_K_S8`), so the result is exact. A code outside [-64, 63] is refused (``ValueError``), found in
     the same pass that adds 64. Call only where :func:`available` is True.
 
-    >>> w = np.array([[1, -2, 3]], dtype=np.int8)
-    >>> a = np.array([[4, 63, -64]], dtype=np.int8)
-    >>> out = np.empty((1, 1), np.int32)
-    >>> if available(): gemm_s8s8s32_avx2_7bit_into(a, pack_weights_s8(w).panels, 1, 3, out)
-    ... else: out[:] = 4 - 126 - 192
-    >>> out.tolist()
-    [[-314]]
+    >>> codes = np.array([[4, 63, -64], [0, -1, 1]], dtype=np.int8)  # 7-bit codes
+    >>> weights = pack_weights_s8(np.array([[1, -2, 3]], dtype=np.int8))
+    >>> result = np.zeros((2, 1), np.int32)
+    >>> _ = available() and gemm_s8s8s32_avx2_7bit_into(codes, weights.panels, 1, 3, result)
+    >>> result.ravel().tolist() if available() else [4 - 126 - 192, 2 + 3]
+    [-314, 5]
     """
     groups = _check_s8_arguments(a, panels, n, k, out)
     if groups:
@@ -751,13 +750,13 @@ def gemm_s8s8s32_avx2_auto_into(a: np.ndarray, panels: np.ndarray, n: int, k: in
     which stops at the first row with a code outside; a full-range ``a`` then pays that pass (at most M*K bytes) on
     top of the sign split. Same arguments and result as :func:`gemm_s8s8s32_avx2_into`.
 
-    >>> w = np.array([[1, -2, 3]], dtype=np.int8)
-    >>> a = np.array([[4, 5, -128]], dtype=np.int8)
-    >>> out = np.empty((1, 1), np.int32)
-    >>> if available(): gemm_s8s8s32_avx2_auto_into(a, pack_weights_s8(w).panels, 1, 3, out)
-    ... else: out[:] = 4 - 10 - 384
-    >>> out.tolist()
-    [[-390]]
+    >>> weights = pack_weights_s8(np.array([[1, -2, 3]], dtype=np.int8))
+    >>> result = np.zeros((1, 1), np.int32)
+    >>> for row in ([4, 5, -64], [4, 5, -128]):  # the 7-bit tile, then the sign mask
+    ...     _ = available() and gemm_s8s8s32_avx2_auto_into(np.array([row], np.int8), weights.panels, 1, 3, result)
+    ...     print(int(result[0, 0]) if available() else 4 - 10 + 3 * row[2])
+    -198
+    -390
     """
     groups = _check_s8_arguments(a, panels, n, k, out)
     if groups:
