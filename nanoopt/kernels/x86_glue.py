@@ -30,6 +30,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from nanoopt.kernels import avx2, avx512
+from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows, pad_nhwc
 from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run, max_pool_planes
 
@@ -40,6 +41,7 @@ __all__ = [
     "conv_requant_scratch",
     "external_s8_drivers",
     "linear_s8_driver",
+    "linear_s8_requant_driver",
     "products",
     "s8_kernel",
     "s8_kernel_for_codes",
@@ -224,6 +226,32 @@ def _linear_for(kind: int):
         for r in range(x.shape[0]):
             finish_run(products[r], offsets, row_offsets[r], m0, shift, epilogue, out[r])
     return linear
+
+
+def _linear_requant_for(kind: int):
+    @njit(cache=True, nogil=True)
+    def linear(x, panels, n, k, products, requant, out):
+        """One int8 linear layer whose epilogue fits int32: the product of ``kind`` into ``products`` (M, N) int32,
+        then the requantization in 32-bit lanes (:func:`nanoopt.kernels.avx2_requant.requantize_rows_s8`) into the
+        int8 ``out`` (M, N); ``requant = avx512.requant_s8(...)``."""
+        _s8_product(kind, x, panels, n, k, products)
+        requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
+    return linear
+
+
+@functools.cache
+def linear_s8_requant_driver(kernel: str):
+    """``linear(x, panels, n, k, products, requant, out)``: :func:`linear_s8_driver` for a layer whose epilogue fits
+    int32 (``requant = avx512.requant_s8(base_offsets, m0, shift, zero_point, low, high)``, not ``None``), the
+    requantization eight int32 lanes at a time instead of the general Numba epilogue; the same codes. Nothing is
+    compiled until it is called.
+
+    >>> callable(linear_s8_requant_driver("avx2-7bit"))
+    True
+    """
+    if kernel not in KINDS:
+        raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
+    return _linear_requant_for(KINDS[kernel])
 
 
 @functools.cache

@@ -103,6 +103,11 @@ class LinearQ(_WeightedQ):
             self.panels = self.prepared.weights.avx2_s8().panels
         # AVX-512 VNNI: the 512-bit kernel that requantizes in registers (None where it does not run this layer)
         self.requant_s8 = self.prepared.requant_s8() if self.avx2 else None
+        # elsewhere (AVX2, AVX-VNNI): the product, then the requantization in 32-bit lanes where the epilogue fits
+        self.requant_lanes = None
+        if self.avx2 and self.requant_s8 is None and self.plan.tail[-1]:
+            m0, shift, out_zp, low, high = self.plan.tail[:5]
+            self.requant_lanes = avx512.requant_s8(self.plan.base_offsets, m0, shift, out_zp, low, high)
 
     def bind(self, inputs):
         x = inputs[0]
@@ -119,6 +124,10 @@ class LinearQ(_WeightedQ):
             packed = np.empty(m * (-(-self.k // 4) * 4), np.int8)  # the rows as the tiles read them, kept
             arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2, packed)
             return out, [(avx512.linear_s8_into, arguments)]
+        if self.requant_lanes is not None and not use_threads(2 * m * self.n * self.k):
+            products = np.empty((m, self.n), np.int32)
+            linear = x86_glue.linear_s8_requant_driver(self._s8_kernel())  # the x86 product, then 32-bit lanes
+            return out, [(linear, (rows, self.panels, self.n, self.k, products, self.requant_lanes, out2))]
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)

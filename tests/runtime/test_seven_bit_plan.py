@@ -58,6 +58,8 @@ def test_plan_is_bit_identical_and_takes_the_tile_its_grids_allow(model_name, co
         assert chosen == x86_glue.s8_kernel_for_codes(kernels.int8_gemm_kernel(), *expected_range)
         if kernels.int8_gemm_kernel() == "avx2":  # plain AVX2 (e.g. NANOOPT_CPU_FEATURES=avx2)
             assert chosen == ("avx2-7bit" if seven_bit else "avx2")
+        if isinstance(op, LinearQ) and kernels.int8_gemm_kernel() in ("avx2", "avx-vnni"):
+            assert op.requant_lanes is not None  # requantized in 32-bit lanes (the epilogue fits int32)
 
 
 def test_forward_int_refuses_codes_outside_the_input_grid():
