@@ -104,10 +104,7 @@ class LinearQ(_WeightedQ):
         # AVX-512 VNNI: the 512-bit kernel that requantizes in registers (None where it does not run this layer)
         self.requant_s8 = self.prepared.requant_s8() if self.avx2 else None
         # elsewhere (AVX2, AVX-VNNI): the product, then the requantization in 32-bit lanes where the epilogue fits
-        self.requant_lanes = None
-        if self.avx2 and self.requant_s8 is None and self.plan.tail[-1]:
-            m0, shift, out_zp, low, high = self.plan.tail[:5]
-            self.requant_lanes = avx512.requant_s8(self.plan.base_offsets, m0, shift, out_zp, low, high)
+        self.requant_lanes = self.prepared.requant_lanes() if self.avx2 and self.requant_s8 is None else None
 
     def bind(self, inputs):
         x = inputs[0]
