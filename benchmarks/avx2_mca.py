@@ -2,6 +2,7 @@
 
 We have no AVX2-only Intel machine, so this is the evidence for one: the machine code of the register tiles of
 :mod:`nanoopt.kernels.avx2` -- the int8 kernel ``gemm_s8s8s32_avx2_into`` (sign-mask trick: ``vpxor``,
+``vpmaddubsw``, ``vpmaddwd``, ``vpaddd``), its 7-bit tile ``gemm_s8s8s32_avx2_7bit_into`` (codes in [-64, 63]:
 ``vpmaddubsw``, ``vpmaddwd``, ``vpaddd``) and the int16 x int8 kernel ``gemm_s16s8s64_into`` (``vpmaddwd`` +
 ``vpaddd`` on int16 operands, the "int16-widened tile": int16 activations and pre-widened int16 weights) --
 compiled by Numba for a faithful AVX2-only target (:data:`benchmarks.common.AVX2_TARGET`: LLVM CPU
@@ -120,13 +121,16 @@ def tile_loops() -> dict[str, list[str]]:
                                     avx2.pack_weights_s8(w).panels, 16, 64, np.empty((m, 16), np.int32))
         avx2.gemm_s16s8s64_into(rng.integers(-128, 128, size=(m, 64)).astype(np.int16),
                                 avx2.pack_weights_s16(w).panels, 16, 64, np.empty((m, 16), np.int64))
+        avx2.gemm_s8s8s32_avx2_7bit_into(rng.integers(-64, 64, size=(m, 64)).astype(np.int8),
+                                         avx2.pack_weights_s8(w).panels, 16, 64, np.empty((m, 16), np.int32))
     loops = {}
     for signature, asm in avx2._tile.inspect_asm().items():
         evex = EVEX_ONLY.search(asm)
         if evex:
             raise SystemExit(f"the target is not AVX2-only: {evex.group(0)!r} in the code of _tile{signature}")
         kind, rows = signature[0].literal_value, signature[1].literal_value
-        name = {"avx2": "int8 sign mask (gemm_s8s8s32_avx2_into)", "s16": "int16 x int8 (gemm_s16s8s64_into)"}
+        name = {"avx2": "int8 sign mask (gemm_s8s8s32_avx2_into)", "s16": "int16 x int8 (gemm_s16s8s64_into)",
+                "avx2-7bit": "int8, 7-bit codes (gemm_s8s8s32_avx2_7bit_into)"}
         best = max(inner_loops(asm), key=products_per_iteration)
         loops[f"{name.get(avx2.TILE_KINDS[kind], avx2.TILE_KINDS[kind])}, {rows}x16 tile"] = best
     return loops

@@ -10,6 +10,11 @@ For each thread count (1, then 2; each in its own pinned process, see ``benchmar
   :mod:`nanoopt.kernels.avx512`, which requantizes in registers and writes int8 directly; else AVX-VNNI or AVX2
   (:mod:`nanoopt.kernels.avx2`) with the Numba epilogue; ``NANOOPT_CPU_FEATURES=avx2`` (or
   ``avx2,avx512vnni,avx512vl``) measures the 256-bit kernels on the same machine;
+* **linear, 7-bit activations** (same shapes, a second table): the same prepared layer on int8 codes in [-64, 63]
+  (PyTorch's ``reduce_range`` grid, as its x86 default qconfig uses), where the ``auto`` AVX2 path of a CPU without
+  VNNI takes the 3-instruction 7-bit tile (:func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_auto_into`, range checked
+  per call), beside the same layer on full-range codes and PyTorch's int8 Linear on the same 7-bit codes as quint8
+  (``codes + 64`` in [0, 127], zero point 64); elsewhere (VNNI, AVX-512) the codes do not change the kernel;
 * **conv2d** N=1 and N=32, C=32, 28x28, 3x3, OC=64, padding 1: a prepared
   :func:`nanoopt.kernels.prepare_conv2d` layer against NumPy float32 im2col (``sliding_window_view`` + one
   copy) + matmul, output NCHW.
@@ -103,8 +108,9 @@ def float_conv(x: np.ndarray, w: np.ndarray, padding: int) -> np.ndarray:
     return (cols @ w.reshape(out_channels, -1).T).reshape(batch, out_h, out_w, out_channels).transpose(0, 3, 1, 2)
 
 
-def torch_int8_linear(x: np.ndarray, w: np.ndarray):
-    """A callable running PyTorch's static int8 Linear on the same shapes, or None without torch."""
+def torch_int8_linear(x: np.ndarray, w: np.ndarray, seven_bit: bool = False):
+    """A callable running PyTorch's static int8 Linear on the same shapes, or None without torch. With
+    ``seven_bit``, the input is ``x`` itself (codes in [-64, 63]) as quint8 codes ``x + 64`` with zero point 64."""
     try:
         import torch
     except ImportError:
@@ -118,6 +124,9 @@ def torch_int8_linear(x: np.ndarray, w: np.ndarray):
     layer.set_weight_bias(weight, torch.zeros(n))
     layer.scale, layer.zero_point = 0.5, 3
     qx = torch.quantize_per_tensor(torch.from_numpy(x.astype(np.float32) * 0.05), 0.05, 0, torch.quint8)
+    if seven_bit:
+        codes = torch.from_numpy((x.astype(np.int16) + 64).astype(np.uint8))  # quint8 [0, 127]: reduce_range
+        qx = torch._make_per_tensor_quantized_tensor(codes, 0.05, 64)
     return lambda: layer(qx)
 
 
@@ -199,6 +208,7 @@ def measure(threads: int) -> None:
         print(f"| {m}x{k}x{n} | {giga / auto:.0f} | {reference / auto:.2f}x | {giga / portable:.0f} | "
               f"{reference / portable:.2f}x | {giga / reference:.0f} | {torch_text} | "
               f"{_ratio(reference, torch_time)} |")  # fmt: skip
+    measure_seven_bit(threads, rng)
     print("\n| conv2d N x 32 x 28 x 28, 3x3, 64 out, pad 1 | int8 auto ms | x f32 | int8 numba ms | x f32 | "
           "NumPy f32 im2col+matmul ms | PyTorch int8 ms | x f32 |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -216,6 +226,35 @@ def measure(threads: int) -> None:
               f"{reference / portable:.2f}x | {reference * 1e3:.3f} | {torch_text} | "
               f"{_ratio(reference, torch_time)} |")  # fmt: skip
     print()
+
+
+def measure_seven_bit(threads: int, rng: np.random.Generator) -> None:
+    """The linear table on 7-bit activation codes (see the module docstring): our layer on codes in [-64, 63] and on
+    full-range codes, PyTorch's on the same 7-bit codes; the products are checked equal to the numba backend's."""
+    import nanoopt.kernels as kernels
+    from nanoopt.kernels import x86_glue
+
+    chosen = x86_glue.s8_kernel_for_codes(kernels.int8_gemm_kernel(), -64, 63) if kernels.avx2_available() else "-"
+    print(f"\n7-bit activations (codes in [-64, 63], PyTorch's `reduce_range`): the int8 GEMM for such codes is "
+          f"`{chosen}` here. GOP/s:\n")
+    print("| linear M x K x N | int8 auto, 7-bit codes | int8 auto, full-range codes | 7-bit / full-range | "
+          "PyTorch int8, 7-bit codes | nanoopt / PyTorch, 7-bit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rows = []
+    for m, k, n in LINEAR_SHAPES:
+        x, w, layer = linear_layer(m, k, n, rng)
+        x7 = rng.integers(-64, 64, size=(m, k)).astype(np.int8)  # (M, K), the 7-bit grid's codes
+        auto_codes = layer(x7)
+        with kernels.use_backend("numba"):
+            assert np.array_equal(layer(x7), auto_codes), "auto and numba backends disagree (7-bit codes)"
+        rows.append(((m, k, n), best_seconds(lambda layer=layer, x7=x7: layer(x7)),
+                     best_seconds(lambda layer=layer, x=x: layer(x)), torch_int8_linear(x7, w, seven_bit=True)))
+    torch_times = torch_seconds([case for *_, case in rows], threads)
+    for ((m, k, n), seven, full, _), torch_time in zip(rows, torch_times, strict=True):
+        giga = 2.0 * m * k * n / 1e9
+        torch_text = f"{giga / torch_time:.0f}" if torch_time else "not installed"
+        print(f"| {m}x{k}x{n} | {giga / seven:.0f} | {giga / full:.0f} | {full / seven:.2f}x | {torch_text} | "
+              f"{_ratio(torch_time, seven) if torch_time else '-'} |")  # fmt: skip
 
 
 # Run in a fresh process with a given Numba cache directory: seconds to import nanoopt.kernels, then to the

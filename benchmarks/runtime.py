@@ -18,7 +18,12 @@ int8 LeNet-5 plan in fresh interpreters: with an empty Numba cache, warm, and af
 CPU's own features and with ``NANOOPT_CPU_FEATURES=avx2`` where that changes the int8 kernel, as on an AVX2-only
 machine).
 
-    python -m benchmarks.runtime [--no-cold-start | --cold-start-only] [--cold-start-features avx2] [--avx2-target]
+Then, like for like with PyTorch's ``reduce_range``: the int8 plans with 8-bit and with 7-bit activations
+(``QuantConfig.x86_reduce_range()``) against PyTorch's int8 (whose x86 qconfig has 7-bit activations) and ONNX
+Runtime's int8 without and with its ``reduce_range`` (7-bit weights).
+
+    python -m benchmarks.runtime [--no-cold-start | --cold-start-only | --seven-bit-only]
+                                 [--cold-start-features avx2] [--avx2-target]
 
 ``--avx2-target``: Numba compiles for an AVX2-only CPU (``benchmarks.common.AVX2_TARGET``: LLVM CPU ``skylake``, no
 AVX-512, no VNNI), so that a newer machine runs nanoopt's code as an AVX2-only one would, and PyTorch its AVX2
@@ -132,15 +137,17 @@ def torch_call(model, x: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
-def onnx_sessions(twin, calibration: np.ndarray, folder: Path):
-    """(float session, int8 QDQ per-channel session), or None when torch/onnx/onnxruntime are missing."""
+def onnx_sessions(twin, calibration: np.ndarray, folder: Path, reduce_range: bool = False):
+    """(float session, int8 QDQ per-channel session), or None when torch/onnx/onnxruntime are missing. With
+    ``reduce_range``, ONNX Runtime's ``quantize_static(reduce_range=True)``: 7-bit *weights* (its remedy for the
+    saturation of ``vpmaddubsw`` on CPUs without VNNI; its activations stay 8-bit)."""
     try:
         import onnxruntime as ort
         import torch
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     except ImportError:
         return None
-    float_path, int8_path = folder / "model.onnx", folder / "model.int8.onnx"
+    float_path, int8_path = folder / "model.onnx", folder / f"model.int8{'.reduce_range' if reduce_range else ''}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(twin, (torch.from_numpy(calibration[:1]),), str(float_path), input_names=["x"],
@@ -154,7 +161,8 @@ def onnx_sessions(twin, calibration: np.ndarray, folder: Path):
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    quantize_static(str(float_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=reduce_range)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -224,6 +232,39 @@ def latency_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> 
                     "the profiler's clock reads, divided by the layers that run kernels; median, and in brackets the "
                     "mean, which includes the output arrays' allocation (in runs, one call in several).", "",
                     *overhead_lines]
+
+
+def seven_bit_table(images: np.ndarray, calibration: np.ndarray, folder: Path) -> list[str]:
+    """Like for like with PyTorch's ``reduce_range``: our int8 plan with 7-bit activations
+    (``QuantConfig.x86_reduce_range()``, codes in [-64, 63]: on AVX2 without VNNI the 3-instruction tile) beside the
+    default 8-bit one, PyTorch's eager int8 (its x86 default qconfig already has ``reduce_range=True``: 7-bit
+    activations) and ONNX Runtime's int8 without and with its ``reduce_range`` (7-bit weights)."""
+    lines = ["| model, batch | nanoopt int8 plan, 8-bit activations | nanoopt int8 plan, 7-bit activations "
+             "(x86_reduce_range) | PyTorch int8 (eager, x86: reduce_range) | ONNX Runtime int8 (QDQ, per-channel) | "
+             "ONNX Runtime int8, reduce_range (7-bit weights) |", "|---|---:|---:|---:|---:|---:|"]
+    for name in ("LeNet-300-100", "LeNet-5"):
+        model = build(name)
+        plans = {bits: runtime.compile(quant.quantize_static(model, calibration, config, progress=False))
+                 for bits, config in ((8, quant.QuantConfig()), (7, quant.QuantConfig.x86_reduce_range()))}
+        twin = torch_twin(name, model)
+        torch_q = torch_int8(twin, calibration) if twin is not None else None
+        sessions = [onnx_sessions(twin, calibration, folder, reduce) if twin is not None else None
+                    for reduce in (False, True)]
+        for batch in BATCHES:
+            x = np.ascontiguousarray(images[:batch])
+            medians = interleaved_medians({
+                "plan 8": _caller(plans[8], x), "plan 7": _caller(plans[7], x),
+                "torch": torch_call(torch_q, x) if torch_q is not None else None,
+                "ort": onnx_call(sessions[0][1], x) if sessions[0] else None,
+                "ort rr": onnx_call(sessions[1][1], x) if sessions[1] else None}, CALLS[batch])
+            seven = medians["plan 7"]
+            lines.append(f"| {name}, {batch} | {_us(medians['plan 8'])}{_x(medians['ort'], medians['plan 8'])} | "
+                         f"{_us(seven)}{_x(medians['ort rr'], seven)} | {_us(medians['torch'])}"
+                         f"{_x(medians['torch'], seven)} | {_us(medians['ort'])} | {_us(medians['ort rr'])} |")
+    return lines + ["", "(x) after a nanoopt time: the ONNX Runtime time in the same row (8-bit: without reduce_range; "
+                    "7-bit: with it) / nanoopt's; after PyTorch's: PyTorch's time / nanoopt's 7-bit plan (above 1: "
+                    "nanoopt is faster). ONNX Runtime's reduce_range narrows the weights, not the activations: the "
+                    "nearest like-for-like it offers."]
 
 
 def _caller(plan, x: np.ndarray) -> Callable[[], object]:
@@ -327,6 +368,8 @@ def main() -> None:
     parser.add_argument("--cold-start-features", default="avx2",
                         help="NANOOPT_CPU_FEATURES values (';'-separated) measured besides the CPU's own features, "
                              "where the CPU has them and they change the kernel (default: avx2)")
+    parser.add_argument("--seven-bit-only", action="store_true",
+                        help="only the 7-bit activation (reduce_range) table")
     parser.add_argument("--avx2-target", action="store_true",
                         help="compile nanoopt's kernels for an AVX2-only CPU (benchmarks.common.AVX2_TARGET)")
     args = parser.parse_args()
@@ -336,8 +379,14 @@ def main() -> None:
     print("## Deployment runtime (1 thread; latency per call, median)\n")
     print(f"Machine: {machine_description()}; git {git_revision()}\n")
     with tempfile.TemporaryDirectory() as folder:
-        if not args.cold_start_only:
+        if not (args.cold_start_only or args.seven_bit_only):
             print("\n".join(latency_table(images, calibration, Path(folder))))
+        if not args.cold_start_only:
+            print("\n### 7-bit activations (PyTorch's reduce_range), like for like\n")
+            print("\n".join(seven_bit_table(images, calibration, Path(folder))))
+        if args.seven_bit_only:
+            return
+        if not args.cold_start_only:
             print("\n### Pruned models through the plan\n")
             print("\n".join(pruned_table(images)))
         if not args.no_cold_start:

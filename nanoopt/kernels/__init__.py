@@ -45,6 +45,7 @@ import numba
 import numpy as np
 
 from nanoopt.kernels import avx2, avx512, numba_cpu, numba_pointwise, reference, x86_glue
+from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_epilogue import kernel_dtype
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_products, pack_weights, use_threads
 from nanoopt.kernels.reference import AccumulatorOverflowError, accumulator_bound, int32_accumulation_is_safe
@@ -354,6 +355,7 @@ class PreparedLinear:
         )  # validates every argument
         self.arguments = (bias_q, x_zero_point, m0, shift, out_zero_point, out_spec, relu)
         self._requant_s8: tuple | None | bool = False  # the fused AVX-512 epilogue's constants; False: not made yet
+        self._requant_lanes: tuple | None | bool = False  # the same constants for the 32-bit-lane requantization
 
     def requant_s8(self) -> tuple | None:
         """The constants of the AVX-512 int8 layer with requantization in registers (``avx512.requant_s8``), or
@@ -367,6 +369,18 @@ class PreparedLinear:
             if usable:
                 self._requant_s8 = avx512.requant_s8(plan.base_offsets, m0, shift, zero_point, low, high)
         return self._requant_s8
+
+    def requant_lanes(self) -> tuple | None:
+        """The constants of the requantization in 32-bit lanes after the AVX2 / AVX-VNNI product
+        (:mod:`nanoopt.kernels.avx2_requant`, in the ``avx512.requant_s8`` form), or ``None`` where the layer's
+        epilogue does not fit int32 (or its input or output is not int8). Made on first use."""
+        if self._requant_lanes is False:
+            plan = self.plan
+            m0, shift, zero_point, low, high, _, fast = plan.tail
+            usable = fast and plan.x_dtype == np.int8 and plan.out_dtype == np.int8
+            self._requant_lanes = avx512.requant_s8(plan.base_offsets, m0, shift, zero_point, low, high) if usable \
+                else None
+        return self._requant_lanes
 
     def backend_for(self, x_q: np.ndarray | None = None) -> str:
         """The backend a call would use now (``x_q`` is not needed: the input dtype is fixed)."""
@@ -382,7 +396,13 @@ class PreparedLinear:
         self.plan.check_input(x_q)
         if self.requant_s8() is not None:
             return _avx512_linear(self, x_q)
-        return self.plan.finish(_avx2_products(self.weights, x_q))
+        products = _avx2_products(self.weights, x_q)
+        constants = self.requant_lanes() if products.dtype == np.int32 else None
+        if constants is None:
+            return self.plan.finish(products)
+        out = np.empty(products.shape, np.int8)  # (M, N)
+        requantize_rows_s8(products, *constants[:6], out)
+        return out
 
 
 def _avx512_linear(layer: PreparedLinear, x_q: np.ndarray) -> np.ndarray:
@@ -491,7 +511,7 @@ class PreparedConv2d:
         out3 = out.reshape(out.shape[0], out.shape[1], out.shape[2] * out.shape[3])  # (N, OC, pixels); N may be 0
         arguments = (x_q, np.int64(self.plan.x_zero_point), padded, self.avx2_panels(), conv, epilogue, out3,
                      (1, 1), out)  # no pool: out4 is out
-        _, serial, parallel = x86_glue.external_s8_drivers(int8_gemm_kernel())
+        _, serial, parallel = x86_glue.external_s8_drivers(x86_glue.s8_kernel_for_codes(int8_gemm_kernel()))
         if use_threads(2 * out.size * self.plan.depth):
             parallel(*arguments)
         else:

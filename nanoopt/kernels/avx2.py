@@ -25,6 +25,12 @@ How it is fast (all in this file, top to bottom):
   lane). Per 32 products: ``vpxor``, ``vpmaddubsw``, ``vpmaddwd``, ``vpaddd`` -- only two of them on the
   multiply ports of Intel cores (ports 0 and 1), where the ``vpsignb`` of the classic sign trick
   ``|a| * (sign(a) * w)`` made it three (``python -m benchmarks.avx2_mca`` models both).
+* **AVX2, 7-bit activations: three instructions.** When every code of ``a`` lies in [-64, 63] (7-bit activations,
+  PyTorch's ``reduce_range``), ``a + 64`` lies in [0, 127] and ``vpmaddubsw(a + 64, w)`` cannot saturate (a pair sum
+  is at most ``2 * 127 * 127 = 32258`` in magnitude): ``vpmaddubsw``, ``vpmaddwd(., 1)``, ``vpaddd`` per 32
+  products, the accumulators starting at ``-64 sum_k W[n, k]`` (the row sums below). Chosen by the caller from
+  the activation grid (:func:`gemm_s8s8s32_avx2_7bit_into`, which still refuses a code outside) or per call
+  (:func:`gemm_s8s8s32_avx2_auto_into`: the range check is fused into the pass that adds 64).
 * **AVX-VNNI: the offset trick.** ``vpdpbusd`` does not saturate, so no sign juggling is needed: with
   ``a + 128`` in [0, 255] as the unsigned operand, ``sum_k (a_k + 128) w_k = sum_k a_k w_k + 128 sum_k w_k``.
   The row sums ``sum_k W[n, k]`` are stored with the packed weights; the kernel starts its accumulators at
@@ -120,6 +126,9 @@ __all__ = [
     "PackedWeightsS8",
     "PackedWeightsS16",
     "available",
+    "SEVEN_BIT_RANGE",
+    "gemm_s8s8s32_avx2_7bit_into",
+    "gemm_s8s8s32_avx2_auto_into",
     "gemm_s8s8s32_avx2_into",
     "gemm_s8s8s32_into",
     "gemm_s8s8s32_into_reference",
@@ -130,6 +139,7 @@ __all__ = [
     "gemm_s16s8s64_packed",
     "pack_weights_s8",
     "pack_weights_s16",
+    "seven_bit_fits",
     "allowed_features",
     "kernel_s8_for",
     "select_features",
@@ -155,9 +165,11 @@ S16_BLOCK_K = 510  # K values per int32 partial sum of the int16 kernel: 510 * 3
 ROW_BLOCK = 252  # rows of A per cache block (a multiple of 4 and 6; 252 x 4096 bytes fit L2)
 MAX_K_S8 = (2**31 - 1) // (128 * 127)  # 132104: longest K whose int8 x narrow-int8 sum fits int32
 
-# Which multiply-add a register tile runs (the first argument of _tile / _tile_step), and its name.
-SIGN_MASK, VNNI, S16 = 0, 1, 2
-TILE_KINDS = {SIGN_MASK: "avx2", VNNI: "vnni", S16: "s16"}
+# Which multiply-add a register tile runs (the first argument of _tile / _tile_step), and its name. (3 is the kind of
+# the 512-bit kernel in nanoopt.kernels.x86_glue.)
+SIGN_MASK, VNNI, S16, SEVEN_BIT = 0, 1, 2, 4
+TILE_KINDS = {SIGN_MASK: "avx2", VNNI: "vnni", S16: "s16", SEVEN_BIT: "avx2-7bit"}
+SEVEN_BIT_RANGE = (-64, 63)  # int8 activation codes the 7-bit tile multiplies exactly (a + 64 in [0, 127])
 
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics: each emits a few LLVM instructions inline. Offsets count elements of the array's dtype.
@@ -195,6 +207,17 @@ def _emit_madd_s8(builder, accumulator, a_mask, a_abs, w_bytes):
     return builder.add(accumulator, quads)
 
 
+def _emit_madd_u7s8(builder, accumulator, a_unsigned, a_abs, w_bytes):
+    """``accumulator + sum_t a[t] * w[j, t]`` per int32 lane j for ``a`` bytes in [0, 127] read as u8 (7-bit codes
+    plus 64): ``vpmaddubsw`` (each s16 pair sum ``|.| <= 2 * 127 * 128 = 32512``: never saturated), ``vpmaddwd(.,
+    1)``, ``vpaddd``. Three instructions per 32 products, where the sign mask needs four. ``a_abs`` is unused."""
+    madd_bytes = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", I16X16, [I8X32, I8X32])
+    madd_words = declare(builder, "llvm.x86.avx2.pmadd.wd", I32X8, [I16X16, I16X16])
+    pairs = builder.call(madd_bytes, [builder.bitcast(a_unsigned, I8X32), builder.bitcast(w_bytes, I8X32)])
+    quads = builder.call(madd_words, [pairs, ir.Constant(I16X16, [1] * 16)])
+    return builder.add(accumulator, quads)
+
+
 def _emit_dot_u8s8(builder, accumulator, a_unsigned, a_abs, w_bytes):
     """``accumulator + sum_t a[t] * w[j, t]`` per lane j, ``a`` bytes read as u8, ``w`` as s8 (vpdpbusd; needs
     AVX-VNNI). No saturation: the 4 products and the accumulator are summed modulo 2**32. ``a_abs`` is unused."""
@@ -215,6 +238,7 @@ _PRODUCTS = {
     SIGN_MASK: (_emit_madd_s8, 32, types.int8),
     VNNI: (_emit_dot_u8s8, 32, types.int8),
     S16: (_emit_madd_s16, 16, types.int16),
+    SEVEN_BIT: (_emit_madd_u7s8, 32, types.int8),
 }
 
 
@@ -372,8 +396,8 @@ def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, sta
     (plus ``row_starts[row + r]`` in row ``r`` if ``add_rows``).
 
     SIGN_MASK: ``a`` the sign masks ``a >> 7`` of int8 A and ``a_abs = |A|`` laid out like it (4 K values per
-    step); VNNI: ``A + 128`` as bytes (``a_abs`` unused, pass ``a``); S16: int16 ``a`` and int16 panels (2 K values
-    per step).
+    step); VNNI: ``A + 128`` as bytes, SEVEN_BIT: ``A + 64`` (``a_abs`` unused, pass ``a``); S16: int16 ``a`` and
+    int16 panels (2 K values per step).
     """
     numba.literally(kind)
     numba.literally(rows)
@@ -434,8 +458,8 @@ def _blocked_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_s
     """``out = a @ W.T`` by cache blocks (K blocks x row blocks x panels) of ``kind`` register tiles: ``rows``-row
     tiles, then 4, 2 and 1 rows for what is left. ``a`` (and ``a_abs``, see :func:`_tile`) are padded to
     ``padded_k = groups * group`` columns. The first K block's accumulators start at ``footer_scale`` times the
-    panel's row-sum footer (VNNI: -128; 0: from zero), plus ``row_starts[i]`` in row ``i`` unless ``row_starts``
-    is empty (SIGN_MASK: the rows' corrections)."""
+    panel's row-sum footer (VNNI: -128; SEVEN_BIT: -64; 0: from zero), plus ``row_starts[i]`` in row ``i`` unless
+    ``row_starts`` is empty (SIGN_MASK: the rows' corrections)."""
     numba.literally(kind)
     numba.literally(rows)
     group = S16_GROUP if kind == S16 else S8_GROUP
@@ -668,6 +692,94 @@ def gemm_s16s8s64_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: n
                      out)  # fmt: skip
 
 
+@numba.njit(cache=True)
+def _seven_bit_codes(a, padded_k):
+    """``(shifted, fits)``: ``a + 64`` as bytes (read unsigned by ``vpmaddubsw``: [0, 127] where ``a`` lies in
+    [-64, 63]), zero-padded to ``padded_k`` columns, and whether every code of ``a`` lies in [-64, 63] -- in the same
+    pass, by OR-ing the shifted bytes (a code outside wraps to a byte >= 128). Stops after the first row with a code
+    outside (``shifted`` is then incomplete and must not be used)."""
+    m, k = a.shape
+    shifted = np.empty((m, padded_k), np.int8)  # (M, K padded)
+    for i in range(m):
+        spill = np.uint8(0)
+        for j in range(k):
+            value = np.uint8(a[i, j] + 64)  # wraps modulo 256
+            shifted[i, j] = np.int8(value)
+            spill |= value
+        for j in range(k, padded_k):
+            shifted[i, j] = 0  # meets zero weights: any value would do
+        if spill >= 128:
+            return shifted, False
+    return shifted, True
+
+
+@numba.njit(cache=True)
+def gemm_s8s8s32_avx2_7bit_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
+    """``out[:, :] = a @ W.T`` exactly for int8 codes ``a`` in [-64, 63] (7-bit activations, PyTorch's
+    ``reduce_range``), three AVX2 instructions per 32 products; arguments as :func:`gemm_s8s8s32_avx2_into`.
+
+    ``vpmaddubsw(a + 64, w)``: ``a + 64`` in [0, 127] read as u8, ``w`` in [-127, 127], so each s16 pair sum is at
+    most ``2 * 127 * 127 = 32258`` in magnitude and never saturates; ``vpmaddwd(., 1)`` and ``vpaddd`` add the pairs
+    into int32. Summed over K this is ``sum_k a_k w_k + 64 sum_k w_k``; the accumulators start at ``-64`` times the
+    packed row sums (the panels' footer, as the VNNI kernel's ``-128``). int32 sums wrap and the true result fits
+    int32 (:data:`MAX_K_S8`), so the result is exact. A code outside [-64, 63] is refused (``ValueError``), found in
+    the same pass that adds 64. Call only where :func:`available` is True.
+
+    >>> codes = np.array([[4, 63, -64], [0, -1, 1]], dtype=np.int8)  # 7-bit codes
+    >>> weights = pack_weights_s8(np.array([[1, -2, 3]], dtype=np.int8))
+    >>> result = np.zeros((2, 1), np.int32)
+    >>> _ = available() and gemm_s8s8s32_avx2_7bit_into(codes, weights.panels, 1, 3, result)
+    >>> result.ravel().tolist() if available() else [4 - 126 - 192, 2 + 3]
+    [-314, 5]
+    """
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        shifted, fits = _seven_bit_codes(a, groups * S8_GROUP)  # (M, K padded), a + 64 as unsigned bytes
+        if not fits:
+            raise ValueError("gemm_s8s8s32_avx2_7bit_into: a has codes outside [-64, 63]; use gemm_s8s8s32_avx2_into "
+                             "(any int8 codes) or gemm_s8s8s32_avx2_auto_into")
+        _blocked_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, groups * S8_GROUP, -64,
+                         np.empty(0, np.int32), out)  # fmt: skip
+
+
+@numba.njit(cache=True)
+def gemm_s8s8s32_avx2_auto_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
+    """``out[:, :] = a @ W.T`` exactly on AVX2, the tile chosen by the codes of ``a``: the 7-bit tile
+    (:func:`gemm_s8s8s32_avx2_7bit_into`, 3 instructions per 32 products) when every code lies in [-64, 63], else the
+    sign mask (:func:`gemm_s8s8s32_avx2_into`, 4). The range is checked in the pass that prepares the 7-bit operand,
+    which stops at the first row with a code outside; a full-range ``a`` then pays that pass (at most M*K bytes) on
+    top of the sign split. Same arguments and result as :func:`gemm_s8s8s32_avx2_into`.
+
+    >>> weights = pack_weights_s8(np.array([[1, -2, 3]], dtype=np.int8))
+    >>> result = np.zeros((1, 1), np.int32)
+    >>> for row in ([4, 5, -64], [4, 5, -128]):  # the 7-bit tile, then the sign mask
+    ...     _ = available() and gemm_s8s8s32_avx2_auto_into(np.array([row], np.int8), weights.panels, 1, 3, result)
+    ...     print(int(result[0, 0]) if available() else 4 - 10 + 3 * row[2])
+    -198
+    -390
+    """
+    groups = _check_s8_arguments(a, panels, n, k, out)
+    if groups:
+        padded_k = groups * S8_GROUP
+        shifted, fits = _seven_bit_codes(a, padded_k)  # (M, K padded)
+        if fits:
+            _blocked_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, padded_k, -64,
+                             np.empty(0, np.int32), out)  # fmt: skip
+        else:
+            masks, magnitudes, starts = _sign_split(a, padded_k)  # (M, K padded) x 2, (M,)
+            _blocked_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, padded_k, 0, starts, out)
+
+
+def seven_bit_fits(low: int, high: int) -> bool:
+    """Whether int8 codes known to lie in ``[low, high]`` (e.g. ``QuantSpec.qmin``/``qmax`` of a layer's input grid)
+    fit the 7-bit tile, ``[-64, 63]``.
+
+    >>> seven_bit_fits(-64, 63), seven_bit_fits(-128, 127), seven_bit_fits(-64, 64)
+    (True, False, False)
+    """
+    return SEVEN_BIT_RANGE[0] <= low and high <= SEVEN_BIT_RANGE[1]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Packing weights (NumPy, once per layer) and the NumPy references of the jitted kernels.
 
@@ -889,7 +1001,8 @@ def gemm_s8s8s32_packed(a: np.ndarray, packed: PackedWeightsS8) -> np.ndarray:
     """``a @ W.T`` exactly as int32 (M, N), for int8 ``a`` (M, K) and ``packed = pack_weights_s8(W)``.
 
     Needs :func:`available` and ``K <= MAX_K_S8`` (132104): beyond it ``|a @ W.T|`` may exceed int32.
-    Runs ``gemm_s8s8s32_into``: the AVX-VNNI kernel where the CPU has it, else the AVX2 one (:data:`KERNEL_S8`).
+    Runs the AVX-VNNI kernel where the CPU has it, else the AVX2 one (:data:`KERNEL_S8`), there
+    :func:`gemm_s8s8s32_avx2_auto_into`: the 7-bit tile when every code of ``a`` lies in [-64, 63].
 
     >>> w = np.array([[1, 2, 3], [-127, 0, 127]], dtype=np.int8)
     >>> a = np.array([[-128, 1, 1]], dtype=np.int8)
@@ -904,7 +1017,8 @@ def gemm_s8s8s32_packed(a: np.ndarray, packed: PackedWeightsS8) -> np.ndarray:
     a = _check_activations(a, np.int8, packed.k, "gemm_s8s8s32_packed")
     _require_available("gemm_s8s8s32_packed")
     out = np.empty((a.shape[0], packed.n), np.int32)  # (M, N)
-    gemm_s8s8s32_into(a, packed.panels, packed.n, packed.k, out)
+    kernel = gemm_s8s8s32_avx2_auto_into if KERNEL_S8 == "avx2" else gemm_s8s8s32_into
+    kernel(a, packed.panels, packed.n, packed.k, out)
     return out
 
 

@@ -30,6 +30,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from nanoopt.kernels import avx2, avx512
+from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows, pad_nhwc
 from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run, max_pool_planes
 
@@ -40,18 +41,24 @@ __all__ = [
     "conv_requant_scratch",
     "external_s8_drivers",
     "linear_s8_driver",
+    "linear_s8_requant_driver",
     "products",
     "s8_kernel",
+    "s8_kernel_for_codes",
 ]
 
 AVX2_PARALLEL_MIN_ROWS = 64  # the AVX2 GEMM is split over threads by row blocks of at least this many rows
 AVX512 = 3  # the kind of the 512-bit VNNI GEMM (nanoopt.kernels.avx512), beside avx2.SIGN_MASK and avx2.VNNI
-KINDS = {"avx2": avx2.SIGN_MASK, "avx-vnni": avx2.VNNI, "avx512-vnni": AVX512}  # by kernels.int8_gemm_kernel()
+AVX2_AUTO = 5  # the AVX2 GEMM that picks the 7-bit or the sign-mask tile from the codes, per call
+# by kernels.int8_gemm_kernel(), and the two AVX2 variants that s8_kernel_for_codes() adds on a plain AVX2 CPU
+KINDS = {"avx2": avx2.SIGN_MASK, "avx-vnni": avx2.VNNI, "avx512-vnni": AVX512, "avx2-7bit": avx2.SEVEN_BIT,
+         "avx2-auto": AVX2_AUTO}
 
 
 def _s8_product(kind, a, panels, n, k, out):
     """Jitted code only: ``out = a @ W.T`` with the int8 x86 GEMM that ``kind`` names (``avx2.SIGN_MASK``: the
-    plain AVX2 kernel, ``avx2.VNNI``: the AVX-VNNI one, :data:`AVX512`: the 512-bit one), chosen when the caller
+    plain AVX2 kernel, ``avx2.SEVEN_BIT``: its 7-bit tile, :data:`AVX2_AUTO`: either, from the codes, ``avx2.VNNI``:
+    the AVX-VNNI one, :data:`AVX512`: the 512-bit one), chosen when the caller
     is compiled for that constant: the other kernels are never compiled, and each cached specialization names
     its own kernel."""
     raise NotImplementedError("_s8_product is only callable from Numba-compiled code")
@@ -62,7 +69,8 @@ def _s8_product_typing(kind, a, panels, n, k, out):
     if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in KINDS.values()):
         return None
     kernel = {avx2.SIGN_MASK: avx2.gemm_s8s8s32_avx2_into, avx2.VNNI: avx2.gemm_s8s8s32_vnni_into,
-              AVX512: avx512.gemm_s8s8s32_avx512_into}[kind.literal_value]
+              AVX512: avx512.gemm_s8s8s32_avx512_into, avx2.SEVEN_BIT: avx2.gemm_s8s8s32_avx2_7bit_into,
+              AVX2_AUTO: avx2.gemm_s8s8s32_avx2_auto_into}[kind.literal_value]
 
     def product(kind, a, panels, n, k, out):
         kernel(a, panels, n, k, out)
@@ -220,10 +228,37 @@ def _linear_for(kind: int):
     return linear
 
 
+def _linear_requant_for(kind: int):
+    @njit(cache=True, nogil=True)
+    def linear(x, panels, n, k, products, requant, out):
+        """One int8 linear layer whose epilogue fits int32: the product of ``kind`` into ``products`` (M, N) int32,
+        then the requantization in 32-bit lanes (:func:`nanoopt.kernels.avx2_requant.requantize_rows_s8`) into the
+        int8 ``out`` (M, N); ``requant = avx512.requant_s8(...)``."""
+        _s8_product(kind, x, panels, n, k, products)
+        requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
+    return linear
+
+
+@functools.cache
+def linear_s8_requant_driver(kernel: str):
+    """``linear(x, panels, n, k, products, requant, out)``: :func:`linear_s8_driver` for a layer whose epilogue fits
+    int32 (``requant = avx512.requant_s8(base_offsets, m0, shift, zero_point, low, high)``, not ``None``), the
+    requantization eight int32 lanes at a time instead of the general Numba epilogue; the same codes. Nothing is
+    compiled until it is called.
+
+    >>> callable(linear_s8_requant_driver("avx2-7bit"))
+    True
+    """
+    if kernel not in KINDS:
+        raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
+    return _linear_requant_for(KINDS[kernel])
+
+
 @functools.cache
 def external_s8_drivers(kernel: str) -> tuple:
     """``(rows_parallel, conv_serial, conv_parallel)`` around the int8 GEMM ``kernel`` (``"avx2"``, ``"avx-vnni"``
-    or ``"avx512-vnni"``, as :func:`nanoopt.kernels.int8_gemm_kernel` names them), with the kernel bound:
+    or ``"avx512-vnni"``, as :func:`nanoopt.kernels.int8_gemm_kernel` names them, or the AVX2 variants
+    ``"avx2-7bit"`` and ``"avx2-auto"`` of :func:`s8_kernel_for_codes`), with the kernel bound:
     ``rows_parallel(a, panels, n, k, out, rows_per_item)``,
     ``conv_serial(x, zero_point, padded, panels, conv, epilogue, out3, pool, out4)`` (pads ``x``, then the conv,
     then an optional fused max pool; see ``_drivers_for``). Nothing is compiled until a driver is called.
@@ -273,7 +308,7 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
         threads = numba.get_num_threads()
         out = np.empty((a.shape[0], packed.n), np.int32 if int8 else np.int64)
         rows = max(AVX2_PARALLEL_MIN_ROWS, -(-a.shape[0] // threads))
-        parallel = external_s8_drivers(s8_kernel())[0] if int8 else avx2_s16_rows_parallel
+        parallel = external_s8_drivers(s8_kernel_for_codes(s8_kernel()))[0] if int8 else avx2_s16_rows_parallel
         parallel(a, packed.panels, packed.n, packed.k, out, rows)
         return out
     if int8 and avx512.available():
@@ -281,6 +316,25 @@ def products(a: np.ndarray, packed: avx2.PackedWeightsS8 | avx2.PackedWeightsS16
         avx512.gemm_s8s8s32_avx512_into(np.ascontiguousarray(a), packed.panels, packed.n, packed.k, out)
         return out
     return avx2.gemm_s8s8s32_packed(a, packed) if int8 else avx2.gemm_s16s8s64_packed(a, packed)
+
+
+def s8_kernel_for_codes(kernel: str, low: int | None = None, high: int | None = None) -> str:
+    """The driver kernel (a key of ``KINDS``) for int8 activation codes known to lie in ``[low, high]`` (``None``:
+    not known) where ``kernel`` (:func:`s8_kernel`) runs: on plain AVX2, ``"avx2-7bit"`` (the 3-instruction tile,
+    exact for codes in [-64, 63]: 7-bit activations, PyTorch's ``reduce_range``) when the range fits it, ``"avx2"``
+    (the sign mask) when the range is known and does not, ``"avx2-auto"`` (range checked per call, in the pass
+    that prepares the 7-bit operand) when it is not known. Other kernels need no such choice: returned as they are.
+
+    >>> s8_kernel_for_codes("avx2", -64, 63), s8_kernel_for_codes("avx2", -128, 127), s8_kernel_for_codes("avx2")
+    ('avx2-7bit', 'avx2', 'avx2-auto')
+    >>> s8_kernel_for_codes("avx512-vnni", -64, 63)
+    'avx512-vnni'
+    """
+    if kernel != "avx2":
+        return kernel
+    if low is None or high is None:
+        return "avx2-auto"
+    return "avx2-7bit" if avx2.seven_bit_fits(low, high) else "avx2"
 
 
 def s8_kernel() -> str:

@@ -28,6 +28,7 @@ from nanoopt.quant.algorithms import adaround, awq, bias_correction, cross_layer
 from nanoopt.quant.analysis import layer_sensitivity, mixed_precision_search, saturation_counts, sqnr_per_layer
 from nanoopt.quant.bn_fold import fold_batchnorm
 from nanoopt.quant.config import (
+    INT7_ACTIVATION,
     INT8_ACTIVATION,
     INT8_WEIGHT,
     INT16_ACTIVATION,
@@ -84,7 +85,8 @@ __all__ = [
     "EntropyObserver", "HistogramObserver", "MinMaxObserver", "MovingAverageMinMaxObserver",
     "MovingAveragePerChannelMinMaxObserver", "NotFittedError", "Observer", "PercentileObserver",
     "PerChannelMinMaxObserver", "PerChannelMSEObserver",
-    "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig", "weight_spec",
+    "INT7_ACTIVATION", "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig",
+    "weight_spec",
     "fold_batchnorm", "FakeQuantize", "NotCalibratedError",
     "PreparedModel", "prepare", "calibrate", "convert", "quantize_static", "set_observers", "set_fake_quant",
     "QuantizedModel", "tune_backends", "quantize_dynamic", "quantize_weights",

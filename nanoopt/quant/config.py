@@ -40,11 +40,15 @@ from nanoopt.quant.observers import HistogramObserver, MinMaxObserver, Observer,
 from nanoopt.spec import QuantSpec
 
 __all__ = [
-    "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig", "bias_dtype",
-    "config_or_default", "weight_spec",
+    "INT7_ACTIVATION", "INT8_ACTIVATION", "INT8_WEIGHT", "INT16_ACTIVATION", "LayerQuantConfig", "QuantConfig",
+    "bias_dtype", "config_or_default", "weight_spec",
 ]
 
 INT8_ACTIVATION = QuantSpec(bits=8, signed=True, symmetric=False)
+# 7-bit activations in int8 codes [-64, 63]: PyTorch's ``reduce_range=True`` (its x86/fbgemm default qconfig keeps
+# activations on quint8 [0, 127]); on AVX2 without VNNI the int8 GEMM then runs 3 instructions per 32 products
+# instead of 4 (nanoopt.kernels.avx2.gemm_s8s8s32_avx2_7bit_into), for one bit of activation precision.
+INT7_ACTIVATION = QuantSpec(bits=7, signed=True, symmetric=False)
 INT16_ACTIVATION = QuantSpec(bits=16, signed=True, symmetric=True)
 INT8_WEIGHT = QuantSpec(bits=8, signed=True, symmetric=True, per_channel=True, axis=0, narrow_range=True)
 
@@ -163,6 +167,19 @@ class QuantConfig:
     def int8(cls, **changes: Any) -> QuantConfig:
         """The default: int8 activations (asymmetric, MSE histogram), int8 per-channel weights, int32 bias."""
         return cls(**changes)
+
+    @classmethod
+    def x86_reduce_range(cls, **changes: Any) -> QuantConfig:
+        """PyTorch's ``reduce_range=True``, as in its x86/fbgemm default qconfig: 7-bit asymmetric activations
+        (:data:`INT7_ACTIVATION`, codes [-64, 63], the model input included), int8 per-channel weights, int32 bias.
+        One bit less activation precision (the grid step doubles for the same range); in exchange the AVX2 int8
+        GEMM of a CPU without VNNI takes its 3-instruction tile (``docs/kernels.md``). Results stay exact integer
+        arithmetic on every CPU; only the speed differs.
+
+        >>> QuantConfig.x86_reduce_range().activation.qmin, QuantConfig.x86_reduce_range().activation.qmax
+        (-64, 63)
+        """
+        return cls(**{"activation": INT7_ACTIVATION, **changes})
 
     @classmethod
     def int16_activations(cls, **changes: Any) -> QuantConfig:

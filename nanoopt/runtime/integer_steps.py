@@ -57,7 +57,18 @@ def _x_dtype(step: Step) -> np.dtype:
 
 
 class _WeightedQ(Op):
-    """What integer linear and conv steps share: the arrays and scalars of the layer, validated by the kernels."""
+    """What integer linear and conv steps share: the arrays and scalars of the layer, validated by the kernels, and
+    the range of the input codes (:meth:`know_input_codes`), which chooses the AVX2 tile."""
+
+    x_codes: tuple = (None, None)  # [low, high] of the input codes where the plan knows it
+
+    def know_input_codes(self, ranges: list[tuple[int, int] | None]) -> None:
+        self.x_codes = ranges[0] or (None, None)
+
+    def _s8_kernel(self) -> str:
+        """The x86 int8 GEMM of this layer: on plain AVX2, the 7-bit tile where the input grid's codes fit [-64, 63]
+        (:func:`nanoopt.kernels.x86_glue.s8_kernel_for_codes`)."""
+        return x86_glue.s8_kernel_for_codes(kernels.int8_gemm_kernel(), *self.x_codes)
 
     def _arguments(self, ndim: int) -> tuple:
         step = self.step
@@ -92,6 +103,8 @@ class LinearQ(_WeightedQ):
             self.panels = self.prepared.weights.avx2_s8().panels
         # AVX-512 VNNI: the 512-bit kernel that requantizes in registers (None where it does not run this layer)
         self.requant_s8 = self.prepared.requant_s8() if self.avx2 else None
+        # elsewhere (AVX2, AVX-VNNI): the product, then the requantization in 32-bit lanes where the epilogue fits
+        self.requant_lanes = self.prepared.requant_lanes() if self.avx2 and self.requant_s8 is None else None
 
     def bind(self, inputs):
         x = inputs[0]
@@ -108,10 +121,14 @@ class LinearQ(_WeightedQ):
             packed = np.empty(m * (-(-self.k // 4) * 4), np.int8)  # the rows as the tiles read them, kept
             arguments = (rows, self.panels, self.n, self.k, self.requant_s8, products, out2, packed)
             return out, [(avx512.linear_s8_into, arguments)]
+        if self.requant_lanes is not None and not use_threads(2 * m * self.n * self.k):
+            products = np.empty((m, self.n), np.int32)
+            linear = x86_glue.linear_s8_requant_driver(self._s8_kernel())  # the x86 product, then 32-bit lanes
+            return out, [(linear, (rows, self.panels, self.n, self.k, products, self.requant_lanes, out2))]
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail
             products = np.empty((m, self.n), np.int32)
-            linear = x86_glue.linear_s8_driver(kernels.int8_gemm_kernel())  # the x86 product, then the epilogue
+            linear = x86_glue.linear_s8_driver(self._s8_kernel())  # the x86 product, then the epilogue
             return out, [(linear, (rows, self.panels, self.n, self.k, products, epilogue, out2))]
         if (self.backend == "numba" and self.x_dtype == np.int8 and plan.packed.parts.shape[0] == 1
                 and out.dtype == np.int8 and self.k <= MAX_FUSED_K):
@@ -187,7 +204,7 @@ class Conv2dQ(_WeightedQ):
             return final, [(x86_glue.conv_requant_avx512, arguments)]
         if fast and self.backend == "avx2":  # padding and the pool, if any, inside the driver's call
             padded, conv, epilogue = plan.external_arguments(x.shape)
-            _, serial, parallel = x86_glue.external_s8_drivers(kernels.int8_gemm_kernel())
+            _, serial, parallel = x86_glue.external_s8_drivers(self._s8_kernel())
             run = parallel if use_threads(ops) else serial
             return final, [(run, (x, zero_point, padded, self.panels, conv, epilogue, out3, self.pool, final))]
         calls = self._other_calls(x, out, out3, fast, ops)

@@ -38,7 +38,7 @@ from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime import float_steps as F
 from nanoopt.runtime import integer_steps as Q
 from nanoopt.runtime.boundary import dequantize_into, quantize_into
-from nanoopt.runtime.description import PlanDescription, PlanFormatError
+from nanoopt.runtime.description import PlanDescription, PlanFormatError, spec_from_json
 from nanoopt.runtime.steps import Call, Flatten, Identity, MaxPool, Op, chain_calls
 from nanoopt.spec import check_scale, check_zero_point
 
@@ -66,6 +66,30 @@ def _not_finite(x: np.ndarray) -> str:
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     return (f"plan input is not finite at {int(bad.sum())} of {x.size} values, first at {first} ({x[first]}); an "
             "integer plan needs finite inputs (NaN has no code, and infinities are refused rather than saturated)")
+
+
+# Operations whose output codes lie in the range of their first input's (a maximum, a reshape, a ReLU at the zero
+# point, an average); the integer steps with an ``out_spec`` saturate to its [qmin, qmax].
+_RANGE_KEEPING = frozenset({"max_pool", "flatten", "identity", "relu_q", "avg_pool_q"})
+
+
+def _code_ranges(description: PlanDescription) -> list[tuple[int, int] | None]:
+    """The ``[low, high]`` of the codes of every value of an integer plan (``None``: not known; every value of a
+    float plan): the input grid's ``[qmin, qmax]`` for value 0, then along the steps. Only a choice of kernel rests
+    on it (the 7-bit AVX2 tile, which also checks its operand), never a result."""
+    if description.kind != "int":
+        return [None] * (len(description.steps) + 1)
+    spec = description.input_grid.spec
+    ranges: list[tuple[int, int] | None] = [(spec.qmin, spec.qmax)]
+    for step in description.steps:
+        if "out_spec" in step.attrs:
+            out = spec_from_json(step.attrs["out_spec"], f"step {step.name!r} attribute 'out_spec'")
+            ranges.append((out.qmin, out.qmax))
+        elif step.op in _RANGE_KEEPING and step.inputs:
+            ranges.append(ranges[step.inputs[0]])
+        else:
+            ranges.append(None)
+    return ranges
 
 
 # Fresh output arrays are allocated ahead, several in one go, up to this many bytes (at most FRESH_MAX arrays): at
@@ -121,6 +145,9 @@ class Plan:
                 raise PlanFormatError(f"step {index}: operation {step.op!r} does not belong in a {description.kind} "
                                       "plan")
             self.ops.append(OPS[step.op](step))
+        ranges = _code_ranges(description)
+        for op, step in zip(self.ops, description.steps, strict=True):
+            op.know_input_codes([ranges[i] for i in step.inputs])
         self.input_shape = description.input_shape
         self._bound: dict[tuple[int, ...], _Bound] = {}
         self._int = description.kind == "int"
@@ -247,6 +274,10 @@ class Plan:
             raise TypeError("forward_int needs an integer plan")
         if not isinstance(x_q, np.ndarray) or x_q.dtype != self.input_dtype:
             raise TypeError(f"forward_int takes {self.input_dtype} codes, got {getattr(x_q, 'dtype', type(x_q))}")
+        spec = self.description.input_grid.spec
+        if x_q.size and (int(x_q.min()) < spec.qmin or int(x_q.max()) > spec.qmax):
+            raise ValueError(f"forward_int takes codes of the plan's input grid, in [{spec.qmin}, {spec.qmax}] "
+                             f"({spec.bits}-bit), got codes in [{int(x_q.min())}, {int(x_q.max())}]")
         bound = self._bound.get(x_q.shape)
         if bound is None:
             self._check(np.empty(x_q.shape, np.float32))

@@ -97,6 +97,11 @@ class Op:
     def bind(self, inputs: list[np.ndarray]) -> tuple[np.ndarray, list[Call]]:
         raise NotImplementedError
 
+    def know_input_codes(self, ranges: list[tuple[int, int] | None]) -> None:
+        """Told by the plan, before any :meth:`bind`, the ``[low, high]`` of the integer codes each input can hold
+        (from the grids of the plan input and of the steps that write them; ``None``: not known). Operations whose
+        kernel depends on it (the 7-bit AVX2 tile) keep it; the others ignore it."""
+
     def input_view(self, shape: tuple[int, ...]) -> np.ndarray | None:
         """A float32 view of ``shape`` into a buffer of this operation that the plan may use as the plan's input
         buffer when this is the only step reading the input, so that the input is written where the kernel reads

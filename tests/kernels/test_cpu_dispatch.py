@@ -157,12 +157,12 @@ def compiled(module):  # names of the compiled functions; the generated ones by 
                     kind, rows = signature[0].literal_value, signature[1].literal_value
                     names.add(f"{name}_{avx2.TILE_KINDS[kind]}_{rows}x2")
                 elif signature and isinstance(signature[0], numba.types.IntegerLiteral):  # the x86_glue drivers
-                    kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512"}
+                    kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512", x86_glue.AVX2_AUTO: "avx2-auto"}
                     names.add(f"{name}_{kinds[signature[0].literal_value]}")
                 else:
                     names.add(name)
     if module is x86_glue:  # the drivers bound to one kernel (closures, cached on their own): by kernel kind
-        kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512"}
+        kinds = {**avx2.TILE_KINDS, x86_glue.AVX512: "avx512", x86_glue.AVX2_AUTO: "avx2-auto"}
         for kernel, kind in x86_glue.KINDS.items():
             bound = (*x86_glue.external_s8_drivers(kernel), x86_glue.linear_s8_driver(kernel))
             for label, driver in zip(("s8_rows_parallel", "conv_serial", "conv_parallel", "linear_s8"), bound):
@@ -257,7 +257,9 @@ def test_forced_feature_sets_run_a_kernel_the_cpu_has_and_agree(reference_result
         return
     assert report["available"] is True and report["kernel"] == choice
     assert report["linear_backend"] == report["conv_backend"] == "avx2"
-    drivers = {"s8_rows_parallel_avx2", "conv_serial_avx2", "conv_parallel_avx2", "linear_s8_avx2"}
+    # the plain AVX2 drivers: the sign mask, the 7-bit tile and the one that picks either per call
+    drivers = {f"{label}_{variant}" for label in ("s8_rows_parallel", "conv_serial", "conv_parallel", "linear_s8")
+               for variant in ("avx2", "avx2-7bit", "avx2-auto")}
     if wide:  # the 512-bit kernels ran every int8 product (fused linear, raw GEMM, conv); no 256-bit driver did
         assert report["int8_kernel"] == "avx512-vnni"
         assert {"linear_s8_rows_parallel"} <= set(report["compiled_avx512"])

@@ -48,7 +48,8 @@ def build(architecture, seed):
     })
 
 
-CONFIGS = {"int8": QuantConfig(), "16x8": QuantConfig.int16_activations(), "w4a8": QuantConfig.weights4()}
+CONFIGS = {"int8": QuantConfig(), "16x8": QuantConfig.int16_activations(), "w4a8": QuantConfig.weights4(),
+           "int7": QuantConfig.x86_reduce_range()}
 
 
 def converted(model, shape, config, seed):
