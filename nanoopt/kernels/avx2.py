@@ -113,6 +113,7 @@ from nanoopt.kernels.llvm_intrinsics import (
     int32x8,
     is_c_array,
     load_vector,
+    splat,
     splat_constant,
 )
 
@@ -179,16 +180,10 @@ _load = load_vector("_load", int32x8, I32X8, (types.int8, types.int16, types.int
                     "The 32 bytes starting at element ``offset`` of an int8/int16/int32 C array (unaligned load).")
 
 
-def _emit_splat(builder, word):
-    """The int32 ``word`` in all 8 lanes of an int32x8."""
-    vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
-
-
 def _emit_broadcast4(context, builder, array_type, array, offset):
     """The 4 bytes at element ``offset`` (an intp) of an int8/int16 C array, in all 8 lanes (vpbroadcastd)."""
     pointer = element_pointer(context, builder, array_type, array, types.intp, offset)
-    return _emit_splat(builder, builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1))
+    return splat(builder, builder.load(builder.bitcast(pointer, ir.IntType(32).as_pointer()), align=1), I32X8)
 
 
 def _emit_madd_s8(builder, accumulator, a_mask, a_abs, w_bytes):
@@ -327,7 +322,7 @@ def _tile_add_rows(typingctx, tile, values, row):
         for index in range(tile_type.count):
             where = builder.add(first, ir.Constant(first.type, index // VECTORS_PER_TILE))
             value = builder.load(element_pointer(context, builder, values_type, args[1], types.intp, where))
-            result.append(builder.add(builder.extract_value(args[0], index), _emit_splat(builder, value)))
+            result.append(builder.add(builder.extract_value(args[0], index), splat(builder, value, I32X8)))
         return context.make_tuple(builder, tile_type, result)
 
     return tile(tile, values, row), codegen
@@ -341,7 +336,7 @@ def _times(typingctx, x, factor):
 
     def codegen(context, builder, signature, args):
         scalar = context.cast(builder, args[1], signature.args[1], types.int32)
-        return builder.mul(args[0], _emit_splat(builder, scalar))
+        return builder.mul(args[0], splat(builder, scalar, I32X8))
 
     return int32x8(x, factor), codegen
 

@@ -33,7 +33,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from nanoopt.kernels.llvm_intrinsics import I32X8, I64X8, LANES, element_pointer, is_c_array
+from nanoopt.kernels.llvm_intrinsics import I32X8, I64X8, LANES, element_pointer, is_c_array, load_at, splat
 from nanoopt.kernels.requant import requantize_value
 from nanoopt.spec import multiply_by_quantized_multiplier
 
@@ -44,11 +44,6 @@ _I8X8 = ir.VectorType(ir.IntType(8), LANES)
 
 def _splat32(value: int) -> ir.Constant:
     return ir.Constant(I32X8, [value] * LANES)
-
-
-def _load(context, builder, array_type, array, index, vector_type):
-    pointer = element_pointer(context, builder, array_type, array, types.intp, index)
-    return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
 
 
 def _emit_requantize(builder, value, m0, shift, low, high, zero_point):
@@ -81,15 +76,12 @@ def _requantize8(typingctx, values, offsets, m0, shift, index, zero_point, low, 
         values_v, offsets_v, m0_v, shift_v, index_v, zp_v, low_v, high_v, out_v = args
         values_t, offsets_t, m0_t, shift_t, index_t, zp_t, low_t, high_t, out_t = signature.args
         where = context.cast(builder, index_v, index_t, types.intp)
-        sums = builder.add(_load(context, builder, values_t, values_v, where, I32X8),
-                           _load(context, builder, offsets_t, offsets_v, where, I32X8))
-        scalars = []
-        for value, value_type in ((zp_v, zp_t), (low_v, low_t), (high_v, high_t)):
-            scalar = context.cast(builder, value, value_type, types.int32)
-            vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-            scalars.append(builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), _splat32(0)))
-        codes = _emit_requantize(builder, sums, _load(context, builder, m0_t, m0_v, where, I32X8),
-                                 _load(context, builder, shift_t, shift_v, where, I32X8), scalars[1], scalars[2],
+        sums = builder.add(load_at(context, builder, values_t, values_v, where, I32X8),
+                           load_at(context, builder, offsets_t, offsets_v, where, I32X8))
+        scalars = [splat(builder, context.cast(builder, value, value_type, types.int32), I32X8)
+                   for value, value_type in ((zp_v, zp_t), (low_v, low_t), (high_v, high_t))]
+        codes = _emit_requantize(builder, sums, load_at(context, builder, m0_t, m0_v, where, I32X8),
+                                 load_at(context, builder, shift_t, shift_v, where, I32X8), scalars[1], scalars[2],
                                  scalars[0])  # fmt: skip
         pointer = element_pointer(context, builder, out_t, out_v, types.intp, where)
         builder.store(builder.trunc(codes, _I8X8), builder.bitcast(pointer, _I8X8.as_pointer()), align=1)

@@ -72,7 +72,7 @@ from numba.extending import intrinsic, models, register_model
 
 from nanoopt.kernels import avx2
 from nanoopt.kernels.cpu_features import DISABLE_VNNI_ENV, avx2_kernel_works, switched_on, usable_features
-from nanoopt.kernels.llvm_intrinsics import declare, element_pointer
+from nanoopt.kernels.llvm_intrinsics import declare, element_pointer, splat
 from nanoopt.spec import multiply_by_quantized_multiplier
 
 __all__ = [
@@ -122,14 +122,6 @@ def _pointer(context, builder, signature, args, vector_type):
 
 def _c_array(array, dtypes) -> bool:
     return isinstance(array, types.Array) and array.layout == "C" and array.dtype in dtypes
-
-
-def _splat(builder, value, vector_type):
-    """A scalar (already of the lane type) repeated in every lane."""
-    lanes = vector_type.count
-    vector = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
-    indices = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-    return builder.shuffle_vector(vector, ir.Constant(vector_type, ir.Undefined), indices)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,7 +196,7 @@ _load = _memory("_load", (types.int8, types.int32, types.int64),
                     _pointer(context, builder, signature, args, _I32X16), align=1),
                 "The 64 bytes at element ``offset`` of an int8/int32/int64 C array (unaligned).")
 _broadcast4 = _memory("_broadcast4", (types.int8,),
-                      lambda context, builder, signature, args: _splat(builder, builder.load(
+                      lambda context, builder, signature, args: splat(builder, builder.load(
                           _pointer(context, builder, signature, args, ir.IntType(32)), align=1), _I32X16),
                       "The 4 bytes at element ``offset`` of an int8 C array, repeated in all 16 lanes (vpbroadcastd).")
 def _requantize_ir(builder, value, constants, zero, low, high):
@@ -374,7 +366,7 @@ def _emit(typingctx, products, out, offset, count, vector, constants, zero_point
         mask = _lane_mask(context, builder, count, signature.args[3])
         with builder.if_else(requantize) as (then, otherwise):
             with then:
-                zero, low, high = (_splat(builder, context.cast(builder, arg, typ, types.int32), _I32X16)
+                zero, low, high = (splat(builder, context.cast(builder, arg, typ, types.int32), _I32X16)
                                    for arg, typ in zip(args[6:9], signature.args[6:9], strict=True))
                 values = [builder.extract_value(constants, i) for i in range(7)]
                 codes = builder.trunc(_requantize_ir(builder, vector, values, zero, low, high), _I8X16)

@@ -35,7 +35,9 @@ __all__ = [
     "int32x8",
     "is_c_array",
     "lanewise",
+    "load_at",
     "load_vector",
+    "splat",
     "splat_constant",
 ]
 
@@ -92,6 +94,21 @@ def element_pointer(context, builder, array_type, array_value, offset_type, offs
     array = context.make_array(array_type)(context, builder, array_value)
     offset = context.cast(builder, offset_value, offset_type, types.intp)
     return builder.gep(array.data, [offset])
+
+
+def load_at(context, builder, array_type, array_value, offset_value, vector_type, align: int = 1):
+    """The ``vector_type`` register loaded from element ``offset_value`` (an intp) of a C array (code generation;
+    an unaligned load when ``align`` is 1)."""
+    pointer = element_pointer(context, builder, array_type, array_value, types.intp, offset_value)
+    return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=align)
+
+
+def splat(builder, value, vector_type):
+    """The scalar ``value`` (already of the lane type) in every lane of a ``vector_type`` (code generation)."""
+    lanes = vector_type.count
+    vector = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    indices = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    return builder.shuffle_vector(vector, ir.Constant(vector_type, ir.Undefined), indices)
 
 
 def declare(builder, name: str, return_type, argument_types):
@@ -158,8 +175,8 @@ def load_vector(name: str, vector_type, llvm_type, dtypes, align: int, doc: str)
             return None
 
         def codegen(context, builder, signature, args):
-            pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-            return builder.load(builder.bitcast(pointer, llvm_type.as_pointer()), align=align)
+            offset = context.cast(builder, args[1], signature.args[1], types.intp)
+            return load_at(context, builder, signature.args[0], args[0], offset, llvm_type, align)
 
         return vector_type(array, offset), codegen
 

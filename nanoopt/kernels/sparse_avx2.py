@@ -81,6 +81,7 @@ from nanoopt.kernels.llvm_intrinsics import (
     is_c_array,
     lanewise,
     load_vector,
+    splat,
     splat_constant,
 )
 
@@ -146,9 +147,7 @@ def _lanes_below(typingctx, count):
 
     def codegen(context, builder, signature, args):
         count = context.cast(builder, args[0], signature.args[0], types.int32)
-        vector = builder.insert_element(ir.Constant(I32X8, ir.Undefined), count, ir.Constant(_I32, 0))
-        vector = builder.shuffle_vector(vector, ir.Constant(I32X8, ir.Undefined), ir.Constant(I32X8, [0] * LANES))
-        below = builder.icmp_signed("<", ir.Constant(I32X8, list(range(LANES))), vector)
+        below = builder.icmp_signed("<", ir.Constant(I32X8, list(range(LANES))), splat(builder, count, I32X8))
         return builder.sext(below, I32X8)
 
     return int32x8(count), codegen
