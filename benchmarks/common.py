@@ -27,27 +27,79 @@ AVX2_TARGET = {"NUMBA_CPU_NAME": "skylake",
                "NUMBA_CPU_FEATURES": "+avx2,+fma,+bmi,+bmi2,+lzcnt,+popcnt,+movbe,+f16c,-avx512f,-avxvnni"}
 AVX2_TARGET_OPTION = "--avx2-target"  # the command-line switch of the benchmarks that can run on AVX2_TARGET
 # ... which also keeps PyTorch's int8 kernels on AVX2 (FBGEMM's and oneDNN's dispatch, ATen's vector code), so
-# that its column is the AVX2 baseline too. ONNX Runtime (MLAS) has no such switch: it keeps the host's ISA.
+# that its column is the AVX2 baseline too. ONNX Runtime (MLAS) has no such switch: it reads CPUID, which
+# mask_cpuid_to_avx2() answers for it (and for NumPy, OpenBLAS and PyTorch) where Linux can fault on CPUID.
 AVX2_BASELINES = {"FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+# glibc picks its string functions at start-up, before the CPUID mask can be set: keep them off AVX-512 as well
+AVX2_GLIBC = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"}
+CPUID_MASK: str | None = None  # what mask_cpuid_to_avx2() did in this process (None: not asked)
+CPUID_LIBRARY = None  # the loaded benchmarks/cpuid_mask.c (its nanoopt_cpuid runs the instruction), once masked
 
 
 def pin_environment(threads: int = 1, avx2_target: bool = False) -> None:
     """Re-exec this process (once) with a benchmark environment; call before importing numpy. With
-    ``avx2_target``, Numba also compiles for :data:`AVX2_TARGET` (an AVX2-only CPU, emulated faithfully) and
-    PyTorch runs its AVX2 kernels (:data:`AVX2_BASELINES`)."""
+    ``avx2_target``, Numba also compiles for :data:`AVX2_TARGET` (an AVX2-only CPU, emulated faithfully),
+    PyTorch runs its AVX2 kernels (:data:`AVX2_BASELINES`) and, where the kernel allows it, CPUID reports an
+    AVX2-only CPU to every library in the process (:func:`mask_cpuid_to_avx2`)."""
     wanted = {name: str(threads) for name in _THREAD_VARIABLES}
     if avx2_target:
         wanted.update(AVX2_TARGET)
         wanted.update(AVX2_BASELINES)
+        wanted.update(AVX2_GLIBC)
     clean = all(name not in os.environ for name in _REMOVED_VARIABLES)
     pinned = all(os.environ.get(name) == value for name, value in wanted.items())
     if clean and pinned:
+        if avx2_target and CPUID_MASK is None and "numpy" not in sys.modules:
+            mask_cpuid_to_avx2()
         return
     if "numpy" in sys.modules:
         raise RuntimeError("pin_environment() must run before numpy is imported")
     env = {k: v for k, v in os.environ.items() if k not in _REMOVED_VARIABLES}
     env.update(wanted)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def mask_cpuid_to_avx2() -> str:
+    """Make the CPUID instruction report an AVX2-only CPU (no AVX-512, VNNI or AMX) in this process and the
+    threads it starts from now on; returns, and keeps in :data:`CPUID_MASK`, what was done or why not.
+
+    Libraries choose their kernels from CPUID: NumPy's SIMD dispatch, OpenBLAS, PyTorch (cpuinfo: FBGEMM, oneDNN,
+    ATen) and ONNX Runtime (MLAS), which has no other switch. Linux can make CPUID fault (``arch_prctl
+    (ARCH_SET_CPUID)``, on CPUs listing ``cpuid_fault``); ``benchmarks/cpuid_mask.c``, compiled here with the C
+    compiler Python was built with, answers the fault with the real CPUID minus those features. Call it before
+    importing NumPy (threads that exist already keep the real CPUID). Without a compiler or the kernel's support
+    the process runs unmasked, and the returned reason is printed with the machine description.
+    """
+    global CPUID_MASK, CPUID_LIBRARY
+    import ctypes
+    import hashlib
+    import sysconfig
+    import tempfile
+    from pathlib import Path
+
+    source = Path(__file__).with_name("cpuid_mask.c")
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        CPUID_MASK = f"CPUID not masked: needs Linux on x86-64, this is {platform.system()} {platform.machine()}"
+        return CPUID_MASK
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    library = Path(tempfile.gettempdir()) / f"nanoopt-cpuid-mask-{digest}.so"
+    if not library.exists():
+        compiler = (sysconfig.get_config_var("CC") or "cc").split()
+        partial = library.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            subprocess.run([*compiler, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)], check=True,
+                           capture_output=True, text=True)
+            partial.replace(library)
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", "") or str(error)
+            CPUID_MASK = f"CPUID not masked: compiling {source.name} failed ({detail.strip()[:200]})"
+            return CPUID_MASK
+    CPUID_LIBRARY = ctypes.CDLL(str(library))
+    status = CPUID_LIBRARY.nanoopt_mask_cpuid_to_avx2()
+    CPUID_MASK = {0: "CPUID masked to AVX2 (no AVX-512, VNNI or AMX) for every library in the process",
+                  1: "CPUID not masked: this kernel or CPU cannot fault on CPUID (no cpuid_fault)",
+                  2: "CPUID not masked: the SIGSEGV handler could not be installed"}[status]
+    return CPUID_MASK
 
 
 def machine_description() -> str:
@@ -84,6 +136,8 @@ def machine_description() -> str:
     if os.environ.get("NUMBA_CPU_NAME"):
         parts.append(f"Numba target NUMBA_CPU_NAME={os.environ['NUMBA_CPU_NAME']} "
                      f"NUMBA_CPU_FEATURES={os.environ.get('NUMBA_CPU_FEATURES', '(the CPU name default)')}")
+    if CPUID_MASK is not None:
+        parts.append(CPUID_MASK)
     limits = [f"{name}={os.environ[name]}" for name in AVX2_BASELINES if name in os.environ]
     if limits:
         parts.append("PyTorch limited by " + " ".join(limits))

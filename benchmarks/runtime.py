@@ -27,7 +27,9 @@ Runtime's int8 without and with its ``reduce_range`` (7-bit weights).
 
 ``--avx2-target``: Numba compiles for an AVX2-only CPU (``benchmarks.common.AVX2_TARGET``: LLVM CPU ``skylake``, no
 AVX-512, no VNNI), so that a newer machine runs nanoopt's code as an AVX2-only one would, and PyTorch its AVX2
-kernels (``benchmarks.common.AVX2_BASELINES``); ONNX Runtime has no such switch and still uses the host's
+kernels (``benchmarks.common.AVX2_BASELINES``). Where Linux can fault on CPUID (``cpuid_fault``; the machine line
+says), CPUID itself reports an AVX2-only CPU to the whole process (``benchmarks.common.mask_cpuid_to_avx2``), so
+ONNX Runtime, NumPy and OpenBLAS take their AVX2 code as well; without it, ONNX Runtime keeps the host's
 instructions (its columns are then not an AVX2 baseline).
 """
 

@@ -2,7 +2,8 @@
 
 The same latency tables as ``python -m benchmarks.runtime --avx2-target --no-cold-start``: nanoopt's plans compiled
 for ``benchmarks.common.AVX2_TARGET`` (LLVM CPU ``skylake`` without AVX-512 or VNNI) and PyTorch on its AVX2
-kernels; ONNX Runtime has no such switch and keeps the host's instructions, so its columns are not an AVX2 baseline.
+kernels; CPUID reports an AVX2-only CPU to the whole process (``benchmarks.common.mask_cpuid_to_avx2``, where Linux
+can fault on CPUID, as the machine line says), so ONNX Runtime, NumPy and OpenBLAS run their AVX2 code too.
 
     python -m benchmarks.runtime_avx2
 """
