@@ -65,6 +65,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from benchmarks.common import AVX2_TARGET_OPTION, best_seconds, git_revision, machine_description  # noqa: E402
 
 LINEAR_SHAPES = [(1, 1024, 1024), (32, 1024, 1024), (256, 1024, 1024), (1024, 1024, 1024), (64, 4096, 4096)]
@@ -191,6 +192,8 @@ def measure(threads: int) -> None:
     fast = "avx2" if kernels.avx2_available() else "numba"
     gemm = f" (int8 GEMM: `{kernels.int8_gemm_kernel()}`)" if kernels.avx2_available() else ""
     print(f"### {threads} thread{'s' if threads > 1 else ''}\n")
+    if common.CPUID_MASK is not None:  # this process (not the one that printed the machine line) masked CPUID
+        print(f"{common.CPUID_MASK}.\n")
     print(f"`auto` runs the `{fast}` backend here{gemm}. GOP/s, and float32 time / int8 time:\n")
     print("| linear M x K x N | int8 auto | x f32 | int8 numba | x f32 | NumPy f32 | PyTorch int8 | x f32 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
