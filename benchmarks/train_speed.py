@@ -4,15 +4,21 @@
 Batch 128, SGD (lr 0.05, momentum 0.9), one thread, in nanoopt and, when ``torch`` is installed, in PyTorch on
 the same data in the same run; the ratio is PyTorch's epoch time over nanoopt's (above 1: nanoopt is faster).
 
-    python -m benchmarks.train_speed [--epochs 3]
+    python -m benchmarks.train_speed [--epochs 3] [--avx2-target]
+
+``--avx2-target``: as an AVX2-only machine would run it: Numba compiles for ``benchmarks.common.AVX2_TARGET``,
+PyTorch is limited to its AVX2 kernels and CPUID reports no AVX-512 or VNNI to NumPy, OpenBLAS and PyTorch
+(``benchmarks.common.mask_cpuid_to_avx2``; the machine line says whether it could).
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from benchmarks.common import pin_environment
+    import sys
 
-    pin_environment(threads=1)
+    from benchmarks.common import AVX2_TARGET_OPTION, pin_environment
+
+    pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -61,6 +67,7 @@ def torch_epoch_seconds(name: str, images: np.ndarray, labels: np.ndarray, epoch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs per framework; the best epoch is reported")
+    parser.add_argument("--avx2-target", action="store_true", help="run as an AVX2-only machine would (see above)")
     args = parser.parse_args()
     images, labels = fashion_mnist("train")
     print(f"## Training speed (seconds per epoch, the best of {args.epochs} per framework; Fashion-MNIST 60k, batch "
