@@ -14,14 +14,17 @@ One thread.
 
     python -m benchmarks.chargpt                  # 2000 steps, seeds 0 and 1 (long)
     python -m benchmarks.chargpt --iters 20       # the speed comparison only (validation after 20 steps)
+    python -m benchmarks.chargpt --avx2-target    # as on an AVX2-only CPU (Numba's AVX2_TARGET, CPUID masked)
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from benchmarks.common import pin_environment
+    import sys
 
-    pin_environment(threads=1)
+    from benchmarks.common import AVX2_TARGET_OPTION, pin_environment
+
+    pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)  # --avx2-target: as on an AVX2-only CPU
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2000, help="training steps (the cosine ends at the last one)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated at batch 1")
+    parser.add_argument("--avx2-target", action="store_true",
+                        help="as an AVX2-only CPU runs it: Numba's AVX2 target, PyTorch on AVX2, CPUID masked")
     args = parser.parse_args()
     tokenizer, train_ids, _, validation = prepare()
     vocab = tokenizer.vocab_size

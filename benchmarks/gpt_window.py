@@ -15,15 +15,17 @@ n_embd 128, block 64):
 and prints the window time the 2x target requires, ``(sum torch / 2 - cached part) / 193``, against the floor.
 Times are the 10th percentile of many repeats (the machine may be loaded).
 
-    python -m benchmarks.gpt_window
+    python -m benchmarks.gpt_window [--avx2-target]   # the option: as on an AVX2-only CPU (CPUID masked)
 """
 
 from __future__ import annotations
 
 if __name__ == "__main__":
-    from benchmarks.common import pin_environment
+    import sys
 
-    pin_environment(threads=1)
+    from benchmarks.common import AVX2_TARGET_OPTION, pin_environment
+
+    pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)  # --avx2-target: as on an AVX2-only CPU
 
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
