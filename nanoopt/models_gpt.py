@@ -42,9 +42,11 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
+from nanoopt.float_kernels.attention_heads import qkv_heads
 from nanoopt.float_kernels.causal_softmax import causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_
 from nanoopt.float_kernels.layer_norm import layer_norm_rows
+from nanoopt.float_kernels.residual import bias_residual_
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
@@ -268,7 +270,10 @@ class GPT(nn.Module):
         :func:`nanoopt.float_kernels.layer_norm.layer_norm_rows`, which gives ``ops.LayerNorm``'s bits; a window's
         causal attention through :func:`_causal_self_attention` (``SelfAttentionQKV``'s operations with the scores
         updated in place) and the MLP's bias and GELU through :func:`nanoopt.float_kernels.gelu.bias_gelu_` (the
-        GELU operator's bits in one pass). With ``caches``
+        GELU operator's bits in one pass); a stock layer's bias joins the pass after its product (the qkv bias the
+        heads' layout, :func:`~nanoopt.float_kernels.attention_heads.qkv_heads`; the projections' the residual
+        addition, :func:`~nanoopt.float_kernels.residual.bias_residual_`), each with the bits of adding it first.
+        With ``caches``
         the ids continue the cached positions and their keys and values are appended; without, ``ids`` is a whole
         window. The last block computes keys and values for every position but its query, attention output and MLP
         for the last position only, the one whose logits are asked for.
@@ -290,6 +295,23 @@ class GPT(nn.Module):
             if bias is not None:
                 out += bias[rows]
             return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        def product(params: tuple, x: np.ndarray) -> np.ndarray | None:
+            """A stock float32 Linear's ``x W^T`` without its bias (for a fused epilogue), else None."""
+            module, weight_t, bias = params
+            if module is not None or x.dtype != np.float32 or weight_t.dtype != np.float32 \
+                    or (bias is not None and bias.dtype != np.float32):
+                return None
+            return np.matmul(x.reshape(-1, x.shape[-1]), weight_t).reshape(*x.shape[:-1], weight_t.shape[1])
+
+        def add_residual(x: np.ndarray, params: tuple, y: np.ndarray) -> np.ndarray:
+            """``x + linear(params, y)``; for a stock float32 layer the bias and the residual added in one pass
+            (:func:`~nanoopt.float_kernels.residual.bias_residual_`, the same bits), in place on ``x``, which is
+            this function's own array (the embeddings' sum, or a copy)."""
+            out = product(params, y) if x.dtype == np.float32 and x.flags.c_contiguous else None
+            if out is None:
+                return x + linear(params, y)
+            return bias_residual_(x, out, params[2])
 
         def fc_gelu(params: tuple, x: np.ndarray, approximate: str) -> np.ndarray:
             module, weight_t, bias = params
@@ -317,16 +339,18 @@ class GPT(nn.Module):
                 out = _attend(q, np.ascontiguousarray(keys), np.ascontiguousarray(values), scale, None)  # no mask:
                 # the last query sees every key
                 y = out.transpose(0, 2, 1, 3).reshape(b, 1, c)
-                x = x[:, -1:]
+                x = np.ascontiguousarray(x[:, -1:])
             elif caches is None:
-                y = _causal_self_attention(linear(c_attn, hidden), h, d)  # (B, T, C)
+                qkv = product(c_attn, hidden)  # the bias is added while the heads are laid out
+                y = (_causal_self_attention(linear(c_attn, hidden), h, d) if qkv is None
+                     else _causal_self_attention(qkv, h, d, c_attn[2]))  # (B, T, C)
             else:
                 heads = linear(c_attn, hidden).reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
                 keys, values = caches[i].append(heads[1], heads[2])
                 out = _attend(np.ascontiguousarray(heads[0]), keys, values, scale, start)  # causal
                 y = np.ascontiguousarray(out.transpose(0, 2, 1, 3)).reshape(b, t, c)
-            x = x + linear(c_proj, y)
-            x = x + linear(mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
+            x = add_residual(x, c_proj, y)
+            x = add_residual(x, mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
         return linear(lm_head, layer_norm(ln_f, x[:, -1]))  # (B, V)
 
     def _new_caches(self, batch: int) -> list[KVCache]:
@@ -457,11 +481,13 @@ def _attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: i
     return np.matmul(scores, v)
 
 
-def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
+def _causal_self_attention(qkv: np.ndarray, heads: int, head_dim: int, bias: np.ndarray | None = None) -> np.ndarray:
     """:class:`~nanoopt.ops_transformer.SelfAttentionQKV`'s forward with the causal mask (its bits), by
-    :func:`_attend`: ``qkv (B, T, 3C)`` -> ``(B, T, C)``."""
+    :func:`_attend`: ``qkv (B, T, 3C)`` (plus ``bias (3C,)``, added as the heads are laid out, by
+    :func:`~nanoopt.float_kernels.attention_heads.qkv_heads`: the bits of adding it first) -> ``(B, T, C)``."""
     b, t, _ = qkv.shape
-    parts = np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
+    parts = (np.ascontiguousarray(qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)) if bias is None
+             else qkv_heads(qkv, bias, heads))  # (3, B, H, T, D)
     out = _attend(parts[0], parts[1], parts[2], 1.0 / np.sqrt(head_dim), 0)
     return out.transpose(0, 2, 1, 3).reshape(b, t, heads * head_dim)
 

@@ -8,5 +8,7 @@ integer kernels of :mod:`nanoopt.kernels`: the autograd (``nanoopt.ops``) import
 * :mod:`nanoopt.float_kernels.im2col` -- im2col and its adjoint col2im for float convolution;
 * :mod:`nanoopt.float_kernels.pooling` -- max pooling forward and backward;
 * :mod:`nanoopt.float_kernels.gelu` -- the exact GELU and its derivative;
-* :mod:`nanoopt.float_kernels.softmax` -- a row softmax with a fixed summation order.
+* :mod:`nanoopt.float_kernels.softmax` -- a row softmax with a fixed summation order;
+* :mod:`nanoopt.float_kernels.attention_heads` and :mod:`nanoopt.float_kernels.residual` -- a linear layer's bias
+  added in the pass that follows its product (the heads' layout, the residual addition), for the GPT window.
 """
