@@ -33,6 +33,35 @@ def test_kernel_is_within_5e_7_of_the_exact_gelu(seed, spread):
     assert cdf.min() >= 0 and cdf.max() <= 1
 
 
+def _every_nth_float32(low: float, high: float, stride: int) -> np.ndarray:
+    """Every ``stride``-th float32 x with low <= x < high (by bit pattern), both signs."""
+    first, last = (int(np.float32(v).view(np.int32)) for v in (low, high))
+    positive = np.arange(first, last, stride, dtype=np.int32).view(np.float32)
+    return np.concatenate([positive, -positive])
+
+
+def test_a_dense_sweep_of_float32_is_within_5e_7_of_the_exact_gelu_and_equals_the_reference():
+    # every 29th float32 with 2^-12 <= |x| < 8 (8.7 million values, all the exponents GELU is not x, 0 or x / 2
+    # to float32 precision) and a sparser sweep of the rest, plus the edges of the clamp at |x| = 6 and infinities;
+    # docs/gelu_fit.py --check runs the same check on every float32 with 2^-12 <= |x| < 8
+    six = np.float32(6)
+    edges = np.float32([0.0, six, np.nextafter(six, np.float32(0)), np.nextafter(six, np.float32(7)), 8.0, 1e30,
+                        np.finfo(np.float32).max, np.finfo(np.float32).smallest_subnormal])
+    x = np.concatenate([_every_nth_float32(2.0**-12, 8.0, 29), _every_nth_float32(0.0, 2.0**-12, 9973),
+                        _every_nth_float32(8.0, 3e38, 9973), edges, -edges])
+    out, cdf = gelu.gelu_forward(x)
+    ref_out, ref_cdf = gelu.gelu_forward_reference(x)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(cdf, ref_cdf)
+    a = x.astype(np.float64)
+    exact_cdf = 0.5 * special.erfc(-a / np.sqrt(2))
+    assert np.abs(out - a * exact_cdf).max() < 5e-7
+    assert np.abs(cdf - exact_cdf).max() < 2e-7
+    assert cdf.min() >= 0 and cdf.max() <= 1
+    inf = np.float32([np.inf, -np.inf])
+    assert gelu.gelu_forward(inf)[0].tolist() == [np.inf, 0.0] and gelu.gelu_forward(inf)[1].tolist() == [1.0, 0.0]
+
+
 def test_float32_gelu_gradient_matches_the_exact_derivative():
     x = np.linspace(-8, 8, 2001).astype(np.float32)
     t = no.Tensor(x, requires_grad=True)
