@@ -27,6 +27,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 __all__ = ["exp_reference", "pairwise_sum", "softmax", "softmax_reference", "softmax_row"]
 
@@ -89,29 +93,53 @@ def exp32(z):  # pragma: no cover - compiled
     return np.float32(math.ldexp(p, np.int32(n)))
 
 
+_LANES = ir.VectorType(ir.FloatType(), 8)
+
+
+@intrinsic
+def _lane_sums(typingctx, x, start, blocks):
+    """The eight accumulators ``r_l = x[start + l] + x[start + 8 + l] + ... + x[start + 8 (blocks - 1) + l]``
+    (``blocks >= 1``), each summed in that order, as a tuple: one ``<8 x float>`` register that every iteration adds
+    the next eight values to, lane by lane (exact IEEE float32 additions, no reassociation; LLVM lowers the vector
+    to whatever registers the target has, so this needs no CPU feature). For a C-contiguous 1-D float32 ``x``."""
+    if not (isinstance(x, types.Array) and x.ndim == 1 and x.layout == "C" and x.dtype == types.float32
+            and isinstance(start, types.Integer) and isinstance(blocks, types.Integer)):
+        return None
+    result = types.UniTuple(types.float32, 8)
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        begin = context.cast(builder, args[1], signature.args[1], types.intp)
+        count = context.cast(builder, args[2], signature.args[2], types.intp)
+        intp = context.get_value_type(types.intp)
+
+        def load(offset):
+            pointer = builder.bitcast(builder.gep(array.data, [offset]), _LANES.as_pointer())
+            return builder.load(pointer, align=4)
+
+        accumulator = cgutils.alloca_once_value(builder, load(begin))
+        with cgutils.for_range(builder, builder.sub(count, ir.Constant(intp, 1))) as loop:
+            block = builder.add(loop.index, ir.Constant(intp, 1))
+            offset = builder.add(begin, builder.mul(block, ir.Constant(intp, 8)))
+            builder.store(builder.fadd(builder.load(accumulator), load(offset)), accumulator)
+        total = builder.load(accumulator)
+        lanes = [builder.extract_element(total, ir.Constant(ir.IntType(32), lane)) for lane in range(8)]
+        return context.make_tuple(builder, result, lanes)
+
+    return result(x, start, blocks), codegen
+
+
 @numba.njit(cache=True, nogil=True)
 def _block_sum(x, start, count):  # pragma: no cover - compiled
-    """NumPy's leaf of the pairwise sum, ``count <= 128`` values: eight interleaved accumulators."""
+    """NumPy's leaf of the pairwise sum, ``count <= 128`` values: eight interleaved accumulators (one register)."""
     if count < 8:
         total = np.float32(0.0)
         for i in range(start, start + count):
             total += x[i]
         return total
-    r0, r1, r2, r3 = x[start], x[start + 1], x[start + 2], x[start + 3]
-    r4, r5, r6, r7 = x[start + 4], x[start + 5], x[start + 6], x[start + 7]
-    i = start + 8
-    whole = start + count - count % 8
-    while i < whole:
-        r0 += x[i]
-        r1 += x[i + 1]
-        r2 += x[i + 2]
-        r3 += x[i + 3]
-        r4 += x[i + 4]
-        r5 += x[i + 5]
-        r6 += x[i + 6]
-        r7 += x[i + 7]
-        i += 8
-    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    r = _lane_sums(x, start, count // 8)
+    i = start + count - count % 8
+    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
     while i < start + count:
         total += x[i]
         i += 1
