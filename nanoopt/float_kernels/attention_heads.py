@@ -21,6 +21,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from nanoopt.float_kernels.bias import checked_bias
+
 __all__ = ["qkv_heads", "qkv_heads_reference"]
 
 
@@ -63,12 +65,7 @@ def qkv_heads(qkv: np.ndarray, bias: np.ndarray | None, heads: int) -> np.ndarra
     if not isinstance(heads, int | np.integer) or heads < 1 or three_c % (3 * heads):
         raise ValueError(f"qkv_heads: the last axis ({three_c}) must be 3 * heads * head_dim with heads >= 1, got "
                          f"heads={heads}")
-    has_bias = bias is not None
-    if bias is None:
-        bias = np.zeros(three_c, np.float32)
-    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (three_c,):
-        raise ValueError(f"qkv_heads: bias must be float32 of shape ({three_c},), got "
-                         f"{getattr(bias, 'dtype', type(bias).__name__)} {getattr(bias, 'shape', '')}")
+    bias, has_bias = checked_bias("qkv_heads", bias, three_c)
     depth = three_c // (3 * heads)
     out = np.empty((3, b, heads, t, depth), np.float32)
     _qkv_heads(np.ascontiguousarray(qkv).reshape(b, t, 3, heads, depth), bias.reshape(3, heads, depth), has_bias,

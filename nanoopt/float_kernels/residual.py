@@ -16,6 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from nanoopt.float_kernels.bias import checked_bias
+
 __all__ = ["bias_residual_", "bias_residual_reference"]
 
 
@@ -51,11 +53,6 @@ def bias_residual_(x: np.ndarray, product: np.ndarray, bias: np.ndarray | None) 
     if product.shape != x.shape:
         raise ValueError(f"bias_residual_: product must have x's shape {x.shape}, got {product.shape}")
     n = x.shape[-1]
-    has_bias = bias is not None
-    if bias is None:
-        bias = np.zeros(n, np.float32)
-    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
-        raise ValueError(f"bias_residual_: bias must be float32 of shape ({n},), got "
-                         f"{getattr(bias, 'dtype', type(bias).__name__)} {getattr(bias, 'shape', '')}")
-    _bias_residual(x.reshape(-1, n), product.reshape(-1, n), np.ascontiguousarray(bias), has_bias)
+    bias, has_bias = checked_bias("bias_residual_", bias, n)
+    _bias_residual(x.reshape(-1, n), product.reshape(-1, n), bias, has_bias)
     return x
