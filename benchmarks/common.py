@@ -68,10 +68,13 @@ def mask_cpuid_to_avx2() -> str:
     (ARCH_SET_CPUID)``, on CPUs listing ``cpuid_fault``); ``benchmarks/cpuid_mask.c``, compiled here with the C
     compiler Python was built with, answers the fault with the real CPUID minus those features. Call it before
     importing NumPy (threads that exist already keep the real CPUID). Without a compiler or the kernel's support
-    the process runs unmasked, and the returned reason is printed with the machine description.
+    the process runs unmasked, and the returned reason is printed with the machine description. The faults come
+    as SIGSEGV: :mod:`faulthandler` is enabled first (ours hands it every real fault); a SIGSEGV handler set after
+    this call, other than ``faulthandler.enable()`` again, would take them and end the process at the next CPUID.
     """
     global CPUID_MASK, CPUID_LIBRARY
     import ctypes
+    import faulthandler
     import hashlib
     import sysconfig
     import tempfile
@@ -94,6 +97,10 @@ def mask_cpuid_to_avx2() -> str:
             detail = getattr(error, "stderr", "") or str(error)
             CPUID_MASK = f"CPUID not masked: compiling {source.name} failed ({detail.strip()[:200]})"
             return CPUID_MASK
+    # The CPUID faults arrive as SIGSEGV: a handler installed after ours would take them (and end the process).
+    # faulthandler, which benchmarks and pytest enable, goes first: ours passes it every other fault, and a later
+    # faulthandler.enable() leaves an enabled handler in place.
+    faulthandler.enable()
     CPUID_LIBRARY = ctypes.CDLL(str(library))
     status = CPUID_LIBRARY.nanoopt_mask_cpuid_to_avx2()
     CPUID_MASK = {0: "CPUID masked to AVX2 (no AVX-512, VNNI or AMX) for every library in the process",

@@ -33,9 +33,10 @@ pytestmark = [
 ]
 
 MASKED = """
-import ctypes, threading
+import ctypes, faulthandler, threading
 from benchmarks import common
 print(common.mask_cpuid_to_avx2())
+faulthandler.enable()  # as pytest or a benchmark may do after the mask: the CPUID faults must still reach the mask
 import numpy as np
 from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
 answers = {}
@@ -72,3 +73,4 @@ def test_a_real_segmentation_fault_still_ends_the_process():
     crash = "from benchmarks import common; common.mask_cpuid_to_avx2(); import ctypes; ctypes.string_at(0)"
     result = subprocess.run([sys.executable, "-c", crash], cwd=REPO_ROOT, capture_output=True, timeout=120)
     assert result.returncode == -11  # SIGSEGV, not swallowed (nor looping) by the CPUID handler
+    assert b"Fatal Python error: Segmentation fault" in result.stderr  # faulthandler's report, passed on by it
