@@ -29,6 +29,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from nanoopt.kernels import float_conv_avx2
+
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
            "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
            "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "linear_chain", "linear_chain_reference",
@@ -404,19 +406,4 @@ def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarr
     array([[4., 4.],
            [4., 4.]], dtype=float32)
     """
-    batch, channels, height, width = padded.shape
-    out_channels, group_channels, kernel_h, kernel_w = weight.shape
-    out_h = (height - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    out = np.zeros((batch, out_channels, out_h, out_w), np.float64) + bias.reshape(1, -1, 1, 1)
-    per_group = out_channels // groups
-    for o in range(out_channels):
-        g = o // per_group
-        for c in range(group_channels):
-            for i in range(kernel_h):
-                for j in range(kernel_w):
-                    top, left = i * dilation[0], j * dilation[1]
-                    window = padded[:, g * group_channels + c, top:top + stride[0] * (out_h - 1) + 1:stride[0],
-                                    left:left + stride[1] * (out_w - 1) + 1:stride[1]]
-                    out[:, o] += float(weight[o, c, i, j]) * window
-    return (np.maximum(out, 0) if relu else out).astype(np.float32)
+    return float_conv_avx2.direct_conv_float_reference(padded, weight, bias, groups, stride, dilation, relu, (1, 1))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoopt.kernels import nm_sparse, sparse, sparse_avx2
+from nanoopt.kernels import float_conv_avx2, nm_sparse, sparse, sparse_avx2
 from nanoopt.kernels import reference as ref
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.description import Step
@@ -76,19 +76,22 @@ class Linear(Op):
         return out, [(fk.linear_bias_act, (rows, self.weight_t, self.bias, self.relu, out2))]
 
 
-# Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
-# loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
-# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Ungrouped layers take
-# per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed and dropped). The
-# timings behind these thresholds: docs/kernels.md.
+# Float conv strategy, per layer. Where the register-tiled AVX2 kernel is usable (float_conv_avx2.available()) and a
+# group has more than TILED_MIN_GROUP_CHANNELS output channels: that kernel (outputs in registers, 16 channels by 6
+# pixels per tile), for any stride, dilation and depth. Otherwise: unit stride and a reduction depth Cg*KH*KW up to
+# DIRECT_MAX_DEPTH: the direct loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col +
+# BLAS by blocks of images whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv).
+# Ungrouped layers take per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed
+# and dropped). The timings behind these thresholds: docs/kernels.md.
+TILED_MIN_GROUP_CHANNELS = 9  # 8 or fewer leave at least half of the tile's 16 lanes empty
 DIRECT_MAX_DEPTH = 32
 IM2COL_BLOCK_BYTES = 192 * 1024
 IMAGE_BLOCK_BYTES = 512 * 1024
 
 
 class Conv2d(Op):
-    """Float 2-D convolution: im2col + BLAS (per image, or by blocks of images for grouped layers), or a direct loop
-    for unit-stride thin layers."""
+    """Float 2-D convolution: the register-tiled AVX2 kernel where it runs and groups are wide enough, else im2col +
+    BLAS (per image, or by blocks of images for grouped layers), or a direct loop for unit-stride thin layers."""
 
     def __init__(self, step: Step) -> None:
         super().__init__(step)
@@ -105,6 +108,10 @@ class Conv2d(Op):
         self.depth = group_channels * kh * kw
         self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
         self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
+        self.tiled = out_channels // self.groups >= TILED_MIN_GROUP_CHANNELS and float_conv_avx2.available()
+        if self.tiled:  # packed once: (G, B, D, 8) blocks of 8 output channels, the bias likewise
+            self.packed = float_conv_avx2.pack_weights(self.weight, self.groups)
+            self.packed_bias = float_conv_avx2.pack_bias(self.bias, self.groups, self.packed.shape[1])
         self.padded_inputs: dict[tuple[int, ...], np.ndarray] = {}  # input shape -> zero-padded buffer
 
     def _padded(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -152,6 +159,14 @@ class Conv2d(Op):
             raise ValueError(f"conv step {self.step.name!r}: its {out_h}x{out_w} output is smaller than the fused "
                              f"{pool_h}x{pool_w} pool")
         out = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), np.float32)
+        if self.tiled and padded.flags.c_contiguous:  # (the plan's buffers are; the flat view below is then live)
+            taps, pixels = float_conv_avx2.offsets(padded.shape, (kh, kw), self.stride, self.dilation, group_channels,
+                                                   (out_h, out_w), float_conv_avx2.TILE_PIXELS)
+            scratch = np.empty((pixels.size, float_conv_avx2.LANES * float_conv_avx2.TILE_VECTORS), np.float32)
+            calls.append((float_conv_avx2.conv_tiles_into, (padded.reshape(-1), self.packed, taps, pixels,
+                                                            self.packed_bias, padded.shape[1], out_h, out_w, self.relu,
+                                                            pool_h, pool_w, scratch, out)))
+            return out, calls
         if self.unit_stride:
             acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,
