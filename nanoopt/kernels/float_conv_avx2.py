@@ -72,6 +72,8 @@ __all__ = ["LANES", "TILE_PIXELS", "TILE_VECTORS", "available", "conv2d_into", "
 
 TILE_PIXELS = 6  # output pixels of a register tile
 TILE_VECTORS = 2  # 8-channel vectors of a register tile: 6 x 2 = 12 accumulators, 2 weights, 1 broadcast (of 16)
+ROW_TILE_CHANNELS = 6  # output channels of a row tile (thin layers)
+ROW_TILE_VECTORS = 2  # 8-position vectors of a row tile: 6 x 2 = 12 accumulators, 2 input vectors, 1 broadcast
 
 
 def pack_weights(weight: np.ndarray, groups: int) -> np.ndarray:
@@ -250,6 +252,80 @@ def _lane(typingctx, vector, index):
         return builder.extract_element(args[0], context.cast(builder, args[1], signature.args[1], types.int32))
 
     return types.float32(vector, index), codegen
+
+
+# Row tiles for thin layers (at most ROW_TILE_CHANNELS output channels per block): the accumulators hold 8
+# consecutive positions of the flat padded-width output of one channel each, channel-major: (channel 0 positions
+# 0-7, channel 0 positions 8-15, channel 1 positions 0-7, ...).
+
+
+@intrinsic
+def _row_tile_step(typingctx, tile, source, at, weights, w_offset):
+    """One tap of a row tile: per vector ``r`` of positions the 8 inputs ``source[at + 8 r :][:8]`` (one unaligned
+    load), per channel ``k`` the weight ``weights[w_offset + k]`` broadcast, multiply-added into accumulator
+    ``k R + r``."""
+    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count % ROW_TILE_CHANNELS == 0):
+        return None
+    if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
+        return None
+    if not (isinstance(at, types.Integer) and isinstance(w_offset, types.Integer)):
+        return None
+    rows = tile.count // ROW_TILE_CHANNELS
+
+    def codegen(context, builder, signature, args):
+        tile_value, source_value, at_value, weights_value, w_start = args
+        tile_type, source_type, at_type, weights_type, w_type = signature.args
+        at_value = context.cast(builder, at_value, at_type, types.intp)
+        w_start = context.cast(builder, w_start, w_type, types.intp)
+        fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
+        x = [load_at(context, builder, source_type, source_value,
+                     builder.add(at_value, ir.Constant(at_value.type, r * LANES)), F32X8, align=4)
+             for r in range(rows)]
+        values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
+        for k in range(ROW_TILE_CHANNELS):
+            where = builder.add(w_start, ir.Constant(w_start.type, k))
+            pointer = element_pointer(context, builder, weights_type, weights_value, types.intp, where)
+            w = splat(builder, builder.load(pointer, align=4), F32X8)
+            for r in range(rows):
+                values[k * rows + r] = builder.call(fmuladd, [x[r], w, values[k * rows + r]])
+        return context.make_tuple(builder, tile_type, values)
+
+    return tile(tile, source, at, weights, w_offset), codegen
+
+
+@intrinsic
+def _store_row_tile(typingctx, planes, tile, at):
+    """Accumulator ``k R + r`` to ``planes[k, at + 8 r :][:8]`` (a 2-D float32 C array of channel planes)."""
+    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count % ROW_TILE_CHANNELS == 0):
+        return None
+    if not (is_c_array(planes, types.float32) and planes.ndim == 2 and isinstance(at, types.Integer)):
+        return None
+    rows = tile.count // ROW_TILE_CHANNELS
+
+    def codegen(context, builder, signature, args):
+        planes_type, tile_type, at_type = signature.args
+        array = context.make_array(planes_type)(context, builder, args[0])
+        width = builder.extract_value(array.shape, 1)
+        start = context.cast(builder, args[2], at_type, types.intp)
+        for k in range(ROW_TILE_CHANNELS):
+            for r in range(rows):
+                where = builder.add(builder.mul(width, ir.Constant(width.type, k)),
+                                    builder.add(start, ir.Constant(start.type, r * LANES)))
+                pointer = builder.bitcast(builder.gep(array.data, [where]), F32X8.as_pointer())
+                builder.store(builder.extract_value(args[1], k * rows + r), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(planes, tile, at), codegen
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def row_tile(source, at, taps, weights, w_base, planes, q0):  # pragma: no cover - compiled
+    """One row tile: ``planes[k, q0 + t] = sum_d weights[w_base + d 6 + k] source[at + q0 + t + taps[d]]`` for
+    ``k < 6`` and ``t < 8 ROW_TILE_VECTORS`` (taps in order, FMA from 0)."""
+    tile = _tile_zero(ROW_TILE_CHANNELS, ROW_TILE_VECTORS)
+    for d in range(taps.shape[0]):
+        tile = _row_tile_step(tile, source, at + q0 + taps[d], weights, w_base + d * ROW_TILE_CHANNELS)
+    _store_row_tile(planes, tile, q0)
 
 
 # ---------------------------------------------------------------------------------------------------------

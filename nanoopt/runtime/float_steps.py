@@ -79,7 +79,8 @@ class Linear(Op):
 # Float conv strategy, per layer. Where the register-tiled AVX2 kernel is usable (float_conv_avx2.available()) and a
 # group has more than TILED_MIN_GROUP_CHANNELS output channels: that kernel (outputs in registers, 16 channels by 6
 # pixels per tile), for any stride, dilation and depth. Otherwise: unit stride and a reduction depth Cg*KH*KW up to
-# DIRECT_MAX_DEPTH: the direct loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col +
+# DIRECT_MAX_DEPTH: the direct loop on padded-width rows, in register row tiles where the AVX2 kernels are usable
+# (float_kernels.direct_conv_row_tiles), else portable (float_kernels.direct_conv_unit_stride); otherwise im2col +
 # BLAS by blocks of images whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv).
 # Ungrouped layers take per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed
 # and dropped). The timings behind these thresholds: docs/kernels.md.
@@ -109,6 +110,9 @@ class Conv2d(Op):
         self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
         self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
         self.tiled = out_channels // self.groups >= TILED_MIN_GROUP_CHANNELS and float_conv_avx2.available()
+        self.row_tiled = self.unit_stride and not self.tiled and float_conv_avx2.available()
+        if self.row_tiled:  # (G, B, D, 6) blocks of 6 output channels for the row tiles
+            self.row_packed = fk.pack_row_tile_weights(self.weight, self.groups)
         if self.tiled:  # packed once: (G, B, D, 8) blocks of 8 output channels, the bias likewise
             self.packed = float_conv_avx2.pack_weights(self.weight, self.groups)
             self.packed_bias = float_conv_avx2.pack_bias(self.bias, self.groups, self.packed.shape[1])
@@ -166,6 +170,15 @@ class Conv2d(Op):
             calls.append((float_conv_avx2.conv_tiles_into, (padded.reshape(-1), self.packed, taps, pixels,
                                                             self.packed_bias, padded.shape[1], out_h, out_w, self.relu,
                                                             pool_h, pool_w, scratch, out)))
+            return out, calls
+        if self.row_tiled and padded.flags.c_contiguous:
+            taps = float_conv_avx2.offsets(padded.shape, (kh, kw), (1, 1), self.dilation, group_channels, (1, 1), 1)[0]
+            step = float_conv_avx2.ROW_TILE_VECTORS * float_conv_avx2.LANES
+            length = -(-((out_h - 1) * padded.shape[3] + out_w) // step) * step
+            planes = np.empty((float_conv_avx2.ROW_TILE_CHANNELS, length), np.float32)
+            last = np.empty(padded[0].size + step, np.float32)  # the last image, with room for its last tile
+            calls.append((fk.direct_conv_row_tiles, (padded, self.row_packed, taps, self.bias, self.relu, pool_h,
+                                                     pool_w, last, planes, out)))
             return out, calls
         if self.unit_stride:
             acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
