@@ -236,6 +236,7 @@ _add = lanewise("_add", float32x8, ir.IRBuilder.fadd, "Lane-wise ``fl(a + b)``."
 
 
 def _emit_max(builder, a, b):
+    """``b if b > a else a``, lane-wise (code generation)."""
     return builder.select(builder.fcmp_ordered(">", b, a), b, a)
 
 
@@ -260,26 +261,28 @@ def _lane(typingctx, vector, index):
 
 
 @intrinsic
-def _row_tile_step(typingctx, tile, source, at, weights, w_offset):
-    """One tap of a row tile: per vector ``r`` of positions the 8 inputs ``source[at + 8 r :][:8]`` (one unaligned
-    load), per channel ``k`` the weight ``weights[w_offset + k]`` broadcast, multiply-added into accumulator
-    ``k R + r``."""
+def _row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
+    """One tap of a row tile: per vector ``r`` of positions the 8 inputs ``source[at + r spacing :][:8]`` (one
+    unaligned load), per channel ``k`` the weight ``weights[w_offset + k]`` broadcast, multiply-added into
+    accumulator ``k R + r``."""
     if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count % ROW_TILE_CHANNELS == 0):
         return None
     if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
         return None
-    if not (isinstance(at, types.Integer) and isinstance(w_offset, types.Integer)):
+    if not all(isinstance(value, types.Integer) for value in (at, spacing, w_offset)):
         return None
     rows = tile.count // ROW_TILE_CHANNELS
 
     def codegen(context, builder, signature, args):
-        tile_value, source_value, at_value, weights_value, w_start = args
-        tile_type, source_type, at_type, weights_type, w_type = signature.args
+        tile_value, source_value, at_value, spacing_value, weights_value, w_start = args
+        tile_type, source_type, at_type, spacing_type, weights_type, w_type = signature.args
         at_value = context.cast(builder, at_value, at_type, types.intp)
+        spacing_value = context.cast(builder, spacing_value, spacing_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
         fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         x = [load_at(context, builder, source_type, source_value,
-                     builder.add(at_value, ir.Constant(at_value.type, r * LANES)), F32X8, align=4)
+                     builder.add(at_value, builder.mul(spacing_value, ir.Constant(at_value.type, r))), F32X8,
+                     align=4)
              for r in range(rows)]
         values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
         for k in range(ROW_TILE_CHANNELS):
@@ -290,7 +293,26 @@ def _row_tile_step(typingctx, tile, source, at, weights, w_offset):
                 values[k * rows + r] = builder.call(fmuladd, [x[r], w, values[k * rows + r]])
         return context.make_tuple(builder, tile_type, values)
 
-    return tile(tile, source, at, weights, w_offset), codegen
+    return tile(tile, source, at, spacing, weights, w_offset), codegen
+
+
+@intrinsic
+def _pool_row_tile(typingctx, tile):
+    """Per channel ``k`` of a row tile of two vectors (two rows of 8 positions, one under the other): the maximum of
+    each 2 x 2 window, ``max(max(a_j, b_j), max(a_j', b_j'))`` for the pair ``j, j' = 2 i, 2 i + 1``, in lane ``2 i``
+    (lanes ``2 i + 1`` hold the same maximum); a tuple of 6 vectors."""
+    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count == 2 * ROW_TILE_CHANNELS):
+        return None
+
+    def codegen(context, builder, signature, args):
+        swap = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [1, 0, 3, 2, 5, 4, 7, 6])
+        pooled = []
+        for k in range(ROW_TILE_CHANNELS):
+            rows = _emit_max(builder, builder.extract_value(args[0], 2 * k), builder.extract_value(args[0], 2 * k + 1))
+            pooled.append(_emit_max(builder, rows, builder.shuffle_vector(rows, rows, swap)))
+        return context.make_tuple(builder, types.UniTuple(float32x8, ROW_TILE_CHANNELS), pooled)
+
+    return types.UniTuple(float32x8, ROW_TILE_CHANNELS)(tile), codegen
 
 
 @intrinsic
@@ -319,13 +341,35 @@ def _store_row_tile(typingctx, planes, tile, at):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def row_tile(source, at, taps, weights, w_base, planes, q0):  # pragma: no cover - compiled
-    """One row tile: ``planes[k, q0 + t] = sum_d weights[w_base + d 6 + k] source[at + q0 + t + taps[d]]`` for
-    ``k < 6`` and ``t < 8 ROW_TILE_VECTORS`` (taps in order, FMA from 0)."""
+def _row_tile_sums(source, at, spacing, taps, weights, w_base):  # pragma: no cover - compiled
+    """The 12 accumulators ``sum_d weights[w_base + 6 d + k] source[at + r spacing + t + taps[d]]`` (channel ``k <
+    6``, vector ``r < 2``, lane ``t < 8``; taps in order, FMA from 0)."""
     tile = _tile_zero(ROW_TILE_CHANNELS, ROW_TILE_VECTORS)
     for d in range(taps.shape[0]):
-        tile = _row_tile_step(tile, source, at + q0 + taps[d], weights, w_base + d * ROW_TILE_CHANNELS)
-    _store_row_tile(planes, tile, q0)
+        tile = _row_tile_step(tile, source, at + taps[d], spacing, weights, w_base + d * ROW_TILE_CHANNELS)
+    return tile
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def row_tile(source, at, taps, weights, w_base, planes, q0):  # pragma: no cover - compiled
+    """One row tile of 16 consecutive positions: ``planes[k, q0 + t] = sum_d weights[w_base + 6 d + k] source[at +
+    q0 + t + taps[d]]`` for ``k < 6`` and ``t < 16`` (taps in order, FMA from 0)."""
+    _store_row_tile(planes, _row_tile_sums(source, at + q0, LANES, taps, weights, w_base), q0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def pooled_row_tile(source, at, row_step, taps, weights, w_base, bias, relu, channels, count, out, first, y, x):
+    """One row tile over two rows (8 positions at ``at`` and 8 at ``at + row_step``) with its 2 x 2 max pool, plus
+    ``bias``, then ``max(., 0)`` if ``relu``: ``out[first + k, y, x + i]`` for ``k < channels`` and ``i <
+    count`` (at most 4 pooled columns)."""
+    pooled = _pool_row_tile(_row_tile_sums(source, at, row_step, taps, weights, w_base))
+    for k in range(channels):
+        vector = pooled[k]
+        line = out[first + k, y]
+        shift = bias[first + k]
+        for i in range(count):
+            value = _lane(vector, 2 * i) + shift
+            line[x + i] = max(value, np.float32(0.0)) if relu else value
 
 
 # ---------------------------------------------------------------------------------------------------------

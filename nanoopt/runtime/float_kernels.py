@@ -422,13 +422,16 @@ def direct_conv_row_tiles(padded, packed, taps, bias, relu, pool_h, pool_w, last
     :func:`pack_row_tile_weights`; ``planes``: float32 scratch ``(6, L')`` with ``L' >= (OH - 1) Wp + OW`` rounded
     up to 16; ``last``: a flat scratch of one padded image plus 16 floats, where the last image is copied (the last
     tile of a plane reads up to 15 values past it, which must exist). Each plane goes to ``out`` through
-    :func:`_write_plane`."""
+    :func:`_write_plane`; with a 2 x 2 pool, each tile is instead 8 positions of two consecutive rows, pooled, biased
+    and rectified in registers (4 pooled columns; the last tile of a row may cover columns past ``OW`` that no
+    window uses)."""
     batch, channels, height, width = padded.shape
     out_channels = out.shape[1]
     groups, blocks, depth = packed.shape[0], packed.shape[1], packed.shape[2]
     per_group, group_channels = out_channels // groups, channels // groups
     tile = float_conv_avx2.ROW_TILE_CHANNELS
     step = float_conv_avx2.ROW_TILE_VECTORS * float_conv_avx2.LANES
+    half = float_conv_avx2.LANES // 2  # pooled columns of a 2 x 2 pooled tile
     length = planes.shape[1]
     image = channels * height * width
     weights = packed.reshape(-1)
@@ -443,11 +446,19 @@ def direct_conv_row_tiles(padded, packed, taps, bias, relu, pool_h, pool_w, last
             at = start + g * group_channels * height * width
             for b in range(blocks):
                 w_base = (g * blocks + b) * depth * tile
+                valid = min(tile, per_group - b * tile)
+                first = g * per_group + b * tile
+                if pool_h == 2 and pool_w == 2:  # two rows per tile, pooled in registers
+                    for y in range(out.shape[2]):
+                        for x0 in range(0, out.shape[3], half):
+                            float_conv_avx2.pooled_row_tile(source, at + 2 * y * width + 2 * x0, width, taps, weights,
+                                                            w_base, bias, relu, valid, min(half, out.shape[3] - x0),
+                                                            out[n], first, y, x0)
+                    continue
                 for q0 in range(0, length, step):
                     float_conv_avx2.row_tile(source, at, taps, weights, w_base, planes, q0)
-                for k in range(min(tile, per_group - b * tile)):
-                    o = g * per_group + b * tile + k
-                    _write_plane(planes[k], width, bias[o], relu, pool_h, pool_w, scratch, out[n, o])
+                for k in range(valid):
+                    _write_plane(planes[k], width, bias[first + k], relu, pool_h, pool_w, scratch, out[n, first + k])
 
 
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,
