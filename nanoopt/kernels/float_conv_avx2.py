@@ -1,5 +1,6 @@
-"""Direct float32 convolution in register tiles of 8-channel vectors (AVX2 + FMA): outputs never leave registers
-until their whole sum is done.
+"""Direct float32 convolution in register tiles (AVX2 + FMA): outputs never leave registers until their whole sum
+is done. Channel tiles (8 output channels per vector) for any stride; the intrinsics of row tiles (8 consecutive
+output positions per vector) for unit-stride layers, driven by ``nanoopt.runtime.float_kernels.direct_conv_row_tiles``.
 
 The convolution (NCHW, already padded input ``x``, weight ``w (OC, Cg, KH, KW)``, ``G`` groups of ``Cg`` input and
 ``OCg`` output channels)
@@ -15,6 +16,12 @@ output pixels x ``V = 2`` vectors of 8 channels (12 accumulators, 2 weight vecto
 ymm registers), and each tap ``d`` costs 2 weight loads, 6 broadcasts and 12 fused multiply-adds: the two FMA
 units of an AVX2 core stay busy while the loads need at most two load ports per cycle. A group of at most 8 output
 channels would leave half the lanes empty: the runtime chooses this kernel for wider groups.
+
+Row tiles (:func:`row_tile`, :func:`pooled_row_tile`) turn the roles around for thin layers at unit stride: a
+vector holds 8 consecutive output positions of one channel on the padded-width rows (position ``q = y Wp + x``
+reads ``q + tap[d]``, so 8 neighbours are one unaligned load), and a tile is 2 such vectors x 6 output channels:
+per tap 2 input loads, 6 broadcast weights (packed ``(G, B, D, 6)``) and 12 FMAs. The two vectors are 16
+consecutive positions, or, for a fused 2x2 pool, the same 8 columns of two consecutive rows, pooled in registers.
 
 Layout. The weights are packed once (:func:`pack_weights`) as ``(G, B, D, 8)``: block ``b`` of a group holds its
 output channels ``8 b .. 8 b + 7`` (zeros past ``OCg``; ``B`` even), tap by tap. The address of input value
@@ -526,8 +533,8 @@ def direct_conv_float_reference(padded: np.ndarray, weight: np.ndarray, bias: np
 
 
 def _self_test() -> bool:
-    """Compile the kernel and check a small convolution whose sums are exact (small integers): 2 groups of 11
-    output channels (a full and a partial block), stride 2 in width, a 2 x 2 pool."""
+    """Compile the kernels and check small products whose sums are exact (small integers): a convolution of 2 groups
+    of 11 output channels (a full and a partial block), stride 2 in width, a 2 x 2 pool; and one row tile."""
     rng = np.random.default_rng(20251205)
     x = rng.integers(-4, 5, size=(2, 6, 7, 9)).astype(np.float32)
     w = rng.integers(-4, 5, size=(22, 3, 3, 2)).astype(np.float32)
@@ -537,7 +544,15 @@ def _self_test() -> bool:
     out = np.empty((2, 22, 2, 2), np.float32)
     conv_tiles_into(x.reshape(-1), packed, taps, pixels, pack_bias(b, 2, packed.shape[1]), 6, 5, 4, True, 2, 2,
                     np.empty((pixels.size, LANES * TILE_VECTORS), np.float32), out)
-    return bool(np.array_equal(out, direct_conv_float_reference(x, w, b, 2, (1, 2), (1, 1), True, (2, 2))))
+    if not np.array_equal(out, direct_conv_float_reference(x, w, b, 2, (1, 2), (1, 1), True, (2, 2))):
+        return False
+    source = rng.integers(-4, 5, size=64).astype(np.float32)  # a row tile: 3 taps, 16 positions, 6 channels
+    weights = rng.integers(-4, 5, size=(3, ROW_TILE_CHANNELS)).astype(np.float32)
+    taps = np.array([0, 5, 17], np.int64)
+    planes = np.zeros((ROW_TILE_CHANNELS, 32), np.float32)
+    row_tile(source, 2, taps, weights.reshape(-1), 0, planes, 16)
+    expected = sum(np.outer(weights[d], source[18 + taps[d]:34 + taps[d]]) for d in range(3))
+    return bool(np.array_equal(planes[:, 16:], expected) and not planes[:, :16].any())
 
 
 @functools.cache

@@ -18,7 +18,8 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
   laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
   multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`);
   kernel rows of width 3 and 5 are swept whole (one pass over the accumulator per row: 1.5x on LeNet-5's first
-  layer).
+  layer), and :func:`direct_conv_row_tiles` -- the same convolution in the AVX2 register row tiles of
+  :mod:`nanoopt.kernels.float_conv_avx2` (whose channel tiles the runtime calls directly).
 
 >>> out = np.array([[-1.0, 2.0]], np.float32); bias_act_rows(out, np.array([0.5, 0.5], np.float32), True); out
 array([[0. , 2.5]], dtype=float32)
