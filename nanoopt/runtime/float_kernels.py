@@ -18,7 +18,8 @@ differs (the direct conv and the average pools add in a fixed loop order; the ep
   laying out im2col columns costs more than the products (LeNet-5's layers): per output channel and tap, one long
   multiply-add sweep over the flat padded plane, which LLVM vectorises (reference: :func:`direct_conv_reference`);
   kernel rows of width 3 and 5 are swept whole (one pass over the accumulator per row: 1.5x on LeNet-5's first
-  layer).
+  layer), and :func:`direct_conv_row_tiles` -- the same convolution in the AVX2 register row tiles of
+  :mod:`nanoopt.kernels.float_conv_avx2` (whose channel tiles the runtime calls directly).
 
 >>> out = np.array([[-1.0, 2.0]], np.float32); bias_act_rows(out, np.array([0.5, 0.5], np.float32), True); out
 array([[0. , 2.5]], dtype=float32)
@@ -29,10 +30,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from nanoopt.kernels import float_conv_avx2
+
 __all__ = ["adaptive_avg_pool", "adaptive_avg_pool_reference", "avg_pool", "avg_pool_reference", "bias_act_rows",
-           "channel_affine", "direct_conv_reference", "direct_conv_unit_stride", "im2col_columns",
-           "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "linear_chain", "linear_chain_reference",
-           "max_pool", "max_pool_reference"]
+           "channel_affine", "direct_conv_reference", "direct_conv_row_tiles", "direct_conv_unit_stride",
+           "im2col_columns", "im2col_gemm_conv", "im2col_image_gemm_conv", "linear_bias_act", "linear_chain",
+           "linear_chain_reference", "max_pool", "max_pool_reference", "pack_row_tile_weights"]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -395,6 +398,70 @@ def direct_conv_unit_stride(padded, weight, bias, groups, dilation_h, dilation_w
             _write_plane(acc, padded_w, bias[o], relu, pool_h, pool_w, scratch, out[n, o])
 
 
+def pack_row_tile_weights(weight: np.ndarray, groups: int) -> np.ndarray:
+    """The weight ``(OC, Cg, KH, KW)`` as ``(G, B, D, 6)`` float32 blocks of :data:`~nanoopt.kernels.float_conv_avx2.
+    ROW_TILE_CHANNELS` output channels per tap, for :func:`direct_conv_row_tiles` (zeros past a group's channels).
+
+    >>> pack_row_tile_weights(np.arange(4, dtype=np.float32).reshape(2, 2, 1, 1), 1)[0, 0]
+    array([[0., 2., 0., 0., 0., 0.],
+           [1., 3., 0., 0., 0., 0.]], dtype=float32)
+    """
+    channels = float_conv_avx2.ROW_TILE_CHANNELS
+    per_group, depth = weight.shape[0] // groups, int(np.prod(weight.shape[1:]))
+    blocks = -(-per_group // channels)
+    packed = np.zeros((groups, blocks * channels, depth), np.float32)
+    packed[:, :per_group] = weight.reshape(groups, per_group, depth)
+    return np.ascontiguousarray(packed.reshape(groups, blocks, channels, depth).transpose(0, 1, 3, 2))
+
+
+@numba.njit(cache=True, nogil=True)
+def direct_conv_row_tiles(padded, packed, taps, bias, relu, pool_h, pool_w, last, planes, out):  # pragma: no cover
+    """The unit-stride direct convolution of :func:`direct_conv_unit_stride` (same output, same padded-width rows)
+    in register row tiles of :mod:`nanoopt.kernels.float_conv_avx2` (AVX2 only: check its ``available()``): per
+    block of 6 output channels of a group, 16 consecutive positions ``q = y Wp + x`` at a time, the 12 accumulators
+    kept in registers over every tap ``taps[d] = c Hp Wp + i d_h Wp + j d_w``. ``packed``:
+    :func:`pack_row_tile_weights`; ``planes``: float32 scratch ``(6, L')`` with ``L' >= (OH - 1) Wp + OW`` rounded
+    up to 16; ``last``: a flat scratch of one padded image plus 16 floats, where the last image is copied (the last
+    tile of a plane reads up to 15 values past it, which must exist). Each plane goes to ``out`` through
+    :func:`_write_plane`; with a 2 x 2 pool, each tile is instead 8 positions of two consecutive rows, pooled, biased
+    and rectified in registers (4 pooled columns; the last tile of a row may cover columns past ``OW`` that no
+    window uses)."""
+    batch, channels, height, width = padded.shape
+    out_channels = out.shape[1]
+    groups, blocks, depth = packed.shape[0], packed.shape[1], packed.shape[2]
+    per_group, group_channels = out_channels // groups, channels // groups
+    tile = float_conv_avx2.ROW_TILE_CHANNELS
+    step = float_conv_avx2.ROW_TILE_VECTORS * float_conv_avx2.LANES
+    half = float_conv_avx2.LANES // 2  # pooled columns of a 2 x 2 pooled tile
+    length = planes.shape[1]
+    image = channels * height * width
+    weights = packed.reshape(-1)
+    flat = padded.reshape(-1)
+    scratch = np.empty(width, np.float32)  # the rows of a fused pool window
+    for n in range(batch):
+        source, start = flat, n * image
+        if n == batch - 1:  # a copy with room for the last tile's overrun
+            last[:image] = flat[start:start + image]
+            source, start = last, 0
+        for g in range(groups):
+            at = start + g * group_channels * height * width
+            for b in range(blocks):
+                w_base = (g * blocks + b) * depth * tile
+                valid = min(tile, per_group - b * tile)
+                first = g * per_group + b * tile
+                if pool_h == 2 and pool_w == 2:  # two rows per tile, pooled in registers
+                    for y in range(out.shape[2]):
+                        for x0 in range(0, out.shape[3], half):
+                            float_conv_avx2.pooled_row_tile(source, at + 2 * y * width + 2 * x0, width, taps, weights,
+                                                            w_base, bias, relu, valid, min(half, out.shape[3] - x0),
+                                                            out[n], first, y, x0)
+                    continue
+                for q0 in range(0, length, step):
+                    float_conv_avx2.row_tile(source, at, taps, weights, w_base, planes, q0)
+                for k in range(valid):
+                    _write_plane(planes[k], width, bias[first + k], relu, pool_h, pool_w, scratch, out[n, first + k])
+
+
 def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarray, groups: int,
                           stride: tuple[int, int], dilation: tuple[int, int], relu: bool) -> np.ndarray:
     """NumPy convolution of an already padded input (float64 sums), the reference of the float conv kernels.
@@ -404,19 +471,4 @@ def direct_conv_reference(padded: np.ndarray, weight: np.ndarray, bias: np.ndarr
     array([[4., 4.],
            [4., 4.]], dtype=float32)
     """
-    batch, channels, height, width = padded.shape
-    out_channels, group_channels, kernel_h, kernel_w = weight.shape
-    out_h = (height - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (width - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
-    out = np.zeros((batch, out_channels, out_h, out_w), np.float64) + bias.reshape(1, -1, 1, 1)
-    per_group = out_channels // groups
-    for o in range(out_channels):
-        g = o // per_group
-        for c in range(group_channels):
-            for i in range(kernel_h):
-                for j in range(kernel_w):
-                    top, left = i * dilation[0], j * dilation[1]
-                    window = padded[:, g * group_channels + c, top:top + stride[0] * (out_h - 1) + 1:stride[0],
-                                    left:left + stride[1] * (out_w - 1) + 1:stride[1]]
-                    out[:, o] += float(weight[o, c, i, j]) * window
-    return (np.maximum(out, 0) if relu else out).astype(np.float32)
+    return float_conv_avx2.direct_conv_float_reference(padded, weight, bias, groups, stride, dilation, relu, (1, 1))

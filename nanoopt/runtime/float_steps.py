@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanoopt.kernels import nm_sparse, sparse, sparse_avx2
+from nanoopt.kernels import float_conv_avx2, nm_sparse, sparse, sparse_avx2
 from nanoopt.kernels import reference as ref
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.runtime.description import Step
@@ -76,19 +76,44 @@ class Linear(Op):
         return out, [(fk.linear_bias_act, (rows, self.weight_t, self.bias, self.relu, out2))]
 
 
-# Float conv strategy, per layer. Unit stride and a reduction depth Cg*KH*KW up to DIRECT_MAX_DEPTH: the direct
-# loop on padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images
-# whose columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Ungrouped layers take
-# per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed and dropped). The
-# timings behind these thresholds: docs/kernels.md.
+# Float conv strategy, per layer; the timings behind these thresholds: docs/kernels.md. Where the register-tiled
+# AVX2 kernels are usable (float_conv_avx2.available()):
+# * unit stride, a reduction depth Cg*KH*KW of at least ROW_TILES_MIN_DEPTH, at least ROW_TILES_MIN_GROUP_CHANNELS
+#   output channels per group, and at least ROW_TILES_MIN_COLUMN_SHARE of the columns the row tiles compute are
+#   output columns (OW / Wp; with a 2x2 pool, 2 OW' over the tiles' 8 columns per 4 pooled ones): row tiles, 16
+#   positions x 6 output channels (float_kernels.direct_conv_row_tiles);
+# * else more than TILED_MIN_GROUP_CHANNELS - 1 output channels per group: channel tiles, 6 pixels x 16 channels
+#   (float_conv_avx2.conv_tiles_into), any stride, dilation and depth.
+# Otherwise, and on CPUs without AVX2: unit stride and a depth up to DIRECT_MAX_DEPTH: the portable direct loop on
+# padded-width rows (float_kernels.direct_conv_unit_stride); otherwise im2col + BLAS by blocks of images whose
+# columns (at most IM2COL_BLOCK_BYTES) stay in cache (float_kernels.im2col_gemm_conv). Ungrouped layers take
+# per-image columns (float_kernels.im2col_image_gemm_conv, no padded-width columns computed and dropped).
+ROW_TILES_MIN_DEPTH = 16  # depth 9 (3x3 depthwise, or 2-4 channels per group) lost to the portable loop
+ROW_TILES_MIN_GROUP_CHANNELS = 3  # 1 or 2 of a tile's 6 channels used: slower than the portable loop
+ROW_TILES_MIN_COLUMN_SHARE = 0.75  # LeNet-5's second conv (10 of 16 columns) runs faster in channel tiles
+TILED_MIN_GROUP_CHANNELS = 9  # 8 or fewer leave at least half of the channel tile's 16 lanes empty
 DIRECT_MAX_DEPTH = 32
 IM2COL_BLOCK_BYTES = 192 * 1024
 IMAGE_BLOCK_BYTES = 512 * 1024
 
 
+def _column_share(out_w: int, padded_w: int, pool: tuple[int, int]) -> float:
+    """The share of output columns among the columns the row tiles compute: ``OW / Wp`` on padded-width rows; with
+    a 2 x 2 pool, ``2 OW'`` used of 8 per 4 pooled columns ``OW' = OW // 2``.
+
+    >>> _column_share(28, 32, (2, 2)), _column_share(10, 14, (2, 2)), _column_share(32, 34, (1, 1))
+    (0.875, 0.625, 0.9411764705882353)
+    """
+    if pool == (2, 2):
+        pooled = out_w // 2
+        return 2 * pooled / (8 * -(-pooled // 4))
+    return out_w / padded_w
+
+
 class Conv2d(Op):
-    """Float 2-D convolution: im2col + BLAS (per image, or by blocks of images for grouped layers), or a direct loop
-    for unit-stride thin layers."""
+    """Float 2-D convolution: register tiles on AVX2 where they are faster (row tiles for unit-stride layers,
+    channel tiles for wide groups), else im2col + BLAS (per image, or by blocks of images for grouped layers), or a
+    portable direct loop for unit-stride thin layers."""
 
     def __init__(self, step: Step) -> None:
         super().__init__(step)
@@ -105,6 +130,15 @@ class Conv2d(Op):
         self.depth = group_channels * kh * kw
         self.unit_stride = self.stride == (1, 1) and self.depth <= DIRECT_MAX_DEPTH
         self.grouped = self.weight.reshape(self.groups, out_channels // self.groups, self.depth)  # (G, OCg, D)
+        per_group, tiles = out_channels // self.groups, float_conv_avx2.available()
+        self.row_tiles = (tiles and self.stride == (1, 1) and self.depth >= ROW_TILES_MIN_DEPTH
+                          and per_group >= ROW_TILES_MIN_GROUP_CHANNELS)  # (and the column share, known at bind)
+        self.channel_tiles = tiles and per_group >= TILED_MIN_GROUP_CHANNELS
+        if self.row_tiles:  # (G, B, D, 6) blocks of 6 output channels for the row tiles
+            self.row_packed = fk.pack_row_tile_weights(self.weight, self.groups)
+        if self.channel_tiles:  # packed once: (G, B, D, 8) blocks of 8 output channels, the bias likewise
+            self.packed = float_conv_avx2.pack_weights(self.weight, self.groups)
+            self.packed_bias = float_conv_avx2.pack_bias(self.bias, self.groups, self.packed.shape[1])
         self.padded_inputs: dict[tuple[int, ...], np.ndarray] = {}  # input shape -> zero-padded buffer
 
     def _padded(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -152,6 +186,24 @@ class Conv2d(Op):
             raise ValueError(f"conv step {self.step.name!r}: its {out_h}x{out_w} output is smaller than the fused "
                              f"{pool_h}x{pool_w} pool")
         out = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), np.float32)
+        if self.row_tiles and padded.flags.c_contiguous and _column_share(out_w, padded.shape[3], self.pool) >= \
+                ROW_TILES_MIN_COLUMN_SHARE:  # (the plan's buffers are C-contiguous: the flat views stay live)
+            taps = float_conv_avx2.offsets(padded.shape, (kh, kw), (1, 1), self.dilation, group_channels, (1, 1), 1)[0]
+            step = float_conv_avx2.ROW_TILE_VECTORS * float_conv_avx2.LANES
+            length = -(-((out_h - 1) * padded.shape[3] + out_w) // step) * step
+            planes = np.empty((float_conv_avx2.ROW_TILE_CHANNELS, length), np.float32)
+            last = np.empty(padded[0].size + step, np.float32)  # the last image, with room for its last tile
+            calls.append((fk.direct_conv_row_tiles, (padded, self.row_packed, taps, self.bias, self.relu, pool_h,
+                                                     pool_w, last, planes, out)))
+            return out, calls
+        if self.channel_tiles and padded.flags.c_contiguous:
+            taps, pixels = float_conv_avx2.offsets(padded.shape, (kh, kw), self.stride, self.dilation, group_channels,
+                                                   (out_h, out_w), float_conv_avx2.TILE_PIXELS)
+            scratch = np.empty((pixels.size, float_conv_avx2.LANES * float_conv_avx2.TILE_VECTORS), np.float32)
+            calls.append((float_conv_avx2.conv_tiles_into, (padded.reshape(-1), self.packed, taps, pixels,
+                                                            self.packed_bias, padded.shape[1], out_h, out_w, self.relu,
+                                                            pool_h, pool_w, scratch, out)))
+            return out, calls
         if self.unit_stride:
             acc = np.empty((out_h - 1) * padded.shape[3] + out_w, np.float32)
             calls.append((fk.direct_conv_unit_stride, (padded, self.weight, self.bias, self.groups, dh, dw, self.relu,

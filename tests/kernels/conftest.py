@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoopt.kernels import avx2, cpu_features, sparse_avx2
+from nanoopt.kernels import avx2, cpu_features, float_conv_avx2, sparse_avx2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,11 +15,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _forget_availability() -> None:
     avx2.available.cache_clear()
     sparse_avx2.available.cache_clear()
+    float_conv_avx2.available.cache_clear()
 
 
 @pytest.fixture
 def avx2_switched_off(monkeypatch):
-    """``NANOOPT_DISABLE_AVX2=1`` for one test; both AVX2 modules forget their cached answer before and after."""
+    """``NANOOPT_DISABLE_AVX2=1`` for one test; the AVX2 modules forget their cached answer before and after."""
     _forget_availability()
     monkeypatch.setenv(cpu_features.DISABLE_ENV, "1")
     try:

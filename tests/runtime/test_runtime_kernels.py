@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from nanoopt import kernels
-from nanoopt.kernels import avx512, cpu_features, reference, x86_glue
+from nanoopt.kernels import avx512, cpu_features, float_conv_avx2, reference, x86_glue
 from nanoopt.runtime import boundary
 from nanoopt.runtime import float_kernels as fk
 from nanoopt.spec import QuantSpec
@@ -163,6 +163,45 @@ def test_unit_stride_direct_conv_matches_the_reference(batch, channels_groups, k
     acc = np.empty((conv_h - 1) * padded.shape[3] + conv_w, np.float32)
     fk.direct_conv_unit_stride(padded, weight, bias, groups, dilation, dilation, relu, *pool, acc, out)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def run_row_tiles(padded, weight, bias, groups, dilation, relu, pool, expected_shape):
+    kernel = weight.shape[2:]
+    conv_h, conv_w = (padded.shape[2 + a] - dilation * (kernel[a] - 1) for a in range(2))
+    taps = float_conv_avx2.offsets(padded.shape, kernel, (1, 1), (dilation,) * 2, weight.shape[1], (1, 1), 1)[0]
+    step = float_conv_avx2.ROW_TILE_VECTORS * float_conv_avx2.LANES
+    planes = np.empty((float_conv_avx2.ROW_TILE_CHANNELS, -(-((conv_h - 1) * padded.shape[3] + conv_w) // step) * step),
+                      np.float32)
+    out = np.full(expected_shape, np.nan, np.float32)
+    fk.direct_conv_row_tiles(padded, fk.pack_row_tile_weights(weight, groups), taps, bias, relu, *pool,
+                             np.empty(padded[0].size + step, np.float32), planes, out)
+    return out
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 3)]), st.integers(1, 7), st.integers(1, 5),
+       st.integers(1, 2), st.integers(4, 9), st.booleans(), st.sampled_from([(1, 1), (2, 2), (1, 3)]), st.booleans(),
+       st.integers(0, 2**16))
+def test_row_tiled_direct_conv_matches_the_reference(batch, channels_groups, per_group, kernel, dilation, size, relu,
+                                                     pool, integers, seed):
+    """The register row tiles (AVX2) give the portable direct loop's output: to float tolerance on real values,
+    bit for bit on small integers (every sum exact); 1 to 7 output channels per group (one or two blocks of 6)."""
+    if not float_conv_avx2.available():
+        pytest.skip("the register-tiled float convolutions need AVX2 (CPU, Numba's target, NANOOPT_CPU_FEATURES)")
+    in_channels, groups = channels_groups
+    rng = np.random.default_rng(seed)
+    draw = (lambda s: rng.integers(-8, 9, size=s).astype(np.float32)) if integers else \
+        (lambda s: rng.normal(size=s).astype(np.float32))
+    span = dilation * (kernel - 1)
+    padded = draw((batch, in_channels, size + span, size + span + 2))
+    weight = draw((per_group * groups, in_channels // groups, kernel, kernel))
+    bias = draw(per_group * groups)
+    expected = expected_conv(padded, weight, bias, groups, 1, dilation, relu, pool)
+    out = run_row_tiles(padded, weight, bias, groups, dilation, relu, pool, expected.shape)
+    if integers:
+        np.testing.assert_array_equal(out, expected)
+    else:
+        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
 
 
 @SETTINGS
