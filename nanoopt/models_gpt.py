@@ -45,6 +45,7 @@ from nanoopt.data.text import CharTokenizer
 from nanoopt.float_kernels.attention_heads import qkv_heads
 from nanoopt.float_kernels.causal_softmax import causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_
+from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
 from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.float_kernels.residual import bias_residual_
 from nanoopt.nn import init
@@ -353,6 +354,22 @@ class GPT(nn.Module):
             x = add_residual(x, mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
         return linear(lm_head, layer_norm(ln_f, x[:, -1]))  # (B, V)
 
+    def _step_decoder(self, plan: tuple, batch: int) -> StepDecoder | None:
+        """The fused one-token step of :mod:`nanoopt.float_kernels.gpt_step` for ``plan`` (:meth:`_array_plan`),
+        or None where it does not apply: batch > 1, a replaced Linear, a tanh GELU, or an operand not float32."""
+        blocks, (wte, wpe, ln_f, lm_head) = plan
+        if batch != 1 or lm_head[0] is not None or any(block[-1] != "none" for block in blocks):
+            return None
+        layers = [(ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj) for _, _, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, _
+                  in blocks]
+        arrays = [wte, wpe, *ln_f[:2], lm_head[1]] + [a for layer in layers for params in layer for a in params[:2]]
+        if any(a is not None and (not isinstance(a, np.ndarray) or a.dtype != np.float32) for a in arrays) \
+                or len({block[1] for block in blocks}) != 1:
+            return None  # (a replaced Linear's entry is (module, None, None): caught here as a module)
+        weights = [BlockWeights(ln_1, c_attn[1:], c_proj[1:], ln_2, c_fc[1:], mlp_proj[1:], heads)
+                   for (heads, _, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, _) in blocks]
+        return StepDecoder(step_arrays(wte, wpe, weights, ln_f, lm_head[1], blocks[0][1]))
+
     def _new_caches(self, batch: int) -> list[KVCache]:
         dtype = self.transformer["wte"].weight.dtype  # (the head may have been replaced by a quantized layer)
         return [KVCache(batch, block.attn.n_head, self.config.block_size, block.attn.head_dim, dtype)
@@ -383,12 +400,16 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None
         plain = self._plain()
         plan = self._array_plan() if plain else None  # gathered once: the weights do not change while generating
+        decoder = (self._step_decoder(plan, ids.shape[0]) if plain and use_cache and ids.shape[1] <= block
+                   and max_new_tokens > 0 else None)  # float32 at batch 1: one compiled call per cached step
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
                     window = out[:, max(0, length - block):length]
                     if not use_cache:
                         logits = self.forward(window).data[:, -1]
+                    elif decoder is not None and length <= block:  # the tokens its cache has not seen (the prompt,
+                        logits = decoder.feed(out[0, decoder.length:length])  # then one at a time)
                     elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
                         step = window[:, -1:]
                         logits = (self._array_logits(step, caches, plan) if plain
@@ -447,6 +468,22 @@ class GPT(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+class StepDecoder:
+    """The state of :func:`nanoopt.float_kernels.gpt_step.gpt_step` over one generation: its operands, its KV cache
+    and scratch, and ``length``, the number of positions the cache holds."""
+
+    def __init__(self, arrays: StepArrays) -> None:
+        self.arrays, self.buffers, self.length = arrays, StepBuffers.empty(arrays), 0
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        """Run ``tokens`` (1-D ids in range, at most ``block_size - length`` of them, at least one) through the
+        model at the next positions; the last one's logits (1, V), a new array."""
+        for token in tokens:
+            gpt_step(self.arrays, self.buffers, int(token), self.length)
+            self.length += 1
+        return self.buffers.logits[None].copy()
 
 
 def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:
