@@ -23,7 +23,7 @@ def model_with(seed, n_layer=2, n_head=2, n_embd=12, bias=True, block_size=8, vo
 
 
 def decoder_of(model, batch=1):
-    return model._step_decoder(model._array_plan(), batch)
+    return model._step_decoder(batch)
 
 
 @settings(max_examples=12, deadline=None)

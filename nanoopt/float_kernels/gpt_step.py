@@ -117,15 +117,24 @@ class BlockWeights(NamedTuple):
 # ------------------------------------------------------------------------------------------ compiled pieces
 @numba.njit(cache=True, nogil=True)
 def _product(x, rows, weight, cols, out):  # pragma: no cover - compiled
-    """``out[:cols] = sum_k x[k] * weight[k, :cols]`` for k = 0..rows-1 in order (``rows >= 1``)."""
+    """``out[:cols] = sum_k x[k] * weight[k, :cols]`` for k = 0..rows-1 in order (``rows >= 1``). Four rows per
+    pass over ``out`` (the same additions in the same order, a quarter of the loads and stores of ``out``)."""
     first = x[0]
     for n in range(cols):
         out[n] = first * weight[0, n]
-    for k in range(1, rows):
+    k = 1
+    while k + 4 <= rows:
+        a0, a1, a2, a3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        r0, r1, r2, r3 = weight[k], weight[k + 1], weight[k + 2], weight[k + 3]
+        for n in range(cols):
+            out[n] = (((out[n] + a0 * r0[n]) + a1 * r1[n]) + a2 * r2[n]) + a3 * r3[n]
+        k += 4
+    while k < rows:
         value = x[k]
         row = weight[k]
         for n in range(cols):
             out[n] += value * row[n]
+        k += 1
 
 
 @numba.njit(cache=True, nogil=True)
