@@ -16,7 +16,11 @@ whole window; it computes what the cache-less path computes (the same modules, t
 temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
 ``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
 window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
-module overhead, and the last block only for the last position); replaced Linear layers that compute on arrays
+module overhead, and the last block only for the last position), except that a float32 model of stock layers at
+batch 1 runs each cached token through every block in one compiled call
+(:func:`nanoopt.float_kernels.gpt_step.gpt_step`, :class:`StepDecoder`: its own KV cache, the prompt fed token
+by token; equal to the array path to float32 rounding, as that path is to :meth:`GPT.forward`, since a one-token
+step is mostly call overhead around tiny products); replaced Linear layers that compute on arrays
 (``forward_array``, as the weight-only low-bit layers of :mod:`nanoopt.quant.dynamic`) take part; a model with
 hooks or other replaced layers (observed, int8-quantized, pruned) goes through its modules instead. A cache
 therefore pays within the first ``block_size`` positions; beyond, each token costs about one forward pass of the

@@ -9,24 +9,27 @@ from hypothesis import strategies as st
 from nanoopt.float_kernels import gpt_step
 
 
+def assert_same_cache(arrays, fused, reference, length):
+    """The first ``length`` positions of every block's keys and values (its own heads) are equal."""
+    for layer, h in enumerate(arrays.heads):
+        np.testing.assert_array_equal(fused.keys[layer, :h, :, :length], reference.keys[layer, :h, :, :length])
+        np.testing.assert_array_equal(fused.values[layer, :h, :length], reference.values[layer, :h, :length])
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3), heads=st.integers(1, 4), head_dim=st.integers(1, 9),
        hidden=st.integers(1, 40), vocab=st.integers(1, 9), context=st.integers(1, 9), bias=st.booleans())
 def test_kernel_equals_reference_token_after_token(seed, layers, heads, head_dim, hidden, vocab, context, bias):
     rng = np.random.default_rng(seed)
     arrays = gpt_step.random_arrays(rng, layers, heads * head_dim, heads, hidden, vocab, context, bias)
-    fused, reference = gpt_step.StepBuffers.empty(arrays), gpt_step.StepBuffers.empty(arrays)
-    for pos in range(context):
-        token = int(rng.integers(0, vocab))
-        gpt_step.gpt_step(arrays, fused, token, pos)
-        expected = gpt_step.gpt_step_reference(arrays, reference, token, pos)
-        np.testing.assert_array_equal(fused.logits, expected)
-        for layer, h in enumerate(arrays.heads):
-            np.testing.assert_array_equal(fused.keys[layer, :h, :, :pos + 1], reference.keys[layer, :h, :, :pos + 1])
-            np.testing.assert_array_equal(fused.values[layer, :h, :pos + 1], reference.values[layer, :h, :pos + 1])
-    assert np.isfinite(fused.logits).all()
+    buffers = [gpt_step.StepBuffers.empty(arrays) for _ in range(2)]  # the kernel's, the reference's
+    for pos, token in enumerate(rng.integers(0, vocab, size=context).tolist()):
+        gpt_step.gpt_step(arrays, buffers[0], token, pos)
+        np.testing.assert_array_equal(buffers[0].logits, gpt_step.gpt_step_reference(arrays, buffers[1], token, pos))
+        assert_same_cache(arrays, *buffers, pos + 1)
+    assert np.isfinite(buffers[0].logits).all()
     if heads * head_dim > 1:  # (a LayerNorm of one value is 0: nothing to see then)
-        assert np.abs(fused.logits).max() > 0
+        assert np.abs(buffers[0].logits).max() > 0
 
 
 def test_the_reference_is_the_float64_formula_to_float32_rounding():
