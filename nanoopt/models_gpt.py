@@ -16,7 +16,11 @@ whole window; it computes what the cache-less path computes (the same modules, t
 temperature 0 both give identical tokens. Positions are absolute, so once the context is longer than
 ``block_size`` the window slides and every key changes: nothing can be reused, and each step recomputes the
 window. Both paths call the primitives' forwards on arrays (:meth:`GPT._array_logits`: no graph, Tensor or
-module overhead, and the last block only for the last position); replaced Linear layers that compute on arrays
+module overhead, and the last block only for the last position), except that a float32 model of stock layers at
+batch 1 runs each cached token through every block in one compiled call
+(:func:`nanoopt.float_kernels.gpt_step.gpt_step`, :class:`StepDecoder`: its own KV cache, the prompt fed token
+by token; equal to the array path to float32 rounding, as that path is to :meth:`GPT.forward`, since a one-token
+step is mostly call overhead around tiny products); replaced Linear layers that compute on arrays
 (``forward_array``, as the weight-only low-bit layers of :mod:`nanoopt.quant.dynamic`) take part; a model with
 hooks or other replaced layers (observed, int8-quantized, pruned) goes through its modules instead. A cache
 therefore pays within the first ``block_size`` positions; beyond, each token costs about one forward pass of the
@@ -45,6 +49,7 @@ from nanoopt.data.text import CharTokenizer
 from nanoopt.float_kernels.attention_heads import qkv_heads
 from nanoopt.float_kernels.causal_softmax import causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_
+from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
 from nanoopt.float_kernels.layer_norm import layer_norm_rows
 from nanoopt.float_kernels.residual import bias_residual_
 from nanoopt.nn import init
@@ -238,28 +243,39 @@ class GPT(nn.Module):
         return all((type(m) in stock or _array_linear(m)) and not m._forward_hooks and not m._forward_pre_hooks
                    for m in self.modules())
 
-    def _array_plan(self) -> tuple:
+    def _array_plan(self, arrays: StepArrays | None = None) -> tuple:
         """The arrays :meth:`_array_logits` reads, gathered once per generation (module attribute look-ups cost
         more than a one-token step's arithmetic): per block (heads, head_dim, ln_1, c_attn, c_proj, ln_2, c_fc,
         mlp.c_proj, GELU approximation), then (wte, wpe, ln_f, lm_head). A LayerNorm is (weight, bias, eps); a
-        stock Linear is (None, weight, bias), a replaced one with an array forward (module, None, None)."""
+        stock Linear is (None, weight, bias), a replaced one with an array forward (module, None, None). Given
+        ``arrays`` (this model's :class:`~nanoopt.float_kernels.gpt_step.StepArrays`), the stock Linears' ``W^T``
+        are its copies (views) instead of copies of their own."""
         def norm(module: nn.LayerNorm) -> tuple:
             bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
             return module.weight.data, bias, module.eps
 
-        def lin(module: nn.Module) -> tuple:
+        def lin(module: nn.Module, stacked: np.ndarray | None = None) -> tuple:
             if type(module) is not nn.Linear:  # a replaced layer with an array forward (e.g. weight-only low-bit)
                 return module, None, None
             # W^T stored contiguous (a copy per generation): OpenBLAS multiplies by a row-major (in, out) operand
             # about a quarter faster than by the transposed view of W at the window's sizes (the same products;
             # the library may sum them in another order, so equal to the module path to float32 rounding)
-            return None, np.ascontiguousarray(module.weight.data.T), None if module.bias is None else module.bias.data
+            weight_t = np.ascontiguousarray(module.weight.data.T if stacked is None else stacked)
+            return None, weight_t, None if module.bias is None else module.bias.data
 
-        blocks = tuple((block.attn.n_head, block.attn.head_dim, norm(block.ln_1), lin(block.attn.c_attn),
-                        lin(block.attn.c_proj), norm(block.ln_2), lin(block.mlp.c_fc), lin(block.mlp.c_proj),
-                        block.mlp.gelu.approximate) for block in self.transformer["h"])
+        def views(i: int, block: Block) -> tuple:  # block i's W^T in ``arrays`` (padding cut off), or Nones
+            if arrays is None:
+                return None, None, None, None
+            inner, hidden = block.attn.inner_dim, block.mlp.c_fc.out_features
+            return (arrays.w_attn[i, :, :3 * inner], arrays.w_proj[i, :inner], arrays.w_fc[i, :, :hidden],
+                    arrays.w_mlp[i, :hidden])
+
+        blocks = tuple((block.attn.n_head, block.attn.head_dim, norm(block.ln_1), lin(block.attn.c_attn, attn),
+                        lin(block.attn.c_proj, proj), norm(block.ln_2), lin(block.mlp.c_fc, fc),
+                        lin(block.mlp.c_proj, mlp), block.mlp.gelu.approximate)
+                       for i, block in enumerate(self.transformer["h"]) for attn, proj, fc, mlp in [views(i, block)])
         return blocks, (self.transformer["wte"].weight.data, self.transformer["wpe"].weight.data,
-                        norm(self.transformer["ln_f"]), lin(self.lm_head))
+                        norm(self.transformer["ln_f"]), lin(self.lm_head, None if arrays is None else arrays.w_head))
 
     def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None,
                       plan: tuple | None = None) -> np.ndarray:
@@ -353,6 +369,30 @@ class GPT(nn.Module):
             x = add_residual(x, mlp_proj, fc_gelu(c_fc, layer_norm(ln_2, x), approximate))
         return linear(lm_head, layer_norm(ln_f, x[:, -1]))  # (B, V)
 
+    def _step_decoder(self, batch: int) -> StepDecoder | None:
+        """The fused one-token step of :mod:`nanoopt.float_kernels.gpt_step` for this model (its operands copied
+        once, ``W^T`` contiguous), or None where it does not apply: batch > 1, a replaced Linear, a tanh GELU, a
+        LayerNorm without weight, or a parameter not float32. Call on a :meth:`_plain` model."""
+        blocks = list(self.transformer["h"])
+        linears = [self.lm_head] + [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        norms = [self.transformer["ln_f"]] + [m for b in blocks for m in (b.ln_1, b.ln_2)]
+        if (batch != 1 or any(type(m) is not nn.Linear for m in linears) or any(m.weight is None for m in norms)
+                or any(b.mlp.gelu.approximate != "none" or b.attn.head_dim != blocks[0].attn.head_dim for b in blocks)
+                or any(p.dtype != np.float32 for p in self.parameters())):
+            return None
+
+        def norm(module: nn.LayerNorm) -> tuple:
+            return module.weight.data, None if module.bias is None else module.bias.data, module.eps
+
+        def lin(module: nn.Linear) -> tuple:
+            return module.weight.data.T, None if module.bias is None else module.bias.data
+
+        weights = [BlockWeights(norm(b.ln_1), lin(b.attn.c_attn), lin(b.attn.c_proj), norm(b.ln_2), lin(b.mlp.c_fc),
+                                lin(b.mlp.c_proj), b.attn.n_head) for b in blocks]
+        return StepDecoder(step_arrays(self.transformer["wte"].weight.data, self.transformer["wpe"].weight.data,
+                                       weights, norm(self.transformer["ln_f"]), self.lm_head.weight.data.T,
+                                       blocks[0].attn.head_dim))
+
     def _new_caches(self, batch: int) -> list[KVCache]:
         dtype = self.transformer["wte"].weight.dtype  # (the head may have been replaced by a quantized layer)
         return [KVCache(batch, block.attn.n_head, self.config.block_size, block.attn.head_dim, dtype)
@@ -382,13 +422,18 @@ class GPT(nn.Module):
         length = ids.shape[1]
         caches: list[KVCache] | None = None
         plain = self._plain()
-        plan = self._array_plan() if plain else None  # gathered once: the weights do not change while generating
+        decoder = (self._step_decoder(ids.shape[0]) if plain and use_cache and ids.shape[1] <= block
+                   and max_new_tokens > 0 else None)  # float32 at batch 1: one compiled call per cached step
+        # gathered once: the weights do not change while generating (W^T shared with the decoder's copies)
+        plan = self._array_plan(None if decoder is None else decoder.arrays) if plain else None
         try:
             with no_grad():
                 for _ in range(max_new_tokens):
                     window = out[:, max(0, length - block):length]
                     if not use_cache:
                         logits = self.forward(window).data[:, -1]
+                    elif decoder is not None and length <= block:  # the tokens its cache has not seen (the prompt,
+                        logits = decoder.feed(out[0, decoder.length:length])  # then one at a time)
                     elif caches is not None and length <= block:  # the cache holds window[:, :-1]: feed one token
                         step = window[:, -1:]
                         logits = (self._array_logits(step, caches, plan) if plain
@@ -447,6 +492,22 @@ class GPT(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+class StepDecoder:
+    """The state of :func:`nanoopt.float_kernels.gpt_step.gpt_step` over one generation: its operands, its KV cache
+    and scratch, and ``length``, the number of positions the cache holds."""
+
+    def __init__(self, arrays: StepArrays) -> None:
+        self.arrays, self.buffers, self.length = arrays, StepBuffers.empty(arrays), 0
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        """Run ``tokens`` (1-D ids in range, at most ``block_size - length`` of them, at least one) through the
+        model at the next positions; the last one's logits (1, V), a new array."""
+        for token in tokens:
+            gpt_step(self.arrays, self.buffers, int(token), self.length)
+            self.length += 1
+        return self.buffers.logits[None].copy()
 
 
 def resize_block(block: Block, n_head: int, mlp_hidden: int) -> Block:

@@ -11,4 +11,6 @@ integer kernels of :mod:`nanoopt.kernels`: the autograd (``nanoopt.ops``) import
 * :mod:`nanoopt.float_kernels.softmax` -- a row softmax with a fixed summation order;
 * :mod:`nanoopt.float_kernels.attention_heads` and :mod:`nanoopt.float_kernels.residual` -- a linear layer's bias
   added in the pass that follows its product (the heads' layout, the residual addition), for the GPT window.
+* :mod:`nanoopt.float_kernels.gpt_step` -- one token of a float32 GPT (every block, its KV cache, the head) in one
+  call, for the cached steps of :meth:`nanoopt.models_gpt.GPT.generate`.
 """
