@@ -236,11 +236,14 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer["ln_f"](x[:, -1])).data
 
     def _plain(self) -> bool:
-        """True when every submodule is one of the stock layers without hooks (so that the primitives' forwards
-        may be called on the arrays directly); quantized, pruned or hooked models take the module path."""
+        """True when every submodule is one of the stock layers without hooks and their parameters are float32 (so
+        that the primitives' forwards, and the float32 kernels of the fast path, may be called on the arrays
+        directly); quantized, pruned, hooked or float64 models take the module path."""
         stock = (GPT, nn.ModuleDict, nn.ModuleList, Block, CausalSelfAttention, MLP, nn.Linear, nn.LayerNorm,
                  nn.Embedding, nn.Dropout, nn.GELU)
         return all((type(m) in stock or _array_linear(m)) and not m._forward_hooks and not m._forward_pre_hooks
+                   and (type(m) not in stock or all(p is None or p.data.dtype == np.float32
+                                                    for p in m._parameters.values()))
                    for m in self.modules())
 
     def _array_plan(self, arrays: StepArrays | None = None) -> tuple:

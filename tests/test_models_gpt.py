@@ -193,3 +193,15 @@ def test_array_logits_equal_the_forward_and_hooked_models_take_the_module_path()
     hooked = model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8, through the modules
     assert len(seen) == 10
     np.testing.assert_array_equal(hooked, model.generate(ids[:1, :2], 10, temperature=0.0, use_cache=False))
+
+
+def test_a_float64_model_generates_through_the_module_path_with_the_cacheless_tokens():
+    """The fast paths are float32 kernels; a float64 GPT (its forward works) generates too, on the module path."""
+    no.manual_seed(3)
+    model = models.gpt(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    for parameter in model.parameters():
+        parameter.data = parameter.data.astype(np.float64)
+    assert not model._plain()
+    prompt = np.array([[1, 2]])
+    cached = model.generate(prompt, 12, temperature=0.0)  # the window slides after 8 tokens
+    np.testing.assert_array_equal(cached, model.generate(prompt, 12, temperature=0.0, use_cache=False))
