@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from nanoopt.kernels import avx2, avx512
+from nanoopt.kernels import avx2, avx2_linear, avx512
 from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows, pad_nhwc
 from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run, max_pool_planes
@@ -228,14 +228,37 @@ def _linear_for(kind: int):
     return linear
 
 
+def _s8_linear(kind, x, panels, n, k, products, requant, out):
+    """Jitted code only: one int8 linear layer whose epilogue fits int32 on the x86 GEMM of ``kind`` (as
+    :func:`_s8_product`): on plain AVX2 (``avx2.SIGN_MASK``, ``avx2.SEVEN_BIT``, :data:`AVX2_AUTO`) the layer of
+    :mod:`nanoopt.kernels.avx2_linear`, requantized in the register tiles; else the product into ``products``, then
+    the requantization in 32-bit lanes (:func:`nanoopt.kernels.avx2_requant.requantize_rows_s8`)."""
+    raise NotImplementedError("_s8_linear is only callable from Numba-compiled code")
+
+
+@overload(_s8_linear)
+def _s8_linear_typing(kind, x, panels, n, k, products, requant, out):
+    if not (isinstance(kind, types.IntegerLiteral) and kind.literal_value in KINDS.values()):
+        return None
+    fused = {avx2.SIGN_MASK: avx2_linear.linear_s8_avx2_into, avx2.SEVEN_BIT: avx2_linear.linear_s8_avx2_7bit_into,
+             AVX2_AUTO: avx2_linear.linear_s8_avx2_auto_into}.get(kind.literal_value)
+    if fused is not None:
+        def layer(kind, x, panels, n, k, products, requant, out):
+            fused(x, panels, n, k, requant, products, out)
+        return layer
+
+    def product_then_lanes(kind, x, panels, n, k, products, requant, out):
+        _s8_product(kind, x, panels, n, k, products)
+        requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
+    return product_then_lanes
+
+
 def _linear_requant_for(kind: int):
     @njit(cache=True, nogil=True)
     def linear(x, panels, n, k, products, requant, out):
-        """One int8 linear layer whose epilogue fits int32: the product of ``kind`` into ``products`` (M, N) int32,
-        then the requantization in 32-bit lanes (:func:`nanoopt.kernels.avx2_requant.requantize_rows_s8`) into the
-        int8 ``out`` (M, N); ``requant = avx512.requant_s8(...)``."""
-        _s8_product(kind, x, panels, n, k, products)
-        requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
+        """One int8 linear layer whose epilogue fits int32 on the GEMM of ``kind`` (:func:`_s8_linear`) into the
+        int8 ``out`` (M, N); ``requant = avx512.requant_s8(...)``, ``products`` an int32 (M, N) scratch."""
+        _s8_linear(kind, x, panels, n, k, products, requant, out)
     return linear
 
 
@@ -243,8 +266,8 @@ def _linear_requant_for(kind: int):
 def linear_s8_requant_driver(kernel: str):
     """``linear(x, panels, n, k, products, requant, out)``: :func:`linear_s8_driver` for a layer whose epilogue fits
     int32 (``requant = avx512.requant_s8(base_offsets, m0, shift, zero_point, low, high)``, not ``None``), the
-    requantization eight int32 lanes at a time instead of the general Numba epilogue; the same codes. Nothing is
-    compiled until it is called.
+    requantization eight int32 lanes at a time instead of the general Numba epilogue -- on plain AVX2 in the register
+    tiles (:mod:`nanoopt.kernels.avx2_linear`) -- the same codes. Nothing is compiled until it is called.
 
     >>> callable(linear_s8_requant_driver("avx2-7bit"))
     True
