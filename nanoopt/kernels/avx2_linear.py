@@ -66,15 +66,15 @@ _add = lanewise("_add", int32x8, ir.IRBuilder.add, "Lane-wise int32 sum, modulo 
 
 
 @numba.njit(cache=True, _nrt=False)
-def _write_codes(out, row, col, n, tile, m0, shift, zero, below, above):
-    """The int8 codes of a tile of ``len(tile) // 2`` rows x 16 channels (its sums, offsets included) at ``out[row:,
-    col:]``, clipped at column ``n``."""
-    for r in range(len(tile) // VECTORS_PER_TILE):
+def _write_codes(out, row, col, n, tile, vectors, m0, shift, zero, below, above):
+    """The int8 codes of a tile of ``len(tile) // vectors`` rows x ``vectors`` x 8 channels (its sums, offsets
+    included) at ``out[row:, col:]``, clipped at column ``n``."""
+    for r in range(len(tile) // vectors):
         start = (row + r) * n
-        for half in range(VECTORS_PER_TILE):
+        for half in range(vectors):
             c = col + half * LANES
             if c < n:
-                codes = requantize_lanes(tile[VECTORS_PER_TILE * r + half], m0, shift, c, zero, below, above)
+                codes = requantize_lanes(tile[vectors * r + half], m0, shift, c, zero, below, above)
                 if c + LANES <= n:
                     store_codes(out, start + c, codes)
                 else:
@@ -83,46 +83,65 @@ def _write_codes(out, row, col, n, tile, m0, shift, zero, below, above):
 
 
 @numba.njit(cache=True, _nrt=False)
-def _fused_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, row_starts, requant, out):
-    """``out = codes(a @ W.T + offsets)`` by row blocks x panels of ``kind`` register tiles of ``rows`` rows (then 4,
-    2 and 1 for the rows left), the whole K (``groups`` steps) in one block. ``a``, ``a_abs``, ``footer_scale`` and
-    ``row_starts`` as in :func:`nanoopt.kernels.avx2._blocked_product`."""
+def _panel_codes(kind, rows, vectors, a, a_abs, panels, n, groups, padded_k, row_starts, requant, out, p, i0, i1,
+                 start0, start1):  # fmt: skip
+    """Rows ``i0 .. i1 - 1`` of panel ``p``: ``rows``-row register tiles of ``vectors`` x 8 channels (then 4, 2 and 1
+    rows for what is left), requantized into ``out``."""
     numba.literally(kind)
     numba.literally(rows)
-    offsets, m0, shift = requant[0], requant[1], requant[2]
+    numba.literally(vectors)
+    m0, shift = requant[1], requant[2]
     zero = np.int32(requant[3])
     below, above = np.int32(requant[4] - requant[3]), np.int32(requant[5] - requant[3])
-    panel_size = (groups + 1) * S8_STEP  # the panels end with the row-sum footer
     add_rows = row_starts.shape[0] > 0
+    col = p * PANEL_COLUMNS
+    w_offset = p * (groups + 1) * S8_STEP  # the panels end with the row-sum footer
+    i = i0
+    while i + rows <= i1:
+        tile = _tile(kind, rows, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                     row_starts, i, add_rows)  # fmt: skip
+        _write_codes(out, i, col, n, tile, vectors, m0, shift, zero, below, above)
+        i += rows
+    if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
+        tile4 = _tile(kind, 4, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                      row_starts, i, add_rows)  # fmt: skip
+        _write_codes(out, i, col, n, tile4, vectors, m0, shift, zero, below, above)
+        i += 4
+    if i + 2 <= i1:
+        tile2 = _tile(kind, 2, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                      row_starts, i, add_rows)  # fmt: skip
+        _write_codes(out, i, col, n, tile2, vectors, m0, shift, zero, below, above)
+        i += 2
+    if i < i1:
+        tile1 = _tile(kind, 1, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                      row_starts, i, add_rows)  # fmt: skip
+        _write_codes(out, i, col, n, tile1, vectors, m0, shift, zero, below, above)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _fused_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, row_starts, requant, out):
+    """``out = codes(a @ W.T + offsets)`` by row blocks x panels of ``kind`` register tiles of ``rows`` rows, the
+    whole K (``groups`` steps) in one block; a last panel with at most 8 channels left takes tiles of one vector
+    (half the products of a whole panel). ``a``, ``a_abs``, ``footer_scale`` and ``row_starts`` as in
+    :func:`nanoopt.kernels.avx2._blocked_product`."""
+    numba.literally(kind)
+    numba.literally(rows)
+    offsets = requant[0]
+    panel_size = (groups + 1) * S8_STEP
     m = a.shape[0]
     for i0 in range(0, m, ROW_BLOCK):
         i1 = min(m, i0 + ROW_BLOCK)
         for p in range(panels.shape[0]):
             col = p * PANEL_COLUMNS
-            w_offset = p * panel_size
-            footer = w_offset + groups * S8_STEP
+            footer = p * panel_size + groups * S8_STEP
             start0 = _add(_load(offsets, col), _times(_load(panels, footer), footer_scale))
             start1 = _add(_load(offsets, col + LANES), _times(_load(panels, footer + 32), footer_scale))
-            i = i0
-            while i + rows <= i1:
-                tile = _tile(kind, rows, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                             row_starts, i, add_rows)  # fmt: skip
-                _write_codes(out, i, col, n, tile, m0, shift, zero, below, above)
-                i += rows
-            if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
-                tile4 = _tile(kind, 4, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                              row_starts, i, add_rows)  # fmt: skip
-                _write_codes(out, i, col, n, tile4, m0, shift, zero, below, above)
-                i += 4
-            if i + 2 <= i1:
-                tile2 = _tile(kind, 2, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                              row_starts, i, add_rows)  # fmt: skip
-                _write_codes(out, i, col, n, tile2, m0, shift, zero, below, above)
-                i += 2
-            if i < i1:
-                tile1 = _tile(kind, 1, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                              row_starts, i, add_rows)  # fmt: skip
-                _write_codes(out, i, col, n, tile1, m0, shift, zero, below, above)
+            if n - col > LANES:
+                _panel_codes(kind, rows, VECTORS_PER_TILE, a, a_abs, panels, n, groups, padded_k, row_starts, requant,
+                             out, p, i0, i1, start0, start1)  # fmt: skip
+            else:
+                _panel_codes(kind, rows, 1, a, a_abs, panels, n, groups, padded_k, row_starts, requant, out, p, i0,
+                             i1, start0, start1)  # fmt: skip
 
 
 @numba.njit(cache=True)
