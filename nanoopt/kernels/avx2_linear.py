@@ -65,7 +65,7 @@ __all__ = ["linear_s8_avx2_7bit_into", "linear_s8_avx2_auto_into", "linear_s8_av
 _add = lanewise("_add", int32x8, ir.IRBuilder.add, "Lane-wise int32 sum, modulo 2**32.")
 
 
-@numba.njit(cache=True, _nrt=False)
+@numba.njit(cache=True, _nrt=False, inline="always")
 def _write_codes(out, row, col, n, tile, vectors, m0, shift, zero, below, above):
     """The int8 codes of a tile of ``len(tile) // vectors`` rows x ``vectors`` x 8 channels (its sums, offsets
     included) at ``out[row:, col:]``, clipped at column ``n``."""
