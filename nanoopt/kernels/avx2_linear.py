@@ -23,15 +23,6 @@ requantization is the specification's, so the result equals :func:`nanoopt.kerne
 :func:`nanoopt.kernels.reference.quantized_linear` bit for bit (``tests/kernels/test_avx2_linear.py``). Speed:
 ``docs/kernels.md``. Call only where :func:`nanoopt.kernels.avx2.available` (compiling for a target without AVX2
 aborts the process).
-
->>> from nanoopt.kernels.avx512 import linear_s8_reference, requant_s8
->>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
->>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
->>> out, scratch = np.empty((1, 2), np.int8), np.empty((1, 2), np.int32)
->>> if avx2.available(): linear_s8_avx2_auto_into(x, avx2.pack_weights_s8(w).panels, 2, 2, requant, scratch, out)
-... else: out[:] = linear_s8_reference(x, w, requant)
->>> out
-array([[  9, -11]], dtype=int8)
 """
 
 from __future__ import annotations
@@ -39,6 +30,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
+from numba import types
+from numba.extending import overload
 
 from nanoopt.kernels import avx2
 from nanoopt.kernels.avx2 import (
@@ -164,6 +157,53 @@ def _requantize_products(products, requant, out):
     requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
 
 
+AUTO = -1  # the kind of _layer that chooses the 7-bit or the sign-mask tile per call, from the codes
+
+
+def _unfused_product(kind, x, panels, n, k, products):
+    """Jitted code only: ``products = x @ W.T`` with the AVX2 GEMM of ``kind`` (SIGN_MASK, SEVEN_BIT or AUTO)."""
+    raise NotImplementedError("_unfused_product is only callable from Numba-compiled code")
+
+
+@overload(_unfused_product)
+def _unfused_product_typing(kind, x, panels, n, k, products):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    gemm = {SIGN_MASK: avx2.gemm_s8s8s32_avx2_into, SEVEN_BIT: avx2.gemm_s8s8s32_avx2_7bit_into,
+            AUTO: avx2.gemm_s8s8s32_avx2_auto_into}.get(kind.literal_value)
+    if gemm is None:
+        return None
+
+    def product(kind, x, panels, n, k, products):
+        gemm(x, panels, n, k, products)
+
+    return product
+
+
+@numba.njit(cache=True)
+def _layer(kind, x, panels, n, k, requant, products, out):
+    """The layer of ``kind`` (a constant): SIGN_MASK, SEVEN_BIT (codes outside [-64, 63] refused) or AUTO."""
+    numba.literally(kind)
+    groups, fused = _check(x, panels, n, k, requant, products, out)
+    if not fused:
+        if groups:
+            _unfused_product(kind, x, panels, n, k, products)
+        _requantize_products(products, requant, out)
+        return
+    padded_k = groups * S8_GROUP
+    if kind != SIGN_MASK:
+        shifted, fits = seven_bit_codes(x, padded_k)  # (M, K padded), x + 64 as unsigned bytes
+        if fits:
+            _fused_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, padded_k, -64,
+                           np.empty(0, np.int32), requant, out)  # fmt: skip
+            return
+        if kind == SEVEN_BIT:
+            raise ValueError("linear_s8_avx2_7bit_into: x has codes outside [-64, 63]; use linear_s8_avx2_into (any "
+                             "int8 codes) or linear_s8_avx2_auto_into")
+    masks, magnitudes, starts = sign_split(x, padded_k)  # (M, K padded) x 2, (M,)
+    _fused_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, padded_k, 0, starts, requant, out)
+
+
 @numba.njit(cache=True)
 def linear_s8_avx2_into(x: np.ndarray, panels: np.ndarray, n: int, k: int, requant: tuple, products: np.ndarray,
                         out: np.ndarray) -> None:  # fmt: skip
@@ -181,15 +221,7 @@ def linear_s8_avx2_into(x: np.ndarray, panels: np.ndarray, n: int, k: int, requa
     >>> out
     array([[-128,   58]], dtype=int8)
     """
-    groups, fused = _check(x, panels, n, k, requant, products, out)
-    if not fused:
-        if groups:
-            avx2.gemm_s8s8s32_avx2_into(x, panels, n, k, products)
-        _requantize_products(products, requant, out)
-        return
-    padded_k = groups * S8_GROUP
-    masks, magnitudes, starts = sign_split(x, padded_k)  # (M, K padded) x 2, (M,)
-    _fused_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, padded_k, 0, starts, requant, out)
+    _layer(SIGN_MASK, x, panels, n, k, requant, products, out)
 
 
 @numba.njit(cache=True)
@@ -198,28 +230,16 @@ def linear_s8_avx2_7bit_into(x: np.ndarray, panels: np.ndarray, n: int, k: int, 
     """:func:`linear_s8_avx2_into` for codes ``x`` in [-64, 63] (7-bit activations): the 3-instruction tile on ``x +
     64`` (:func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_7bit_into`); a code outside is refused (``ValueError``).
 
-    >>> from nanoopt.kernels.avx512 import linear_s8_reference, requant_s8
-    >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[10, -3]], np.int8)
-    >>> requant = requant_s8(np.array([1, 0]), np.array([2**30, 2**30]), np.array([0, 0]), 0, -128, 127)
-    >>> out, scratch = np.empty((1, 2), np.int8), np.empty((1, 2), np.int32)
-    >>> if avx2.available(): linear_s8_avx2_7bit_into(x, avx2.pack_weights_s8(w).panels, 2, 2, requant, scratch, out)
-    ... else: out[:] = linear_s8_reference(x, w, requant)
-    >>> out
-    array([[  9, -11]], dtype=int8)
+    >>> from nanoopt.kernels.avx512 import requant_s8
+    >>> codes, weights = np.array([[63, -64, 5]], np.int8), np.array([[1, 1, 2], [127, 127, -127]], np.int8)
+    >>> constants = requant_s8(np.zeros(2), np.full(2, 2**30), np.array([0, 3]), 0, 0, 127)  # x / 2, x / 16; ReLU
+    >>> result = np.zeros((1, 2), np.int8)
+    >>> _ = avx2.available() and linear_s8_avx2_7bit_into(codes, avx2.pack_weights_s8(weights).panels, 2, 3,
+    ...                                                   constants, np.empty((1, 2), np.int32), result)
+    >>> result.tolist() if avx2.available() else [[5, 0]]  # 9 / 2 rounds to 5; -762 / 16 clamps to 0
+    [[5, 0]]
     """
-    groups, fused = _check(x, panels, n, k, requant, products, out)
-    if not fused:
-        if groups:
-            avx2.gemm_s8s8s32_avx2_7bit_into(x, panels, n, k, products)
-        _requantize_products(products, requant, out)
-        return
-    padded_k = groups * S8_GROUP
-    shifted, fits = seven_bit_codes(x, padded_k)  # (M, K padded), x + 64 as unsigned bytes
-    if not fits:
-        raise ValueError("linear_s8_avx2_7bit_into: x has codes outside [-64, 63]; use linear_s8_avx2_into (any int8 "
-                         "codes) or linear_s8_avx2_auto_into")
-    _fused_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, padded_k, -64, np.empty(0, np.int32),
-                   requant, out)  # fmt: skip
+    _layer(SEVEN_BIT, x, panels, n, k, requant, products, out)
 
 
 @numba.njit(cache=True)
@@ -227,19 +247,18 @@ def linear_s8_avx2_auto_into(x: np.ndarray, panels: np.ndarray, n: int, k: int, 
                              products: np.ndarray, out: np.ndarray) -> None:  # fmt: skip
     """:func:`linear_s8_avx2_into` with the tile chosen per call from the codes of ``x``: the 7-bit tile when every
     code lies in [-64, 63], else the sign mask (the check is the pass that prepares the 7-bit operand, stopped at the
-    first row with a code outside). Same arguments and result."""
-    groups, fused = _check(x, panels, n, k, requant, products, out)
-    if not fused:
-        if groups:
-            avx2.gemm_s8s8s32_avx2_auto_into(x, panels, n, k, products)
-        _requantize_products(products, requant, out)
-        return
-    padded_k = groups * S8_GROUP
-    shifted, fits = seven_bit_codes(x, padded_k)  # (M, K padded)
-    if fits:
-        _fused_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, padded_k, -64,
-                       np.empty(0, np.int32), requant, out)  # fmt: skip
-    else:
-        masks, magnitudes, starts = sign_split(x, padded_k)  # (M, K padded) x 2, (M,)
-        _fused_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, padded_k, 0, starts, requant, out)
+    first row with a code outside). Same arguments and result.
 
+    >>> from nanoopt.kernels.avx512 import linear_s8_reference, requant_s8
+    >>> w = np.array([[3, -1, 2]], np.int8)
+    >>> constants = requant_s8(np.array([10]), np.array([2**30]), np.array([1]), -5, -128, 127)
+    >>> for row in ([1, 2, 3], [-128, 2, 3]):  # the 7-bit tile, then the sign mask
+    ...     x, out = np.array([row], np.int8), np.empty((1, 1), np.int8)
+    ...     if avx2.available(): linear_s8_avx2_auto_into(x, avx2.pack_weights_s8(w).panels, 1, 3, constants,
+    ...                                                   np.empty((1, 1), np.int32), out)
+    ...     else: out[:] = linear_s8_reference(x, w, constants)
+    ...     print(int(out[0, 0]))
+    0
+    -98
+    """
+    _layer(AUTO, x, panels, n, k, requant, products, out)

@@ -29,6 +29,19 @@ def run(layer, x, w, requant):
     return out
 
 
+def random_layer(rng, m, k, n, low, extremes):
+    """Codes (M, K) from ``[low, -low)``, weights (N, K) and the layer's constants: uniform, or only the extremes."""
+    if extremes:
+        x = rng.choice(np.array([low, low + 1, -1, 0, 1, -low - 1], np.int8), size=(m, k))
+        w = rng.choice(np.array([-127, -1, 0, 1, 127], np.int8), size=(n, k))
+    else:
+        x, w = rng.integers(low, -low, size=(m, k)).astype(np.int8), rng.integers(-127, 128, (n, k)).astype(np.int8)
+    layer = {"bias": rng.integers(-(2**20), 2**20, size=n).astype(np.int32), "x_zp": int(rng.integers(low, -low)),
+             "m0": rng.integers(2**30, 2**31, size=n).astype(np.int32), "out_zp": int(rng.integers(-128, 128)),
+             "shift": rng.integers(0, 31, size=n).astype(np.int32)}
+    return x, w, layer
+
+
 def reference_layer(x, w, bias, x_zp, m0, shift, out_zp, relu):
     """The specification's layer and the constants of the fused epilogue for it."""
     spec = QuantSpec()
@@ -44,25 +57,14 @@ def reference_layer(x, w, bias, x_zp, m0, shift, out_zp, relu):
        relu=st.booleans(), extremes=st.booleans())
 def test_fused_layer_equals_the_reference_layer(linear, name, m, k, n, seed, relu, extremes):
     """m up to 11: whole 4-row tiles and every remainder (2 + 1 rows); n across partial panels."""
-    rng = np.random.default_rng(seed)
-    low = -64 if name == "7bit" else -128
-    if extremes:
-        x = rng.choice(np.array([low, low + 1, -1, 0, 1, -low - 1], np.int8), size=(m, k))
-        w = rng.choice(np.array([-127, -1, 0, 1, 127], np.int8), size=(n, k))
-    else:
-        x = rng.integers(low, -low, size=(m, k)).astype(np.int8)
-        w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
-    bias = rng.integers(-(2**20), 2**20, size=n).astype(np.int32)
-    x_zp, out_zp = int(rng.integers(low, -low)), int(rng.integers(-128, 128))
-    m0 = rng.integers(2**30, 2**31, size=n).astype(np.int32)
-    shift = rng.integers(0, 31, size=n).astype(np.int32)
-    expected, requant = reference_layer(x, w, bias, x_zp, m0, shift, out_zp, relu)
+    x, w, layer = random_layer(np.random.default_rng(seed), m, k, n, -64 if name == "7bit" else -128, extremes)
+    expected, requant = reference_layer(x, w, relu=relu, **layer)
     np.testing.assert_array_equal(run(getattr(linear, LAYERS[name]), x, w, requant), expected)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_sums_at_the_ends_of_int32(linear, name):
-    """Offsets that take ``product + offset`` to within one of INT32_MAX and INT32_MIN (the contract's limit), with
+    """Offsets that take ``product + offset`` to INT32_MAX and INT32_MIN exactly (the contract's limits), with
     the smallest and the largest multipliers and shifts: the epilogue sees the extreme sums."""
     k, n = 64, 16
     low = -64 if name == "7bit" else -128
