@@ -45,7 +45,9 @@ How it is fast (all in this file, top to bottom):
 * **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
   that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
   A use tiles of 4, 2 and 1 rows; the 1-row tile keeps even and odd K steps in two sets of accumulators (4
-  independent chains, so that one row of A is not bound by the latency of the accumulating instruction).
+  independent chains, so that one row of A is not bound by the latency of the accumulating instruction). A tile
+  may also take one weight vector (8 channels, the first half of a panel): the fused layer of
+  :mod:`nanoopt.kernels.avx2_linear` uses it for a last panel with at most 8 channels left.
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values and rows into blocks of ``ROW_BLOCK``
   (one panel block and one A block fit L2); the int32 tile is added to ``out`` after each K block.
 

@@ -15,6 +15,10 @@ those of the AVX-512 kernel's fused epilogue (:func:`nanoopt.kernels.avx512.requ
 whole panels). Nothing here names an x86 instruction (plain LLVM vector IR), so it compiles for any target; it is
 fast where the target has AVX2.
 
+The same arithmetic is available to jitted code on a register (:func:`requantize_lanes`, with
+:func:`store_codes` for the eight bytes), for the register tiles that requantize their accumulators where they are
+(:mod:`nanoopt.kernels.avx2_linear`).
+
 The NumPy reference is :func:`requantize_rows_s8_reference` (the specification's
 :func:`nanoopt.spec.multiply_by_quantized_multiplier`); the kernel equals it bit for bit (tested with hypothesis).
 
