@@ -123,16 +123,14 @@ def tile_loops() -> dict[str, list[str]]:
                                 avx2.pack_weights_s16(w).panels, 16, 64, np.empty((m, 16), np.int64))
         avx2.gemm_s8s8s32_avx2_7bit_into(rng.integers(-64, 64, size=(m, 64)).astype(np.int8),
                                          avx2.pack_weights_s8(w).panels, 16, 64, np.empty((m, 16), np.int32))
-    for n in (16, 8):  # the fused int8 layer (avx2_linear): whole panels, and a last panel of one vector
-        requant = avx512.requant_s8(np.zeros(n), np.full(n, 2**30), np.zeros(n), 0, -128, 127)
-        packed = avx2.pack_weights_s8(w[:n])
-        for layer, low in ((avx2_linear.linear_s8_avx2_into, -128), (avx2_linear.linear_s8_avx2_7bit_into, -64)):
-            layer(rng.integers(low, -low, size=(4, 64)).astype(np.int8), packed.panels, n, 64, requant,
-                  np.empty((4, n), np.int32), np.empty((4, n), np.int8))
-    for signature, asm in avx2_linear._panel_codes.inspect_asm().items():
+    requant = avx512.requant_s8(np.zeros(16), np.full(16, 2**30), np.zeros(16), 0, -128, 127)
+    for layer, low in ((avx2_linear.linear_s8_avx2_into, -128), (avx2_linear.linear_s8_avx2_7bit_into, -64)):
+        layer(rng.integers(low, -low, size=(4, 64)).astype(np.int8), avx2.pack_weights_s8(w).panels, 16, 64, requant,
+              np.empty((4, 16), np.int32), np.empty((4, 16), np.int8))  # the fused layer (avx2_linear)
+    for signature, asm in avx2_linear._fused_product.inspect_asm().items():
         evex = EVEX_ONLY.search(asm)
         if evex:
-            raise SystemExit(f"the target is not AVX2-only: {evex.group(0)!r} in the code of _panel_codes{signature}")
+            raise SystemExit(f"the target is not AVX2-only: {evex.group(0)!r} in the code of _fused_product{signature}")
     loops = {}
     for signature, asm in avx2._tile.inspect_asm().items():
         evex = EVEX_ONLY.search(asm)

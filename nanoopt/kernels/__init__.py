@@ -396,26 +396,13 @@ class PreparedLinear:
         self.plan.check_input(x_q)
         if self.requant_s8() is not None:
             return _avx512_linear(self, x_q)
-        constants = self.requant_lanes() if x_q.dtype == np.int8 else None
-        if constants is not None and (x_q.shape[0] < 2 * AVX2_PARALLEL_MIN_ROWS or numba.get_num_threads() == 1):
-            return _avx2_linear(self, x_q, constants)
         products = _avx2_products(self.weights, x_q)
+        constants = self.requant_lanes() if products.dtype == np.int32 else None
         if constants is None:
             return self.plan.finish(products)
         out = np.empty(products.shape, np.int8)  # (M, N)
         requantize_rows_s8(products, *constants[:6], out)
         return out
-
-
-def _avx2_linear(layer: PreparedLinear, x_q: np.ndarray, constants: tuple) -> np.ndarray:
-    """The int8 layer on one thread through the requantizing x86 driver (on plain AVX2 requantized in the register
-    tiles, :mod:`nanoopt.kernels.avx2_linear`; the tile chosen per call from the codes)."""
-    packed = layer.weights.avx2_s8()
-    out = np.empty((x_q.shape[0], packed.n), np.int8)  # (M, N)
-    products = np.empty((x_q.shape[0], packed.n), np.int32)  # scratch: the AVX-VNNI product, or K past one block
-    linear = x86_glue.linear_s8_requant_driver(x86_glue.s8_kernel_for_codes(x86_glue.s8_kernel()))
-    linear(np.ascontiguousarray(x_q), packed.panels, packed.n, packed.k, products, constants, out)
-    return out
 
 
 def _avx512_linear(layer: PreparedLinear, x_q: np.ndarray) -> np.ndarray:

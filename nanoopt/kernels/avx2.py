@@ -45,9 +45,7 @@ How it is fast (all in this file, top to bottom):
 * **Register tiles.** AVX2: 4 rows of A times 2 weight vectors, 8 int32x8 accumulators (4 x 16 outputs)
   that stay in registers during a K block. AVX-VNNI: 6 rows x 2 vectors. Rows left over at the bottom of
   A use tiles of 4, 2 and 1 rows; the 1-row tile keeps even and odd K steps in two sets of accumulators (4
-  independent chains, so that one row of A is not bound by the latency of the accumulating instruction). A tile
-  may also take one weight vector (8 channels, the first half of a panel): the fused layer of
-  :mod:`nanoopt.kernels.avx2_linear` uses it for a last panel with at most 8 channels left.
+  independent chains, so that one row of A is not bound by the latency of the accumulating instruction).
 * **Blocking.** K is cut into blocks of ``S8_BLOCK_K`` values and rows into blocks of ``ROW_BLOCK``
   (one panel block and one A block fit L2); the int32 tile is added to ``out`` after each K block.
 
@@ -246,30 +244,25 @@ def _literal(value):
 
 
 @intrinsic
-def _tile_start(typingctx, rows, vectors, start0, start1):
-    """A register tile of ``rows`` x ``vectors`` x 8 channels (compile-time constants; ``vectors`` 1 or 2):
-    ``(start0, start1)`` per row, or ``start0`` for one vector."""
-    if _literal(rows) is None or _literal(vectors) not in (1, 2) or not (start0 == int32x8 and start1 == int32x8):
+def _tile_start(typingctx, rows, start0, start1):
+    """A register tile of ``rows`` (a compile-time constant) x 16 channels: ``(start0, start1)`` per row."""
+    if _literal(rows) is None or not (start0 == int32x8 and start1 == int32x8):
         return None
-    count, width = _literal(rows), _literal(vectors)
+    count = _literal(rows)
 
     def codegen(context, builder, signature, args):
-        return context.make_tuple(builder, signature.return_type, [args[2], args[3]][:width] * count)
+        return context.make_tuple(builder, signature.return_type, [args[1], args[2]] * count)
 
-    return types.UniTuple(int32x8, width * count)(rows, vectors, start0, start1), codegen
+    return types.UniTuple(int32x8, 2 * count)(rows, start0, start1), codegen
 
 
 @intrinsic
-def _tile_step(typingctx, kind, vectors, tile, a, a_abs, a_offset, a_stride, panels, w_offset):
-    """One K step of a register tile: ``vectors`` (a constant, 1 or 2) weight vectors from ``panels[w_offset:]``,
-    and per row ``r`` a 4-byte broadcast of ``a[a_offset + r a_stride]`` (and of ``a_abs`` for the sign mask)
-    multiplied into accumulators ``2 r`` (channels 0-7) and ``2 r + 1`` (channels 8-15), or ``r`` (channels 0-7)
-    for one vector. ``kind``: SIGN_MASK, VNNI, S16 or SEVEN_BIT (a constant)."""
+def _tile_step(typingctx, kind, tile, a, a_abs, a_offset, a_stride, panels, w_offset):
+    """One K step of a register tile: two weight vectors from ``panels[w_offset:]``, and per row ``r`` a 4-byte
+    broadcast of ``a[a_offset + r a_stride]`` (and of ``a_abs`` for the sign mask) multiplied into accumulators
+    ``2 r`` (channels 0-7) and ``2 r + 1`` (channels 8-15). ``kind``: SIGN_MASK, VNNI or S16 (a constant)."""
     if _literal(kind) not in _PRODUCTS or not (isinstance(tile, types.UniTuple) and tile.dtype == int32x8):
         return None
-    if _literal(vectors) not in (1, 2):
-        return None
-    width = _literal(vectors)
     product, second_vector, dtype = _PRODUCTS[_literal(kind)]
     if not (is_c_array(a, dtype) and is_c_array(a_abs, dtype) and is_c_array(panels, dtype)):
         return None
@@ -277,29 +270,29 @@ def _tile_step(typingctx, kind, vectors, tile, a, a_abs, a_offset, a_stride, pan
         return None
 
     def codegen(context, builder, signature, args):
-        _, _, tile_value, a_value, abs_value, offset, stride, panels_value, w_start = args
-        _, _, tile_type, a_type, abs_type, offset_type, stride_type, panels_type, w_type = signature.args
+        _, tile_value, a_value, abs_value, offset, stride, panels_value, w_start = args
+        _, tile_type, a_type, abs_type, offset_type, stride_type, panels_type, w_type = signature.args
         offset = context.cast(builder, offset, offset_type, types.intp)
         stride = context.cast(builder, stride, stride_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
         vectors = []
-        for shift in (0, second_vector)[:width]:
+        for shift in (0, second_vector):
             where = builder.add(w_start, ir.Constant(w_start.type, shift))
             pointer = element_pointer(context, builder, panels_type, panels_value, types.intp, where)
             vectors.append(builder.load(builder.bitcast(pointer, I32X8.as_pointer()), align=1))
         values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
-        for row in range(tile_type.count // width):
+        for row in range(tile_type.count // VECTORS_PER_TILE):
             row_offset = builder.add(offset, builder.mul(stride, ir.Constant(stride.type, row)))
             x = _emit_broadcast4(context, builder, a_type, a_value, row_offset)
             x_abs = x
             if product is _emit_madd_s8:
                 x_abs = _emit_broadcast4(context, builder, abs_type, abs_value, row_offset)
             for column, w in enumerate(vectors):
-                index = width * row + column
+                index = VECTORS_PER_TILE * row + column
                 values[index] = product(builder, values[index], x, x_abs, w)
         return context.make_tuple(builder, tile_type, values)
 
-    return tile(kind, vectors, tile, a, a_abs, a_offset, a_stride, panels, w_offset), codegen
+    return tile(kind, tile, a, a_abs, a_offset, a_stride, panels, w_offset), codegen
 
 
 @intrinsic
@@ -318,25 +311,23 @@ def _tile_sum(typingctx, first, second):
 
 
 @intrinsic
-def _tile_add_rows(typingctx, tile, vectors, values, row):
-    """``tile`` (``vectors`` per row, a constant) with ``values[row + r]`` (int32, all lanes) added to the vectors
-    of its row ``r`` (modulo 2**32)."""
+def _tile_add_rows(typingctx, tile, values, row):
+    """``tile`` with ``values[row + r]`` (int32, all lanes) added to both vectors of its row ``r`` (modulo 2**32)."""
     if not (isinstance(tile, types.UniTuple) and tile.dtype == int32x8 and is_c_array(values, types.int32)
-            and isinstance(row, types.Integer) and _literal(vectors) in (1, 2)):
+            and isinstance(row, types.Integer)):
         return None
-    width = _literal(vectors)
 
     def codegen(context, builder, signature, args):
-        tile_type, _, values_type, row_type = signature.args
-        first = context.cast(builder, args[3], row_type, types.intp)
+        tile_type, values_type, row_type = signature.args
+        first = context.cast(builder, args[2], row_type, types.intp)
         result = []
         for index in range(tile_type.count):
-            where = builder.add(first, ir.Constant(first.type, index // width))
-            value = builder.load(element_pointer(context, builder, values_type, args[2], types.intp, where))
+            where = builder.add(first, ir.Constant(first.type, index // VECTORS_PER_TILE))
+            value = builder.load(element_pointer(context, builder, values_type, args[1], types.intp, where))
             result.append(builder.add(builder.extract_value(args[0], index), splat(builder, value, I32X8)))
         return context.make_tuple(builder, tile_type, result)
 
-    return tile(tile, vectors, values, row), codegen
+    return tile(tile, values, row), codegen
 
 
 @intrinsic
@@ -396,11 +387,10 @@ def _lane(typingctx, vector, index):
 
 
 @numba.njit(cache=True, _nrt=False)
-def _tile(kind, rows, vectors, a, a_abs, a_offset, a_stride, panels, w_offset, steps, start0, start1, row_starts,
-          row, add_rows):
-    """``rows`` x 16 channels (``vectors`` = 2) or x 8 (``vectors`` = 1: the first half of the panel) of ``kind``
-    products over ``steps`` K steps, accumulators starting at ``start0/1`` (plus ``row_starts[row + r]`` in row
-    ``r`` if ``add_rows``).
+def _tile(kind, rows, a, a_abs, a_offset, a_stride, panels, w_offset, steps, start0, start1, row_starts, row,
+          add_rows):
+    """``rows`` x 16 channels of ``kind`` products over ``steps`` K steps, accumulators starting at ``start0/1``
+    (plus ``row_starts[row + r]`` in row ``r`` if ``add_rows``).
 
     SIGN_MASK: ``a`` the sign masks ``a >> 7`` of int8 A and ``a_abs = |A|`` laid out like it (4 K values per
     step); VNNI: ``A + 128`` as bytes, SEVEN_BIT: ``A + 64`` (``a_abs`` unused, pass ``a``); S16: int16 ``a`` and
@@ -408,28 +398,27 @@ def _tile(kind, rows, vectors, a, a_abs, a_offset, a_stride, panels, w_offset, s
     """
     numba.literally(kind)
     numba.literally(rows)
-    numba.literally(vectors)
     group = S16_GROUP if kind == S16 else S8_GROUP
     step_elements = S16_STEP if kind == S16 else S8_STEP
-    accumulators = _tile_start(rows, vectors, start0, start1)
+    accumulators = _tile_start(rows, start0, start1)
     if add_rows:
-        accumulators = _tile_add_rows(accumulators, vectors, row_starts, row)
+        accumulators = _tile_add_rows(accumulators, row_starts, row)
     if rows == 1:  # even and odd K steps in separate accumulators: 4 chains, not bound by the add's latency
         zero = _zero()
-        odd = _tile_start(rows, vectors, zero, zero)
+        odd = _tile_start(rows, zero, zero)
         step = 0
         while step + 1 < steps:
-            accumulators = _tile_step(kind, vectors, accumulators, a, a_abs, a_offset + step * group, a_stride,
-                                      panels, w_offset + step * step_elements)  # fmt: skip
-            odd = _tile_step(kind, vectors, odd, a, a_abs, a_offset + (step + 1) * group, a_stride, panels,
+            accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+                                      w_offset + step * step_elements)  # fmt: skip
+            odd = _tile_step(kind, odd, a, a_abs, a_offset + (step + 1) * group, a_stride, panels,
                              w_offset + (step + 1) * step_elements)  # fmt: skip
             step += 2
         if step < steps:
-            accumulators = _tile_step(kind, vectors, accumulators, a, a_abs, a_offset + step * group, a_stride,
-                                      panels, w_offset + step * step_elements)  # fmt: skip
+            accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+                                      w_offset + step * step_elements)  # fmt: skip
         return _tile_sum(accumulators, odd)
     for step in range(steps):
-        accumulators = _tile_step(kind, vectors, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
+        accumulators = _tile_step(kind, accumulators, a, a_abs, a_offset + step * group, a_stride, panels,
                                   w_offset + step * step_elements)  # fmt: skip
     return accumulators
 
@@ -491,23 +480,23 @@ def _blocked_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_s
                     start1 = _times(_load(panels, footer + 32), footer_scale)
                 i = i0
                 while i + rows <= i1:
-                    tile = _tile(kind, rows, VECTORS_PER_TILE, a, a_abs, i * padded_k + g0 * group, padded_k, panels,
-                                 w_offset, steps, start0, start1, row_starts, i, add_rows)  # fmt: skip
+                    tile = _tile(kind, rows, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                 start0, start1, row_starts, i, add_rows)  # fmt: skip
                     _write_tile(out, i, col, n, tile, accumulate)
                     i += rows
                 if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
-                    tile4 = _tile(kind, 4, VECTORS_PER_TILE, a, a_abs, i * padded_k + g0 * group, padded_k, panels,
-                                  w_offset, steps, start0, start1, row_starts, i, add_rows)  # fmt: skip
+                    tile4 = _tile(kind, 4, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1, row_starts, i, add_rows)  # fmt: skip
                     _write_tile(out, i, col, n, tile4, accumulate)
                     i += 4
                 if i + 2 <= i1:
-                    tile2 = _tile(kind, 2, VECTORS_PER_TILE, a, a_abs, i * padded_k + g0 * group, padded_k, panels,
-                                  w_offset, steps, start0, start1, row_starts, i, add_rows)  # fmt: skip
+                    tile2 = _tile(kind, 2, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1, row_starts, i, add_rows)  # fmt: skip
                     _write_tile(out, i, col, n, tile2, accumulate)
                     i += 2
                 if i < i1:
-                    tile1 = _tile(kind, 1, VECTORS_PER_TILE, a, a_abs, i * padded_k + g0 * group, padded_k, panels,
-                                  w_offset, steps, start0, start1, row_starts, i, add_rows)  # fmt: skip
+                    tile1 = _tile(kind, 1, a, a_abs, i * padded_k + g0 * group, padded_k, panels, w_offset, steps,
+                                  start0, start1, row_starts, i, add_rows)  # fmt: skip
                     _write_tile(out, i, col, n, tile1, accumulate)
 
 

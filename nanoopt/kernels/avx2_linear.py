@@ -17,8 +17,8 @@ The register tiles are those of the AVX2 GEMM (:func:`nanoopt.kernels.avx2._tile
   bytes; the right edge of a partial last panel lane by lane. The int32 products are never written and read back.
 * the activations are prepared by the vector passes of :mod:`nanoopt.kernels.avx2_operands`.
 
-This needs the whole K in one block (``K <= avx2.S8_BLOCK_K``, 4096; longer K: the GEMM into ``products``, then
-:func:`~nanoopt.kernels.avx2_requant.requantize_rows_s8`, the same codes). The products are exact and the
+This needs the whole K in one block (``K <= avx2.S8_BLOCK_K``, 4096; longer K is refused: the callers run the GEMM,
+then :func:`~nanoopt.kernels.avx2_requant.requantize_rows_s8`, the same codes). The products are exact and the
 requantization is the specification's, so the result equals :func:`nanoopt.kernels.avx512.linear_s8_reference` and
 :func:`nanoopt.kernels.reference.quantized_linear` bit for bit (``tests/kernels/test_avx2_linear.py``). Speed:
 ``docs/kernels.md``. Call only where :func:`nanoopt.kernels.avx2.available` (compiling for a target without AVX2
@@ -30,8 +30,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import types
-from numba.extending import overload
 
 from nanoopt.kernels import avx2
 from nanoopt.kernels.avx2 import (
@@ -50,7 +48,7 @@ from nanoopt.kernels.avx2 import (
     _times,
 )
 from nanoopt.kernels.avx2_operands import seven_bit_codes, sign_split
-from nanoopt.kernels.avx2_requant import requantize_lanes, requantize_rows_s8, store_codes
+from nanoopt.kernels.avx2_requant import requantize_lanes, store_codes
 from nanoopt.kernels.llvm_intrinsics import LANES, int32x8, lanewise
 
 __all__ = ["linear_s8_avx2_7bit_into", "linear_s8_avx2_auto_into", "linear_s8_avx2_into"]
@@ -59,15 +57,15 @@ _add = lanewise("_add", int32x8, ir.IRBuilder.add, "Lane-wise int32 sum, modulo 
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _write_codes(out, row, col, n, tile, vectors, m0, shift, zero, below, above):
-    """The int8 codes of a tile of ``len(tile) // vectors`` rows x ``vectors`` x 8 channels (its sums, offsets
-    included) at ``out[row:, col:]``, clipped at column ``n``."""
-    for r in range(len(tile) // vectors):
+def _write_codes(out, row, col, n, tile, m0, shift, zero, below, above):
+    """The int8 codes of a tile of ``len(tile) // 2`` rows x 16 channels (its sums, offsets included) at ``out[row:,
+    col:]``, clipped at column ``n``."""
+    for r in range(len(tile) // VECTORS_PER_TILE):
         start = (row + r) * n
-        for half in range(vectors):
+        for half in range(VECTORS_PER_TILE):
             c = col + half * LANES
             if c < n:
-                codes = requantize_lanes(tile[vectors * r + half], m0, shift, c, zero, below, above)
+                codes = requantize_lanes(tile[VECTORS_PER_TILE * r + half], m0, shift, c, zero, below, above)
                 if c + LANES <= n:
                     store_codes(out, start + c, codes)
                 else:
@@ -76,120 +74,68 @@ def _write_codes(out, row, col, n, tile, vectors, m0, shift, zero, below, above)
 
 
 @numba.njit(cache=True, _nrt=False)
-def _panel_codes(kind, rows, vectors, a, a_abs, panels, n, groups, padded_k, row_starts, requant, out, p, i0, i1,
-                 start0, start1):  # fmt: skip
-    """Rows ``i0 .. i1 - 1`` of panel ``p``: ``rows``-row register tiles of ``vectors`` x 8 channels (then 4, 2 and 1
-    rows for what is left), requantized into ``out``."""
+def _fused_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, row_starts, requant, out):
+    """``out = codes(a @ W.T + offsets)`` by row blocks x panels of ``kind`` register tiles of ``rows`` (<= 4) rows,
+    then 2 and 1 rows for what is left, the whole K (``groups`` steps) in one block. ``a``, ``a_abs``,
+    ``footer_scale`` and ``row_starts`` as in :func:`nanoopt.kernels.avx2._blocked_product`."""
     numba.literally(kind)
     numba.literally(rows)
-    numba.literally(vectors)
-    m0, shift = requant[1], requant[2]
+    offsets, m0, shift = requant[0], requant[1], requant[2]
     zero = np.int32(requant[3])
     below, above = np.int32(requant[4] - requant[3]), np.int32(requant[5] - requant[3])
     add_rows = row_starts.shape[0] > 0
-    col = p * PANEL_COLUMNS
-    w_offset = p * (groups + 1) * S8_STEP  # the panels end with the row-sum footer
-    i = i0
-    while i + rows <= i1:
-        tile = _tile(kind, rows, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                     row_starts, i, add_rows)  # fmt: skip
-        _write_codes(out, i, col, n, tile, vectors, m0, shift, zero, below, above)
-        i += rows
-    if i + 4 <= i1:  # the rows left: 4 + 1, 4, 2 + 1, 2, 1
-        tile4 = _tile(kind, 4, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                      row_starts, i, add_rows)  # fmt: skip
-        _write_codes(out, i, col, n, tile4, vectors, m0, shift, zero, below, above)
-        i += 4
-    if i + 2 <= i1:
-        tile2 = _tile(kind, 2, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                      row_starts, i, add_rows)  # fmt: skip
-        _write_codes(out, i, col, n, tile2, vectors, m0, shift, zero, below, above)
-        i += 2
-    if i < i1:
-        tile1 = _tile(kind, 1, vectors, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
-                      row_starts, i, add_rows)  # fmt: skip
-        _write_codes(out, i, col, n, tile1, vectors, m0, shift, zero, below, above)
-
-
-@numba.njit(cache=True, _nrt=False)
-def _fused_product(kind, rows, a, a_abs, panels, n, groups, padded_k, footer_scale, row_starts, requant, out):
-    """``out = codes(a @ W.T + offsets)`` by row blocks x panels of ``kind`` register tiles of ``rows`` rows, the
-    whole K (``groups`` steps) in one block; a last panel with at most 8 channels left takes tiles of one vector
-    (half the products of a whole panel). ``a``, ``a_abs``, ``footer_scale`` and ``row_starts`` as in
-    :func:`nanoopt.kernels.avx2._blocked_product`."""
-    numba.literally(kind)
-    numba.literally(rows)
-    offsets = requant[0]
-    panel_size = (groups + 1) * S8_STEP
+    panel_size = (groups + 1) * S8_STEP  # the panels end with the row-sum footer
     m = a.shape[0]
     for i0 in range(0, m, ROW_BLOCK):
         i1 = min(m, i0 + ROW_BLOCK)
         for p in range(panels.shape[0]):
             col = p * PANEL_COLUMNS
-            footer = p * panel_size + groups * S8_STEP
+            w_offset = p * panel_size
+            footer = w_offset + groups * S8_STEP
             start0 = _add(_load(offsets, col), _times(_load(panels, footer), footer_scale))
             start1 = _add(_load(offsets, col + LANES), _times(_load(panels, footer + 32), footer_scale))
-            if n - col > LANES:
-                _panel_codes(kind, rows, VECTORS_PER_TILE, a, a_abs, panels, n, groups, padded_k, row_starts, requant,
-                             out, p, i0, i1, start0, start1)  # fmt: skip
-            else:
-                _panel_codes(kind, rows, 1, a, a_abs, panels, n, groups, padded_k, row_starts, requant, out, p, i0,
-                             i1, start0, start1)  # fmt: skip
+            i = i0
+            while i + rows <= i1:
+                tile = _tile(kind, rows, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                             row_starts, i, add_rows)  # fmt: skip
+                _write_codes(out, i, col, n, tile, m0, shift, zero, below, above)
+                i += rows
+            if i + 2 <= i1:  # the rows left below a 4-row tile: 2 + 1, 2, 1
+                tile2 = _tile(kind, 2, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                              row_starts, i, add_rows)  # fmt: skip
+                _write_codes(out, i, col, n, tile2, m0, shift, zero, below, above)
+                i += 2
+            if i < i1:
+                tile1 = _tile(kind, 1, a, a_abs, i * padded_k, padded_k, panels, w_offset, groups, start0, start1,
+                              row_starts, i, add_rows)  # fmt: skip
+                _write_codes(out, i, col, n, tile1, m0, shift, zero, below, above)
 
 
 @numba.njit(cache=True)
 def _check(x, panels, n, k, requant, products, out):
     """Raise ValueError unless the shapes fit (as :func:`nanoopt.kernels.avx2.gemm_s8s8s32_avx2_into`, ``products``
-    (M, n) and ``out`` (M, n), the constants in whole panels); return the number of 4-value groups of K and whether
-    the tiles requantize (the whole K in one block)."""
-    groups = avx2._check_s8_arguments(x, panels, n, k, products)  # zeroes products for K = 0
+    (M, n) and ``out`` (M, n), the constants in whole panels) and K fits one block; return the number of 4-value
+    groups of K."""
+    groups = avx2._check_s8_arguments(x, panels, n, k, products)
     padded_n = (n + PANEL_COLUMNS - 1) // PANEL_COLUMNS * PANEL_COLUMNS
     if requant[0].shape[0] < padded_n or requant[1].shape[0] < padded_n or requant[2].shape[0] < padded_n:
         raise ValueError("linear_s8_avx2_into: the requantization vectors need ceil(n/16)*16 entries")
     if out.shape[0] != x.shape[0] or out.shape[1] != n:
         raise ValueError("linear_s8_avx2_into: out must have shape (x.shape[0], n)")
-    return groups, 0 < groups and groups * S8_GROUP <= S8_BLOCK_K
-
-
-@numba.njit(cache=True)
-def _requantize_products(products, requant, out):
-    """The epilogue on stored int32 products (K = 0, or K longer than one block)."""
-    requantize_rows_s8(products, requant[0], requant[1], requant[2], requant[3], requant[4], requant[5], out)
+    if groups * S8_GROUP > S8_BLOCK_K:
+        raise ValueError("linear_s8_avx2_into: K > S8_BLOCK_K (4096) does not fit the tiles' one K block; use the "
+                         "GEMM, then requantize_rows_s8 (x86_glue.linear_s8_requant_driver with fused=False)")
+    return groups
 
 
 AUTO = -1  # the kind of _layer that chooses the 7-bit or the sign-mask tile per call, from the codes
 
 
-def _unfused_product(kind, x, panels, n, k, products):
-    """Jitted code only: ``products = x @ W.T`` with the AVX2 GEMM of ``kind`` (SIGN_MASK, SEVEN_BIT or AUTO)."""
-    raise NotImplementedError("_unfused_product is only callable from Numba-compiled code")
-
-
-@overload(_unfused_product)
-def _unfused_product_typing(kind, x, panels, n, k, products):
-    if not isinstance(kind, types.IntegerLiteral):
-        return None
-    gemm = {SIGN_MASK: avx2.gemm_s8s8s32_avx2_into, SEVEN_BIT: avx2.gemm_s8s8s32_avx2_7bit_into,
-            AUTO: avx2.gemm_s8s8s32_avx2_auto_into}.get(kind.literal_value)
-    if gemm is None:
-        return None
-
-    def product(kind, x, panels, n, k, products):
-        gemm(x, panels, n, k, products)
-
-    return product
-
-
-@numba.njit(cache=True)
+@numba.njit(inline="always")
 def _layer(kind, x, panels, n, k, requant, products, out):
-    """The layer of ``kind`` (a constant): SIGN_MASK, SEVEN_BIT (codes outside [-64, 63] refused) or AUTO."""
-    numba.literally(kind)
-    groups, fused = _check(x, panels, n, k, requant, products, out)
-    if not fused:
-        if groups:
-            _unfused_product(kind, x, panels, n, k, products)
-        _requantize_products(products, requant, out)
-        return
+    """The layer of ``kind`` (a constant where it is inlined): SIGN_MASK, SEVEN_BIT (codes outside [-64, 63]
+    refused) or AUTO. K = 0 runs too: tiles of no step requantize the offsets."""
+    groups = _check(x, panels, n, k, requant, products, out)
     padded_k = groups * S8_GROUP
     if kind != SIGN_MASK:
         shifted, fits = seven_bit_codes(x, padded_k)  # (M, K padded), x + 64 as unsigned bytes
@@ -209,8 +155,8 @@ def linear_s8_avx2_into(x: np.ndarray, panels: np.ndarray, n: int, k: int, requa
                         out: np.ndarray) -> None:  # fmt: skip
     """One int8 linear layer, any int8 codes ``x``: the sign-mask tile (4 instructions per 32 products), requantized
     in registers. ``x`` int8 (M, K) C-contiguous; ``panels = pack_weights_s8(W).panels``; ``requant =
-    avx512.requant_s8(offsets, m0, shift, zero_point, low, high)``; ``products`` an int32 (M, N) scratch (used only
-    for K = 0 or K > ``S8_BLOCK_K``); ``out`` int8 (M, N), overwritten.
+    avx512.requant_s8(offsets, m0, shift, zero_point, low, high)``; ``products`` an int32 (M, N) array (its shape
+    checked, its values not used); ``out`` int8 (M, N), overwritten. K at most ``avx2.S8_BLOCK_K`` (ValueError).
 
     >>> from nanoopt.kernels.avx512 import linear_s8_reference, requant_s8
     >>> w, x = np.array([[2, 1], [-1, 4]], np.int8), np.array([[-128, -3]], np.int8)

@@ -1,6 +1,6 @@
 """The AVX2 int8 linear layer requantized in its register tiles (nanoopt.kernels.avx2_linear): bit for bit the
 reference layer, for every tile (sign mask, 7-bit, chosen per call), every row count left over below a tile, partial
-panels, sums at the ends of int32, a row block boundary, and K past one block (the unfused path)."""
+panels, sums at the ends of int32, a row block boundary; K past one block refused (the driver takes the product)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoopt.kernels import avx2, avx2_linear, avx512
+from nanoopt.kernels import avx2, avx2_linear, avx512, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.spec import INT32_MAX, QuantSpec
 
@@ -81,16 +81,33 @@ def test_sums_at_the_ends_of_int32(linear, name):
 
 
 @pytest.mark.parametrize("name", ["sign-mask", "auto"])
-def test_rows_across_the_row_block_and_k_past_one_block(linear, name):
-    """ROW_BLOCK + 7 rows (a second row block with a remainder), and K = S8_BLOCK_K + 3 (the unfused path)."""
+def test_rows_across_the_row_block(linear, name):
+    """ROW_BLOCK + 7 rows: a second row block, with a remainder below a whole tile."""
     rng = np.random.default_rng(7)
-    for m, k in ((avx2.ROW_BLOCK + 7, 40), (6, avx2.S8_BLOCK_K + 3)):
-        x = rng.integers(-128, 128, size=(m, k)).astype(np.int8)
-        w = rng.integers(-127, 128, size=(21, k)).astype(np.int8)
-        bias = rng.integers(-1000, 1000, size=21).astype(np.int32)
-        m0 = rng.integers(2**30, 2**31, size=21).astype(np.int32)
-        expected, requant = reference_layer(x, w, bias, 3, m0, np.full(21, 12, np.int32), -2, True)
-        np.testing.assert_array_equal(run(getattr(linear, LAYERS[name]), x, w, requant), expected)
+    x = rng.integers(-128, 128, size=(avx2.ROW_BLOCK + 7, 40)).astype(np.int8)
+    w = rng.integers(-127, 128, size=(21, 40)).astype(np.int8)
+    bias = rng.integers(-1000, 1000, size=21).astype(np.int32)
+    m0 = rng.integers(2**30, 2**31, size=21).astype(np.int32)
+    expected, requant = reference_layer(x, w, bias, 3, m0, np.full(21, 12, np.int32), -2, True)
+    np.testing.assert_array_equal(run(getattr(linear, LAYERS[name]), x, w, requant), expected)
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "avx2-auto"])
+def test_k_past_one_block_is_refused_and_the_driver_takes_the_product(linear, kernel):
+    """K = S8_BLOCK_K + 3 does not fit the tiles' one K block: the fused layer refuses it, and the runtime's driver
+    chosen for that K runs the product, then the requantization (the same codes)."""
+    rng = np.random.default_rng(8)
+    k = avx2.S8_BLOCK_K + 3
+    x = rng.integers(-128, 128, size=(6, k)).astype(np.int8)
+    w = rng.integers(-127, 128, size=(21, k)).astype(np.int8)
+    m0 = rng.integers(2**30, 2**31, size=21).astype(np.int32)
+    expected, requant = reference_layer(x, w, np.zeros(21, np.int32), 3, m0, np.full(21, 12, np.int32), -2, False)
+    with pytest.raises(ValueError, match="S8_BLOCK_K"):
+        run(linear.linear_s8_avx2_into, x, w, requant)
+    out = np.empty((6, 21), np.int8)
+    driver = x86_glue.linear_s8_requant_driver(kernel, k)
+    driver(x, avx2.pack_weights_s8(w).panels, 21, k, np.empty((6, 21), np.int32), requant, out)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_empty_reduction_gives_the_offsets_codes(linear):
