@@ -36,7 +36,8 @@ from numba.extending import intrinsic
 
 from nanoopt.kernels.llvm_intrinsics import I8X32, I32X8, declare, element_pointer, int32x8, is_c_array, load_at
 
-__all__ = ["VECTOR_BYTES", "seven_bit_codes", "seven_bit_codes_reference", "sign_split", "sign_split_reference"]
+__all__ = ["VECTOR_BYTES", "fits_seven_bit", "seven_bit_codes", "seven_bit_codes_reference", "sign_split",
+           "sign_split_reference"]
 
 VECTOR_BYTES = 32  # int8 values per 256-bit register
 
@@ -67,6 +68,21 @@ def _shift_bytes(typingctx, a, source, shifted, target, spill):
         return builder.or_(spill_v, builder.bitcast(moved, I32X8))
 
     return int32x8(a, source, shifted, target, spill), codegen
+
+
+@intrinsic
+def _or_shifted(typingctx, a, source, spill):
+    """``spill | (a[source : source + 32] + 64)`` (bytes wrapping; a flat offset into an int8 C array)."""
+    if not (is_c_array(a, types.int8) and isinstance(source, types.Integer) and spill == int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        source_v = context.cast(builder, args[1], signature.args[1], types.intp)
+        x = load_at(context, builder, signature.args[0], args[0], source_v, I8X32)
+        moved = builder.add(x, ir.Constant(I8X32, [64] * VECTOR_BYTES))
+        return builder.or_(args[2], builder.bitcast(moved, I32X8))
+
+    return int32x8(a, source, spill), codegen
 
 
 @intrinsic
@@ -163,6 +179,23 @@ def seven_bit_codes(a: np.ndarray, padded_k: int) -> tuple:
         if high:
             return shifted, False
     return shifted, True
+
+
+@numba.njit(cache=True)
+def fits_seven_bit(a: np.ndarray) -> bool:
+    """Whether every code of the int8 C array ``a`` lies in [-64, 63]: one read-only pass (the OR of ``a + 64`` as
+    bytes, 32 at a time), for a caller that chooses the 7-bit tile before the product. Equals the second item of
+    :func:`seven_bit_codes_reference`."""
+    flat = a.reshape(a.size)
+    whole = a.size - a.size % VECTOR_BYTES
+    spill = _zero()
+    for j in range(0, whole, VECTOR_BYTES):
+        spill = _or_shifted(flat, j, spill)
+    high = _any_high_byte(spill)
+    for j in range(whole, a.size):
+        value = flat[j]
+        high = high or value < -64 or value > 63
+    return not high
 
 
 @numba.njit(cache=True)

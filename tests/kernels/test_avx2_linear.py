@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoopt import kernels
 from nanoopt.kernels import avx2, avx2_linear, avx512, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.spec import INT32_MAX, QuantSpec
@@ -138,3 +139,17 @@ def test_shapes_are_checked(linear):
     short = tuple(v[:16] if isinstance(v, np.ndarray) and v.dtype == np.int32 else v for v in requant)
     with pytest.raises(ValueError, match="ceil\\(n/16\\)\\*16"):
         linear.linear_s8_avx2_into(x, panels, 20, 8, short, np.empty((2, 20), np.int32), np.empty((2, 20), np.int8))
+
+
+@settings(max_examples=20, deadline=None)
+@given(m=st.integers(1, 9), k=st.sampled_from([1, 31, 64, 100, avx2.S8_BLOCK_K + 1]), n=st.integers(1, 20),
+       seed=st.integers(0, 2**32 - 1), seven_bit=st.booleans(), relu=st.booleans())
+def test_prepared_layer_on_avx2_equals_the_reference_layer(linear, m, k, n, seed, seven_bit, relu):
+    """``prepare_linear`` on the AVX2 backend: codes in [-64, 63] take the 7-bit layer, others the sign mask (a
+    read-only pass decides), K past one block the product then the 32-bit lanes: the reference's codes each time."""
+    x, w, layer = random_layer(np.random.default_rng(seed), m, k, n, -64 if seven_bit else -128, False)
+    expected, _ = reference_layer(x, w, relu=relu, **layer)
+    prepared = kernels.prepare_linear(w, layer["bias"], layer["x_zp"], layer["m0"], layer["shift"], layer["out_zp"],
+                                      QuantSpec(), relu)  # fmt: skip
+    with kernels.use_backend("avx2"):
+        np.testing.assert_array_equal(prepared(x), expected)

@@ -1,6 +1,6 @@
-"""The activation passes of the AVX2 tiles (nanoopt.kernels.avx2_operands): 7-bit codes with their range check, and
-the sign split, bit for bit their NumPy references, at every row length (vectors, the overlapping last vector, rows
-shorter than one vector) and at the int8 extremes."""
+"""The activation passes of the AVX2 tiles (nanoopt.kernels.avx2_operands): 7-bit codes with their range check (and
+the check alone), and the sign split, bit for bit their NumPy references, at every row length (vectors, the
+overlapping last vector, rows shorter than one vector) and at the int8 extremes."""
 
 from __future__ import annotations
 
@@ -45,9 +45,11 @@ def test_seven_bit_codes_equal_the_reference(operands, m, k, seed, extremes):
 def test_one_code_outside_anywhere_is_found(operands, m, k, seed, outside, data):
     """In a vector, in the overlapping last vector, in the scalar tail of a short row, in the last row."""
     a = codes(seed, m, k, -64, 63, False)
+    assert operands.fits_seven_bit(a)
     a[data.draw(st.integers(0, m - 1)), data.draw(st.integers(0, k - 1))] = outside
     assert not operands.seven_bit_codes(a, -(-k // 4) * 4)[1]
     assert not operands.seven_bit_codes_reference(a, -(-k // 4) * 4)[1]
+    assert not operands.fits_seven_bit(a)  # the read-only check: in a vector or in the scalar tail of the array
 
 
 @settings(max_examples=60, deadline=None)
