@@ -110,7 +110,7 @@ def mca(loop: list[str], cpu: str, *options: str) -> tuple[float, float]:
 def tile_loops() -> dict[str, list[str]]:
     """Compile the AVX2 kernels here (4-row and 1-row tiles), check that they are AVX2-only, and return the hottest
     inner loop of each tile, by name."""
-    from nanoopt.kernels import avx2
+    from nanoopt.kernels import avx2, avx2_linear, avx512
 
     if not avx2.available():
         raise SystemExit("the AVX2 kernels are not available on this CPU / Numba target")
@@ -123,6 +123,14 @@ def tile_loops() -> dict[str, list[str]]:
                                 avx2.pack_weights_s16(w).panels, 16, 64, np.empty((m, 16), np.int64))
         avx2.gemm_s8s8s32_avx2_7bit_into(rng.integers(-64, 64, size=(m, 64)).astype(np.int8),
                                          avx2.pack_weights_s8(w).panels, 16, 64, np.empty((m, 16), np.int32))
+    requant = avx512.requant_s8(np.zeros(16), np.full(16, 2**30), np.zeros(16), 0, -128, 127)
+    for layer, low in ((avx2_linear.linear_s8_avx2_into, -128), (avx2_linear.linear_s8_avx2_7bit_into, -64)):
+        layer(rng.integers(low, -low, size=(4, 64)).astype(np.int8), avx2.pack_weights_s8(w).panels, 16, 64, requant,
+              np.empty((4, 16), np.int32), np.empty((4, 16), np.int8))  # the fused layer (avx2_linear)
+    for signature, asm in avx2_linear._fused_product.inspect_asm().items():
+        evex = EVEX_ONLY.search(asm)
+        if evex:
+            raise SystemExit(f"the target is not AVX2-only: {evex.group(0)!r} in the code of _fused_product{signature}")
     loops = {}
     for signature, asm in avx2._tile.inspect_asm().items():
         evex = EVEX_ONLY.search(asm)

@@ -44,7 +44,16 @@ from collections.abc import Iterator
 import numba
 import numpy as np
 
-from nanoopt.kernels import avx2, avx512, numba_cpu, numba_pointwise, reference, x86_glue
+from nanoopt.kernels import (
+    avx2,
+    avx2_linear,
+    avx2_operands,
+    avx512,
+    numba_cpu,
+    numba_pointwise,
+    reference,
+    x86_glue,
+)
 from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_epilogue import kernel_dtype
 from nanoopt.kernels.numba_gemm import MAX_FUSED_K, TILE_COLUMNS, gemm_products, pack_weights, use_threads
@@ -396,13 +405,30 @@ class PreparedLinear:
         self.plan.check_input(x_q)
         if self.requant_s8() is not None:
             return _avx512_linear(self, x_q)
+        constants = self.requant_lanes() if x_q.dtype == np.int8 else None
+        if constants is not None and x86_glue.s8_kernel() == "avx2" and self.plan.packed.k <= avx2.S8_BLOCK_K and (
+                x_q.shape[0] < 2 * AVX2_PARALLEL_MIN_ROWS or numba.get_num_threads() == 1):
+            return _avx2_fused_linear(self, x_q, constants)
         products = _avx2_products(self.weights, x_q)
-        constants = self.requant_lanes() if products.dtype == np.int32 else None
         if constants is None:
             return self.plan.finish(products)
         out = np.empty(products.shape, np.int8)  # (M, N)
         requantize_rows_s8(products, *constants[:6], out)
         return out
+
+
+def _avx2_fused_linear(layer: PreparedLinear, x_q: np.ndarray, constants: tuple) -> np.ndarray:
+    """The int8 layer on plain AVX2, one thread, K within one block: requantized in the register tiles
+    (:mod:`nanoopt.kernels.avx2_linear`), the 7-bit tile when every code lies in [-64, 63] (a read-only pass decides,
+    so that only the layer of that tile is compiled), else the sign mask."""
+    packed = layer.weights.avx2_s8()
+    x_q = np.ascontiguousarray(x_q)
+    out = np.empty((x_q.shape[0], packed.n), np.int8)  # (M, N)
+    shape_only = np.empty((x_q.shape[0], packed.n), np.int32)  # (M, N): the layers check its shape only
+    seven_bit = avx2_operands.fits_seven_bit(x_q)
+    layer_kernel = avx2_linear.linear_s8_avx2_7bit_into if seven_bit else avx2_linear.linear_s8_avx2_into
+    layer_kernel(x_q, packed.panels, packed.n, packed.k, constants, shape_only, out)
+    return out
 
 
 def _avx512_linear(layer: PreparedLinear, x_q: np.ndarray) -> np.ndarray:

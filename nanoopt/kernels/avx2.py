@@ -87,6 +87,8 @@ from numba import types
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
+from nanoopt.kernels.avx2_operands import seven_bit_codes, sign_split
+
 # The feature checks live in cpu_features; their names stay importable from here.
 from nanoopt.kernels.cpu_features import (
     CPU_FEATURES,
@@ -565,31 +567,6 @@ def _pad_columns(a, padded_k):
 
 
 @numba.njit(cache=True)
-def _sign_split(a, padded_k):
-    """The operands of the sign-mask trick for int8 ``a`` (M, K): ``(masks, magnitudes, starts)`` with
-    ``masks = a >> 7`` (0 or -1 per byte) and ``magnitudes = |a|`` (``|-128|`` wraps to the byte 0x80, 128 read
-    unsigned), both int8 (M, ``padded_k``) zero-padded, and ``starts[i] = -sum_k min(a[i, k], 0)`` (int32, at most
-    ``128 K``)."""
-    m, k = a.shape
-    masks = np.empty((m, padded_k), np.int8)  # (M, K padded)
-    magnitudes = np.empty((m, padded_k), np.int8)  # (M, K padded)
-    starts = np.empty(m, np.int32)  # (M,)
-    for i in range(m):
-        total = np.int32(0)
-        for j in range(k):  # selects, not shifts: LLVM vectorises this form (3x faster at K = 150)
-            value = a[i, j]
-            negative = value < 0
-            masks[i, j] = -1 if negative else 0
-            magnitudes[i, j] = -value if negative else value
-            total += np.int32(value) if negative else np.int32(0)
-        for j in range(k, padded_k):
-            masks[i, j] = 0
-            magnitudes[i, j] = 0
-        starts[i] = -total
-    return masks, magnitudes, starts
-
-
-@numba.njit(cache=True)
 def gemm_s8s8s32_avx2_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
     """``out[:, :] = a @ W.T`` exactly with the AVX2 sign-mask trick, for Numba code that fuses work after it.
 
@@ -609,7 +586,7 @@ def gemm_s8s8s32_avx2_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, ou
     """
     groups = _check_s8_arguments(a, panels, n, k, out)
     if groups:
-        masks, magnitudes, starts = _sign_split(a, groups * S8_GROUP)  # (M, K padded) x 2, (M,)
+        masks, magnitudes, starts = sign_split(a, groups * S8_GROUP)  # (M, K padded) x 2, (M,)
         _blocked_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, groups * S8_GROUP, 0, starts,
                          out)  # fmt: skip
 
@@ -688,27 +665,6 @@ def gemm_s16s8s64_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: n
 
 
 @numba.njit(cache=True)
-def _seven_bit_codes(a, padded_k):
-    """``(shifted, fits)``: ``a + 64`` as bytes (read unsigned by ``vpmaddubsw``: [0, 127] where ``a`` lies in
-    [-64, 63]), zero-padded to ``padded_k`` columns, and whether every code of ``a`` lies in [-64, 63] -- in the same
-    pass, by OR-ing the shifted bytes (a code outside wraps to a byte >= 128). Stops after the first row with a code
-    outside (``shifted`` is then incomplete and must not be used)."""
-    m, k = a.shape
-    shifted = np.empty((m, padded_k), np.int8)  # (M, K padded)
-    for i in range(m):
-        spill = np.uint8(0)
-        for j in range(k):
-            value = np.uint8(a[i, j] + 64)  # wraps modulo 256
-            shifted[i, j] = np.int8(value)
-            spill |= value
-        for j in range(k, padded_k):
-            shifted[i, j] = 0  # meets zero weights: any value would do
-        if spill >= 128:
-            return shifted, False
-    return shifted, True
-
-
-@numba.njit(cache=True)
 def gemm_s8s8s32_avx2_7bit_into(a: np.ndarray, panels: np.ndarray, n: int, k: int, out: np.ndarray) -> None:
     """``out[:, :] = a @ W.T`` exactly for int8 codes ``a`` in [-64, 63] (7-bit activations, PyTorch's
     ``reduce_range``), three AVX2 instructions per 32 products; arguments as :func:`gemm_s8s8s32_avx2_into`.
@@ -729,7 +685,7 @@ def gemm_s8s8s32_avx2_7bit_into(a: np.ndarray, panels: np.ndarray, n: int, k: in
     """
     groups = _check_s8_arguments(a, panels, n, k, out)
     if groups:
-        shifted, fits = _seven_bit_codes(a, groups * S8_GROUP)  # (M, K padded), a + 64 as unsigned bytes
+        shifted, fits = seven_bit_codes(a, groups * S8_GROUP)  # (M, K padded), a + 64 as unsigned bytes
         if not fits:
             raise ValueError("gemm_s8s8s32_avx2_7bit_into: a has codes outside [-64, 63]; use gemm_s8s8s32_avx2_into "
                              "(any int8 codes) or gemm_s8s8s32_avx2_auto_into")
@@ -756,12 +712,12 @@ def gemm_s8s8s32_avx2_auto_into(a: np.ndarray, panels: np.ndarray, n: int, k: in
     groups = _check_s8_arguments(a, panels, n, k, out)
     if groups:
         padded_k = groups * S8_GROUP
-        shifted, fits = _seven_bit_codes(a, padded_k)  # (M, K padded)
+        shifted, fits = seven_bit_codes(a, padded_k)  # (M, K padded)
         if fits:
             _blocked_product(SEVEN_BIT, AVX2_ROWS, shifted, shifted, panels, n, groups, padded_k, -64,
                              np.empty(0, np.int32), out)  # fmt: skip
         else:
-            masks, magnitudes, starts = _sign_split(a, padded_k)  # (M, K padded) x 2, (M,)
+            masks, magnitudes, starts = sign_split(a, padded_k)  # (M, K padded) x 2, (M,)
             _blocked_product(SIGN_MASK, AVX2_ROWS, masks, magnitudes, panels, n, groups, padded_k, 0, starts, out)
 
 

@@ -15,6 +15,10 @@ those of the AVX-512 kernel's fused epilogue (:func:`nanoopt.kernels.avx512.requ
 whole panels). Nothing here names an x86 instruction (plain LLVM vector IR), so it compiles for any target; it is
 fast where the target has AVX2.
 
+The same arithmetic is available to jitted code on a register (:func:`requantize_lanes`, with
+:func:`store_codes` for the eight bytes), for the register tiles that requantize their accumulators where they are
+(:mod:`nanoopt.kernels.avx2_linear`).
+
 The NumPy reference is :func:`requantize_rows_s8_reference` (the specification's
 :func:`nanoopt.spec.multiply_by_quantized_multiplier`); the kernel equals it bit for bit (tested with hypothesis).
 
@@ -33,11 +37,21 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from nanoopt.kernels.llvm_intrinsics import I32X8, I64X8, LANES, element_pointer, is_c_array, load_at, splat
+from nanoopt.kernels.llvm_intrinsics import (
+    I32X8,
+    I64X8,
+    LANES,
+    element_pointer,
+    int32x8,
+    is_c_array,
+    load_at,
+    splat,
+)
 from nanoopt.kernels.requant import requantize_value
 from nanoopt.spec import multiply_by_quantized_multiplier
 
-__all__ = ["requantize_row_s8", "requantize_rows_s8", "requantize_rows_s8_reference"]
+__all__ = ["requantize_lanes", "requantize_row_s8", "requantize_rows_s8", "requantize_rows_s8_reference",
+           "store_codes"]
 
 _I8X8 = ir.VectorType(ir.IntType(8), LANES)
 
@@ -88,6 +102,43 @@ def _requantize8(typingctx, values, offsets, m0, shift, index, zero_point, low, 
         return context.get_dummy_value()
 
     return types.none(values, offsets, m0, shift, index, zero_point, low, high, out), codegen
+
+
+@intrinsic
+def requantize_lanes(typingctx, sums, m0, shift, index, zero_point, below, above):
+    """Jitted code only: the eight codes, as int32 lanes, of the int32x8 ``sums`` (offsets included) of channels
+    ``index .. index + 7``, whose multipliers and shifts are ``m0[index:]`` and ``shift[index:]`` (int32 C arrays
+    with at least ``index + 8`` entries); ``below``/``above`` are the clamp bounds minus ``zero_point``. For a
+    register tile whose accumulators are requantized where they are (:mod:`nanoopt.kernels.avx2_linear`)."""
+    if not (sums == int32x8 and is_c_array(m0, types.int32) and is_c_array(shift, types.int32)):
+        return None
+    if not all(isinstance(value, types.Integer) for value in (index, zero_point, below, above)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        sums_v, m0_v, shift_v, index_v = args[:4]
+        where = context.cast(builder, index_v, signature.args[3], types.intp)
+        zero, low, high = (splat(builder, context.cast(builder, value, value_type, types.int32), I32X8)
+                           for value, value_type in zip(args[4:], signature.args[4:], strict=True))
+        return _emit_requantize(builder, sums_v, load_at(context, builder, signature.args[1], m0_v, where, I32X8),
+                                load_at(context, builder, signature.args[2], shift_v, where, I32X8), low, high, zero)
+
+    return int32x8(sums, m0, shift, index, zero_point, below, above), codegen
+
+
+@intrinsic
+def store_codes(typingctx, out, offset, codes):
+    """Jitted code only: ``out[offset : offset + 8]`` (flat, an int8 C array) = the eight int32 lanes of ``codes``
+    narrowed to bytes (codes of :func:`requantize_lanes`, which fit int8)."""
+    if not (is_c_array(out, types.int8) and isinstance(offset, types.Integer) and codes == int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        builder.store(builder.trunc(args[2], _I8X8), builder.bitcast(pointer, _I8X8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.none(out, offset, codes), codegen
 
 
 @numba.njit(cache=True, inline="always")

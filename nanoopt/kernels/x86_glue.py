@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from nanoopt.kernels import avx2, avx512
+from nanoopt.kernels import avx2, avx2_linear, avx512
 from nanoopt.kernels.avx2_requant import requantize_rows_s8
 from nanoopt.kernels.numba_conv import EXTERNAL_PIXELS, im2col_rows, pad_nhwc
 from nanoopt.kernels.numba_epilogue import CONV_PIXEL_MAJOR, epilogue_block, finish_run, max_pool_planes
@@ -228,7 +228,40 @@ def _linear_for(kind: int):
     return linear
 
 
-def _linear_requant_for(kind: int):
+def _s8_fused_linear(kind, x, panels, n, k, products, requant, out):
+    """Jitted code only: one int8 linear layer on plain AVX2 (``avx2.SIGN_MASK``, ``avx2.SEVEN_BIT``,
+    :data:`AVX2_AUTO`) requantized in the register tiles (:mod:`nanoopt.kernels.avx2_linear`; K at most
+    ``avx2.S8_BLOCK_K``)."""
+    raise NotImplementedError("_s8_fused_linear is only callable from Numba-compiled code")
+
+
+@overload(_s8_fused_linear)
+def _s8_fused_linear_typing(kind, x, panels, n, k, products, requant, out):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    layer = {avx2.SIGN_MASK: avx2_linear.linear_s8_avx2_into, avx2.SEVEN_BIT: avx2_linear.linear_s8_avx2_7bit_into,
+             AVX2_AUTO: avx2_linear.linear_s8_avx2_auto_into}.get(kind.literal_value)
+    if layer is None:
+        return None
+
+    def fused(kind, x, panels, n, k, products, requant, out):
+        layer(x, panels, n, k, requant, products, out)
+
+    return fused
+
+
+FUSED_KINDS = (avx2.SIGN_MASK, avx2.SEVEN_BIT, AVX2_AUTO)  # the kinds whose layer requantizes in the tiles
+
+
+def _linear_requant_for(kind: int, fused: bool):
+    if fused:
+        @njit(cache=True, nogil=True)
+        def fused_linear(x, panels, n, k, products, requant, out):
+            """One int8 linear layer on plain AVX2, requantized in the register tiles (:func:`_s8_fused_linear`)
+            into the int8 ``out`` (M, N); ``requant = avx512.requant_s8(...)``; K at most ``avx2.S8_BLOCK_K``."""
+            _s8_fused_linear(kind, x, panels, n, k, products, requant, out)
+        return fused_linear
+
     @njit(cache=True, nogil=True)
     def linear(x, panels, n, k, products, requant, out):
         """One int8 linear layer whose epilogue fits int32: the product of ``kind`` into ``products`` (M, N) int32,
@@ -240,18 +273,21 @@ def _linear_requant_for(kind: int):
 
 
 @functools.cache
-def linear_s8_requant_driver(kernel: str):
+def linear_s8_requant_driver(kernel: str, k: int | None = None):
     """``linear(x, panels, n, k, products, requant, out)``: :func:`linear_s8_driver` for a layer whose epilogue fits
     int32 (``requant = avx512.requant_s8(base_offsets, m0, shift, zero_point, low, high)``, not ``None``), the
-    requantization eight int32 lanes at a time instead of the general Numba epilogue; the same codes. Nothing is
-    compiled until it is called.
+    requantization eight int32 lanes at a time instead of the general Numba epilogue; the same codes. On plain AVX2
+    and for a reduction length ``k`` at most ``avx2.S8_BLOCK_K`` (the layer's K, known when the driver is chosen), in
+    the register tiles (:mod:`nanoopt.kernels.avx2_linear`: no int32 products written), else after the product (any
+    K; ``k=None``). Each driver compiles only its own path, when first called.
 
-    >>> callable(linear_s8_requant_driver("avx2-7bit"))
+    >>> callable(linear_s8_requant_driver("avx2-7bit", 784))
     True
     """
     if kernel not in KINDS:
         raise ValueError(f"kernel must be one of {sorted(KINDS)}, got {kernel!r}")
-    return _linear_requant_for(KINDS[kernel])
+    fused = KINDS[kernel] in FUSED_KINDS and k is not None and 0 <= k <= avx2.S8_BLOCK_K
+    return _linear_requant_for(KINDS[kernel], fused)
 
 
 @functools.cache

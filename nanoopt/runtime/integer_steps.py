@@ -123,7 +123,7 @@ class LinearQ(_WeightedQ):
             return out, [(avx512.linear_s8_into, arguments)]
         if self.requant_lanes is not None and not use_threads(2 * m * self.n * self.k):
             products = np.empty((m, self.n), np.int32)
-            linear = x86_glue.linear_s8_requant_driver(self._s8_kernel())  # the x86 product, then 32-bit lanes
+            linear = x86_glue.linear_s8_requant_driver(self._s8_kernel(), self.k)  # requantized in 32-bit lanes
             return out, [(linear, (rows, self.panels, self.n, self.k, products, self.requant_lanes, out2))]
         if self.avx2 and not use_threads(2 * m * self.n * self.k):
             epilogue = (plan.base_offsets, np.zeros(m, np.int64)) + plan.tail

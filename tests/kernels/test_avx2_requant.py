@@ -74,7 +74,8 @@ def test_requantizing_linear_driver_equals_the_reference_layer(require_avx2_kern
     offsets = bias.astype(np.int64) - x_zp * w.sum(axis=1, dtype=np.int64)
     low = max(spec.qmin, out_zp) if relu else spec.qmin
     constants = avx512.requant_s8(offsets, m0, shift, out_zp, low, spec.qmax)
-    out = np.empty((m, n), np.int8)
-    linear = x86_glue.linear_s8_requant_driver(kernel_name)
-    linear(x, avx2.pack_weights_s8(w).panels, n, k, np.empty((m, n), np.int32), constants, out)
-    np.testing.assert_array_equal(out, expected)
+    for driver_k in (None, k):  # the product, then 32-bit lanes; and (on plain AVX2) requantized in the tiles
+        out = np.empty((m, n), np.int8)
+        linear = x86_glue.linear_s8_requant_driver(kernel_name, driver_k)
+        linear(x, avx2.pack_weights_s8(w).panels, n, k, np.empty((m, n), np.int32), constants, out)
+        np.testing.assert_array_equal(out, expected)

@@ -97,9 +97,9 @@ def test_a_full_range_input_never_takes_the_seven_bit_tile(kernels, m, k, n, out
     a = rng.integers(LOW, HIGH + 1, size=(m, k)).astype(np.int8)
     w = rng.integers(-127, 128, size=(n, k)).astype(np.int8)
     padded_k = -(-k // 4) * 4
-    assert kernels._seven_bit_codes(a, padded_k)[1]
+    assert kernels.seven_bit_codes(a, padded_k)[1]
     a[rng.integers(m), rng.integers(k)] = outside
-    assert not kernels._seven_bit_codes(a, padded_k)[1]
+    assert not kernels.seven_bit_codes(a, padded_k)[1]
     with pytest.raises(ValueError, match=r"outside \[-64, 63\]"):
         run(kernels.gemm_s8s8s32_avx2_7bit_into, a, w)
     exact = exact_product(a, w)
