@@ -169,6 +169,28 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0
     return best
 
 
+def best_seconds_interleaved(functions: list[Callable[[], object]], repeats: int = 5,
+                             min_time: float = 0.2) -> list[float]:
+    """:func:`best_seconds` of several functions measured in turns (round 1 of each, then round 2 of each, ...):
+    a disturbance of the machine that lasts a few seconds then slows all of them, not only the one measured in
+    that stretch, so their ratios hold on a loaded machine (one thread: with several, one library's spinning
+    workers would slow the next)."""
+    for function in functions:
+        function()  # warm-up (and JIT compilation)
+    best = [float("inf")] * len(functions)
+    for _ in range(repeats):
+        for index, function in enumerate(functions):
+            count, start = 0, time.perf_counter()
+            while True:
+                function()
+                count += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_time:
+                    break
+            best[index] = min(best[index], elapsed / count)
+    return best
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

@@ -66,7 +66,13 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.common import AVX2_TARGET_OPTION, best_seconds, git_revision, machine_description  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    AVX2_TARGET_OPTION,
+    best_seconds,
+    best_seconds_interleaved,
+    git_revision,
+    machine_description,
+)
 
 LINEAR_SHAPES = [(1, 1024, 1024), (32, 1024, 1024), (256, 1024, 1024), (1024, 1024, 1024), (64, 4096, 4096)]
 CONV_BATCHES = [1, 32]
@@ -150,7 +156,7 @@ def torch_int8_conv(x: np.ndarray, w: np.ndarray, padding: int):
 
 def torch_seconds(functions: list, threads: int) -> list[float | None]:
     """Best seconds of each PyTorch callable (None where torch is absent), with ``threads`` intra-op threads."""
-    if all(function is None for function in functions):
+    if functions and all(function is None for function in functions):
         return [None] * len(functions)
     import torch
 
@@ -162,17 +168,32 @@ def _ratio(reference: float, seconds: float | None) -> str:
     return f"{reference / seconds:.2f}x" if seconds else "-"
 
 
-def time_layers(cases: list) -> list[tuple[float, float, float]]:
-    """(auto, numba, float32) best seconds per case ``(int8 layer, int8 input, float32 function)``.
+def time_layers(cases: list, torch_cases: list, threads: int) -> list[tuple[float, float, float, float | None]]:
+    """(auto, numba, float32, PyTorch) best seconds per case ``(int8 layer, int8 input, float32 function)`` and
+    PyTorch callable (None where torch is absent).
 
-    All int8 timings run first, then (after a pause) all float32 ones: with 2 threads on 2 cores, worker
-    threads that keep spinning after a Numba or OpenBLAS parallel region would otherwise slow the other
-    library down.
+    On one thread auto, float32 and PyTorch run in turns (:func:`benchmarks.common.best_seconds_interleaved`), so
+    that a passing disturbance weighs on all of them (numba, the portable fallback, runs by itself before). With
+    2 threads on 2 cores, all int8 timings run first, then (after a pause)
+    all float32 ones, then PyTorch's: worker threads that keep spinning after a Numba or OpenBLAS parallel region
+    would otherwise slow the other library down.
     """
     import time
 
     import nanoopt.kernels as kernels
 
+    if threads == 1:
+        torch_seconds([], 1)  # (PyTorch, if installed, on one thread)
+        timings = []
+        for (layer, x, reference), torch_case in zip(cases, torch_cases, strict=True):
+            with kernels.use_backend("numba"):
+                expected = layer(x)
+                portable = best_seconds(lambda layer=layer, x=x: layer(x))  # (not compared with PyTorch)
+            assert np.array_equal(layer(x), expected), "auto and numba backends disagree"
+            functions = [lambda layer=layer, x=x: layer(x), reference]
+            seconds = best_seconds_interleaved(functions + ([torch_case] if torch_case is not None else []))
+            timings.append((seconds[0], portable, seconds[1], seconds[2] if torch_case is not None else None))
+        return timings
     int8 = []
     for layer, x, _ in cases:
         with kernels.use_backend("numba"):
@@ -182,7 +203,10 @@ def time_layers(cases: list) -> list[tuple[float, float, float]]:
         int8.append((best_seconds(lambda layer=layer, x=x: layer(x)), portable))
     time.sleep(1.0)
     references = [best_seconds(reference) for _, _, reference in cases]
-    return [(auto, portable, reference) for (auto, portable), reference in zip(int8, references, strict=True)]
+    time.sleep(1.0)
+    torch_times = torch_seconds(torch_cases, threads)
+    return [(auto, portable, reference, torch_time) for (auto, portable), reference, torch_time
+            in zip(int8, references, torch_times, strict=True)]
 
 
 def measure(threads: int) -> None:
@@ -203,9 +227,8 @@ def measure(threads: int) -> None:
         x_float, w_t = x.astype(np.float32), np.ascontiguousarray(w.T.astype(np.float32))  # (M, K), (K, N)
         cases.append((layer, x, lambda x_float=x_float, w_t=w_t: x_float @ w_t))
         torch_cases.append(torch_int8_linear(x, w))
-    timings = time_layers(cases)
-    torch_times = torch_seconds(torch_cases, threads)
-    for (m, k, n), (auto, portable, reference), torch_time in zip(LINEAR_SHAPES, timings, torch_times, strict=True):
+    for (m, k, n), (auto, portable, reference, torch_time) in zip(LINEAR_SHAPES,
+                                                                 time_layers(cases, torch_cases, threads), strict=True):
         giga = 2.0 * m * k * n / 1e9
         torch_text = f"{giga / torch_time:.0f}" if torch_time else "not installed"
         print(f"| {m}x{k}x{n} | {giga / auto:.0f} | {reference / auto:.2f}x | {giga / portable:.0f} | "
@@ -221,9 +244,8 @@ def measure(threads: int) -> None:
         x_float, w_float = x.astype(np.float32), w.astype(np.float32)
         cases.append((layer, x, lambda x_float=x_float, w_float=w_float: float_conv(x_float, w_float, CONV["padding"])))
         torch_cases.append(torch_int8_conv(x, w, CONV["padding"]))
-    timings = time_layers(cases)
-    torch_times = torch_seconds(torch_cases, threads)
-    for batch, (auto, portable, reference), torch_time in zip(CONV_BATCHES, timings, torch_times, strict=True):
+    for batch, (auto, portable, reference, torch_time) in zip(CONV_BATCHES, time_layers(cases, torch_cases, threads),
+                                                               strict=True):
         torch_text = f"{torch_time * 1e3:.3f}" if torch_time else "not installed"
         print(f"| N={batch} | {auto * 1e3:.3f} | {reference / auto:.2f}x | {portable * 1e3:.3f} | "
               f"{reference / portable:.2f}x | {reference * 1e3:.3f} | {torch_text} | "
@@ -250,10 +272,17 @@ def measure_seven_bit(threads: int, rng: np.random.Generator) -> None:
         auto_codes = layer(x7)
         with kernels.use_backend("numba"):
             assert np.array_equal(layer(x7), auto_codes), "auto and numba backends disagree (7-bit codes)"
-        rows.append(((m, k, n), best_seconds(lambda layer=layer, x7=x7: layer(x7)),
-                     best_seconds(lambda layer=layer, x=x: layer(x)), torch_int8_linear(x7, w, seven_bit=True)))
-    torch_times = torch_seconds([case for *_, case in rows], threads)
-    for ((m, k, n), seven, full, _), torch_time in zip(rows, torch_times, strict=True):
+        torch_case = torch_int8_linear(x7, w, seven_bit=True)
+        if threads == 1 and torch_case is not None:  # ours and PyTorch's in turns: their ratio holds under load
+            torch_seconds([], 1)  # (PyTorch on one thread)
+            seven, full, torch_time = best_seconds_interleaved([lambda layer=layer, x7=x7: layer(x7),
+                                                                lambda layer=layer, x=x: layer(x), torch_case])
+        else:
+            seven, full = (best_seconds(lambda layer=layer, x7=x7: layer(x7)),
+                           best_seconds(lambda layer=layer, x=x: layer(x)))
+            torch_time = torch_seconds([torch_case], threads)[0]
+        rows.append(((m, k, n), seven, full, torch_time))
+    for (m, k, n), seven, full, torch_time in rows:
         giga = 2.0 * m * k * n / 1e9
         torch_text = f"{giga / torch_time:.0f}" if torch_time else "not installed"
         print(f"| {m}x{k}x{n} | {giga / seven:.0f} | {giga / full:.0f} | {full / seven:.2f}x | {torch_text} | "
