@@ -12,7 +12,8 @@ This module is the single home of
 * :func:`qparams` -- THE scale / zero-point formula (nowhere else in nanoopt);
 * :func:`quantize`, :func:`dequantize` -- the float <-> integer maps (also used, unchanged, by the
   fake-quant op so that simulation and integer inference agree bit for bit);
-* :func:`quantize_multiplier`, :func:`requantization_multipliers`, :func:`quantize_bias`;
+* :func:`quantize_multiplier`, :func:`requantization_multipliers`, :func:`quantize_bias`,
+  :func:`bias_fitting_weight_scale` (ONNX Runtime's weight-scale adjustment for a bias that would not fit);
 * :func:`saturating_rounding_doubling_high_mul`, :func:`rounding_divide_by_pot`,
   :func:`multiply_by_quantized_multiplier`, :func:`requantize` -- integer-only rescaling.
 
@@ -27,6 +28,8 @@ Float arithmetic used (fixed, so that other code can reproduce it exactly)
 * ``dequantize``: ``float32(q - zp) * scale`` in float32 (``q - zp`` is exact in float32 for <= 16 bits,
   so there is exactly one rounding).
 * ``quantize_multiplier`` / ``requantization_multipliers`` / ``quantize_bias``: float64.
+* ``bias_fitting_weight_scale``: the overflow test as ``quantize_bias`` (float64); the raised scale exactly
+  (rational arithmetic), rounded up to float32.
 
 Sign convention of ``shift``
 ----------------------------
@@ -38,6 +41,7 @@ opposite sign; gemmlowp's older ``right_shift`` argument has ours.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -49,6 +53,9 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)  # 2^-23, the smallest scale qpara
 # Shifts accepted by the requantization: left shifts up to 31, right shifts up to 62.
 MIN_SHIFT = -31
 MAX_SHIFT = 62
+# ONNX Runtime's ``multiplicative_epsilon`` (quantization/qdq_quantizer.py, _adjust_weight_scale_for_int32_bias):
+# a raised weight scale leaves the largest bias code 1/10^4 inside the limit.
+BIAS_SCALE_MARGIN = Fraction(10001, 10000)
 
 
 @dataclass(frozen=True)
@@ -345,11 +352,79 @@ def quantize_bias(bias, input_scale, weight_scale, dtype=np.int32) -> np.ndarray
         weight_scale, "weight_scale"
     ).astype(np.float64)
     steps = np.rint(bias64 / scale)
-    info = np.iinfo(target)
-    limit = min(float(info.max), float(WIDE_LIMIT))
-    if np.any(np.abs(steps) > limit):
+    if np.any(np.abs(steps) > bias_limit(target)):
         raise ValueError(f"bias / (input_scale * weight_scale) does not fit {target}: max |q| = {np.abs(steps).max()}")
     return steps.astype(target)
+
+
+def bias_limit(dtype=np.int32) -> int:
+    """The largest ``|q|`` a quantized bias may take: ``2^31 - 1`` (int32) or ``2^62`` (int64, the wide range).
+
+    >>> bias_limit(np.int32), bias_limit(np.int64) == WIDE_LIMIT
+    (2147483647, True)
+    """
+    target = np.dtype(dtype)
+    if target not in (np.dtype(np.int32), np.dtype(np.int64)):
+        raise ValueError(f"dtype must be int32 or int64, got {target}")
+    return min(int(np.iinfo(target).max), WIDE_LIMIT)
+
+
+def _float32_at_least(value: Fraction) -> np.float32:
+    """The smallest float32 ``>= value`` (a positive rational in the float32 range)."""
+    candidate = np.float32(float(value))  # within one float32 step of value (two roundings)
+    up, down = np.float32(np.inf), np.float32(0)
+    if Fraction(float(candidate)) < value:
+        candidate = np.nextafter(candidate, up)
+    elif Fraction(float(np.nextafter(candidate, down))) >= value:
+        candidate = np.nextafter(candidate, down)
+    if not np.isfinite(candidate):
+        raise ValueError(f"the weight scale a bias needs ({float(value):.6g}) exceeds the float32 range")
+    return candidate
+
+
+def bias_fitting_weight_scale(bias, input_scale, weight_scale, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Raise the weight scales whose bias would not fit ``dtype`` on the grid ``input_scale * weight_scale``.
+
+    ONNX Runtime's rule ("adjust weight scale for int32 bias": ``quantize_static``, ``qdq_quantizer.py``
+    ``_adjust_weight_scale_for_int32_bias``, tests ``TestAdjustWeightScaleForInt32Bias``; after TFLite's
+    ``quantization_utils.cc``), with the limit ``L`` of :func:`bias_limit` (int32, or int64 in 16x8 mode):
+
+    * a channel is adjusted iff :func:`quantize_bias` would not fit it: ``|rint(b / (s_in s_w))| > L``;
+    * its scale becomes the smallest float32 ``s_w' >= BIAS_SCALE_MARGIN |b| / (s_in L)`` (margin 1.0001,
+      ONNX Runtime's ``multiplicative_epsilon``; ``|b| / (s_in s_w') <= L / 1.0001``, so the bias fits).
+
+    Per channel for a ``(C,)`` ``weight_scale``; for a per-tensor (0-d) one, the single scale with
+    ``|b| = max_c |b_c|``. Every scale that was not adjusted is returned bit for bit. Returns
+    ``(scale, adjusted)``: float32 of ``weight_scale``'s shape and a bool mask of the adjusted scales.
+
+    >>> scale, adjusted = bias_fitting_weight_scale(np.array([1.0, 50.0]), np.float32(1e-6),
+    ...                                             np.array([0.01, 0.01], np.float32))
+    >>> adjusted.tolist(), scale.tolist()  # 1 / (1e-6 * 0.01) = 1e8 fits; 50 / 1e-8 = 5e9 does not
+    ([False, True], [0.009999999776482582, 0.02328539453446865])
+    >>> quantize_bias(np.array([1.0, 50.0]), np.float32(1e-6), scale)  # the largest code: (2^31 - 1) / 1.0001
+    array([ 100000002, 2147268755], dtype=int32)
+    """
+    target = np.dtype(dtype)
+    limit = bias_limit(target)
+    bias64 = _as_float64_finite(bias, "bias")
+    s_in = check_scale(input_scale, "input_scale")
+    s_w = check_scale(weight_scale, "weight_scale")
+    if s_in.ndim != 0:
+        raise ValueError(f"input_scale must be a scalar (one input grid), got shape {s_in.shape}")
+    steps = np.rint(bias64 / (np.float64(s_in) * s_w.astype(np.float64)))  # as quantize_bias
+    overflow = np.abs(steps) > limit
+    scale, adjusted = s_w.copy(), np.zeros(s_w.shape, bool)
+    if s_w.ndim == 0:
+        if np.any(overflow):
+            needed = Fraction(float(np.abs(bias64).max())) * BIAS_SCALE_MARGIN / (Fraction(float(s_in)) * limit)
+            scale, adjusted = np.asarray(_float32_at_least(needed)), np.asarray(True)
+        return scale, adjusted
+    if bias64.shape != s_w.shape:
+        raise ValueError(f"bias must have the shape of the per-channel weight_scale {s_w.shape}, got {bias64.shape}")
+    for channel in np.flatnonzero(overflow):
+        needed = Fraction(float(abs(bias64[channel]))) * BIAS_SCALE_MARGIN / (Fraction(float(s_in)) * limit)
+        scale[channel], adjusted[channel] = _float32_at_least(needed), True
+    return scale, adjusted
 
 
 # ---------------------------------------------------------------- gemmlowp rounding primitives (int32)

@@ -16,6 +16,7 @@ from nanoopt.spec import (
     INT32_MAX,
     INT32_MIN,
     QuantSpec,
+    bias_fitting_weight_scale,
     dequantize,
     multiply_by_quantized_multiplier,
     qparams,
@@ -272,6 +273,34 @@ def test_requantization_multipliers_and_bias():
     with pytest.raises(ValueError, match="does not fit int32"):
         quantize_bias(np.array([1e9]), np.float32(1e-3), np.float32(1e-3))
     assert quantize_bias(np.array([1e9]), np.float32(1e-3), np.float32(1e-3), np.int64).dtype == np.int64
+
+
+@SETTINGS
+@given(bias=st.lists(st.floats(-1e6, 1e6, allow_subnormal=False, width=32), min_size=1, max_size=6),
+       input_scale=st.floats(2.0**-23, 1.0, width=32), weight_scale=st.floats(2.0**-23, 1.0, width=32),
+       per_tensor=st.booleans(), wide=st.booleans())
+def test_bias_fitting_weight_scale_is_onnx_runtimes_smallest_raised_scale(bias, input_scale, weight_scale,
+                                                                        per_tensor, wide):
+    """Channels whose bias fits keep their scale bit for bit; the others get the smallest float32
+    ``>= 1.0001 |b| / (s_in L)`` (checked with Fractions), and then :func:`quantize_bias` fits."""
+    dtype, limit = (np.int64, 2**62) if wide else (np.int32, INT32_MAX)
+    b = np.array(bias, np.float32)
+    s_in = np.float32(input_scale)
+    s_w = np.float32(weight_scale) if per_tensor else np.full(b.shape, weight_scale, np.float32)
+    scale, adjusted = bias_fitting_weight_scale(b, s_in, s_w, dtype)
+    assert scale.dtype == np.float32 and scale.shape == np.shape(s_w) and adjusted.shape == np.shape(s_w)
+    steps = [abs(round(Fraction(float(value)) / (Fraction(float(s_in)) * Fraction(float(weight_scale)))))
+             for value in b]
+    fits = [step <= limit for step in steps]  # (the float64 quotient of quantize_bias is exact enough here)
+    assert not np.any(scale[~adjusted] != np.asarray(s_w)[~adjusted])
+    largest = [max(abs(Fraction(float(value))) for value in b)] if per_tensor else [abs(Fraction(float(v))) for v in b]
+    for index in np.ndindex(scale.shape):
+        if not adjusted[index]:
+            assert all(fits) if per_tensor else fits[index[0]]
+            continue
+        needed = Fraction(10001, 10000) * largest[index[0] if index else 0] / (Fraction(float(s_in)) * limit)
+        assert Fraction(float(scale[index])) >= needed > Fraction(float(np.nextafter(scale[index], np.float32(0))))
+    assert np.all(np.abs(quantize_bias(b, s_in, scale, dtype).astype(np.float64)) <= limit)
 
 
 # ---------------------------------------------------------------------------- gemmlowp primitives

@@ -102,13 +102,15 @@ def gelu_codes(acc: np.ndarray, input_scale: np.floating, weight_scale: np.ndarr
                out: QParams) -> np.ndarray:
     """GELU of a linear layer's accumulators (M, N) (``acc = sum (x_q - z_x) w_q``) as int8 codes on ``out``.
 
-    ``q = acc + round(b / (s_x s_w))`` (the int32 bias of :func:`~nanoopt.spec.quantize_bias`),
+    ``q = acc + round(b / (s_x s_w))`` (the bias of :func:`~nanoopt.spec.quantize_bias`, in int64: it is added
+    to this int64 sum and never stored as int32, so a tiny ``s_x`` needs no weight-scale adjustment, unlike the
+    int32 bias of :func:`~nanoopt.quant.lowering.integer_layer`; the same codes wherever int32 holds them),
     ``(g, S_g) = i_gelu(q, s_x s_w)`` per channel, ``codes = requantize(g, S_g / s_o)`` per channel.
     """
     scale = np.float64(input_scale) * np.asarray(weight_scale, np.float64)
     q = np.asarray(acc).astype(np.int64)
     if bias is not None:
-        q = q + quantize_bias(bias, input_scale, weight_scale)
+        q = q + quantize_bias(bias, input_scale, weight_scale, dtype=np.int64)
     g, g_scale = i_gelu(q, scale)
     m0, shift = quantize_multiplier(np.asarray(g_scale, np.float64) / float(out.scale))
     return requantize(g, m0, shift, out.zero_point, out.spec)

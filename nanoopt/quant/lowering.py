@@ -35,13 +35,22 @@ array([[9]], dtype=int8)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from nanoopt.kernels import reference
 from nanoopt.quant.config import bias_dtype
-from nanoopt.spec import QuantSpec, dequantize, quantize, quantize_bias, requantization_multipliers, requantize
+from nanoopt.spec import (
+    QuantSpec,
+    bias_fitting_weight_scale,
+    dequantize,
+    quantize,
+    quantize_bias,
+    requantization_multipliers,
+    requantize,
+)
 
 EXACT_FLOAT64 = 2**53  # integers below this add exactly in float64
 
@@ -93,12 +102,19 @@ class IntegerLayer:
 
 
 def integer_layer(weight: np.ndarray, bias: np.ndarray | None, weight_qparams: QParams, input_qparams: QParams,
-                  output_qparams: QParams, relu: bool) -> IntegerLayer:
+                  output_qparams: QParams, relu: bool, name: str = "") -> IntegerLayer:
     """Quantize a layer for the integer kernels (the one function simulation and convert share).
 
     * ``w_q = quantize(weight, s_w, 0)`` (per channel along axis 0, or per tensor);
     * ``bias_q = rint(bias / (s_in * s_w))`` (int32, or int64 when the input is 16-bit);
     * ``(m0, shift) = quantize_multiplier(s_in * s_w / s_out)`` per output channel.
+
+    Where ``bias_q`` would not fit (a tiny input scale: ``|b| / (s_in s_w) > 2^31 - 1``), the weight scale of
+    that channel (of the tensor, for per-tensor weights) is first raised as ONNX Runtime's ``quantize_static``
+    does (:func:`~nanoopt.spec.bias_fitting_weight_scale`: the smallest float32 ``>= 1.0001 |b| / (s_in L)``),
+    and that channel's weights are quantized on the raised scale, with a ``UserWarning`` naming the layer
+    (``name``). Its weights are then coarser, by at most ``K |b| 2^-25`` in the output (``K`` the fan-in), far
+    below the bias; every other channel is unchanged.
     """
     if weight_qparams.spec.symmetric is False or np.any(weight_qparams.zero_point != 0):
         raise ValueError(f"weights must be quantized symmetrically (zero point 0), got {weight_qparams.spec}")
@@ -107,6 +123,8 @@ def integer_layer(weight: np.ndarray, bias: np.ndarray | None, weight_qparams: Q
                          f"{input_qparams.spec} and output {output_qparams.spec}")
     if input_qparams.spec.bits > 8 and input_qparams.zero != 0:
         raise ValueError(f"16-bit inputs must have zero point 0, got {input_qparams.zero}")
+    if bias is not None:
+        weight_qparams = _bias_fitting(weight_qparams, np.asarray(bias, np.float64), input_qparams, name)
     weight_codes = weight_qparams.quantize(np.asarray(weight, np.float32))
     channels = weight_codes.shape[0]
     weight_scale = np.ascontiguousarray(np.broadcast_to(weight_qparams.scale, (channels,)), dtype=np.float32)
@@ -117,6 +135,24 @@ def integer_layer(weight: np.ndarray, bias: np.ndarray | None, weight_qparams: Q
                                    dtype=bias_dtype(input_qparams.spec))
     return IntegerLayer(np.ascontiguousarray(weight_codes), weight_scale, bias_codes,
                         np.asarray(m0, np.int32), np.asarray(shift, np.int32), input_qparams, output_qparams, relu)
+
+
+def _bias_fitting(weight_qparams: QParams, bias: np.ndarray, input_qparams: QParams, name: str) -> QParams:
+    """``weight_qparams`` with the scales raised where the bias would not fit (:func:`integer_layer`)."""
+    dtype = bias_dtype(input_qparams.spec)
+    old = np.asarray(weight_qparams.scale, np.float32)
+    scale, adjusted = bias_fitting_weight_scale(bias, input_qparams.scale, old, dtype=dtype)
+    if not np.any(adjusted):
+        return weight_qparams
+    ratio = scale.astype(np.float64) / old.astype(np.float64)
+    where = f"layer {name!r}" if name else "a layer"
+    count = f"{int(adjusted.sum())} of {bias.size} output channels" if old.ndim else "its per-tensor weight scale"
+    warnings.warn(f"quant: {where}: the bias does not fit {dtype} on the grid input_scale * weight_scale "
+                  f"(input_scale {float(input_qparams.scale):.4g}); weight scale raised for {count} (ONNX Runtime's "
+                  f"adjustment for int32 bias), by up to {ratio.max():.6g}x (from {float(old[adjusted].max()):.6g} "
+                  f"to {float(scale[adjusted].max()):.6g}). A tiny input scale comes from tiny calibration "
+                  "inputs: check the calibration data", UserWarning, stacklevel=3)
+    return QParams(scale, weight_qparams.zero_point, weight_qparams.spec)
 
 
 def _epilogue(acc: np.ndarray, layer: IntegerLayer, channel_axis: int) -> np.ndarray:

@@ -109,7 +109,7 @@ class _SimulatedWeighted(_Simulated):
         """The integer parameters :func:`convert` would give this layer now."""
         bias = None if self.bias is None else self.bias.data
         return integer_layer(self.weight.data, bias, self.weight_quantizer.qparams(), self.source_qparams(),
-                             self.output_quantizer.qparams(), self.relu)
+                             self.output_quantizer.qparams(), self.relu, name=self.layer_name)
 
     def float_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         """The float layer with the given weight and bias (``x W^T + b`` or the convolution)."""

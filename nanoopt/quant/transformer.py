@@ -297,7 +297,7 @@ class SimulatedW8A8Linear(_W8A8Linear):
     def integer_layer(self) -> IntegerLayer:
         """The static requantizing layer (``c_attn``): :func:`~nanoopt.quant.lowering.integer_layer`."""
         return integer_layer(self.weight.data, None if self.bias is None else self.bias.data, self.weight_qparams(),
-                             self.input_qparams(), self.qkv_qparams(), relu=False)
+                             self.input_qparams(), self.qkv_qparams(), relu=False, name=self.layer_name)
 
     def requantized(self, codes: np.ndarray) -> np.ndarray:
         return emulate_linear(codes, self.integer_layer())
@@ -325,6 +325,8 @@ class QuantizedW8A8Linear(_W8A8Linear):
             self.register_buffer("qkv_scale", grid.scale)
             if self.static_input:
                 layer = simulated.integer_layer()
+                self.weight[...] = layer.weight  # the codes of the requantization: scales raised where a bias
+                self.weight_scale[...] = layer.weight_scale  # would not fit int32 (lowering.integer_layer)
                 self.register_buffer("bias_q", layer.bias)
                 self.register_buffer("m0", layer.m0)
                 self.register_buffer("shift", layer.shift)

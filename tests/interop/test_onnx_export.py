@@ -215,3 +215,23 @@ def test_written_out_requantization_equals_nanoopts_bit_for_bit(acc, exponent, t
     session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ours = multiply_by_quantized_multiplier(values.astype(np.int32), m0, shift).astype(np.int64)
     np.testing.assert_array_equal(session.run(None, {"acc": values})[0], ours)
+
+
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_a_model_with_weight_scales_raised_for_its_bias_exports(tmp_path, quant_format):
+    """Tiny calibration inputs put the conv's biases beyond int32 on ``s_in s_w``; convert raises those weight
+    scales (``quant.lowering``, ONNX Runtime's rule). The export carries the raised scales: as integer operators
+    ONNX Runtime gives the model's bits (the bias near 2^31 is added in int64), as QDQ within a step."""
+    no.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(75, 4)).eval()
+    model[0].weight.data[...] *= np.float32(0.01)
+    model[0].bias.data[...] = np.array([3.0, 1e-4, -2.0], np.float32)
+    x = (np.random.default_rng(3).normal(size=(64, 2, 5, 5)) * 1e-5).astype(np.float32)
+    with pytest.warns(UserWarning, match="the bias does not fit int32"):
+        int8 = quant.quantize_static(model, x[:32], progress=False)
+    assert int(np.abs(int8.model[0].bias.astype(np.int64)).max()) > 2**30  # a bias code near the int32 limit
+    path = tmp_path / "raised.onnx"
+    no.onnx.export(int8, path, x[:2], quant_format=quant_format)
+    report = check_integer(int8, path, x[32:], f"raised weight scales, {quant_format}")
+    if quant_format == "qoperator":
+        assert report["differing"] == 0 and report["max_abs_diff"] == 0.0, report

@@ -224,3 +224,32 @@ def test_ibert_bad_configuration_and_uncalibrated_layer_norms_are_refused():
     prepared = prepare_w8a8(trained_like_gpt(0), IBERT)
     with pytest.raises(ValueError, match="layer .transformer.ln_f.: the LayerNorm input grid is not calibrated"):
         convert_w8a8(prepared)
+
+
+@pytest.mark.parametrize("nonlinear", ["float", "ibert"])
+def test_a_bias_that_does_not_fit_int32_on_a_tiny_input_grid_converts(nonlinear):
+    """LayerNorms scaled to 1e-6 give c_attn and c_fc input grids of 2^-23, on which biases of 3 leave int32
+    (|b| / (s_x s_w) = 1.5e10). c_attn's static requantization raises those channels' weight scales
+    (``lowering.integer_layer``, ONNX Runtime's rule) and the integer GPT stores the codes and scales its
+    requantization was derived with; the I-BERT GELU adds c_fc's bias in int64. Simulated = integer, bit for bit."""
+    model = trained_like_gpt(1)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("ln_1.weight", "ln_2.weight")):
+            parameter.data[...] = 1e-6
+        elif name.endswith(("ln_1.bias", "ln_2.bias")):
+            parameter.data[...] = 0.0
+        elif name.endswith(("c_attn.bias", "c_fc.bias")):
+            parameter.data[...] = np.where(parameter.data >= 0, 3.0, -3.0)
+    with pytest.warns(UserWarning, match=r"layer 'transformer.h.0.attn.c_attn': the bias does not fit int32"):
+        prepared = prepare_w8a8(model, W8A8Config(nonlinear=nonlinear)).calibrate(windows(0))
+        integer = convert_w8a8(prepared)
+    for simulated_block, integer_block in zip(prepared.blocks, integer.blocks, strict=True):
+        layer = simulated_block.c_attn.integer_layer()
+        assert np.any(layer.weight_scale > simulated_block.c_attn.weight_scale_array())
+        np.testing.assert_array_equal(integer_block.c_attn.weight, layer.weight)
+        np.testing.assert_array_equal(integer_block.c_attn.weight_scale, layer.weight_scale)
+        np.testing.assert_array_equal(integer_block.c_attn.bias_q, layer.bias)
+    ids = windows(1, n=3, t=8)
+    np.testing.assert_array_equal(prepared(ids).data, integer(ids).data)
+    expected = model(ids).data
+    assert np.sqrt(np.mean((integer(ids).data - expected) ** 2)) < 0.3 * np.sqrt(np.mean(expected ** 2))
