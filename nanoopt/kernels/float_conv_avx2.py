@@ -63,10 +63,14 @@ from numba.extending import intrinsic
 from nanoopt.kernels.cpu_features import avx2_kernel_works
 from nanoopt.kernels.llvm_intrinsics import (
     F32X8,
+    I8X32,
+    I16X16,
+    I32X8,
     LANES,
     declare,
     element_pointer,
     float32x8,
+    int32x8,
     is_c_array,
     lanewise,
     load_at,
@@ -75,7 +79,8 @@ from nanoopt.kernels.llvm_intrinsics import (
 )
 
 __all__ = ["LANES", "TILE_PIXELS", "TILE_VECTORS", "available", "conv2d_into", "conv_tiles_into",
-           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights"]
+           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights", "pixel_offsets", "store_tile",
+           "tile_step"]
 
 TILE_PIXELS = 6  # output pixels of a register tile
 TILE_VECTORS = 2  # 8-channel vectors of a register tile: 6 x 2 = 12 accumulators, 2 weights, 1 broadcast (of 16)
@@ -141,9 +146,15 @@ def _literal(value):
     return value.literal_value if isinstance(value, types.IntegerLiteral) else None
 
 
+def _tile_type(vector):
+    """``(lane dtype of the source and scratch arrays, LLVM vector type)`` of a tile of ``vector`` registers:
+    float32 tiles (FMA) here, int32 tiles (:mod:`nanoopt.kernels.int8_conv_avx2`) there; else ``None``."""
+    return {float32x8: (types.float32, F32X8), int32x8: (types.int32, I32X8)}.get(vector)
+
+
 @intrinsic
 def _tile_zero(typingctx, pixels, vectors):
-    """A tile of ``pixels x vectors`` (compile-time constants) accumulators of +0.0."""
+    """A tile of ``pixels x vectors`` (compile-time constants) float32 accumulators of +0.0."""
     if _literal(pixels) is None or _literal(vectors) is None:
         return None
     size = _literal(pixels) * _literal(vectors)
@@ -156,7 +167,7 @@ def _tile_zero(typingctx, pixels, vectors):
 
 
 @intrinsic
-def _pixel_offsets(typingctx, pixels, first, count):
+def pixel_offsets(typingctx, pixels, first, count):
     """``pixels[first : first + count]`` as a tuple of ``count`` (a compile-time constant) intp offsets."""
     if _literal(count) is None or not (is_c_array(pixels, types.int64) and isinstance(first, types.Integer)):
         return None
@@ -174,14 +185,48 @@ def _pixel_offsets(typingctx, pixels, first, count):
     return types.UniTuple(types.intp, size)(pixels, first, count), codegen
 
 
+def _emit_fma(builder, x, w, accumulator):
+    """``accumulator + x w`` lane-wise, one rounding (``llvm.fmuladd``; an FMA where the target has one)."""
+    return builder.call(declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8]), [x, w, accumulator])
+
+
+def _emit_pairs(builder, x, w, accumulator):
+    """``accumulator + x[2l] w[2l] + x[2l+1] w[2l+1]`` per int32 lane ``l`` of int16 pairs (``vpmaddwd``, exact:
+    ``|x w| <= 2^14``), then ``vpaddd`` (modulo 2^32)."""
+    madd = declare(builder, "llvm.x86.avx2.pmadd.wd", I32X8, [I16X16, I16X16])
+    return builder.add(accumulator, builder.call(madd, [builder.bitcast(x, I16X16), builder.bitcast(w, I16X16)]))
+
+
+def _emit_quads(builder, x, w, accumulator):
+    """``accumulator + sum_k x[4l+k] w[4l+k]`` per int32 lane ``l``, ``x`` bytes unsigned, ``w`` signed
+    (``vpdpbusd``: AVX-VNNI or AVX512-VNNI with VL; modulo 2^32, no saturation)."""
+    dot = declare(builder, "llvm.x86.avx512.vpdpbusd.256", I32X8, [I32X8, I8X32, I8X32])
+    return builder.call(dot, [accumulator, builder.bitcast(x, I8X32), builder.bitcast(w, I8X32)])
+
+
+# the product of a tile step by the dtype of its packed weights: float32 FMA, int16 pairs, int8 quads
+_PRODUCTS = {types.float32: _emit_fma, types.int16: _emit_pairs, types.int8: _emit_quads}
+
+
 @intrinsic
-def _tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride):
-    """One tap: ``V`` weight vectors ``weights[w_offset + v w_stride : + 8]``, and per pixel ``t`` the input value
-    ``source[at + pixels[t]]`` broadcast and multiply-added into accumulators ``t V .. t V + V - 1``."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and isinstance(pixels, types.UniTuple)):
+def tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride):
+    """One tap: ``V`` weight vectors ``weights[w_offset + v w_stride :]`` (32 bytes each; offsets in elements of
+    ``weights``), and per pixel ``t`` the 32 bits at element ``at + pixels[t]`` of ``source`` broadcast and
+    multiplied into accumulators ``t V .. t V + V - 1``. Float tiles (float32 source and weights): a fused
+    multiply-add per accumulator. int32 tiles (an int8, int16 or int32 source: the 32 bits are a group of taps):
+    int16 weights, ``vpmaddwd`` of int16 pairs; int8 weights, ``vpdpbusd`` of unsigned byte quads
+    (:mod:`nanoopt.kernels.int8_conv_avx2`)."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and isinstance(pixels, types.UniTuple)):
         return None
-    if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    sources = (lane_dtype,) if lane_dtype == types.float32 else (types.int8, types.int16, types.int32)
+    if not (isinstance(source, types.Array) and source.layout == "C" and source.dtype in sources):
         return None
+    if not (isinstance(weights, types.Array) and weights.layout == "C" and weights.dtype in _PRODUCTS):
+        return None
+    if (lane_dtype == types.float32) != (weights.dtype == types.float32):
+        return None
+    product = _PRODUCTS[weights.dtype]
     if not all(isinstance(value, types.Integer) for value in (at, w_offset, w_stride)):
         return None
     count, size = tile.count, pixels.count
@@ -195,31 +240,33 @@ def _tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride)
         at_value = context.cast(builder, at_value, at_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
         w_step = context.cast(builder, w_step, step_type, types.intp)
-        fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         w = []
         for v in range(vectors):
             where = builder.add(w_start, builder.mul(w_step, ir.Constant(w_step.type, v)))
-            w.append(load_at(context, builder, weights_type, weights_value, where, F32X8, align=4))
+            w.append(load_at(context, builder, weights_type, weights_value, where, vector_type, align=4))
         values = [builder.extract_value(tile_value, index) for index in range(count)]
         for t in range(size):
             where = builder.add(at_value, builder.extract_value(pixel_values, t))
             pointer = element_pointer(context, builder, source_type, source_value, types.intp, where)
-            x = splat(builder, builder.load(pointer, align=4), F32X8)
+            lane = builder.load(builder.bitcast(pointer, vector_type.element.as_pointer()), align=1)
+            x = splat(builder, lane, vector_type)  # a float, or 32 bits of packed taps from element ``where`` on
             for v in range(vectors):
                 index = t * vectors + v
-                values[index] = builder.call(fmuladd, [x, w[v], values[index]])
+                values[index] = product(builder, x, w[v], values[index])
         return context.make_tuple(builder, tile_type, values)
 
     return tile(tile, source, at, pixels, weights, w_offset, w_stride), codegen
 
 
 @intrinsic
-def _store_tile(typingctx, scratch, tile, at, count):
+def store_tile(typingctx, scratch, tile, at, count):
     """Vector ``v`` of pixel ``t`` to ``scratch[at + t 8 V + 8 v :][:8]`` (pixel-major rows of ``8 V`` channels;
-    ``count`` the tile's pixels, a compile-time constant)."""
-    if _literal(count) is None or not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8):
+    ``count`` the tile's pixels, a compile-time constant; a float32 tile to a float32 scratch, an int32 one to an
+    int32 scratch)."""
+    if _literal(count) is None or not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype)):
         return None
-    if not (is_c_array(scratch, types.float32) and isinstance(at, types.Integer)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    if not (is_c_array(scratch, lane_dtype) and isinstance(at, types.Integer)):
         return None
     size = _literal(count)
     if tile.count % size:
@@ -231,7 +278,7 @@ def _store_tile(typingctx, scratch, tile, at, count):
         for index in range(tile_type.count):
             where = builder.add(start, ir.Constant(start.type, index * LANES))
             pointer = element_pointer(context, builder, scratch_type, args[0], types.intp, where)
-            builder.store(builder.extract_value(args[1], index), builder.bitcast(pointer, F32X8.as_pointer()),
+            builder.store(builder.extract_value(args[1], index), builder.bitcast(pointer, vector_type.as_pointer()),
                           align=4)
         return context.get_dummy_value()
 
@@ -424,12 +471,12 @@ def _convolve(pixels_per_tile, vectors, source, packed, taps, pixels, bias, chan
             for b0 in range(0, blocks, vectors):
                 w_base = (g * blocks + b0) * depth * LANES
                 for p0 in range(0, count, pixels_per_tile):
-                    where = _pixel_offsets(pixels, p0, pixels_per_tile)
+                    where = pixel_offsets(pixels, p0, pixels_per_tile)
                     tile = _tile_zero(pixels_per_tile, vectors)
                     for d in range(depth):
-                        tile = _tile_step(tile, source, at + taps[d], where, flat_weights, w_base + d * LANES,
+                        tile = tile_step(tile, source, at + taps[d], where, flat_weights, w_base + d * LANES,
                                           depth * LANES)
-                    _store_tile(flat_scratch, tile, p0 * vectors * LANES, pixels_per_tile)
+                    store_tile(flat_scratch, tile, p0 * vectors * LANES, pixels_per_tile)
                 for v in range(vectors):
                     valid = min(LANES, per_group - LANES * (b0 + v))
                     if valid > 0:
