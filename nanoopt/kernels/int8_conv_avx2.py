@@ -330,6 +330,8 @@ def geometry(x_shape: tuple[int, ...], kernel: tuple[int, int], stride, padding,
     >>> geometry((1, 1, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1, PAIRS, 0, (1, 1))[1].tolist()
     [0, 2, 6, 8, 12, 14]
     """
+    stride, padding = ref.pair(stride, "stride", 1), ref.pair(padding, "padding", 0)
+    dilation = ref.pair(dilation, "dilation", 1)
     (kh, kw), (ph, pw) = kernel, padding
     padded = (x_shape[0], x_shape[1], x_shape[2] + 2 * ph, x_shape[3] + 2 * pw)
     out_h = ref.conv_output_size(x_shape[2], kh, stride[0], ph, dilation[0], "height")
@@ -364,8 +366,6 @@ def conv2d_s8(x_q: np.ndarray, w_q: np.ndarray, bias_q, x_zero_point: int, m0, s
     if prepared is None:
         raise ValueError("conv2d_s8: this layer's accumulators plus offsets might not fit int32 (or its shifts are "
                          "not right shifts of at most 30); use nanoopt.kernels.quantized_conv2d")
-    stride, padding, dilation = ref.pair(stride, "stride", 1), ref.pair(padding, "padding", 0), \
-        ref.pair(dilation, "dilation", 1)
     pool = ref.pair(pool, "pool", 1)
     shape, taps, pixels, out_h, out_w = geometry(x_q.shape, w_q.shape[2:], stride, padding, dilation, w_q.shape[1],
                                                  per_lane, x_zero_point, pool)
