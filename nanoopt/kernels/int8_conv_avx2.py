@@ -44,9 +44,9 @@ self-test (4 with 256-bit VNNI, 2 with AVX2, 0: neither, use the portable kernel
 >>> x = np.arange(16, dtype=np.int8).reshape(1, 1, 4, 4)
 >>> w = np.ones((1, 1, 3, 3), np.int8)
 >>> conv2d_s8_reference(x, w, None, 0, 2**30, 0, 0, QuantSpec(), pool=(2, 2))[0, 0].tolist()
-[[23]]
->>> conv2d_s8(x, w, None, 0, 2**30, 0, 0, QuantSpec(), pool=(2, 2))[0, 0].tolist() if taps_per_lane() else [[23]]
-[[23]]
+[[45]]
+>>> conv2d_s8(x, w, None, 0, 2**30, 0, 0, QuantSpec(), pool=(2, 2))[0, 0].tolist() if taps_per_lane() else [[45]]
+[[45]]
 """
 
 from __future__ import annotations
