@@ -79,8 +79,8 @@ from nanoopt.kernels.llvm_intrinsics import (
 )
 
 __all__ = ["LANES", "TILE_PIXELS", "TILE_VECTORS", "available", "conv2d_into", "conv_tiles_into",
-           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights", "pixel_offsets", "store_tile",
-           "tile_step"]
+           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights", "pixel_offsets", "pool_row_tile",
+           "row_tile_step", "store_tile", "tile_step"]
 
 TILE_PIXELS = 6  # output pixels of a register tile
 TILE_VECTORS = 2  # 8-channel vectors of a register tile: 6 x 2 = 12 accumulators, 2 weights, 1 broadcast (of 16)
@@ -297,6 +297,11 @@ def _emit_max(builder, a, b):
 _max = lanewise("_max", float32x8, _emit_max, "Lane-wise ``b if b > a else a``.")
 
 
+def _emit_max_signed(builder, a, b):
+    """``b if b > a else a``, lane-wise on signed integers (code generation)."""
+    return builder.select(builder.icmp_signed(">", b, a), b, a)
+
+
 @intrinsic
 def _lane(typingctx, vector, index):
     """Lane ``index`` (0..7) of the vector as a float32."""
@@ -315,17 +320,23 @@ def _lane(typingctx, vector, index):
 
 
 @intrinsic
-def _row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
+def row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
     """One tap of a row tile: per vector ``r`` of positions the 8 inputs ``source[at + r spacing :][:8]`` (one
     unaligned load), per channel ``k`` the weight ``weights[w_offset + k]`` broadcast, multiply-added into
-    accumulator ``k R + r``."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count % ROW_TILE_CHANNELS == 0):
+    accumulator ``k R + r``. An int32 tile reads an int32 ``source`` of packed tap groups and broadcasts the 32 bits
+    of channel ``k`` from element ``w_offset + k G`` of int16 (pairs, ``G = 2``) or int8 (quads, ``G = 4``) weights,
+    multiplied as in :func:`tile_step`."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and tile.count % ROW_TILE_CHANNELS == 0):
         return None
-    if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    if not (is_c_array(source, lane_dtype) and isinstance(weights, types.Array) and weights.layout == "C"):
+        return None
+    if weights.dtype not in _PRODUCTS or (lane_dtype == types.float32) != (weights.dtype == types.float32):
         return None
     if not all(isinstance(value, types.Integer) for value in (at, spacing, w_offset)):
         return None
     rows = tile.count // ROW_TILE_CHANNELS
+    product, per_lane = _PRODUCTS[weights.dtype], 32 // weights.dtype.bitwidth
 
     def codegen(context, builder, signature, args):
         tile_value, source_value, at_value, spacing_value, weights_value, w_start = args
@@ -333,40 +344,41 @@ def _row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
         at_value = context.cast(builder, at_value, at_type, types.intp)
         spacing_value = context.cast(builder, spacing_value, spacing_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
-        fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         x = [load_at(context, builder, source_type, source_value,
-                     builder.add(at_value, builder.mul(spacing_value, ir.Constant(at_value.type, r))), F32X8,
+                     builder.add(at_value, builder.mul(spacing_value, ir.Constant(at_value.type, r))), vector_type,
                      align=4)
              for r in range(rows)]
         values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
         for k in range(ROW_TILE_CHANNELS):
-            where = builder.add(w_start, ir.Constant(w_start.type, k))
+            where = builder.add(w_start, ir.Constant(w_start.type, k * per_lane))
             pointer = element_pointer(context, builder, weights_type, weights_value, types.intp, where)
-            w = splat(builder, builder.load(pointer, align=4), F32X8)
+            lane = builder.load(builder.bitcast(pointer, vector_type.element.as_pointer()), align=1)
+            w = splat(builder, lane, vector_type)
             for r in range(rows):
-                values[k * rows + r] = builder.call(fmuladd, [x[r], w, values[k * rows + r]])
+                values[k * rows + r] = product(builder, x[r], w, values[k * rows + r])
         return context.make_tuple(builder, tile_type, values)
 
     return tile(tile, source, at, spacing, weights, w_offset), codegen
 
 
 @intrinsic
-def _pool_row_tile(typingctx, tile):
+def pool_row_tile(typingctx, tile):
     """Per channel ``k`` of a row tile of two vectors (two rows of 8 positions, one under the other): the maximum of
     each 2 x 2 window, ``max(max(a_j, b_j), max(a_j', b_j'))`` for the pair ``j, j' = 2 i, 2 i + 1``, in lane ``2 i``
-    (lanes ``2 i + 1`` hold the same maximum); a tuple of 6 vectors."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count == 2 * ROW_TILE_CHANNELS):
+    (lanes ``2 i + 1`` hold the same maximum); a tuple of 6 vectors (float32, or int32 compared signed)."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and tile.count == 2 * ROW_TILE_CHANNELS):
         return None
+    emit = _emit_max if tile.dtype == float32x8 else _emit_max_signed
 
     def codegen(context, builder, signature, args):
         swap = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [1, 0, 3, 2, 5, 4, 7, 6])
         pooled = []
         for k in range(ROW_TILE_CHANNELS):
-            rows = _emit_max(builder, builder.extract_value(args[0], 2 * k), builder.extract_value(args[0], 2 * k + 1))
-            pooled.append(_emit_max(builder, rows, builder.shuffle_vector(rows, rows, swap)))
-        return context.make_tuple(builder, types.UniTuple(float32x8, ROW_TILE_CHANNELS), pooled)
+            rows = emit(builder, builder.extract_value(args[0], 2 * k), builder.extract_value(args[0], 2 * k + 1))
+            pooled.append(emit(builder, rows, builder.shuffle_vector(rows, rows, swap)))
+        return context.make_tuple(builder, signature.return_type, pooled)
 
-    return types.UniTuple(float32x8, ROW_TILE_CHANNELS)(tile), codegen
+    return types.UniTuple(tile.dtype, ROW_TILE_CHANNELS)(tile), codegen
 
 
 @intrinsic
@@ -400,7 +412,7 @@ def _row_tile_sums(source, at, spacing, taps, weights, w_base):  # pragma: no co
     6``, vector ``r < 2``, lane ``t < 8``; taps in order, FMA from 0)."""
     tile = _tile_zero(ROW_TILE_CHANNELS, ROW_TILE_VECTORS)
     for d in range(taps.shape[0]):
-        tile = _row_tile_step(tile, source, at + taps[d], spacing, weights, w_base + d * ROW_TILE_CHANNELS)
+        tile = row_tile_step(tile, source, at + taps[d], spacing, weights, w_base + d * ROW_TILE_CHANNELS)
     return tile
 
 
@@ -416,7 +428,7 @@ def pooled_row_tile(source, at, row_step, taps, weights, w_base, bias, relu, cha
     """One row tile over two rows (8 positions at ``at`` and 8 at ``at + row_step``) with its 2 x 2 max pool, plus
     ``bias``, then ``max(., 0)`` if ``relu``: ``out[first + k, y, x + i]`` for ``k < channels`` and ``i <
     count`` (at most 4 pooled columns)."""
-    pooled = _pool_row_tile(_row_tile_sums(source, at, row_step, taps, weights, w_base))
+    pooled = pool_row_tile(_row_tile_sums(source, at, row_step, taps, weights, w_base))
     for k in range(channels):
         vector = pooled[k]
         line = out[first + k, y]

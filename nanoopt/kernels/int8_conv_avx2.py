@@ -62,7 +62,17 @@ from numba.extending import intrinsic
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.avx2_requant import emit_requantize
 from nanoopt.kernels.cpu_features import avx2_kernel_works, target_has_avx_vnni
-from nanoopt.kernels.float_conv_avx2 import TILE_PIXELS, TILE_VECTORS, offsets, pixel_offsets, store_tile, tile_step
+from nanoopt.kernels.float_conv_avx2 import (
+    ROW_TILE_CHANNELS,
+    TILE_PIXELS,
+    TILE_VECTORS,
+    offsets,
+    pixel_offsets,
+    pool_row_tile,
+    row_tile_step,
+    store_tile,
+    tile_step,
+)
 from nanoopt.kernels.llvm_intrinsics import (
     I32X8,
     LANES,
@@ -77,18 +87,19 @@ from nanoopt.kernels.numba_conv import pack_conv2d_weights
 from nanoopt.kernels.numba_epilogue import layer_epilogue
 from nanoopt.spec import QuantSpec
 
-__all__ = ["PAIRS", "QUADS", "conv2d_s8", "conv2d_s8_reference", "conv_s8_into", "geometry", "pack_epilogue",
-           "pack_lanes_reference", "pack_weights", "prepare", "taps_per_lane"]
+__all__ = ["PAIRS", "QUADS", "conv2d_s8", "conv2d_s8_reference", "conv_rows_s8_into", "conv_s8_into", "geometry",
+           "pack_epilogue", "pack_lanes_reference", "pack_weights", "prepare", "taps_per_lane"]
 
 PAIRS = 2  # taps per 32-bit lane of the AVX2 form: int16 pairs, vpmaddwd
 QUADS = 4  # taps per 32-bit lane of the VNNI form: unsigned byte quads, vpdpbusd
 ACCUMULATORS = TILE_PIXELS * TILE_VECTORS  # int32x8 registers of a tile: 12
 
 
-def pack_weights(weight: np.ndarray, groups: int, per_lane: int) -> np.ndarray:
-    """The int8 weight ``(OC, Cg, KH, KW)`` as ``(G, B, Cg KH ceil(KW / per_lane), 8 per_lane)`` blocks of 8 output
-    channels per tap group: int16 pairs (``per_lane = 2``) or int8 quads (4), zeros past a kernel row's ``KW`` taps
-    and past a group's channels; ``B`` a multiple of the tiles' 2 vectors.
+def pack_weights(weight: np.ndarray, groups: int, per_lane: int, rows: bool = False) -> np.ndarray:
+    """The int8 weight ``(OC, Cg, KH, KW)`` as ``(G, B, Cg KH ceil(KW / per_lane), C per_lane)`` blocks of ``C``
+    output channels per tap group: int16 pairs (``per_lane = 2``) or int8 quads (4), zeros past a kernel row's ``KW``
+    taps and past a group's channels. Channel tiles: ``C = 8`` (a vector), ``B`` a multiple of the tiles' 2
+    vectors; row tiles (``rows``): ``C = 6``, one block per tile.
 
     >>> pack_weights(np.arange(1, 7, dtype=np.int8).reshape(2, 1, 1, 3), 1, PAIRS)[0, 0, :, :4].tolist()
     [[1, 2, 4, 5], [3, 0, 6, 0]]
@@ -99,11 +110,12 @@ def pack_weights(weight: np.ndarray, groups: int, per_lane: int) -> np.ndarray:
     widened = np.zeros((out_channels, group_channels, kh, columns * per_lane), dtype)
     widened[..., :kw] = weight
     depth = group_channels * kh * columns
-    blocks = -(-per_group // (LANES * TILE_VECTORS)) * TILE_VECTORS
-    packed = np.zeros((groups, blocks * LANES, depth, per_lane), dtype)
+    width, multiple = (ROW_TILE_CHANNELS, 1) if rows else (LANES, TILE_VECTORS)
+    blocks = -(-per_group // (width * multiple)) * multiple
+    packed = np.zeros((groups, blocks * width, depth, per_lane), dtype)
     packed[:, :per_group] = widened.reshape(groups, per_group, depth, per_lane)
-    packed = packed.reshape(groups, blocks, LANES, depth, per_lane).transpose(0, 1, 3, 2, 4)
-    return np.ascontiguousarray(packed).reshape(groups, blocks, depth, LANES * per_lane)
+    packed = packed.reshape(groups, blocks, width, depth, per_lane).transpose(0, 1, 3, 2, 4)
+    return np.ascontiguousarray(packed).reshape(groups, blocks, depth, width * per_lane)
 
 
 def pack_epilogue(offsets_: np.ndarray, m0: np.ndarray, shift: np.ndarray, zero_point: int, low: int, high: int,
@@ -188,16 +200,32 @@ def _requantize(typingctx, value, m0, shift, zero_point, below, above):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _pack_lanes(source, spacing, per_lane, lanes):  # pragma: no cover - compiled
     """``lanes[q] = pack(source[q], source[q + spacing], ...)``: int16 pairs, or the bytes of ``source`` (already
-    ``x + 128`` as bytes) four at a time, for a dilated kernel row (``d_w > 1``; at ``d_w = 1`` the taps of a lane
-    are neighbours in ``source`` itself and nothing is packed)."""
+    ``x + 128`` as bytes) four at a time (unsigned arithmetic and offsets, so that LLVM vectorises it)."""
+    words = lanes.view(np.uint32)
+    step = np.uint64(spacing)
     if per_lane == PAIRS:
-        for q in range(lanes.shape[0]):
-            lanes[q] = (np.int64(source[q]) & 0xFFFF) | (np.int64(source[q + spacing]) << 16)
+        halves = source.view(np.uint16)
+        for q in range(np.uint64(lanes.shape[0])):
+            words[q] = np.uint32(halves[q]) | (np.uint32(halves[q + step]) << np.uint32(16))
     else:
-        for q in range(lanes.shape[0]):
-            lanes[q] = ((np.int64(source[q]) & 255) | ((np.int64(source[q + spacing]) & 255) << 8)
-                        | ((np.int64(source[q + 2 * spacing]) & 255) << 16)
-                        | ((np.int64(source[q + 3 * spacing]) & 255) << 24))
+        data = source.view(np.uint8)
+        for q in range(np.uint64(lanes.shape[0])):
+            words[q] = (np.uint32(data[q]) | (np.uint32(data[q + step]) << np.uint32(8))
+                        | (np.uint32(data[q + 2 * step]) << np.uint32(16))
+                        | (np.uint32(data[q + 3 * step]) << np.uint32(24)))
+
+
+@intrinsic
+def _interleave(typingctx, a, b):
+    """Lanes ``(a0, b0, a2, b2, a4, b4, a6, b6)``: the pooled lanes (even) of two channels side by side."""
+    if not (a == int32x8 and b == int32x8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        order = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0, 8, 2, 10, 4, 12, 6, 14])
+        return builder.shuffle_vector(args[0], args[1], order)
+
+    return int32x8(a, b), codegen
 
 
 @intrinsic
@@ -266,6 +294,22 @@ def _image(lanes, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w,
                     target[p] = codes[p, c]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fill_source(x, n, flip, pad_h, pad_w, source):  # pragma: no cover - compiled
+    """The interior of image ``n``'s padded planes in ``source`` (flat, ``x XOR flip``; the border was filled once
+    with the zero point's code); unsigned offsets: no negative-index fix-up, so LLVM vectorises the copy."""
+    batch, channels, height, width = x.shape
+    padded_w = width + 2 * pad_w
+    plane = (height + 2 * pad_h) * padded_w
+    flat_x = x.reshape(-1)
+    for c in range(channels):
+        for y in range(height):
+            row = np.uint64(c * plane + (y + pad_h) * padded_w + pad_w)
+            line = np.uint64(((n * channels + c) * height + y) * width)
+            for xx in range(np.uint64(width)):
+                source[row + xx] = flat_x[line + xx] ^ flip
+
+
 @numba.njit(cache=True, nogil=True)
 def conv_s8_into(x, geometry, packed, taps, pixels, constants, out):  # pragma: no cover - compiled
     """The convolution (module docstring) of int8 NCHW ``x`` into int8 ``out (N, OC, OH // pool_h, OW // pool_w)``:
@@ -286,14 +330,8 @@ def conv_s8_into(x, geometry, packed, taps, pixels, constants, out):  # pragma: 
     scratch = np.empty((pixels.shape[0], TILE_VECTORS * LANES), np.int32)  # (P', 16) sums, pixel-major
     codes = np.empty((out.shape[2] * out.shape[3], TILE_VECTORS * LANES), np.int8)  # (pooled pixels, 16)
     at = np.arange(groups) * (channels // groups) * plane  # each group's first input plane
-    flat_x = x.reshape(-1)
     for n in range(batch):
-        for c in range(channels):  # unsigned offsets: no negative-index fix-up, so LLVM vectorises the copy
-            for y in range(height):
-                row = np.uint64(c * plane + (y + pad_h) * padded_w + pad_w)
-                line = np.uint64(((n * channels + c) * height + y) * width)
-                for xx in range(np.uint64(width)):
-                    source[row + xx] = flat_x[line + xx] ^ flip
+        _fill_source(x, n, flip, pad_h, pad_w, source)
         if spacing > 1:
             _pack_lanes(source, spacing, per_lane, lanes)
             _image(lanes, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w, scratch, codes, out)
@@ -301,8 +339,64 @@ def conv_s8_into(x, geometry, packed, taps, pixels, constants, out):  # pragma: 
             _image(source, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w, scratch, codes, out)
 
 
-def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, per_lane: int) -> tuple | None:
-    """``(packed, constants)`` of a layer for :func:`conv_s8_into` in the form ``per_lane`` (:data:`PAIRS` or
+@numba.njit(cache=True, nogil=True)
+def conv_rows_s8_into(x, geometry, packed, taps, constants, out):  # pragma: no cover - compiled
+    """The unit-stride convolution with a fused 2 x 2 max pool in row tiles, for thin layers (at most 6 output
+    channels per block): 16 sums of one output channel per tile row pair -- 8 columns of two consecutive output rows
+    -- x 6 channels in 12 int32 registers over every tap group, pooled in registers
+    (:func:`~nanoopt.kernels.float_conv_avx2.pool_row_tile`), then offset, requantized and written 4 pooled codes
+    per channel. ``geometry`` as :func:`conv_s8_into`'s; ``packed`` from :func:`pack_weights` (``rows``), ``taps`` the
+    tap groups' offsets on the padded plane (:func:`geometry`), ``constants`` from :func:`prepare` (``rows``)."""
+    zero_point, pad_h, pad_w, spacing, out_w, pool_h, pool_w = geometry
+    batch, channels, height, width = x.shape
+    padded_w = width + 2 * pad_w
+    plane = (height + 2 * pad_h) * padded_w
+    groups, blocks, depth, vector = packed.shape
+    per_lane = vector // ROW_TILE_CHANNELS
+    per_group, group_channels = out.shape[1] // groups, channels // groups
+    offsets_, m0, shift, zero, below, above = constants
+    flip = 0 if per_lane == PAIRS else -128  # quads read x + 128 as unsigned bytes: x XOR 0x80
+    slack = 2 * LANES  # the last tile of a row reads up to 8 lanes past its row (columns no window uses)
+    source = np.full(channels * plane + slack + (per_lane - 1) * spacing, zero_point ^ flip, packed.dtype)
+    lanes = np.empty(channels * plane + slack, np.int32)
+    codes = np.empty(LANES, np.int8)
+    flat_weights = packed.reshape(-1)
+    flat_out = out.reshape(-1)
+    half = LANES // 2  # pooled columns of a tile
+    for n in range(batch):
+        _fill_source(x, n, flip, pad_h, pad_w, source)
+        _pack_lanes(source, spacing, per_lane, lanes)
+        for g in range(groups):
+            at = g * group_channels * plane
+            for b in range(blocks):
+                w_base = (g * blocks + b) * depth * vector
+                first = g * per_group + b * ROW_TILE_CHANNELS
+                valid = min(ROW_TILE_CHANNELS, per_group - b * ROW_TILE_CHANNELS)
+                for y in range(out.shape[2]):
+                    for x0 in range(0, out.shape[3], half):
+                        corner = at + 2 * y * padded_w + 2 * x0
+                        tile = _zero_tile(ACCUMULATORS)
+                        for d in range(depth):
+                            tile = row_tile_step(tile, lanes, corner + taps[d], padded_w, flat_weights,
+                                                 w_base + d * vector)
+                        pooled = pool_row_tile(tile)
+                        count = min(half, out.shape[3] - x0)
+                        for j in range(0, valid, 2):  # two channels per vector: lanes (k, k + 1) per column
+                            at_j = ((g * blocks + b) * ROW_TILE_CHANNELS + j) * half
+                            best = _add(_interleave(pooled[j], pooled[j + 1]), _load(offsets_, at_j))
+                            _store_codes(codes, 0, _requantize(best, _load(m0, at_j), _load(shift, at_j), zero,
+                                                               below, above))
+                            for k in range(min(2, valid - j)):
+                                target = np.uint64((((n * out.shape[1] + first + j + k) * out.shape[2] + y)
+                                                    * out.shape[3]) + x0)
+                                for i in range(count):
+                                    flat_out[target + np.uint64(i)] = codes[2 * i + k]
+
+
+def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, per_lane: int,
+            rows: bool = False) -> tuple | None:
+    """``(packed, constants)`` of a layer for :func:`conv_s8_into` (or, with ``rows``, :func:`conv_rows_s8_into`:
+    each channel's constants repeated in 8 lanes) in the form ``per_lane`` (:data:`PAIRS` or
     :data:`QUADS`), from its validated int8 weight, the offsets ``bias - x_zp rowsum(w)`` and the epilogue tail of
     :func:`nanoopt.kernels.numba_epilogue.layer_epilogue` (``m0, shift, out_zp, low, high, raw, fast``); ``None``
     where the kernel does not apply: int16 weights, or an epilogue that is not "fast" (accumulator bound above
@@ -316,10 +410,19 @@ def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, 
     m0, shift, out_zp, low, high, raw, fast = tail
     if weight.dtype != np.int8 or raw or not fast:
         return None
-    packed = pack_weights(weight, groups, per_lane)
+    packed = pack_weights(weight, groups, per_lane, rows)
     if per_lane == QUADS:  # sum (x + 128) w = sum x w + 128 rowsum(w)
         offsets_ = offsets_ - 128 * weight.reshape(weight.shape[0], -1).sum(axis=1, dtype=np.int64)
-    constants = pack_epilogue(offsets_, m0, shift, int(out_zp), int(low), int(high), groups, packed.shape[1])
+    if rows:  # per block of 6 channels, pairs (k, k + 1) interleaved in 8 lanes, as the row tiles pool them
+        per_group = weight.shape[0] // groups
+        blocks = packed.shape[1]
+        index = np.arange(groups * blocks * ROW_TILE_CHANNELS).reshape(groups, blocks * ROW_TILE_CHANNELS)
+        index = np.minimum(index % (blocks * ROW_TILE_CHANNELS), per_group - 1) + np.arange(groups)[:, None] * per_group
+        lanes = np.repeat(index.reshape(-1, 1, 2), LANES // 2, axis=1).reshape(-1)  # (k, k + 1) four times
+        constants = pack_epilogue(*(np.asarray(v, np.int64)[lanes] for v in (offsets_, m0, shift)), int(out_zp),
+                                  int(low), int(high), 1, lanes.size)
+    else:
+        constants = pack_epilogue(offsets_, m0, shift, int(out_zp), int(low), int(high), groups, packed.shape[1])
     return packed, constants
 
 
@@ -422,19 +525,29 @@ def _self_test(per_lane: int) -> bool:
     shape, taps, pixels, out_h, out_w = geometry(x.shape, (3, 2), (1, 2), (1, 0), (1, 1), 3, per_lane, -5, (2, 2))
     out = np.empty(expected.shape, np.int8)
     conv_s8_into(x, shape, packed, taps, pixels, constants, out)
-    return bool(np.array_equal(out, expected))
+    if not np.array_equal(out, expected):
+        return False
+    if per_lane != PAIRS:  # the row tiles run int16 pairs on every CPU (quads gain nothing there: docs/kernels.md)
+        return True
+    arguments = (x, w, bias, -5, np.full(22, 1 << 30), np.full(22, 8), 3, QuantSpec(), 1, (1, 0), 1, 2, True)
+    packed, constants = prepare(w, 2, *_checked_layer(*arguments), PAIRS, rows=True)
+    shape, taps, _, out_h, out_w = geometry(x.shape, (3, 2), 1, (1, 0), 1, 3, PAIRS, -5, (2, 2))
+    out = np.empty((2, 22, out_h // 2, out_w // 2), np.int8)
+    conv_rows_s8_into(x, shape, packed, taps, constants, out)
+    return bool(np.array_equal(out, conv2d_s8_reference(*arguments, pool=(2, 2))))
 
 
 @functools.cache
 def taps_per_lane() -> int:
-    """The form of the kernel that runs here: :data:`QUADS` (4) where 256-bit ``vpdpbusd`` is usable
+    """The form of the channel tiles that runs here: :data:`QUADS` (4) where 256-bit ``vpdpbusd`` is usable
     (:func:`~nanoopt.kernels.cpu_features.target_has_avx_vnni`) and its self-test exact, else :data:`PAIRS` (2) where
     AVX2 is usable (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`) and its self-test exact, else 0 (the
-    portable kernels). Checked once per process; ``taps_per_lane.cache_clear()`` forgets the answer.
+    portable kernels). Where it is not 0 the row tiles (:func:`conv_rows_s8_into`, pairs) passed theirs too.
+    Checked once per process; ``taps_per_lane.cache_clear()`` forgets the answer.
 
     >>> taps_per_lane() in (0, PAIRS, QUADS)
     True
     """
-    if avx2_kernel_works(lambda: target_has_avx_vnni() and _self_test(QUADS)):
+    if avx2_kernel_works(lambda: target_has_avx_vnni() and _self_test(QUADS) and _self_test(PAIRS)):
         return QUADS
     return PAIRS if avx2_kernel_works(lambda: _self_test(PAIRS)) else 0
