@@ -38,14 +38,17 @@ def codes(rng: np.random.Generator, shape, extremes: tuple[int, ...]) -> np.ndar
 
 
 @st.composite
-def layers(draw):
-    """An int8 conv layer, its input and a fused pool, whose (pooled) output has at least one pixel."""
+def layers(draw, rows: bool = False):
+    """An int8 conv layer, its input and a fused pool, whose (pooled) output has at least one pixel; for the row
+    tiles (``rows``) at unit stride with a 2 x 2 pool."""
     groups = draw(st.integers(1, 3))
-    group_channels, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 35))
+    group_channels, per_group = draw(st.integers(1, 4)), draw(st.integers(1, 14 if rows else 35))
     kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
     stride, dilation = (draw(st.integers(1, 3)), draw(st.integers(1, 3))), (draw(st.integers(1, 2)),) * 2
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
     pool = draw(st.sampled_from([(1, 1), (2, 2), (1, 3), (3, 2)]))
+    if rows:
+        stride, pool = (1, 1), (2, 2)
     span = [dilation[a] * (kernel[a] - 1) + 1 - 2 * padding[a] for a in range(2)]
     size = [max(1, span[a] + stride[a] * (pool[a] - 1)) + draw(st.integers(0, 6)) for a in range(2)]
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
@@ -61,16 +64,20 @@ def layers(draw):
             draw(st.booleans())), pool
 
 
-def run(arguments: tuple, pool: tuple[int, int], per_lane: int) -> np.ndarray:
-    """The layer through :func:`ic.prepare` and :func:`ic.conv_s8_into` in the form ``per_lane``."""
+def run(arguments: tuple, pool: tuple[int, int], per_lane: int, rows: bool = False) -> np.ndarray:
+    """The layer through :func:`ic.prepare` and :func:`ic.conv_s8_into` (``rows``: ``conv_rows_s8_into``) in the
+    form ``per_lane``."""
     x, w = arguments[:2]
     stride, padding, dilation, groups = arguments[8:12]
     offsets, tail = ic._checked_layer(*arguments)
-    packed, constants = ic.prepare(w, groups, offsets, tail, per_lane)
+    packed, constants = ic.prepare(w, groups, offsets, tail, per_lane, rows)
     shape, taps, pixels, out_h, out_w = ic.geometry(x.shape, w.shape[2:], stride, padding, dilation, w.shape[1],
                                                     per_lane, arguments[3], pool)
     out = np.full((x.shape[0], w.shape[0], out_h // pool[0], out_w // pool[1]), 99, np.int8)
-    ic.conv_s8_into(x, shape, packed, taps, pixels, constants, out)
+    if rows:
+        ic.conv_rows_s8_into(x, shape, packed, taps, constants, out)
+    else:
+        ic.conv_s8_into(x, shape, packed, taps, pixels, constants, out)
     return out
 
 
@@ -81,6 +88,16 @@ def test_the_tiles_equal_the_specification(case):
     expected = ic.conv2d_s8_reference(*arguments, pool=pool)
     for per_lane in forms():
         np.testing.assert_array_equal(run(arguments, pool, per_lane), expected, err_msg=f"{per_lane} taps per lane")
+
+
+@SETTINGS
+@given(layers(rows=True))
+def test_the_row_tiles_equal_the_specification(case):
+    """Row tiles (unit stride, 2 x 2 pool; int16 pairs on every CPU): partial blocks of 6 channels, odd channel
+    counts (the last pair of a block half empty), rows whose last tile covers columns past the output."""
+    arguments, pool = case
+    np.testing.assert_array_equal(run(arguments, pool, ic.PAIRS, rows=True), ic.conv2d_s8_reference(*arguments,
+                                                                                                     pool=pool))
 
 
 @pytest.mark.parametrize("x_value", [-128, 127])
@@ -95,6 +112,7 @@ def test_extreme_codes_everywhere(x_value, w_value):
     assert len(np.unique(expected)) > 1  # the border (zero point) and the interior differ: a real check
     for per_lane in forms():
         np.testing.assert_array_equal(run(arguments, (2, 2), per_lane), expected)
+    np.testing.assert_array_equal(run(arguments, (2, 2), ic.PAIRS, rows=True), expected)
 
 
 def test_packed_lanes_hold_the_neighbouring_taps():
