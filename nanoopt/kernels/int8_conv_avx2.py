@@ -87,29 +87,48 @@ from nanoopt.kernels.numba_conv import pack_conv2d_weights
 from nanoopt.kernels.numba_epilogue import layer_epilogue
 from nanoopt.spec import QuantSpec
 
-__all__ = ["PAIRS", "QUADS", "conv2d_s8", "conv2d_s8_reference", "conv_rows_s8_into", "conv_s8_into", "geometry",
-           "pack_epilogue", "pack_lanes_reference", "pack_weights", "prepare", "taps_per_lane"]
+__all__ = ["PAIRS", "QUADS", "along_channels", "conv2d_s8", "conv2d_s8_reference", "conv_rows_s8_into",
+           "conv_s8_into", "geometry", "pack_epilogue", "pack_lanes_reference", "pack_weights", "prepare",
+           "taps_per_lane"]
 
 PAIRS = 2  # taps per 32-bit lane of the AVX2 form: int16 pairs, vpmaddwd
 QUADS = 4  # taps per 32-bit lane of the VNNI form: unsigned byte quads, vpdpbusd
 ACCUMULATORS = TILE_PIXELS * TILE_VECTORS  # int32x8 registers of a tile: 12
 
 
+def along_channels(weight_shape: tuple[int, ...], per_lane: int) -> bool:
+    """Whether a lane holds ``per_lane`` input channels of one tap (True) or ``per_lane`` taps of one kernel row:
+    whichever leaves fewer empty slots (``Cg`` or ``KW`` rounded up to a multiple of ``per_lane``); rows on a tie.
+
+    >>> along_channels((16, 6, 5, 5), PAIRS), along_channels((6, 1, 5, 5), PAIRS), along_channels((8, 3, 3, 3), 4)
+    (True, False, False)
+    """
+    channels, kw = weight_shape[1], weight_shape[3]
+    return -(-channels // per_lane) * per_lane * kw < channels * -(-kw // per_lane) * per_lane
+
+
 def pack_weights(weight: np.ndarray, groups: int, per_lane: int, rows: bool = False) -> np.ndarray:
-    """The int8 weight ``(OC, Cg, KH, KW)`` as ``(G, B, Cg KH ceil(KW / per_lane), C per_lane)`` blocks of ``C``
-    output channels per tap group: int16 pairs (``per_lane = 2``) or int8 quads (4), zeros past a kernel row's ``KW``
-    taps and past a group's channels. Channel tiles: ``C = 8`` (a vector), ``B`` a multiple of the tiles' 2
-    vectors; row tiles (``rows``): ``C = 6``, one block per tile.
+    """The int8 weight ``(OC, Cg, KH, KW)`` as ``(G, B, D, C per_lane)`` blocks of ``C`` output channels per tap
+    group: int16 pairs (``per_lane = 2``) or int8 quads (4) of taps along a kernel row (``D = Cg KH ceil(KW /
+    per_lane)``) or along the input channels (``D = ceil(Cg / per_lane) KH KW``; :func:`along_channels`), zeros past
+    ``KW`` or ``Cg`` and past a group's output channels. Channel tiles: ``C = 8`` (a vector), ``B`` a multiple of
+    the tiles' 2 vectors; row tiles (``rows``): ``C = 6``, one block per tile.
 
     >>> pack_weights(np.arange(1, 7, dtype=np.int8).reshape(2, 1, 1, 3), 1, PAIRS)[0, 0, :, :4].tolist()
     [[1, 2, 4, 5], [3, 0, 6, 0]]
     """
     out_channels, group_channels, kh, kw = weight.shape
-    per_group, columns = out_channels // groups, -(-kw // per_lane)
+    per_group = out_channels // groups
     dtype = np.int16 if per_lane == PAIRS else np.int8
-    widened = np.zeros((out_channels, group_channels, kh, columns * per_lane), dtype)
-    widened[..., :kw] = weight
-    depth = group_channels * kh * columns
+    if along_channels(weight.shape, per_lane):  # lane k: input channel G c' + k of the same tap (i, j)
+        widened = np.zeros((out_channels, -(-group_channels // per_lane) * per_lane, kh, kw), dtype)
+        widened[:, :group_channels] = weight
+        widened = widened.reshape(out_channels, -1, per_lane, kh, kw).transpose(0, 1, 3, 4, 2)
+    else:  # lane k: tap (i, G j' + k) of the same channel
+        widened = np.zeros((out_channels, group_channels, kh, -(-kw // per_lane) * per_lane), dtype)
+        widened[..., :kw] = weight
+    depth = widened[0].size // per_lane
+    widened = np.ascontiguousarray(widened)
     width, multiple = (ROW_TILE_CHANNELS, 1) if rows else (LANES, TILE_VECTORS)
     blocks = -(-per_group // (width * multiple)) * multiple
     packed = np.zeros((groups, blocks * width, depth, per_lane), dtype)
@@ -198,21 +217,30 @@ def _requantize(typingctx, value, m0, shift, zero_point, below, above):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _pack_lanes(source, spacing, per_lane, lanes):  # pragma: no cover - compiled
-    """``lanes[q] = pack(source[q], source[q + spacing], ...)``: int16 pairs, or the bytes of ``source`` (already
-    ``x + 128`` as bytes) four at a time (unsigned arithmetic and offsets, so that LLVM vectorises it)."""
+def _pack_lanes(source, geometry, channels, per_lane, lanes):  # pragma: no cover - compiled
+    """The packed lanes of one image: plane ``L = g C' + c'`` of ``lanes`` holds ``pack(source[b + q], source[b + q
+    + step], ...)`` with ``b = (g Cg + c' cstep) plane``: int16 pairs, or the bytes of ``source`` (already ``x + 128``
+    as bytes) four at a time (unsigned arithmetic and offsets, so that LLVM vectorises it). ``cstep, step``: ``1,
+    d_w`` for taps along a kernel row, ``G, plane`` along the input channels (:func:`along_channels`)."""
+    cstep, step, lane_channels, plane, groups = geometry[3], geometry[4], geometry[5], geometry[9], geometry[10]
     words = lanes.view(np.uint32)
-    step = np.uint64(spacing)
-    if per_lane == PAIRS:
-        halves = source.view(np.uint16)
-        for q in range(np.uint64(lanes.shape[0])):
-            words[q] = np.uint32(halves[q]) | (np.uint32(halves[q + step]) << np.uint32(16))
-    else:
-        data = source.view(np.uint8)
-        for q in range(np.uint64(lanes.shape[0])):
-            words[q] = (np.uint32(data[q]) | (np.uint32(data[q + step]) << np.uint32(8))
-                        | (np.uint32(data[q + 2 * step]) << np.uint32(16))
-                        | (np.uint32(data[q + 3 * step]) << np.uint32(24)))
+    step = np.uint64(step)
+    for g in range(groups):
+        for c in range(lane_channels):
+            target = np.uint64((g * lane_channels + c) * plane)
+            base = np.uint64((g * (channels // groups) + c * cstep) * plane)
+            if per_lane == PAIRS:
+                halves = source.view(np.uint16)
+                for q in range(np.uint64(plane)):
+                    words[target + q] = np.uint32(halves[base + q]) | (np.uint32(halves[base + q + step])
+                                                                      << np.uint32(16))
+            else:
+                data = source.view(np.uint8)
+                for q in range(np.uint64(plane)):
+                    at = base + q
+                    words[target + q] = (np.uint32(data[at]) | (np.uint32(data[at + step]) << np.uint32(8))
+                                         | (np.uint32(data[at + 2 * step]) << np.uint32(16))
+                                         | (np.uint32(data[at + 3 * step]) << np.uint32(24)))
 
 
 @intrinsic
@@ -313,30 +341,27 @@ def _fill_source(x, n, flip, pad_h, pad_w, source):  # pragma: no cover - compil
 @numba.njit(cache=True, nogil=True)
 def conv_s8_into(x, geometry, packed, taps, pixels, constants, out):  # pragma: no cover - compiled
     """The convolution (module docstring) of int8 NCHW ``x`` into int8 ``out (N, OC, OH // pool_h, OW // pool_w)``:
-    ``geometry = (x_zero_point, pad_h, pad_w, d_w, out_w, pool_h, pool_w)``, ``packed`` from :func:`pack_weights`
-    (int16: pairs, int8: quads; each dtype compiles its own kernel), ``taps``/``pixels`` from
-    :func:`~nanoopt.kernels.float_conv_avx2.offsets` on the padded shape with ``ceil(KW / G)`` columns of dilation
-    ``G d_w``, ``constants`` from :func:`pack_epilogue`. No checks: call through :func:`conv2d_s8` or with the
-    arguments of :func:`prepare`, where :func:`taps_per_lane` is that ``G``."""
-    zero_point, pad_h, pad_w, spacing, out_w, pool_h, pool_w = geometry
-    batch, channels, height, width = x.shape
-    padded_w = width + 2 * pad_w
-    plane = (height + 2 * pad_h) * padded_w
-    groups, per_lane = packed.shape[0], packed.shape[3] // LANES
+    ``geometry``, ``taps`` and ``pixels`` from :func:`geometry`, ``packed`` from :func:`pack_weights` (int16: pairs,
+    int8: quads; each dtype compiles its own kernel), ``constants`` from :func:`pack_epilogue`. No checks: call
+    through :func:`conv2d_s8` or with the arguments of :func:`prepare`, where :func:`taps_per_lane` is that ``G``."""
+    zero_point, pad_h, pad_w, cstep, step, lane_channels, out_w, pool_h, pool_w, plane, groups = geometry
+    channels = x.shape[1]
+    per_lane = packed.shape[3] // LANES
     flip = 0 if per_lane == PAIRS else -128  # quads read x + 128 as unsigned bytes: x XOR 0x80
-    # the padded codes (int16 pairs or flipped int8 bytes, the dtype of the weights), plus a tail for the last lane
-    source = np.full(channels * plane + (per_lane - 1) * spacing, zero_point ^ flip, packed.dtype)
-    lanes = np.empty(channels * plane if spacing > 1 else 0, np.int32)
+    # the padded codes (int16 pairs or flipped int8 bytes, the dtype of the weights), plus a tail for the last lanes
+    source = np.full((channels + per_lane) * plane, zero_point ^ flip, packed.dtype)
+    neighbours = cstep == 1 and step == 1  # a lane's taps are neighbours in ``source``: it is read as it is
+    lanes = np.empty(0 if neighbours else groups * lane_channels * plane, np.int32)
     scratch = np.empty((pixels.shape[0], TILE_VECTORS * LANES), np.int32)  # (P', 16) sums, pixel-major
     codes = np.empty((out.shape[2] * out.shape[3], TILE_VECTORS * LANES), np.int8)  # (pooled pixels, 16)
-    at = np.arange(groups) * (channels // groups) * plane  # each group's first input plane
-    for n in range(batch):
+    at = np.arange(groups) * lane_channels * plane  # each group's first lane plane
+    for n in range(x.shape[0]):
         _fill_source(x, n, flip, pad_h, pad_w, source)
-        if spacing > 1:
-            _pack_lanes(source, spacing, per_lane, lanes)
-            _image(lanes, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w, scratch, codes, out)
-        else:
+        if neighbours:
             _image(source, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w, scratch, codes, out)
+        else:
+            _pack_lanes(source, geometry, channels, per_lane, lanes)
+            _image(lanes, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w, scratch, codes, out)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -347,27 +372,25 @@ def conv_rows_s8_into(x, geometry, packed, taps, constants, out):  # pragma: no 
     (:func:`~nanoopt.kernels.float_conv_avx2.pool_row_tile`), then offset, requantized and written 4 pooled codes
     per channel. ``geometry`` as :func:`conv_s8_into`'s; ``packed`` from :func:`pack_weights` (``rows``), ``taps`` the
     tap groups' offsets on the padded plane (:func:`geometry`), ``constants`` from :func:`prepare` (``rows``)."""
-    zero_point, pad_h, pad_w, spacing, out_w, pool_h, pool_w = geometry
-    batch, channels, height, width = x.shape
-    padded_w = width + 2 * pad_w
-    plane = (height + 2 * pad_h) * padded_w
-    groups, blocks, depth, vector = packed.shape
+    zero_point, pad_h, pad_w, cstep, step, lane_channels, out_w, pool_h, pool_w, plane, groups = geometry
+    channels, padded_w = x.shape[1], x.shape[3] + 2 * pad_w
+    blocks, depth, vector = packed.shape[1], packed.shape[2], packed.shape[3]
     per_lane = vector // ROW_TILE_CHANNELS
-    per_group, group_channels = out.shape[1] // groups, channels // groups
+    per_group = out.shape[1] // groups
     offsets_, m0, shift, zero, below, above = constants
     flip = 0 if per_lane == PAIRS else -128  # quads read x + 128 as unsigned bytes: x XOR 0x80
     slack = 2 * LANES  # the last tile of a row reads up to 8 lanes past its row (columns no window uses)
-    source = np.full(channels * plane + slack + (per_lane - 1) * spacing, zero_point ^ flip, packed.dtype)
-    lanes = np.empty(channels * plane + slack, np.int32)
+    source = np.full((channels + per_lane) * plane, zero_point ^ flip, packed.dtype)
+    lanes = np.zeros(groups * lane_channels * plane + slack, np.int32)
     codes = np.empty(LANES, np.int8)
     flat_weights = packed.reshape(-1)
     flat_out = out.reshape(-1)
     half = LANES // 2  # pooled columns of a tile
-    for n in range(batch):
+    for n in range(x.shape[0]):
         _fill_source(x, n, flip, pad_h, pad_w, source)
-        _pack_lanes(source, spacing, per_lane, lanes)
+        _pack_lanes(source, geometry, channels, per_lane, lanes)
         for g in range(groups):
-            at = g * group_channels * plane
+            at = g * lane_channels * plane
             for b in range(blocks):
                 w_base = (g * blocks + b) * depth * vector
                 first = g * per_group + b * ROW_TILE_CHANNELS
@@ -428,7 +451,10 @@ def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, 
 
 def geometry(x_shape: tuple[int, ...], kernel: tuple[int, int], stride, padding, dilation, group_channels: int,
              per_lane: int, x_zero_point: int, pool: tuple[int, int]) -> tuple:
-    """``(geometry, taps, pixels, out_h, out_w)`` of :func:`conv_s8_into` for an input of ``x_shape``.
+    """``(geometry, taps, pixels, out_h, out_w)`` of :func:`conv_s8_into` for an input of ``x_shape``: ``geometry =
+    (x_zero_point, pad_h, pad_w, cstep, step, C', out_w, pool_h, pool_w, Hp Wp, groups)`` (the packed lanes, see
+    ``_pack_lanes``: ``C'`` lane planes per group), the tap groups' offsets into a group's lane planes and the output
+    pixels' offsets (:func:`~nanoopt.kernels.float_conv_avx2.offsets`).
 
     >>> geometry((1, 1, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1, PAIRS, 0, (1, 1))[1].tolist()
     [0, 2, 6, 8, 12, 14]
@@ -439,9 +465,17 @@ def geometry(x_shape: tuple[int, ...], kernel: tuple[int, int], stride, padding,
     padded = (x_shape[0], x_shape[1], x_shape[2] + 2 * ph, x_shape[3] + 2 * pw)
     out_h = ref.conv_output_size(x_shape[2], kh, stride[0], ph, dilation[0], "height")
     out_w = ref.conv_output_size(x_shape[3], kw, stride[1], pw, dilation[1], "width")
-    taps, pixels = offsets(padded, (kh, -(-kw // per_lane)), stride, (dilation[0], per_lane * dilation[1]),
-                           group_channels, (out_h, out_w), TILE_PIXELS)
-    shape = (np.int64(x_zero_point), ph, pw, dilation[1], out_w, int(pool[0]), int(pool[1]))
+    plane = padded[2] * padded[3]
+    if along_channels((0, group_channels, kh, kw), per_lane):  # lanes of G input channels, one plane per G
+        lane_channels, cstep, step = -(-group_channels // per_lane), per_lane, plane
+        taps, pixels = offsets(padded, (kh, kw), stride, dilation, lane_channels, (out_h, out_w), TILE_PIXELS)
+    else:  # lanes of G taps of a kernel row, one plane per input channel
+        lane_channels, cstep, step = group_channels, 1, dilation[1]
+        taps, pixels = offsets(padded, (kh, -(-kw // per_lane)), stride, (dilation[0], per_lane * dilation[1]),
+                               group_channels, (out_h, out_w), TILE_PIXELS)
+    groups = x_shape[1] // group_channels
+    shape = (np.int64(x_zero_point), ph, pw, cstep, step, lane_channels, out_w, int(pool[0]), int(pool[1]), plane,
+             groups)
     return shape, taps, pixels, out_h, out_w
 
 

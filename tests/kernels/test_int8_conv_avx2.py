@@ -136,12 +136,23 @@ def test_the_checked_entry_point_matches_and_names_bad_arguments():
 
 
 def test_packing_pads_taps_and_channels_with_zeros():
-    weight = np.arange(1, 1 + 18 * 2 * 3, dtype=np.int8).reshape(18, 2, 1, 3)  # KW = 3: 2 pairs, 1 quad per row
+    weight = np.arange(1, 1 + 18 * 3 * 3, dtype=np.int8).reshape(18, 3, 1, 3)  # KW = 3: 2 pairs, 1 quad per row
     pairs, quads = ic.pack_weights(weight, 2, ic.PAIRS), ic.pack_weights(weight, 2, ic.QUADS)
-    assert pairs.shape == (2, 2, 4, 16) and quads.shape == (2, 2, 2, 32)
+    assert pairs.shape == (2, 2, 6, 16) and quads.shape == (2, 2, 3, 32)
     np.testing.assert_array_equal(pairs[1, 1, :2, :2].reshape(-1)[:3], weight[17, 0, 0])  # group 1, channel 8
     assert not pairs[1, 1, 1, 1] and not quads[1, 1, 0, 3]  # the taps past KW
     assert not pairs[:, 1, :, 2:].any() and not quads[:, 1, :, 4:].any()  # channels past a group's 9
+
+
+def test_lanes_along_the_channels_where_they_fill_better():
+    """6 input channels and 5x5 kernels (LeNet-5's second conv): 3 pairs of channels per tap, not 3 pairs of taps per
+    kernel row (of which one half empty)."""
+    weight = np.random.default_rng(0).integers(-127, 128, size=(16, 6, 5, 5)).astype(np.int8)
+    assert ic.along_channels(weight.shape, ic.PAIRS) and ic.along_channels(weight.shape, ic.QUADS)
+    assert not ic.along_channels((6, 1, 5, 5), ic.PAIRS)  # LeNet-5's first conv: pairs along its kernel rows
+    pairs = ic.pack_weights(weight, 1, ic.PAIRS)  # (1, 2, 3 * 25, 16): depth (c', i, j), lanes (channel, pair)
+    assert pairs.shape == (1, 2, 75, 16)
+    np.testing.assert_array_equal(pairs[0, 1, 25 + 7, 2:4], weight[9, 2:4, 1, 2])  # channel 9, pair 1, tap (1, 2)
 
 
 @pytest.mark.usefixtures("avx2_switched_off")
