@@ -36,7 +36,12 @@ Summation order: each output's taps in ``(c, i, j)`` order, from 0, one rounding
 last (after the pool's maximum: adding the bias and ``max(., 0)`` are monotonic). It differs from im2col + BLAS and
 from :func:`direct_conv_float_reference` (float64 sums), so the kernel equals the reference to float tolerance.
 
-Availability. The code is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles for any target;
+Shared with the int8 tiles. :func:`tile_step`, :func:`row_tile_step`, :func:`pool_row_tile`, :func:`store_tile` and
+:func:`pixel_offsets` also take int32 tiles: each 32-bit input is then a group of int8 taps and the multiply-add
+``vpmaddwd`` (int16 weights) or ``vpdpbusd`` (int8 weights), as :mod:`nanoopt.kernels.int8_conv_avx2` uses them;
+those instructions are emitted only for int32 tiles, which that module compiles only where the CPU has them.
+
+Availability. The code of the float tiles is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles for any target;
 it is fast where the target has AVX2 and FMA, and chosen only there (:func:`available`, which asks
 :mod:`nanoopt.kernels.cpu_features` first and then checks a small exact convolution). Elsewhere the runtime keeps
 its portable kernels (im2col + BLAS, or its direct loop).
