@@ -59,30 +59,13 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from nanoopt.kernels import float_conv_avx2 as fc
+from nanoopt.kernels import llvm_intrinsics
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.avx2_requant import emit_requantize
 from nanoopt.kernels.cpu_features import avx2_kernel_works, target_has_avx_vnni
-from nanoopt.kernels.float_conv_avx2 import (
-    ROW_TILE_CHANNELS,
-    TILE_PIXELS,
-    TILE_VECTORS,
-    offsets,
-    pixel_offsets,
-    pool_row_tile,
-    row_tile_step,
-    store_tile,
-    tile_step,
-)
-from nanoopt.kernels.llvm_intrinsics import (
-    I32X8,
-    LANES,
-    element_pointer,
-    int32x8,
-    is_c_array,
-    lanewise,
-    load_vector,
-    splat,
-)
+from nanoopt.kernels.float_conv_avx2 import ROW_TILE_CHANNELS, TILE_PIXELS, TILE_VECTORS
+from nanoopt.kernels.llvm_intrinsics import I32X8, LANES, element_pointer, int32x8, is_c_array, lanewise, splat
 from nanoopt.kernels.numba_conv import pack_conv2d_weights
 from nanoopt.kernels.numba_epilogue import layer_epilogue
 from nanoopt.spec import QuantSpec
@@ -176,7 +159,8 @@ def pack_lanes_reference(padded: np.ndarray, spacing: int, per_lane: int) -> np.
 # ---------------------------------------------------------------------------------------------------------
 # Intrinsics on int32x8 registers (the multiply-adds are float_conv_avx2.tile_step's, chosen by the weights' dtype).
 
-_load = load_vector("_load", int32x8, I32X8, (types.int32,), 4, "``array[offset : offset + 8]`` (int32).")
+_load = llvm_intrinsics.load_vector("_load", int32x8, I32X8, (types.int32,), 4, "``array[offset : offset + 8]``.")
+I8X8 = ir.VectorType(ir.IntType(8), LANES)  # eight int8 codes
 _add = lanewise("_add", int32x8, ir.IRBuilder.add, "Lane-wise ``a + b`` modulo 2^32.")
 _max = lanewise("_max", int32x8, lambda builder, a, b: builder.select(builder.icmp_signed(">", b, a), b, a),
                 "Lane-wise ``max(a, b)`` (signed).")
@@ -196,20 +180,25 @@ def _zero_tile(typingctx, count):
 
 
 @intrinsic
-def _requantize(typingctx, value, m0, shift, zero_point, below, above):
-    """The codes (int32x8) of the exact sums ``value``: :func:`~nanoopt.kernels.avx2_requant.emit_requantize` with
-    per-lane ``m0``/``shift`` and the clamp ``[below, above]`` relative to ``zero_point``."""
-    if not (value == int32x8 and m0 == int32x8 and shift == int32x8):
+def _requantize_into(typingctx, codes, at, value, m0, shift, zero_point, below, above):
+    """``codes[at : at + 8]`` (int8) = the codes of the exact sums ``value`` (int32x8):
+    :func:`~nanoopt.kernels.avx2_requant.emit_requantize` with per-lane ``m0``/``shift`` and the clamp ``[below,
+    above]`` relative to ``zero_point``, narrowed to bytes (the codes lie in [-128, 127])."""
+    vectors = (value, m0, shift)
+    if not (all(vector == int32x8 for vector in vectors) and is_c_array(codes, types.int8)):
         return None
-    if not all(isinstance(scalar, types.Integer) for scalar in (zero_point, below, above)):
+    if not all(isinstance(scalar, types.Integer) for scalar in (at, zero_point, below, above)):
         return None
 
     def codegen(context, builder, signature, args):
-        scalars = [splat(builder, context.cast(builder, args[i], signature.args[i], types.int32), I32X8)
-                   for i in (3, 4, 5)]
-        return emit_requantize(builder, args[0], args[1], args[2], scalars[1], scalars[2], scalars[0])
+        zero, low, high = (splat(builder, context.cast(builder, args[i], signature.args[i], types.int32), I32X8)
+                           for i in (5, 6, 7))
+        result = builder.trunc(emit_requantize(builder, args[2], args[3], args[4], low, high, zero), I8X8)
+        target = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        builder.store(result, builder.bitcast(target, I8X8.as_pointer()), align=1)
+        return context.get_dummy_value()
 
-    return int32x8(value, m0, shift, zero_point, below, above), codegen
+    return types.none(codes, at, value, m0, shift, zero_point, below, above), codegen
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,21 +245,6 @@ def _interleave(typingctx, a, b):
     return int32x8(a, b), codegen
 
 
-@intrinsic
-def _store_codes(typingctx, codes, at, vector):
-    """``codes[at : at + 8] = vector`` narrowed to int8 (the lanes are codes in [-128, 127])."""
-    if not (is_c_array(codes, types.int8) and isinstance(at, types.Integer) and vector == int32x8):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
-        narrow = ir.VectorType(ir.IntType(8), LANES)
-        builder.store(builder.trunc(args[2], narrow), builder.bitcast(pointer, narrow.as_pointer()), align=1)
-        return context.get_dummy_value()
-
-    return types.none(codes, at, vector), codegen
-
-
 @numba.njit(cache=True, nogil=True, inline="always")
 def _finish_vector(scratch, row, out_w, constants, at, pool_h, pool_w, codes):  # pragma: no cover - compiled
     """Column block ``scratch[:, row : row + 8]`` of the pixel-major sums to ``codes[:, row : row + 8]`` (pooled
@@ -287,7 +261,7 @@ def _finish_vector(scratch, row, out_w, constants, at, pool_h, pool_w, codes):  
         for i in range(pool_h):
             for j in range(pool_w):
                 best = _max(best, _add(_load(flat, top + (i * out_w + j) * width), offset))
-        _store_codes(flat_codes, p * width + row, _requantize(best, multiplier, exponent, zero_point, below, above))
+        _requantize_into(flat_codes, p * width + row, best, multiplier, exponent, zero_point, below, above)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -304,12 +278,12 @@ def _image(lanes, at, packed, taps, pixels, constants, n, out_w, pool_h, pool_w,
         for b0 in range(0, blocks, TILE_VECTORS):
             w_base = (g * blocks + b0) * depth * vector
             for p0 in range(0, pixels.shape[0], TILE_PIXELS):
-                where = pixel_offsets(pixels, p0, TILE_PIXELS)
+                where = fc.pixel_offsets(pixels, p0, TILE_PIXELS)
                 tile = _zero_tile(ACCUMULATORS)
                 for d in range(depth):
-                    tile = tile_step(tile, lanes, at[g] + taps[d], where, flat_weights, w_base + d * vector,
+                    tile = fc.tile_step(tile, lanes, at[g] + taps[d], where, flat_weights, w_base + d * vector,
                                      depth * vector)
-                store_tile(flat_scratch, tile, p0 * TILE_VECTORS * LANES, TILE_PIXELS)
+                fc.store_tile(flat_scratch, tile, p0 * TILE_VECTORS * LANES, TILE_PIXELS)
             first = g * per_group + b0 * LANES
             channels = min(TILE_VECTORS * LANES, per_group - b0 * LANES)
             for v in range(TILE_VECTORS):
@@ -400,15 +374,15 @@ def conv_rows_s8_into(x, geometry, packed, taps, constants, out):  # pragma: no 
                         corner = at + 2 * y * padded_w + 2 * x0
                         tile = _zero_tile(ACCUMULATORS)
                         for d in range(depth):
-                            tile = row_tile_step(tile, lanes, corner + taps[d], padded_w, flat_weights,
+                            tile = fc.row_tile_step(tile, lanes, corner + taps[d], padded_w, flat_weights,
                                                  w_base + d * vector)
-                        pooled = pool_row_tile(tile)
+                        pooled = fc.pool_row_tile(tile)
                         count = min(half, out.shape[3] - x0)
                         for j in range(0, valid, 2):  # two channels per vector: lanes (k, k + 1) per column
                             at_j = ((g * blocks + b) * ROW_TILE_CHANNELS + j) * half
                             best = _add(_interleave(pooled[j], pooled[j + 1]), _load(offsets_, at_j))
-                            _store_codes(codes, 0, _requantize(best, _load(m0, at_j), _load(shift, at_j), zero,
-                                                               below, above))
+                            _requantize_into(codes, 0, best, _load(m0, at_j), _load(shift, at_j), zero, below,
+                                             above)
                             for k in range(min(2, valid - j)):
                                 target = np.uint64((((n * out.shape[1] + first + j + k) * out.shape[2] + y)
                                                     * out.shape[3]) + x0)
@@ -419,8 +393,8 @@ def conv_rows_s8_into(x, geometry, packed, taps, constants, out):  # pragma: no 
 def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, per_lane: int,
             rows: bool = False) -> tuple | None:
     """``(packed, constants)`` of a layer for :func:`conv_s8_into` (or, with ``rows``, :func:`conv_rows_s8_into`:
-    each channel's constants repeated in 8 lanes) in the form ``per_lane`` (:data:`PAIRS` or
-    :data:`QUADS`), from its validated int8 weight, the offsets ``bias - x_zp rowsum(w)`` and the epilogue tail of
+    the constants of channel pairs ``(k, k + 1)`` of a block interleaved in 8 lanes) in the form ``per_lane``
+    (:data:`PAIRS` or :data:`QUADS`), from its validated int8 weight, the offsets ``bias - x_zp rowsum(w)`` and the epilogue tail of
     :func:`nanoopt.kernels.numba_epilogue.layer_epilogue` (``m0, shift, out_zp, low, high, raw, fast``); ``None``
     where the kernel does not apply: int16 weights, or an epilogue that is not "fast" (accumulator bound above
     2^31, or a left shift or a right shift above 30), where the sums plus offsets might not fit int32.
@@ -468,10 +442,10 @@ def geometry(x_shape: tuple[int, ...], kernel: tuple[int, int], stride, padding,
     plane = padded[2] * padded[3]
     if along_channels((0, group_channels, kh, kw), per_lane):  # lanes of G input channels, one plane per G
         lane_channels, cstep, step = -(-group_channels // per_lane), per_lane, plane
-        taps, pixels = offsets(padded, (kh, kw), stride, dilation, lane_channels, (out_h, out_w), TILE_PIXELS)
+        taps, pixels = fc.offsets(padded, (kh, kw), stride, dilation, lane_channels, (out_h, out_w), TILE_PIXELS)
     else:  # lanes of G taps of a kernel row, one plane per input channel
         lane_channels, cstep, step = group_channels, 1, dilation[1]
-        taps, pixels = offsets(padded, (kh, -(-kw // per_lane)), stride, (dilation[0], per_lane * dilation[1]),
+        taps, pixels = fc.offsets(padded, (kh, -(-kw // per_lane)), stride, (dilation[0], per_lane * dilation[1]),
                                group_channels, (out_h, out_w), TILE_PIXELS)
     groups = x_shape[1] // group_channels
     shape = (np.int64(x_zero_point), ph, pw, cstep, step, lane_channels, out_w, int(pool[0]), int(pool[1]), plane,
