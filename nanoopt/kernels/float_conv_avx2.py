@@ -41,8 +41,8 @@ Shared with the int8 tiles. :func:`tile_step`, :func:`row_tile_step`, :func:`poo
 ``vpmaddwd`` (int16 weights) or ``vpdpbusd`` (int8 weights), as :mod:`nanoopt.kernels.int8_conv_avx2` uses them;
 those instructions are emitted only for int32 tiles, which that module compiles only where the CPU has them.
 
-Availability. The code of the float tiles is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles for any target;
-it is fast where the target has AVX2 and FMA, and chosen only there (:func:`available`, which asks
+Availability. The code of the float tiles is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles
+for any target; it is fast where the target has AVX2 and FMA, and chosen only there (:func:`available`, which asks
 :mod:`nanoopt.kernels.cpu_features` first and then checks a small exact convolution). Elsewhere the runtime keeps
 its portable kernels (im2col + BLAS, or its direct loop).
 

@@ -394,8 +394,9 @@ def prepare(weight: np.ndarray, groups: int, offsets_: np.ndarray, tail: tuple, 
             rows: bool = False) -> tuple | None:
     """``(packed, constants)`` of a layer for :func:`conv_s8_into` (or, with ``rows``, :func:`conv_rows_s8_into`:
     the constants of channel pairs ``(k, k + 1)`` of a block interleaved in 8 lanes) in the form ``per_lane``
-    (:data:`PAIRS` or :data:`QUADS`), from its validated int8 weight, the offsets ``bias - x_zp rowsum(w)`` and the epilogue tail of
-    :func:`nanoopt.kernels.numba_epilogue.layer_epilogue` (``m0, shift, out_zp, low, high, raw, fast``); ``None``
+    (:data:`PAIRS` or :data:`QUADS`), from its validated int8 weight, the offsets ``bias - x_zp rowsum(w)`` and the
+    epilogue tail of :func:`nanoopt.kernels.numba_epilogue.layer_epilogue` (``m0, shift, out_zp, low, high, raw,
+    fast``); ``None``
     where the kernel does not apply: int16 weights, or an epilogue that is not "fast" (accumulator bound above
     2^31, or a left shift or a right shift above 30), where the sums plus offsets might not fit int32.
 
