@@ -519,8 +519,9 @@ def conv2d_s8_reference(x_q: np.ndarray, w_q: np.ndarray, bias_q, x_zero_point: 
 
 
 def _self_test(per_lane: int) -> bool:
-    """Compile the kernel of ``per_lane`` and compare a small convolution with extreme codes (2 groups of 11 output
-    channels, stride 2 in width, a 2 x 2 pool, ReLU) with the reference."""
+    """Compile the channel tiles of ``per_lane`` and the row tiles (pairs), the kernels a runtime plan binds where
+    ``per_lane`` runs, and compare small convolutions with extreme codes (2 groups of 11 output channels, a 2 x 2
+    pool, ReLU; the channel tiles at stride 2 in width) with the reference."""
     rng = np.random.default_rng(20251205)
     x = rng.integers(-128, 128, size=(2, 6, 7, 9)).astype(np.int8)
     x[0, 0] = -128
@@ -536,8 +537,7 @@ def _self_test(per_lane: int) -> bool:
     conv_s8_into(x, shape, packed, taps, pixels, constants, out)
     if not np.array_equal(out, expected):
         return False
-    if per_lane != PAIRS:  # the row tiles run int16 pairs on every CPU (quads gain nothing there: docs/kernels.md)
-        return True
+    # the row tiles run int16 pairs on every CPU (quads gain nothing there: docs/kernels.md)
     arguments = (x, w, bias, -5, np.full(22, 1 << 30), np.full(22, 8), 3, QuantSpec(), 1, (1, 0), 1, 2, True)
     packed, constants = prepare(w, 2, *_checked_layer(*arguments), PAIRS, rows=True)
     shape, taps, _, out_h, out_w = geometry(x.shape, (3, 2), 1, (1, 0), 1, 3, PAIRS, -5, (2, 2))
@@ -551,12 +551,13 @@ def taps_per_lane() -> int:
     """The form of the channel tiles that runs here: :data:`QUADS` (4) where 256-bit ``vpdpbusd`` is usable
     (:func:`~nanoopt.kernels.cpu_features.target_has_avx_vnni`) and its self-test exact, else :data:`PAIRS` (2) where
     AVX2 is usable (:func:`~nanoopt.kernels.cpu_features.avx2_kernel_works`) and its self-test exact, else 0 (the
-    portable kernels). Where it is not 0 the row tiles (:func:`conv_rows_s8_into`, pairs) passed theirs too.
+    portable kernels). Where it is not 0 the row tiles (:func:`conv_rows_s8_into`, pairs) passed theirs too; the
+    channel tiles in pairs are then exact where AVX2 is usable, but compiled only if called (not by a plan on VNNI).
     Checked once per process; ``taps_per_lane.cache_clear()`` forgets the answer.
 
     >>> taps_per_lane() in (0, PAIRS, QUADS)
     True
     """
-    if avx2_kernel_works(lambda: target_has_avx_vnni() and _self_test(QUADS) and _self_test(PAIRS)):
+    if avx2_kernel_works(lambda: target_has_avx_vnni() and _self_test(QUADS)):
         return QUADS
     return PAIRS if avx2_kernel_works(lambda: _self_test(PAIRS)) else 0
