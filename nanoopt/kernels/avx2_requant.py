@@ -50,8 +50,8 @@ from nanoopt.kernels.llvm_intrinsics import (
 from nanoopt.kernels.requant import requantize_value
 from nanoopt.spec import multiply_by_quantized_multiplier
 
-__all__ = ["requantize_lanes", "requantize_row_s8", "requantize_rows_s8", "requantize_rows_s8_reference",
-           "store_codes"]
+__all__ = ["emit_requantize", "requantize_lanes", "requantize_row_s8", "requantize_rows_s8",
+           "requantize_rows_s8_reference", "store_codes"]
 
 _I8X8 = ir.VectorType(ir.IntType(8), LANES)
 
@@ -60,7 +60,7 @@ def _splat32(value: int) -> ir.Constant:
     return ir.Constant(I32X8, [value] * LANES)
 
 
-def _emit_requantize(builder, value, m0, shift, low, high, zero_point):
+def emit_requantize(builder, value, m0, shift, low, high, zero_point):
     """The eight codes (``<8 x i32>``, in [low, high]) of the ``<8 x i32>`` sums ``value`` (see the module
     docstring); ``low``/``high`` are the clamp bounds minus the zero point."""
     product = builder.mul(builder.sext(value, I64X8), builder.sext(m0, I64X8))  # exact, |p| < 2^62
@@ -94,7 +94,7 @@ def _requantize8(typingctx, values, offsets, m0, shift, index, zero_point, low, 
                            load_at(context, builder, offsets_t, offsets_v, where, I32X8))
         scalars = [splat(builder, context.cast(builder, value, value_type, types.int32), I32X8)
                    for value, value_type in ((zp_v, zp_t), (low_v, low_t), (high_v, high_t))]
-        codes = _emit_requantize(builder, sums, load_at(context, builder, m0_t, m0_v, where, I32X8),
+        codes = emit_requantize(builder, sums, load_at(context, builder, m0_t, m0_v, where, I32X8),
                                  load_at(context, builder, shift_t, shift_v, where, I32X8), scalars[1], scalars[2],
                                  scalars[0])  # fmt: skip
         pointer = element_pointer(context, builder, out_t, out_v, types.intp, where)
@@ -120,7 +120,7 @@ def requantize_lanes(typingctx, sums, m0, shift, index, zero_point, below, above
         where = context.cast(builder, index_v, signature.args[3], types.intp)
         zero, low, high = (splat(builder, context.cast(builder, value, value_type, types.int32), I32X8)
                            for value, value_type in zip(args[4:], signature.args[4:], strict=True))
-        return _emit_requantize(builder, sums_v, load_at(context, builder, signature.args[1], m0_v, where, I32X8),
+        return emit_requantize(builder, sums_v, load_at(context, builder, signature.args[1], m0_v, where, I32X8),
                                 load_at(context, builder, signature.args[2], shift_v, where, I32X8), low, high, zero)
 
     return int32x8(sums, m0, shift, index, zero_point, below, above), codegen

@@ -36,8 +36,13 @@ Summation order: each output's taps in ``(c, i, j)`` order, from 0, one rounding
 last (after the pool's maximum: adding the bias and ``max(., 0)`` are monotonic). It differs from im2col + BLAS and
 from :func:`direct_conv_float_reference` (float64 sums), so the kernel equals the reference to float tolerance.
 
-Availability. The code is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles for any target;
-it is fast where the target has AVX2 and FMA, and chosen only there (:func:`available`, which asks
+Shared with the int8 tiles. :func:`tile_step`, :func:`row_tile_step`, :func:`pool_row_tile`, :func:`store_tile` and
+:func:`pixel_offsets` also take int32 tiles: each 32-bit input is then a group of int8 taps and the multiply-add
+``vpmaddwd`` (int16 weights) or ``vpdpbusd`` (int8 weights), as :mod:`nanoopt.kernels.int8_conv_avx2` uses them;
+those instructions are emitted only for int32 tiles, which that module compiles only where the CPU has them.
+
+Availability. The code of the float tiles is plain LLVM vector IR (``<8 x float>``, ``llvm.fmuladd``), which compiles
+for any target; it is fast where the target has AVX2 and FMA, and chosen only there (:func:`available`, which asks
 :mod:`nanoopt.kernels.cpu_features` first and then checks a small exact convolution). Elsewhere the runtime keeps
 its portable kernels (im2col + BLAS, or its direct loop).
 
@@ -63,10 +68,14 @@ from numba.extending import intrinsic
 from nanoopt.kernels.cpu_features import avx2_kernel_works
 from nanoopt.kernels.llvm_intrinsics import (
     F32X8,
+    I8X32,
+    I16X16,
+    I32X8,
     LANES,
     declare,
     element_pointer,
     float32x8,
+    int32x8,
     is_c_array,
     lanewise,
     load_at,
@@ -75,7 +84,8 @@ from nanoopt.kernels.llvm_intrinsics import (
 )
 
 __all__ = ["LANES", "TILE_PIXELS", "TILE_VECTORS", "available", "conv2d_into", "conv_tiles_into",
-           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights"]
+           "direct_conv_float_reference", "offsets", "pack_bias", "pack_weights", "pixel_offsets", "pool_row_tile",
+           "row_tile_step", "store_tile", "tile_step"]
 
 TILE_PIXELS = 6  # output pixels of a register tile
 TILE_VECTORS = 2  # 8-channel vectors of a register tile: 6 x 2 = 12 accumulators, 2 weights, 1 broadcast (of 16)
@@ -141,9 +151,15 @@ def _literal(value):
     return value.literal_value if isinstance(value, types.IntegerLiteral) else None
 
 
+def _tile_type(vector):
+    """``(lane dtype of the source and scratch arrays, LLVM vector type)`` of a tile of ``vector`` registers:
+    float32 tiles (FMA) here, int32 tiles (:mod:`nanoopt.kernels.int8_conv_avx2`) there; else ``None``."""
+    return {float32x8: (types.float32, F32X8), int32x8: (types.int32, I32X8)}.get(vector)
+
+
 @intrinsic
 def _tile_zero(typingctx, pixels, vectors):
-    """A tile of ``pixels x vectors`` (compile-time constants) accumulators of +0.0."""
+    """A tile of ``pixels x vectors`` (compile-time constants) float32 accumulators of +0.0."""
     if _literal(pixels) is None or _literal(vectors) is None:
         return None
     size = _literal(pixels) * _literal(vectors)
@@ -156,7 +172,7 @@ def _tile_zero(typingctx, pixels, vectors):
 
 
 @intrinsic
-def _pixel_offsets(typingctx, pixels, first, count):
+def pixel_offsets(typingctx, pixels, first, count):
     """``pixels[first : first + count]`` as a tuple of ``count`` (a compile-time constant) intp offsets."""
     if _literal(count) is None or not (is_c_array(pixels, types.int64) and isinstance(first, types.Integer)):
         return None
@@ -174,14 +190,48 @@ def _pixel_offsets(typingctx, pixels, first, count):
     return types.UniTuple(types.intp, size)(pixels, first, count), codegen
 
 
+def _emit_fma(builder, x, w, accumulator):
+    """``accumulator + x w`` lane-wise, one rounding (``llvm.fmuladd``; an FMA where the target has one)."""
+    return builder.call(declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8]), [x, w, accumulator])
+
+
+def _emit_pairs(builder, x, w, accumulator):
+    """``accumulator + x[2l] w[2l] + x[2l+1] w[2l+1]`` per int32 lane ``l`` of int16 pairs (``vpmaddwd``, exact:
+    ``|x w| <= 2^14``), then ``vpaddd`` (modulo 2^32)."""
+    madd = declare(builder, "llvm.x86.avx2.pmadd.wd", I32X8, [I16X16, I16X16])
+    return builder.add(accumulator, builder.call(madd, [builder.bitcast(x, I16X16), builder.bitcast(w, I16X16)]))
+
+
+def _emit_quads(builder, x, w, accumulator):
+    """``accumulator + sum_k x[4l+k] w[4l+k]`` per int32 lane ``l``, ``x`` bytes unsigned, ``w`` signed
+    (``vpdpbusd``: AVX-VNNI or AVX512-VNNI with VL; modulo 2^32, no saturation)."""
+    dot = declare(builder, "llvm.x86.avx512.vpdpbusd.256", I32X8, [I32X8, I8X32, I8X32])
+    return builder.call(dot, [accumulator, builder.bitcast(x, I8X32), builder.bitcast(w, I8X32)])
+
+
+# the product of a tile step by the dtype of its packed weights: float32 FMA, int16 pairs, int8 quads
+_PRODUCTS = {types.float32: _emit_fma, types.int16: _emit_pairs, types.int8: _emit_quads}
+
+
 @intrinsic
-def _tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride):
-    """One tap: ``V`` weight vectors ``weights[w_offset + v w_stride : + 8]``, and per pixel ``t`` the input value
-    ``source[at + pixels[t]]`` broadcast and multiply-added into accumulators ``t V .. t V + V - 1``."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and isinstance(pixels, types.UniTuple)):
+def tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride):
+    """One tap: ``V`` weight vectors ``weights[w_offset + v w_stride :]`` (32 bytes each; offsets in elements of
+    ``weights``), and per pixel ``t`` the 32 bits at element ``at + pixels[t]`` of ``source`` broadcast and
+    multiplied into accumulators ``t V .. t V + V - 1``. Float tiles (float32 source and weights): a fused
+    multiply-add per accumulator. int32 tiles (an int8, int16 or int32 source: the 32 bits are a group of taps):
+    int16 weights, ``vpmaddwd`` of int16 pairs; int8 weights, ``vpdpbusd`` of unsigned byte quads
+    (:mod:`nanoopt.kernels.int8_conv_avx2`)."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and isinstance(pixels, types.UniTuple)):
         return None
-    if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    sources = (lane_dtype,) if lane_dtype == types.float32 else (types.int8, types.int16, types.int32)
+    if not (isinstance(source, types.Array) and source.layout == "C" and source.dtype in sources):
         return None
+    if not (isinstance(weights, types.Array) and weights.layout == "C" and weights.dtype in _PRODUCTS):
+        return None
+    if (lane_dtype == types.float32) != (weights.dtype == types.float32):
+        return None
+    product = _PRODUCTS[weights.dtype]
     if not all(isinstance(value, types.Integer) for value in (at, w_offset, w_stride)):
         return None
     count, size = tile.count, pixels.count
@@ -195,31 +245,33 @@ def _tile_step(typingctx, tile, source, at, pixels, weights, w_offset, w_stride)
         at_value = context.cast(builder, at_value, at_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
         w_step = context.cast(builder, w_step, step_type, types.intp)
-        fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         w = []
         for v in range(vectors):
             where = builder.add(w_start, builder.mul(w_step, ir.Constant(w_step.type, v)))
-            w.append(load_at(context, builder, weights_type, weights_value, where, F32X8, align=4))
+            w.append(load_at(context, builder, weights_type, weights_value, where, vector_type, align=4))
         values = [builder.extract_value(tile_value, index) for index in range(count)]
         for t in range(size):
             where = builder.add(at_value, builder.extract_value(pixel_values, t))
             pointer = element_pointer(context, builder, source_type, source_value, types.intp, where)
-            x = splat(builder, builder.load(pointer, align=4), F32X8)
+            lane = builder.load(builder.bitcast(pointer, vector_type.element.as_pointer()), align=1)
+            x = splat(builder, lane, vector_type)  # a float, or 32 bits of packed taps from element ``where`` on
             for v in range(vectors):
                 index = t * vectors + v
-                values[index] = builder.call(fmuladd, [x, w[v], values[index]])
+                values[index] = product(builder, x, w[v], values[index])
         return context.make_tuple(builder, tile_type, values)
 
     return tile(tile, source, at, pixels, weights, w_offset, w_stride), codegen
 
 
 @intrinsic
-def _store_tile(typingctx, scratch, tile, at, count):
+def store_tile(typingctx, scratch, tile, at, count):
     """Vector ``v`` of pixel ``t`` to ``scratch[at + t 8 V + 8 v :][:8]`` (pixel-major rows of ``8 V`` channels;
-    ``count`` the tile's pixels, a compile-time constant)."""
-    if _literal(count) is None or not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8):
+    ``count`` the tile's pixels, a compile-time constant; a float32 tile to a float32 scratch, an int32 one to an
+    int32 scratch)."""
+    if _literal(count) is None or not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype)):
         return None
-    if not (is_c_array(scratch, types.float32) and isinstance(at, types.Integer)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    if not (is_c_array(scratch, lane_dtype) and isinstance(at, types.Integer)):
         return None
     size = _literal(count)
     if tile.count % size:
@@ -231,7 +283,7 @@ def _store_tile(typingctx, scratch, tile, at, count):
         for index in range(tile_type.count):
             where = builder.add(start, ir.Constant(start.type, index * LANES))
             pointer = element_pointer(context, builder, scratch_type, args[0], types.intp, where)
-            builder.store(builder.extract_value(args[1], index), builder.bitcast(pointer, F32X8.as_pointer()),
+            builder.store(builder.extract_value(args[1], index), builder.bitcast(pointer, vector_type.as_pointer()),
                           align=4)
         return context.get_dummy_value()
 
@@ -248,6 +300,11 @@ def _emit_max(builder, a, b):
 
 
 _max = lanewise("_max", float32x8, _emit_max, "Lane-wise ``b if b > a else a``.")
+
+
+def _emit_max_signed(builder, a, b):
+    """``b if b > a else a``, lane-wise on signed integers (code generation)."""
+    return builder.select(builder.icmp_signed(">", b, a), b, a)
 
 
 @intrinsic
@@ -268,17 +325,23 @@ def _lane(typingctx, vector, index):
 
 
 @intrinsic
-def _row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
+def row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
     """One tap of a row tile: per vector ``r`` of positions the 8 inputs ``source[at + r spacing :][:8]`` (one
     unaligned load), per channel ``k`` the weight ``weights[w_offset + k]`` broadcast, multiply-added into
-    accumulator ``k R + r``."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count % ROW_TILE_CHANNELS == 0):
+    accumulator ``k R + r``. An int32 tile reads an int32 ``source`` of packed tap groups and broadcasts the 32 bits
+    of channel ``k`` from element ``w_offset + k G`` of int16 (pairs, ``G = 2``) or int8 (quads, ``G = 4``) weights,
+    multiplied as in :func:`tile_step`."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and tile.count % ROW_TILE_CHANNELS == 0):
         return None
-    if not (is_c_array(source, types.float32) and is_c_array(weights, types.float32)):
+    lane_dtype, vector_type = _tile_type(tile.dtype)
+    if not (is_c_array(source, lane_dtype) and isinstance(weights, types.Array) and weights.layout == "C"):
+        return None
+    if weights.dtype not in _PRODUCTS or (lane_dtype == types.float32) != (weights.dtype == types.float32):
         return None
     if not all(isinstance(value, types.Integer) for value in (at, spacing, w_offset)):
         return None
     rows = tile.count // ROW_TILE_CHANNELS
+    product, per_lane = _PRODUCTS[weights.dtype], 32 // weights.dtype.bitwidth
 
     def codegen(context, builder, signature, args):
         tile_value, source_value, at_value, spacing_value, weights_value, w_start = args
@@ -286,40 +349,41 @@ def _row_tile_step(typingctx, tile, source, at, spacing, weights, w_offset):
         at_value = context.cast(builder, at_value, at_type, types.intp)
         spacing_value = context.cast(builder, spacing_value, spacing_type, types.intp)
         w_start = context.cast(builder, w_start, w_type, types.intp)
-        fmuladd = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         x = [load_at(context, builder, source_type, source_value,
-                     builder.add(at_value, builder.mul(spacing_value, ir.Constant(at_value.type, r))), F32X8,
+                     builder.add(at_value, builder.mul(spacing_value, ir.Constant(at_value.type, r))), vector_type,
                      align=4)
              for r in range(rows)]
         values = [builder.extract_value(tile_value, index) for index in range(tile_type.count)]
         for k in range(ROW_TILE_CHANNELS):
-            where = builder.add(w_start, ir.Constant(w_start.type, k))
+            where = builder.add(w_start, ir.Constant(w_start.type, k * per_lane))
             pointer = element_pointer(context, builder, weights_type, weights_value, types.intp, where)
-            w = splat(builder, builder.load(pointer, align=4), F32X8)
+            lane = builder.load(builder.bitcast(pointer, vector_type.element.as_pointer()), align=1)
+            w = splat(builder, lane, vector_type)
             for r in range(rows):
-                values[k * rows + r] = builder.call(fmuladd, [x[r], w, values[k * rows + r]])
+                values[k * rows + r] = product(builder, x[r], w, values[k * rows + r])
         return context.make_tuple(builder, tile_type, values)
 
     return tile(tile, source, at, spacing, weights, w_offset), codegen
 
 
 @intrinsic
-def _pool_row_tile(typingctx, tile):
+def pool_row_tile(typingctx, tile):
     """Per channel ``k`` of a row tile of two vectors (two rows of 8 positions, one under the other): the maximum of
     each 2 x 2 window, ``max(max(a_j, b_j), max(a_j', b_j'))`` for the pair ``j, j' = 2 i, 2 i + 1``, in lane ``2 i``
-    (lanes ``2 i + 1`` hold the same maximum); a tuple of 6 vectors."""
-    if not (isinstance(tile, types.UniTuple) and tile.dtype == float32x8 and tile.count == 2 * ROW_TILE_CHANNELS):
+    (lanes ``2 i + 1`` hold the same maximum); a tuple of 6 vectors (float32, or int32 compared signed)."""
+    if not (isinstance(tile, types.UniTuple) and _tile_type(tile.dtype) and tile.count == 2 * ROW_TILE_CHANNELS):
         return None
+    emit = _emit_max if tile.dtype == float32x8 else _emit_max_signed
 
     def codegen(context, builder, signature, args):
         swap = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [1, 0, 3, 2, 5, 4, 7, 6])
         pooled = []
         for k in range(ROW_TILE_CHANNELS):
-            rows = _emit_max(builder, builder.extract_value(args[0], 2 * k), builder.extract_value(args[0], 2 * k + 1))
-            pooled.append(_emit_max(builder, rows, builder.shuffle_vector(rows, rows, swap)))
-        return context.make_tuple(builder, types.UniTuple(float32x8, ROW_TILE_CHANNELS), pooled)
+            rows = emit(builder, builder.extract_value(args[0], 2 * k), builder.extract_value(args[0], 2 * k + 1))
+            pooled.append(emit(builder, rows, builder.shuffle_vector(rows, rows, swap)))
+        return context.make_tuple(builder, signature.return_type, pooled)
 
-    return types.UniTuple(float32x8, ROW_TILE_CHANNELS)(tile), codegen
+    return types.UniTuple(tile.dtype, ROW_TILE_CHANNELS)(tile), codegen
 
 
 @intrinsic
@@ -353,7 +417,7 @@ def _row_tile_sums(source, at, spacing, taps, weights, w_base):  # pragma: no co
     6``, vector ``r < 2``, lane ``t < 8``; taps in order, FMA from 0)."""
     tile = _tile_zero(ROW_TILE_CHANNELS, ROW_TILE_VECTORS)
     for d in range(taps.shape[0]):
-        tile = _row_tile_step(tile, source, at + taps[d], spacing, weights, w_base + d * ROW_TILE_CHANNELS)
+        tile = row_tile_step(tile, source, at + taps[d], spacing, weights, w_base + d * ROW_TILE_CHANNELS)
     return tile
 
 
@@ -369,7 +433,7 @@ def pooled_row_tile(source, at, row_step, taps, weights, w_base, bias, relu, cha
     """One row tile over two rows (8 positions at ``at`` and 8 at ``at + row_step``) with its 2 x 2 max pool, plus
     ``bias``, then ``max(., 0)`` if ``relu``: ``out[first + k, y, x + i]`` for ``k < channels`` and ``i <
     count`` (at most 4 pooled columns)."""
-    pooled = _pool_row_tile(_row_tile_sums(source, at, row_step, taps, weights, w_base))
+    pooled = pool_row_tile(_row_tile_sums(source, at, row_step, taps, weights, w_base))
     for k in range(channels):
         vector = pooled[k]
         line = out[first + k, y]
@@ -424,12 +488,12 @@ def _convolve(pixels_per_tile, vectors, source, packed, taps, pixels, bias, chan
             for b0 in range(0, blocks, vectors):
                 w_base = (g * blocks + b0) * depth * LANES
                 for p0 in range(0, count, pixels_per_tile):
-                    where = _pixel_offsets(pixels, p0, pixels_per_tile)
+                    where = pixel_offsets(pixels, p0, pixels_per_tile)
                     tile = _tile_zero(pixels_per_tile, vectors)
                     for d in range(depth):
-                        tile = _tile_step(tile, source, at + taps[d], where, flat_weights, w_base + d * LANES,
+                        tile = tile_step(tile, source, at + taps[d], where, flat_weights, w_base + d * LANES,
                                           depth * LANES)
-                    _store_tile(flat_scratch, tile, p0 * vectors * LANES, pixels_per_tile)
+                    store_tile(flat_scratch, tile, p0 * vectors * LANES, pixels_per_tile)
                 for v in range(vectors):
                     valid = min(LANES, per_group - LANES * (b0 + v))
                     if valid > 0:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from nanoopt import kernels
-from nanoopt.kernels import avx512, numba_pointwise, x86_glue
+from nanoopt.kernels import avx512, int8_conv_avx2, numba_pointwise, x86_glue
 from nanoopt.kernels import reference as ref
 from nanoopt.kernels.numba_conv import CONV_PIXELS, conv_parallel, conv_serial, pad_nhwc
 from nanoopt.kernels.numba_epilogue import LINEAR
@@ -43,6 +43,13 @@ from nanoopt.runtime.steps import (
 )
 
 __all__ = ["AddQ", "AvgPoolQ", "Conv2dQ", "LinearQ", "ReluQ"]
+
+# The int8 register tiles (kernels.int8_conv_avx2: 16 output channels per tile) run layers with at least this many
+# output channels per group: LeNet-5's first conv (6) runs them faster than the thin loop (docs/kernels.md).
+TILES_MIN_GROUP_CHANNELS = 4
+# Unit-stride layers with a fused 2 x 2 pool and at most this many output channels per group run the row tiles
+# (16 positions x 6 channels; LeNet-5's first conv: 0.88 against 1.40 ms in channel tiles, host, batch 256).
+ROW_TILES_MAX_GROUP_CHANNELS = 8
 
 
 def _out_spec(step: Step):
@@ -165,6 +172,8 @@ class Conv2dQ(_WeightedQ):
         self.plan = self.prepared.plan
         self.backend = self.prepared.backend_for()  # the thread's choice (kernels.use_backend), "auto" by default
         self.in_channels = weight.shape[1] * self.groups
+        self.rows = False  # row tiles (else channel tiles) where self.tiles is not None
+        self.tiles = self._tiles(weight, out_spec)  # the int8 register tiles' (packed, constants), where they run
         self.requant_s8 = None  # the constants of the AVX-512 conv that requantizes in registers, where it runs
         if self.backend == "avx2":
             self.panels = self.prepared.avx2_panels()
@@ -172,6 +181,25 @@ class Conv2dQ(_WeightedQ):
             if (kernels.int8_gemm_kernel() == "avx512-vnni" and fast_epilogue and self.groups == 1
                     and self.x_dtype == np.int8 and out_spec.dtype == np.int8):
                 self.requant_s8 = avx512.requant_s8(self.plan.direct_offsets, m0, shift, out_zp, low, high)
+
+    def _tiles(self, weight: np.ndarray, out_spec) -> tuple | None:
+        """``(packed, constants)`` of :mod:`nanoopt.kernels.int8_conv_avx2` for this layer where its register tiles
+        run (the thread's backend ``"auto"`` or ``"avx2"``, the CPU's :func:`~nanoopt.kernels.int8_conv_avx2.
+        taps_per_lane`, int8 codes in and out, an epilogue that fits int32) and fit it: at least
+        ``TILES_MIN_GROUP_CHANNELS`` output channels per group and kernel rows of at least 2 taps (a lane holds 2 or
+        4 taps of a row); else ``None``."""
+        self.per_lane = int8_conv_avx2.taps_per_lane() if kernels.get_backend() in ("auto", "avx2") else 0
+        per_group = weight.shape[0] // self.groups
+        fits = (per_group >= TILES_MIN_GROUP_CHANNELS and weight.shape[3] >= 2 and self.x_dtype == np.int8
+                and out_spec.dtype == np.int8 and self.plan.depth <= MAX_FUSED_K)
+        if not (self.per_lane and fits):
+            return None
+        # thin layers with a 2 x 2 pool at unit stride: row tiles (int16 pairs on every CPU), else channel tiles
+        self.rows = self.stride == (1, 1) and self.pool == (2, 2) and per_group <= ROW_TILES_MAX_GROUP_CHANNELS
+        if self.rows:
+            self.per_lane = int8_conv_avx2.PAIRS
+        return int8_conv_avx2.prepare(weight, self.groups, self.plan.direct_offsets, self.plan.tail, self.per_lane,
+                                      self.rows)
 
     def bind(self, inputs):
         x = inputs[0]
@@ -191,6 +219,16 @@ class Conv2dQ(_WeightedQ):
         final = np.empty((batch, out_channels, out_h // pool_h, out_w // pool_w), self.out_spec.dtype)
         ops = 2 * batch * out_channels * out_h * out_w * plan.depth
         zero_point = np.int64(plan.x_zero_point)
+        if self.tiles is not None and not use_threads(ops):  # register tiles, the pool fused
+            weight = plan.packed.weight
+            shape, taps, pixels, _, _ = int8_conv_avx2.geometry(x.shape, weight.shape[2:], self.stride, self.padding,
+                                                                self.dilation, weight.shape[1], self.per_lane,
+                                                                plan.x_zero_point, self.pool)
+            if self.rows:
+                return final, [(int8_conv_avx2.conv_rows_s8_into, (x, shape, self.tiles[0], taps, self.tiles[1],
+                                                                   final))]
+            arguments = (x, shape, self.tiles[0], taps, pixels, self.tiles[1], final)
+            return final, [(int8_conv_avx2.conv_s8_into, arguments)]
         if fast and self.backend == "numba" and plan.thin:  # the pool, if any, fused into the plane's write
             geometry, offsets, weights, epilogue = plan.thin_arguments(x.shape, out_h, out_w, self.pool)
             run = thin_conv_parallel if use_threads(ops) else thin_conv_serial
