@@ -154,19 +154,9 @@ def machine_description() -> str:
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.2) -> float:
-    """Best wall-clock time of ``fn()`` over ``repeats`` rounds, each looping until ``min_time`` has passed."""
-    fn()  # warm-up (and JIT compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        count, start = 0, time.perf_counter()
-        while True:
-            fn()
-            count += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        best = min(best, elapsed / count)
-    return best
+    """Best wall-clock time of ``fn()`` over ``repeats`` rounds, each looping until ``min_time`` has passed (after a
+    warm-up call, which also compiles)."""
+    return best_seconds_interleaved([fn], repeats, min_time)[0]
 
 
 def best_seconds_interleaved(functions: list[Callable[[], object]], repeats: int = 5,
