@@ -154,13 +154,20 @@ def torch_int8_conv(x: np.ndarray, w: np.ndarray, padding: int):
     return lambda: layer(qx)
 
 
+def torch_on_threads(threads: int) -> None:
+    """PyTorch's intra-op threads set to ``threads`` (nothing where torch is absent)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
 def torch_seconds(functions: list, threads: int) -> list[float | None]:
     """Best seconds of each PyTorch callable (None where torch is absent), with ``threads`` intra-op threads."""
-    if functions and all(function is None for function in functions):
+    if all(function is None for function in functions):
         return [None] * len(functions)
-    import torch
-
-    torch.set_num_threads(threads)
+    torch_on_threads(threads)
     return [best_seconds(function) if function is not None else None for function in functions]
 
 
@@ -183,7 +190,7 @@ def time_layers(cases: list, torch_cases: list, threads: int) -> list[tuple[floa
     import nanoopt.kernels as kernels
 
     if threads == 1:
-        torch_seconds([], 1)  # (PyTorch, if installed, on one thread)
+        torch_on_threads(1)
         timings = []
         for (layer, x, reference), torch_case in zip(cases, torch_cases, strict=True):
             with kernels.use_backend("numba"):
@@ -274,7 +281,7 @@ def measure_seven_bit(threads: int, rng: np.random.Generator) -> None:
             assert np.array_equal(layer(x7), auto_codes), "auto and numba backends disagree (7-bit codes)"
         torch_case = torch_int8_linear(x7, w, seven_bit=True)
         if threads == 1 and torch_case is not None:  # ours and PyTorch's in turns: their ratio holds under load
-            torch_seconds([], 1)  # (PyTorch on one thread)
+            torch_on_threads(1)
             seven, full, torch_time = best_seconds_interleaved([lambda layer=layer, x7=x7: layer(x7),
                                                                 lambda layer=layer, x=x: layer(x), torch_case])
         else:

@@ -1,5 +1,6 @@
 """The bias operand of the fused epilogues (:mod:`~nanoopt.float_kernels.attention_heads`,
-:mod:`~nanoopt.float_kernels.residual`): checked once, in one place, with a message naming the caller."""
+:mod:`~nanoopt.float_kernels.gelu`, :mod:`~nanoopt.float_kernels.residual`): checked in one place, with a message
+naming the caller."""
 
 from __future__ import annotations
 

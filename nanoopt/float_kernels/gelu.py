@@ -46,6 +46,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from nanoopt.float_kernels.bias import checked_bias
+
 _F = np.float32
 T = _F(6.0)  # |x| beyond which Phi is 0 or 1 (Phi(-6) = 9.9e-10; 6 Phi(-6) < 6e-9)
 W = _F(-0.5 / np.log(2))  # w = t (t W) = -t^2 / (2 ln 2): exp(-t^2 / 2) = 2^w
@@ -167,10 +169,6 @@ def bias_gelu_(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
         raise TypeError(f"bias_gelu_: expected a C-contiguous float32 array, got "
                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     n = x.shape[-1]
-    if bias is None:
-        bias = np.zeros(n, np.float32)
-    if not isinstance(bias, np.ndarray) or bias.dtype != np.float32 or bias.shape != (n,):
-        raise ValueError(f"bias_gelu_: bias must be float32 of shape ({n},), got "
-                         f"{getattr(bias, 'dtype', type(bias).__name__)} {getattr(bias, 'shape', '')}")
+    bias, _ = checked_bias("bias_gelu_", bias, n)  # (None: zeros, added: GELU(+-0) is +0 either way)
     _bias_gelu_rows(x.reshape(-1, n), bias)
     return x
