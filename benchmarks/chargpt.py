@@ -6,7 +6,7 @@ frameworks start from the same initial weights (nanoopt's nanoGPT initialisation
 and see the same windows (one seeded sampler per seed); their steps alternate, so that the load of the machine
 weighs on both alike. Reported per seed: validation loss on a fixed set of 1,200 validation windows (the last
 10% of the text), median ms per training step, and generation speed at batch 1 after a one-character prompt
-(the fastest of three timed runs, for every framework alike),
+(the fastest of five timed runs, taken in turns with the other framework's, for every framework alike),
 temperature 0, for 63 new tokens (they fit the 64-token context: the KV cache's regime) and 256 (the window
 slides: every position changes at every step, so the cache is rebuilt each step, as the cache-less path
 computes everything): nanoopt with and without its KV cache, PyTorch with nanoGPT's cache-less ``generate``.
@@ -49,19 +49,25 @@ def prepare() -> tuple[data.CharTokenizer, np.ndarray, np.ndarray, tuple[np.ndar
     return tokenizer, train_ids, val_ids, validation
 
 
-GENERATION_REPEATS = 3  # generations timed per measurement; the fastest counts (one run moved by 10-20%)
+GENERATION_REPEATS = 5  # timed generations per framework and length, taken in turns; the fastest counts
 
 
-def tokens_per_second(generate, new_tokens: int, repeats: int = GENERATION_REPEATS) -> tuple[float, np.ndarray]:
-    """Tokens/s of ``generate(new_tokens)``: the best of ``repeats`` timed runs after a warm-up (kernels loaded,
-    caches allocated), as ``timeit`` reports; the same for every framework. Returns the rate and the tokens."""
-    generate(4)
-    best = float("inf")
+def tokens_per_second(generators: dict, new_tokens: int, repeats: int = GENERATION_REPEATS) -> dict:
+    """Tokens/s of each ``generators[name](new_tokens)``: the best of ``repeats`` timed runs after a warm-up
+    (kernels loaded, caches allocated), as ``timeit`` reports, the same for every framework. The runs are taken
+    in turns (one of each generator, then again), so that a change in the machine's speed during the measurement
+    (on a shared machine one run moves by 10-40%) weighs on all of them alike. Returns ``{name: (rate,
+    tokens)}``."""
+    for generate in generators.values():
+        generate(4)
+    best = dict.fromkeys(generators, float("inf"))
+    tokens = {}
     for _ in range(repeats):
-        start = time.perf_counter()
-        tokens = generate(new_tokens)
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best, np.asarray(tokens)
+        for name, generate in generators.items():
+            start = time.perf_counter()
+            tokens[name] = generate(new_tokens)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (new_tokens / best[name], np.asarray(tokens[name])) for name in generators}
 
 
 class TorchTrainer:
@@ -132,18 +138,20 @@ def run_seed(seed: int, vocab: int, train_ids: np.ndarray, validation, config: L
             trainer.step(x, y, iteration)
             seconds[name].append(time.perf_counter() - start)
     result = dict(val=evaluate_lm(model, *validation), ms=1000 * float(np.median(seconds["nanoopt"])))
+    reference = None if theirs is None else dict(val=theirs.evaluate(*validation),
+                                                 ms=1000 * float(np.median(seconds["PyTorch"])))
     for n in lengths:
-        result[f"cache{n}"], cached = tokens_per_second(lambda k: model.generate(prompt, k, temperature=0.0), n)
-        result[f"plain{n}"], plain = tokens_per_second(
-            lambda k: model.generate(prompt, k, temperature=0.0, use_cache=False), n)
+        generators = {"cache": lambda k: model.generate(prompt, k, temperature=0.0),
+                      "plain": lambda k: model.generate(prompt, k, temperature=0.0, use_cache=False)}
+        if theirs is not None:
+            generators["PyTorch"] = lambda k: theirs.generate(prompt, k)
+        rates = tokens_per_second(generators, n)
+        (result[f"cache{n}"], cached), (result[f"plain{n}"], plain) = rates["cache"], rates["plain"]
         result[f"same{n}"] = bool(np.array_equal(cached, plain))
         result[f"tokens{n}"] = result["tokens"] = cached
-    if theirs is None:
-        return result, None
-    reference = dict(val=theirs.evaluate(*validation), ms=1000 * float(np.median(seconds["PyTorch"])))
-    for n in lengths:
-        reference[f"plain{n}"], tokens = tokens_per_second(lambda k: theirs.generate(prompt, k), n)
-        reference[f"same{n}"] = bool(np.array_equal(tokens, result[f"tokens{n}"]))
+        if theirs is not None:
+            reference[f"plain{n}"], tokens = rates["PyTorch"]
+            reference[f"same{n}"] = bool(np.array_equal(tokens, cached))
     return result, reference
 
 
@@ -167,7 +175,8 @@ def main() -> None:
           f"tokens (fixed windows), vocabulary {vocab}. Model: {SIZES}, batch {config.batch_size}. Steps of both "
           "frameworks alternate on the same batches; ms / step is the median. Generation: batch 1, temperature 0, "
           f"after a one-character prompt; {within} new tokens fit the context, {args.new_tokens} slide it; tok/s "
-          f"from the fastest of {GENERATION_REPEATS} runs per framework and length.\n")
+          f"from the fastest of {GENERATION_REPEATS} runs per framework and length, the frameworks' runs taken in "
+          "turns.\n")
     print(f"| seed | framework | val loss | ms / step | tok/s {within} new, cache | {within}, no cache | "
           f"tok/s {args.new_tokens} new, cache | {args.new_tokens}, no cache |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -46,12 +46,12 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
-from nanoopt.float_kernels.attention_heads import qkv_heads
-from nanoopt.float_kernels.causal_softmax import causal_softmax_
-from nanoopt.float_kernels.gelu import bias_gelu_
+from nanoopt.float_kernels.attention_heads import qkv_heads, qkv_heads_into
+from nanoopt.float_kernels.causal_softmax import causal_normalise_rows, causal_shift_rows, causal_softmax_
+from nanoopt.float_kernels.gelu import bias_gelu_, bias_gelu_rows
 from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
-from nanoopt.float_kernels.layer_norm import layer_norm_rows
-from nanoopt.float_kernels.residual import bias_residual_
+from nanoopt.float_kernels.layer_norm import layer_norm_rows, layer_norm_rows_into
+from nanoopt.float_kernels.residual import bias_residual_, bias_residual_rows
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
@@ -252,7 +252,8 @@ class GPT(nn.Module):
         mlp.c_proj, GELU approximation), then (wte, wpe, ln_f, lm_head). A LayerNorm is (weight, bias, eps); a
         stock Linear is (None, weight, bias), a replaced one with an array forward (module, None, None). Given
         ``arrays`` (this model's :class:`~nanoopt.float_kernels.gpt_step.StepArrays`), the stock Linears' ``W^T``
-        are its copies (views) instead of copies of their own."""
+        are its copies (views) instead of copies of their own. Last, the :class:`_WindowBlocks` of the blocks
+        before the last (None where one of them does not qualify)."""
         def norm(module: nn.LayerNorm) -> tuple:
             bias = module.bias.data if module.bias is not None else np.zeros_like(module.weight.data)
             return module.weight.data, bias, module.eps
@@ -278,7 +279,8 @@ class GPT(nn.Module):
                         lin(block.mlp.c_proj, mlp), block.mlp.gelu.approximate)
                        for i, block in enumerate(self.transformer["h"]) for attn, proj, fc, mlp in [views(i, block)])
         return blocks, (self.transformer["wte"].weight.data, self.transformer["wpe"].weight.data,
-                        norm(self.transformer["ln_f"]), lin(self.lm_head, None if arrays is None else arrays.w_head))
+                        norm(self.transformer["ln_f"]), lin(self.lm_head, None if arrays is None else arrays.w_head)), \
+            _WindowBlocks.build(blocks[:-1])
 
     def _array_logits(self, ids: np.ndarray, caches: list[KVCache] | None = None,
                       plan: tuple | None = None) -> np.ndarray:
@@ -295,7 +297,9 @@ class GPT(nn.Module):
         With ``caches``
         the ids continue the cached positions and their keys and values are appended; without, ``ids`` is a whole
         window. The last block computes keys and values for every position but its query, attention output and MLP
-        for the last position only, the one whose logits are asked for.
+        for the last position only, the one whose logits are asked for. A whole window at batch 1 runs the blocks
+        before the last through the plan's :class:`_WindowBlocks` (the same operations and bits on preallocated
+        buffers, without the wrappers' per-call checks).
         """
         def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
             return function.forward(Context(function), *arrays, **options)
@@ -339,14 +343,20 @@ class GPT(nn.Module):
             out = np.matmul(x.reshape(-1, x.shape[-1]), weight_t)
             return bias_gelu_(out, bias).reshape(*x.shape[:-1], out.shape[-1])  # ops.GELU's bits, one pass
 
-        blocks, (wte, wpe, ln_f, lm_head) = self._array_plan() if plan is None else plan
+        blocks, (wte, wpe, ln_f, lm_head), lean = self._array_plan() if plan is None else plan
         b, t = ids.shape
         start = caches[0].length if caches is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"GPT: a sequence of length {start + t} is longer than block_size "
                              f"{self.config.block_size}")
         x = wte[ids] + wpe[start:start + t]
+        first = 0
+        if caches is None and b == 1 and lean is not None and x.dtype == np.float32:
+            lean(x[0])  # the blocks before the last, on preallocated buffers (the same operations, the same bits)
+            first = len(blocks) - 1
         for i, (h, d, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, approximate) in enumerate(blocks):
+            if i < first:
+                continue
             c, scale = h * d, 1.0 / math.sqrt(d)  # per block: heads may have been pruned
             hidden = layer_norm(ln_1, x)  # (B, T, C)
             if i == len(blocks) - 1:  # keys and values of every position, everything else for the last one only
@@ -495,6 +505,78 @@ class GPT(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+
+class _WindowBlocks:
+    """The blocks of a whole window before the last, at batch 1, with no Python per operation beyond the calls:
+    :meth:`GPT._array_logits`'s operations for those blocks (the same kernels on the same operands, so the same
+    bits), each compiled kernel called without its wrapper's checks (made once here, when the plan is built), every
+    product written by ``np.matmul`` into a buffer kept per window length. At the chargpt sizes the wrappers'
+    checks, reshapes and allocations cost about a tenth of a 64-token window."""
+
+    def __init__(self, blocks: list[tuple]) -> None:
+        self.blocks = blocks
+        self.buffers: dict[int, tuple] = {}
+
+    @classmethod
+    def build(cls, blocks: tuple) -> _WindowBlocks | None:
+        """For ``blocks`` of :meth:`GPT._array_plan` (without the last), or None unless every one is stock float32:
+        plain Linears (``W^T`` float32, biases float32 or absent), LayerNorms with float32 parameters, the exact
+        GELU."""
+        prepared = []
+        for h, d, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, approximate in blocks:
+            linears, norms = (c_attn, c_proj, c_fc, mlp_proj), (ln_1, ln_2)
+            if approximate != "none" or any(module is not None or weight_t.dtype != np.float32
+                                            or (bias is not None and bias.dtype != np.float32)
+                                            for module, weight_t, bias in linears):
+                return None
+            if any(weight.dtype != np.float32 or bias.dtype != np.float32 for weight, bias, _ in norms):
+                return None
+            c = h * d
+            qkv_bias = (np.zeros(3 * c, np.float32) if c_attn[2] is None else c_attn[2]).reshape(3, h, d)
+            fc_bias = np.zeros(c_fc[1].shape[1], np.float32) if c_fc[2] is None else c_fc[2]
+            prepared.append((h, d, (ln_1[0], ln_1[1], np.float32(ln_1[2])), c_attn[1], qkv_bias, c_attn[2] is not None,
+                             np.float32(1.0 / math.sqrt(d)), c_proj, (ln_2[0], ln_2[1], np.float32(ln_2[2])), c_fc[1],
+                             fc_bias, mlp_proj))
+        return cls(prepared)
+
+    def _scratch(self, length: int, width: int) -> tuple:
+        """The buffers of a window of ``length`` positions: per block (normed, qkv, heads, scores, attended, y,
+        product, hidden)."""
+        if length not in self.buffers:
+            f32 = np.float32
+            self.buffers[length] = tuple(
+                (np.empty((length, width), f32), np.empty((length, 3 * h * d), f32),
+                 np.empty((3, 1, h, length, d), f32), np.empty((h, length, length), f32),
+                 np.empty((h, length, d), f32), np.empty((length, h * d), f32), np.empty((length, width), f32),
+                 np.empty((length, fc_w.shape[1]), f32))
+                for h, d, _, _, _, _, _, _, _, fc_w, _, _ in self.blocks)
+        return self.buffers[length]
+
+    def __call__(self, x: np.ndarray) -> None:
+        """Run the blocks on the residual stream ``x (T, C)`` (float32, C-contiguous) in place."""
+        length = x.shape[0]
+        for (h, d, ln_1, w_qkv, qkv_bias, has_qkv_bias, scale, proj, ln_2, w_fc, fc_bias, mlp), \
+                (normed, qkv, heads, scores, attended, y, product, hidden) in zip(self.blocks,
+                                                                                   self._scratch(length, x.shape[1]),
+                                                                                   strict=True):
+            layer_norm_rows_into(x, ln_1[0], ln_1[1], ln_1[2], normed)
+            np.matmul(normed, w_qkv, out=qkv)
+            qkv_heads_into(qkv.reshape(1, length, 3, h, d), qkv_bias, has_qkv_bias, heads)
+            np.matmul(heads[0, 0], heads[1, 0].transpose(0, 2, 1), out=scores)  # (H, T, T)
+            rows = scores.reshape(-1, length)
+            causal_shift_rows(rows, length, scale, 0)
+            np.exp(scores, out=scores)
+            causal_normalise_rows(rows)
+            np.matmul(scores, heads[2, 0], out=attended)  # (H, T, D)
+            y.reshape(length, h, d)[:] = attended.transpose(1, 0, 2)
+            np.matmul(y, proj[1], out=product)
+            bias_residual_rows(x, product, proj[2] if proj[2] is not None else fc_bias[:0], proj[2] is not None)
+            layer_norm_rows_into(x, ln_2[0], ln_2[1], ln_2[2], normed)
+            np.matmul(normed, w_fc, out=hidden)
+            bias_gelu_rows(hidden, fc_bias)
+            np.matmul(hidden, mlp[1], out=product)
+            bias_residual_rows(x, product, mlp[2] if mlp[2] is not None else fc_bias[:0], mlp[2] is not None)
 
 
 class StepDecoder:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import data, models
 from nanoopt.gradcheck import check_grads
-from nanoopt.models_gpt import _attend, _causal_self_attention
+from nanoopt.models_gpt import _attend, _causal_self_attention, resize_block
 from nanoopt.nn import functional as F
 from nanoopt.nn.attention_functional import causal_bias
 from nanoopt.ops import Context
@@ -193,6 +193,36 @@ def test_array_logits_equal_the_forward_and_hooked_models_take_the_module_path()
     hooked = model.generate(ids[:1, :2], 10, temperature=0.0)  # slides past block_size 8, through the modules
     assert len(seen) == 10
     np.testing.assert_array_equal(hooked, model.generate(ids[:1, :2], 10, temperature=0.0, use_cache=False))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 4), st.integers(1, 8), st.booleans(), st.booleans())
+def test_the_window_blocks_give_the_bits_of_the_array_path(seed, layers, length, bias, pruned):
+    """The blocks before the last of a batch-1 window, on preallocated buffers without the wrappers' checks
+    (``_WindowBlocks``), give the array path's logits bit for bit, with or without biases, with blocks of fewer
+    heads (head pruning) and for every window length."""
+    no.manual_seed(seed % 1000)
+    model = models.gpt(vocab_size=11, block_size=8, n_layer=layers, n_head=3, n_embd=12, bias=bias).eval()
+    if pruned:
+        resize_block(model.transformer["h"][0], n_head=2, mlp_hidden=20)
+    rng = np.random.default_rng(seed)
+    for parameter in model.parameters():  # biases and LayerNorm parameters away from their initial 0 and 1
+        parameter.data = rng.normal(0.0, 0.3, parameter.data.shape).astype(np.float32)
+    ids = rng.integers(0, 11, size=(1, length))
+    plan = model._array_plan()
+    assert plan[2] is not None and len(plan[2].blocks) == layers - 1
+    np.testing.assert_array_equal(model._array_logits(ids, None, plan),
+                                  model._array_logits(ids, None, plan[:2] + (None,)))
+    np.testing.assert_allclose(model._array_logits(ids, None, plan), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_window_blocks_are_left_out_where_a_block_does_not_qualify():
+    model = small(n_layer=3).eval()
+    model.transformer["h"][1].mlp.gelu.approximate = "tanh"
+    assert model._array_plan()[2] is None  # the tanh GELU is not the fused kernel's
+    assert small(n_layer=1).eval()._array_plan()[2] is not None  # no block before the last: nothing to run
+    ids = np.random.default_rng(0).integers(0, 13, size=(1, 8))
+    np.testing.assert_allclose(model._array_logits(ids), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
 
 
 def test_a_float64_model_generates_through_the_module_path_with_the_cacheless_tokens():

@@ -23,7 +23,7 @@ import numpy as np
 
 from nanoopt.float_kernels.bias import checked_bias
 
-__all__ = ["qkv_heads", "qkv_heads_reference"]
+__all__ = ["qkv_heads", "qkv_heads_into", "qkv_heads_reference"]
 
 
 def qkv_heads_reference(qkv: np.ndarray, bias: np.ndarray | None, heads: int) -> np.ndarray:
@@ -34,8 +34,10 @@ def qkv_heads_reference(qkv: np.ndarray, bias: np.ndarray | None, heads: int) ->
 
 
 @numba.njit(cache=True, nogil=True)
-def _qkv_heads(qkv, bias, has_bias, out):  # pragma: no cover - compiled
-    """``out[s, b, h, t, :] = qkv[b, t, s, h, :] + bias[s, h, :]`` (``qkv`` and ``bias`` split into heads)."""
+def qkv_heads_into(qkv, bias, has_bias, out):  # pragma: no cover - compiled
+    """``out[s, b, h, t, :] = qkv[b, t, s, h, :] + bias[s, h, :]`` (``qkv (B, T, 3, H, D)`` and ``bias (3, H, D)``
+    split into heads; a copy where not ``has_bias``), the compiled pass of :func:`qkv_heads` without its checks:
+    for a caller that checked its operands once (the GPT window of :class:`nanoopt.models_gpt.GPT`)."""
     parts, batch, heads, length, depth = out.shape
     for s in range(parts):
         for b in range(batch):
@@ -68,6 +70,6 @@ def qkv_heads(qkv: np.ndarray, bias: np.ndarray | None, heads: int) -> np.ndarra
     bias, has_bias = checked_bias("qkv_heads", bias, three_c)
     depth = three_c // (3 * heads)
     out = np.empty((3, b, heads, t, depth), np.float32)
-    _qkv_heads(np.ascontiguousarray(qkv).reshape(b, t, 3, heads, depth), bias.reshape(3, heads, depth), has_bias,
+    qkv_heads_into(np.ascontiguousarray(qkv).reshape(b, t, 3, heads, depth), bias.reshape(3, heads, depth), has_bias,
                out)
     return out

@@ -27,7 +27,7 @@ import numpy as np
 
 from nanoopt.float_kernels.softmax import pairwise_sum
 
-__all__ = ["causal_softmax_", "causal_softmax_reference"]
+__all__ = ["causal_normalise_rows", "causal_shift_rows", "causal_softmax_", "causal_softmax_reference"]
 
 
 def causal_softmax_reference(scores: np.ndarray, scale: float, offset: int) -> np.ndarray:
@@ -58,8 +58,9 @@ def _peak(row, count):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _shift(rows, length, scale, offset):  # pragma: no cover - compiled
-    """Pass 1 on ``rows (R, S)``: row ``r`` is query ``r % length``."""
+def causal_shift_rows(rows, length, scale, offset):  # pragma: no cover - compiled
+    """Pass 1 of :func:`causal_softmax_` on ``rows (R, S)`` (row ``r`` is query ``r % length``; ``scale`` float32),
+    without its checks: for a caller that checked its operands once."""
     keys = rows.shape[1]
     zero = np.float32(0.0)
     for r in range(rows.shape[0]):
@@ -75,8 +76,9 @@ def _shift(rows, length, scale, offset):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _normalise(rows):  # pragma: no cover - compiled
-    """Pass 2 on ``rows (R, S)``: each row divided by its sum (NumPy's pairwise order, started from 0)."""
+def causal_normalise_rows(rows):  # pragma: no cover - compiled
+    """Pass 2 of :func:`causal_softmax_` on ``rows (R, S)``: each row divided by its sum (NumPy's pairwise order,
+    started from 0), without its checks."""
     keys = rows.shape[1]
     for r in range(rows.shape[0]):
         row = rows[r]
@@ -101,7 +103,7 @@ def causal_softmax_(scores: np.ndarray, scale: float, offset: int) -> np.ndarray
         raise ValueError(f"causal_softmax_: offset must be >= 0 (every query sees a key), got {offset}")
     length, keys = scores.shape[-2:]
     rows = scores.reshape(-1, keys)
-    _shift(rows, length, np.float32(scale), offset)
+    causal_shift_rows(rows, length, np.float32(scale), offset)
     np.exp(scores, out=scores)
-    _normalise(rows)
+    causal_normalise_rows(rows)
     return scores

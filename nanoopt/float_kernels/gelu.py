@@ -149,7 +149,9 @@ def gelu_forward(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @numba.njit(cache=True, nogil=True)
-def _bias_gelu_rows(x, bias):  # pragma: no cover - compiled
+def bias_gelu_rows(x, bias):  # pragma: no cover - compiled
+    """``x[r] = GELU(x[r] + bias)`` row by row in place (2-D C arrays), the compiled pass of :func:`bias_gelu_` without
+    its checks: for a caller that checked its operands once (the GPT window of :class:`nanoopt.models_gpt.GPT`)."""
     for r in range(x.shape[0]):
         row = x[r]
         for j in range(row.size):
@@ -170,5 +172,5 @@ def bias_gelu_(x: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
                         f"{getattr(x, 'dtype', type(x).__name__)} {getattr(x, 'shape', '')}")
     n = x.shape[-1]
     bias, _ = checked_bias("bias_gelu_", bias, n)  # (None: zeros, added: GELU(+-0) is +0 either way)
-    _bias_gelu_rows(x.reshape(-1, n), bias)
+    bias_gelu_rows(x.reshape(-1, n), bias)
     return x

@@ -24,7 +24,7 @@ import numpy as np
 
 from nanoopt.float_kernels.softmax import pairwise_sum
 
-__all__ = ["layer_norm_reference", "layer_norm_row", "layer_norm_rows"]
+__all__ = ["layer_norm_reference", "layer_norm_row", "layer_norm_rows", "layer_norm_rows_into"]
 
 
 def layer_norm_reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -55,10 +55,12 @@ def layer_norm_row(x, weight, bias, eps, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _layer_norm_rows(x, weight, bias, eps, out):  # pragma: no cover - compiled
+def layer_norm_rows_into(x, weight, bias, eps, out):  # pragma: no cover - compiled
     """:func:`layer_norm_row` on every row, by phases over all rows (every mean, then every ``1/std``, then the
     outputs): the same operations per row, but each row's chain of dependent sums no longer waits for the row
-    before, so the CPU overlaps them (a (64, 128) window: 5.0 against 6.7 us row by row)."""
+    before, so the CPU overlaps them (a (64, 128) window: 5.0 against 6.7 us row by row). The compiled pass of
+    :func:`layer_norm_rows` without its checks (2-D C arrays, ``eps`` float32): for a caller that checked its
+    operands once (the GPT window of :class:`nanoopt.models_gpt.GPT`)."""
     rows, n = x.shape
     count = np.float32(n)
     means = np.empty(rows, np.float32)
@@ -100,6 +102,6 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: fl
         raise ValueError(f"layer_norm_rows: out must be a C-contiguous float32 array of shape {x.shape}, got "
                          f"{out.dtype} {out.shape}")
     rows = np.ascontiguousarray(x).reshape(-1, n)
-    _layer_norm_rows(rows, np.ascontiguousarray(weight), np.ascontiguousarray(bias), np.float32(eps),
+    layer_norm_rows_into(rows, np.ascontiguousarray(weight), np.ascontiguousarray(bias), np.float32(eps),
                      out.reshape(-1, n))
     return out

@@ -18,7 +18,7 @@ import numpy as np
 
 from nanoopt.float_kernels.bias import checked_bias
 
-__all__ = ["bias_residual_", "bias_residual_reference"]
+__all__ = ["bias_residual_", "bias_residual_reference", "bias_residual_rows"]
 
 
 def bias_residual_reference(x: np.ndarray, product: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -27,7 +27,10 @@ def bias_residual_reference(x: np.ndarray, product: np.ndarray, bias: np.ndarray
 
 
 @numba.njit(cache=True, nogil=True)
-def _bias_residual(x, product, bias, has_bias):  # pragma: no cover - compiled
+def bias_residual_rows(x, product, bias, has_bias):  # pragma: no cover - compiled
+    """``x[r] = x[r] + (product[r] + bias)`` row by row in place (2-D C arrays; ``product[r]`` alone where not
+    ``has_bias``), the compiled pass of :func:`bias_residual_` without its checks: for a caller that checked its
+    operands once."""
     for r in range(x.shape[0]):
         row, added = x[r], product[r]
         if has_bias:
@@ -54,5 +57,5 @@ def bias_residual_(x: np.ndarray, product: np.ndarray, bias: np.ndarray | None) 
         raise ValueError(f"bias_residual_: product must have x's shape {x.shape}, got {product.shape}")
     n = x.shape[-1]
     bias, has_bias = checked_bias("bias_residual_", bias, n)
-    _bias_residual(x.reshape(-1, n), product.reshape(-1, n), bias, has_bias)
+    bias_residual_rows(x.reshape(-1, n), product.reshape(-1, n), bias, has_bias)
     return x
