@@ -52,6 +52,7 @@ from nanoopt.float_kernels.gelu import bias_gelu_, bias_gelu_rows
 from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
 from nanoopt.float_kernels.layer_norm import layer_norm_rows, layer_norm_rows_into
 from nanoopt.float_kernels.residual import bias_residual_, bias_residual_rows
+from nanoopt.kernels import float_gemm_avx2
 from nanoopt.nn import init
 from nanoopt.nn.attention_functional import causal_bias, check_indices
 from nanoopt.ops import Context
@@ -509,20 +510,27 @@ class GPT(nn.Module):
 
 class _WindowBlocks:
     """The blocks of a whole window before the last, at batch 1, with no Python per operation beyond the calls:
-    :meth:`GPT._array_logits`'s operations for those blocks (the same kernels on the same operands, so the same
-    bits), each compiled kernel called without its wrapper's checks (made once here, when the plan is built), every
-    product written by ``np.matmul`` into a buffer kept per window length. At the chargpt sizes the wrappers'
-    checks, reshapes and allocations cost about a tenth of a 64-token window."""
+    :meth:`GPT._array_logits`'s operations for those blocks, each compiled kernel called without its wrapper's checks
+    (made once here, when the plan is built), every product written into a buffer kept per window length. The
+    linear layers' products run on the register tiles of :mod:`nanoopt.kernels.float_gemm_avx2` where that kernel
+    is available (their weights packed here, once per generation: faster than BLAS at a window's sizes, summed in
+    another order, so equal to the array path to float32 rounding), else through ``np.matmul`` (then the array
+    path's bits exactly)."""
 
     def __init__(self, blocks: list[tuple]) -> None:
         self.blocks = blocks
         self.buffers: dict[int, tuple] = {}
 
     @classmethod
-    def build(cls, blocks: tuple) -> _WindowBlocks | None:
+    def build(cls, blocks: tuple, tiles: bool | None = None) -> _WindowBlocks | None:
         """For ``blocks`` of :meth:`GPT._array_plan` (without the last), or None unless every one is stock float32:
         plain Linears (``W^T`` float32, biases float32 or absent), LayerNorms with float32 parameters, the exact
-        GELU."""
+        GELU. ``tiles``: the products on the register tiles (default: where they are available) or by BLAS."""
+        tiles = float_gemm_avx2.available() if tiles is None else tiles
+
+        def operand(weight_t: np.ndarray) -> tuple:  # (W^T, its panels or None)
+            return weight_t, float_gemm_avx2.pack_panels(weight_t) if tiles else None
+
         prepared = []
         for h, d, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, approximate in blocks:
             linears, norms = (c_attn, c_proj, c_fc, mlp_proj), (ln_1, ln_2)
@@ -535,9 +543,10 @@ class _WindowBlocks:
             c = h * d
             qkv_bias = (np.zeros(3 * c, np.float32) if c_attn[2] is None else c_attn[2]).reshape(3, h, d)
             fc_bias = np.zeros(c_fc[1].shape[1], np.float32) if c_fc[2] is None else c_fc[2]
-            prepared.append((h, d, (ln_1[0], ln_1[1], np.float32(ln_1[2])), c_attn[1], qkv_bias, c_attn[2] is not None,
-                             np.float32(1.0 / math.sqrt(d)), c_proj, (ln_2[0], ln_2[1], np.float32(ln_2[2])), c_fc[1],
-                             fc_bias, mlp_proj))
+            prepared.append((h, d, (ln_1[0], ln_1[1], np.float32(ln_1[2])), operand(c_attn[1]), qkv_bias,
+                             c_attn[2] is not None, np.float32(1.0 / math.sqrt(d)), (operand(c_proj[1]), c_proj[2]),
+                             (ln_2[0], ln_2[1], np.float32(ln_2[2])), operand(c_fc[1]), fc_bias,
+                             (operand(mlp_proj[1]), mlp_proj[2])))
         return cls(prepared)
 
     def _scratch(self, length: int, width: int) -> tuple:
@@ -549,8 +558,8 @@ class _WindowBlocks:
                 (np.empty((length, width), f32), np.empty((length, 3 * h * d), f32),
                  np.empty((3, 1, h, length, d), f32), np.empty((h, length, length), f32),
                  np.empty((h, length, d), f32), np.empty((length, h * d), f32), np.empty((length, width), f32),
-                 np.empty((length, fc_w.shape[1]), f32))
-                for h, d, _, _, _, _, _, _, _, fc_w, _, _ in self.blocks)
+                 np.empty((length, fc_bias.shape[0]), f32))
+                for h, d, _, _, _, _, _, _, _, _, fc_bias, _ in self.blocks)
         return self.buffers[length]
 
     def __call__(self, x: np.ndarray) -> None:
@@ -561,7 +570,7 @@ class _WindowBlocks:
                                                                                    self._scratch(length, x.shape[1]),
                                                                                    strict=True):
             layer_norm_rows_into(x, ln_1[0], ln_1[1], ln_1[2], normed)
-            np.matmul(normed, w_qkv, out=qkv)
+            _product(normed, w_qkv, qkv)
             qkv_heads_into(qkv.reshape(1, length, 3, h, d), qkv_bias, has_qkv_bias, heads)
             np.matmul(heads[0, 0], heads[1, 0].transpose(0, 2, 1), out=scores)  # (H, T, T)
             rows = scores.reshape(-1, length)
@@ -570,13 +579,23 @@ class _WindowBlocks:
             causal_normalise_rows(rows)
             np.matmul(scores, heads[2, 0], out=attended)  # (H, T, D)
             y.reshape(length, h, d)[:] = attended.transpose(1, 0, 2)
-            np.matmul(y, proj[1], out=product)
-            bias_residual_rows(x, product, proj[2] if proj[2] is not None else fc_bias[:0], proj[2] is not None)
+            _product(y, proj[0], product)
+            bias_residual_rows(x, product, proj[1] if proj[1] is not None else fc_bias[:0], proj[1] is not None)
             layer_norm_rows_into(x, ln_2[0], ln_2[1], ln_2[2], normed)
-            np.matmul(normed, w_fc, out=hidden)
+            _product(normed, w_fc, hidden)
             bias_gelu_rows(hidden, fc_bias)
-            np.matmul(hidden, mlp[1], out=product)
-            bias_residual_rows(x, product, mlp[2] if mlp[2] is not None else fc_bias[:0], mlp[2] is not None)
+            _product(hidden, mlp[0], product)
+            bias_residual_rows(x, product, mlp[1] if mlp[1] is not None else fc_bias[:0], mlp[1] is not None)
+
+
+def _product(x: np.ndarray, operand: tuple, out: np.ndarray) -> None:
+    """``out = x W^T`` for ``operand = (W^T, panels or None)``: the register tiles where the weights were packed,
+    else BLAS."""
+    weight_t, panels = operand
+    if panels is not None:
+        float_gemm_avx2.matmul_packed_into(x, panels, out)
+    else:
+        np.matmul(x, weight_t, out=out)
 
 
 class StepDecoder:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import nanoopt as no
 from nanoopt import data, models
 from nanoopt.gradcheck import check_grads
-from nanoopt.models_gpt import _attend, _causal_self_attention, resize_block
+from nanoopt.models_gpt import _attend, _causal_self_attention, _WindowBlocks, resize_block
 from nanoopt.nn import functional as F
 from nanoopt.nn.attention_functional import causal_bias
 from nanoopt.ops import Context
@@ -199,8 +199,9 @@ def test_array_logits_equal_the_forward_and_hooked_models_take_the_module_path()
 @given(st.integers(0, 2**31 - 1), st.integers(2, 4), st.integers(1, 8), st.booleans(), st.booleans())
 def test_the_window_blocks_give_the_bits_of_the_array_path(seed, layers, length, bias, pruned):
     """The blocks before the last of a batch-1 window, on preallocated buffers without the wrappers' checks
-    (``_WindowBlocks``), give the array path's logits bit for bit, with or without biases, with blocks of fewer
-    heads (head pruning) and for every window length."""
+    (``_WindowBlocks``), give the array path's logits bit for bit with BLAS products, and the forward's to float32
+    rounding with the register tiles (where available), with or without biases, with blocks of fewer heads (head
+    pruning) and for every window length."""
     no.manual_seed(seed % 1000)
     model = models.gpt(vocab_size=11, block_size=8, n_layer=layers, n_head=3, n_embd=12, bias=bias).eval()
     if pruned:
@@ -211,9 +212,12 @@ def test_the_window_blocks_give_the_bits_of_the_array_path(seed, layers, length,
     ids = rng.integers(0, 11, size=(1, length))
     plan = model._array_plan()
     assert plan[2] is not None and len(plan[2].blocks) == layers - 1
-    np.testing.assert_array_equal(model._array_logits(ids, None, plan),
+    by_blas = plan[:2] + (_WindowBlocks.build(plan[0][:-1], tiles=False),)
+    np.testing.assert_array_equal(model._array_logits(ids, None, by_blas),
                                   model._array_logits(ids, None, plan[:2] + (None,)))
-    np.testing.assert_allclose(model._array_logits(ids, None, plan), model(ids).data[:, -1], rtol=1e-5, atol=1e-6)
+    expected = model(ids).data[:, -1]
+    np.testing.assert_allclose(model._array_logits(ids, None, by_blas), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model._array_logits(ids, None, plan), expected, rtol=1e-5, atol=1e-6)  # tiles, if any
 
 
 def test_the_window_blocks_are_left_out_where_a_block_does_not_qualify():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanoopt.kernels import avx2, cpu_features, float_conv_avx2, int8_conv_avx2, sparse_avx2
+from nanoopt.kernels import avx2, cpu_features, float_conv_avx2, float_gemm_avx2, int8_conv_avx2, sparse_avx2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,6 +16,7 @@ def _forget_availability() -> None:
     avx2.available.cache_clear()
     sparse_avx2.available.cache_clear()
     float_conv_avx2.available.cache_clear()
+    float_gemm_avx2.available.cache_clear()
     int8_conv_avx2.taps_per_lane.cache_clear()
 
 
