@@ -46,7 +46,7 @@ import numpy as np
 
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
-from nanoopt.float_kernels.attention_heads import qkv_heads, qkv_heads_into
+from nanoopt.float_kernels.attention_heads import qkv_heads, qkv_heads_into, qkv_heads_panels_into
 from nanoopt.float_kernels.causal_softmax import causal_normalise_rows, causal_shift_rows, causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_, bias_gelu_rows
 from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
@@ -551,14 +551,15 @@ class _WindowBlocks:
 
     def _scratch(self, length: int, width: int) -> tuple:
         """The buffers of a window of ``length`` positions: per block (normed, qkv, heads, scores, attended, y,
-        product, hidden)."""
+        product, hidden, and for the tiles the queries, key panels and value panels)."""
         if length not in self.buffers:
-            f32 = np.float32
+            f32, panel = np.float32, float_gemm_avx2.PANEL
             self.buffers[length] = tuple(
                 (np.empty((length, width), f32), np.empty((length, 3 * h * d), f32),
                  np.empty((3, 1, h, length, d), f32), np.empty((h, length, length), f32),
                  np.empty((h, length, d), f32), np.empty((length, h * d), f32), np.empty((length, width), f32),
-                 np.empty((length, fc_bias.shape[0]), f32))
+                 np.empty((length, fc_bias.shape[0]), f32), np.empty((h, length, d), f32),
+                 np.empty((h, -(-length // panel), d, panel), f32), np.empty((h, -(-d // panel), length, panel), f32))
                 for h, d, _, _, _, _, _, _, _, _, fc_bias, _ in self.blocks)
         return self.buffers[length]
 
@@ -566,19 +567,27 @@ class _WindowBlocks:
         """Run the blocks on the residual stream ``x (T, C)`` (float32, C-contiguous) in place."""
         length = x.shape[0]
         for (h, d, ln_1, w_qkv, qkv_bias, has_qkv_bias, scale, proj, ln_2, w_fc, fc_bias, mlp), \
-                (normed, qkv, heads, scores, attended, y, product, hidden) in zip(self.blocks,
-                                                                                   self._scratch(length, x.shape[1]),
-                                                                                   strict=True):
+                (normed, qkv, heads, scores, attended, y, product, hidden, queries, key_panels, value_panels) \
+                in zip(self.blocks, self._scratch(length, x.shape[1]), strict=True):
             layer_norm_rows_into(x, ln_1[0], ln_1[1], ln_1[2], normed)
             _product(normed, w_qkv, qkv)
-            qkv_heads_into(qkv.reshape(1, length, 3, h, d), qkv_bias, has_qkv_bias, heads)
-            np.matmul(heads[0, 0], heads[1, 0].transpose(0, 2, 1), out=scores)  # (H, T, T)
             rows = scores.reshape(-1, length)
-            causal_shift_rows(rows, length, scale, 0)
-            np.exp(scores, out=scores)
-            causal_normalise_rows(rows)
-            np.matmul(scores, heads[2, 0], out=attended)  # (H, T, D)
-            y.reshape(length, h, d)[:] = attended.transpose(1, 0, 2)
+            if w_qkv[1] is not None:  # the tiles: keys and values laid out as panels, products over the triangle
+                qkv_heads_panels_into(qkv.reshape(length, 3, h, d), qkv_bias, has_qkv_bias, queries, key_panels,
+                                      value_panels)
+                float_gemm_avx2.causal_scores_into(queries, key_panels, scores)
+                causal_shift_rows(rows, length, scale, 0)
+                np.exp(scores, out=scores)
+                causal_normalise_rows(rows)
+                float_gemm_avx2.causal_attend_into(scores, value_panels, y)
+            else:
+                qkv_heads_into(qkv.reshape(1, length, 3, h, d), qkv_bias, has_qkv_bias, heads)
+                np.matmul(heads[0, 0], heads[1, 0].transpose(0, 2, 1), out=scores)  # (H, T, T)
+                causal_shift_rows(rows, length, scale, 0)
+                np.exp(scores, out=scores)
+                causal_normalise_rows(rows)
+                np.matmul(scores, heads[2, 0], out=attended)  # (H, T, D)
+                y.reshape(length, h, d)[:] = attended.transpose(1, 0, 2)
             _product(y, proj[0], product)
             bias_residual_rows(x, product, proj[1] if proj[1] is not None else fc_bias[:0], proj[1] is not None)
             layer_norm_rows_into(x, ln_2[0], ln_2[1], ln_2[2], normed)

@@ -23,7 +23,7 @@ import numpy as np
 
 from nanoopt.float_kernels.bias import checked_bias
 
-__all__ = ["qkv_heads", "qkv_heads_into", "qkv_heads_reference"]
+__all__ = ["qkv_heads", "qkv_heads_into", "qkv_heads_panels_into", "qkv_heads_panels_reference", "qkv_heads_reference"]
 
 
 def qkv_heads_reference(qkv: np.ndarray, bias: np.ndarray | None, heads: int) -> np.ndarray:
@@ -51,6 +51,60 @@ def qkv_heads_into(qkv, bias, has_bias, out):  # pragma: no cover - compiled
                     else:  # a copy (adding zeros would turn -0.0 into +0.0)
                         for d in range(depth):
                             target[d] = source[d]
+
+
+def qkv_heads_panels_reference(qkv: np.ndarray, bias: np.ndarray | None, heads: int,
+                               panel: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(queries (H, T, D), key_panels (H, ceil(T / panel), D, panel), value_panels (H, ceil(D / panel), T,
+    panel))`` of ``qkv (T, 3C) + bias`` at batch 1 (the specification of :func:`qkv_heads_panels_into`): ``K_h^T``
+    and ``V_h`` cut into column panels, zeros past ``T`` and ``D``.
+
+    >>> q, k, v = qkv_heads_panels_reference(np.arange(6, dtype=np.float32).reshape(1, 6), None, 1, 4)
+    >>> q.tolist(), k[0, 0, :, 0].tolist(), v[0, 0, 0].tolist()
+    ([[[0.0, 1.0]]], [2.0, 3.0], [4.0, 5.0, 0.0, 0.0])
+    """
+    length, three_c = qkv.shape
+    depth = three_c // (3 * heads)
+    parts = qkv_heads_reference(qkv[None], bias, heads)[:, 0]  # (3, H, T, D)
+    key_panels = np.zeros((heads, -(-length // panel) * panel, depth), np.float32)
+    key_panels[:, :length] = parts[1]
+    value_panels = np.zeros((heads, length, -(-depth // panel) * panel), np.float32)
+    value_panels[:, :, :depth] = parts[2]
+    return (parts[0].copy(), key_panels.reshape(heads, -1, panel, depth).transpose(0, 1, 3, 2).copy(),
+            value_panels.reshape(heads, length, -1, panel).transpose(0, 2, 1, 3).copy())
+
+
+@numba.njit(cache=True, nogil=True)
+def qkv_heads_panels_into(qkv, bias, has_bias, queries, key_panels, value_panels):  # pragma: no cover - compiled
+    """:func:`qkv_heads_panels_reference` into preallocated arrays (``qkv (T, 3, H, D)``, ``bias (3, H, D)``; the
+    panels' zero padding written too), for products by the packed register tiles of
+    :mod:`nanoopt.kernels.float_gemm_avx2` (the keys as the "weights" of the scores, the values as those of the
+    attention output). No checks: for a caller that checked its operands once."""
+    length, _, heads, depth = qkv.shape
+    panel = key_panels.shape[3]
+    zero = np.float32(0.0)
+    for h in range(heads):
+        for t in range(length):  # queries: rows as they lie
+            for d in range(depth):
+                queries[h, t, d] = qkv[t, 0, h, d] + bias[0, h, d] if has_bias else qkv[t, 0, h, d]
+        for p in range(key_panels.shape[1]):  # keys transposed: panel p holds keys p panel .. (p + 1) panel - 1
+            for d in range(depth):
+                target, added = key_panels[h, p, d], bias[1, h, d]
+                for j in range(panel):
+                    t = p * panel + j
+                    if t < length:
+                        target[j] = qkv[t, 1, h, d] + added if has_bias else qkv[t, 1, h, d]
+                    else:
+                        target[j] = zero
+        for p in range(value_panels.shape[1]):  # values: panel p holds columns p panel .. (p + 1) panel - 1
+            for t in range(length):
+                target = value_panels[h, p, t]
+                for j in range(panel):
+                    d = p * panel + j
+                    if d < depth:
+                        target[j] = qkv[t, 2, h, d] + bias[2, h, d] if has_bias else qkv[t, 2, h, d]
+                    else:
+                        target[j] = zero
 
 
 def qkv_heads(qkv: np.ndarray, bias: np.ndarray | None, heads: int) -> np.ndarray:

@@ -15,6 +15,11 @@ of its time packing both operands on every call; here the weights are packed onc
 are read where they lie. Measured on the Zen 4 host, one thread, in one process: see ``docs/kernels.md`` ("The
 64-token window recompute").
 
+The same tiles compute causal self-attention's two products per head (:func:`causal_scores_into`: the queries times
+the keys' panels, row tiles skipping the key panels that lie wholly beyond their last query; :func:`causal_attend_into`:
+the probabilities times the values' panels, each row tile summing only the keys its last query sees), on panels laid
+out by :func:`nanoopt.float_kernels.attention_heads.qkv_heads_panels_into`.
+
 Summation order: each output's products over ``k`` in increasing order from 0, one rounding per fused multiply-add
 (``llvm.fmuladd``: fused where the target has FMA). That is not BLAS's order, so the result equals
 :func:`matmul_reference` (float64 sums, rounded once) to float32 tolerance, and bit for bit where every partial sum
@@ -46,8 +51,8 @@ from numba.extending import intrinsic
 from nanoopt.kernels.cpu_features import avx2_kernel_works
 from nanoopt.kernels.llvm_intrinsics import F32X8, LANES, declare, is_c_array
 
-__all__ = ["PANEL", "TILE_ROWS", "available", "matmul_packed", "matmul_packed_into", "matmul_reference",
-           "pack_panels"]
+__all__ = ["PANEL", "TILE_ROWS", "available", "causal_attend_into", "causal_scores_into", "matmul_packed",
+           "matmul_packed_into", "matmul_reference", "pack_panels"]
 
 TILE_ROWS = 6  # rows of a register tile
 VECTORS = 2  # 8-lane vectors of a tile row: 6 x 2 = 12 accumulators, 2 weight vectors, 1 broadcast (of 16)
@@ -134,17 +139,51 @@ def _tile(typingctx, a, a_at, lda, panels, p_at, depth, out, o_at, ldo, rows):
 
 
 @numba.njit(cache=True, nogil=True)
-def _tiles(rows, flat_a, i, depth, flat_panels, p_at, flat_out, n, col, scratch, whole):  # pragma: no cover
-    """The tile of ``rows`` rows from row ``i`` at panel offset ``p_at``: into ``out`` where the panel is whole,
-    else into ``scratch`` and its ``n - col`` columns copied."""
+def _tiles(rows, flat_a, a_at, lda, depth, flat_panels, p_at, flat_out, o_at, ldo, width, scratch):  # pragma: no cover
+    """One tile of ``rows`` rows: ``a`` rows from ``a_at`` (stride ``lda``) times the panel at ``p_at`` over
+    ``depth`` steps, into ``out`` from ``o_at`` (stride ``ldo``) where the panel's 16 columns are all wanted
+    (``width == 16``), else into ``scratch`` and its first ``width`` columns copied."""
     numba.literally(rows)
-    if whole:
-        _tile(flat_a, i * depth, depth, flat_panels, p_at, depth, flat_out, i * n + col, n, rows)
+    if width == PANEL:
+        _tile(flat_a, a_at, lda, flat_panels, p_at, depth, flat_out, o_at, ldo, rows)
     else:
-        _tile(flat_a, i * depth, depth, flat_panels, p_at, depth, scratch, 0, PANEL, rows)
+        _tile(flat_a, a_at, lda, flat_panels, p_at, depth, scratch, 0, PANEL, rows)
         for r in range(rows):
-            for j in range(n - col):
-                flat_out[(i + r) * n + col + j] = scratch[r * PANEL + j]
+            for j in range(width):
+                flat_out[o_at + r * ldo + j] = scratch[r * PANEL + j]
+
+
+PLAIN, CAUSAL_COLUMNS, CAUSAL_DEPTH = 0, 1, 2  # which products a row tile computes (see _products)
+
+
+@numba.njit(cache=True, nogil=True)
+def _products(flat_a, m, lda, panels, flat_out, o_at, ldo, n, mode):  # pragma: no cover - compiled
+    """``out[i, j] = sum_k a[i, k] W^T[k, j]`` for ``i < m``, ``j < n``, ``k < K`` (the panels' depth), the rows in
+    tiles of 6 (then 4, 2, 1). ``mode`` PLAIN: everything. CAUSAL_COLUMNS: a tile of rows ``i .. i + r - 1``
+    skips the panels whose columns all lie beyond ``i + r - 1`` (outputs with ``j > i`` may be left unwritten or
+    hold partial sums: a causal mask overwrites them). CAUSAL_DEPTH: the tile sums ``k < min(K, i + r)`` only
+    (``a[i, k]`` is zero for ``k > i``, as causal attention probabilities are)."""
+    depth = panels.shape[1]
+    flat_panels = panels.reshape(-1)
+    scratch = np.empty(TILE_ROWS * PANEL, np.float32)
+    for p in range((n + PANEL - 1) // PANEL):
+        col, p_at = p * PANEL, p * depth * PANEL
+        width = min(PANEL, n - col)
+        i = 0
+        while i < m:
+            rows = TILE_ROWS if i + TILE_ROWS <= m else 4 if i + 4 <= m else 2 if i + 2 <= m else 1
+            if mode != CAUSAL_COLUMNS or col <= i + rows - 1:
+                steps = min(depth, i + rows) if mode == CAUSAL_DEPTH else depth
+                at = o_at + i * ldo + col
+                if rows == TILE_ROWS:
+                    _tiles(TILE_ROWS, flat_a, i * lda, lda, steps, flat_panels, p_at, flat_out, at, ldo, width, scratch)
+                elif rows == 4:
+                    _tiles(4, flat_a, i * lda, lda, steps, flat_panels, p_at, flat_out, at, ldo, width, scratch)
+                elif rows == 2:
+                    _tiles(2, flat_a, i * lda, lda, steps, flat_panels, p_at, flat_out, at, ldo, width, scratch)
+                else:
+                    _tiles(1, flat_a, i * lda, lda, steps, flat_panels, p_at, flat_out, at, ldo, width, scratch)
+            i += rows
 
 
 @numba.njit(cache=True, nogil=True)
@@ -152,25 +191,33 @@ def matmul_packed_into(a, panels, out):  # pragma: no cover - compiled
     """``out = a @ W^T`` for C-contiguous float32 ``a (M, K)``, ``panels = pack_panels(W^T)`` (``(P, K, 16)``,
     ``16 P >= N``) and ``out (M, N)``. No checks beyond Numba's typing: call through :func:`matmul_packed`, or as a
     plan does with operands it has checked, where :func:`available` is True."""
-    m, depth = a.shape
-    n = out.shape[1]
-    flat_a, flat_panels, flat_out = a.reshape(-1), panels.reshape(-1), out.reshape(-1)
-    scratch = np.empty(TILE_ROWS * PANEL, np.float32)
-    for p in range((n + PANEL - 1) // PANEL):
-        col, p_at = p * PANEL, p * depth * PANEL
-        whole = col + PANEL <= n
-        i = 0
-        while i + TILE_ROWS <= m:
-            _tiles(TILE_ROWS, flat_a, i, depth, flat_panels, p_at, flat_out, n, col, scratch, whole)
-            i += TILE_ROWS
-        if i + 4 <= m:
-            _tiles(4, flat_a, i, depth, flat_panels, p_at, flat_out, n, col, scratch, whole)
-            i += 4
-        if i + 2 <= m:
-            _tiles(2, flat_a, i, depth, flat_panels, p_at, flat_out, n, col, scratch, whole)
-            i += 2
-        if i < m:
-            _tiles(1, flat_a, i, depth, flat_panels, p_at, flat_out, n, col, scratch, whole)
+    _products(a.reshape(-1), a.shape[0], a.shape[1], panels, out.reshape(-1), 0, out.shape[1], out.shape[1], PLAIN)
+
+
+@numba.njit(cache=True, nogil=True)
+def causal_scores_into(queries, key_panels, scores):  # pragma: no cover - compiled
+    """Per head ``h``: ``scores[h, t, j] = sum_d queries[h, t, d] keys[h, j, d]`` for ``j <= t`` at least, the keys
+    packed as the panels of ``K_h^T`` (``key_panels (H, ceil(T / 16), D, 16)``, as
+    :func:`nanoopt.float_kernels.attention_heads.qkv_heads_panels_into` writes them); ``queries (H, T, D)``,
+    ``scores (H, T, T)``. Entries above the diagonal are left unwritten or partial (CAUSAL_COLUMNS): the causal
+    softmax overwrites them. No checks."""
+    heads, length = scores.shape[0], scores.shape[1]
+    for h in range(heads):
+        _products(queries[h].reshape(-1), length, queries.shape[2], key_panels[h], scores[h].reshape(-1), 0, length,
+                  length, CAUSAL_COLUMNS)
+
+
+@numba.njit(cache=True, nogil=True)
+def causal_attend_into(probabilities, value_panels, out):  # pragma: no cover - compiled
+    """Per head ``h``: ``out[t, h D + e] = sum_{j <= t} probabilities[h, t, j] values[h, j, e]``, the values packed
+    as panels (``value_panels (H, ceil(D / 16), T, 16)``); ``probabilities (H, T, T)`` zero above the diagonal (the
+    terms ``j > t`` are not added: CAUSAL_DEPTH), ``out (T, H D)``, the heads side by side. No checks."""
+    heads, length = probabilities.shape[0], probabilities.shape[1]
+    depth = out.shape[1] // heads
+    flat_out = out.reshape(-1)
+    for h in range(heads):
+        _products(probabilities[h].reshape(-1), length, length, value_panels[h], flat_out, h * depth, out.shape[1],
+                  depth, CAUSAL_DEPTH)
 
 
 def matmul_packed(a: np.ndarray, panels: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:

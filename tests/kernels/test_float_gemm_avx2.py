@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoopt.float_kernels.attention_heads import qkv_heads_panels_reference
 from nanoopt.kernels import float_gemm_avx2 as fg
 
 SETTINGS = settings(max_examples=80, deadline=None)
@@ -53,6 +54,31 @@ def test_the_tiled_product_is_exact_on_small_integers(case):
     wrong row, column, panel offset or lane shows as a different integer (and an unwritten output as NaN)."""
     a, weight_t = case
     np.testing.assert_array_equal(run(a, weight_t), fg.matmul_reference(a, weight_t))
+
+
+@SETTINGS
+@given(st.integers(1, 40), st.integers(1, 4), st.integers(1, 20), st.booleans(), st.integers(0, 2**16))
+def test_the_causal_attention_products_match_numpy(length, heads, depth, integers, seed):
+    """Scores over (at least) the causal triangle from the key panels, and the attention output from the value
+    panels summing only the keys a query sees: exact on small integers, to float tolerance otherwise."""
+    rng = np.random.default_rng(seed)
+    draw = ((lambda *s: rng.integers(-8, 9, size=s).astype(np.float32)) if integers  # noqa: E731
+            else (lambda *s: rng.normal(size=s).astype(np.float32)))  # noqa: E731
+    q, k, v = draw(heads, length, depth), draw(heads, length, depth), draw(heads, length, depth)
+    qkv = np.stack([q, k, v], axis=0).transpose(2, 0, 1, 3).reshape(length, 3 * heads * depth)
+    queries, key_panels, value_panels = qkv_heads_panels_reference(qkv, None, heads, fg.PANEL)
+    scores = np.full((heads, length, length), np.nan, np.float32)
+    fg.causal_scores_into(queries, key_panels, scores)
+    expected = (q.astype(np.float64) @ k.astype(np.float64).transpose(0, 2, 1)).astype(np.float32)
+    lower = np.tril(np.ones((length, length), bool))
+    tolerance = 0 if integers else 2e-7 * (depth + 1) * (np.abs(q) @ np.abs(k).transpose(0, 2, 1))
+    assert np.all(np.abs(scores - expected)[:, lower] <= (tolerance if integers else tolerance[:, lower]))
+    probabilities = np.where(lower, draw(heads, length, length), np.float32(0.0))
+    out = np.full((length, heads * depth), np.nan, np.float32)
+    fg.causal_attend_into(probabilities, value_panels, out)
+    wanted = (probabilities.astype(np.float64) @ v.astype(np.float64)).astype(np.float32).transpose(1, 0, 2)
+    bound = 0 if integers else 2e-7 * (length + 1) * (np.abs(probabilities) @ np.abs(v)).transpose(1, 0, 2)
+    assert np.all(np.abs(out.reshape(length, heads, depth) - wanted) <= bound)
 
 
 def test_panels_pad_with_zeros():
