@@ -299,8 +299,9 @@ class GPT(nn.Module):
         the ids continue the cached positions and their keys and values are appended; without, ``ids`` is a whole
         window. The last block computes keys and values for every position but its query, attention output and MLP
         for the last position only, the one whose logits are asked for. A whole window at batch 1 runs the blocks
-        before the last through the plan's :class:`_WindowBlocks` (the same operations and bits on preallocated
-        buffers, without the wrappers' per-call checks).
+        before the last through the plan's :class:`_WindowBlocks` (the same operations on preallocated buffers,
+        without the wrappers' per-call checks; its products on register tiles where they are available, so equal to
+        this path to float32 rounding, else by BLAS with this path's bits).
         """
         def call(function: type, *arrays: Any, **options: Any) -> np.ndarray:
             return function.forward(Context(function), *arrays, **options)
@@ -353,7 +354,7 @@ class GPT(nn.Module):
         x = wte[ids] + wpe[start:start + t]
         first = 0
         if caches is None and b == 1 and lean is not None and x.dtype == np.float32:
-            lean(x[0])  # the blocks before the last, on preallocated buffers (the same operations, the same bits)
+            lean(x[0])  # the blocks before the last, on preallocated buffers (the same operations)
             first = len(blocks) - 1
         for i, (h, d, ln_1, c_attn, c_proj, ln_2, c_fc, mlp_proj, approximate) in enumerate(blocks):
             if i < first:
@@ -511,11 +512,13 @@ class GPT(nn.Module):
 class _WindowBlocks:
     """The blocks of a whole window before the last, at batch 1, with no Python per operation beyond the calls:
     :meth:`GPT._array_logits`'s operations for those blocks, each compiled kernel called without its wrapper's checks
-    (made once here, when the plan is built), every product written into a buffer kept per window length. The
-    linear layers' products run on the register tiles of :mod:`nanoopt.kernels.float_gemm_avx2` where that kernel
-    is available (their weights packed here, once per generation: faster than BLAS at a window's sizes, summed in
-    another order, so equal to the array path to float32 rounding), else through ``np.matmul`` (then the array
-    path's bits exactly)."""
+    (made once here, when the plan is built), every product written into a buffer kept per window length. Where the
+    register tiles of :mod:`nanoopt.kernels.float_gemm_avx2` are available, the linear layers' products run on them
+    (their weights packed here, once per generation) and so do the heads' scores and outputs, over the causal
+    triangle only (keys and values laid out as panels by
+    :func:`~nanoopt.float_kernels.attention_heads.qkv_heads_panels_into`): faster than BLAS at a window's sizes
+    (``docs/kernels.md``), summed in another order, so equal to the array path to float32 rounding. Elsewhere every
+    product goes through ``np.matmul``, and the result is the array path's bits exactly."""
 
     def __init__(self, blocks: list[tuple]) -> None:
         self.blocks = blocks
