@@ -32,7 +32,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import git_revision, machine_description  # noqa: E402
+from benchmarks.common import generation_runs, git_revision, machine_description  # noqa: E402
 from nanoopt import data, models  # noqa: E402
 from nanoopt.train_lm import LMTrainConfig, LMTrainer, evaluate_lm, lr_schedule  # noqa: E402
 
@@ -50,24 +50,6 @@ def prepare() -> tuple[data.CharTokenizer, np.ndarray, np.ndarray, tuple[np.ndar
 
 
 GENERATION_REPEATS = 5  # timed generations per framework and length, taken in turns; the fastest counts
-
-
-def tokens_per_second(generators: dict, new_tokens: int, repeats: int = GENERATION_REPEATS) -> dict:
-    """Tokens/s of each ``generators[name](new_tokens)``: the best of ``repeats`` timed runs after a warm-up
-    (kernels loaded, caches allocated), as ``timeit`` reports, the same for every framework. The runs are taken
-    in turns (one of each generator, then again), so that a change in the machine's speed during the measurement
-    (on a shared machine one run moves by 10-40%) weighs on all of them alike. Returns ``{name: (rate,
-    tokens)}``."""
-    for generate in generators.values():
-        generate(4)
-    best = dict.fromkeys(generators, float("inf"))
-    tokens = {}
-    for _ in range(repeats):
-        for name, generate in generators.items():
-            start = time.perf_counter()
-            tokens[name] = generate(new_tokens)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return {name: (new_tokens / best[name], np.asarray(tokens[name])) for name in generators}
 
 
 class TorchTrainer:
@@ -141,16 +123,16 @@ def run_seed(seed: int, vocab: int, train_ids: np.ndarray, validation, config: L
     reference = None if theirs is None else dict(val=theirs.evaluate(*validation),
                                                  ms=1000 * float(np.median(seconds["PyTorch"])))
     for n in lengths:
-        generators = {"cache": lambda k: model.generate(prompt, k, temperature=0.0),
-                      "plain": lambda k: model.generate(prompt, k, temperature=0.0, use_cache=False)}
+        generators = [lambda k: model.generate(prompt, k, temperature=0.0),
+                      lambda k: model.generate(prompt, k, temperature=0.0, use_cache=False)]
         if theirs is not None:
-            generators["PyTorch"] = lambda k: theirs.generate(prompt, k)
-        rates = tokens_per_second(generators, n)
-        (result[f"cache{n}"], cached), (result[f"plain{n}"], plain) = rates["cache"], rates["plain"]
+            generators.append(lambda k: theirs.generate(prompt, k))
+        rates = generation_runs(generators, n, GENERATION_REPEATS)  # in turns: a slower stretch weighs on all
+        (result[f"cache{n}"], cached), (result[f"plain{n}"], plain) = rates[0], rates[1]
         result[f"same{n}"] = bool(np.array_equal(cached, plain))
-        result[f"tokens{n}"] = result["tokens"] = cached
+        result[f"tokens{n}"] = result["tokens"] = np.asarray(cached)
         if theirs is not None:
-            reference[f"plain{n}"], tokens = rates["PyTorch"]
+            reference[f"plain{n}"], tokens = rates[2]
             reference[f"same{n}"] = bool(np.array_equal(tokens, cached))
     return result, reference
 

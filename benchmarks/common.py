@@ -189,20 +189,30 @@ def git_revision() -> str:
         return "unknown"
 
 
-def generation_speeds(candidates, prompt, new_tokens: int = 63, repeats: int = 5) -> list[float]:
-    """Tokens per second of the fastest of ``repeats`` greedy ``generate(prompt, new_tokens)`` runs (the one
-    least disturbed by other work) of each model in ``candidates``, after a 4-token warm-up (compilation,
-    packing). The models run interleaved, run by run, so that a passing disturbance slows all of them and their
-    ratios hold."""
-    for model in candidates:
-        model.generate(prompt, 4, temperature=0.0)
-    best = [float("inf")] * len(candidates)
+def generation_runs(generators: list[Callable[[int], object]], new_tokens: int,
+                    repeats: int = 5) -> list[tuple[float, object]]:
+    """``(tokens per second, output)`` of each ``generate(new_tokens)`` in ``generators``: the fastest of ``repeats``
+    runs (the one least disturbed by other work) after a 4-token warm-up (compilation, packing), and what its last
+    run returned. The generators run interleaved, run by run, so that a passing disturbance slows all of them and
+    their ratios hold."""
+    for generate in generators:
+        generate(4)
+    best = [float("inf")] * len(generators)
+    outputs: list[object] = [None] * len(generators)
     for _ in range(repeats):
-        for index, model in enumerate(candidates):
+        for index, generate in enumerate(generators):
             start = time.perf_counter()
-            model.generate(prompt, new_tokens, temperature=0.0)
+            outputs[index] = generate(new_tokens)
             best[index] = min(best[index], time.perf_counter() - start)
-    return [new_tokens / seconds for seconds in best]
+    return [(new_tokens / seconds, output) for seconds, output in zip(best, outputs, strict=True)]
+
+
+def generation_speeds(candidates, prompt, new_tokens: int = 63, repeats: int = 5) -> list[float]:
+    """Tokens per second of greedy ``generate(prompt, new_tokens)`` of each model in ``candidates``, by
+    :func:`generation_runs`."""
+    runs = generation_runs([lambda k, m=m: m.generate(prompt, k, temperature=0.0) for m in candidates], new_tokens,
+                           repeats)
+    return [rate for rate, _ in runs]
 
 
 def generation_speed(model, prompt, new_tokens: int = 63, repeats: int = 5) -> float:

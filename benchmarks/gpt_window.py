@@ -15,8 +15,9 @@ n_embd 128, block 64):
   the window may take less than this reference plus its other work;
 
 and prints the window time the 2x target requires, ``(sum torch / 2 - cached part) / 193``.
-Times are 10th percentiles over 20 rounds; in each round every measurement in turn is warmed up by one call and
-timed five times (the machine may be loaded or change speed).
+Times are the best of 5 rounds (``benchmarks.common.best_seconds_interleaved``): in each round every measurement in
+turn is called repeatedly for 50 ms (warm caches, as when generation calls it token after token), so that a change
+in the machine's speed weighs on all of them alike.
 
     python -m benchmarks.gpt_window [--avx2-target]   # the option: as on an AVX2-only CPU (CPUID masked)
 """
@@ -30,33 +31,16 @@ if __name__ == "__main__":
 
     pin_environment(threads=1, avx2_target=AVX2_TARGET_OPTION in sys.argv)  # --avx2-target: as on an AVX2-only CPU
 
-import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 import nanoopt as no  # noqa: E402
-from benchmarks.common import machine_description  # noqa: E402
+from benchmarks.common import best_seconds_interleaved, machine_description  # noqa: E402
 from nanoopt import models  # noqa: E402
 
 SIZES = dict(vocab_size=84, block_size=64, n_layer=4, n_head=4, n_embd=128)
 NEW_TOKENS = 256
-
-
-def quantiles_in_turns(functions: list[Callable[[], object]], rounds: int = 20, calls: int = 5) -> list[float]:
-    """The 10th percentile of each function's timings, in ms, over ``rounds`` rounds; in each round every function
-    in turn is called once untimed (its code and data back in the caches, as when generation calls it token after
-    token) and then timed ``calls`` times. Taking the functions in turns makes a change in the machine's speed
-    during the measurement (on a shared machine, up to 40% within minutes) weigh on all of them alike."""
-    times: list[list[float]] = [[] for _ in functions]
-    for _ in range(rounds):
-        for fn, spent in zip(functions, times, strict=True):
-            fn()
-            for _ in range(calls):
-                start = time.perf_counter()
-                fn()
-                spent.append(time.perf_counter() - start)
-    return [float(np.quantile(spent, 0.1) * 1e3) for spent in times]
 
 
 def blas_floor(model: models.GPT) -> Callable[[], None]:
@@ -111,10 +95,11 @@ def main() -> None:
     plan = model._array_plan()  # gathered once per generation, as generate does
     prompt = ids[:, :1]
     with torch.no_grad():
-        *torch_t, window, floor, cached = quantiles_in_turns(
+        seconds = best_seconds_interleaved(
             [lambda t=t: theirs(torch.from_numpy(ids[:, :t]), last_only=True) for t in range(1, block + 1)]
             + [lambda: model._array_logits(ids, None, plan), blas_floor(model),
-               lambda: model.generate(prompt, block - 1, temperature=0.0)])  # the last: 63 cached steps
+               lambda: model.generate(prompt, block - 1, temperature=0.0)], min_time=0.05)  # last: 63 cached steps
+        *torch_t, window, floor, cached = (1e3 * value for value in seconds)  # ms
     torch_total = sum(torch_t[min(i, block - 1)] for i in range(NEW_TOKENS))
     slid = NEW_TOKENS - (block - 1)
     ours = cached + slid * window

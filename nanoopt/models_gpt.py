@@ -47,6 +47,7 @@ import numpy as np
 from nanoopt import nn, ops
 from nanoopt.data.text import CharTokenizer
 from nanoopt.float_kernels.attention_heads import qkv_heads, qkv_heads_into, qkv_heads_panels_into
+from nanoopt.float_kernels.bias import checked_bias
 from nanoopt.float_kernels.causal_softmax import causal_normalise_rows, causal_shift_rows, causal_softmax_
 from nanoopt.float_kernels.gelu import bias_gelu_, bias_gelu_rows
 from nanoopt.float_kernels.gpt_step import BlockWeights, StepArrays, StepBuffers, gpt_step, step_arrays
@@ -543,61 +544,65 @@ class _WindowBlocks:
                 return None
             if any(weight.dtype != np.float32 or bias.dtype != np.float32 for weight, bias, _ in norms):
                 return None
-            c = h * d
-            qkv_bias = (np.zeros(3 * c, np.float32) if c_attn[2] is None else c_attn[2]).reshape(3, h, d)
-            fc_bias = np.zeros(c_fc[1].shape[1], np.float32) if c_fc[2] is None else c_fc[2]
-            prepared.append((h, d, (ln_1[0], ln_1[1], np.float32(ln_1[2])), operand(c_attn[1]), qkv_bias,
-                             c_attn[2] is not None, np.float32(1.0 / math.sqrt(d)), (operand(c_proj[1]), c_proj[2]),
-                             (ln_2[0], ln_2[1], np.float32(ln_2[2])), operand(c_fc[1]), fc_bias,
-                             (operand(mlp_proj[1]), mlp_proj[2])))
+            width = c_proj[1].shape[1]
+            qkv_bias, has_qkv_bias = checked_bias("GPT window", c_attn[2], 3 * h * d)  # zeros where absent
+            prepared.append((h, d, (ln_1[0], ln_1[1], np.float32(ln_1[2])), operand(c_attn[1]),
+                             qkv_bias.reshape(3, h, d), has_qkv_bias, np.float32(1.0 / math.sqrt(d)),
+                             (operand(c_proj[1]), *checked_bias("GPT window", c_proj[2], width)),
+                             (ln_2[0], ln_2[1], np.float32(ln_2[2])), operand(c_fc[1]),
+                             checked_bias("GPT window", c_fc[2], c_fc[1].shape[1])[0],  # GELU(+-0) alike: no flag
+                             (operand(mlp_proj[1]), *checked_bias("GPT window", mlp_proj[2], width))))
         return cls(prepared)
 
     def _scratch(self, length: int, width: int) -> tuple:
-        """The buffers of a window of ``length`` positions: per block (normed, qkv, heads, scores, attended, y,
-        product, hidden, and for the tiles the queries, key panels and value panels)."""
+        """The buffers of a window of ``length`` positions, per block: (normed, qkv, scores, y, product, hidden),
+        then for the tiles the queries, key panels and value panels, or for BLAS the heads and their outputs."""
         if length not in self.buffers:
             f32, panel = np.float32, float_gemm_avx2.PANEL
             self.buffers[length] = tuple(
                 (np.empty((length, width), f32), np.empty((length, 3 * h * d), f32),
-                 np.empty((3, 1, h, length, d), f32), np.empty((h, length, length), f32),
-                 np.empty((h, length, d), f32), np.empty((length, h * d), f32), np.empty((length, width), f32),
-                 np.empty((length, fc_bias.shape[0]), f32), np.empty((h, length, d), f32),
-                 np.empty((h, -(-length // panel), d, panel), f32), np.empty((h, -(-d // panel), length, panel), f32))
-                for h, d, _, _, _, _, _, _, _, _, fc_bias, _ in self.blocks)
+                 np.empty((h, length, length), f32), np.empty((length, h * d), f32), np.empty((length, width), f32),
+                 np.empty((length, fc_bias.shape[0]), f32))
+                + ((np.empty((h, length, d), f32), np.empty((h, -(-length // panel), d, panel), f32),
+                    np.empty((h, -(-d // panel), length, panel), f32)) if w_qkv[1] is not None
+                   else (np.empty((3, 1, h, length, d), f32), np.empty((h, length, d), f32)))
+                for h, d, _, w_qkv, _, _, _, _, _, _, fc_bias, _ in self.blocks)
         return self.buffers[length]
 
     def __call__(self, x: np.ndarray) -> None:
         """Run the blocks on the residual stream ``x (T, C)`` (float32, C-contiguous) in place."""
         length = x.shape[0]
         for (h, d, ln_1, w_qkv, qkv_bias, has_qkv_bias, scale, proj, ln_2, w_fc, fc_bias, mlp), \
-                (normed, qkv, heads, scores, attended, y, product, hidden, queries, key_panels, value_panels) \
+                (normed, qkv, scores, y, product, hidden, *attention) \
                 in zip(self.blocks, self._scratch(length, x.shape[1]), strict=True):
             layer_norm_rows_into(x, ln_1[0], ln_1[1], ln_1[2], normed)
             _product(normed, w_qkv, qkv)
-            rows = scores.reshape(-1, length)
-            if w_qkv[1] is not None:  # the tiles: keys and values laid out as panels, products over the triangle
+            tiles = w_qkv[1] is not None
+            if tiles:  # keys and values laid out as panels, the products over the causal triangle
+                queries, key_panels, value_panels = attention
                 qkv_heads_panels_into(qkv.reshape(length, 3, h, d), qkv_bias, has_qkv_bias, queries, key_panels,
                                       value_panels)
                 float_gemm_avx2.causal_scores_into(queries, key_panels, scores)
-                causal_shift_rows(rows, length, scale, 0)
-                np.exp(scores, out=scores)
-                causal_normalise_rows(rows)
-                float_gemm_avx2.causal_attend_into(scores, value_panels, y)
             else:
+                heads, attended = attention
                 qkv_heads_into(qkv.reshape(1, length, 3, h, d), qkv_bias, has_qkv_bias, heads)
                 np.matmul(heads[0, 0], heads[1, 0].transpose(0, 2, 1), out=scores)  # (H, T, T)
-                causal_shift_rows(rows, length, scale, 0)
-                np.exp(scores, out=scores)
-                causal_normalise_rows(rows)
+            rows = scores.reshape(-1, length)
+            causal_shift_rows(rows, length, scale, 0)
+            np.exp(scores, out=scores)
+            causal_normalise_rows(rows)
+            if tiles:
+                float_gemm_avx2.causal_attend_into(scores, value_panels, y)
+            else:
                 np.matmul(scores, heads[2, 0], out=attended)  # (H, T, D)
                 y.reshape(length, h, d)[:] = attended.transpose(1, 0, 2)
             _product(y, proj[0], product)
-            bias_residual_rows(x, product, proj[1] if proj[1] is not None else fc_bias[:0], proj[1] is not None)
+            bias_residual_rows(x, product, proj[1], proj[2])
             layer_norm_rows_into(x, ln_2[0], ln_2[1], ln_2[2], normed)
             _product(normed, w_fc, hidden)
             bias_gelu_rows(hidden, fc_bias)
             _product(hidden, mlp[0], product)
-            bias_residual_rows(x, product, mlp[1] if mlp[1] is not None else fc_bias[:0], mlp[1] is not None)
+            bias_residual_rows(x, product, mlp[1], mlp[2])
 
 
 def _product(x: np.ndarray, operand: tuple, out: np.ndarray) -> None:

@@ -7,8 +7,9 @@ zeros past ``N``). A register tile holds ``6 x 16`` outputs in 12 accumulators o
 rows and adds the 12 products with fused multiply-adds (Goto & van de Geijn 2008, "Anatomy of high-performance
 matrix multiplication", the micro-kernel of section 5; BLIS's 6 x 16 AVX2 shape). With 12 accumulators, 2 weight
 vectors and a broadcast, the tile uses 15 of the 16 ymm registers of an AVX2 core; the whole ``K`` stays in the
-registers, each output is written once. The rows left below a multiple of 6 take tiles of 4, 2 and 1 rows; a
-partial last panel goes through a 6 x 16 scratch.
+registers, each output is written once (the shape of :mod:`nanoopt.kernels.float_conv_avx2`'s channel tiles, whose
+taps are its K; here the whole K loop is one intrinsic, and the rows are strided, not gathered). The rows left
+below a multiple of 6 take tiles of 4, 2 and 1 rows; a partial last panel goes through a 6 x 16 scratch.
 
 Why not BLAS: at the sizes of a GPT window (M = 64 rows, K = 128-512, N = 128-512) a BLAS call spends a good part
 of its time packing both operands on every call; here the weights are packed once (per generation) and the rows
@@ -49,7 +50,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from nanoopt.kernels.cpu_features import avx2_kernel_works
-from nanoopt.kernels.llvm_intrinsics import F32X8, LANES, declare, is_c_array
+from nanoopt.kernels.llvm_intrinsics import F32X8, LANES, declare, is_c_array, splat
 
 __all__ = ["PANEL", "TILE_ROWS", "available", "causal_attend_into", "causal_scores_into", "matmul_packed",
            "matmul_packed_into", "matmul_reference", "pack_panels"]
@@ -109,7 +110,6 @@ def _tile(typingctx, a, a_at, lda, panels, p_at, depth, out, o_at, ldo, rows):
         a_at, lda, p_at, depth, o_at, ldo = (offset(i) for i in (1, 2, 4, 5, 7, 8))
         fused = declare(builder, "llvm.fmuladd.v8f32", F32X8, [F32X8, F32X8, F32X8])
         zero = ir.Constant(F32X8, [0.0] * LANES)
-        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
         sums = [[cgutils.alloca_once_value(builder, zero) for _ in range(VECTORS)] for _ in range(count)]
         row_starts = [builder.add(a_at, builder.mul(lda, ir.Constant(intp, r))) for r in range(count)]
 
@@ -122,10 +122,7 @@ def _tile(typingctx, a, a_at, lda, panels, p_at, depth, out, o_at, ldo, rows):
             weights = [builder.load(vector_at(panel_data, builder.add(w_at, ir.Constant(intp, v * LANES))), align=4)
                        for v in range(VECTORS)]
             for r in range(count):
-                value = builder.load(builder.gep(a_data, [builder.add(row_starts[r], k)]))
-                broadcast = builder.shuffle_vector(
-                    builder.insert_element(ir.Constant(F32X8, ir.Undefined), value, ir.Constant(ir.IntType(32), 0)),
-                    ir.Constant(F32X8, ir.Undefined), splat_mask)
+                broadcast = splat(builder, builder.load(builder.gep(a_data, [builder.add(row_starts[r], k)])), F32X8)
                 for v in range(VECTORS):
                     builder.store(builder.call(fused, [broadcast, weights[v], builder.load(sums[r][v])]), sums[r][v])
         for r in range(count):
@@ -165,7 +162,7 @@ def _products(flat_a, m, lda, panels, flat_out, o_at, ldo, n, mode):  # pragma: 
     (``a[i, k]`` is zero for ``k > i``, as causal attention probabilities are)."""
     depth = panels.shape[1]
     flat_panels = panels.reshape(-1)
-    scratch = np.empty(TILE_ROWS * PANEL, np.float32)
+    scratch = np.empty(TILE_ROWS * PANEL if n % PANEL else 0, np.float32)  # only a partial last panel needs it
     for p in range((n + PANEL - 1) // PANEL):
         col, p_at = p * PANEL, p * depth * PANEL
         width = min(PANEL, n - col)
